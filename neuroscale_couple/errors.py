@@ -1,0 +1,19 @@
+"""The one family of errors NeuroScale raises.
+
+Every message names the offending input and says how to fix it, so that a user reading the
+traceback of a long MPI run knows what to change without opening the source.
+"""
+
+from __future__ import annotations
+
+
+class NeuroScaleError(Exception):
+    """Base class of every error raised on purpose by NeuroScale."""
+
+
+class InputError(NeuroScaleError, ValueError):
+    """Bad user input: a parameter, a configuration key, an array of the wrong shape."""
+
+
+class SolveError(NeuroScaleError, RuntimeError):
+    """A fine-scale solve did not converge, even after the retry policy was exhausted."""

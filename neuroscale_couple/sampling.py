@@ -1,0 +1,49 @@
+"""Sampling of training inputs: microstructure parameters and macro loads.
+
+Every draw is keyed on (seed, index), so sample i is the same whatever the number of MPI ranks
+or the order in which samples are solved.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from neuroscale_couple.errors import InputError
+
+
+def rng_for(seed: int, index: int) -> np.random.Generator:
+    """The random generator of item ``index`` of a stream with base ``seed``."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
+
+
+def loads_in_ball(n: int, radius: float, rng: np.random.Generator,
+                  min_det: float = 0.2) -> np.ndarray:
+    """n deformation gradients uniform in the ball ‖F̄ − I‖_Frobenius ≤ radius, det F̄ ≥ min_det.
+
+    Uniform in the 4D ball, so tension, compression, shear and rotation all occur. Shape (n, 2, 2).
+    """
+    if not radius > 0:
+        raise InputError(f"loads.radius={radius}: must be positive (e.g. 0.15)")
+    out = np.empty((n, 2, 2))
+    k = 0
+    while k < n:
+        d = rng.standard_normal(4)
+        H = (d / np.linalg.norm(d) * radius * rng.random() ** 0.25).reshape(2, 2)
+        F = np.eye(2) + H
+        if np.linalg.det(F) >= min_det:
+            out[k] = F
+            k += 1
+    return out
+
+
+def draw_parameter(spec, rng: np.random.Generator, name: str, integer: bool = False):
+    """A number, or a uniform draw from ``[low, high]`` (inclusive for integers)."""
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != 2 or spec[0] > spec[1]:
+            raise InputError(f"{name}={spec}: give a number or a range [low, high] with low ≤ high")
+        if integer:
+            return int(rng.integers(int(spec[0]), int(spec[1]) + 1))
+        return float(rng.uniform(spec[0], spec[1]))
+    if not isinstance(spec, (int, float)):
+        raise InputError(f"{name}={spec!r}: give a number or a range [low, high]")
+    return int(spec) if integer else float(spec)

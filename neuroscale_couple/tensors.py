@@ -1,0 +1,45 @@
+"""Tensor conventions at the host boundary.
+
+- Kinematics are 2D plane strain: the deformation gradient F̄ is a 2×2 array (F₃₃ = 1 implied).
+- Stress is the first Piola–Kirchhoff stress P (2×2), tangent A = ∂P/∂F (2×2×2×2, ``A[i,j,k,l]
+  = ∂P_ij/∂F_kl``), both float64, in the units of the elastic moduli given by the user.
+- Batches carry the point index first: F (n, 2, 2), P (n, 2, 2), A (n, 2, 2, 2, 2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from neuroscale_couple.errors import InputError
+
+
+def as_deformation_batch(F: np.ndarray | list, name: str = "F") -> np.ndarray:
+    """Validate deformation gradients and return them as a float64 batch of shape (n, 2, 2).
+
+    Accepts one 2×2 gradient or a batch (n, 2, 2). Raises :class:`InputError` for a wrong shape,
+    non-finite entries or det F ≤ 0 (singular or inverted), naming the first bad index.
+    """
+    arr = np.asarray(F, dtype=np.float64)
+    if arr.shape == (2, 2):
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[1:] != (2, 2):
+        raise InputError(
+            f"{name} has shape {np.shape(F)}: give one 2×2 deformation gradient or a batch "
+            "(n, 2, 2)"
+        )
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.argwhere(~np.isfinite(arr).all(axis=(1, 2)))[0, 0])
+        raise InputError(f"{name}[{bad}] has non-finite entries: {arr[bad].tolist()}")
+    det = np.linalg.det(arr)
+    if np.any(det <= 1e-12):
+        bad = int(np.argmax(det <= 1e-12))
+        raise InputError(
+            f"{name}[{bad}] = {arr[bad].tolist()} has det F = {det[bad]:.3g}: a deformation "
+            "gradient must be invertible and preserve orientation (det F > 0)"
+        )
+    return arr
+
+
+def unit_gradients() -> np.ndarray:
+    """The basis E_kl = e_k ⊗ e_l of 2×2 tensors, shape (4, 2, 2), in row-major order (k, l)."""
+    return np.eye(4).reshape(4, 2, 2)

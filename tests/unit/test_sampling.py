@@ -1,0 +1,38 @@
+"""Load and parameter sampling for data generation."""
+
+import numpy as np
+import pytest
+
+from neuroscale_couple.errors import InputError
+from neuroscale_couple.sampling import draw_parameter, loads_in_ball, rng_for
+
+
+def test_loads_fill_the_ball_with_tension_compression_and_shear():
+    F = loads_in_ball(4000, 0.15, rng_for(1, 0))
+    H = F - np.eye(2)
+    r = np.linalg.norm(H.reshape(-1, 4), axis=1)
+    assert r.max() <= 0.15 + 1e-12
+    assert np.all(np.linalg.det(F) > 0)
+    # Uniform in a 4D ball: P(|H| ≤ r/2) = 1/16.
+    assert np.mean(r <= 0.075) == pytest.approx(1 / 16, abs=0.015)
+    assert (H[:, 0, 0] > 0.1).any() and (H[:, 0, 0] < -0.1).any()
+    assert (np.abs(H[:, 0, 1]) > 0.1).any()
+
+
+def test_draws_are_keyed_on_seed_and_index():
+    a = loads_in_ball(3, 0.1, rng_for(7, 4))
+    b = loads_in_ball(3, 0.1, rng_for(7, 4))
+    c = loads_in_ball(3, 0.1, rng_for(7, 5))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_draw_parameter():
+    rng = rng_for(0, 0)
+    assert draw_parameter(0.3, rng, "v") == 0.3
+    assert 0.1 <= draw_parameter([0.1, 0.5], rng, "v") <= 0.5
+    assert draw_parameter([2, 2], rng, "n", integer=True) == 2
+    with pytest.raises(InputError, match=r"v=\[0.5, 0.1\]"):
+        draw_parameter([0.5, 0.1], rng, "v")
+    with pytest.raises(InputError, match="loads.radius"):
+        loads_in_ball(2, 0.0, rng)
