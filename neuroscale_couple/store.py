@@ -12,7 +12,8 @@ Layout of an RVE data set (M microstructures × L loads, S = M·L samples, r = i
     attrs: config (JSON), version, law, kind = "rve"
 
 The file is opened in SWMR mode and flushed after every batch of results: a kill leaves the file
-readable with every flagged sample intact, and a restart solves only what is not flagged.
+readable with every flagged sample intact; a restart copies it out atomically (clearing the
+writer's flag) and solves only what is not flagged.
 """
 
 from __future__ import annotations
@@ -71,9 +72,9 @@ class RVEDataset:
         if path.exists():
             try:
                 h5 = h5py.File(path, "a", libver="latest")
-            except OSError as err:
-                raise InputError(f"{path} exists but is not a readable HDF5 file ({err}): "
-                                 "remove it or choose another --out") from None
+            except OSError:  # a killed SWMR writer leaves its flag set: copy out what it saved
+                _recover(path)
+                h5 = h5py.File(path, "a", libver="latest")
             if h5.attrs.get("config") != cfg_json:
                 h5.close()
                 raise InputError(f"{path} holds a data set made from a different config: remove "
@@ -122,6 +123,24 @@ class RVEDataset:
 
     def close(self) -> None:
         self.h5.close()
+
+
+def _recover(path: Path) -> None:
+    """Rewrite a file left open by a killed writer (readable in SWMR-read mode) atomically."""
+    try:
+        src = h5py.File(path, "r", libver="latest", swmr=True)
+    except OSError as err:
+        raise InputError(f"{path} exists but is not a readable HDF5 file ({err}): remove it or "
+                         "choose another --out") from None
+
+    def copy(tmp: Path) -> None:
+        with h5py.File(tmp, "w", libver="latest") as dst:
+            dst.attrs.update(src.attrs)
+            for name in src:
+                src.copy(src[name], dst, name=name)
+
+    with src:
+        atomic_write(path, copy)
 
 
 def load_rve_dataset(path: str | Path) -> dict[str, np.ndarray]:

@@ -160,7 +160,8 @@ def test_hill_mandel_condition():
     s = 2 * np.pi
 
     def periodic(x):
-        return np.stack([np.sin(s * x[0]) * np.cos(s * x[1]), np.cos(2 * s * x[0]) + np.sin(s * x[1])])
+        return np.stack([np.sin(s * x[0]) * np.cos(s * x[1]),
+                         np.cos(2 * s * x[0]) + np.sin(s * x[1])])
 
     def not_periodic(x):
         return np.stack([x[0] ** 2, 0 * x[1]])
@@ -183,7 +184,7 @@ def test_objectivity_of_the_homogenized_response():
 
 
 def test_mesh_refinement_converges_at_second_order():
-    """P1 energy-type quantities (the stiffness) converge as h²; reference: curved P2, h = 0.0125."""
+    """P1 stiffness (an energy-type quantity) converges as h²; reference: curved P2, h=0.0125."""
     ms = micro.single_fibre(0.3)
     ref = rve(ms, law="linear", degree=2, mesh_size=0.0125).solve(np.eye(2)).tangent[0]
     sizes = [0.08, 0.04, 0.02]
