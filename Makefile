@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut 
 NP     ?= 2
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: venv demo test test-serial test-mpi lint bench clean
+.PHONY: venv demo test test-serial test-mpi lint bench model clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,18 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/rve_solve.py
+	$(PY) bench/operator.py
+
+# Regenerate the shipped operator from scratch with the project's own RVE solver and trainer.
+MODEL := examples/models/fe2_composite
+model: $(STAMP)
+	mkdir -p out/model
+	for set in data test ood; do \
+	  $(MPIRUN) -n $(NP) $(VENV)/bin/neuroscale generate $(MODEL).$$set.yaml --out out/model/$$set.h5 || exit 1; \
+	done
+	$(VENV)/bin/neuroscale train $(MODEL).train.yaml --data out/model/data.h5 --out $(MODEL).pt
+	$(VENV)/bin/neuroscale evaluate --model $(MODEL).pt --data out/model/test.h5 \
+	  --ood out/model/ood.h5 --plot $(MODEL).reliability.png --card $(MODEL).json
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

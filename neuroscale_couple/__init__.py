@@ -5,8 +5,8 @@ DOLFINx or ASE; the true fine solvers live in :mod:`neuroscale_couple.solvers` a
 glue in :mod:`neuroscale_couple.adapters`.
 """
 
-from neuroscale_couple.errors import InputError, NeuroScaleError, SolveError
+from neuroscale_couple.errors import CheckpointError, InputError, NeuroScaleError, SolveError
 
 __version__ = "0.1.0"
 
-__all__ = ["InputError", "NeuroScaleError", "SolveError", "__version__"]
+__all__ = ["CheckpointError", "InputError", "NeuroScaleError", "SolveError", "__version__"]

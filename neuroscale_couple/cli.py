@@ -1,7 +1,10 @@
 """The ``neuroscale`` command line.
 
-    neuroscale rve CONFIG.yaml [--json]          one RVE solve: homogenized P̄ and tangent A
-    neuroscale generate CONFIG.yaml --out F.h5   RVE training data (MPI-parallel, resumable)
+    neuroscale rve CONFIG.yaml [--json]                  one RVE solve: homogenized P̄ and tangent A
+    neuroscale generate CONFIG.yaml --out D.h5           RVE training data (MPI, resumable)
+    neuroscale train CONFIG.yaml --data D.h5 --out M.pt  train + calibrate the operator (MPI)
+    neuroscale calibrate --model M.pt --data D.h5        split-conformal recalibration
+    neuroscale evaluate --model M.pt --data D.h5 [--ood O.h5] [--json] [--plot R.png]
 """
 
 from __future__ import annotations
@@ -72,6 +75,73 @@ def cmd_generate(args: argparse.Namespace) -> None:
     generate(load_config(args.config), args.out, MPI.COMM_WORLD, progress=not args.quiet)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from mpi4py import MPI
+
+    from neuroscale_couple.evaluation import calibrate_model
+    from neuroscale_couple.operators.sano import SANO, SANOConfig
+    from neuroscale_couple.training import TrainConfig, TrainingData, relative_errors, train
+
+    cfg = load_config(args.config)
+    comm = MPI.COMM_WORLD
+    tcfg = TrainConfig.from_dict(cfg.get("training") or {})
+    mcfg = dict(cfg.get("model") or {})
+    data = TrainingData.from_h5(args.data, int(mcfg.get("resolution", SANOConfig.resolution)))
+    family = data.config
+    mcfg.update(law=family.get("law", "neo_hookean"),
+                matrix=tuple(family.get("matrix", {"E": 3.0, "nu": 0.35}).values()),
+                fibre=tuple(family.get("fibre", {"E": 70.0, "nu": 0.2}).values()))
+    import torch
+
+    torch.manual_seed(tcfg.seed)
+    model = SANO(SANOConfig.from_dict(mcfg))
+    fit, held_out = data.split_by_microstructure(tcfg.val_fraction, tcfg.seed)
+    history = train(model, fit, tcfg, comm=comm, validation=held_out, progress=not args.quiet)
+    cal = calibrate_model(model, held_out)
+    model.card = {"data": str(args.data), "data_config": family, "model_config": mcfg,
+                  "training": cfg.get("training") or {}, "seed": tcfg.seed,
+                  "history": {k: history[k] for k in ("best_epoch", "time_s")},
+                  "validation": relative_errors(model, held_out),
+                  "calibration_points": cal.n_calibration}
+    if comm.rank == 0:
+        model.float().save(args.out)  # trained in float32: store it so (half the size)
+        print(json.dumps({"out": str(args.out), **model.card["validation"],
+                          "best_epoch": history["best_epoch"],
+                          "time_s": round(history["time_s"], 1)}, indent=2))
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from neuroscale_couple.evaluation import calibrate_model
+    from neuroscale_couple.operators.sano import SANO
+    from neuroscale_couple.training import TrainingData
+
+    model = SANO.from_checkpoint(args.model)
+    dtype = next(model.parameters()).dtype
+    cal = calibrate_model(model, TrainingData.from_h5(args.data, model.config.resolution))
+    model.to(dtype).save(args.out or args.model)
+    print(json.dumps(cal.to_dict(), indent=2))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from neuroscale_couple.evaluation import evaluate
+    from neuroscale_couple.operators.sano import SANO
+    from neuroscale_couple.training import TrainingData
+
+    model = SANO.from_checkpoint(args.model)
+    n = model.config.resolution
+    ood = TrainingData.from_h5(args.ood, n) if args.ood else None
+    metrics = evaluate(model, TrainingData.from_h5(args.data, n), ood=ood, plot=args.plot)
+    if args.card:
+        card = {"model": str(args.model), **model.card, "test_data": str(args.data),
+                "ood_data": args.ood, "test_metrics": metrics}
+        Path(args.card).write_text(json.dumps(card, indent=1))
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return
+    for key, value in metrics.items():
+        print(f"{key:>16}: {value}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuroscale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output HDF5 file; an unfinished one is resumed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("train", help="train the operator on an RVE data set, then calibrate it")
+    p.add_argument("config", help="YAML config with `model:` and `training:` mappings")
+    p.add_argument("--data", required=True, help="HDF5 data set from `neuroscale generate`")
+    p.add_argument("--out", required=True, help="model checkpoint to write (.pt)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("calibrate", help="split-conformal calibration on held-out data")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="held-out calibration data (HDF5)")
+    p.add_argument("--out", help="write the calibrated model here (default: in place)")
+    p.set_defaults(func=cmd_calibrate)
+    p = sub.add_parser("evaluate", help="accuracy, coverage, ECE, OOD AUROC of a model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="held-out test data (HDF5)")
+    p.add_argument("--ood", help="out-of-distribution data (HDF5) for the AUROC")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", help="write a reliability diagram (PNG) here")
+    p.add_argument("--card", help="write the model card (training record + metrics) here")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

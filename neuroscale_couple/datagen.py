@@ -9,7 +9,7 @@ Config (YAML)::
 
     microstructure: {kind: random_fibres, volume_fraction: [0.1, 0.5], n_fibres: [1, 6],
                      count: 16, seed: 0, min_gap: 0.02}
-    loads: {per_microstructure: 8, radius: 0.15, seed: 1}
+    loads: {per_microstructure: 8, radius: 0.15, seed: 1}   # min_radius: a shell (OOD)
     law: neo_hookean
     matrix: {E: 3.0, nu: 0.35}
     fibre: {E: 70.0, nu: 0.2}
@@ -63,7 +63,8 @@ def plan(config: dict) -> tuple[list[micro.Microstructure], np.ndarray]:
                                            "microstructure.n_fibres", integer=True)
         structures.append(micro.from_config(drawn, seed=int(rng.integers(2**31))))
         loads.append(loads_in_ball(per, float(lcfg.get("radius", 0.15)),
-                                   rng_for(int(lcfg.get("seed", 1)), m)))
+                                   rng_for(int(lcfg.get("seed", 1)), m),
+                                   min_radius=float(lcfg.get("min_radius", 0.0))))
     return structures, np.concatenate(loads)
 
 
@@ -114,9 +115,9 @@ def generate(config: dict, out: str | Path, comm: MPI.Comm = MPI.COMM_WORLD,
         result, failure = None, None
         if m is not None:
             try:
-                rve = rve_from_config(config, structures[m])
                 idx = np.arange(m * per, (m + 1) * per)
-                res = rve.solve(F[idx], fields_resolution=q or None)
+                with rve_from_config(config, structures[m]) as rve:
+                    res = rve.solve(F[idx], fields_resolution=q or None)
                 result = (idx, res.stress, res.tangent, res.info, res.fields)
             except Exception as err:  # reported on every rank below, never lost in one rank
                 failure = f"microstructure {m}: {err}"

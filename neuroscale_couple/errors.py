@@ -17,3 +17,7 @@ class InputError(NeuroScaleError, ValueError):
 
 class SolveError(NeuroScaleError, RuntimeError):
     """A fine-scale solve did not converge, even after the retry policy was exhausted."""
+
+
+class CheckpointError(NeuroScaleError):
+    """A model or run checkpoint is missing, corrupt, or of another format or family."""

@@ -25,3 +25,60 @@ def round_robin(items: list, comm: MPI.Comm) -> list[list]:
 def any_rank(flag: bool, comm: MPI.Comm) -> bool:
     """True on every rank if ``flag`` is true on at least one."""
     return bool(comm.allreduce(bool(flag), op=MPI.LOR))
+
+
+def device_for_rank(comm: MPI.Comm) -> str:
+    """``cuda:(local rank mod n_gpus)`` where CUDA devices exist, else ``cpu``."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    device = f"cuda:{local.rank % torch.cuda.device_count()}"
+    local.Free()
+    return device
+
+
+def init_torch_distributed(comm: MPI.Comm) -> bool:
+    """Set up ``torch.distributed`` from MPI (gloo on CPU, nccl on GPU); False on one rank.
+
+    Rank 0 picks a free TCP port and its host address and broadcasts them; ranks on one host use
+    the loopback address.
+    """
+    if comm.size == 1:
+        return False
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return True
+    hosts = comm.allgather(socket.gethostname())
+    addr, port = None, None
+    if comm.rank == 0:
+        addr = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(hosts[0])
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+    addr, port = comm.bcast((addr, port), root=0)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=comm.rank,
+                            world_size=comm.size)
+    return True
+
+
+def allreduce_gradients(model) -> None:
+    """Sum the gradients of ``model``'s parameters over all ranks (one flat all-reduce)."""
+    import torch
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n

@@ -16,20 +16,22 @@ def rng_for(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
 
 
-def loads_in_ball(n: int, radius: float, rng: np.random.Generator,
-                  min_det: float = 0.2) -> np.ndarray:
-    """n deformation gradients uniform in the ball ‖F̄ − I‖_Frobenius ≤ radius, det F̄ ≥ min_det.
+def loads_in_ball(n: int, radius: float, rng: np.random.Generator, min_det: float = 0.2,
+                  min_radius: float = 0.0) -> np.ndarray:
+    """n deformation gradients uniform in the shell min_radius ≤ ‖F̄ − I‖_Frobenius ≤ radius.
 
-    Uniform in the 4D ball, so tension, compression, shear and rotation all occur. Shape (n, 2, 2).
+    Uniform in the 4D ball (or shell: loads beyond a training ball, for out-of-distribution tests),
+    so tension, compression, shear and rotation all occur; det F̄ ≥ min_det. Shape (n, 2, 2).
     """
-    if not radius > 0:
-        raise InputError(f"loads.radius={radius}: must be positive (e.g. 0.15)")
+    if not radius > 0 or not 0 <= min_radius < radius:
+        raise InputError(f"loads.radius={radius}, loads.min_radius={min_radius}: need "
+                         "0 ≤ min_radius < radius (e.g. radius 0.15)")
     out = np.empty((n, 2, 2))
     k = 0
     while k < n:
         d = rng.standard_normal(4)
-        H = (d / np.linalg.norm(d) * radius * rng.random() ** 0.25).reshape(2, 2)
-        F = np.eye(2) + H
+        r = (min_radius**4 + rng.random() * (radius**4 - min_radius**4)) ** 0.25
+        F = np.eye(2) + (d / np.linalg.norm(d) * r).reshape(2, 2)
         if np.linalg.det(F) >= min_det:
             out[k] = F
             k += 1

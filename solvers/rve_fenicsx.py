@@ -21,6 +21,7 @@ point is warm-started at a new F̄.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import time
@@ -182,6 +183,25 @@ class PeriodicRVE(FineSolver):
             info["time_s"][i] = time.perf_counter() - t0
         stacked = None if fields is None else {k: np.stack(v) for k, v in fields.items()}
         return MicroResult(stress, tang, stacked, info)
+
+    def close(self) -> None:
+        """Free the PETSc objects and communicators now (collective on ``comm``).
+
+        PETSc holds the SNES callbacks, so the garbage collector cannot free an RVE by itself;
+        MPI allows only ~2000 communicators per process, so code that builds many RVEs closes
+        them (or uses ``with PeriodicRVE(...) as rve:``).
+        """
+        for obj in (self._snes, self._K, self._Kr, self._Pr, self._b, self._wr, self._fr,
+                    *self._X):
+            obj.destroy()
+        self.__dict__.clear()  # drop the forms, functions and mesh that hold communicators
+        gc.collect()
+
+    def __enter__(self) -> PeriodicRVE:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def forget(self, point_ids: Sequence[Hashable] | None = None) -> None:
         """Drop stored warm-start states (all of them when ``point_ids`` is None)."""

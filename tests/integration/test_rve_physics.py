@@ -225,3 +225,23 @@ def test_micro_fields_average_to_the_macro_state():
 def test_bad_input_gives_clear_errors(kwargs, F, match):
     with pytest.raises(InputError, match=match):
         rve(micro.single_fibre(0.2), mesh_size=0.1, **kwargs).solve(F)
+
+
+def test_closing_an_rve_frees_its_communicators():
+    def free_communicators() -> int:
+        comms = []
+        try:
+            while len(comms) < 4000:
+                comms.append(MPI.COMM_SELF.Dup())
+        except MPI.Exception:
+            pass
+        for c in comms:
+            c.Free()
+        return len(comms)
+
+    rve(micro.single_fibre(0.3), mesh_size=0.1).close()  # first use compiles and caches
+    before = free_communicators()
+    for seed in range(4):
+        with rve(micro.random_fibres(0.3, 2, seed=seed), mesh_size=0.1) as cell:
+            cell.solve(F_TEST, fields_resolution=8)
+    assert free_communicators() == before

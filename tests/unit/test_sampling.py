@@ -35,4 +35,12 @@ def test_draw_parameter():
     with pytest.raises(InputError, match=r"v=\[0.5, 0.1\]"):
         draw_parameter([0.5, 0.1], rng, "v")
     with pytest.raises(InputError, match="loads.radius"):
+        loads_in_ball(2, 0.1, rng, min_radius=0.2)
+    with pytest.raises(InputError, match="loads.radius"):
         loads_in_ball(2, 0.0, rng)
+
+
+def test_shell_loads_lie_beyond_the_inner_radius():
+    F = loads_in_ball(500, 0.3, rng_for(2, 0), min_radius=0.2)
+    r = np.linalg.norm((F - np.eye(2)).reshape(-1, 4), axis=1)
+    assert r.min() >= 0.2 - 1e-12 and r.max() <= 0.3 + 1e-12

@@ -1,0 +1,541 @@
+"""Calibrated error bars for the operator's Gaussian predictions, and metrics that judge them.
+
+For each of n points the neural operator predicts a Gaussian N(μ, Σ) of an m-component quantity
+(m = 4 for the flattened 2×2 homogenized stress): ``mu`` has shape (n, m), ``Sigma`` (n, m, m),
+symmetric positive definite, in stress units and stress units squared.
+
+Split conformal calibration (as in neuraloperator's UQNO) turns that raw uncertainty into error
+bars with a finite-sample guarantee. On a held-out calibration set of n points with known truth y:
+
+1. The Mahalanobis distance d = √((y − μ)ᵀ Σ⁻¹ (y − μ)) measures each error in units of Σ.
+2. A global factor s rescales Σ to s²Σ with s² = mean(d²)/m, so that the calibrated covariance
+   is right on average (for Gaussian errors, E[d²] = m).
+3. The nonconformity score is r = d/s. For a coverage level p, q_p is the k-th smallest score,
+   k = ⌈(n + 1)p⌉ (q_p = +∞ when k > n). For a new point exchangeable with the calibration set,
+   P(r ≤ q_p) ≥ p whatever the error distribution: the ellipsoid {y : r ≤ q_p} is a p-level
+   prediction region, and the ball |y − μ| ≤ q_p · s · √λ_max(Σ) contains it.
+
+Metrics:
+
+- :func:`coverage`: observed fraction of points inside the conformal ellipsoid, per level; it
+  should match the level.
+- :func:`interval_coverage`: observed fraction of components inside the central Gaussian
+  interval μᵢ ± z_p s √Σᵢᵢ, averaged over components and points; it checks the per-component
+  error bars, which rely on the Gaussian shape and not only on the conformal guarantee.
+- :func:`expected_calibration_error`: mean |observed − nominal| of those intervals over the
+  levels 0.05, 0.10, …, 0.95 (0 is perfect); :func:`reliability_diagram` plots the same curve.
+- :func:`auroc` with :func:`uncertainty_score`: how well the predicted uncertainty separates
+  out-of-distribution inputs (positives, expected to score higher) from in-distribution ones
+  (1 is perfect separation, 0.5 is chance).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from neuroscale_couple.errors import InputError
+
+LEVELS: tuple[float, ...] = (0.5, 0.9, 0.95)
+"""Default coverage levels."""
+
+MIN_CALIBRATION_POINTS = 10
+"""Fewest calibration points :func:`fit_conformal` accepts."""
+
+# Coefficients of Acklam's rational approximation of the inverse normal CDF.
+_A = (
+    -3.969683028665376e01,
+    2.209460984245205e02,
+    -2.759285104469687e02,
+    1.383577518672690e02,
+    -3.066479806614716e01,
+    2.506628277459239e00,
+)
+_B = (
+    -5.447609879822406e01,
+    1.615858368580409e02,
+    -1.556989798598866e02,
+    6.680131188771972e01,
+    -1.328068155288572e01,
+)
+_C = (
+    -7.784894002430293e-03,
+    -3.223964580411365e-01,
+    -2.400758277161838e00,
+    -2.549732539343734e00,
+    4.374664141464968e00,
+    2.938163982698783e00,
+)
+_D = (
+    7.784695709041462e-03,
+    3.224671290700398e-01,
+    2.445134137142996e00,
+    3.754408661907416e00,
+)
+_P_LOW = 0.02425
+
+
+def _polyval(coefficients: tuple[float, ...], x: float) -> float:
+    """Horner evaluation, highest power first."""
+    value = 0.0
+    for c in coefficients:
+        value = value * x + c
+    return value
+
+
+def normal_quantile(p: float) -> float:
+    """Inverse CDF Φ⁻¹(p) of the standard normal distribution, without scipy.
+
+    Acklam's rational approximation (relative error < 1.2e-9) followed by one Halley step on
+    Φ(x) − p computed with :func:`math.erfc`, which brings the error to about machine precision.
+
+    Parameters
+    ----------
+    p : float
+        Probability, 0 < p < 1.
+
+    Returns
+    -------
+    float
+        The x with Φ(x) = p (dimensionless, in standard deviations).
+    """
+    p = float(p)
+    if not 0.0 < p < 1.0:
+        raise InputError(f"normal_quantile: p={p} must lie strictly between 0 and 1")
+    if p > 0.5:
+        return -normal_quantile(1.0 - p)
+    if p < _P_LOW:
+        q = math.sqrt(-2.0 * math.log(p))
+        x = _polyval(_C, q) / (_polyval(_D, q) * q + 1.0)
+    else:
+        q = p - 0.5
+        r = q * q
+        x = _polyval(_A, r) * q / (_polyval(_B, r) * r + 1.0)
+    # Halley refinement; x ≤ 0 here, so Φ(x) = erfc(−x/√2)/2 carries no cancellation.
+    e = 0.5 * math.erfc(-x / math.sqrt(2.0)) - p
+    u = e * math.sqrt(2.0 * math.pi) * math.exp(0.5 * x * x)
+    return x - u / (1.0 + 0.5 * x * u)
+
+
+def _as_covariances(Sigma: np.ndarray, n: int | None = None, m: int | None = None) -> np.ndarray:
+    """Validate a batch of symmetric covariance matrices and return it as float64 (n, m, m)."""
+    S = np.asarray(Sigma, dtype=np.float64)
+    if S.ndim != 3 or S.shape[1] != S.shape[2] or S.shape[1] == 0:
+        raise InputError(
+            f"Sigma has shape {S.shape}: give a batch of square covariance matrices (n, m, m)"
+        )
+    expected = (S.shape[0] if n is None else n, S.shape[1] if m is None else m)
+    if S.shape[:2] != expected:
+        raise InputError(
+            f"Sigma has shape {S.shape}: expected ({expected[0]}, {expected[1]}, {expected[1]}) "
+            "to match y and mu"
+        )
+    if not np.all(np.isfinite(S)):
+        bad = int(np.argwhere(~np.isfinite(S).all(axis=(1, 2)))[0, 0])
+        raise InputError(f"Sigma[{bad}] has non-finite entries")
+    asym = np.abs(S - S.swapaxes(1, 2)).max(axis=(1, 2))
+    size = np.abs(S).max(axis=(1, 2))
+    if np.any(asym > 1e-8 * size):
+        bad = int(np.argmax(asym > 1e-8 * size))
+        raise InputError(f"Sigma[{bad}] is not symmetric: give symmetric covariance matrices")
+    return S
+
+
+def _as_batch(
+    y: np.ndarray, mu: np.ndarray, Sigma: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate y (n, m), mu (n, m), Sigma (n, m, m) and return them as float64 arrays."""
+    mu_arr = np.asarray(mu, dtype=np.float64)
+    if mu_arr.ndim != 2 or mu_arr.shape[1] == 0:
+        raise InputError(f"mu has shape {mu_arr.shape}: expected (n, m), e.g. (n, 4) for stress")
+    n, m = mu_arr.shape
+    y_arr = np.asarray(y, dtype=np.float64)
+    if y_arr.shape != (n, m):
+        raise InputError(f"y has shape {y_arr.shape}: expected ({n}, {m}) to match mu")
+    for name, arr in (("y", y_arr), ("mu", mu_arr)):
+        if not np.all(np.isfinite(arr)):
+            bad = int(np.argwhere(~np.isfinite(arr).all(axis=1))[0, 0])
+            raise InputError(f"{name}[{bad}] has non-finite entries: {arr[bad].tolist()}")
+    return y_arr, mu_arr, _as_covariances(Sigma, n, m)
+
+
+def _cholesky(S: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factors of a batch (n, m, m), or InputError naming the first bad matrix."""
+    try:
+        return np.linalg.cholesky(S)
+    except np.linalg.LinAlgError:
+        for i, Si in enumerate(S):
+            try:
+                np.linalg.cholesky(Si)
+            except np.linalg.LinAlgError:
+                raise InputError(
+                    f"Sigma[{i}] is not positive definite (eigenvalues "
+                    f"{np.linalg.eigvalsh(Si).tolist()})"
+                ) from None
+        raise
+
+
+def _levels(levels: Iterable[float]) -> tuple[float, ...]:
+    """Validate coverage levels and return them as a tuple of floats in (0, 1)."""
+    out = tuple(float(p) for p in levels)
+    if not out or not all(0.0 < p < 1.0 for p in out):
+        raise InputError(f"levels={list(out)}: give one or more coverage levels in (0, 1)")
+    return out
+
+
+def mahalanobis(y: np.ndarray, mu: np.ndarray, Sigma: np.ndarray) -> np.ndarray:
+    """Mahalanobis distance of each truth from its predicted Gaussian.
+
+    Computed as |L⁻¹(y − μ)| with Σ = L Lᵀ the Cholesky factorization, without inverting Σ.
+
+    Parameters
+    ----------
+    y : ndarray, shape (n, m)
+        Truth, e.g. the flattened 2×2 stress (m = 4), in stress units.
+    mu : ndarray, shape (n, m)
+        Predicted mean, same units.
+    Sigma : ndarray, shape (n, m, m)
+        Predicted covariance, symmetric positive definite, in stress units squared.
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        d = √((y − μ)ᵀ Σ⁻¹ (y − μ)), dimensionless.
+    """
+    y, mu, Sigma = _as_batch(y, mu, Sigma)
+    L = _cholesky(Sigma)
+    w = np.linalg.solve(L, (y - mu)[..., None])[..., 0]
+    return np.linalg.norm(w, axis=1)
+
+
+@dataclass
+class Calibration:
+    """A fitted split-conformal calibration.
+
+    Attributes
+    ----------
+    scale : float
+        Global factor s: the calibrated covariance is s²Σ (dimensionless).
+    quantiles : dict[float, float]
+        For each coverage level p, the conformal quantile q_p of the score d/s (dimensionless;
+        +∞ when the calibration set was too small for that level).
+    n_calibration : int
+        Number of calibration points the fit used.
+    """
+
+    scale: float
+    quantiles: dict[float, float] = field(default_factory=dict)
+    n_calibration: int = 0
+
+    def to_dict(self) -> dict:
+        """JSON-safe form: plain floats, level keys as strings ("0.9"), +∞ as the string "inf"."""
+        return {
+            "scale": float(self.scale),
+            "quantiles": {
+                repr(float(p)): float(q) if math.isfinite(q) else "inf"
+                for p, q in self.quantiles.items()
+            },
+            "n_calibration": int(self.n_calibration),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibration:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            scale=float(d["scale"]),
+            quantiles={float(p): float(q) for p, q in d["quantiles"].items()},
+            n_calibration=int(d["n_calibration"]),
+        )
+
+    def covariance(self, Sigma: np.ndarray) -> np.ndarray:
+        """Calibrated covariance s²Σ, same shape as ``Sigma`` (stress units squared)."""
+        return self.scale**2 * np.asarray(Sigma, dtype=np.float64)
+
+    def radius(self, level: float) -> float:
+        """Conformal quantile q of the score d/s at ``level`` (dimensionless).
+
+        Raises :class:`InputError` when the calibration was not fitted for ``level``.
+        """
+        for p, q in self.quantiles.items():
+            if math.isclose(p, level, rel_tol=0.0, abs_tol=1e-12):
+                return q
+        raise InputError(
+            f"level={level} is not calibrated: available levels are {sorted(self.quantiles)}; "
+            "refit with fit_conformal(..., levels=...) including it"
+        )
+
+    def error_bound(self, Sigma: np.ndarray, level: float) -> np.ndarray:
+        """Upper bound on the Euclidean error |y − μ| holding with probability ``level``.
+
+        The conformal ellipsoid {d/s ≤ q} lies in the ball of radius q · s · √λ_max(Σ).
+
+        Parameters
+        ----------
+        Sigma : ndarray, shape (n, m, m)
+            Predicted (uncalibrated) covariance, stress units squared.
+        level : float
+            A calibrated coverage level.
+
+        Returns
+        -------
+        ndarray, shape (n,)
+            The bound, in stress units (+∞ if q_level is +∞).
+        """
+        q = self.radius(level)
+        lam_max = np.linalg.eigvalsh(_as_covariances(Sigma))[:, -1]
+        return q * self.scale * np.sqrt(np.maximum(lam_max, 0.0))
+
+
+def fit_conformal(
+    y: np.ndarray, mu: np.ndarray, Sigma: np.ndarray, levels: Iterable[float] = LEVELS
+) -> Calibration:
+    """Fit the scale and the split-conformal quantiles on a calibration set.
+
+    Parameters
+    ----------
+    y : ndarray, shape (n, m)
+        Truth on the calibration set, stress units; n ≥ 10.
+    mu : ndarray, shape (n, m)
+        Predicted means, stress units.
+    Sigma : ndarray, shape (n, m, m)
+        Predicted covariances, stress units squared.
+    levels : iterable of float
+        Coverage levels p in (0, 1).
+
+    Returns
+    -------
+    Calibration
+        s² = mean(d²)/m, and q_p = the ⌈(n + 1)p⌉-th smallest score d/s (+∞ if that exceeds n).
+    """
+    levels = _levels(levels)
+    d = mahalanobis(y, mu, Sigma)
+    n, m = np.shape(mu)
+    if n < MIN_CALIBRATION_POINTS:
+        raise InputError(
+            f"fit_conformal got {n} calibration points: give at least {MIN_CALIBRATION_POINTS}"
+        )
+    mean_sq = float(np.mean(d**2))
+    if mean_sq <= 0.0:
+        raise InputError("fit_conformal: y equals mu at every point, so no scale can be fitted")
+    scale = math.sqrt(mean_sq / m)
+    scores = np.sort(d / scale)
+    quantiles = {}
+    for p in levels:
+        # The small offset keeps (n + 1)p that is an integer in exact arithmetic from rounding up.
+        k = math.ceil((n + 1) * p - 1e-9)
+        quantiles[p] = float(scores[k - 1]) if k <= n else math.inf
+    return Calibration(scale=scale, quantiles=quantiles, n_calibration=int(n))
+
+
+def coverage(
+    y: np.ndarray,
+    mu: np.ndarray,
+    Sigma: np.ndarray,
+    calibration: Calibration,
+    levels: Iterable[float] = LEVELS,
+) -> dict[float, float]:
+    """Observed coverage of the conformal ellipsoids {d/s ≤ q_p}.
+
+    Parameters
+    ----------
+    y, mu : ndarray, shape (n, m)
+        Truth and predicted mean, stress units.
+    Sigma : ndarray, shape (n, m, m)
+        Predicted (uncalibrated) covariance, stress units squared.
+    calibration : Calibration
+        Fitted for every level in ``levels``.
+    levels : iterable of float
+        Coverage levels.
+
+    Returns
+    -------
+    dict[float, float]
+        Level p → fraction of points with d/s ≤ q_p.
+    """
+    r = mahalanobis(y, mu, Sigma) / calibration.scale
+    return {p: float(np.mean(r <= calibration.radius(p))) for p in _levels(levels)}
+
+
+def interval_coverage(
+    y: np.ndarray,
+    mu: np.ndarray,
+    Sigma: np.ndarray,
+    calibration: Calibration,
+    levels: Iterable[float] = LEVELS,
+) -> dict[float, float]:
+    """Observed coverage of the per-component central intervals μᵢ ± z_p s √Σᵢᵢ.
+
+    z_p = Φ⁻¹((1 + p)/2); only the calibration's scale is used, not its quantiles.
+
+    Parameters
+    ----------
+    y, mu : ndarray, shape (n, m)
+        Truth and predicted mean, stress units.
+    Sigma : ndarray, shape (n, m, m)
+        Predicted (uncalibrated) covariance, stress units squared.
+    calibration : Calibration
+        Supplies the scale s.
+    levels : iterable of float
+        Nominal levels p in (0, 1).
+
+    Returns
+    -------
+    dict[float, float]
+        Level p → fraction of the n·m components inside their interval.
+    """
+    y, mu, Sigma = _as_batch(y, mu, Sigma)
+    err = np.abs(y - mu)
+    sd = calibration.scale * np.sqrt(np.maximum(np.diagonal(Sigma, axis1=1, axis2=2), 0.0))
+    return {
+        p: float(np.mean(err <= normal_quantile(0.5 * (1.0 + p)) * sd)) for p in _levels(levels)
+    }
+
+
+def _ece_levels(n_levels: int) -> tuple[float, ...]:
+    """The levels k/(n_levels + 1), k = 1..n_levels: 0.05, 0.10, …, 0.95 for 19."""
+    if n_levels < 1:
+        raise InputError(f"n_levels={n_levels}: give at least 1")
+    return tuple(k / (n_levels + 1) for k in range(1, n_levels + 1))
+
+
+def expected_calibration_error(
+    y: np.ndarray,
+    mu: np.ndarray,
+    Sigma: np.ndarray,
+    calibration: Calibration,
+    n_levels: int = 19,
+) -> float:
+    """Expected calibration error of the scaled per-component Gaussian intervals.
+
+    Parameters
+    ----------
+    y, mu : ndarray, shape (n, m)
+        Truth and predicted mean, stress units.
+    Sigma : ndarray, shape (n, m, m)
+        Predicted (uncalibrated) covariance, stress units squared.
+    calibration : Calibration
+        Supplies the scale s (use ``Calibration(scale=1.0)`` for the raw model).
+    n_levels : int
+        Number of evenly spaced levels k/(n_levels + 1); 19 gives 0.05, 0.10, …, 0.95.
+
+    Returns
+    -------
+    float
+        mean over levels p of |observed interval coverage(p) − p|, in [0, 1].
+    """
+    observed = interval_coverage(y, mu, Sigma, calibration, _ece_levels(n_levels))
+    return float(np.mean([abs(c - p) for p, c in observed.items()]))
+
+
+def reliability_diagram(
+    y: np.ndarray,
+    mu: np.ndarray,
+    Sigma: np.ndarray,
+    calibration: Calibration,
+    path: str | Path,
+    title: str = "Reliability of per-component error bars",
+) -> None:
+    """Write a PNG of observed against nominal coverage of the per-component intervals.
+
+    Shows the raw model (s = 1) and the calibrated one (the calibration's s), the diagonal of
+    perfect calibration, and each curve's ECE in the legend.
+
+    Parameters
+    ----------
+    y, mu : ndarray, shape (n, m)
+        Truth and predicted mean, stress units.
+    Sigma : ndarray, shape (n, m, m)
+        Predicted (uncalibrated) covariance, stress units squared.
+    calibration : Calibration
+        Supplies the scale s.
+    path : str or Path
+        Output PNG file; missing parent folders are created.
+    title : str
+        Figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = _ece_levels(19)
+    curves = {
+        "raw (s = 1)": Calibration(scale=1.0),
+        f"calibrated (s = {calibration.scale:.3g})": calibration,
+    }
+    fig, ax = plt.subplots(figsize=(5.5, 5.0))
+    ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", label="ideal")
+    for (label, cal), marker in zip(curves.items(), ("s", "o"), strict=True):
+        observed = interval_coverage(y, mu, Sigma, cal, levels)
+        ece = float(np.mean([abs(c - p) for p, c in observed.items()]))
+        ax.plot(levels, list(observed.values()), marker=marker, label=f"{label}, ECE = {ece:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("expected coverage")
+    ax.set_ylabel("observed coverage")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def auroc(scores_in: np.ndarray, scores_out: np.ndarray) -> float:
+    """Area under the ROC curve for detecting out-of-distribution points by a score.
+
+    Computed exactly as the Mann–Whitney statistic: the probability that an out-of-distribution
+    score exceeds an in-distribution one, ties counting 1/2 (through average ranks).
+
+    Parameters
+    ----------
+    scores_in : ndarray, shape (n_in,)
+        Scores of in-distribution points (negatives).
+    scores_out : ndarray, shape (n_out,)
+        Scores of out-of-distribution points (positives, expected higher).
+
+    Returns
+    -------
+    float
+        AUROC in [0, 1]: 1 for perfect separation, 0.5 for chance, 0 for reversed scores.
+    """
+    a = np.asarray(scores_in, dtype=np.float64)
+    b = np.asarray(scores_out, dtype=np.float64)
+    for name, arr in (("scores_in", a), ("scores_out", b)):
+        if arr.ndim != 1 or arr.size == 0:
+            raise InputError(f"{name} has shape {arr.shape}: expected a non-empty 1D array")
+        if not np.all(np.isfinite(arr)):
+            raise InputError(f"{name} has non-finite entries")
+    x = np.concatenate([a, b])
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    ends = np.r_[starts[1:], xs.size]
+    ranks = np.empty(x.size)
+    ranks[order] = np.repeat(0.5 * (starts + 1 + ends), ends - starts)
+    n_out = b.size
+    u = ranks[a.size :].sum() - n_out * (n_out + 1) / 2
+    return float(u / (a.size * n_out))
+
+
+def uncertainty_score(Sigma: np.ndarray) -> np.ndarray:
+    """Scalar predicted uncertainty √tr(Σ) of each point, used for out-of-distribution detection.
+
+    Parameters
+    ----------
+    Sigma : ndarray, shape (n, m, m)
+        Predicted covariance, stress units squared.
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        √tr(Σ), stress units.
+    """
+    S = _as_covariances(Sigma)
+    return np.sqrt(np.maximum(np.trace(S, axis1=1, axis2=2), 0.0))

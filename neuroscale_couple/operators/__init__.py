@@ -1,0 +1,1 @@
+"""The scale-adaptive neural operator (SANO): encoder layers, heads and the model."""

@@ -1,0 +1,119 @@
+"""Heads of the operator: probabilistic coarse-graining N(μ, Σ) and the fine-graining decoder.
+
+Coarse-graining. Each of M ensemble members predicts a homogenized strain energy
+
+    W̄(z, Ē) = σ_ref e_ref [ ½ |L(z)ᵀ ê|² + |ê|² φ(z, ê) ],   ê = e(Ē) / e_ref,
+
+with Ē = (F̄ᵀF̄ − I)/2 in Mandel form e = (E₁₁, E₂₂, √2 E₁₂). Then P̄ = ∂W̄/∂F̄ and A = ∂P̄/∂F̄ by
+automatic differentiation: W̄ depends on F̄ only through C̄ = F̄ᵀF̄ (objectivity), P̄F̄ᵀ is symmetric
+(balance of angular momentum), A is major-symmetric, and W̄ and P̄ vanish at F̄ = I. A second
+network gives an aleatoric covariance Σ = σ_ref² L_Σ L_Σᵀ of the 4 stress components.
+
+Members run vectorised: every layer holds weights (M, in, out) and acts on (M, B, in).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from neuroscale_couple.operators.spectral import FourierBlock
+
+_SQRT2 = math.sqrt(2.0)
+
+
+class EnsembleLinear(nn.Module):
+    """M independent affine maps applied at once: (M, B, in) → (M, B, out)."""
+
+    def __init__(self, members: int, n_in: int, n_out: int) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(n_in)
+        self.weight = nn.Parameter(torch.empty(members, n_in, n_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(members, 1, n_out).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def ensemble_mlp(members: int, n_in: int, hidden: int, n_out: int, depth: int = 2) -> nn.Sequential:
+    """An MLP of ``depth`` hidden layers (SiLU, smooth so that tangents are smooth), vectorised."""
+    layers: list[nn.Module] = []
+    width = n_in
+    for _ in range(depth):
+        layers += [EnsembleLinear(members, width, hidden), nn.SiLU()]
+        width = hidden
+    layers.append(EnsembleLinear(members, width, n_out))
+    return nn.Sequential(*layers)
+
+
+def green_lagrange_mandel(F: torch.Tensor) -> torch.Tensor:
+    """Mandel vector (E₁₁, E₂₂, √2 E₁₂) of Ē = (FᵀF − I)/2; F (..., 2, 2) → (..., 3)."""
+    C = F.transpose(-1, -2) @ F
+    return torch.stack([(C[..., 0, 0] - 1) / 2, (C[..., 1, 1] - 1) / 2, C[..., 0, 1] / _SQRT2],
+                       dim=-1)
+
+
+def lower_triangular(flat: torch.Tensor, n: int, diag_offset: float = 0.0,
+                     min_diag: float = 1e-4) -> torch.Tensor:
+    """(…, n(n+1)/2) → L = D (I + O) (…, n, n): D diagonal positive (softplus of the diagonal
+    entries + ``diag_offset``), O strictly lower; well conditioned for any D, log det L = Σ log D.
+    """
+    rows, cols = torch.tril_indices(n, n, device=flat.device)
+    M = flat.new_zeros((*flat.shape[:-1], n, n))
+    M[..., rows, cols] = flat
+    d = nn.functional.softplus(torch.diagonal(M, dim1=-2, dim2=-1) + diag_offset) + min_diag
+    eye = torch.eye(n, dtype=flat.dtype, device=flat.device)
+    return d[..., :, None] * (eye + torch.tril(M, -1))
+
+
+class EnergyHead(nn.Module):
+    """Per-member normalised energy W(z, ê) = ½|L(z)ᵀê|² + |ê|² φ(z, ê): (M, B, ·) → (M, B)."""
+
+    def __init__(self, members: int, latent: int, hidden: int) -> None:
+        super().__init__()
+        self.quadratic = ensemble_mlp(members, latent, hidden, 6, depth=1)
+        self.higher = ensemble_mlp(members, latent + 3, hidden, 1)
+
+    def forward(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        L = lower_triangular(self.quadratic(z), 3)
+        quad = 0.5 * (torch.einsum("mbij,mbi->mbj", L, e) ** 2).sum(-1)
+        return quad + (e * e).sum(-1) * self.higher(torch.cat([z, e], dim=-1))[..., 0]
+
+
+class CovarianceHead(nn.Module):
+    """Per-member Cholesky factor (M, B, 4, 4) of the normalised aleatoric stress covariance."""
+
+    def __init__(self, members: int, latent: int, hidden: int) -> None:
+        super().__init__()
+        self.net = ensemble_mlp(members, latent + 3, hidden, 10)
+
+    def forward(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return lower_triangular(self.net(torch.cat([z, e], dim=-1)), 4, diag_offset=-3.0)
+
+
+class FineDecoder(nn.Module):
+    """Periodic fluctuation field w(y) (B, 2, n, n) from the encoder's feature map, the latent,
+    the macro strain and an optional noise field (one realization per noise draw).
+
+    The load enters by FiLM (feature-wise scale and shift), then Fourier blocks decode; w is in
+    cell lengths and its mean is removed (the fluctuation is defined up to a translation).
+    """
+
+    def __init__(self, width: int, latent: int, modes: int, blocks: int = 2) -> None:
+        super().__init__()
+        self.film = nn.Sequential(nn.Linear(latent + 3, 2 * width), nn.SiLU(),
+                                  nn.Linear(2 * width, 2 * width))
+        self.noise = nn.Conv2d(1, width, 1)
+        self.blocks = nn.Sequential(*(FourierBlock(width, modes) for _ in range(blocks)))
+        self.project = nn.Conv2d(width, 2, 1)
+
+    def forward(self, features: torch.Tensor, z: torch.Tensor, e: torch.Tensor,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        scale, shift = self.film(torch.cat([z, e], dim=-1)).chunk(2, dim=-1)
+        h = features * (1 + scale[..., None, None]) + shift[..., None, None]
+        if noise is not None:
+            h = h + self.noise(noise)
+        w = self.project(self.blocks(h))
+        return w - w.mean(dim=(-2, -1), keepdim=True)

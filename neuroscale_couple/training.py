@@ -1,0 +1,286 @@
+"""Training of the operator: one loop for offline training and online fine-tuning.
+
+Loss of a batch (weights in :class:`TrainConfig`; every term dimensionless):
+
+    stress       ⟨‖P̄_m − P̄‖²⟩ / σ_ref²             (each ensemble member m)
+    tangent      ⟨‖A_m − A‖²⟩ / A_ref²              (Sobolev term)
+    nll          Gaussian NLL of P̄ under N(P̄_m, Σ_m), member mean detached (Σ learns the residual)
+    equilibrium, consistency, hill_mandel, symmetry    see :mod:`neuroscale_couple.physics`
+    fields       ‖w − w_RVE‖² / e_ref²              where the data set holds micro fields
+
+Batches hold whole microstructures (the encoder runs once per microstructure and batch).
+Data-parallel under MPI: every rank takes a strided share of each global batch's microstructures,
+losses are summed over the global batch and gradients all-reduced, so N ranks follow the same
+trajectory as one rank with the same global batch (to round-off).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mpi4py import MPI
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from neuroscale_couple.errors import InputError
+from neuroscale_couple.operators.sano import SANO
+from neuroscale_couple.parallel import allreduce_gradients, init_torch_distributed
+from neuroscale_couple.physics import (
+    consistency_loss,
+    equilibrium_loss,
+    hill_mandel_loss,
+    symmetry_loss,
+)
+
+log = logging.getLogger(__name__)
+
+LOSS_TERMS = ("stress", "tangent", "nll", "equilibrium", "consistency", "hill_mandel", "symmetry",
+              "fields")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; ``weights`` maps terms of ``LOSS_TERMS`` to weights (absent: 0)."""
+
+    epochs: int = 200
+    batch_size: int = 64
+    lr: float = 2e-3
+    lr_final: float = 1e-4
+    val_fraction: float = 0.15
+    patience: int = 40
+    seed: int = 0
+    weights: dict[str, float] = field(default_factory=lambda: {
+        "stress": 1.0, "tangent": 0.2, "nll": 0.05, "equilibrium": 0.0, "consistency": 0.0,
+        "hill_mandel": 0.0, "symmetry": 0.0, "fields": 0.0})
+
+    def __post_init__(self) -> None:
+        bad = set(self.weights) - set(LOSS_TERMS)
+        if bad:
+            raise InputError(f"unknown loss weights {sorted(bad)}; known: {', '.join(LOSS_TERMS)}")
+        self.weights = {k: float(self.weights.get(k, 0.0)) for k in LOSS_TERMS}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """From a config mapping; loss terms not named in ``weights`` are switched off."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - known:
+            raise InputError(f"unknown training keys {sorted(set(d) - known)}; known: "
+                             f"{sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainingData:
+    """RVE samples as tensors: images (M, 1, n, n), micro_index (S,), F, P (S, 2, 2),
+    A (S, 2, 2, 2, 2), optional fields w (S, 2, n, n); ``config`` is the generate config."""
+
+    images: torch.Tensor
+    micro_index: torch.Tensor
+    F: torch.Tensor
+    P: torch.Tensor
+    A: torch.Tensor
+    w: torch.Tensor | None = None
+    config: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_h5(cls, path: str | Path, resolution: int,
+                dtype: torch.dtype = torch.float32) -> TrainingData:
+        """Load a `neuroscale generate` file; images are average-pooled to ``resolution``."""
+        from neuroscale_couple.store import load_rve_dataset
+
+        d = load_rve_dataset(path)
+        images = torch.as_tensor(d["micro/image"], dtype=dtype)[:, None]
+        n = images.shape[-1]
+        if n % resolution:
+            raise InputError(f"{path}: image_resolution {n} is not a multiple of the model "
+                             f"resolution {resolution}; regenerate with image_resolution = "
+                             f"k·{resolution}")
+        images = F.avg_pool2d(images, n // resolution) if n != resolution else images
+        w = None
+        if "samples/fields/w" in d and d["samples/fields/w"].shape[1] == resolution:
+            w = torch.as_tensor(d["samples/fields/w"], dtype=dtype).permute(0, 3, 1, 2)
+        return cls(images, torch.as_tensor(d["samples/micro_index"], dtype=torch.long),
+                   torch.as_tensor(d["samples/F"], dtype=dtype),
+                   torch.as_tensor(d["samples/P"], dtype=dtype),
+                   torch.as_tensor(d["samples/A"], dtype=dtype), w, d["config"])
+
+    def __len__(self) -> int:
+        return len(self.F)
+
+    def subset(self, samples: np.ndarray | torch.Tensor) -> TrainingData:
+        """The given samples (images kept whole, indices unchanged)."""
+        idx = torch.as_tensor(samples, dtype=torch.long)
+        return dataclasses.replace(self, micro_index=self.micro_index[idx], F=self.F[idx],
+                                   P=self.P[idx], A=self.A[idx],
+                                   w=None if self.w is None else self.w[idx])
+
+    def split_by_microstructure(self, fraction: float, seed: int
+                                ) -> tuple[TrainingData, TrainingData]:
+        """(train, held-out) with whole microstructures held out."""
+        micro = np.unique(self.micro_index.numpy())
+        rng = np.random.default_rng(seed)
+        n_out = max(1, round(fraction * len(micro))) if fraction > 0 else 0
+        held = set(rng.choice(micro, n_out, replace=False).tolist())
+        mask = np.array([m in held for m in self.micro_index.numpy()])
+        return self.subset(np.flatnonzero(~mask)), self.subset(np.flatnonzero(mask))
+
+    def to(self, dtype: torch.dtype) -> TrainingData:
+        conv = {k: getattr(self, k).to(dtype) for k in ("images", "F", "P", "A")}
+        return dataclasses.replace(self, w=None if self.w is None else self.w.to(dtype), **conv)
+
+
+def batch_loss(model: SANO, data: TrainingData, idx: torch.Tensor, weights: dict[str, float],
+               generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Loss terms (each a mean over the samples ``idx``) of one (shard of a) batch."""
+    micro = data.micro_index[idx]
+    uniq, inv = torch.unique(micro, return_inverse=True)
+    images = data.images[uniq]
+    z_u, h_u = model.encode(images)
+    z, Fb, Pb = z_u[inv], data.F[idx], data.P[idx]
+    use_tangent = weights["tangent"] > 0
+    r = model.members_response(z, Fb, tangent=use_tangent, create_graph=True)
+    sig, dt = model.sigma_ref.to(Fb.dtype), Fb.dtype
+    terms = {"stress": ((r["stress"] - Pb) ** 2).sum((-1, -2)).mean() / sig**2}
+    if use_tangent:
+        terms["tangent"] = (((r["tangent"] - data.A[idx]) ** 2).sum((-1, -2, -3, -4)).mean()
+                            / model.tangent_ref.to(dt) ** 2)
+    if weights["nll"] > 0:
+        res = ((Pb - r["stress"].detach()) / sig).flatten(-2).unsqueeze(-1)
+        u = torch.linalg.solve_triangular(r["chol"], res, upper=False)[..., 0]
+        logdet = torch.log(torch.diagonal(r["chol"], dim1=-2, dim2=-1)).sum(-1)
+        terms["nll"] = (0.5 * (u**2).sum(-1) + logdet).mean()
+    mean = r["stress"].mean(0)
+    if any(weights[k] > 0 for k in ("equilibrium", "consistency", "hill_mandel", "fields")):
+        fields = model.decode(images[inv], z, h_u[inv], Fb)
+        terms["equilibrium"] = equilibrium_loss(fields["P"], sig)
+        terms["consistency"] = consistency_loss(fields["P"], mean, sig)
+        terms["hill_mandel"] = hill_mandel_loss(fields["P"], fields["F"], Fb, sig)
+        if data.w is not None:
+            terms["fields"] = ((fields["w"] - data.w[idx]) ** 2).sum(1).mean() / model.e_ref.to(
+                dt) ** 2
+    if weights["symmetry"] > 0:
+        def response(imgs: torch.Tensor, Fs: torch.Tensor) -> torch.Tensor:
+            zt = model.encode(imgs)[0][inv]
+            return model.members_response(zt, Fs, tangent=False, create_graph=True)[
+                "stress"].mean(0)
+
+        terms["symmetry"] = symmetry_loss(response, images, Fb, mean, sig, generator)
+    return terms
+
+
+def microstructure_batches(data: TrainingData, batch_size: int,
+                           generator: torch.Generator) -> list[list[torch.Tensor]]:
+    """Shuffled batches of whole microstructures (each a list of per-microstructure sample index
+    tensors, about ``batch_size`` samples in all): the encoder then runs once per microstructure
+    per batch, not once per sample."""
+    order = torch.argsort(data.micro_index, stable=True)
+    ids, counts = torch.unique_consecutive(data.micro_index[order], return_counts=True)
+    groups = list(torch.split(order, counts.tolist()))
+    batches, current, size = [], [], 0
+    for k in torch.randperm(len(ids), generator=generator).tolist():
+        current.append(groups[k])
+        size += len(groups[k])
+        if size >= batch_size:
+            batches.append(current)
+            current, size = [], 0
+    if current:
+        batches.append(current)
+    return batches
+
+
+def train(model: SANO, data: TrainingData, cfg: TrainConfig, *, comm: MPI.Comm = MPI.COMM_WORLD,
+          validation: TrainingData | None = None, normalise: bool = True,
+          progress: bool = True) -> dict:
+    """Fit ``model`` in place; returns the history (per-epoch losses, best epoch, time).
+
+    With ``validation`` None, ``cfg.val_fraction`` of the microstructures are held out for early
+    stopping. ``normalise`` (offline training) sets the model's scales from ``data``; online
+    fine-tuning keeps them.
+    """
+    distributed = init_torch_distributed(comm)
+    torch.manual_seed(cfg.seed)
+    if validation is None:
+        data, validation = data.split_by_microstructure(cfg.val_fraction, cfg.seed)
+    if len(data) == 0:
+        raise InputError("no training samples: the data set is empty after the validation split")
+    dtype = next(model.parameters()).dtype
+    data, validation = data.to(dtype), validation.to(dtype)
+    if normalise:
+        model.set_normalisation(data.F, data.P, data.A)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs, eta_min=cfg.lr_final)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    weights = {k: float(v) for k, v in cfg.weights.items()}
+    history: dict = {"train": [], "val": [], "best_epoch": 0}
+    best, best_state, since_best = np.inf, copy.deepcopy(model.state_dict()), 0
+    t0 = time.perf_counter()
+    bar = _progress(cfg.epochs, progress and comm.rank == 0)
+    for epoch in range(cfg.epochs):
+        model.train()
+        epoch_loss = 0.0
+        for batch in microstructure_batches(data, cfg.batch_size, gen):
+            shard = torch.cat(batch[comm.rank::comm.size] or [torch.zeros(0, dtype=torch.long)])
+            n_batch = sum(len(g) for g in batch)
+            opt.zero_grad()
+            loss = torch.zeros((), dtype=dtype)
+            if len(shard):
+                terms = batch_loss(model, data, shard, weights, gen)
+                loss = sum(weights[k] * v for k, v in terms.items()) * (len(shard) / n_batch)
+                loss.backward()
+            if distributed:
+                allreduce_gradients(model)
+            opt.step()
+            epoch_loss += comm.allreduce(float(loss.detach())) * n_batch / len(data)
+        sched.step()
+        val = relative_errors(model, validation)["rel_l2_stress"] if len(validation) else np.nan
+        history["train"].append(epoch_loss)
+        history["val"].append(val)
+        bar.update(1)
+        bar.set_postfix(loss=f"{epoch_loss:.3e}", val_rel_l2=f"{val:.4f}")
+        if val < best:
+            best, best_state, since_best = val, copy.deepcopy(model.state_dict()), 0
+            history["best_epoch"] = epoch
+        else:
+            since_best += 1
+            if since_best > cfg.patience:
+                log.info("early stopping at epoch %d (best %d)", epoch, history["best_epoch"])
+                break
+    bar.close()
+    if len(validation):
+        model.load_state_dict(best_state)
+    history["time_s"] = time.perf_counter() - t0
+    history["best_val_rel_l2_stress"] = float(best)
+    return history
+
+
+@torch.no_grad()
+def predict_dataset(model: SANO, data: TrainingData) -> dict[str, torch.Tensor]:
+    """Ensemble predictions (``mean``, ``cov``, ``tangent``) for every sample of ``data``."""
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    uniq, inv = torch.unique(data.micro_index, return_inverse=True)
+    z = torch.cat([model.encode(data.images[uniq[i:i + 64]].to(dtype))[0]
+                   for i in range(0, len(uniq), 64)])[inv]
+    return model.predict(z, data.F.to(dtype))
+
+
+def relative_errors(model: SANO, data: TrainingData) -> dict[str, float]:
+    """Relative L2 errors of the ensemble-mean stress and tangent over a data set."""
+    pred = predict_dataset(model, data)
+    P, A = data.P.to(pred["mean"].dtype), data.A.to(pred["mean"].dtype)
+    return {"rel_l2_stress": float(torch.linalg.norm(pred["mean"] - P) / torch.linalg.norm(P)),
+            "rel_l2_tangent": float(torch.linalg.norm(pred["tangent"] - A)
+                                    / torch.linalg.norm(A))}
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="training", unit="epoch", disable=not enabled)

@@ -1,0 +1,129 @@
+"""Training, calibration and symmetry of the operator on data made by the true RVE solver."""
+
+from __future__ import annotations
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+import torch
+
+from neuroscale_couple.datagen import generate
+from neuroscale_couple.evaluation import calibrate_model, evaluate
+from neuroscale_couple.operators.sano import SANO, SANOConfig
+from neuroscale_couple.physics import dihedral, transform_image
+from neuroscale_couple.solvers import microstructure as micro
+from neuroscale_couple.training import TrainConfig, TrainingData, relative_errors, train
+
+pytestmark = pytest.mark.dolfinx
+
+SMALL = SANOConfig(resolution=16, width=12, modes=4, levels=2, heads=2, latent=24, hidden=32,
+                   members=3)
+DATA = {
+    "microstructure": {"kind": "random_fibres", "volume_fraction": [0.15, 0.45],
+                       "n_fibres": [1, 4], "count": 24, "seed": 11},
+    "loads": {"per_microstructure": 8, "radius": 0.12, "seed": 12},
+    "law": "neo_hookean", "matrix": {"E": 3.0, "nu": 0.35}, "fibre": {"E": 70.0, "nu": 0.2},
+    "mesh": {"size": 0.05}, "image_resolution": 32, "fields_resolution": 16,
+}
+
+
+@pytest.fixture(scope="module")
+def rve_data(tmp_path_factory) -> TrainingData:
+    path = MPI.COMM_WORLD.bcast(tmp_path_factory.mktemp("rve") if MPI.COMM_WORLD.rank == 0
+                                else None)
+    generate(DATA, path / "d.h5", MPI.COMM_WORLD, progress=False)
+    return TrainingData.from_h5(path / "d.h5", SMALL.resolution, dtype=torch.float64)
+
+
+@pytest.mark.skip_in_parallel
+def test_training_on_rve_data_reduces_the_error(rve_data):
+    torch.manual_seed(0)
+    model = SANO(SMALL).double()
+    fit, held_out = rve_data.split_by_microstructure(0.25, seed=0)
+    model.set_normalisation(fit.F, fit.P, fit.A)
+    before = relative_errors(model, held_out)["rel_l2_stress"]
+    cfg = TrainConfig(epochs=80, batch_size=32, lr=3e-3, patience=80,
+                      weights={"stress": 1.0, "tangent": 0.2, "nll": 0.05})
+    history = train(model, fit, cfg, comm=MPI.COMM_SELF, validation=held_out, progress=False)
+    after = relative_errors(model, held_out)
+    print(f"held-out rel. L2 stress {before:.3f} -> {after['rel_l2_stress']:.4f}, tangent "
+          f"{after['rel_l2_tangent']:.4f}, {history['time_s']:.1f} s")
+    assert after["rel_l2_stress"] < 0.10
+    assert after["rel_l2_stress"] < 0.2 * before
+    assert after["rel_l2_tangent"] < 0.15
+
+
+@pytest.mark.skip_in_parallel
+def test_physics_losses_train_the_decoder_towards_equilibrium(rve_data):
+    torch.manual_seed(1)
+    model = SANO(SMALL).double()
+    weights = TrainConfig(weights={"stress": 1.0, "equilibrium": 1.0, "consistency": 1.0,
+                                   "hill_mandel": 1.0, "fields": 1.0}).weights
+    model.set_normalisation(rve_data.F, rve_data.P, rve_data.A)
+    from neuroscale_couple.training import batch_loss
+
+    idx = torch.arange(32)
+    g = torch.Generator().manual_seed(0)
+    start = {k: float(v) for k, v in batch_loss(model, rve_data, idx, weights, g).items()}
+    train(model, rve_data, TrainConfig(epochs=25, batch_size=32, lr=3e-3, weights=weights,
+                                       val_fraction=0.2), comm=MPI.COMM_SELF, progress=False)
+    end = {k: float(v) for k, v in batch_loss(model, rve_data, idx, weights, g).items()}
+    print({k: (round(start[k], 4), round(end[k], 4)) for k in start})
+    for term in ("equilibrium", "consistency"):  # decoded fields approach equilibrium
+        assert end[term] < 0.5 * start[term], (term, start[term], end[term])
+    assert end["fields"] < start["fields"]  # and the RVE's fluctuation field
+
+
+@pytest.mark.skip_in_parallel
+def test_conformal_calibration_reaches_its_coverage_on_held_out_data(rve_data):
+    torch.manual_seed(2)
+    model = SANO(SMALL).double()
+    fit, rest = rve_data.split_by_microstructure(0.5, seed=1)
+    cal_set, test_set = rest.split_by_microstructure(0.5, seed=2)
+    train(model, fit, TrainConfig(epochs=40, batch_size=32, lr=3e-3), comm=MPI.COMM_SELF,
+          progress=False)
+    calibrate_model(model, cal_set)
+    metrics = evaluate(model, test_set)
+    n = metrics["n_samples"]
+    for level in (0.5, 0.9):
+        slack = 3 * np.sqrt(level * (1 - level) / n)  # three binomial standard deviations
+        assert metrics["coverage"][str(level)] >= level - slack, metrics
+
+
+@pytest.mark.mpi
+def test_one_and_two_ranks_train_the_same_model(rve_data):
+    comm = MPI.COMM_WORLD
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=3e-3, val_fraction=0.0)
+    torch.manual_seed(3)
+    init = SANO(SMALL).double().state_dict()
+
+    def trained(c: MPI.Comm) -> dict:
+        model = SANO(SMALL).double()
+        model.load_state_dict(init)
+        train(model, rve_data, cfg, comm=c, validation=rve_data.subset([]), progress=False)
+        return model.state_dict()
+
+    every = trained(comm)
+    alone = trained(MPI.COMM_SELF)
+    for key, value in every.items():
+        torch.testing.assert_close(value, alone[key], rtol=1e-7, atol=1e-9, msg=key)
+    assert any((every[k] - init[k]).abs().max() > 1e-4 for k in every)
+
+
+@pytest.mark.skip_in_parallel
+def test_symmetry_convention_agrees_with_the_rve_solver():
+    """The group action used by the symmetry loss is the physical one: rotating the cell content
+    as ``transform_image`` does and loading by QF̄Qᵀ gives Q P̄ Qᵀ in the true RVE solver."""
+    from neuroscale_couple.solvers.rve_fenicsx import PeriodicRVE
+
+    ms = micro.random_fibres(0.35, 3, seed=21)
+    Q = dihedral(1, False).numpy()
+    turned = micro.Microstructure(ms.kind, ms.volume_fraction,
+                                  np.mod((ms.centres - 0.5) @ Q.T + 0.5, 1.0), ms.radius)
+    np.testing.assert_allclose(turned.image(32), transform_image(torch.as_tensor(ms.image(32)),
+                                                                 1, False).numpy(), atol=1e-12)
+    F = np.array([[1.1, 0.05], [-0.02, 0.93]])
+    P = PeriodicRVE(ms, mesh_size=0.04).solve(F).stress[0]
+    P_turned = PeriodicRVE(turned, mesh_size=0.04).solve(Q @ F @ Q.T).stress[0]
+    np.testing.assert_allclose(P_turned, Q @ P @ Q.T, atol=5e-3 * np.abs(P).max())

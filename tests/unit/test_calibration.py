@@ -1,0 +1,218 @@
+"""Split conformal calibration of the operator's Gaussian predictions, and its metrics."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from neuroscale_couple.calibration import (
+    LEVELS,
+    Calibration,
+    auroc,
+    coverage,
+    expected_calibration_error,
+    fit_conformal,
+    interval_coverage,
+    mahalanobis,
+    normal_quantile,
+    reliability_diagram,
+    uncertainty_score,
+)
+from neuroscale_couple.errors import InputError
+
+N_CAL, N_TEST = 4000, 20000
+
+
+def _tolerance(p: float) -> float:
+    """Three standard deviations of held-out coverage: calibration plus test binomial noise."""
+    return 3 * math.sqrt(p * (1 - p) * (1 / N_CAL + 1 / N_TEST))
+
+
+def _synthetic(n: int, seed: int, noise: str = "gaussian", m: int = 4):
+    """Truth y = μ + L z with Σ_true = L Lᵀ random SPD; returns y, μ, Σ_true."""
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(n, m, m))
+    Sigma_true = A @ A.swapaxes(1, 2) + 0.5 * np.eye(m)
+    L = np.linalg.cholesky(Sigma_true)
+    z = rng.normal(size=(n, m))
+    if noise == "student":
+        # Multivariate Student t with 3 degrees of freedom: heavy tails, finite variance.
+        z = z / np.sqrt(rng.chisquare(3, size=(n, 1)) / 3)
+    mu = rng.normal(scale=10.0, size=(n, m))
+    return mu + (L @ z[..., None])[..., 0], mu, Sigma_true
+
+
+def _raw_ece(factor: float) -> float:
+    """ECE of Gaussian intervals whose standard deviations are ``factor`` times the truth."""
+    levels = np.arange(1, 20) / 20
+    covered = [math.erf(normal_quantile((1 + p) / 2) * factor / math.sqrt(2)) for p in levels]
+    return float(np.mean(np.abs(np.array(covered) - levels)))
+
+
+def test_mahalanobis_matches_explicit_inverse():
+    y, mu, Sigma = _synthetic(50, 0)
+    r = y - mu
+    expected = np.sqrt(np.einsum("ni,nij,nj->n", r, np.linalg.inv(Sigma), r))
+    np.testing.assert_allclose(mahalanobis(y, mu, Sigma), expected, rtol=1e-10)
+
+
+def test_underconfident_model_is_rescaled_and_covers_held_out_data():
+    y, mu, Sigma_true = _synthetic(N_CAL, 1)
+    cal = fit_conformal(y, mu, 4 * Sigma_true)
+    # s² = mean(d²)/4 with d² ~ χ²₄/4: relative std of s is √(8/N_CAL)/8 ≈ 0.6 %.
+    assert cal.scale == pytest.approx(0.5, rel=0.03)
+    assert cal.n_calibration == N_CAL
+    assert set(cal.quantiles) == set(LEVELS)
+
+    y, mu, Sigma_true = _synthetic(N_TEST, 2)
+    Sigma = 4 * Sigma_true
+    for p, c in coverage(y, mu, Sigma, cal).items():
+        assert c == pytest.approx(p, abs=_tolerance(p)), (p, c)
+    for p, c in interval_coverage(y, mu, Sigma, cal).items():
+        assert c == pytest.approx(p, abs=0.02), (p, c)
+
+    raw = Calibration(scale=1.0)
+    # Intervals twice too wide: coverage 2Φ(2 z_p) − 1 instead of p, e.g. 0.82 at p = 0.5.
+    assert interval_coverage(y, mu, Sigma, raw, [0.5])[0.5] == pytest.approx(0.823, abs=0.02)
+    assert expected_calibration_error(y, mu, Sigma, cal) < 0.02
+    raw_ece = expected_calibration_error(y, mu, Sigma, raw)
+    assert raw_ece > 0.1
+    assert raw_ece == pytest.approx(_raw_ece(2.0), abs=0.01)
+
+
+def test_overconfident_model_is_widened():
+    y, mu, Sigma_true = _synthetic(N_CAL, 3)
+    cal = fit_conformal(y, mu, Sigma_true / 9)
+    assert cal.scale == pytest.approx(3.0, rel=0.03)
+    y, mu, Sigma_true = _synthetic(N_TEST, 4)
+    assert expected_calibration_error(y, mu, Sigma_true / 9, cal) < 0.02
+    raw_ece = expected_calibration_error(y, mu, Sigma_true / 9, Calibration(scale=1.0))
+    assert raw_ece > 0.25
+    assert raw_ece == pytest.approx(_raw_ece(1 / 3), abs=0.01)
+
+
+def test_conformal_guarantee_holds_for_heavy_tailed_errors():
+    y, mu, Sigma = _synthetic(N_CAL, 5, noise="student")
+    cal = fit_conformal(y, mu, Sigma)
+    y, mu, Sigma = _synthetic(N_TEST, 6, noise="student")
+    observed = coverage(y, mu, Sigma, cal)
+    for p, c in observed.items():
+        assert c == pytest.approx(p, abs=_tolerance(p)), (p, c)
+    # The Gaussian radius, the χ₄ median √3.3567, is far from calibrated on these tails.
+    d = mahalanobis(y, mu, Sigma) / cal.scale
+    assert np.mean(d <= math.sqrt(3.356694)) > 0.5 + 0.1
+
+
+def test_error_bound_holds_with_stated_frequency():
+    y, mu, Sigma = _synthetic(N_CAL, 7, noise="student")
+    cal = fit_conformal(y, mu, Sigma)
+    y, mu, Sigma = _synthetic(N_TEST, 8, noise="student")
+    err = np.linalg.norm(y - mu, axis=1)
+    for p in LEVELS:
+        bound = cal.error_bound(Sigma, p)
+        assert bound.shape == (N_TEST,)
+        assert np.mean(err <= bound) >= p - _tolerance(p)
+    # The bound is the ellipsoid's circumscribed ball, so every point inside the ellipsoid is in it.
+    inside = mahalanobis(y, mu, Sigma) / cal.scale <= cal.radius(0.9)
+    assert np.all(err[inside] <= cal.error_bound(Sigma, 0.9)[inside] * (1 + 1e-12))
+
+
+def test_finite_sample_quantile_on_a_hand_computed_example():
+    # Ten points at distances 1, 2, …, 10 from μ with Σ = I: s² = mean(k²)/4 = 38.5/4.
+    k = np.arange(1.0, 11.0)
+    y = np.zeros((10, 4))
+    y[:, 0] = k
+    cal = fit_conformal(y, np.zeros((10, 4)), np.tile(np.eye(4), (10, 1, 1)))
+    s = math.sqrt(38.5 / 4)
+    assert cal.scale == pytest.approx(s)
+    assert cal.radius(0.5) == pytest.approx(6 / s)  # ⌈11 · 0.5⌉ = 6th smallest
+    assert cal.radius(0.9) == pytest.approx(10 / s)  # ⌈11 · 0.9⌉ = 10th smallest
+    assert cal.radius(0.95) == math.inf  # ⌈11 · 0.95⌉ = 11 > 10
+    assert np.all(cal.error_bound(np.tile(np.eye(4), (3, 1, 1)), 0.95) == math.inf)
+    np.testing.assert_allclose(cal.covariance(np.eye(4)[None]), (s**2 * np.eye(4))[None])
+
+
+def test_round_trip_through_json_and_uncalibrated_level():
+    y, mu, Sigma = _synthetic(20, 9)
+    cal = fit_conformal(y, mu, Sigma, levels=(0.5, 0.9, 0.99))
+    assert cal.radius(0.99) == math.inf
+    text = json.dumps(cal.to_dict(), allow_nan=False)
+    back = Calibration.from_dict(json.loads(text))
+    assert back == cal
+    assert set(json.loads(text)["quantiles"]) == {"0.5", "0.9", "0.99"}
+    with pytest.raises(InputError, match=r"level=0\.8 .*\[0\.5, 0\.9, 0\.99\]"):
+        back.radius(0.8)
+    with pytest.raises(InputError, match="level=0.95"):
+        coverage(y, mu, Sigma, back)
+
+
+def test_normal_quantile_known_values():
+    assert normal_quantile(0.975) == pytest.approx(1.959963984540054, rel=1e-12)
+    assert normal_quantile(0.95) == pytest.approx(1.6448536269514722, rel=1e-12)
+    assert normal_quantile(0.75) == pytest.approx(0.6744897501960817, rel=1e-12)
+    assert normal_quantile(0.5) == pytest.approx(0.0, abs=1e-15)
+    assert normal_quantile(0.025) == pytest.approx(-1.959963984540054, rel=1e-12)
+    assert normal_quantile(1e-10) == pytest.approx(-6.361340902404056, rel=1e-10)
+    for p in (1e-12, 0.01, 0.02425, 0.3, 0.7, 0.999):
+        x = normal_quantile(p)
+        assert 0.5 * math.erfc(-x / math.sqrt(2)) == pytest.approx(p, rel=1e-12)
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(InputError, match="normal_quantile"):
+            normal_quantile(bad)
+
+
+def test_auroc():
+    rng = np.random.default_rng(10)
+    a, b = rng.normal(size=5000), rng.normal(size=5000)
+    assert auroc(a, b + 100) == 1.0
+    assert auroc(a + 100, b) == 0.0
+    assert auroc(a, b) == pytest.approx(0.5, abs=0.02)
+    # Unit shift between unit normals: AUROC = Φ(1/√2) ≈ 0.7602.
+    assert auroc(a, b + 1) == pytest.approx(0.7602, abs=0.02)
+    # Pairs (in, out): (1,2) 1, (1,3) 1, (2,2) ½, (2,3) 1, (4,2) 0, (4,3) 0 → 3.5/6.
+    assert auroc([1.0, 2.0, 4.0], [2.0, 3.0]) == pytest.approx(3.5 / 6)
+    assert auroc([1.0, 1.0], [1.0, 1.0]) == 0.5
+    with pytest.raises(InputError, match="scores_out"):
+        auroc([1.0], [])
+
+
+def test_uncertainty_score_separates_inflated_covariances():
+    _, _, Sigma = _synthetic(500, 11)
+    np.testing.assert_allclose(
+        uncertainty_score(Sigma), np.sqrt(np.trace(Sigma, axis1=1, axis2=2)), rtol=1e-14
+    )
+    assert auroc(uncertainty_score(Sigma), uncertainty_score(25 * Sigma[::-1])) > 0.95
+
+
+def test_bad_shapes_raise_input_error():
+    y, mu, Sigma = _synthetic(20, 12)
+    with pytest.raises(InputError, match=r"y has shape \(20, 3\): expected \(20, 4\)"):
+        fit_conformal(y[:, :3], mu, Sigma)
+    with pytest.raises(InputError, match="mu has shape"):
+        fit_conformal(y, mu[:, 0], Sigma)
+    with pytest.raises(InputError, match=r"Sigma has shape \(20, 4, 3\)"):
+        fit_conformal(y, mu, Sigma[:, :, :3])
+    with pytest.raises(InputError, match=r"Sigma has shape \(19, 4, 4\).*\(20, 4, 4\)"):
+        mahalanobis(y, mu, Sigma[1:])
+    with pytest.raises(InputError, match="at least 10"):
+        fit_conformal(y[:9], mu[:9], Sigma[:9])
+    bad = Sigma.copy()
+    bad[3] = -np.eye(4)
+    with pytest.raises(InputError, match=r"Sigma\[3\] is not positive definite"):
+        mahalanobis(y, mu, bad)
+    bad[3] = np.triu(np.ones((4, 4)))
+    with pytest.raises(InputError, match=r"Sigma\[3\] is not symmetric"):
+        mahalanobis(y, mu, bad)
+    with pytest.raises(InputError, match="levels"):
+        fit_conformal(y, mu, Sigma, levels=(0.9, 1.0))
+
+
+def test_reliability_diagram_writes_png(tmp_path):
+    y, mu, Sigma = _synthetic(2000, 13)
+    cal = fit_conformal(y, mu, 4 * Sigma)
+    path = tmp_path / "plots" / "reliability.png"
+    reliability_diagram(y, mu, 4 * Sigma, cal, path)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 5000

@@ -1,0 +1,185 @@
+"""The operator's structure: built-in invariants, tangents, losses, checkpoints (no DOLFINx)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from neuroscale_couple.errors import CheckpointError, InputError
+from neuroscale_couple.materials import Phase
+from neuroscale_couple.operators.sano import SANO, SANOConfig
+from neuroscale_couple.physics import (
+    dihedral,
+    hill_mandel_loss,
+    micro_stress,
+    symmetry_loss,
+    transform_image,
+)
+from neuroscale_couple.solvers.microstructure import random_fibres
+
+SMALL = SANOConfig(resolution=16, width=8, modes=4, levels=2, heads=2, latent=16, hidden=16,
+                   members=3)
+
+
+@pytest.fixture(scope="module")
+def model() -> SANO:
+    torch.manual_seed(0)
+    m = SANO(SMALL).double()
+    m.eval()
+    with torch.no_grad():  # a non-trivial normalisation, as after training
+        m.sigma_ref.fill_(0.4)
+        m.e_ref.fill_(0.06)
+    return m
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.stack([torch.as_tensor(random_fibres(0.3, 3, seed=s).image(16))[None]
+                        for s in range(4)]).double()
+
+
+def random_F(n: int, seed: int = 0, radius: float = 0.2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.eye(2, dtype=torch.float64) + radius * (torch.rand(n, 2, 2, generator=g,
+                                                                     dtype=torch.float64) - 0.5)
+
+
+def rotation(theta: float) -> torch.Tensor:
+    c, s = np.cos(theta), np.sin(theta)
+    return torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+
+
+def test_head_is_objective_balanced_and_stress_free(model, images):
+    z = model.encode(images)[0]
+    F = random_F(4)
+    Q = rotation(0.9)
+    out, rot = model.predict(z, F), model.predict(z, Q @ F)
+    torch.testing.assert_close(rot["mean"], Q @ out["mean"], rtol=0, atol=1e-13)
+    PFt = out["mean"] @ F.transpose(-1, -2)
+    torch.testing.assert_close(PFt, PFt.transpose(-1, -2), rtol=0, atol=1e-13)
+    A = out["tangent"].reshape(-1, 4, 4)
+    torch.testing.assert_close(A, A.transpose(-1, -2), rtol=0, atol=1e-12)
+    at_identity = model.predict(z, torch.eye(2, dtype=torch.float64).expand(4, 2, 2))
+    assert at_identity["mean"].abs().max() < 1e-15
+    assert torch.all(torch.linalg.eigvalsh(out["cov"]) > 0)
+
+
+def test_tangent_matches_finite_differences(model, images):
+    z = model.encode(images)[0]
+    F = random_F(4, seed=1)
+    A = model.predict(z, F)["tangent"]
+    h = 1e-6
+    for k in range(2):
+        for l in range(2):
+            dF = torch.zeros(2, 2, dtype=torch.float64)
+            dF[k, l] = h
+            fd = (model.predict(z, F + dF, tangent=False)["mean"]
+                  - model.predict(z, F - dF, tangent=False)["mean"]) / (2 * h)
+            torch.testing.assert_close(A[..., k, l], fd, rtol=0, atol=1e-8)
+
+
+def test_ensemble_spread_enters_the_covariance(model, images):
+    z = model.encode(images)[0]
+    F = random_F(4, seed=2)
+    members = model.members_response(z, F, tangent=False)
+    pred = model.predict(z, F, tangent=False)
+    spread = (members["stress"] - pred["mean"]).flatten(-2)
+    epistemic = torch.einsum("mbi,mbj->bij", spread, spread) / SMALL.members
+    gap = torch.linalg.eigvalsh(pred["cov"] - epistemic)
+    assert torch.all(gap > 0)  # aleatoric part is positive definite on top of the spread
+
+
+def test_fine_graining_conserves_the_mean_deformation(model, images):
+    F = random_F(4, seed=3)
+    fields = model.sample_fields(images, F, n_samples=3, generator=torch.Generator().manual_seed(0))
+    assert fields["w"].shape == (3, 4, 2, 16, 16)
+    torch.testing.assert_close(fields["F"].mean(dim=(2, 3)), F.expand(3, 4, 2, 2), rtol=0,
+                               atol=1e-13)
+    assert (fields["w"][0] - fields["w"][1]).abs().max() > 1e-8  # distinct realizations
+
+
+def test_micro_stress_matches_the_phase_law():
+    phase = Phase(3.0, 0.35)
+    lmbda, mu = phase.lame
+    F = random_F(5, seed=4)
+    P = micro_stress(F, torch.full((5,), lmbda, dtype=torch.float64),
+                     torch.full((5,), mu, dtype=torch.float64), "neo_hookean")
+    Fi_T = torch.linalg.inv(F).transpose(-1, -2)
+    J = torch.linalg.det(F)[:, None, None]
+    torch.testing.assert_close(P, mu * (F - Fi_T) + lmbda * torch.log(J) * Fi_T)
+
+
+def test_hill_mandel_loss_vanishes_for_homogeneous_fields():
+    F = random_F(2, seed=5)
+    F_field = F[:, None, None].expand(2, 8, 8, 2, 2)
+    P_field = 2.0 * F_field
+    assert float(hill_mandel_loss(P_field, F_field, F, torch.tensor(1.0))) < 1e-28
+    bumpy = P_field.clone()
+    bumpy[:, :4] *= 1.5
+    assert float(hill_mandel_loss(bumpy, F_field + torch.randn_like(F_field) * 0.1, F,
+                                  torch.tensor(1.0))) > 1e-6
+
+
+def test_equivariance_loss_vanishes_only_for_an_equivariant_response(images):
+    lmbda, mu = Phase(3.0, 0.35).lame
+
+    def isotropic(imgs, F):  # phase-averaged Neo-Hookean: invariant under any image transform
+        scale = 1 + imgs.mean(dim=(1, 2, 3))
+        return micro_stress(F, lmbda * scale, mu * scale, "neo_hookean")
+
+    def anisotropic(imgs, F):  # weights the left half of the cell: not rotation invariant
+        scale = 1 + 3 * imgs[..., : imgs.shape[-1] // 2].mean(dim=(1, 2, 3))
+        return micro_stress(F, lmbda * scale, mu * scale, "neo_hookean")
+
+    F = random_F(4, seed=6)
+    sigma = torch.tensor(1.0, dtype=torch.float64)
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        assert float(symmetry_loss(isotropic, images, F, isotropic(images, F), sigma, g)) < 1e-26
+    defects = [float(symmetry_loss(anisotropic, images, F, anisotropic(images, F), sigma,
+                                   torch.Generator().manual_seed(s))) for s in range(6)]
+    assert max(defects) > 1e-4
+
+
+def test_dihedral_matrices_are_orthogonal_and_compose():
+    for k in range(4):
+        for flip in (False, True):
+            Q = dihedral(k, flip)
+            torch.testing.assert_close(Q @ Q.T, torch.eye(2, dtype=torch.float64))
+    img = torch.arange(16.0).reshape(4, 4)
+    torch.testing.assert_close(transform_image(transform_image(img, 1, False), 3, False), img)
+
+
+def test_checkpoint_round_trip(tmp_path, model, images):
+    model.calibration = {"scale": 1.3, "quantiles": {"0.9": 2.0}, "n_calibration": 50}
+    model.save(tmp_path / "m.pt")
+    back = SANO.from_checkpoint(tmp_path / "m.pt").double()
+    z, zb = model.encode(images)[0], back.encode(images)[0]
+    F = random_F(4, seed=7)
+    torch.testing.assert_close(back.predict(zb, F)["mean"], model.predict(z, F)["mean"])
+    assert back.config == model.config
+    assert back.calibration["scale"] == 1.3
+    assert float(back.sigma_ref) == pytest.approx(0.4)
+
+
+def test_missing_corrupt_or_foreign_checkpoints_give_clear_errors(tmp_path, model):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        SANO.from_checkpoint(tmp_path / "nope.pt")
+    model.save(tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        SANO.from_checkpoint(tmp_path / "cut.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="is not a neuroscale-sano"):
+        SANO.from_checkpoint(tmp_path / "other.pt")
+
+
+def test_bad_model_inputs(model):
+    with pytest.raises(InputError, match="expected"):
+        model.encode(torch.zeros(2, 1, 8, 8, dtype=torch.float64))
+    with pytest.raises(InputError, match="divisible"):
+        SANOConfig(resolution=20, levels=3)
+    with pytest.raises(InputError, match="nu=0.5"):
+        SANOConfig(fibre=(70.0, 0.5))
