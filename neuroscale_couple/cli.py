@@ -93,8 +93,12 @@ def cmd_train(args: argparse.Namespace) -> None:
                 fibre=tuple(family.get("fibre", {"E": 70.0, "nu": 0.2}).values()))
     import torch
 
+    from neuroscale_couple.parallel import device_for_rank
+
     torch.manual_seed(tcfg.seed)
-    model = SANO(SANOConfig.from_dict(mcfg))
+    device = device_for_rank(comm)
+    logging.getLogger(__name__).info("rank %d trains on %s", comm.rank, device)
+    model = SANO(SANOConfig.from_dict(mcfg)).to(device)
     fit, held_out = data.split_by_microstructure(tcfg.val_fraction, tcfg.seed)
     history = train(model, fit, tcfg, comm=comm, validation=held_out, progress=not args.quiet)
     cal = calibrate_model(model, held_out)
@@ -104,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                   "validation": relative_errors(model, held_out),
                   "calibration_points": cal.n_calibration}
     if comm.rank == 0:
-        model.float().save(args.out)  # trained in float32: store it so (half the size)
+        model.float().cpu().save(args.out)  # trained in float32: store it so (half the size)
         print(json.dumps({"out": str(args.out), **model.card["validation"],
                           "best_epoch": history["best_epoch"],
                           "time_s": round(history["time_s"], 1)}, indent=2))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from neuroscale_couple.calibration import (
     LEVELS,
@@ -25,9 +24,9 @@ from neuroscale_couple.training import TrainingData, predict_dataset
 def _numpy_predictions(model: SANO, data: TrainingData) -> tuple[np.ndarray, ...]:
     """(y, mu, Sigma, A_true, A_pred) as float64 arrays (n, 4), (n, 4), (n, 4, 4), ..."""
     model = model.double()
-    pred = predict_dataset(model, data.to(torch.float64))
-    return (data.P.double().reshape(-1, 4).numpy(), pred["mean"].reshape(-1, 4).numpy(),
-            pred["cov"].numpy(), data.A.double().numpy(), pred["tangent"].numpy())
+    pred = {k: v.cpu().numpy() for k, v in predict_dataset(model, data).items()}
+    return (data.P.double().reshape(-1, 4).numpy(), pred["mean"].reshape(-1, 4),
+            pred["cov"], data.A.double().numpy(), pred["tangent"])
 
 
 def calibrate_model(model: SANO, data: TrainingData, levels=LEVELS) -> Calibration:

@@ -97,6 +97,19 @@ def transform_image(image: torch.Tensor, k: int, flip: bool,
     return torch.rot90(out, k, dims=(-2, -1))
 
 
+def transform_sample(k: int, flip: bool, shift: tuple[int, int], images: torch.Tensor,
+                     F: torch.Tensor, P: torch.Tensor, A: torch.Tensor, w: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, ...]:
+    """Exact response of a transformed cell: images (U, 1, n, n) moved by the group element,
+    F̄ → QF̄Qᵀ, P̄ → QP̄Qᵀ, A → Q⊗Q⊗Q⊗Q : A, and the fluctuation w (B, 2, n, n) → Q w(g⁻¹ y)."""
+    Q = dihedral(k, flip, F.dtype).to(F.device)
+    moved_w = None
+    if w is not None:
+        moved_w = torch.einsum("ij,bjxy->bixy", Q, transform_image(w, k, flip, shift))
+    return (transform_image(images, k, flip, shift), Q @ F @ Q.T, Q @ P @ Q.T,
+            torch.einsum("ip,jq,kr,ls,bpqrs->bijkl", Q, Q, Q, Q, A), moved_w)
+
+
 def symmetry_loss(response, images: torch.Tensor, F_bar: torch.Tensor, mean: torch.Tensor,
                   sigma_ref: torch.Tensor, generator: torch.Generator | None = None
                   ) -> torch.Tensor:

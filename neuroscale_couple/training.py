@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from neuroscale_couple.physics import (
     equilibrium_loss,
     hill_mandel_loss,
     symmetry_loss,
+    transform_sample,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ class TrainConfig:
 
     epochs: int = 200
     batch_size: int = 64
+    physics_fraction: float = 0.25
+    augment: bool = False
     lr: float = 2e-3
     lr_final: float = 1e-4
     val_fraction: float = 0.15
@@ -131,47 +135,63 @@ class TrainingData:
         mask = np.array([m in held for m in self.micro_index.numpy()])
         return self.subset(np.flatnonzero(~mask)), self.subset(np.flatnonzero(mask))
 
-    def to(self, dtype: torch.dtype) -> TrainingData:
-        conv = {k: getattr(self, k).to(dtype) for k in ("images", "F", "P", "A")}
-        return dataclasses.replace(self, w=None if self.w is None else self.w.to(dtype), **conv)
+    def to(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> TrainingData:
+        """The same samples as ``dtype`` on ``device`` (indices stay on the CPU)."""
+        conv = {k: getattr(self, k).to(device, dtype) for k in ("images", "F", "P", "A")}
+        w = None if self.w is None else self.w.to(device, dtype)
+        return dataclasses.replace(self, w=w, **conv)
 
 
 def batch_loss(model: SANO, data: TrainingData, idx: torch.Tensor, weights: dict[str, float],
-               generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Loss terms (each a mean over the samples ``idx``) of one (shard of a) batch."""
+               generator: torch.Generator, physics_fraction: float = 1.0,
+               augment: bool = False) -> dict[str, torch.Tensor]:
+    """Loss terms (each a mean over the samples ``idx``) of one (shard of a) batch.
+
+    The decoder and symmetry terms, the costly ones, use the first ``physics_fraction`` of the
+    samples (batches are shuffled, so that is a random subset). ``augment`` replaces the batch by
+    its image under a random symmetry of the cell (:func:`..physics.transform_sample`).
+    """
     micro = data.micro_index[idx]
     uniq, inv = torch.unique(micro, return_inverse=True)
-    images = data.images[uniq]
+    images, Fb, Pb, Ab = data.images[uniq], data.F[idx], data.P[idx], data.A[idx]
+    wb = None if data.w is None else data.w[idx]
+    if augment:  # a random element of the cell's symmetry group, with its exact response
+        turns = int(torch.randint(0, 4, (1,), generator=generator))
+        flip = bool(torch.randint(0, 2, (1,), generator=generator))
+        shift = tuple(int(s) for s in torch.randint(0, images.shape[-1], (2,),
+                                                    generator=generator))
+        images, Fb, Pb, Ab, wb = transform_sample(turns, flip, shift, images, Fb, Pb, Ab, wb)
     z_u, h_u = model.encode(images)
-    z, Fb, Pb = z_u[inv], data.F[idx], data.P[idx]
+    z = z_u[inv]
     use_tangent = weights["tangent"] > 0
     r = model.members_response(z, Fb, tangent=use_tangent, create_graph=True)
     sig, dt = model.sigma_ref.to(Fb.dtype), Fb.dtype
     terms = {"stress": ((r["stress"] - Pb) ** 2).sum((-1, -2)).mean() / sig**2}
     if use_tangent:
-        terms["tangent"] = (((r["tangent"] - data.A[idx]) ** 2).sum((-1, -2, -3, -4)).mean()
+        terms["tangent"] = (((r["tangent"] - Ab) ** 2).sum((-1, -2, -3, -4)).mean()
                             / model.tangent_ref.to(dt) ** 2)
     if weights["nll"] > 0:
         res = ((Pb - r["stress"].detach()) / sig).flatten(-2).unsqueeze(-1)
         u = torch.linalg.solve_triangular(r["chol"], res, upper=False)[..., 0]
         logdet = torch.log(torch.diagonal(r["chol"], dim1=-2, dim2=-1)).sum(-1)
         terms["nll"] = (0.5 * (u**2).sum(-1) + logdet).mean()
-    mean = r["stress"].mean(0)
-    if any(weights[k] > 0 for k in ("equilibrium", "consistency", "hill_mandel", "fields")):
-        fields = model.decode(images[inv], z, h_u[inv], Fb)
+    k = max(1, math.ceil(physics_fraction * len(idx)))
+    sub, mean = inv[:k], r["stress"].mean(0)[:k]
+    if any(weights[t] > 0 for t in ("equilibrium", "consistency", "hill_mandel", "fields")):
+        fields = model.decode(images[sub], z[:k], h_u[sub], Fb[:k])
         terms["equilibrium"] = equilibrium_loss(fields["P"], sig)
         terms["consistency"] = consistency_loss(fields["P"], mean, sig)
-        terms["hill_mandel"] = hill_mandel_loss(fields["P"], fields["F"], Fb, sig)
-        if data.w is not None:
-            terms["fields"] = ((fields["w"] - data.w[idx]) ** 2).sum(1).mean() / model.e_ref.to(
-                dt) ** 2
+        terms["hill_mandel"] = hill_mandel_loss(fields["P"], fields["F"], Fb[:k], sig)
+        if wb is not None:
+            terms["fields"] = ((fields["w"] - wb[:k]) ** 2).sum(1).mean() / (
+                model.e_ref.to(dt) ** 2)
     if weights["symmetry"] > 0:
         def response(imgs: torch.Tensor, Fs: torch.Tensor) -> torch.Tensor:
-            zt = model.encode(imgs)[0][inv]
+            zt = model.encode(imgs)[0][sub]
             return model.members_response(zt, Fs, tangent=False, create_graph=True)[
                 "stress"].mean(0)
 
-        terms["symmetry"] = symmetry_loss(response, images, Fb, mean, sig, generator)
+        terms["symmetry"] = symmetry_loss(response, images, Fb[:k], mean, sig, generator)
     return terms
 
 
@@ -210,8 +230,9 @@ def train(model: SANO, data: TrainingData, cfg: TrainConfig, *, comm: MPI.Comm =
         data, validation = data.split_by_microstructure(cfg.val_fraction, cfg.seed)
     if len(data) == 0:
         raise InputError("no training samples: the data set is empty after the validation split")
-    dtype = next(model.parameters()).dtype
-    data, validation = data.to(dtype), validation.to(dtype)
+    param = next(model.parameters())
+    dtype = param.dtype
+    data, validation = data.to(dtype, param.device), validation.to(dtype, param.device)
     if normalise:
         model.set_normalisation(data.F, data.P, data.A)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -231,7 +252,8 @@ def train(model: SANO, data: TrainingData, cfg: TrainConfig, *, comm: MPI.Comm =
             opt.zero_grad()
             loss = torch.zeros((), dtype=dtype)
             if len(shard):
-                terms = batch_loss(model, data, shard, weights, gen)
+                terms = batch_loss(model, data, shard, weights, gen, cfg.physics_fraction,
+                                   cfg.augment)
                 loss = sum(weights[k] * v for k, v in terms.items()) * (len(shard) / n_batch)
                 loss.backward()
             if distributed:
@@ -244,7 +266,9 @@ def train(model: SANO, data: TrainingData, cfg: TrainConfig, *, comm: MPI.Comm =
         history["val"].append(val)
         bar.update(1)
         bar.set_postfix(loss=f"{epoch_loss:.3e}", val_rel_l2=f"{val:.4f}")
-        if val < best:
+        if not len(validation):  # nothing to select on: keep the last epoch
+            history["best_epoch"] = epoch
+        elif val < best:
             best, best_state, since_best = val, copy.deepcopy(model.state_dict()), 0
             history["best_epoch"] = epoch
         else:
@@ -264,17 +288,17 @@ def train(model: SANO, data: TrainingData, cfg: TrainConfig, *, comm: MPI.Comm =
 def predict_dataset(model: SANO, data: TrainingData) -> dict[str, torch.Tensor]:
     """Ensemble predictions (``mean``, ``cov``, ``tangent``) for every sample of ``data``."""
     model.eval()
-    dtype = next(model.parameters()).dtype
+    param = next(model.parameters())
     uniq, inv = torch.unique(data.micro_index, return_inverse=True)
-    z = torch.cat([model.encode(data.images[uniq[i:i + 64]].to(dtype))[0]
+    z = torch.cat([model.encode(data.images[uniq[i:i + 64]].to(param.device, param.dtype))[0]
                    for i in range(0, len(uniq), 64)])[inv]
-    return model.predict(z, data.F.to(dtype))
+    return model.predict(z, data.F.to(param.device, param.dtype))
 
 
 def relative_errors(model: SANO, data: TrainingData) -> dict[str, float]:
     """Relative L2 errors of the ensemble-mean stress and tangent over a data set."""
     pred = predict_dataset(model, data)
-    P, A = data.P.to(pred["mean"].dtype), data.A.to(pred["mean"].dtype)
+    P, A = (t.to(pred["mean"].device, pred["mean"].dtype) for t in (data.P, data.A))
     return {"rel_l2_stress": float(torch.linalg.norm(pred["mean"] - P) / torch.linalg.norm(P)),
             "rel_l2_tangent": float(torch.linalg.norm(pred["tangent"] - A)
                                     / torch.linalg.norm(A))}

@@ -2,11 +2,13 @@
 
 Coarse-graining. Each of M ensemble members predicts a homogenized strain energy
 
-    W̄(z, Ē) = σ_ref e_ref [ ½ |L(z)ᵀ ê|² + |ê|² φ(z, ê) ],   ê = e(Ē) / e_ref,
+    W̄(z, C̄) = σ_ref e_ref [ Σ_k w_k(z) Ψ_k(C̄)/e_ref² + 0.1 |ê|² φ(z, ê) ],  ê = e(Ē)/e_ref,
 
-with Ē = (F̄ᵀF̄ − I)/2 in Mandel form e = (E₁₁, E₂₂, √2 E₁₂). Then P̄ = ∂W̄/∂F̄ and A = ∂P̄/∂F̄ by
-automatic differentiation: W̄ depends on F̄ only through C̄ = F̄ᵀF̄ (objectivity), P̄F̄ᵀ is symmetric
-(balance of angular momentum), A is major-symmetric, and W̄ and P̄ vanish at F̄ = I. A second
+a learned mixture of hyperelastic basis energies Ψ_k (:func:`basis_energies`) plus a free
+correction, with Ē = (C̄ − I)/2 in Mandel form e = (E₁₁, E₂₂, √2 E₁₂). Then P̄ = ∂W̄/∂F̄ and
+A = ∂P̄/∂F̄ by automatic differentiation: W̄ depends on F̄ only through C̄ = F̄ᵀF̄ (objectivity),
+P̄F̄ᵀ is symmetric (balance of angular momentum), A is major-symmetric, and W̄ and P̄ vanish at
+F̄ = I. A second
 network gives an aleatoric covariance Σ = σ_ref² L_Σ L_Σᵀ of the 4 stress components.
 
 Members run vectorised: every layer holds weights (M, in, out) and acts on (M, B, in).
@@ -68,18 +70,40 @@ def lower_triangular(flat: torch.Tensor, n: int, diag_offset: float = 0.0,
     return d[..., :, None] * (eye + torch.tril(M, -1))
 
 
+def basis_energies(C: torch.Tensor, n_directions: int = 6) -> torch.Tensor:
+    """Hyperelastic basis energies Ψ_k(C̄) (…, 2 + 2·n_directions) for C̄ (…, 2, 2), plane strain.
+
+    Ψ₁ = ½(tr C − 2) − ln J and Ψ₂ = ½(ln J)² (Neo-Hookean shear and volume), and for unit
+    vectors a at angles kπ/n_directions the stretch energies ½(ln I₄)² and I₄ − 1 − ln I₄ with
+    I₄ = aᵀC a (anisotropy of the arrangement). Each is objective, vanishes with zero stress at
+    C = I, and is of order |Ē|², so that W̄ = Σ w_k Ψ_k spans anisotropic Neo-Hookean-like laws.
+    """
+    lnJ = 0.5 * torch.log(torch.linalg.det(C))
+    terms = [0.5 * (torch.diagonal(C, dim1=-2, dim2=-1).sum(-1) - 2) - lnJ, 0.5 * lnJ**2]
+    angles = torch.arange(n_directions, dtype=C.dtype, device=C.device) * torch.pi / n_directions
+    a = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)  # (D, 2)
+    I4 = torch.einsum("di,...ij,dj->...d", a, C, a)
+    lnI4 = torch.log(I4)
+    return torch.cat([torch.stack(terms, dim=-1), 0.5 * lnI4**2, I4 - 1 - lnI4], dim=-1)
+
+
 class EnergyHead(nn.Module):
-    """Per-member normalised energy W(z, ê) = ½|L(z)ᵀê|² + |ê|² φ(z, ê): (M, B, ·) → (M, B)."""
+    """Per-member normalised energy W(z, C̄) = Σ_k w_k(z) Ψ_k(C̄)/e_ref² + |ê|² φ(z, ê):
+    learned weights of hyperelastic basis energies plus a free higher-order correction.
+    Inputs z (M, B, latent), C̄ (M, B, 2, 2), ê (M, B, 3); output (M, B)."""
+
+    n_directions = 6
 
     def __init__(self, members: int, latent: int, hidden: int) -> None:
         super().__init__()
-        self.quadratic = ensemble_mlp(members, latent, hidden, 6, depth=1)
+        self.weights = ensemble_mlp(members, latent, hidden, 2 + 2 * self.n_directions, depth=1)
         self.higher = ensemble_mlp(members, latent + 3, hidden, 1)
 
-    def forward(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        L = lower_triangular(self.quadratic(z), 3)
-        quad = 0.5 * (torch.einsum("mbij,mbi->mbj", L, e) ** 2).sum(-1)
-        return quad + (e * e).sum(-1) * self.higher(torch.cat([z, e], dim=-1))[..., 0]
+    def forward(self, z: torch.Tensor, C: torch.Tensor, e: torch.Tensor,
+                e_ref: torch.Tensor) -> torch.Tensor:
+        psi = basis_energies(C, self.n_directions) / e_ref**2
+        correction = (e * e).sum(-1) * self.higher(torch.cat([z, e], dim=-1))[..., 0]
+        return (self.weights(z) * psi).sum(-1) + 0.1 * correction
 
 
 class CovarianceHead(nn.Module):

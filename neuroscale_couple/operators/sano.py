@@ -157,9 +157,11 @@ class SANO(nn.Module):
         M = self.config.members
         with torch.enable_grad():
             Fm = F.detach().unsqueeze(0).expand(M, -1, -1, -1).clone().requires_grad_(True)
-            e = green_lagrange_mandel(Fm) / self.e_ref.to(F.dtype)
+            e_ref = self.e_ref.to(F.dtype)
+            e = green_lagrange_mandel(Fm) / e_ref
             zm = z.unsqueeze(0).expand(M, -1, -1)
-            W = self.energy(zm, e) * (self.sigma_ref * self.e_ref).to(F.dtype)
+            C = Fm.transpose(-1, -2) @ Fm
+            W = self.energy(zm, C, e, e_ref) * (self.sigma_ref.to(F.dtype) * e_ref)
             P = torch.autograd.grad(W.sum(), Fm, create_graph=create_graph or tangent)[0]
             out = {"stress": P, "chol": self.covariance(zm, e.detach() if not create_graph else e)}
             if tangent:

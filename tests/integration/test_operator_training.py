@@ -67,6 +67,7 @@ def test_physics_losses_train_the_decoder_towards_equilibrium(rve_data):
     g = torch.Generator().manual_seed(0)
     start = {k: float(v) for k, v in batch_loss(model, rve_data, idx, weights, g).items()}
     train(model, rve_data, TrainConfig(epochs=25, batch_size=32, lr=3e-3, weights=weights,
+                                       physics_fraction=1.0,
                                        val_fraction=0.2), comm=MPI.COMM_SELF, progress=False)
     end = {k: float(v) for k, v in batch_loss(model, rve_data, idx, weights, g).items()}
     print({k: (round(start[k], 4), round(end[k], 4)) for k in start})
@@ -127,3 +128,40 @@ def test_symmetry_convention_agrees_with_the_rve_solver():
     P = PeriodicRVE(ms, mesh_size=0.04).solve(F).stress[0]
     P_turned = PeriodicRVE(turned, mesh_size=0.04).solve(Q @ F @ Q.T).stress[0]
     np.testing.assert_allclose(P_turned, Q @ P @ Q.T, atol=5e-3 * np.abs(P).max())
+
+
+@pytest.mark.skip_in_parallel
+def test_cli_train_calibrate_evaluate(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from neuroscale_couple.cli import main
+
+    data = dict(DATA, microstructure=dict(DATA["microstructure"], count=10), fields_resolution=0)
+    generate(data, tmp_path / "d.h5", MPI.COMM_SELF, progress=False)
+    model_cfg = {k: v for k, v in SMALL.__dict__.items() if k not in ("law", "matrix", "fibre")}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({
+        "model": model_cfg, "training": {"epochs": 3, "batch_size": 32, "val_fraction": 0.3}}))
+    assert main(["train", str(tmp_path / "t.yaml"), "--data", str(tmp_path / "d.h5"), "--out",
+                 str(tmp_path / "m.pt"), "--quiet"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert {"rel_l2_stress", "rel_l2_tangent", "best_epoch"} <= set(trained)
+    assert main(["calibrate", "--model", str(tmp_path / "m.pt"), "--data",
+                 str(tmp_path / "d.h5")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(tmp_path / "m.pt"), "--data", str(tmp_path / "d.h5"),
+                 "--json", "--plot", str(tmp_path / "r.png"), "--card",
+                 str(tmp_path / "card.json")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics["coverage"]) == {"0.5", "0.9", "0.95"}
+    assert 0 <= metrics["ece"] <= 1 and (tmp_path / "r.png").exists()
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["data_config"]["law"] == "neo_hookean" and card["seed"] == 0
+    model = SANO.from_checkpoint(tmp_path / "m.pt")
+    assert model.config.fibre == (70.0, 0.2) and model.calibration["n_calibration"] > 0
+    # a model file that is not one gives a clear error and exit code 2
+    (tmp_path / "bad.pt").write_text("not a model")
+    assert main(["evaluate", "--model", str(tmp_path / "bad.pt"), "--data",
+                 str(tmp_path / "d.h5")]) == 2
+    assert "not a readable NeuroScale model" in capsys.readouterr().err

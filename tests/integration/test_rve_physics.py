@@ -245,3 +245,24 @@ def test_closing_an_rve_frees_its_communicators():
         with rve(micro.random_fibres(0.3, 2, seed=seed), mesh_size=0.1) as cell:
             cell.solve(F_TEST, fields_resolution=8)
     assert free_communicators() == before
+
+
+def test_failed_newton_retries_with_substeps_then_raises(monkeypatch):
+    from neuroscale_couple.errors import SolveError
+
+    cell = rve(micro.single_fibre(0.3), mesh_size=0.08)
+    direct = cell.solve(F_TEST)
+    real_newton, calls = cell._newton, []
+
+    def fail_first(F, guess):  # the full step fails once, as it would for a too-large increment
+        calls.append(F.copy())
+        return False if len(calls) == 1 else real_newton(F, guess)
+
+    monkeypatch.setattr(cell, "_newton", fail_first)
+    retried = cell.solve(F_TEST)
+    assert retried.info["substeps"][0] == 2 and len(calls) == 3
+    np.testing.assert_allclose(calls[1], 0.5 * (np.eye(2) + F_TEST))  # halfway load first
+    np.testing.assert_allclose(retried.stress, direct.stress, atol=1e-10)
+    monkeypatch.setattr(cell, "_newton", lambda F, guess: False)
+    with pytest.raises(SolveError, match="did not converge .* 16 load substeps"):
+        cell.solve(F_TEST)

@@ -183,3 +183,54 @@ def test_bad_model_inputs(model):
         SANOConfig(resolution=20, levels=3)
     with pytest.raises(InputError, match="nu=0.5"):
         SANOConfig(fibre=(70.0, 0.5))
+
+
+def test_basis_energies_are_stress_free_at_identity_and_contain_neo_hooke():
+    from neuroscale_couple.operators.heads import basis_energies
+
+    eye = torch.eye(2, dtype=torch.float64).requires_grad_(True)
+    psi = basis_energies(eye.T @ eye)
+    grad = torch.autograd.grad(psi.sum(), eye)[0]
+    assert psi.abs().max() < 1e-15 and grad.abs().max() < 1e-15
+    # the plane-strain Neo-Hookean law is exactly μ Ψ₁ + λ Ψ₂
+    lmbda, mu = Phase(3.0, 0.35).lame
+    F = random_F(6, seed=8).requires_grad_(True)
+    W = (mu * basis_energies(F.transpose(-1, -2) @ F)[..., 0]
+         + lmbda * basis_energies(F.transpose(-1, -2) @ F)[..., 1])
+    P = torch.autograd.grad(W.sum(), F)[0]
+    ones = torch.ones(6, dtype=torch.float64)
+    torch.testing.assert_close(P, micro_stress(F.detach(), lmbda * ones, mu * ones,
+                                               "neo_hookean"))
+
+
+def test_augmented_samples_carry_the_exact_transformed_response(images):
+    """transform_sample maps (m, F̄, P̄, A, w) to (g·m, QF̄Qᵀ, QP̄Qᵀ, Q⊗Q⊗Q⊗Q:A, Q w∘g⁻¹), the true
+    response for an isotropic law; and the micro deformation it implies is the moved one."""
+    from neuroscale_couple.physics import micro_deformation, transform_sample
+
+    lmbda, mu = Phase(3.0, 0.35).lame
+    ones = torch.ones(4, dtype=torch.float64)
+
+    def law(F):
+        return micro_stress(F, lmbda * ones, mu * ones, "neo_hookean")
+
+    F = random_F(4, seed=9).requires_grad_(True)
+    P = law(F)
+    A = torch.stack([torch.autograd.grad(P[:, i, j].sum(), F, retain_graph=True)[0]
+                     for i in range(2) for j in range(2)], 1).reshape(4, 2, 2, 2, 2)
+    g = torch.Generator().manual_seed(3)
+    w = 0.01 * torch.randn(4, 2, 16, 16, generator=g, dtype=torch.float64)
+    for turns, flip, shift in [(1, False, (0, 0)), (2, True, (3, 5)), (3, True, (7, 1))]:
+        imgs, Ft, Pt, At, wt = transform_sample(turns, flip, shift, images, F.detach(),
+                                                P.detach(), A, w)
+        Ft = Ft.clone().requires_grad_(True)
+        Pn = law(Ft)
+        An = torch.stack([torch.autograd.grad(Pn[:, i, j].sum(), Ft, retain_graph=True)[0]
+                          for i in range(2) for j in range(2)], 1).reshape(4, 2, 2, 2, 2)
+        torch.testing.assert_close(Pt, Pn.detach())
+        torch.testing.assert_close(At, An)
+        Q = dihedral(turns, flip)
+        moved = transform_image(micro_deformation(F.detach(), w).permute(0, 3, 4, 1, 2), turns,
+                                flip, shift).permute(0, 3, 4, 1, 2)
+        torch.testing.assert_close(micro_deformation(Ft.detach(), wt), Q @ moved @ Q.T)
+        assert imgs.shape == images.shape
