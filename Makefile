@@ -38,10 +38,11 @@ bench: $(STAMP)
 MODEL := examples/models/fe2_composite
 model: $(STAMP)
 	mkdir -p out/model
-	for set in data test ood; do \
+	for set in data calibration test ood; do \
 	  $(MPIRUN) -n $(NP) $(VENV)/bin/neuroscale generate $(MODEL).$$set.yaml --out out/model/$$set.h5 || exit 1; \
 	done
 	$(VENV)/bin/neuroscale train $(MODEL).train.yaml --data out/model/data.h5 --out $(MODEL).pt
+	$(VENV)/bin/neuroscale calibrate --model $(MODEL).pt --data out/model/calibration.h5
 	$(VENV)/bin/neuroscale evaluate --model $(MODEL).pt --data out/model/test.h5 \
 	  --ood out/model/ood.h5 --plot $(MODEL).reliability.png --card $(MODEL).json
 

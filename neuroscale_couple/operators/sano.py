@@ -56,6 +56,7 @@ class SANOConfig:
     latent: int = 64
     hidden: int = 64
     members: int = 4
+    energy_correction: bool = True
     law: str = "neo_hookean"
     matrix: tuple[float, float] = (3.0, 0.35)
     fibre: tuple[float, float] = (70.0, 0.2)
@@ -96,7 +97,7 @@ class SANO(nn.Module):
         self.mixer = ScaleMixer(n_scales)
         self.to_latent = nn.Sequential(nn.Linear(d + 1, c.latent), nn.SiLU(),
                                        nn.Linear(c.latent, c.latent))
-        self.energy = EnergyHead(c.members, c.latent, c.hidden)
+        self.energy = EnergyHead(c.members, c.latent, c.hidden, c.energy_correction)
         self.covariance = CovarianceHead(c.members, c.latent, c.hidden)
         self.decoder = FineDecoder(d, c.latent, c.modes)
         # normalisation travels with the model: stress scale, strain scale, tangent scale

@@ -234,3 +234,17 @@ def test_augmented_samples_carry_the_exact_transformed_response(images):
                                 flip, shift).permute(0, 3, 4, 1, 2)
         torch.testing.assert_close(micro_deformation(Ft.detach(), wt), Q @ moved @ Q.T)
         assert imgs.shape == images.shape
+
+
+def test_basis_only_head_keeps_the_invariants(images):
+    import dataclasses
+
+    torch.manual_seed(4)
+    basis = SANO(dataclasses.replace(SMALL, energy_correction=False)).double()
+    assert basis.energy.higher is None
+    z = basis.encode(images)[0]
+    F, Q = random_F(4, seed=10), rotation(-0.4)
+    out, rot = basis.predict(z, F), basis.predict(z, Q @ F)
+    torch.testing.assert_close(rot["mean"], Q @ out["mean"], rtol=0, atol=1e-13)
+    A = out["tangent"].reshape(-1, 4, 4)
+    torch.testing.assert_close(A, A.transpose(-1, -2), rtol=0, atol=1e-12)
