@@ -39,7 +39,3 @@ def as_deformation_batch(F: np.ndarray | list, name: str = "F") -> np.ndarray:
         )
     return arr
 
-
-def unit_gradients() -> np.ndarray:
-    """The basis E_kl = e_k ⊗ e_l of 2×2 tensors, shape (4, 2, 2), in row-major order (k, l)."""
-    return np.eye(4).reshape(4, 2, 2)
