@@ -79,6 +79,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     from neuroscale_couple.evaluation import calibrate_model
+    from neuroscale_couple.materials import EPOXY_LIKE_MATRIX, GLASS_LIKE_FIBRE, Phase
     from neuroscale_couple.operators.sano import SANO, SANOConfig
     from neuroscale_couple.training import TrainConfig, TrainingData, relative_errors, train
 
@@ -88,9 +89,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     mcfg = dict(cfg.get("model") or {})
     data = TrainingData.from_h5(args.data, int(mcfg.get("resolution", SANOConfig.resolution)))
     family = data.config
+    phases = {name: Phase.from_config(family[name], name) if name in family else default
+              for name, default in (("matrix", EPOXY_LIKE_MATRIX), ("fibre", GLASS_LIKE_FIBRE))}
     mcfg.update(law=family.get("law", "neo_hookean"),
-                matrix=tuple(family.get("matrix", {"E": 3.0, "nu": 0.35}).values()),
-                fibre=tuple(family.get("fibre", {"E": 70.0, "nu": 0.2}).values()))
+                **{name: (p.E, p.nu) for name, p in phases.items()})
     import torch
 
     from neuroscale_couple.parallel import device_for_rank
