@@ -7,11 +7,15 @@ states. A host never branches on which kind of fine solver it holds.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from neuroscale_couple.errors import InputError
 
 
 @dataclass
@@ -58,3 +62,56 @@ class FineSolver(ABC):
         tangent : whether to compute the consistent tangent.
         fields_resolution : if given, sample micro fields on an r×r grid.
         """
+
+
+class SolverCache:
+    """A bounded least-recently-used set of fine solvers, one per microstructure key.
+
+    Each live RVE holds PETSc objects and ~15 MPI communicators (MPICH allows ~2000 per process),
+    so a rank keeps at most ``capacity`` and closes the one used longest ago. The warm-start
+    states of an evicted solver (its public ``states`` dict, when it has one) are kept and handed
+    to the solver rebuilt for the same key.
+    """
+
+    def __init__(self, factory: Callable[[object], FineSolver], capacity: int = 64) -> None:
+        if capacity < 1:
+            raise InputError(f"cache capacity={capacity}: keep at least one fine solver")
+        self.factory, self.capacity = factory, capacity
+        self._live: OrderedDict[Hashable, FineSolver] = OrderedDict()
+        self._saved: dict[Hashable, dict] = {}
+        self.setup_time = 0.0
+        self.builds = 0
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._live
+
+    def get(self, key: Hashable, spec: object) -> FineSolver:
+        """The solver of ``key``, built from ``spec`` (e.g. a microstructure) if not live."""
+        if key in self._live:
+            self._live.move_to_end(key)
+            return self._live[key]
+        t0 = time.perf_counter()
+        solver = self.factory(spec)
+        self.setup_time += time.perf_counter() - t0
+        self.builds += 1
+        if key in self._saved and hasattr(solver, "states"):
+            solver.states.update(self._saved.pop(key))
+        self._live[key] = solver
+        while len(self._live) > self.capacity:
+            old_key, old = self._live.popitem(last=False)
+            if hasattr(old, "states"):
+                self._saved[old_key] = dict(old.states)
+            _close(old)
+        return solver
+
+    def close(self) -> None:
+        """Close every live solver."""
+        while self._live:
+            _close(self._live.popitem()[1])
+        self._saved.clear()
+
+
+def _close(solver: FineSolver) -> None:
+    close = getattr(solver, "close", None)
+    if close is not None:
+        close()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from mpi4py import MPI
 
+import numpy as np
+
 
 def round_robin(items: list, comm: MPI.Comm) -> list[list]:
     """Split ``items`` into rounds of one item per rank.
@@ -82,3 +84,36 @@ def allreduce_gradients(model) -> None:
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+def balance(costs: np.ndarray, preferred: np.ndarray, n_ranks: int,
+            move_cost: float) -> np.ndarray:
+    """Assign work items to ranks so that the largest rank load is small (greedy LPT).
+
+    Items are taken in order of decreasing cost (ties by index); each goes to the rank whose load
+    after taking it is least, an item costing ``move_cost`` more on any rank but its
+    ``preferred`` one (set-up of a solver there, lost warm start). Deterministic, so every rank
+    computes the same assignment from the same gathered inputs.
+
+    Parameters
+    ----------
+    costs : (n,) estimated seconds per item.
+    preferred : (n,) rank holding the item's solver state (-1: none).
+    move_cost : seconds added when an item runs away from its preferred rank.
+
+    Returns
+    -------
+    (n,) rank of each item.
+    """
+    load = np.zeros(n_ranks)
+    out = np.empty(len(costs), dtype=np.int64)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        extra = np.full(n_ranks, move_cost)
+        if preferred[i] >= 0:
+            extra[preferred[i]] = 0.0
+        else:
+            extra[:] = 0.0
+        r = int(np.argmin(load + costs[i] + extra))
+        out[i] = r
+        load[r] += costs[i] + extra[r]
+    return out

@@ -166,3 +166,113 @@ def load_rve_dataset(path: str | Path) -> dict[str, np.ndarray]:
         raise InputError(f"{path} is unfinished ({n} samples missing): rerun `neuroscale generate` "
                          "with the same config and --out to complete it")
     return out
+
+
+def write_dataset(path: str | Path, config: dict, micro: dict[str, np.ndarray],
+                  samples: dict[str, np.ndarray]) -> None:
+    """Write a finished RVE data set (layout above) in one atomic step.
+
+    ``samples`` holds at least ``micro_index``, ``F``, ``P``, ``A``; further per-sample arrays
+    (e.g. ``point_id``, ``step``) are stored alongside. Used for data-set subsets and for the
+    Coupler's replay segments, which `neuroscale train` and ``TrainingData.from_h5`` read as-is.
+    """
+    missing = {"micro_index", "F", "P", "A"} - set(samples)
+    if missing:
+        raise InputError(f"write_dataset: samples lack {sorted(missing)}")
+    n = len(samples["F"])
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w", libver="latest") as h5:
+            h5.attrs.update(config=json.dumps(config, sort_keys=True), version=__version__,
+                            law=config.get("law", ""), kind="rve")
+            for name, arr in micro.items():
+                h5.create_dataset(f"micro/{name}", data=arr)
+            for name, arr in samples.items():
+                h5.create_dataset(f"samples/{name}", data=arr)
+            if "done" not in samples:
+                h5.create_dataset("samples/done", data=np.ones(n, dtype="u1"))
+
+    atomic_write(path, write)
+
+
+def subset_dataset(src: str | Path, dst: str | Path, n_micro: int, seed: int = 0) -> int:
+    """Copy ``n_micro`` randomly chosen microstructures (all their samples, no micro fields) of
+    the data set ``src`` into ``dst``; returns the number of samples written."""
+    d = load_rve_dataset(src)
+    m_total = len(d["micro/volume_fraction"])
+    if not 0 < n_micro <= m_total:
+        raise InputError(f"n_micro={n_micro}: {src} has {m_total} microstructures")
+    keep = np.sort(np.random.default_rng(seed).choice(m_total, n_micro, replace=False))
+    new_index = np.full(m_total, -1)
+    new_index[keep] = np.arange(n_micro)
+    mask = new_index[d["samples/micro_index"]] >= 0
+    micro = {k.split("/", 1)[1]: v[keep] for k, v in d.items() if k.startswith("micro/")}
+    samples = {k.split("/", 1)[1]: v[mask] for k, v in d.items()
+               if k.startswith("samples/") and not k.startswith("samples/fields/")}
+    samples["micro_index"] = new_index[d["samples/micro_index"][mask]]
+    config = dict(d["config"], subset={"source": str(src), "n_micro": n_micro, "seed": seed},
+                  fields_resolution=0)
+    write_dataset(dst, config, micro, samples)
+    return int(mask.sum())
+
+
+class ReplayStore:
+    """Every fine solve of a coupled run, kept for retraining now and warm-starting later runs.
+
+    A directory of segments ``step{k:04d}.rank{r:03d}.h5``, one per load step and rank, each a
+    finished RVE data set (see :func:`write_dataset`) with the extra per-sample arrays
+    ``point_id``, ``step``, ``evaluation`` and ``model_version``. A segment is written atomically
+    when its step ends (and before an abort), so a kill loses at most the solves of the step in
+    progress, which a restart from the step's checkpoint repeats anyway.
+    """
+
+    def __init__(self, directory: str | Path, rank: int, config: dict,
+                 image_resolution: int) -> None:
+        self.directory, self.rank, self.config = Path(directory), rank, config
+        self.image_resolution = image_resolution
+        self._rows: list[tuple] = []
+
+    def append(self, micro: object, point_id: int, F: np.ndarray, P: np.ndarray, A: np.ndarray,
+               *, step: int, evaluation: int, model_version: int, time_s: float) -> None:
+        """Buffer one fine solve (``micro`` is the microstructure it was solved on)."""
+        self._rows.append((micro, point_id, F, P, A, step, evaluation, model_version, time_s))
+
+    def flush(self, step: int) -> Path | None:
+        """Write the buffered solves as the segment of ``step``; None if there were none."""
+        if not self._rows:
+            return None
+        from neuroscale_couple.datagen import micro_arrays
+
+        keys = list(dict.fromkeys(r[0].key for r in self._rows))
+        first = {r[0].key: r[0] for r in reversed(self._rows)}
+        micro = micro_arrays([first[k] for k in keys], self.image_resolution)
+        index = {k: i for i, k in enumerate(keys)}
+        cols = list(zip(*self._rows, strict=True))
+        samples = {"micro_index": np.array([index[m.key] for m in cols[0]]),
+                   "point_id": np.array(cols[1], dtype=np.int64),
+                   "F": np.stack(cols[2]), "P": np.stack(cols[3]), "A": np.stack(cols[4]),
+                   "step": np.array(cols[5]), "evaluation": np.array(cols[6]),
+                   "model_version": np.array(cols[7]), "time_s": np.array(cols[8])}
+        path = self.directory / f"step{step:04d}.rank{self.rank:03d}.h5"
+        write_dataset(path, dict(self.config, image_resolution=self.image_resolution), micro,
+                      samples)
+        self._rows.clear()
+        return path
+
+    def discard_after(self, step: int) -> None:
+        """Remove all ranks' segments of steps after ``step`` (restart from that step; call on
+        one rank)."""
+        for path in self.segments(self.directory):
+            if _segment_step(path) > step:
+                path.unlink()
+        self._rows.clear()
+
+    @staticmethod
+    def segments(directory: str | Path, up_to_step: int | None = None) -> list[Path]:
+        """Segment files of a replay directory, by step then rank."""
+        paths = sorted(Path(directory).glob("step*.rank*.h5"))
+        return [p for p in paths if up_to_step is None or _segment_step(p) <= up_to_step]
+
+
+def _segment_step(path: Path) -> int:
+    return int(path.name[4:8])

@@ -99,11 +99,16 @@ class TrainingData:
         """Load a `neuroscale generate` file; images are average-pooled to ``resolution``."""
         from neuroscale_couple.store import load_rve_dataset
 
-        d = load_rve_dataset(path)
+        return cls.from_arrays(load_rve_dataset(path), resolution, dtype, str(path))
+
+    @classmethod
+    def from_arrays(cls, d: dict, resolution: int, dtype: torch.dtype = torch.float32,
+                    source: str = "data set") -> TrainingData:
+        """From the arrays of :func:`~neuroscale_couple.store.load_rve_dataset`."""
         images = torch.as_tensor(d["micro/image"], dtype=dtype)[:, None]
         n = images.shape[-1]
         if n % resolution:
-            raise InputError(f"{path}: image_resolution {n} is not a multiple of the model "
+            raise InputError(f"{source}: image_resolution {n} is not a multiple of the model "
                              f"resolution {resolution}; regenerate with image_resolution = "
                              f"k·{resolution}")
         images = F.avg_pool2d(images, n // resolution) if n != resolution else images
@@ -114,6 +119,19 @@ class TrainingData:
                    torch.as_tensor(d["samples/F"], dtype=dtype),
                    torch.as_tensor(d["samples/P"], dtype=dtype),
                    torch.as_tensor(d["samples/A"], dtype=dtype), w, d["config"])
+
+    @classmethod
+    def concat(cls, parts: list[TrainingData]) -> TrainingData:
+        """One data set of several (micro fields kept only if every part has them)."""
+        if not parts:
+            raise InputError("TrainingData.concat needs at least one data set")
+        offsets = np.cumsum([0] + [len(p.images) for p in parts[:-1]])
+        has_w = all(p.w is not None for p in parts)
+        return cls(torch.cat([p.images for p in parts]),
+                   torch.cat([p.micro_index + int(o) for p, o in zip(parts, offsets, strict=True)]),
+                   torch.cat([p.F for p in parts]), torch.cat([p.P for p in parts]),
+                   torch.cat([p.A for p in parts]),
+                   torch.cat([p.w for p in parts]) if has_w else None, parts[0].config)
 
     def __len__(self) -> int:
         return len(self.F)

@@ -15,6 +15,7 @@ arrangement) and :func:`laminate` (layers normal to x, whose effective response 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,13 @@ class Microstructure:
     @property
     def n_fibres(self) -> int:
         return len(self.centres)
+
+    @property
+    def key(self) -> str:
+        """A short digest identifying the geometry (equal cells share one RVE in a cache)."""
+        h = hashlib.sha1(f"{self.kind}|{self.volume_fraction!r}|{self.radius!r}".encode())
+        h.update(np.ascontiguousarray(self.centres, dtype=np.float64).tobytes())
+        return h.hexdigest()[:16]
 
     def image(self, resolution: int, supersample: int = 4) -> np.ndarray:
         """Fibre fraction per pixel, shape (resolution, resolution), values in [0, 1].

@@ -131,7 +131,9 @@ class PeriodicRVE(FineSolver):
         self._wr, self._fr = self._Pr.createVecRight(), self._Pr.createVecRight()
         self._X = self._affine_fields()
         self._snes = self._make_snes(max(matrix.E, fibre.E))
-        self._states: dict[Hashable, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+        # warm-start state per point id: (F̄, reduced w, ∂w/∂F̄); public so that a solver cache
+        # can carry it over to a rebuilt RVE of the same microstructure
+        self.states: dict[Hashable, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         self._samplers: dict[int, tuple] = {}
         self.dofs = V.dofmap.index_map.size_global * V.dofmap.index_map_bs
         self.setup_time = time.perf_counter() - t0
@@ -175,7 +177,7 @@ class PeriodicRVE(FineSolver):
             if tangent:
                 tang[i], dwr = self._tangent()
             if key is not None:
-                self._states[key] = (Fi.copy(), self._wr.getArray().copy(), dwr)
+                self.states[key] = (Fi.copy(), self._wr.getArray().copy(), dwr)
             if fields is not None:
                 for name, value in self._sample_fields(int(fields_resolution)).items():
                     fields.setdefault(name, []).append(value)
@@ -206,9 +208,9 @@ class PeriodicRVE(FineSolver):
     def forget(self, point_ids: Sequence[Hashable] | None = None) -> None:
         """Drop stored warm-start states (all of them when ``point_ids`` is None)."""
         if point_ids is None:
-            self._states.clear()
+            self.states.clear()
         for key in point_ids or ():
-            self._states.pop(key, None)
+            self.states.pop(key, None)
 
     def virtual_work(self, dF: np.ndarray, dw) -> float:
         """⟨P : δF⟩ = (1/|Y|) ∫_Y P : (δF̄ + ∇δw) dy at the last solved state.
@@ -297,7 +299,9 @@ class PeriodicRVE(FineSolver):
     # ------------------------------------------------------------------ solve steps
     def _equilibrate(self, F: np.ndarray, key: Hashable | None) -> tuple[int, int]:
         """Converge w for F̄ = F into ``self._wr``; returns (Newton iterations, substeps used)."""
-        F_start, w_start, dw_start = self._states.get(key, (np.eye(2), None, None))
+        F_start, w_start, dw_start = self.states.get(key, (np.eye(2), None, None))
+        if w_start is not None and len(w_start) != self._wr.getLocalSize():
+            F_start, w_start, dw_start = np.eye(2), None, None  # a state from another mesh
         guess = np.zeros(self._wr.getLocalSize()) if w_start is None else w_start.copy()
         if dw_start is not None:
             guess += np.tensordot((F - F_start).ravel(), dw_start, axes=1)

@@ -1,0 +1,531 @@
+"""The Coupler: operator + uncertainty policy + fallback to the true fine solver + retraining.
+
+At every call (one per macro residual evaluation, collective over the communicator) the Coupler
+
+1. predicts P̄, Σ and ∂P̄/∂F̄ for all of this rank's points with the operator (latents cached per
+   point, computed once at :meth:`Coupler.register`);
+2. bounds each point's relative stress error at the policy's confidence with the calibrated Σ
+   and sends the points over the tolerance — and every point that already fell back in this load
+   step (sticky, so Newton keeps its quadratic rate) — to the true fine solver;
+3. spreads that fallback work over all ranks by measured solve time (each rank keeps serial RVEs
+   per microstructure in an LRU cache and warm-starts each point from its last state), returns
+   the results to the owners and appends every fine solve to the replay store;
+4. between load steps (:meth:`Coupler.end_step`, never inside a Newton solve) fine-tunes the
+   operator on the fallback data plus a sample of its original training data, data-parallel over
+   the ranks, recalibrates it, bumps its version and checks that all ranks hold the same weights.
+
+``policy.tol = 0`` is classic FE² (every point on the fine solver; no model needed),
+``policy.tol = inf`` never falls back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mpi4py import MPI
+
+import numpy as np
+import torch
+from torch.nn import functional as F_nn
+
+from neuroscale_couple.calibration import Calibration
+from neuroscale_couple.errors import InputError, NeuroScaleError, SolveError
+from neuroscale_couple.fine import FineSolver, MicroResult, SolverCache
+from neuroscale_couple.materials import Phase
+from neuroscale_couple.parallel import balance, device_for_rank
+from neuroscale_couple.store import ReplayStore, load_rve_dataset
+from neuroscale_couple.tensors import as_deformation_batch
+
+log = logging.getLogger(__name__)
+
+OPERATOR, FINE, FAILED = 0, 1, 2
+SOURCE_NAMES = {OPERATOR: "operator", FINE: "fine", FAILED: "failed"}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """When a point falls back to the fine solver.
+
+    A point falls back when the calibrated bound on its stress error at ``confidence`` exceeds
+    ``tol`` · max(‖P̄‖, ``stress_floor``) (Frobenius norms, stress units). The floor keeps nearly
+    unloaded points from falling back over a tiny absolute error; None means the operator's
+    stress scale (the standard deviation of its training stresses).
+
+    ``max_failed_fraction``: a fine solve that fails even with load substeps keeps the operator's
+    value and is flagged; the run aborts when more than this fraction of all points failed.
+    """
+
+    tol: float = 0.02
+    confidence: float = 0.95
+    stress_floor: float | None = None
+    max_failed_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not self.tol >= 0:  # also catches NaN
+            raise InputError(f"tol={self.tol}: the relative stress tolerance must be ≥ 0 (0 = "
+                             "classic FE², every point on the fine solver; inf = never fall back)")
+        if not 0 < self.confidence < 1:
+            raise InputError(f"confidence={self.confidence}: give a probability such as 0.95")
+        if self.stress_floor is not None and not self.stress_floor > 0:
+            raise InputError(f"stress_floor={self.stress_floor}: must be > 0 (or None)")
+        if not 0 <= self.max_failed_fraction <= 1:
+            raise InputError(f"max_failed_fraction={self.max_failed_fraction}: must be in [0, 1]")
+
+    @property
+    def classic(self) -> bool:
+        """True when every point goes to the fine solver (``tol = 0``)."""
+        return self.tol == 0
+
+
+@dataclass
+class RetrainConfig:
+    """Online fine-tuning between load steps.
+
+    ``anchor`` / ``anchor_calibration``: RVE data sets sampled from the operator's original
+    training and calibration data (default: ``<model>.anchor.h5`` and
+    ``<model>.anchor_calibration.h5`` next to the model file); up to ``anchor_micro``
+    microstructures of each are mixed in so the operator does not forget its training range.
+    Retraining runs when at least ``min_new`` fine solves arrived since the last one;
+    ``calibration_fraction`` of the new samples are held out for recalibration.
+    """
+
+    enabled: bool = True
+    min_new: int = 8
+    epochs: int = 40
+    batch_size: int = 16
+    lr: float = 1e-3
+    lr_final: float = 5e-5
+    anchor: str | Path | None = None
+    anchor_calibration: str | Path | None = None
+    anchor_micro: int = 32
+    calibration_fraction: float = 0.25
+    weights: dict[str, float] = field(default_factory=lambda: {"stress": 1.0, "tangent": 0.2,
+                                                               "nll": 0.05})
+
+
+@dataclass
+class CouplerResult:
+    """Response of n points: ``stress`` (n, 2, 2), ``tangent`` (n, 2, 2, 2, 2), ``uncertainty``
+    (n,) calibrated relative error bound at the policy's confidence (NaN where no operator ran),
+    ``source`` (n,) OPERATOR / FINE / FAILED."""
+
+    stress: np.ndarray
+    tangent: np.ndarray
+    uncertainty: np.ndarray
+    source: np.ndarray
+
+
+def check_model_family(model, family: dict) -> None:
+    """Raise :class:`InputError` if the model was trained for other phases or another law than
+    the fine solver's ``family`` config (keys ``law``, ``matrix``, ``fibre`` as in the RVE
+    config)."""
+    c = model.config
+    if family.get("law", c.law) != c.law:
+        raise InputError(f"the model was trained for law={c.law!r} but the fine solver uses "
+                         f"law={family['law']!r}: use a model trained for this material")
+    for name in ("matrix", "fibre"):
+        if name in family:
+            phase = Phase.from_config(family[name], name)
+            if not np.allclose((phase.E, phase.nu), getattr(c, name), rtol=1e-9):
+                raise InputError(
+                    f"the model was trained for {name} (E, nu) = {tuple(getattr(c, name))} but "
+                    f"the fine solver's {name} is ({phase.E}, {phase.nu}): the model and the "
+                    "microstructure family do not match; train a model for these phases")
+
+
+class Coupler(FineSolver):
+    """Operator with uncertainty-triggered fallback; see the module docstring.
+
+    Parameters
+    ----------
+    model : the trained, calibrated operator (a :class:`~neuroscale_couple.operators.sano.SANO`);
+        None only for classic FE² (``policy.tol = 0``).
+    fine_factory : builds the fine solver of one microstructure on ``MPI.COMM_SELF`` (e.g.
+        ``lambda m: rve_from_config(cfg, m)``).
+    family : the fine solver's material config, checked against the model.
+    policy : fallback policy.
+    comm : the communicator of the macro problem; every method but :meth:`solve_local` and
+        :meth:`register` is collective.
+    replay_dir : where fine solves are stored (None: not stored, no retraining).
+    retrain : online fine-tuning settings (None or ``enabled=False``: none).
+    model_path : the model file (to find the anchor data sets next to it).
+    cache_size : live fine solvers per rank.
+    """
+
+    implemented_properties = ("stress", "tangent", "uncertainty")
+
+    def __init__(self, model, fine_factory: Callable[[object], FineSolver], *,
+                 family: dict | None = None, policy: Policy | None = None,
+                 comm: MPI.Comm = MPI.COMM_WORLD, replay_dir: str | Path | None = None,
+                 retrain: RetrainConfig | None = None, model_path: str | Path | None = None,
+                 cache_size: int = 128, dtype: torch.dtype = torch.float64) -> None:
+        self.policy = policy or Policy()
+        self.comm = comm
+        if model is None and not self.policy.classic:
+            raise InputError(f"tol={self.policy.tol} needs a trained model: give --model, or "
+                             "use tol=0 (classic FE²)")
+        if model is not None:  # all checks before the first collective call
+            if not self.policy.classic and not math.isinf(self.policy.tol):
+                if not model.calibration:
+                    raise InputError("the model is not calibrated: run `neuroscale calibrate` "
+                                     "before using it with a finite tol")
+                Calibration.from_dict(model.calibration).radius(self.policy.confidence)
+            if family is not None:
+                check_model_family(model, family)
+        self.model = model
+        self.version = 0
+        self.device = device_for_rank(comm)
+        if model is not None:
+            self.model = model.to(self.device, dtype).eval()
+            self.version = int(model.card.get("online_version", 0))
+            log.info("rank %d: operator on %s", comm.rank, self.device)
+        self.retrain = retrain if (retrain is not None and retrain.enabled and replay_dir
+                                   and model is not None) else None
+        self._anchor = self._anchor_paths(model_path) if self.retrain else None
+        data_cfg = (model.card.get("data_config") or {}) if model is not None else {}
+        res = model.config.resolution if model is not None else 32
+        self.image_resolution = int(data_cfg.get("image_resolution", res))
+        self.family = dict(family or {})
+        self.cache = SolverCache(fine_factory, cache_size)
+        self.replay = None if replay_dir is None else ReplayStore(
+            replay_dir, comm.rank, self.family, self.image_resolution)
+        self.replay_dir = None if replay_dir is None else Path(replay_dir)
+        self._ids = np.zeros(0, dtype=np.int64)
+        self._micro: list = []
+        self._z = None
+        self._cost: dict[int, float] = {}
+        self._last_rank: dict[int, int] = {}
+        self._sticky: set[int] = set()
+        self._fell_back: set[int] = set()
+        self.step, self.evaluations = 0, 0
+        self._new_since_retrain = 0
+        self.stats = self._empty_stats()
+
+    # ------------------------------------------------------------------ set-up
+    def _anchor_paths(self, model_path) -> tuple[Path | None, Path | None]:
+        stem = None if model_path is None else Path(model_path).with_suffix("")
+        paths = []
+        for given, suffix in ((self.retrain.anchor, ".anchor.h5"),
+                              (self.retrain.anchor_calibration, ".anchor_calibration.h5")):
+            path = Path(given) if given else (None if stem is None else
+                                              stem.with_name(stem.name + suffix))
+            if given and not path.is_file():
+                raise InputError(f"anchor data set {path} does not exist")
+            paths.append(path if path is not None and path.is_file() else None)
+        if paths[0] is None and self.comm.rank == 0:
+            log.warning("no anchor data next to the model: online retraining uses only the "
+                        "run's fallback data and may forget the training range")
+        return paths[0], paths[1]
+
+    def register(self, point_ids: Sequence[int], microstructures: Sequence) -> None:
+        """Attach a microstructure to each of this rank's points (ids unique over all ranks and
+        independent of the partition, e.g. from original cell indices) and encode them."""
+        ids = np.asarray(point_ids, dtype=np.int64)
+        if len(ids) != len(microstructures):
+            raise InputError(f"{len(ids)} point ids for {len(microstructures)} microstructures")
+        if len(np.unique(ids)) != len(ids):
+            raise InputError("point ids must be unique")
+        order = np.argsort(ids)
+        self._ids = ids[order]
+        self._micro = [microstructures[i] for i in order]
+        self._encode()
+
+    def _encode(self) -> None:
+        if self.model is None or not len(self._ids):
+            return
+        keys = [m.key for m in self._micro]
+        uniq = list(dict.fromkeys(keys))
+        first = {m.key: m for m in reversed(self._micro)}
+        with torch.no_grad():
+            images = self._images([first[k] for k in uniq])
+            z = torch.cat([self.model.encode(images[i:i + 64])[0]
+                           for i in range(0, len(uniq), 64)])
+        pos = {k: i for i, k in enumerate(uniq)}
+        self._z = z[torch.as_tensor([pos[k] for k in keys])]
+
+    def _images(self, structures: Sequence) -> torch.Tensor:
+        """Model inputs (B, 1, n, n), made as in training (image at the data resolution,
+        average-pooled to the model's)."""
+        p = next(self.model.parameters())
+        img = torch.as_tensor(np.stack([m.image(self.image_resolution) for m in structures]),
+                              dtype=p.dtype, device=p.device)[:, None]
+        k = self.image_resolution // self.model.config.resolution
+        return F_nn.avg_pool2d(img, k) if k > 1 else img
+
+    def _rows(self, point_ids) -> np.ndarray:
+        ids = np.asarray(point_ids, dtype=np.int64)
+        rows = np.searchsorted(self._ids, ids)
+        bad = (rows >= len(self._ids)) | (self._ids[np.minimum(rows, len(self._ids) - 1)] != ids
+                                           if len(self._ids) else np.ones(len(ids), bool))
+        if bad.any():
+            raise InputError(f"point ids {ids[bad][:5].tolist()} are not registered on rank "
+                             f"{self.comm.rank}: call Coupler.register first")
+        return rows
+
+    # ------------------------------------------------------------------ evaluation
+    def solve(self, F: np.ndarray, *, point_ids: Sequence[int] | None = None,
+              tangent: bool = True, fields_resolution: int | None = None) -> MicroResult:
+        """The :class:`FineSolver` contract (collective); uncertainty and source go to ``info``."""
+        if point_ids is None:
+            raise InputError("the Coupler needs point_ids (registered with Coupler.register)")
+        if fields_resolution:
+            raise InputError("the Coupler returns homogenized responses only: sample micro "
+                             "fields with SANO.sample_fields or the RVE solver")
+        r = self.evaluate(F, point_ids)
+        return MicroResult(r.stress, r.tangent if tangent else None, None,
+                           {"uncertainty": r.uncertainty, "source": r.source})
+
+    def evaluate(self, F: np.ndarray, point_ids: Sequence[int]) -> CouplerResult:
+        """Stress, tangent, uncertainty and source of this rank's points (collective)."""
+        Fb = np.zeros((0, 2, 2)) if len(F) == 0 else as_deformation_batch(F)
+        ids = np.asarray(point_ids, dtype=np.int64)
+        if len(ids) != len(Fb):
+            raise InputError(f"{len(ids)} point ids for {len(Fb)} deformation gradients")
+        rows = self._rows(ids)
+        n = len(Fb)
+        self.evaluations += 1
+        t0 = time.perf_counter()
+        stress, tangent = np.zeros((n, 2, 2)), np.zeros((n, 2, 2, 2, 2))
+        unc = np.full(n, np.nan)
+        if self.model is not None and n:
+            stress, tangent, unc = self._predict(rows, Fb)
+        if self.policy.classic or self.model is None:
+            fallback = np.ones(n, dtype=bool)
+        else:
+            fallback = unc > self.policy.tol
+            fallback |= np.array([i in self._sticky for i in ids.tolist()], dtype=bool)
+        self._sticky.update(ids[fallback].tolist())
+        self._fell_back.update(ids[fallback].tolist())
+        self.stats["operator_time_s"] += time.perf_counter() - t0
+        source = np.where(fallback, FINE, OPERATOR)
+        t1 = time.perf_counter()
+        done = self._solve_fallback(Fb[fallback], ids[fallback], rows[fallback])
+        self.stats["fine_time_s"] += time.perf_counter() - t1
+        where = np.flatnonzero(fallback)
+        for j, (P, A) in zip(where, done, strict=True):
+            if P is None:
+                source[j] = FAILED
+            else:
+                stress[j], tangent[j] = P, A
+        self._check_failures(source)
+        return CouplerResult(stress, tangent, unc, source)
+
+    def _predict(self, rows: np.ndarray, F: np.ndarray) -> tuple[np.ndarray, ...]:
+        p = next(self.model.parameters())
+        Ft = torch.as_tensor(F, dtype=p.dtype, device=p.device)
+        pred = {k: v.cpu().double().numpy()
+                for k, v in self.model.predict(self._z[torch.as_tensor(rows)], Ft).items()}
+        unc = np.zeros(len(F))
+        if not math.isinf(self.policy.tol):
+            cal = Calibration.from_dict(self.model.calibration)
+            bound = cal.error_bound(pred["cov"], self.policy.confidence)
+            floor = self.policy.stress_floor or float(self.model.sigma_ref)
+            unc = bound / np.maximum(np.linalg.norm(pred["mean"], axis=(1, 2)), floor)
+        return pred["mean"], pred["tangent"], unc
+
+    def _solve_fallback(self, F: np.ndarray, ids: np.ndarray,
+                        rows: np.ndarray) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
+        """Solve the given points somewhere on the communicator; results in the given order."""
+        comm = self.comm
+        mine = [(int(i), F[k], self._micro[r], self._cost.get(int(i), np.nan),
+                 self._last_rank.get(int(i), -1))
+                for k, (i, r) in enumerate(zip(ids, rows, strict=True))]
+        every = comm.allgather(mine)
+        flat = [(owner, e) for owner, part in enumerate(every) for e in part]
+        if not flat:
+            return []
+        known = [e[3] for _, e in flat if np.isfinite(e[3])]
+        default = float(np.median(known)) if known else 1.0
+        costs = np.array([e[3] if np.isfinite(e[3]) else default for _, e in flat])
+        preferred = np.array([e[4] if e[4] >= 0 else owner for owner, e in flat])
+        move = self.cache.setup_time / max(self.cache.builds, 1) if self.cache.builds else default
+        move = comm.allreduce(move, op=MPI.MAX)
+        assign = balance(costs, preferred, comm.size, move)
+        outgoing: list[list] = [[] for _ in range(comm.size)]
+        for (owner, (pid, Fi, micro, _, _)), r in zip(flat, assign, strict=True):
+            if r == comm.rank:
+                outgoing[owner].append((pid, *self._fine_solve(pid, Fi, micro)))
+        back = {e[0]: e[1:] for part in comm.alltoall(outgoing) for e in part}
+        out = []
+        for pid in ids.tolist():
+            P, A, t, ok_rank = back[pid]
+            self._cost[pid], self._last_rank[pid] = t, ok_rank
+            out.append((P, A))
+        return out
+
+    def _fine_solve(self, pid: int, F: np.ndarray, micro) -> tuple:
+        t0 = time.perf_counter()
+        solver = self.cache.get(micro.key, micro)
+        try:
+            res = solver.solve(F, point_ids=[pid], tangent=True)
+        except SolveError as err:
+            log.warning("rank %d: fine solve of point %d failed: %s", self.comm.rank, pid, err)
+            self.stats["fine_failed"] += 1
+            return None, None, time.perf_counter() - t0, self.comm.rank
+        t = time.perf_counter() - t0
+        self.stats["fine_solves"] += 1
+        self.stats["fine_solve_time_s"] += t
+        if self.replay is not None:
+            self.replay.append(micro, pid, F, res.stress[0], res.tangent[0], step=self.step,
+                               evaluation=self.evaluations, model_version=self.version,
+                               time_s=t)
+        return res.stress[0], res.tangent[0], t, self.comm.rank
+
+    def _check_failures(self, source: np.ndarray) -> None:
+        failed = self.comm.allreduce(int((source == FAILED).sum()))
+        total = self.comm.allreduce(len(source))
+        if not failed:
+            return
+        if self.model is None or failed > self.policy.max_failed_fraction * total:
+            if self.replay is not None:
+                self.replay.flush(self.step)
+            raise SolveError(
+                f"{failed} of {total} fine solves failed in load step {self.step} (limit "
+                f"{self.policy.max_failed_fraction:.1%}"
+                + (", and classic FE² has no operator value to keep" if self.model is None
+                   else "") + "): reduce the load increment; the last checkpoint is intact")
+
+    # ------------------------------------------------------------------ load steps
+    def _empty_stats(self) -> dict:
+        return {"operator_time_s": 0.0, "fine_time_s": 0.0, "fine_solve_time_s": 0.0,
+                "fine_solves": 0, "fine_failed": 0}
+
+    def begin_step(self, step: int) -> None:
+        """Start load step ``step``, or a cut-back part or retry of it: sources may change
+        again (never call it inside a Newton solve)."""
+        self.step = step
+        self._sticky.clear()
+
+    def end_step(self) -> dict:
+        """Finish the current load step (collective): store its fine solves, retrain if due.
+
+        Returns global figures of the step: ``fallback_points`` (points that used the fine
+        solver), ``fine_solves``, ``fine_failed``, ``fine_time_s`` (max over ranks, wall),
+        ``operator_time_s`` (max over ranks), ``retrain_time_s``, ``model_version``.
+        """
+        comm = self.comm
+        out = {"fallback_points": comm.allreduce(len(self._fell_back)),
+               "fine_solves": comm.allreduce(self.stats["fine_solves"]),
+               "fine_failed": comm.allreduce(self.stats["fine_failed"]),
+               "fine_time_s": comm.allreduce(self.stats["fine_time_s"], op=MPI.MAX),
+               "operator_time_s": comm.allreduce(self.stats["operator_time_s"], op=MPI.MAX),
+               "retrain_time_s": 0.0}
+        if self.replay is not None:
+            self.replay.flush(self.step)
+        comm.Barrier()
+        self._new_since_retrain += out["fine_solves"]
+        if self.retrain is not None and self._new_since_retrain >= self.retrain.min_new:
+            t0 = time.perf_counter()
+            self._retrain()
+            out["retrain_time_s"] = time.perf_counter() - t0
+            self._new_since_retrain = 0
+        out["model_version"] = self.version
+        self.stats = self._empty_stats()
+        self._fell_back.clear()
+        return out
+
+    # ------------------------------------------------------------------ retraining
+    def replay_data(self, up_to_step: int | None = None):
+        """All fine solves stored so far as :class:`~neuroscale_couple.training.TrainingData`,
+        in a rank-count independent order (step, evaluation, point id); None if there are none.
+        """
+        from neuroscale_couple.training import TrainingData
+
+        parts, keys = [], []
+        for path in ReplayStore.segments(self.replay_dir, up_to_step):
+            d = load_rve_dataset(path)
+            parts.append(TrainingData.from_arrays(d, self.model.config.resolution,
+                                                  torch.float64, str(path)))
+            keys.append(np.stack([d["samples/step"], d["samples/evaluation"],
+                                  d["samples/point_id"]], axis=1))
+        if not parts:
+            return None
+        data = TrainingData.concat(parts)
+        k = np.concatenate(keys)
+        return data.subset(np.lexsort(k.T[::-1]))
+
+    def _anchor_data(self, path: Path | None, seed: int):
+        from neuroscale_couple.training import TrainingData
+
+        if path is None:
+            return None
+        data = TrainingData.from_h5(path, self.model.config.resolution, torch.float64)
+        n_micro = len(data.images)
+        if n_micro > self.retrain.anchor_micro:
+            keep = np.random.default_rng(seed).choice(n_micro, self.retrain.anchor_micro,
+                                                      replace=False)
+            data = data.subset(np.flatnonzero(np.isin(data.micro_index.numpy(), keep)))
+        return data
+
+    def _retrain(self) -> None:
+        """Fine-tune on replay + anchor data, recalibrate, bump the version (collective)."""
+        from neuroscale_couple.evaluation import calibrate_model
+        from neuroscale_couple.training import TrainConfig, TrainingData, train
+
+        cfg = self.retrain
+        seed = 1000 + self.version
+        online = self.replay_data(self.step)
+        # hold out samples, not microstructures: the coupler predicts new loads of microstructures
+        # it has seen, which is what the recalibration must measure
+        order = np.random.default_rng(seed).permutation(len(online))
+        n_held = round(cfg.calibration_fraction * len(online))
+        fit, held = online.subset(np.sort(order[n_held:])), online.subset(np.sort(order[:n_held]))
+        anchor = self._anchor_data(self._anchor[0], seed)
+        anchor_cal = self._anchor_data(self._anchor[1], seed)
+        data = TrainingData.concat([p for p in (fit, anchor) if p is not None])
+        empty = data.subset(np.zeros(0, dtype=np.int64))
+        tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                           lr_final=cfg.lr_final, val_fraction=0.0, patience=cfg.epochs,
+                           seed=seed, weights=dict(cfg.weights))
+        # only the coarse-graining heads learn: the latents of the run's microstructures stay
+        # put (no re-encoding drift) and the encoder cannot forget the training range
+        frozen = [p for name, p in self.model.named_parameters()
+                  if not name.startswith(("energy.", "covariance."))]
+        for p in frozen:
+            p.requires_grad_(False)
+        self.model.train()
+        try:
+            train(self.model, data, tcfg, comm=self.comm, validation=empty, normalise=False,
+                  progress=False)
+        finally:
+            self.model.eval()
+            for p in frozen:
+                p.requires_grad_(True)
+        cal_parts = [p for p in (held, anchor_cal) if p is not None and len(p)]
+        if cal_parts:
+            calibrate_model(self.model, TrainingData.concat(cal_parts))
+        self.version += 1
+        self.model.card["online_version"] = self.version
+        self.check_same_weights()
+        self._encode()
+        if self.comm.rank == 0:
+            log.info("operator retrained on %d fine solves (+%d anchor samples): version %d, "
+                     "calibration scale %.3g", len(online), 0 if anchor is None else len(anchor),
+                     self.version, self.model.calibration.get("scale", np.nan))
+
+    def weights_digest(self) -> str:
+        """SHA-256 of the model's weights and calibration (identical on every rank)."""
+        h = hashlib.sha256()
+        for name, t in self.model.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(repr(sorted(self.model.calibration.items())).encode())
+        return h.hexdigest()
+
+    def check_same_weights(self) -> None:
+        """Raise on every rank if the ranks' models differ (collective)."""
+        digests = self.comm.allgather(self.weights_digest())
+        if len(set(digests)) != 1:
+            raise NeuroScaleError(f"model version {self.version} differs between ranks "
+                                  f"({len(set(digests))} distinct weight digests): the "
+                                  "data-parallel update went out of step")
+
+    def close(self) -> None:
+        """Close the cached fine solvers."""
+        self.cache.close()
