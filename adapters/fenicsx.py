@@ -198,10 +198,10 @@ class FE2Problem:
             record = self._step(k, t_done, loads[k], set_load, max_cutbacks)
             history.append(record)
             t_done = loads[k]
+            if on_step is not None:  # may add to the record before it is checkpointed
+                on_step(record)
             if ckpt is not None:
                 self.write_checkpoint(ckpt, k, t_done, history, model_saver)
-            if on_step is not None:
-                on_step(record)
         return history
 
     def _step(self, k: int, t0: float, t1: float, set_load: Callable[[float], None],

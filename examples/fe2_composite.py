@@ -198,7 +198,7 @@ def gather_fields(problem) -> dict | None:
     order = np.argsort(out["point_id"])
     for k in ("point_id", "x_point", "stress", "uncertainty", "source"):
         out[k] = out[k][order]
-    order = np.lexsort(out["x_dof"].T[::-1])
+    order = np.lexsort(np.round(out["x_dof"], 9).T[::-1])
     out["x_dof"], out["u"] = out["x_dof"][order], out["u"][order]
     return out
 
@@ -362,4 +362,12 @@ def check(summary: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from neuroscale_couple.errors import NeuroScaleError
+
+    try:
+        main()
+    except NeuroScaleError as err:  # raised on every rank alike, before collective work
+        print(f"fe2_composite: error: {err}", file=sys.stderr)
+        sys.exit(2)

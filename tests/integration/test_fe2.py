@@ -1,0 +1,257 @@
+"""The coupled FE² run: Coupler + DOLFINx adapter on small macro problems with real RVEs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.dolfinx
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "examples" / "models" / "fe2_composite.pt"
+COMPOSITE = {"law": "neo_hookean", "matrix": {"E": 3.0, "nu": 0.35},
+             "fibre": {"E": 70.0, "nu": 0.2}, "mesh": {"size": 0.05}}
+
+
+def microstructures(x, ids):
+    from neuroscale_couple.solvers.microstructure import random_fibres
+
+    return [random_fibres(0.2 + 0.2 * xi[0], int(1 + i % 4), int(i)) for xi, i in zip(x, ids)]
+
+
+def macro_problem(comm, micro, n=2, stretch=0.06):
+    """Unit square, n×n×2 triangles, clamped at x = 0, u_x = stretch·t at x = 1."""
+    from dolfinx import fem, mesh
+
+    from neuroscale_couple.adapters.fenicsx import FE2Problem
+
+    msh = mesh.create_rectangle(comm, [[0, 0], [1, 1]], [n, n], mesh.CellType.triangle)
+    V = fem.functionspace(msh, ("Lagrange", 1, (2,)))
+    u = fem.Function(V)
+    msh.topology.create_connectivity(1, 2)
+    left = mesh.locate_entities_boundary(msh, 1, lambda x: np.isclose(x[0], 0))
+    right = mesh.locate_entities_boundary(msh, 1, lambda x: np.isclose(x[0], 1))
+    delta = fem.Constant(msh, 0.0)
+    bcs = [fem.dirichletbc(np.zeros(2), fem.locate_dofs_topological(V, 1, left), V),
+           fem.dirichletbc(delta, fem.locate_dofs_topological(V.sub(0), 1, right), V.sub(0))]
+    problem = FE2Problem(u, bcs, micro, microstructures, quadrature_degree=1)
+
+    def set_load(t):
+        delta.value = stretch * t
+
+    return problem, set_load
+
+
+def coupler(comm, tol, *, model=True, family=COMPOSITE, replay=None, retrain=False):
+    from neuroscale_couple.coupler import Coupler, Policy, RetrainConfig
+    from neuroscale_couple.operators.sano import SANO
+    from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
+
+    return Coupler(SANO.from_checkpoint(MODEL) if model else None,
+                   lambda m: rve_from_config(family, m), family=family, policy=Policy(tol=tol),
+                   comm=comm, replay_dir=replay, retrain=RetrainConfig(enabled=retrain),
+                   model_path=MODEL)
+
+
+def displacement_by_coordinates(problem):
+    """(coordinates, u) of the owned dofs gathered on every rank, sorted by coordinates."""
+    V = problem.u.function_space
+    n = V.dofmap.index_map.size_local
+    parts = problem.comm.allgather((V.tabulate_dof_coordinates()[:n, :2],
+                                    problem.u.x.array[: 2 * n].reshape(-1, 2)))
+    x = np.concatenate([p[0] for p in parts])
+    u = np.concatenate([p[1] for p in parts])
+    order = np.lexsort(np.round(x, 9).T[::-1])
+    return x[order], u[order]
+
+
+def convergence_order(residuals):
+    """Largest observed order log(r_{k+1}/r_k) / log(r_k/r_{k-1}) of a Newton history."""
+    r = np.asarray(residuals)
+    r = r[r > 1e-13 * r[0]]
+    orders = [np.log(r[k + 1] / r[k]) / np.log(r[k] / r[k - 1]) for k in range(1, len(r) - 1)]
+    return max(orders) if orders else np.nan
+
+
+@pytest.mark.skip_in_parallel
+def test_tol_zero_reproduces_classic_fe2_and_newton_is_quadratic():
+    comm = MPI.COMM_SELF
+    runs = {}
+    for name, with_model in (("reference", False), ("tol0", True)):
+        c = coupler(comm, 0.0, model=with_model)
+        problem, set_load = macro_problem(comm, c)
+        history = problem.run([0.5, 1.0], set_load)
+        runs[name] = (displacement_by_coordinates(problem)[1], history)
+        c.close()
+    u_ref, h_ref = runs["reference"]
+    u_0, h_0 = runs["tol0"]
+    assert np.abs(u_ref).max() > 0.01
+    np.testing.assert_allclose(u_0, u_ref, rtol=0, atol=1e-14)
+    assert all(h["fallback_points"] == 8 for h in h_0)  # every point on the RVE solver
+    for h in h_ref:
+        assert convergence_order(h["residuals"][-1]) > 1.8, h["residuals"]
+
+
+@pytest.mark.skip_in_parallel
+def test_operator_and_mixed_points_keep_quadratic_newton():
+    comm = MPI.COMM_SELF
+    for tol, fine_points in ((np.inf, 0), (0.05, None)):
+        c = coupler(comm, tol)
+        problem, set_load = macro_problem(comm, c, stretch=0.12)
+        history = problem.run([0.5, 1.0], set_load)
+        c.close()
+        fallback = [h["fallback_points"] for h in history]
+        if fine_points is not None:
+            assert fallback == [0, 0]
+        else:  # mixed: some points on the operator, some on the RVE solver
+            assert any(0 < f < 8 for f in fallback), fallback
+        for h in history:
+            assert convergence_order(h["residuals"][-1]) > 1.7, (tol, h["residuals"])
+
+
+@pytest.mark.skip_in_parallel
+def test_homogeneous_microstructure_gives_single_scale_hyperelastic_solution():
+    """Fibres of the matrix material: FE² must equal DOLFINx Neo-Hookean hyperelasticity."""
+    import ufl
+    from dolfinx import fem
+    from dolfinx.fem.petsc import NonlinearProblem
+
+    from neuroscale_couple.materials import Phase
+    from neuroscale_couple.solvers.rve_fenicsx import first_piola
+
+    comm = MPI.COMM_SELF
+    family = dict(COMPOSITE, fibre=COMPOSITE["matrix"])
+    c = coupler(comm, 0.0, model=False, family=family)
+    problem, set_load = macro_problem(comm, c, n=3, stretch=0.1)
+    problem.run([0.5, 1.0], set_load)
+    c.close()
+
+    V = problem.u.function_space
+    u = fem.Function(V)
+    v = ufl.TestFunction(V)
+    lmbda, mu = Phase(3.0, 0.35).lame
+    P = first_piola("neo_hookean", ufl.Identity(2) + ufl.grad(u), lmbda, mu)
+    F = ufl.inner(P, ufl.grad(v)) * ufl.dx
+    single = NonlinearProblem(F, u, bcs=problem.bcs, petsc_options_prefix="single_",
+                              petsc_options={"snes_rtol": 1e-12, "snes_atol": 1e-13,
+                                             "ksp_type": "preonly", "pc_type": "lu"})
+    for t in (0.5, 1.0):
+        set_load(t)
+        single.solve()
+        assert single.solver.getConvergedReason() > 0
+    scale = np.abs(u.x.array).max()
+    assert scale > 0.05
+    np.testing.assert_allclose(problem.u.x.array, u.x.array, rtol=0, atol=1e-8 * scale)
+
+
+@pytest.mark.mpi
+def test_one_and_two_ranks_agree(mpi_tmp_path):
+    """The same FE² run (operator + fallback) on COMM_WORLD and serially on rank 0."""
+    world = MPI.COMM_WORLD
+    c = coupler(world, 0.03)
+    problem, set_load = macro_problem(world, c, n=3, stretch=0.12)
+    history = problem.run([0.5, 1.0], set_load)
+    c.close()
+    x, u = displacement_by_coordinates(problem)
+    if world.rank == 0:
+        c1 = coupler(MPI.COMM_SELF, 0.03)
+        p1, s1 = macro_problem(MPI.COMM_SELF, c1, n=3, stretch=0.12)
+        h1 = p1.run([0.5, 1.0], s1)
+        c1.close()
+        x1, u1 = displacement_by_coordinates(p1)
+        np.testing.assert_allclose(x1, x)
+        np.testing.assert_allclose(u, u1, rtol=0, atol=1e-9 * np.abs(u1).max())
+        assert [h["fallback_points"] for h in history] == [h["fallback_points"] for h in h1]
+        assert history[-1]["fallback_points"] > 0
+    world.barrier()
+
+
+@pytest.mark.skip_in_parallel
+def test_online_retraining_lowers_fallback_beyond_training_range(tmp_path):
+    """Loads beyond the training ball (|F̄ − I| ≤ 0.15): the retrained operator needs fewer
+    fine solves at the last step than the frozen one."""
+    from neuroscale_couple.solvers.microstructure import random_fibres
+
+    rng = np.random.default_rng(0)
+    n = 24
+    structures = [random_fibres(v, 4, i) for i, v in enumerate(rng.uniform(0.15, 0.45, n))]
+    theta = rng.uniform(0, np.pi, n)
+    R = np.stack([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    R = R.transpose(2, 0, 1)
+    family = dict(COMPOSITE, mesh={"size": 0.03})
+    last = {}
+    for retrain in (False, True):
+        c = coupler(MPI.COMM_SELF, 0.05, family=family, replay=tmp_path / f"r{retrain}",
+                    retrain=retrain)
+        c.register(np.arange(n), structures)
+        for step, e in enumerate((0.18, 0.19, 0.2, 0.21, 0.22)):
+            F = R @ np.diag([1 + e, 1 - 0.3 * e]) @ R.transpose(0, 2, 1)
+            c.begin_step(step)
+            c.evaluate(F, np.arange(n))
+            record = c.end_step()
+        last[retrain] = record["fallback_points"]
+        assert (record["model_version"] > 0) == retrain
+        c.close()
+    assert last[False] >= 12
+    assert last[True] <= 0.5 * last[False], last
+
+
+@pytest.mark.skip_in_parallel
+def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path):
+    args = [sys.executable, str(ROOT / "examples" / "fe2_composite.py"), "--mesh-size", "0.3",
+            "--rve-mesh-size", "0.05", "--steps", "4", "--stretch", "0.1", "--no-retrain",
+            "--quiet"]
+    subprocess.run([*args, "--out", str(tmp_path / "clean")], check=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*args, "--out", str(killed)])
+    state = killed / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["step"] >= 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "summary.json").exists()
+    subprocess.run([*args, "--out", str(killed), "--restart"], check=True)
+    clean = json.loads((tmp_path / "clean" / "summary.json").read_text())
+    again = json.loads((killed / "summary.json").read_text())
+    assert len(again["steps"]) == 4
+    assert again["displacement_norm"] == pytest.approx(clean["displacement_norm"], rel=1e-9)
+    assert again["reaction_force"] == pytest.approx(clean["reaction_force"], rel=1e-9)
+    with np.load(tmp_path / "clean" / "fields.npz") as a, np.load(killed / "fields.npz") as b:
+        np.testing.assert_allclose(b["u"], a["u"], rtol=0, atol=1e-10)
+
+
+@pytest.mark.skip_in_parallel
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "no/such/model.pt"], "does not exist"),
+    (["--tol", "-1"], "tol=-1.0"),
+    (["--mesh-size", "huge"], "--mesh-size"),
+])
+def test_example_bad_input_fails_before_work(tmp_path, flags, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "fe2_composite.py"),
+                           "--out", str(tmp_path), *flags], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_coupler_rejects_model_of_other_phases():
+    from neuroscale_couple.errors import InputError
+
+    family = dict(COMPOSITE, fibre={"E": 200.0, "nu": 0.3})
+    with pytest.raises(InputError, match="do not match"):
+        coupler(MPI.COMM_SELF, 0.05, family=family)
+    with pytest.raises(InputError, match="needs a trained model"):
+        coupler(MPI.COMM_SELF, 0.05, model=False)

@@ -1,0 +1,91 @@
+"""Coupler building blocks: policy input, fallback load balancing, solver cache, replay store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from neuroscale_couple.coupler import Policy
+from neuroscale_couple.errors import InputError
+from neuroscale_couple.fine import FineSolver, MicroResult, SolverCache
+from neuroscale_couple.parallel import balance
+from neuroscale_couple.store import ReplayStore, load_rve_dataset
+
+pytestmark = pytest.mark.skip_in_parallel
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tol": -0.01}, "must be ≥ 0"), ({"tol": float("nan")}, "must be ≥ 0"),
+    ({"confidence": 1.0}, "probability"), ({"stress_floor": 0.0}, "stress_floor"),
+    ({"max_failed_fraction": 2.0}, "max_failed_fraction")])
+def test_policy_rejects_bad_input(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        Policy(**kwargs)
+
+
+def test_policy_extremes():
+    assert Policy(tol=0).classic
+    assert not Policy(tol=float("inf")).classic
+
+
+def test_balance_spreads_clustered_work_and_keeps_affinity():
+    # 12 equal fallback points all owned by rank 0: spread evenly when moving is cheap ...
+    costs, owner = np.ones(12), np.zeros(12, dtype=int)
+    assign = balance(costs, owner, 4, move_cost=0.1)
+    assert np.bincount(assign, minlength=4).tolist() == [3, 3, 3, 3]
+    # ... kept at home when moving costs more than it saves
+    assert (balance(costs[:2], owner[:2], 4, move_cost=5.0) == 0).all()
+    # the largest load is within one item of the mean (LPT bound)
+    rng = np.random.default_rng(1)
+    c = rng.uniform(0.05, 0.2, 101)
+    a = balance(c, rng.integers(0, 3, 101), 3, move_cost=0.0)
+    loads = np.bincount(a, weights=c, minlength=3)
+    assert loads.max() - loads.mean() <= c.max()
+
+
+class _Counting(FineSolver):
+    closed = 0
+
+    def __init__(self, key):
+        self.key, self.states = key, {}
+
+    def solve(self, F, *, point_ids=None, tangent=True, fields_resolution=None):
+        self.states[point_ids[0]] = F
+        return MicroResult(np.zeros((1, 2, 2)))
+
+    def close(self):
+        _Counting.closed += 1
+
+
+def test_solver_cache_evicts_least_recent_and_keeps_states():
+    cache = SolverCache(_Counting, capacity=2)
+    cache.get("a", "a").solve(np.eye(2), point_ids=[1])
+    cache.get("b", "b")
+    cache.get("a", "a")  # a is now the most recent
+    cache.get("c", "c")  # evicts b
+    assert "b" not in cache and "a" in cache and _Counting.closed == 1
+    cache.get("d", "d")  # evicts a, whose warm-start state is kept ...
+    np.testing.assert_array_equal(cache.get("a", "a").states[1], np.eye(2))  # ... and restored
+    assert cache.builds == 5
+    cache.close()
+    with pytest.raises(InputError, match="capacity"):
+        SolverCache(_Counting, capacity=0)
+
+
+def test_replay_store_segments_are_rve_data_sets(tmp_path):
+    from neuroscale_couple.solvers.microstructure import random_fibres
+
+    store = ReplayStore(tmp_path, rank=1, config={"law": "neo_hookean"}, image_resolution=16)
+    ms = [random_fibres(0.3, 2, s) for s in (0, 1)]
+    for k in range(3):
+        store.append(ms[k % 2], 10 + k, np.eye(2) * (1 + 0.01 * k), np.full((2, 2), k),
+                     np.zeros((2, 2, 2, 2)), step=4, evaluation=k, model_version=0, time_s=0.1)
+    path = store.flush(4)
+    assert path.name == "step0004.rank001.h5" and store.flush(5) is None
+    d = load_rve_dataset(path)
+    assert d["micro/image"].shape == (2, 16, 16)
+    assert d["samples/micro_index"].tolist() == [0, 1, 0]
+    assert d["samples/point_id"].tolist() == [10, 11, 12]
+    np.testing.assert_array_equal(d["samples/P"][2], np.full((2, 2), 2.0))
+    store.discard_after(3)
+    assert ReplayStore.segments(tmp_path) == []
