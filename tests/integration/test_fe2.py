@@ -25,7 +25,8 @@ COMPOSITE = {"law": "neo_hookean", "matrix": {"E": 3.0, "nu": 0.35},
 def microstructures(x, ids):
     from neuroscale_couple.solvers.microstructure import random_fibres
 
-    return [random_fibres(0.2 + 0.2 * xi[0], int(1 + i % 4), int(i)) for xi, i in zip(x, ids)]
+    return [random_fibres(0.2 + 0.2 * xi[0], int(1 + i % 4), int(i))
+            for xi, i in zip(x, ids, strict=True)]
 
 
 def macro_problem(comm, micro, n=2, stretch=0.06):
