@@ -18,6 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(PY) examples/rve_demo.py --out out/rve_demo
+	$(MPIRUN) -n $(NP) $(PY) examples/fe2_composite.py --out out/fe2_composite
 
 test: test-serial test-mpi
 
@@ -33,6 +34,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/rve_solve.py
 	$(PY) bench/operator.py
+	$(PY) bench/fe2_speedup.py --np $(NP)
 
 # Regenerate the shipped operator from scratch with the project's own RVE solver and trainer.
 MODEL := examples/models/fe2_composite
@@ -43,6 +45,8 @@ model: $(STAMP)
 	done
 	$(VENV)/bin/neuroscale train $(MODEL).train.yaml --data out/model/data.h5 --out $(MODEL).pt
 	$(VENV)/bin/neuroscale calibrate --model $(MODEL).pt --data out/model/calibration.h5
+	$(VENV)/bin/neuroscale subset out/model/data.h5 --micro 96 --out $(MODEL).anchor.h5
+	$(VENV)/bin/neuroscale subset out/model/calibration.h5 --micro 48 --out $(MODEL).anchor_calibration.h5
 	$(VENV)/bin/neuroscale evaluate --model $(MODEL).pt --data out/model/test.h5 \
 	  --ood out/model/ood.h5 --plot $(MODEL).reliability.png --card $(MODEL).json
 

@@ -148,6 +148,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"{key:>16}: {value}")
 
 
+def cmd_subset(args: argparse.Namespace) -> None:
+    from neuroscale_couple.store import subset_dataset
+
+    n = subset_dataset(args.data, args.out, args.micro, args.seed)
+    print(f"{args.out}: {args.micro} microstructures, {n} samples")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuroscale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a reliability diagram (PNG) here")
     p.add_argument("--card", help="write the model card (training record + metrics) here")
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("subset", help="copy N random microstructures of a data set (e.g. the "
+                       "anchor data that online retraining mixes in)")
+    p.add_argument("data", help="HDF5 data set from `neuroscale generate`")
+    p.add_argument("--micro", type=int, required=True, help="number of microstructures")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_subset)
     return parser
 
 

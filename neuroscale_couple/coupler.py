@@ -12,7 +12,8 @@ At every call (one per macro residual evaluation, collective over the communicat
    the results to the owners and appends every fine solve to the replay store;
 4. between load steps (:meth:`Coupler.end_step`, never inside a Newton solve) fine-tunes the
    operator on the fallback data plus a sample of its original training data, data-parallel over
-   the ranks, recalibrates it, bumps its version and checks that all ranks hold the same weights.
+   the ranks (encoder frozen, heads trained), recalibrates it, bumps its version and checks that
+   all ranks hold the same weights.
 
 ``policy.tol = 0`` is classic FE² (every point on the fine solver; no model needed),
 ``policy.tol = inf`` never falls back.
@@ -503,7 +504,6 @@ class Coupler(FineSolver):
         self.version += 1
         self.model.card["online_version"] = self.version
         self.check_same_weights()
-        self._encode()
         if self.comm.rank == 0:
             log.info("operator retrained on %d fine solves (+%d anchor samples): version %d, "
                      "calibration scale %.3g", len(online), 0 if anchor is None else len(anchor),
