@@ -92,12 +92,16 @@ class RetrainConfig:
     training and calibration data (default: ``<model>.anchor.h5`` and
     ``<model>.anchor_calibration.h5`` next to the model file); up to ``anchor_micro``
     microstructures of each are mixed in so the operator does not forget its training range.
-    Retraining runs when at least ``min_new`` fine solves arrived since the last one;
+    Retraining runs after a step in which at least ``min_fallback_fraction`` of all points fell
+    back (evidence that the loading left the operator's range; scattered in-range fallbacks do
+    not pay for a retraining) and at least ``min_new`` fine solves arrived since the last one;
+    it trains in float32 (the run evaluates in float64);
     ``calibration_fraction`` of the new samples are held out for recalibration.
     """
 
     enabled: bool = True
     min_new: int = 8
+    min_fallback_fraction: float = 0.05
     epochs: int = 40
     batch_size: int = 16
     lr: float = 1e-3
@@ -421,7 +425,9 @@ class Coupler(FineSolver):
             self.replay.flush(self.step)
         comm.Barrier()
         self._new_since_retrain += out["fine_solves"]
-        if self.retrain is not None and self._new_since_retrain >= self.retrain.min_new:
+        n_points = comm.allreduce(len(self._ids))
+        if (self.retrain is not None and self._new_since_retrain >= self.retrain.min_new
+                and out["fallback_points"] >= self.retrain.min_fallback_fraction * n_points):
             t0 = time.perf_counter()
             self._retrain()
             out["retrain_time_s"] = time.perf_counter() - t0
@@ -490,12 +496,13 @@ class Coupler(FineSolver):
                   if not name.startswith(("energy.", "covariance."))]
         for p in frozen:
             p.requires_grad_(False)
-        self.model.train()
+        dtype = next(self.model.parameters()).dtype
+        self.model.float().train()
         try:
             train(self.model, data, tcfg, comm=self.comm, validation=empty, normalise=False,
                   progress=False)
         finally:
-            self.model.eval()
+            self.model.to(dtype).eval()
             for p in frozen:
                 p.requires_grad_(True)
         cal_parts = [p for p in (held, anchor_cal) if p is not None and len(p)]
