@@ -14,7 +14,8 @@ Run: ``mpiexec -n 4 python examples/fe2_composite.py --out out/fe2``. Output in 
 ``summary.json``, ``fields.npz`` (per point stress/uncertainty/source, per dof u),
 ``displacement.bp`` (VTX), ``micro_fields.xdmf`` (cell stress, uncertainty, source), PNGs
 (stress, uncertainty and fallback maps, load–displacement curve, fallback rate per step),
-``checkpoint/`` (restart with --restart) and ``replay/`` (every fine solve). The script ends by
+``checkpoint/`` (restart with --restart) and ``replay/`` (every fine solve; --replay-from starts a
+later run from it). The script ends by
 checking itself (every step converged, reaction force grows with the load, and, with --compare,
 the errors against a reference run).
 """
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-retrain", action="store_true", help="no online retraining")
     p.add_argument("--restart", action="store_true", help="resume from OUT/checkpoint")
     p.add_argument("--compare", help="summary.json/fields.npz folder of a reference run")
+    p.add_argument("--replay-from", action="append", default=[], metavar="DIR",
+                   help="replay/ folder of an earlier run: fine-tune on its fine solves first")
     p.add_argument("--out", default="out/fe2_composite")
     p.add_argument("--rve-mesh-size", type=float, default=None,
                    help="RVE element size (default: the one the model was trained with)")
@@ -137,6 +140,9 @@ def build(args: argparse.Namespace, comm: MPI.Comm):
     h = mesh_size(args.mesh_size)
     tol = 0.0 if args.reference else args.tol
     policy = Policy(tol=tol, confidence=args.confidence)
+    if args.replay_from and (args.no_retrain or policy.classic):
+        from neuroscale_couple.errors import InputError
+        raise InputError("--replay-from fine-tunes the operator: drop --no-retrain/--reference")
     if args.steps < 1:
         from neuroscale_couple.errors import InputError
         raise InputError(f"--steps {args.steps}: give at least one load step")
@@ -155,7 +161,9 @@ def build(args: argparse.Namespace, comm: MPI.Comm):
                   "size", 0.02)}}
     coupler = Coupler(model, lambda m: rve_from_config(family, m), family=family, policy=policy,
                       comm=comm, replay_dir=out / "replay",
-                      retrain=RetrainConfig(enabled=not args.no_retrain), model_path=model_path)
+                      retrain=RetrainConfig(enabled=not args.no_retrain,
+                                            replay_from=tuple(args.replay_from)),
+                      model_path=model_path)
 
     msh = plate_with_hole(comm, h)
     V = fem.functionspace(msh, ("Lagrange", 1, (2,)))
@@ -300,6 +308,9 @@ def main(argv: list[str] | None = None) -> dict:
             coupler.replay.discard_after(state["step"])
         coupler.version = state.get("version", coupler.version)
         comm.Barrier()
+    if not args.restart and coupler.warm_start():
+        LOG.info("operator fine-tuned on %s: model version %d", ", ".join(args.replay_from),
+                 coupler.version)
     LOG.info("macro: %d dofs, %d quadrature points (one RVE each), %d ranks; tol %s",
              problem.dofs, problem.n_points, comm.size, coupler.policy.tol)
 

@@ -97,6 +97,9 @@ class RetrainConfig:
     not pay for a retraining) and at least ``min_new`` fine solves arrived since the last one;
     it trains in float32 (the run evaluates in float64);
     ``calibration_fraction`` of the new samples are held out for recalibration.
+    ``replay_from``: replay directories of earlier runs whose fine solves join the training data
+    (and :meth:`Coupler.warm_start` fine-tunes on them for ``warm_start_epochs`` before the first
+    step).
     """
 
     enabled: bool = True
@@ -110,6 +113,8 @@ class RetrainConfig:
     anchor_calibration: str | Path | None = None
     anchor_micro: int = 32
     calibration_fraction: float = 0.25
+    replay_from: tuple[str | Path, ...] = ()
+    warm_start_epochs: int = 150
     weights: dict[str, float] = field(default_factory=lambda: {"stress": 1.0, "tangent": 0.2,
                                                                "nll": 0.05})
 
@@ -193,6 +198,13 @@ class Coupler(FineSolver):
         self.retrain = retrain if (retrain is not None and retrain.enabled and replay_dir
                                    and model is not None) else None
         self._anchor = self._anchor_paths(model_path) if self.retrain else None
+        for d in self.retrain.replay_from if self.retrain else ():
+            if not ReplayStore.segments(d):
+                raise InputError(f"replay directory {d} holds no segments (step*.rank*.h5) of "
+                                 "an earlier run")
+            if replay_dir is not None and Path(d).resolve() == Path(replay_dir).resolve():
+                raise InputError(f"replay_from {d} is this run's own replay directory: copy it "
+                                 "elsewhere first")
         data_cfg = (model.card.get("data_config") or {}) if model is not None else {}
         res = model.config.resolution if model is not None else 32
         self.image_resolution = int(data_cfg.get("image_resolution", res))
@@ -439,23 +451,40 @@ class Coupler(FineSolver):
 
     # ------------------------------------------------------------------ retraining
     def replay_data(self, up_to_step: int | None = None):
-        """All fine solves stored so far as :class:`~neuroscale_couple.training.TrainingData`,
-        in a rank-count independent order (step, evaluation, point id); None if there are none.
-        """
+        """The fine solves of earlier runs (``retrain.replay_from``) and of this run up to
+        ``up_to_step`` as :class:`~neuroscale_couple.training.TrainingData`, in a rank-count
+        independent order (run, step, evaluation, point id); None if there are none."""
         from neuroscale_couple.training import TrainingData
 
+        sources = [(i, p) for i, d in enumerate(self.retrain.replay_from)
+                   for p in ReplayStore.segments(d)]
+        if self.step >= 0 and self.replay_dir is not None:
+            run = len(self.retrain.replay_from)
+            sources += [(run, p) for p in ReplayStore.segments(self.replay_dir, up_to_step)]
         parts, keys = [], []
-        for path in ReplayStore.segments(self.replay_dir, up_to_step):
+        for run, path in sources:
             d = load_rve_dataset(path)
             parts.append(TrainingData.from_arrays(d, self.model.config.resolution,
                                                   torch.float64, str(path)))
-            keys.append(np.stack([d["samples/step"], d["samples/evaluation"],
-                                  d["samples/point_id"]], axis=1))
+            keys.append(np.stack([np.full(len(d["samples/step"]), run), d["samples/step"],
+                                  d["samples/evaluation"], d["samples/point_id"]], axis=1))
         if not parts:
             return None
         data = TrainingData.concat(parts)
         k = np.concatenate(keys)
         return data.subset(np.lexsort(k.T[::-1]))
+
+    def warm_start(self) -> bool:
+        """Fine-tune on the replay stores of earlier runs (``retrain.replay_from``) before the
+        first load step (collective); False if there is nothing to learn from."""
+        if self.retrain is None or not self.retrain.replay_from:
+            return False
+        step, self.step = self.step, -1  # only the earlier runs' data
+        try:
+            self._retrain(self.retrain.warm_start_epochs)
+        finally:
+            self.step = step
+        return True
 
     def _anchor_data(self, path: Path | None, seed: int):
         from neuroscale_couple.training import TrainingData
@@ -470,7 +499,7 @@ class Coupler(FineSolver):
             data = data.subset(np.flatnonzero(np.isin(data.micro_index.numpy(), keep)))
         return data
 
-    def _retrain(self) -> None:
+    def _retrain(self, epochs: int | None = None) -> None:
         """Fine-tune on replay + anchor data, recalibrate, bump the version (collective)."""
         from neuroscale_couple.evaluation import calibrate_model
         from neuroscale_couple.training import TrainConfig, TrainingData, train
@@ -478,6 +507,8 @@ class Coupler(FineSolver):
         cfg = self.retrain
         seed = 1000 + self.version
         online = self.replay_data(self.step)
+        if online is None:
+            return
         # hold out samples, not microstructures: the coupler predicts new loads of microstructures
         # it has seen, which is what the recalibration must measure
         order = np.random.default_rng(seed).permutation(len(online))
@@ -487,8 +518,8 @@ class Coupler(FineSolver):
         anchor_cal = self._anchor_data(self._anchor[1], seed)
         data = TrainingData.concat([p for p in (fit, anchor) if p is not None])
         empty = data.subset(np.zeros(0, dtype=np.int64))
-        tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                           lr_final=cfg.lr_final, val_fraction=0.0, patience=cfg.epochs,
+        tcfg = TrainConfig(epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                           lr_final=cfg.lr_final, val_fraction=0.0, patience=epochs or cfg.epochs,
                            seed=seed, weights=dict(cfg.weights))
         # only the coarse-graining heads learn: the latents of the run's microstructures stay
         # put (no re-encoding drift) and the encoder cannot forget the training range

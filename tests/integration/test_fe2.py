@@ -205,6 +205,21 @@ def test_online_retraining_lowers_fallback_beyond_training_range(tmp_path):
     assert last[False] >= 12
     assert last[True] <= 0.5 * last[False], last
 
+    # a later run starts from the frozen run's replay store
+    from neuroscale_couple.coupler import Coupler, Policy, RetrainConfig
+    from neuroscale_couple.operators.sano import SANO
+    from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
+
+    c = Coupler(SANO.from_checkpoint(MODEL), lambda m: rve_from_config(family, m), family=family,
+                policy=Policy(tol=0.05), comm=MPI.COMM_SELF, replay_dir=tmp_path / "later",
+                retrain=RetrainConfig(replay_from=(tmp_path / "rFalse",)), model_path=MODEL)
+    c.register(np.arange(n), structures)
+    assert c.warm_start() and c.version == 1
+    c.begin_step(0)
+    c.evaluate(F, np.arange(n))
+    assert c.end_step()["fallback_points"] <= 0.5 * last[False]
+    c.close()
+
 
 @pytest.mark.skip_in_parallel
 def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path):
