@@ -1,0 +1,150 @@
+"""Cauchy–Born fine solver: homogenized stress of a crystal cell deformed by the macro F̄.
+
+The reference cell (an ASE ``Atoms`` with its calculator: EMT by default, LAMMPS through
+``ase.calculators.lammpslib``, any other ASE calculator) is deformed affinely,
+
+    cell' = cell · F̄ᵀ      (ASE stores cell vectors as rows),
+
+the internal degrees of freedom are relaxed at fixed cell where the cell has a basis or defects,
+and the first Piola–Kirchhoff stress is P̄ = J σ F̄⁻ᵀ from the calculator's Cauchy stress σ.
+The tangent ∂P̄/∂F̄ is taken by central differences of the relaxed stress. Stresses are in GPa.
+
+2D (plane strain) batches (n, 2, 2) are embedded as F̄ = diag-block with F₃₃ = 1 and answered with
+the in-plane blocks of P̄ and of the tangent; 3D batches (n, 3, 3) get the full tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+from ase import Atoms, units
+from ase.optimize import LBFGS
+
+from neuroscale_couple.errors import InputError, SolveError
+from neuroscale_couple.fine import FineSolver, MicroResult
+
+log = logging.getLogger(__name__)
+
+
+def as_deformation_batch_3d(F: np.ndarray) -> tuple[np.ndarray, int]:
+    """(n, 3, 3) float64 gradients and the input dimension (2 or 3); checks det F > 0."""
+    arr = np.asarray(F, dtype=np.float64)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[1:] not in ((2, 2), (3, 3)):
+        raise InputError(f"F has shape {np.shape(F)}: give (n, 2, 2) plane-strain or (n, 3, 3) "
+                         "deformation gradients")
+    dim = arr.shape[1]
+    if dim == 2:
+        full = np.tile(np.eye(3), (len(arr), 1, 1))
+        full[:, :2, :2] = arr
+        arr = full
+    if not np.isfinite(arr).all():
+        raise InputError("F has non-finite entries")
+    det = np.linalg.det(arr)
+    if (det <= 0).any():
+        bad = int(np.argmax(det <= 0))
+        raise InputError(f"F[{bad}] has det F = {det[bad]:.3g}: a deformation gradient needs "
+                         "det F > 0")
+    return arr, dim
+
+
+class CauchyBorn(FineSolver):
+    """A crystal cell as a fine solver; see the module docstring.
+
+    Parameters
+    ----------
+    atoms : the reference (undeformed) cell, periodic in all directions, with a calculator.
+    relax : relax the atoms at fixed cell after each deformation (default: when the cell has
+        more than one atom, i.e. a basis or a defect can move non-affinely).
+    fmax : force tolerance of the relaxation, eV/Å.
+    fd_step : central-difference step in F̄ for the tangent.
+    max_steps : LBFGS step limit; beyond it the solve fails with :class:`SolveError`.
+    """
+
+    implemented_properties = ("stress", "tangent")
+
+    def __init__(self, atoms: Atoms, *, relax: bool | None = None, fmax: float = 1e-5,
+                 fd_step: float = 1e-5, max_steps: int = 500) -> None:
+        if atoms.calc is None:
+            raise InputError("atoms has no calculator: attach one (e.g. ase.calculators.emt.EMT())")
+        if not all(atoms.pbc):
+            raise InputError("the Cauchy–Born cell must be periodic in x, y and z (atoms.pbc)")
+        if fmax <= 0 or fd_step <= 0:
+            raise InputError(f"fmax={fmax}, fd_step={fd_step}: both must be > 0")
+        self.reference = atoms.copy()
+        self.atoms = atoms
+        self.relax = len(atoms) > 1 if relax is None else bool(relax)
+        self.fmax, self.fd_step, self.max_steps = fmax, fd_step, max_steps
+        self.states: dict[Hashable, np.ndarray] = {}  # relaxed scaled positions per point id
+
+    @property
+    def natoms(self) -> int:
+        return len(self.reference)
+
+    def solve(self, F: np.ndarray, *, point_ids: Sequence[Hashable] | None = None,
+              tangent: bool = True, fields_resolution: int | None = None) -> MicroResult:
+        """P̄ (GPa) and ∂P̄/∂F̄ (GPa) for each F̄; see :class:`~neuroscale_couple.fine.FineSolver`."""
+        if fields_resolution:
+            raise InputError("the Cauchy–Born solver has no micro fields on a grid")
+        Fb, dim = as_deformation_batch_3d(F)
+        n = len(Fb)
+        if point_ids is not None and len(point_ids) != n:
+            raise InputError(f"point_ids has {len(point_ids)} entries for {n} gradients F")
+        stress = np.empty((n, dim, dim))
+        tang = np.empty((n, dim, dim, dim, dim)) if tangent else None
+        info = {"relax_steps": np.zeros(n, dtype=int), "time_s": np.zeros(n)}
+        for i, Fi in enumerate(Fb):
+            t0 = time.perf_counter()
+            key = None if point_ids is None else point_ids[i]
+            P, steps, scaled = self._first_piola(Fi, self.states.get(key))
+            stress[i] = P[:dim, :dim]
+            if tangent:
+                tang[i] = self._tangent(Fi, scaled, dim)
+            if key is not None:
+                self.states[key] = scaled
+            info["relax_steps"][i] = steps
+            info["time_s"][i] = time.perf_counter() - t0
+        return MicroResult(stress, tang, None, info)
+
+    def cauchy(self, F: np.ndarray) -> np.ndarray:
+        """Cauchy stress σ (3, 3), GPa, of the relaxed cell at one F̄ (2×2 or 3×3)."""
+        Fb, _ = as_deformation_batch_3d(F)
+        P, _, _ = self._first_piola(Fb[0], None)
+        return P @ Fb[0].T / np.linalg.det(Fb[0])
+
+    # ------------------------------------------------------------------ internals
+    def _first_piola(self, F: np.ndarray, start: np.ndarray | None
+                     ) -> tuple[np.ndarray, int, np.ndarray]:
+        """(P̄ (3, 3) GPa, relaxation steps, relaxed scaled positions) at F̄."""
+        atoms = self.atoms
+        atoms.set_cell(self.reference.cell.array @ F.T, scale_atoms=False)
+        atoms.set_scaled_positions(self.reference.get_scaled_positions()
+                                   if start is None else start)
+        steps = 0
+        if self.relax:
+            opt = LBFGS(atoms, logfile=None)
+            converged = opt.run(fmax=self.fmax, steps=self.max_steps)
+            steps = opt.get_number_of_steps()
+            if not converged:
+                raise SolveError(f"relaxation at F={F.tolist()} did not reach fmax={self.fmax} "
+                                 f"eV/Å in {self.max_steps} steps: raise max_steps or fmax")
+        sigma = atoms.get_stress(voigt=False) / units.GPa
+        J = np.linalg.det(F)
+        return J * sigma @ np.linalg.inv(F).T, steps, atoms.get_scaled_positions()
+
+    def _tangent(self, F: np.ndarray, scaled: np.ndarray, dim: int) -> np.ndarray:
+        """Central differences of the relaxed P̄ in the in-plane (2D) or all (3D) components."""
+        h = self.fd_step
+        A = np.empty((dim, dim, dim, dim))
+        for k in range(dim):
+            for m in range(dim):
+                dF = np.zeros((3, 3))
+                dF[k, m] = h
+                Pp = self._first_piola(F + dF, scaled)[0]
+                Pm = self._first_piola(F - dF, scaled)[0]
+                A[:, :, k, m] = ((Pp - Pm) / (2 * h))[:dim, :dim]
+        return A

@@ -1,0 +1,116 @@
+"""Cauchy–Born fine solver with ASE's EMT: elasticity of fcc Cu checked against ASE itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import units
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from scipy.optimize import minimize_scalar
+
+from neuroscale_couple.errors import InputError
+from neuroscale_couple.solvers.cauchy_born import CauchyBorn
+
+pytestmark = [pytest.mark.ase, pytest.mark.skip_in_parallel]
+
+
+@pytest.fixture(scope="module")
+def a0() -> float:
+    """EMT equilibrium lattice constant of fcc Cu (minimum of the energy per atom)."""
+    def energy(a: float) -> float:
+        atoms = bulk("Cu", "fcc", a=a, cubic=True)
+        atoms.calc = EMT()
+        return atoms.get_potential_energy()
+
+    return float(minimize_scalar(energy, bracket=(3.5, 3.6, 3.7), tol=1e-10).x)
+
+
+def copper(a0: float, repeat: int = 1) -> CauchyBorn:
+    atoms = bulk("Cu", "fcc", a=a0, cubic=True).repeat(repeat)
+    atoms.calc = EMT()
+    return CauchyBorn(atoms, relax=False)
+
+
+def ase_cubic_constants(a0: float, h: float = 1e-5) -> tuple[float, float, float]:
+    """C11, C12, C44 (GPa) by central differences of ASE's get_stress under small strains."""
+    def stress(eps: np.ndarray) -> np.ndarray:
+        atoms = bulk("Cu", "fcc", a=a0, cubic=True)
+        atoms.calc = EMT()
+        atoms.set_cell(atoms.cell.array @ (np.eye(3) + eps).T, scale_atoms=True)
+        return atoms.get_stress(voigt=False) / units.GPa
+
+    e_xx = np.zeros((3, 3))
+    e_xx[0, 0] = h
+    e_xy = np.zeros((3, 3))
+    e_xy[0, 1] = e_xy[1, 0] = h
+    d_xx = (stress(e_xx) - stress(-e_xx)) / (2 * h)
+    d_xy = (stress(e_xy) - stress(-e_xy)) / (2 * h)
+    return d_xx[0, 0], d_xx[1, 1], d_xy[0, 1] / 2
+
+
+def test_stress_free_at_equilibrium_lattice_constant(a0):
+    P = copper(a0).solve(np.eye(3), tangent=False).stress[0]
+    assert np.abs(P).max() < 1e-5
+    # and clearly not stress-free 1 % off it
+    P = copper(1.01 * a0).solve(np.eye(3), tangent=False).stress[0]
+    assert P[0, 0] > 1.0
+
+
+def test_elastic_constants_match_ase_finite_differences(a0):
+    A = copper(a0).solve(np.eye(3)).tangent[0]
+    C11, C12, C44 = ase_cubic_constants(a0)
+    assert 100 < C11 < 250 and C12 < C11 and C44 > 0
+    np.testing.assert_allclose([A[0, 0, 0, 0], A[0, 0, 1, 1], A[0, 1, 0, 1]], [C11, C12, C44],
+                               rtol=1e-4)
+    # cubic symmetry and major symmetry of the tangent at the stress-free state
+    np.testing.assert_allclose(A[1, 1, 1, 1], A[2, 2, 2, 2], rtol=1e-6)
+    np.testing.assert_allclose(A.reshape(9, 9), A.reshape(9, 9).T, atol=1e-3)
+
+
+def test_objectivity_and_plane_strain_embedding(a0):
+    cb = copper(a0)
+    F = np.array([[1.03, 0.02, 0.0], [-0.01, 0.98, 0.01], [0.0, 0.015, 1.01]])
+    t = 0.7
+    Q = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+    P, PQ = cb.solve(np.stack([F, Q @ F]), tangent=False).stress
+    np.testing.assert_allclose(PQ, Q @ P, atol=1e-8 * np.abs(P).max())
+    # 2D: F33 = 1 embedding; the in-plane blocks of the 3D answer
+    F2 = np.array([[1.02, 0.01], [0.0, 0.99]])
+    F3 = np.eye(3)
+    F3[:2, :2] = F2
+    r2, r3 = cb.solve(F2), cb.solve(F3)
+    np.testing.assert_allclose(r2.stress[0], r3.stress[0][:2, :2], rtol=1e-12)
+    np.testing.assert_allclose(r2.tangent[0], r3.tangent[0][:2, :2, :2, :2], rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_relaxed_vacancy_cell_is_softer_than_unrelaxed(a0):
+    """W_relaxed(F) = min over internal positions ≤ W_affine(F), equal (with equal gradient) at
+    F = I when the affine map starts from the relaxed cell: the relaxed tangent is softer."""
+    atoms = bulk("Cu", "fcc", a=a0, cubic=True).repeat(2)
+    del atoms[0]
+    atoms.calc = EMT()
+    relaxed = CauchyBorn(atoms, relax=True, fd_step=1e-4)
+    relaxed.solve(np.eye(2), point_ids=["I"], tangent=False)
+    start = atoms.copy()
+    start.set_scaled_positions(relaxed.states["I"])
+    start.calc = EMT()
+    affine = CauchyBorn(start, relax=False, fd_step=1e-4)
+    A_r = relaxed.solve(np.eye(2)).tangent[0].reshape(4, 4)
+    A_u = affine.solve(np.eye(2)).tangent[0].reshape(4, 4)
+    diff = 0.5 * (A_u - A_r + (A_u - A_r).T)
+    assert np.linalg.eigvalsh(diff).min() > -1e-3 * np.abs(A_u).max()
+    assert A_r[0, 0] < A_u[0, 0] - 0.5 and A_r[1, 1] < A_u[1, 1] - 0.5
+
+
+def test_bad_input():
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    with pytest.raises(InputError, match="calculator"):
+        CauchyBorn(atoms)
+    atoms.calc = EMT()
+    cb = CauchyBorn(atoms)
+    with pytest.raises(InputError, match="det F"):
+        cb.solve(-np.eye(3))
+    with pytest.raises(InputError, match="shape"):
+        cb.solve(np.eye(4))
