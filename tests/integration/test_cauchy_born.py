@@ -114,3 +114,39 @@ def test_bad_input():
         cb.solve(-np.eye(3))
     with pytest.raises(InputError, match="shape"):
         cb.solve(np.eye(4))
+
+
+def test_config_finds_equilibrium_and_removes_vacancies(a0):
+    from neuroscale_couple.solvers.cauchy_born import cauchy_born_from_config
+
+    cb, a = cauchy_born_from_config({"element": "Cu", "lattice": "fcc"})
+    assert a == pytest.approx(a0, rel=1e-6)
+    assert np.abs(cb.solve(np.eye(3), tangent=False).stress).max() < 1e-4
+    cb, _ = cauchy_born_from_config({"element": "Cu", "supercell": [2, 2, 2], "vacancies": 2,
+                                     "a0": a0})
+    assert cb.natoms == 30 and cb.relax
+
+
+def test_cli_json_and_bad_config(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from neuroscale_couple.cli import main
+
+    cfg = {"element": "Cu", "lattice": "fcc", "F": [[1.01, 0, 0], [0, 1, 0], [0, 0, 1]]}
+    path = tmp_path / "cb.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["cauchy-born", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"stress", "tangent", "cauchy", "natoms", "time_s"}
+    P, sigma = np.array(out["stress"]), np.array(out["cauchy"])
+    F = np.array(cfg["F"])
+    np.testing.assert_allclose(sigma, P @ F.T / np.linalg.det(F), rtol=1e-12)
+    assert P[0, 0] > 1.0 and np.array(out["tangent"]).shape == (3, 3, 3, 3)
+    for bad, message in (({"element": "Xx"}, "element"), ({"lattice": "bcx"}, "lattice"),
+                         ({"temperature": 300}, "temperature"), ({"supercell": [0, 1, 1]},
+                                                                  "supercell")):
+        path.write_text(yaml.safe_dump({**cfg, **bad}))
+        assert main(["cauchy-born", str(path)]) == 2
+        assert message in capsys.readouterr().err
