@@ -9,6 +9,13 @@ the internal degrees of freedom are relaxed at fixed cell where the cell has a b
 and the first Piola–Kirchhoff stress is P̄ = J σ F̄⁻ᵀ from the calculator's Cauchy stress σ.
 The tangent ∂P̄/∂F̄ is taken by central differences of the relaxed stress. Stresses are in GPa.
 
+At a finite temperature the stress is the time average of the virial (kinetic part included)
+over a Langevin NVT run at fixed F̄, with its statistical error from the integrated
+autocorrelation time (:func:`statistical_error`) in ``info['stress_stderr']``; that noise is real
+and is what the operator's aleatoric head must learn. The tangent is then the static (0 K,
+relaxed) one at the same F̄: a consistent tangent of a noisy average does not exist, and the
+static one keeps the macro Newton convergent.
+
 2D (plane strain) batches (n, 2, 2) are embedded as F̄ = diag-block with F₃₃ = 1 and answered with
 the in-plane blocks of P̄ and of the tangent; 3D batches (n, 3, 3) get the full tensors.
 """
@@ -21,12 +28,41 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 from ase import Atoms, units
+from ase.constraints import FixCom
 from ase.optimize import LBFGS
 
 from neuroscale_couple.errors import InputError, SolveError
 from neuroscale_couple.fine import FineSolver, MicroResult
 
 log = logging.getLogger(__name__)
+
+
+def statistical_error(x: np.ndarray, c: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+    """Standard error of the mean of correlated time series and their integrated
+    autocorrelation times (in samples), by Sokal's automatic windowing.
+
+    Parameters
+    ----------
+    x : (N, ...) samples along axis 0.
+    c : window factor: the sum over the autocorrelation stops at the first M ≥ c·τ(M).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    flat = x.reshape(n, -1)
+    dev = flat - flat.mean(axis=0)
+    var = (dev**2).mean(axis=0)
+    f = np.fft.rfft(dev, n=2 * n, axis=0)
+    acov = np.fft.irfft(f * np.conj(f), axis=0)[:n] / n
+    tau = np.full(flat.shape[1], 0.5)
+    for j in range(flat.shape[1]):
+        if var[j] <= 0:
+            continue
+        rho = acov[:, j] / acov[0, j]
+        cum = 0.5 + np.cumsum(rho[1:])
+        window = np.flatnonzero(np.arange(1, n) >= c * cum)
+        tau[j] = max(0.5, cum[window[0]] if len(window) else cum[-1])
+    err = np.sqrt(var * 2 * tau / n)
+    return err.reshape(x.shape[1:]), tau.reshape(x.shape[1:])
 
 
 def as_deformation_batch_3d(F: np.ndarray) -> tuple[np.ndarray, int]:
@@ -63,12 +99,19 @@ class CauchyBorn(FineSolver):
     fmax : force tolerance of the relaxation, eV/Å.
     fd_step : central-difference step in F̄ for the tangent.
     max_steps : LBFGS step limit; beyond it the solve fails with :class:`SolveError`.
+    temperature : K; 0 for static solves, > 0 for Langevin NVT averages.
+    md_steps, equilibration_steps : production and discarded MD steps per solve.
+    timestep : MD time step, fs.
+    friction : Langevin friction, 1/fs.
+    seed : seed of the thermostat noise (each solve of a point draws a new stream).
     """
 
     implemented_properties = ("stress", "tangent")
 
     def __init__(self, atoms: Atoms, *, relax: bool | None = None, fmax: float = 1e-5,
-                 fd_step: float = 1e-5, max_steps: int = 500) -> None:
+                 fd_step: float = 1e-5, max_steps: int = 500, temperature: float = 0.0,
+                 md_steps: int = 1000, equilibration_steps: int = 200, timestep: float = 5.0,
+                 friction: float = 0.01, seed: int = 0) -> None:
         if atoms.calc is None:
             raise InputError("atoms has no calculator: attach one (e.g. ase.calculators.emt.EMT())")
         if not all(atoms.pbc):
@@ -79,6 +122,14 @@ class CauchyBorn(FineSolver):
         self.atoms = atoms
         self.relax = len(atoms) > 1 if relax is None else bool(relax)
         self.fmax, self.fd_step, self.max_steps = fmax, fd_step, max_steps
+        if temperature < 0 or md_steps < 10 or equilibration_steps < 0 or timestep <= 0:
+            raise InputError(f"temperature={temperature} K, md_steps={md_steps}, "
+                             f"equilibration_steps={equilibration_steps}, timestep={timestep} fs:"
+                             " need T ≥ 0, ≥ 10 production steps, a positive time step")
+        self.temperature, self.md_steps = float(temperature), int(md_steps)
+        self.equilibration_steps, self.timestep, self.friction = (int(equilibration_steps),
+                                                                  float(timestep), float(friction))
+        self._rng = np.random.default_rng(seed)
         self.states: dict[Hashable, np.ndarray] = {}  # relaxed scaled positions per point id
 
     @property
@@ -97,10 +148,15 @@ class CauchyBorn(FineSolver):
         stress = np.empty((n, dim, dim))
         tang = np.empty((n, dim, dim, dim, dim)) if tangent else None
         info = {"relax_steps": np.zeros(n, dtype=int), "time_s": np.zeros(n)}
+        if self.temperature > 0:
+            info["stress_stderr"] = np.zeros((n, dim, dim))
         for i, Fi in enumerate(Fb):
             t0 = time.perf_counter()
             key = None if point_ids is None else point_ids[i]
             P, steps, scaled = self._first_piola(Fi, self.states.get(key))
+            if self.temperature > 0:
+                P, err = self._thermal_first_piola(Fi, scaled)
+                info["stress_stderr"][i] = err[:dim, :dim]
             stress[i] = P[:dim, :dim]
             if tangent:
                 tang[i] = self._tangent(Fi, scaled, dim)
@@ -135,6 +191,35 @@ class CauchyBorn(FineSolver):
         sigma = atoms.get_stress(voigt=False) / units.GPa
         J = np.linalg.det(F)
         return J * sigma @ np.linalg.inv(F).T, steps, atoms.get_scaled_positions()
+
+    def _thermal_first_piola(self, F: np.ndarray, scaled: np.ndarray
+                             ) -> tuple[np.ndarray, np.ndarray]:
+        """Time-averaged P̄ (3, 3) and its standard error, GPa, of a Langevin NVT run at F̄
+        started from the relaxed positions ``scaled``."""
+        from ase.md.langevin import Langevin
+        from ase.md.velocitydistribution import thermalize_momenta
+
+        atoms = self.atoms
+        atoms.set_cell(self.reference.cell.array @ F.T, scale_atoms=False)
+        atoms.set_scaled_positions(scaled)
+        rng = np.random.default_rng(self._rng.integers(2**63))
+        thermalize_momenta(atoms, self.temperature, rng=rng)
+        atoms.set_constraint(FixCom())  # no drift of the centre of mass
+        dyn = Langevin(atoms, self.timestep * units.fs, temperature_K=self.temperature,
+                       friction=self.friction / units.fs, fixcm=False, rng=rng)
+        try:
+            dyn.run(self.equilibration_steps)
+            Finv_T = np.linalg.inv(F).T * np.linalg.det(F)
+            samples = np.empty((self.md_steps, 3, 3))
+            for k in range(self.md_steps):
+                dyn.run(1)
+                sigma = atoms.get_stress(voigt=False, include_ideal_gas=True) / units.GPa
+                samples[k] = sigma @ Finv_T
+        finally:
+            atoms.set_constraint()
+            atoms.set_velocities(np.zeros((len(atoms), 3)))
+        err, _ = statistical_error(samples)
+        return samples.mean(axis=0), err
 
     def _tangent(self, F: np.ndarray, scaled: np.ndarray, dim: int) -> np.ndarray:
         """Central differences of the relaxed P̄ in the in-plane (2D) or all (3D) components."""
@@ -211,7 +296,8 @@ def cauchy_born_from_config(cfg: dict) -> tuple[CauchyBorn, float]:
     Keys: ``element``; ``lattice`` (fcc|bcc|hcp|diamond); ``a0`` (Å; omit for the relaxed
     equilibrium value); ``supercell`` ([n, n, n], default [1, 1, 1]); ``vacancies`` (count,
     removed evenly through the cell); ``calculator`` (see :func:`make_calculator`); ``relax``
-    (default: when the cell has a basis or vacancies).
+    (default: when the cell has a basis or vacancies); ``temperature`` (K, default 0) with
+    ``md_steps``, ``equilibration_steps``, ``timestep`` (fs), ``friction`` (1/fs), ``seed``.
     """
     from ase.data import atomic_numbers
 
@@ -236,4 +322,7 @@ def cauchy_born_from_config(cfg: dict) -> tuple[CauchyBorn, float]:
     if n_vac:
         del atoms[list(np.linspace(0, len(atoms), n_vac, endpoint=False).astype(int))]
     atoms.calc = make_calculator(cfg)
-    return CauchyBorn(atoms, relax=cfg.get("relax")), a0
+    md = {k: cfg[k] for k in ("md_steps", "equilibration_steps", "timestep", "friction", "seed")
+          if k in cfg}
+    return CauchyBorn(atoms, relax=cfg.get("relax"),
+                      temperature=float(cfg.get("temperature", 0.0)), **md), a0

@@ -145,8 +145,39 @@ def test_cli_json_and_bad_config(tmp_path, capsys):
     np.testing.assert_allclose(sigma, P @ F.T / np.linalg.det(F), rtol=1e-12)
     assert P[0, 0] > 1.0 and np.array(out["tangent"]).shape == (3, 3, 3, 3)
     for bad, message in (({"element": "Xx"}, "element"), ({"lattice": "bcx"}, "lattice"),
-                         ({"temperature": 300}, "temperature"), ({"supercell": [0, 1, 1]},
+                         ({"temperature": -1}, "temperature"), ({"supercell": [0, 1, 1]},
                                                                   "supercell")):
         path.write_text(yaml.safe_dump({**cfg, **bad}))
         assert main(["cauchy-born", str(path)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_statistical_error_of_an_ar1_process():
+    """AR(1) x_t = φ x_(t−1) + ε: τ_int = (1 + φ) / (2 (1 − φ)) samples."""
+    from neuroscale_couple.solvers.cauchy_born import statistical_error
+
+    phi, n = 0.8, 200_000
+    rng = np.random.default_rng(0)
+    eps = rng.normal(size=n)
+    x = np.empty(n)
+    x[0] = eps[0]
+    for t in range(1, n):
+        x[t] = phi * x[t - 1] + eps[t]
+    err, tau = statistical_error(x[:, None])
+    assert tau[0] == pytest.approx((1 + phi) / (2 * (1 - phi)), rel=0.1)
+    var = 1 / (1 - phi**2)
+    assert err[0] == pytest.approx(np.sqrt(var * 2 * 4.5 / n), rel=0.1)
+
+
+def test_finite_temperature_noise_estimate_matches_repeated_runs(a0):
+    """Langevin NVT at 300 K in the 0 K cell: blocked thermal expansion gives a compressive
+    stress, and the reported standard error matches the spread of independent runs."""
+    atoms = bulk("Cu", "fcc", a=a0, cubic=True).repeat(2)
+    atoms.calc = EMT()
+    cb = CauchyBorn(atoms, temperature=300, md_steps=400, equilibration_steps=100, seed=1)
+    runs = [cb.solve(np.eye(3), tangent=False) for _ in range(8)]
+    means = np.array([r.stress[0].diagonal() for r in runs])
+    reported = np.array([r.info["stress_stderr"][0].diagonal() for r in runs]).mean(axis=0)
+    spread = means.std(axis=0, ddof=1)
+    assert (means.mean(axis=0) < -1.0).all()  # GPa, thermal pressure
+    assert ((reported / spread > 0.5) & (reported / spread < 2.0)).all(), (reported, spread)
