@@ -21,6 +21,7 @@ At every call (one per macro residual evaluation, collective over the communicat
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -472,7 +473,15 @@ class Coupler(FineSolver):
             return None
         data = TrainingData.concat(parts)
         k = np.concatenate(keys)
-        return data.subset(np.lexsort(k.T[::-1]))
+        data = data.subset(np.lexsort(k.T[::-1]))
+        # one image per microstructure, numbered by first appearance: the grouping into training
+        # batches must not depend on which rank happened to solve a point
+        digests = [hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in data.images]
+        first: dict[str, tuple[int, int]] = {}
+        index = [first.setdefault(digests[m], (len(first), m))[0]
+                 for m in data.micro_index.tolist()]
+        return dataclasses.replace(data, images=data.images[[m for _, m in first.values()]],
+                                   micro_index=torch.as_tensor(index, dtype=torch.long))
 
     def warm_start(self) -> bool:
         """Fine-tune on the replay stores of earlier runs (``retrain.replay_from``) before the

@@ -155,24 +155,29 @@ def test_homogeneous_microstructure_gives_single_scale_hyperelastic_solution():
 
 
 @pytest.mark.mpi
-def test_one_and_two_ranks_agree(mpi_tmp_path):
-    """The same FE² run (operator + fallback) on COMM_WORLD and serially on rank 0."""
+@pytest.mark.parametrize("retrain", [False, True])
+def test_one_and_two_ranks_agree(mpi_tmp_path, retrain):
+    """The same FE² run (operator + fallback, with and without online retraining) on COMM_WORLD
+    and serially on rank 0."""
     world = MPI.COMM_WORLD
-    c = coupler(world, 0.03)
+    c = coupler(world, 0.03, replay=mpi_tmp_path / "world", retrain=retrain)
     problem, set_load = macro_problem(world, c, n=3, stretch=0.12)
     history = problem.run([0.5, 1.0], set_load)
     c.close()
     x, u = displacement_by_coordinates(problem)
     if world.rank == 0:
-        c1 = coupler(MPI.COMM_SELF, 0.03)
+        c1 = coupler(MPI.COMM_SELF, 0.03, replay=mpi_tmp_path / "self", retrain=retrain)
         p1, s1 = macro_problem(MPI.COMM_SELF, c1, n=3, stretch=0.12)
         h1 = p1.run([0.5, 1.0], s1)
         c1.close()
         x1, u1 = displacement_by_coordinates(p1)
         np.testing.assert_allclose(x1, x)
-        np.testing.assert_allclose(u, u1, rtol=0, atol=1e-9 * np.abs(u1).max())
+        # retraining amplifies the RVE solver tolerance (warm starts differ by rank) a little
+        np.testing.assert_allclose(u, u1, rtol=0, atol=(1e-6 if retrain else 1e-9)
+                                   * np.abs(u1).max())
         assert [h["fallback_points"] for h in history] == [h["fallback_points"] for h in h1]
         assert history[-1]["fallback_points"] > 0
+        assert (history[-1]["model_version"] > 0) == retrain
     world.barrier()
 
 
