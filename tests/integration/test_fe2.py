@@ -236,8 +236,8 @@ def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen([*args, "--out", str(killed)])
     state = killed / "checkpoint" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
         if state.exists() and json.loads(state.read_text())["step"] >= 1:
             proc.send_signal(signal.SIGKILL)
             break
