@@ -129,7 +129,8 @@ def microstructures_at(x: np.ndarray, ids: np.ndarray) -> list:
 
 
 def build(args: argparse.Namespace, comm: MPI.Comm):
-    """Macro problem, Coupler and load function (all input checked before collective work)."""
+    """Macro problem, Coupler, load function, loaded edge dofs and the checkpoint state to
+    restart from (None for a fresh run); all input is checked before collective work."""
     from dolfinx import fem, mesh
 
     from neuroscale_couple.adapters.fenicsx import FE2Problem
@@ -148,9 +149,8 @@ def build(args: argparse.Namespace, comm: MPI.Comm):
         raise InputError(f"--steps {args.steps}: give at least one load step")
     out = Path(args.out)
     model_path = args.model
-    if args.restart:
-        from neuroscale_couple.adapters.fenicsx import FE2Problem as _P
-        state = _P.read_checkpoint(out / "checkpoint")
+    state = FE2Problem.read_checkpoint(out / "checkpoint") if args.restart else None
+    if state is not None:
         model_path = state.get("model_file") or model_path
     model = None if policy.classic else SANO.from_checkpoint(model_path)
     data_cfg = (model.card.get("data_config") if model is not None else None) or {}
@@ -185,7 +185,7 @@ def build(args: argparse.Namespace, comm: MPI.Comm):
     def set_load(t: float) -> None:
         delta.value = args.stretch * t
 
-    return problem, coupler, set_load, dofs["right"]
+    return problem, coupler, set_load, dofs["right"], state
 
 
 def gather_fields(problem) -> dict | None:
@@ -295,15 +295,14 @@ def main(argv: list[str] | None = None) -> dict:
                         format="%(message)s")
     out = Path(args.out)
     t_start = time.perf_counter()
-    problem, coupler, set_load, right_dofs = build(args, comm)
+    problem, coupler, set_load, right_dofs, state = build(args, comm)
     if comm.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if not args.restart:
             for old in (out / "replay").glob("*.h5"):
                 old.unlink()
     comm.Barrier()
-    if args.restart:
-        state = problem.read_checkpoint(out / "checkpoint")
+    if state is not None:
         if comm.rank == 0:
             coupler.replay.discard_after(state["step"])
         coupler.version = state.get("version", coupler.version)

@@ -223,6 +223,8 @@ class Coupler(FineSolver):
         self._fell_back: set[int] = set()
         self.step, self.evaluations = 0, 0
         self._new_since_retrain = 0
+        self._cal: Calibration | None = None
+        self._cal_version = -1
         self.stats = self._empty_stats()
 
     # ------------------------------------------------------------------ set-up
@@ -301,7 +303,7 @@ class Coupler(FineSolver):
 
     def evaluate(self, F: np.ndarray, point_ids: Sequence[int]) -> CouplerResult:
         """Stress, tangent, uncertainty and source of this rank's points (collective)."""
-        Fb = np.zeros((0, 2, 2)) if len(F) == 0 else as_deformation_batch(F)
+        Fb = as_deformation_batch(F)
         ids = np.asarray(point_ids, dtype=np.int64)
         if len(ids) != len(Fb):
             raise InputError(f"{len(ids)} point ids for {len(Fb)} deformation gradients")
@@ -341,11 +343,17 @@ class Coupler(FineSolver):
                 for k, v in self.model.predict(self._z[torch.as_tensor(rows)], Ft).items()}
         unc = np.zeros(len(F))
         if not math.isinf(self.policy.tol):
-            cal = Calibration.from_dict(self.model.calibration)
-            bound = cal.error_bound(pred["cov"], self.policy.confidence)
+            bound = self._calibration().error_bound(pred["cov"], self.policy.confidence)
             floor = self.policy.stress_floor or float(self.model.sigma_ref)
             unc = bound / np.maximum(np.linalg.norm(pred["mean"], axis=(1, 2)), floor)
         return pred["mean"], pred["tangent"], unc
+
+    def _calibration(self) -> Calibration:
+        """The model's calibration, parsed once per model version."""
+        if self._cal is None or self._cal_version != self.version:
+            self._cal, self._cal_version = (Calibration.from_dict(self.model.calibration),
+                                            self.version)
+        return self._cal
 
     def _solve_fallback(self, F: np.ndarray, ids: np.ndarray,
                         rows: np.ndarray) -> list[tuple[np.ndarray | None, np.ndarray | None]]:

@@ -13,19 +13,22 @@ import numpy as np
 from neuroscale_couple.errors import InputError
 
 
-def as_deformation_batch(F: np.ndarray | list, name: str = "F") -> np.ndarray:
-    """Validate deformation gradients and return them as a float64 batch of shape (n, 2, 2).
+def as_deformation_batch(F: np.ndarray | list, name: str = "F", dims: tuple[int, ...] = (2,)
+                         ) -> np.ndarray:
+    """Validate deformation gradients and return them as a float64 batch of shape (n, d, d).
 
-    Accepts one 2×2 gradient or a batch (n, 2, 2). Raises :class:`InputError` for a wrong shape,
-    non-finite entries or det F ≤ 0 (singular or inverted), naming the first bad index.
+    Accepts one d×d gradient or a batch (n, d, d) with d in ``dims`` (plane strain: 2; the
+    atomistic solvers also take 3). Raises :class:`InputError` for a wrong shape, non-finite
+    entries or det F ≤ 0 (singular or inverted), naming the first bad index.
     """
     arr = np.asarray(F, dtype=np.float64)
-    if arr.shape == (2, 2):
+    if arr.ndim == 2 and arr.shape[0] == arr.shape[1]:
         arr = arr[None]
-    if arr.ndim != 3 or arr.shape[1:] != (2, 2):
+    if arr.ndim != 3 or arr.shape[1] != arr.shape[2] or arr.shape[1] not in dims:
+        shapes = " or ".join(f"{d}×{d}" for d in dims)
         raise InputError(
-            f"{name} has shape {np.shape(F)}: give one 2×2 deformation gradient or a batch "
-            "(n, 2, 2)"
+            f"{name} has shape {np.shape(F)}: give one {shapes} deformation gradient or a batch "
+            f"(n, {dims[0]}, {dims[0]})"
         )
     if not np.all(np.isfinite(arr)):
         bad = int(np.argwhere(~np.isfinite(arr).all(axis=(1, 2)))[0, 0])

@@ -33,6 +33,7 @@ from ase.optimize import LBFGS
 
 from neuroscale_couple.errors import InputError, SolveError
 from neuroscale_couple.fine import FineSolver, MicroResult
+from neuroscale_couple.tensors import as_deformation_batch
 
 log = logging.getLogger(__name__)
 
@@ -65,27 +66,16 @@ def statistical_error(x: np.ndarray, c: float = 5.0) -> tuple[np.ndarray, np.nda
     return err.reshape(x.shape[1:]), tau.reshape(x.shape[1:])
 
 
-def as_deformation_batch_3d(F: np.ndarray) -> tuple[np.ndarray, int]:
-    """(n, 3, 3) float64 gradients and the input dimension (2 or 3); checks det F > 0."""
-    arr = np.asarray(F, dtype=np.float64)
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3 or arr.shape[1:] not in ((2, 2), (3, 3)):
-        raise InputError(f"F has shape {np.shape(F)}: give (n, 2, 2) plane-strain or (n, 3, 3) "
-                         "deformation gradients")
-    dim = arr.shape[1]
-    if dim == 2:
-        full = np.tile(np.eye(3), (len(arr), 1, 1))
-        full[:, :2, :2] = arr
-        arr = full
-    if not np.isfinite(arr).all():
-        raise InputError("F has non-finite entries")
-    det = np.linalg.det(arr)
-    if (det <= 0).any():
-        bad = int(np.argmax(det <= 0))
-        raise InputError(f"F[{bad}] has det F = {det[bad]:.3g}: a deformation gradient needs "
-                         "det F > 0")
-    return arr, dim
+def embed_plane_strain(F: np.ndarray) -> tuple[np.ndarray, int]:
+    """(n, 3, 3) gradients from validated (n, 2, 2) or (n, 3, 3) ones (F₃₃ = 1 for 2D), and the
+    input dimension."""
+    Fb = as_deformation_batch(F, dims=(2, 3))
+    dim = Fb.shape[1]
+    if dim == 3:
+        return Fb, 3
+    full = np.tile(np.eye(3), (len(Fb), 1, 1))
+    full[:, :2, :2] = Fb
+    return full, 2
 
 
 class CauchyBorn(FineSolver):
@@ -141,7 +131,7 @@ class CauchyBorn(FineSolver):
         """P̄ (GPa) and ∂P̄/∂F̄ (GPa) for each F̄; see :class:`~neuroscale_couple.fine.FineSolver`."""
         if fields_resolution:
             raise InputError("the Cauchy–Born solver has no micro fields on a grid")
-        Fb, dim = as_deformation_batch_3d(F)
+        Fb, dim = embed_plane_strain(F)
         n = len(Fb)
         if point_ids is not None and len(point_ids) != n:
             raise InputError(f"point_ids has {len(point_ids)} entries for {n} gradients F")
@@ -168,7 +158,7 @@ class CauchyBorn(FineSolver):
 
     def cauchy(self, F: np.ndarray) -> np.ndarray:
         """Cauchy stress σ (3, 3), GPa, of the relaxed cell at one F̄ (2×2 or 3×3)."""
-        Fb, _ = as_deformation_batch_3d(F)
+        Fb, _ = embed_plane_strain(F)
         P, _, _ = self._first_piola(Fb[0], None)
         return P @ Fb[0].T / np.linalg.det(Fb[0])
 
