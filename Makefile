@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut 
 NP     ?= 2
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: venv demo test test-serial test-mpi lint bench model clean
+.PHONY: venv demo demo-hmm test test-serial test-mpi lint bench model hmm-model clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,9 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/rve_demo.py --out out/rve_demo
 	$(MPIRUN) -n $(NP) $(PY) examples/fe2_composite.py --out out/fe2_composite
+
+demo-hmm: $(STAMP)
+	$(MPIRUN) -n $(NP) $(PY) examples/hmm_atomistic.py --out out/hmm_atomistic
 
 test: test-serial test-mpi
 
@@ -35,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/rve_solve.py
 	$(PY) bench/operator.py
 	$(PY) bench/fe2_speedup.py --np $(NP)
+	$(PY) bench/hmm_speedup.py --np $(NP)
 
 # Regenerate the shipped operator from scratch with the project's own RVE solver and trainer.
 MODEL := examples/models/fe2_composite
@@ -49,6 +53,20 @@ model: $(STAMP)
 	$(VENV)/bin/neuroscale subset out/model/calibration.h5 --micro 48 --out $(MODEL).anchor_calibration.h5
 	$(VENV)/bin/neuroscale evaluate --model $(MODEL).pt --data out/model/test.h5 \
 	  --ood out/model/ood.h5 --plot $(MODEL).reliability.png --card $(MODEL).json
+
+# Regenerate the shipped crystal operator (EMT Cu with a vacancy) with the Cauchy–Born solver.
+HMM := examples/models/hmm_cu
+hmm-model: $(STAMP)
+	mkdir -p out/hmm_model
+	for set in data calibration; do \
+	  $(MPIRUN) -n 1 $(VENV)/bin/neuroscale generate $(HMM).$$set.yaml --out out/hmm_model/$$set.h5 || exit 1; \
+	done
+	$(VENV)/bin/neuroscale train $(HMM).train.yaml --data out/hmm_model/data.h5 --out $(HMM).pt
+	$(VENV)/bin/neuroscale calibrate --model $(HMM).pt --data out/hmm_model/calibration.h5
+	$(VENV)/bin/neuroscale subset out/hmm_model/data.h5 --micro 1 --out $(HMM).anchor.h5
+	$(VENV)/bin/neuroscale subset out/hmm_model/calibration.h5 --micro 1 --out $(HMM).anchor_calibration.h5
+	$(MPIRUN) -n 2 $(VENV)/bin/neuroscale generate $(HMM)_thermal.data.yaml --out out/hmm_model/thermal.h5
+	$(VENV)/bin/neuroscale train $(HMM)_thermal.train.yaml --data out/hmm_model/thermal.h5 --out $(HMM)_thermal.pt
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

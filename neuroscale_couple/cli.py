@@ -1,7 +1,7 @@
 """The ``neuroscale`` command line.
 
     neuroscale rve CONFIG.yaml [--json]                  one RVE solve: homogenized P̄ and tangent A
-    neuroscale generate CONFIG.yaml --out D.h5           RVE training data (MPI, resumable)
+    neuroscale generate CONFIG.yaml --out D.h5           RVE/crystal training data (MPI, resumable)
     neuroscale train CONFIG.yaml --data D.h5 --out M.pt  train + calibrate the operator (MPI)
     neuroscale calibrate --model M.pt --data D.h5        split-conformal recalibration
     neuroscale evaluate --model M.pt --data D.h5 [--ood O.h5] [--json] [--plot R.png]
@@ -80,6 +80,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from neuroscale_couple.evaluation import calibrate_model
     from neuroscale_couple.materials import EPOXY_LIKE_MATRIX, GLASS_LIKE_FIBRE, Phase
+    from neuroscale_couple.operators.crystal import CrystalConfig, CrystalOperator, family_json
     from neuroscale_couple.operators.sano import SANO, SANOConfig
     from neuroscale_couple.training import TrainConfig, TrainingData, relative_errors, train
 
@@ -89,10 +90,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     mcfg = dict(cfg.get("model") or {})
     data = TrainingData.from_h5(args.data, int(mcfg.get("resolution", SANOConfig.resolution)))
     family = data.config
-    phases = {name: Phase.from_config(family[name], name) if name in family else default
-              for name, default in (("matrix", EPOXY_LIKE_MATRIX), ("fibre", GLASS_LIKE_FIBRE))}
-    mcfg.update(law=family.get("law", "neo_hookean"),
-                **{name: (p.E, p.nu) for name, p in phases.items()})
+    if "crystal" in family:  # descriptors, not images: the crystal operator
+        mcfg.update(n_features=data.images.shape[1], family=family_json(family["crystal"]))
+        make = lambda: CrystalOperator(CrystalConfig.from_dict(mcfg))  # noqa: E731
+    else:
+        phases = {name: Phase.from_config(family[name], name) if name in family else default
+                  for name, default in (("matrix", EPOXY_LIKE_MATRIX),
+                                        ("fibre", GLASS_LIKE_FIBRE))}
+        mcfg.update(law=family.get("law", "neo_hookean"),
+                    **{name: (p.E, p.nu) for name, p in phases.items()})
+        make = lambda: SANO(SANOConfig.from_dict(mcfg))  # noqa: E731
     import torch
 
     from neuroscale_couple.parallel import device_for_rank
@@ -100,8 +107,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     torch.manual_seed(tcfg.seed)
     device = device_for_rank(comm)
     logging.getLogger(__name__).info("rank %d trains on %s", comm.rank, device)
-    model = SANO(SANOConfig.from_dict(mcfg)).to(device)
-    fit, held_out = data.split_by_microstructure(tcfg.val_fraction, tcfg.seed)
+    model = make().to(device)
+    fit, held_out = data.split(tcfg.val_fraction, tcfg.seed)
+    if not len(held_out):
+        raise InputError(f"training.val_fraction={tcfg.val_fraction} holds out no data: the "
+                         "held-out part validates and calibrates the model; use e.g. 0.1")
     history = train(model, fit, tcfg, comm=comm, validation=held_out, progress=not args.quiet)
     cal = calibrate_model(model, held_out)
     model.card = {"data": str(args.data), "data_config": family, "model_config": mcfg,
@@ -118,23 +128,23 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from neuroscale_couple.evaluation import calibrate_model
-    from neuroscale_couple.operators.sano import SANO
+    from neuroscale_couple.operators.base import load_operator
     from neuroscale_couple.training import TrainingData
 
-    model = SANO.from_checkpoint(args.model)
+    model = load_operator(args.model)
     dtype = next(model.parameters()).dtype
-    cal = calibrate_model(model, TrainingData.from_h5(args.data, model.config.resolution))
+    cal = calibrate_model(model, TrainingData.from_h5(args.data, model.input_resolution))
     model.to(dtype).save(args.out or args.model)
     print(json.dumps(cal.to_dict(), indent=2))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from neuroscale_couple.evaluation import evaluate
-    from neuroscale_couple.operators.sano import SANO
+    from neuroscale_couple.operators.base import load_operator
     from neuroscale_couple.training import TrainingData
 
-    model = SANO.from_checkpoint(args.model)
-    n = model.config.resolution
+    model = load_operator(args.model)
+    n = model.input_resolution
     ood = TrainingData.from_h5(args.ood, n) if args.ood else None
     metrics = evaluate(model, TrainingData.from_h5(args.data, n), ood=ood, plot=args.plot)
     if args.card:
@@ -196,12 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config (microstructure, law, matrix, fibre, F, mesh, bc)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_rve)
-    p = sub.add_parser("generate", help="make an RVE training data set (HDF5)")
+    p = sub.add_parser("generate", help="make a training data set (HDF5) with the RVE or "
+                       "Cauchy–Born solver")
     p.add_argument("config", help="YAML config (see neuroscale_couple.datagen)")
     p.add_argument("--out", required=True, help="output HDF5 file; an unfinished one is resumed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("train", help="train the operator on an RVE data set, then calibrate it")
+    p = sub.add_parser("train", help="train the operator on a data set, then calibrate it")
     p.add_argument("config", help="YAML config with `model:` and `training:` mappings")
     p.add_argument("--data", required=True, help="HDF5 data set from `neuroscale generate`")
     p.add_argument("--out", required=True, help="model checkpoint to write (.pt)")

@@ -34,12 +34,10 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
-from torch.nn import functional as F_nn
 
 from neuroscale_couple.calibration import Calibration
 from neuroscale_couple.errors import InputError, NeuroScaleError, SolveError
 from neuroscale_couple.fine import FineSolver, MicroResult, SolverCache
-from neuroscale_couple.materials import Phase
 from neuroscale_couple.parallel import balance, device_for_rank
 from neuroscale_couple.store import ReplayStore, load_rve_dataset
 from neuroscale_couple.tensors import as_deformation_batch
@@ -124,30 +122,14 @@ class RetrainConfig:
 class CouplerResult:
     """Response of n points: ``stress`` (n, 2, 2), ``tangent`` (n, 2, 2, 2, 2), ``uncertainty``
     (n,) calibrated relative error bound at the policy's confidence (NaN where no operator ran),
-    ``source`` (n,) OPERATOR / FINE / FAILED."""
+    ``source`` (n,) OPERATOR / FINE / FAILED, ``energy`` (n,) strain energy density W̄ with
+    P̄ = ∂W̄/∂F̄ (stress units; NaN where the fine solver reports no ``energy_density``)."""
 
     stress: np.ndarray
     tangent: np.ndarray
     uncertainty: np.ndarray
     source: np.ndarray
-
-
-def check_model_family(model, family: dict) -> None:
-    """Raise :class:`InputError` if the model was trained for other phases or another law than
-    the fine solver's ``family`` config (keys ``law``, ``matrix``, ``fibre`` as in the RVE
-    config)."""
-    c = model.config
-    if family.get("law", c.law) != c.law:
-        raise InputError(f"the model was trained for law={c.law!r} but the fine solver uses "
-                         f"law={family['law']!r}: use a model trained for this material")
-    for name in ("matrix", "fibre"):
-        if name in family:
-            phase = Phase.from_config(family[name], name)
-            if not np.allclose((phase.E, phase.nu), getattr(c, name), rtol=1e-9):
-                raise InputError(
-                    f"the model was trained for {name} (E, nu) = {tuple(getattr(c, name))} but "
-                    f"the fine solver's {name} is ({phase.E}, {phase.nu}): the model and the "
-                    "microstructure family do not match; train a model for these phases")
+    energy: np.ndarray
 
 
 class Coupler(FineSolver):
@@ -155,10 +137,11 @@ class Coupler(FineSolver):
 
     Parameters
     ----------
-    model : the trained, calibrated operator (a :class:`~neuroscale_couple.operators.sano.SANO`);
+    model : the trained, calibrated operator (a :class:`~neuroscale_couple.operators.sano.SANO`,
+        a :class:`~neuroscale_couple.operators.crystal.CrystalOperator`, ...);
         None only for classic FE² (``policy.tol = 0``).
-    fine_factory : builds the fine solver of one microstructure on ``MPI.COMM_SELF`` (e.g.
-        ``lambda m: rve_from_config(cfg, m)``).
+    fine_factory : builds the fine solver of one structure on ``MPI.COMM_SELF`` (e.g.
+        ``lambda m: rve_from_config(cfg, m)``, ``Crystal.solver``).
     family : the fine solver's material config, checked against the model.
     policy : fallback policy.
     comm : the communicator of the macro problem; every method but :meth:`solve_local` and
@@ -188,7 +171,7 @@ class Coupler(FineSolver):
                                      "before using it with a finite tol")
                 Calibration.from_dict(model.calibration).radius(self.policy.confidence)
             if family is not None:
-                check_model_family(model, family)
+                model.check_family(family)
         self.model = model
         self.version = 0
         self.device = device_for_rank(comm)
@@ -207,7 +190,7 @@ class Coupler(FineSolver):
                 raise InputError(f"replay_from {d} is this run's own replay directory: copy it "
                                  "elsewhere first")
         data_cfg = (model.card.get("data_config") or {}) if model is not None else {}
-        res = model.config.resolution if model is not None else 32
+        res = getattr(getattr(model, "config", None), "resolution", 32)
         self.image_resolution = int(data_cfg.get("image_resolution", res))
         self.family = dict(family or {})
         self.cache = SolverCache(fine_factory, cache_size)
@@ -263,20 +246,11 @@ class Coupler(FineSolver):
         uniq = list(dict.fromkeys(keys))
         first = {m.key: m for m in reversed(self._micro)}
         with torch.no_grad():
-            images = self._images([first[k] for k in uniq])
-            z = torch.cat([self.model.encode(images[i:i + 64])[0]
+            inputs = self.model.structure_inputs([first[k] for k in uniq])
+            z = torch.cat([self.model.encode(inputs[i:i + 64])[0]
                            for i in range(0, len(uniq), 64)])
         pos = {k: i for i, k in enumerate(uniq)}
         self._z = z[torch.as_tensor([pos[k] for k in keys])]
-
-    def _images(self, structures: Sequence) -> torch.Tensor:
-        """Model inputs (B, 1, n, n), made as in training (image at the data resolution,
-        average-pooled to the model's)."""
-        p = next(self.model.parameters())
-        img = torch.as_tensor(np.stack([m.image(self.image_resolution) for m in structures]),
-                              dtype=p.dtype, device=p.device)[:, None]
-        k = self.image_resolution // self.model.config.resolution
-        return F_nn.avg_pool2d(img, k) if k > 1 else img
 
     def _rows(self, point_ids) -> np.ndarray:
         ids = np.asarray(point_ids, dtype=np.int64)
@@ -291,7 +265,8 @@ class Coupler(FineSolver):
     # ------------------------------------------------------------------ evaluation
     def solve(self, F: np.ndarray, *, point_ids: Sequence[int] | None = None,
               tangent: bool = True, fields_resolution: int | None = None) -> MicroResult:
-        """The :class:`FineSolver` contract (collective); uncertainty and source go to ``info``."""
+        """The :class:`FineSolver` contract (collective); uncertainty, source and energy density
+        go to ``info``."""
         if point_ids is None:
             raise InputError("the Coupler needs point_ids (registered with Coupler.register)")
         if fields_resolution:
@@ -299,10 +274,11 @@ class Coupler(FineSolver):
                              "fields with SANO.sample_fields or the RVE solver")
         r = self.evaluate(F, point_ids)
         return MicroResult(r.stress, r.tangent if tangent else None, None,
-                           {"uncertainty": r.uncertainty, "source": r.source})
+                           {"uncertainty": r.uncertainty, "source": r.source,
+                            "energy_density": r.energy})
 
     def evaluate(self, F: np.ndarray, point_ids: Sequence[int]) -> CouplerResult:
-        """Stress, tangent, uncertainty and source of this rank's points (collective)."""
+        """Stress, tangent, uncertainty, source and energy of this rank's points (collective)."""
         Fb = as_deformation_batch(F)
         ids = np.asarray(point_ids, dtype=np.int64)
         if len(ids) != len(Fb):
@@ -312,9 +288,9 @@ class Coupler(FineSolver):
         self.evaluations += 1
         t0 = time.perf_counter()
         stress, tangent = np.zeros((n, 2, 2)), np.zeros((n, 2, 2, 2, 2))
-        unc = np.full(n, np.nan)
+        unc, energy = np.full(n, np.nan), np.full(n, np.nan)
         if self.model is not None and n:
-            stress, tangent, unc = self._predict(rows, Fb)
+            stress, tangent, unc, energy = self._predict(rows, Fb)
         if self.policy.classic or self.model is None:
             fallback = np.ones(n, dtype=bool)
         else:
@@ -328,13 +304,13 @@ class Coupler(FineSolver):
         done = self._solve_fallback(Fb[fallback], ids[fallback], rows[fallback])
         self.stats["fine_time_s"] += time.perf_counter() - t1
         where = np.flatnonzero(fallback)
-        for j, (P, A) in zip(where, done, strict=True):
+        for j, (P, A, W) in zip(where, done, strict=True):
             if P is None:
                 source[j] = FAILED
             else:
-                stress[j], tangent[j] = P, A
+                stress[j], tangent[j], energy[j] = P, A, W
         self._check_failures(source)
-        return CouplerResult(stress, tangent, unc, source)
+        return CouplerResult(stress, tangent, unc, source, energy)
 
     def _predict(self, rows: np.ndarray, F: np.ndarray) -> tuple[np.ndarray, ...]:
         p = next(self.model.parameters())
@@ -346,7 +322,7 @@ class Coupler(FineSolver):
             bound = self._calibration().error_bound(pred["cov"], self.policy.confidence)
             floor = self.policy.stress_floor or float(self.model.sigma_ref)
             unc = bound / np.maximum(np.linalg.norm(pred["mean"], axis=(1, 2)), floor)
-        return pred["mean"], pred["tangent"], unc
+        return pred["mean"], pred["tangent"], unc, pred["energy"]
 
     def _calibration(self) -> Calibration:
         """The model's calibration, parsed once per model version."""
@@ -356,8 +332,9 @@ class Coupler(FineSolver):
         return self._cal
 
     def _solve_fallback(self, F: np.ndarray, ids: np.ndarray,
-                        rows: np.ndarray) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
-        """Solve the given points somewhere on the communicator; results in the given order."""
+                        rows: np.ndarray) -> list[tuple]:
+        """Solve the given points somewhere on the communicator; (P, A, W) in the given order
+        (None, None, NaN for a failed solve)."""
         comm = self.comm
         mine = [(int(i), F[k], self._micro[r], self._cost.get(int(i), np.nan),
                  self._last_rank.get(int(i), -1))
@@ -380,9 +357,9 @@ class Coupler(FineSolver):
         back = {e[0]: e[1:] for part in comm.alltoall(outgoing) for e in part}
         out = []
         for pid in ids.tolist():
-            P, A, t, ok_rank = back[pid]
+            P, A, W, t, ok_rank = back[pid]
             self._cost[pid], self._last_rank[pid] = t, ok_rank
-            out.append((P, A))
+            out.append((P, A, W))
         return out
 
     def _fine_solve(self, pid: int, F: np.ndarray, micro) -> tuple:
@@ -393,7 +370,7 @@ class Coupler(FineSolver):
         except SolveError as err:
             log.warning("rank %d: fine solve of point %d failed: %s", self.comm.rank, pid, err)
             self.stats["fine_failed"] += 1
-            return None, None, time.perf_counter() - t0, self.comm.rank
+            return None, None, np.nan, time.perf_counter() - t0, self.comm.rank
         t = time.perf_counter() - t0
         self.stats["fine_solves"] += 1
         self.stats["fine_solve_time_s"] += t
@@ -401,7 +378,8 @@ class Coupler(FineSolver):
             self.replay.append(micro, pid, F, res.stress[0], res.tangent[0], step=self.step,
                                evaluation=self.evaluations, model_version=self.version,
                                time_s=t)
-        return res.stress[0], res.tangent[0], t, self.comm.rank
+        W = float(res.info.get("energy_density", [np.nan])[0])
+        return res.stress[0], res.tangent[0], W, t, self.comm.rank
 
     def _check_failures(self, source: np.ndarray) -> None:
         failed = self.comm.allreduce(int((source == FAILED).sum()))
@@ -473,8 +451,8 @@ class Coupler(FineSolver):
         parts, keys = [], []
         for run, path in sources:
             d = load_rve_dataset(path)
-            parts.append(TrainingData.from_arrays(d, self.model.config.resolution,
-                                                  torch.float64, str(path)))
+            parts.append(TrainingData.from_arrays(d, self.model.input_resolution, torch.float64,
+                                                  str(path)))
             keys.append(np.stack([np.full(len(d["samples/step"]), run), d["samples/step"],
                                   d["samples/evaluation"], d["samples/point_id"]], axis=1))
         if not parts:
@@ -508,7 +486,7 @@ class Coupler(FineSolver):
 
         if path is None:
             return None
-        data = TrainingData.from_h5(path, self.model.config.resolution, torch.float64)
+        data = TrainingData.from_h5(path, self.model.input_resolution, torch.float64)
         n_micro = len(data.images)
         if n_micro > self.retrain.anchor_micro:
             keep = np.random.default_rng(seed).choice(n_micro, self.retrain.anchor_micro,

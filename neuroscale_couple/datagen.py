@@ -1,4 +1,4 @@
-"""`neuroscale generate`: sample microstructures × loads, solve RVEs, write an HDF5 data set.
+"""`neuroscale generate`: sample structures × loads, solve the fine problems, write HDF5 data.
 
 Work unit = one microstructure with all its loads (one mesh, warm starts along its loads); units
 are dealt to ranks round-robin, results gathered on rank 0 which writes the file after each round.
@@ -17,6 +17,12 @@ Config (YAML)::
     bc: periodic
     image_resolution: 64
     fields_resolution: 0                  # > 0: store micro fields w, F, P on that grid
+
+or, for a crystal (Cauchy–Born fine solver; one structure per temperature)::
+
+    crystal: {element: Cu, lattice: fcc, supercell: [3, 3, 3], vacancies: 1, calculator: emt,
+              temperature: [0, 300]}      # a number or a list of temperatures (K)
+    loads: {per_microstructure: 64, radius: 0.05, seed: 1}
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ from neuroscale_couple.solvers import microstructure as micro
 log = logging.getLogger(__name__)
 
 
-def plan(config: dict) -> tuple[list[micro.Microstructure], np.ndarray]:
-    """Validate a generate config; return the microstructures and the (M·L, 2, 2) loads."""
+def plan(config: dict) -> tuple[list, np.ndarray]:
+    """Validate a generate config; return the structures and the (M·L, 2, 2) loads."""
+    if "crystal" in config:
+        return _plan_crystal(config)
     check_law(config.get("law", "neo_hookean"))
     for name in ("matrix", "fibre"):
         if name in config:
@@ -68,37 +76,57 @@ def plan(config: dict) -> tuple[list[micro.Microstructure], np.ndarray]:
     return structures, np.concatenate(loads)
 
 
-def micro_arrays(structures: list[micro.Microstructure], resolution: int) -> dict[str, np.ndarray]:
-    """Per-microstructure arrays for the data set (see :mod:`neuroscale_couple.store`)."""
-    n_max = max(1, max(s.n_fibres for s in structures))
-    centres = np.full((len(structures), n_max, 2), np.nan)
-    for i, s in enumerate(structures):
-        centres[i, : s.n_fibres] = s.centres
-    return {
-        "volume_fraction": np.array([s.volume_fraction for s in structures]),
-        "n_fibres": np.array([s.n_fibres for s in structures]),
-        "seed": np.array([-1 if s.seed is None else s.seed for s in structures]),
-        "radius": np.array([s.radius for s in structures]),
-        "centres": centres,
-        "image": np.stack([s.image(resolution) for s in structures]).astype(np.float32),
-    }
+def _plan_crystal(config: dict) -> tuple[list, np.ndarray]:
+    from neuroscale_couple.solvers.cauchy_born import Crystal, cauchy_born_from_config
+
+    ccfg, lcfg = config["crystal"], config.get("loads")
+    if not isinstance(ccfg, dict) or not isinstance(lcfg, dict):
+        raise InputError("a crystal generate config needs the mappings `crystal` and `loads`")
+    temps = ccfg.get("temperature", 0.0)
+    temps = [float(t) for t in (temps if isinstance(temps, list) else [temps])]
+    base = {k: v for k, v in ccfg.items() if k != "temperature"}
+    if "a0" not in base:  # resolve once, so every structure (and the model family) records it
+        base["a0"] = cauchy_born_from_config(base)[1]
+    structures = [Crystal(dict(base, temperature=t)) for t in temps]
+    structures[0].solver()  # validates the config before any collective work
+    per = int(lcfg.get("per_microstructure", 1))
+    if per < 1:
+        raise InputError(f"loads.per_microstructure={per}: must be ≥ 1")
+    loads = [loads_in_ball(per, float(lcfg.get("radius", 0.05)),
+                           rng_for(int(lcfg.get("seed", 1)), m),
+                           min_radius=float(lcfg.get("min_radius", 0.0)))
+             for m in range(len(structures))]
+    return structures, np.concatenate(loads)
+
+
+def fine_solver(config: dict, structure):
+    """The true fine solver of one structure of a generate config (RVE or crystal)."""
+    if "crystal" in config:
+        return structure.solver()
+    from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
+
+    return rve_from_config(config, structure)
 
 
 def generate(config: dict, out: str | Path, comm: MPI.Comm = MPI.COMM_WORLD,
              progress: bool = True) -> Path:
     """Solve every (microstructure, load) sample of ``config`` into the HDF5 file ``out``."""
-    from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
+    from neuroscale_couple.fine import close_solver
     from neuroscale_couple.store import RVEDataset
 
     structures, F = plan(config)  # every rank validates the same config before any collective
+    if "crystal" in config:  # record the resolved lattice constant with the data
+        config = dict(config, crystal=dict(config["crystal"], a0=structures[0].config["a0"]))
     per = int(config["loads"].get("per_microstructure", 1))
     q = int(config.get("fields_resolution", 0) or 0)
     fields = {"w": (q, q, 2), "F": (q, q, 2, 2), "P": (q, q, 2, 2)} if q else {}
     store, error = None, None
     if comm.rank == 0:
         try:
-            arrays = micro_arrays(structures, int(config.get("image_resolution", 64)))
-            store = RVEDataset.create_or_resume(out, config, arrays, F, per, fields)
+            arrays = type(structures[0]).arrays(structures,
+                                                int(config.get("image_resolution", 64)))
+            thermal = any(getattr(s, "temperature", 0.0) > 0 for s in structures)
+            store = RVEDataset.create_or_resume(out, config, arrays, F, per, fields, thermal)
         except InputError as err:
             error = err
     error = comm.bcast(error, root=0)
@@ -116,9 +144,17 @@ def generate(config: dict, out: str | Path, comm: MPI.Comm = MPI.COMM_WORLD,
         if m is not None:
             try:
                 idx = np.arange(m * per, (m + 1) * per)
-                with rve_from_config(config, structures[m]) as rve:
-                    res = rve.solve(F[idx], fields_resolution=q or None)
-                result = (idx, res.stress, res.tangent, res.info, res.fields)
+                solver = fine_solver(config, structures[m])
+                try:
+                    res = solver.solve(F[idx], fields_resolution=q or None)
+                finally:
+                    close_solver(solver)
+                info = {"time_s": res.info["time_s"],  # a crystal reports relaxation steps
+                        "newton_iterations": res.info.get("newton_iterations",
+                                                          res.info.get("relax_steps")),
+                        "stress_stderr": res.info.get("stress_stderr",  # 0 for static solves
+                                                      np.zeros_like(res.stress))}
+                result = (idx, res.stress, res.tangent, info, res.fields)
             except Exception as err:  # reported on every rank below, never lost in one rank
                 failure = f"microstructure {m}: {err}"
         gathered = comm.gather(result, root=0)
@@ -143,4 +179,4 @@ def generate(config: dict, out: str | Path, comm: MPI.Comm = MPI.COMM_WORLD,
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="RVE microstructures", unit="micro", disable=not enabled)
+    return tqdm(total=total, desc="fine structures", unit="structure", disable=not enabled)

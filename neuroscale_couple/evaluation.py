@@ -17,11 +17,11 @@ from neuroscale_couple.calibration import (
     uncertainty_score,
 )
 from neuroscale_couple.errors import InputError
-from neuroscale_couple.operators.sano import SANO
+from neuroscale_couple.operators.base import CoarseGrainingOperator
 from neuroscale_couple.training import TrainingData, predict_dataset
 
 
-def _numpy_predictions(model: SANO, data: TrainingData) -> tuple[np.ndarray, ...]:
+def _numpy_predictions(model: CoarseGrainingOperator, data: TrainingData) -> tuple[np.ndarray, ...]:
     """(y, mu, Sigma, A_true, A_pred) as float64 arrays (n, 4), (n, 4), (n, 4, 4), ..."""
     model = model.double()
     pred = {k: v.cpu().numpy() for k, v in predict_dataset(model, data).items()}
@@ -29,7 +29,8 @@ def _numpy_predictions(model: SANO, data: TrainingData) -> tuple[np.ndarray, ...
             pred["cov"], data.A.double().numpy(), pred["tangent"])
 
 
-def calibrate_model(model: SANO, data: TrainingData, levels=LEVELS) -> Calibration:
+def calibrate_model(model: CoarseGrainingOperator, data: TrainingData, levels=LEVELS
+                    ) -> Calibration:
     """Split-conformal calibration on held-out ``data``; stored in ``model.calibration``."""
     y, mu, Sigma, _, _ = _numpy_predictions(model, data)
     cal = fit_conformal(y, mu, Sigma, levels)
@@ -37,7 +38,7 @@ def calibrate_model(model: SANO, data: TrainingData, levels=LEVELS) -> Calibrati
     return cal
 
 
-def evaluate(model: SANO, data: TrainingData, *, ood: TrainingData | None = None,
+def evaluate(model: CoarseGrainingOperator, data: TrainingData, *, ood: TrainingData | None = None,
              plot: str | Path | None = None) -> dict:
     """Accuracy and calibration metrics of ``model`` on ``data`` (JSON-ready dict).
 

@@ -101,17 +101,18 @@ class SolverCache:
             old_key, old = self._live.popitem(last=False)
             if hasattr(old, "states"):
                 self._saved[old_key] = dict(old.states)
-            _close(old)
+            close_solver(old)
         return solver
 
     def close(self) -> None:
         """Close every live solver."""
         while self._live:
-            _close(self._live.popitem()[1])
+            close_solver(self._live.popitem()[1])
         self._saved.clear()
 
 
-def _close(solver: FineSolver) -> None:
+def close_solver(solver: FineSolver) -> None:
+    """Release a solver's resources if it holds any (its ``close``)."""
     close = getattr(solver, "close", None)
     if close is not None:
         close()

@@ -7,6 +7,9 @@ Layout of an RVE data set (M microstructures × L loads, S = M·L samples, r = i
     /micro/image   (M, r, r)      fibre fraction per pixel (row index = y)
     /samples/micro_index (S,)     /samples/F (S, 2, 2)    /samples/P (S, 2, 2)
     /samples/A (S, 2, 2, 2, 2)    /samples/newton_iterations (S,)   /samples/time_s (S,)
+    /samples/stress_stderr (S, 2, 2)   standard error of time-averaged P (finite temperature)
+    (a crystal data set has /micro/descriptor (M, k), /micro/temperature, /micro/config instead
+    of the fibre arrays, and relaxation steps as newton_iterations)
     /samples/done (S,)            1 once the sample's results are on disk
     /samples/fields/<name> (S, q, q, ...)   optional micro fields
     attrs: config (JSON), version, law, kind = "rve"
@@ -60,7 +63,8 @@ class RVEDataset:
     @classmethod
     def create_or_resume(cls, path: str | Path, config: dict, micro: dict[str, np.ndarray],
                          F: np.ndarray, loads_per_micro: int,
-                         fields: dict[str, tuple[int, ...]]) -> RVEDataset:
+                         fields: dict[str, tuple[int, ...]], stderr: bool = False
+                         ) -> RVEDataset:
         """Open ``path`` to resume it if it holds the same config, else create it.
 
         Parameters
@@ -69,6 +73,8 @@ class RVEDataset:
             ``centres``, ``image``).
         F : (S, 2, 2) loads of all samples, sample s = m·L + j.
         fields : name → per-sample shape of the micro fields to store (empty for none).
+        stderr : store ``stress_stderr`` (S, 2, 2), the statistical error of time-averaged
+            stresses (finite-temperature crystals).
         """
         path = Path(path)
         cfg_json = json.dumps(config, sort_keys=True)
@@ -99,6 +105,8 @@ class RVEDataset:
         s.create_dataset("newton_iterations", shape=(S,), dtype="i4")
         s.create_dataset("time_s", shape=(S,), dtype="f8")
         s.create_dataset("done", shape=(S,), dtype="u1")
+        if stderr:
+            s.create_dataset("stress_stderr", shape=(S, 2, 2), dtype="f8", fillvalue=np.nan)
         for name, shape in fields.items():
             s.create_dataset(f"fields/{name}", shape=(S, *shape), dtype="f4",
                              chunks=(1, *shape), compression="gzip")
@@ -115,6 +123,8 @@ class RVEDataset:
               fields: dict[str, np.ndarray] | None = None) -> None:
         """Store the results of samples ``index`` (sorted), then flag them done and flush."""
         s = self.h5["samples"]
+        if "stress_stderr" in s:
+            s["stress_stderr"][index] = info["stress_stderr"]
         for name, arr in (("P", P), ("A", A), ("newton_iterations", info["newton_iterations"]),
                           ("time_s", info["time_s"])):
             s[name][index] = arr
@@ -199,7 +209,7 @@ def subset_dataset(src: str | Path, dst: str | Path, n_micro: int, seed: int = 0
     """Copy ``n_micro`` randomly chosen microstructures (all their samples, no micro fields) of
     the data set ``src`` into ``dst``; returns the number of samples written."""
     d = load_rve_dataset(src)
-    m_total = len(d["micro/volume_fraction"])
+    m_total = int(d["samples/micro_index"].max()) + 1
     if not 0 < n_micro <= m_total:
         raise InputError(f"n_micro={n_micro}: {src} has {m_total} microstructures")
     keep = np.sort(np.random.default_rng(seed).choice(m_total, n_micro, replace=False))
@@ -241,11 +251,10 @@ class ReplayStore:
         """Write the buffered solves as the segment of ``step``; None if there were none."""
         if not self._rows:
             return None
-        from neuroscale_couple.datagen import micro_arrays
-
         keys = list(dict.fromkeys(r[0].key for r in self._rows))
         first = {r[0].key: r[0] for r in reversed(self._rows)}
-        micro = micro_arrays([first[k] for k in keys], self.image_resolution)
+        structures = [first[k] for k in keys]
+        micro = type(structures[0]).arrays(structures, self.image_resolution)
         index = {k: i for i, k in enumerate(keys)}
         cols = list(zip(*self._rows, strict=True))
         samples = {"micro_index": np.array([index[m.key] for m in cols[0]]),

@@ -31,7 +31,7 @@ import torch
 from torch.nn import functional as F
 
 from neuroscale_couple.errors import InputError
-from neuroscale_couple.operators.sano import SANO
+from neuroscale_couple.operators.base import CoarseGrainingOperator
 from neuroscale_couple.parallel import allreduce_gradients, init_torch_distributed
 from neuroscale_couple.physics import (
     consistency_loss,
@@ -82,8 +82,10 @@ class TrainConfig:
 
 @dataclass
 class TrainingData:
-    """RVE samples as tensors: images (M, 1, n, n), micro_index (S,), F, P (S, 2, 2),
-    A (S, 2, 2, 2, 2), optional fields w (S, 2, n, n); ``config`` is the generate config."""
+    """Fine-solve samples as tensors: ``images`` the structure inputs of the M structures
+    (microstructure images (M, 1, n, n) or crystal descriptors (M, k)), micro_index (S,),
+    F, P (S, 2, 2), A (S, 2, 2, 2, 2), optional fields w (S, 2, n, n); ``config`` is the
+    generate config."""
 
     images: torch.Tensor
     micro_index: torch.Tensor
@@ -94,17 +96,26 @@ class TrainingData:
     config: dict = field(default_factory=dict)
 
     @classmethod
-    def from_h5(cls, path: str | Path, resolution: int,
+    def from_h5(cls, path: str | Path, resolution: int | None,
                 dtype: torch.dtype = torch.float32) -> TrainingData:
-        """Load a `neuroscale generate` file; images are average-pooled to ``resolution``."""
+        """Load a `neuroscale generate` file; images are average-pooled to ``resolution``
+        (None for crystal data sets)."""
         from neuroscale_couple.store import load_rve_dataset
 
         return cls.from_arrays(load_rve_dataset(path), resolution, dtype, str(path))
 
     @classmethod
-    def from_arrays(cls, d: dict, resolution: int, dtype: torch.dtype = torch.float32,
+    def from_arrays(cls, d: dict, resolution: int | None, dtype: torch.dtype = torch.float32,
                     source: str = "data set") -> TrainingData:
         """From the arrays of :func:`~neuroscale_couple.store.load_rve_dataset`."""
+        index, F_, P_, A_ = (torch.as_tensor(d["samples/micro_index"], dtype=torch.long),
+                             *(torch.as_tensor(d[f"samples/{k}"], dtype=dtype)
+                               for k in ("F", "P", "A")))
+        if "micro/descriptor" in d:  # crystal structures
+            return cls(torch.as_tensor(d["micro/descriptor"], dtype=dtype), index, F_, P_, A_,
+                       None, d["config"])
+        if resolution is None:
+            raise InputError(f"{source} holds microstructure images: give the model resolution")
         images = torch.as_tensor(d["micro/image"], dtype=dtype)[:, None]
         n = images.shape[-1]
         if n % resolution:
@@ -115,10 +126,7 @@ class TrainingData:
         w = None
         if "samples/fields/w" in d and d["samples/fields/w"].shape[1] == resolution:
             w = torch.as_tensor(d["samples/fields/w"], dtype=dtype).permute(0, 3, 1, 2)
-        return cls(images, torch.as_tensor(d["samples/micro_index"], dtype=torch.long),
-                   torch.as_tensor(d["samples/F"], dtype=dtype),
-                   torch.as_tensor(d["samples/P"], dtype=dtype),
-                   torch.as_tensor(d["samples/A"], dtype=dtype), w, d["config"])
+        return cls(images, index, F_, P_, A_, w, d["config"])
 
     @classmethod
     def concat(cls, parts: list[TrainingData]) -> TrainingData:
@@ -143,6 +151,15 @@ class TrainingData:
                                    P=self.P[idx], A=self.A[idx],
                                    w=None if self.w is None else self.w[idx])
 
+    def split(self, fraction: float, seed: int) -> tuple[TrainingData, TrainingData]:
+        """(train, held-out): whole microstructures held out for image data (the operator must
+        generalise to new microstructures), samples for crystal descriptors (one material)."""
+        if self.images.ndim == 4:
+            return self.split_by_microstructure(fraction, seed)
+        n_out = round(fraction * len(self))
+        order = np.random.default_rng(seed).permutation(len(self))
+        return self.subset(np.sort(order[n_out:])), self.subset(np.sort(order[:n_out]))
+
     def split_by_microstructure(self, fraction: float, seed: int
                                 ) -> tuple[TrainingData, TrainingData]:
         """(train, held-out) with whole microstructures held out."""
@@ -160,8 +177,8 @@ class TrainingData:
         return dataclasses.replace(self, w=w, **conv)
 
 
-def batch_loss(model: SANO, data: TrainingData, idx: torch.Tensor, weights: dict[str, float],
-               generator: torch.Generator, physics_fraction: float = 1.0,
+def batch_loss(model: CoarseGrainingOperator, data: TrainingData, idx: torch.Tensor,
+               weights: dict[str, float], generator: torch.Generator, physics_fraction: float = 1.0,
                augment: bool = False) -> dict[str, torch.Tensor]:
     """Loss terms (each a mean over the samples ``idx``) of one (shard of a) batch.
 
@@ -217,10 +234,16 @@ def microstructure_batches(data: TrainingData, batch_size: int,
                            generator: torch.Generator) -> list[list[torch.Tensor]]:
     """Shuffled batches of whole microstructures (each a list of per-microstructure sample index
     tensors, about ``batch_size`` samples in all): the encoder then runs once per microstructure
-    per batch, not once per sample."""
+    per batch, not once per sample. Crystal descriptors (cheap to encode, few structures with
+    many samples) are split into shuffled chunks of ``batch_size`` samples."""
     order = torch.argsort(data.micro_index, stable=True)
     ids, counts = torch.unique_consecutive(data.micro_index[order], return_counts=True)
     groups = list(torch.split(order, counts.tolist()))
+    if data.images.ndim == 2:
+        groups = [chunk for g in groups
+                  for chunk in torch.split(g[torch.randperm(len(g), generator=generator)],
+                                           batch_size)]
+        ids = torch.arange(len(groups))
     batches, current, size = [], [], 0
     for k in torch.randperm(len(ids), generator=generator).tolist():
         current.append(groups[k])
@@ -233,19 +256,19 @@ def microstructure_batches(data: TrainingData, batch_size: int,
     return batches
 
 
-def train(model: SANO, data: TrainingData, cfg: TrainConfig, *, comm: MPI.Comm = MPI.COMM_WORLD,
-          validation: TrainingData | None = None, normalise: bool = True,
-          progress: bool = True) -> dict:
+def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *,
+          comm: MPI.Comm = MPI.COMM_WORLD, validation: TrainingData | None = None,
+          normalise: bool = True, progress: bool = True) -> dict:
     """Fit ``model`` in place; returns the history (per-epoch losses, best epoch, time).
 
-    With ``validation`` None, ``cfg.val_fraction`` of the microstructures are held out for early
-    stopping. ``normalise`` (offline training) sets the model's scales from ``data``; online
-    fine-tuning keeps them.
+    With ``validation`` None, ``cfg.val_fraction`` of the data are held out for early stopping
+    (:meth:`TrainingData.split`). ``normalise`` (offline training) sets the model's scales from
+    ``data``; online fine-tuning keeps them.
     """
     distributed = init_torch_distributed(comm)
     torch.manual_seed(cfg.seed)
     if validation is None:
-        data, validation = data.split_by_microstructure(cfg.val_fraction, cfg.seed)
+        data, validation = data.split(cfg.val_fraction, cfg.seed)
     if len(data) == 0:
         raise InputError("no training samples: the data set is empty after the validation split")
     param = next(model.parameters())
@@ -303,7 +326,7 @@ def train(model: SANO, data: TrainingData, cfg: TrainConfig, *, comm: MPI.Comm =
 
 
 @torch.no_grad()
-def predict_dataset(model: SANO, data: TrainingData) -> dict[str, torch.Tensor]:
+def predict_dataset(model: CoarseGrainingOperator, data: TrainingData) -> dict[str, torch.Tensor]:
     """Ensemble predictions (``mean``, ``cov``, ``tangent``) for every sample of ``data``."""
     model.eval()
     param = next(model.parameters())
@@ -313,7 +336,7 @@ def predict_dataset(model: SANO, data: TrainingData) -> dict[str, torch.Tensor]:
     return model.predict(z, data.F.to(param.device, param.dtype))
 
 
-def relative_errors(model: SANO, data: TrainingData) -> dict[str, float]:
+def relative_errors(model: CoarseGrainingOperator, data: TrainingData) -> dict[str, float]:
     """Relative L2 errors of the ensemble-mean stress and tangent over a data set."""
     pred = predict_dataset(model, data)
     P, A = (t.to(pred["mean"].device, pred["mean"].dtype) for t in (data.P, data.A))

@@ -16,15 +16,21 @@ and is what the operator's aleatoric head must learn. The tangent is then the st
 relaxed) one at the same F̄: a consistent tangent of a noisy average does not exist, and the
 static one keeps the macro Newton convergent.
 
+``info['energy_density']`` is the strain energy density W̄ = (E − E₀)/V₀ (GPa, E₀ the relaxed
+reference cell's energy, V₀ its volume) at 0 K, so that P̄ = ∂W̄/∂F̄.
+
 2D (plane strain) batches (n, 2, 2) are embedded as F̄ = diag-block with F₃₃ = 1 and answered with
 the in-plane blocks of P̄ and of the tangent; 3D batches (n, 3, 3) get the full tensors.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms, units
@@ -121,6 +127,7 @@ class CauchyBorn(FineSolver):
                                                                   float(timestep), float(friction))
         self._rng = np.random.default_rng(seed)
         self.states: dict[Hashable, np.ndarray] = {}  # relaxed scaled positions per point id
+        self._e0: float | None = None
 
     @property
     def natoms(self) -> int:
@@ -137,13 +144,15 @@ class CauchyBorn(FineSolver):
             raise InputError(f"point_ids has {len(point_ids)} entries for {n} gradients F")
         stress = np.empty((n, dim, dim))
         tang = np.empty((n, dim, dim, dim, dim)) if tangent else None
-        info = {"relax_steps": np.zeros(n, dtype=int), "time_s": np.zeros(n)}
+        info = {"relax_steps": np.zeros(n, dtype=int), "time_s": np.zeros(n),
+                "energy_density": np.full(n, np.nan)}
         if self.temperature > 0:
             info["stress_stderr"] = np.zeros((n, dim, dim))
         for i, Fi in enumerate(Fb):
             t0 = time.perf_counter()
             key = None if point_ids is None else point_ids[i]
             P, steps, scaled = self._first_piola(Fi, self.states.get(key))
+            info["energy_density"][i] = self._energy_density()
             if self.temperature > 0:
                 P, err = self._thermal_first_piola(Fi, scaled)
                 info["stress_stderr"][i] = err[:dim, :dim]
@@ -163,6 +172,20 @@ class CauchyBorn(FineSolver):
         return P @ Fb[0].T / np.linalg.det(Fb[0])
 
     # ------------------------------------------------------------------ internals
+    def _energy_density(self) -> float:
+        """W̄ = (E − E₀)/V₀ in GPa of the cell as last relaxed (E₀: relaxed reference); NaN at
+        a finite temperature, where the free energy is not computed."""
+        if self.temperature > 0:
+            return np.nan
+        E = self.atoms.get_potential_energy()
+        if self._e0 is None:
+            scaled, cell = self.atoms.get_scaled_positions(), self.atoms.cell.array.copy()
+            self._first_piola(np.eye(3), None)
+            self._e0 = self.atoms.get_potential_energy()
+            self.atoms.set_cell(cell, scale_atoms=False)
+            self.atoms.set_scaled_positions(scaled)
+        return (E - self._e0) / self.reference.get_volume() / units.GPa
+
     def _first_piola(self, F: np.ndarray, start: np.ndarray | None
                      ) -> tuple[np.ndarray, int, np.ndarray]:
         """(P̄ (3, 3) GPa, relaxation steps, relaxed scaled positions) at F̄."""
@@ -226,6 +249,41 @@ class CauchyBorn(FineSolver):
 
 
 LATTICES = ("fcc", "bcc", "hcp", "diamond")
+T_SCALE = 1000.0  # K: temperatures enter the operator's descriptor as T / T_SCALE
+
+
+@dataclass(frozen=True, eq=False)
+class Crystal:
+    """The fine-scale structure of an HMM quadrature point: a Cauchy–Born crystal config (the
+    keys of :func:`cauchy_born_from_config`), hashable by :attr:`key`."""
+
+    config: dict
+
+    @property
+    def key(self) -> str:
+        """Digest of the config (equal configs share one solver in a cache)."""
+        return hashlib.sha1(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def temperature(self) -> float:
+        return float(self.config.get("temperature", 0.0))
+
+    def descriptor(self) -> np.ndarray:
+        """The operator's input (1,): temperature / 1000 K."""
+        return np.array([self.temperature / T_SCALE])
+
+    def solver(self) -> CauchyBorn:
+        """A new Cauchy–Born solver of this crystal."""
+        return cauchy_born_from_config(self.config)[0]
+
+    @staticmethod
+    def arrays(structures: Sequence[Crystal], resolution: int = 0) -> dict[str, np.ndarray]:
+        """Per-structure arrays of a data set: ``descriptor`` (M, 1), ``temperature`` (M,) and
+        ``config`` (M,) JSON strings (``resolution`` is unused: crystals have no image)."""
+        return {"descriptor": np.stack([s.descriptor() for s in structures]),
+                "temperature": np.array([s.temperature for s in structures]),
+                "config": np.array([json.dumps(s.config, sort_keys=True) for s in structures],
+                                   dtype="S")}
 
 
 def make_calculator(cfg: dict):
@@ -240,44 +298,10 @@ def make_calculator(cfg: dict):
     if name == "lammps":
         if not isinstance(spec, dict) or "pair_style" not in spec or "pair_coeff" not in spec:
             raise InputError("calculator: {name: lammps, pair_style: ..., pair_coeff: [...]}")
-        LAMMPSlib = _lammpslib()
-        coeff = spec["pair_coeff"]
-        coeff = [coeff] if isinstance(coeff, str) else list(coeff)
-        return LAMMPSlib(lmpcmds=[f"pair_style {spec['pair_style']}"]
-                         + [f"pair_coeff {_potential_path(c)}" for c in coeff],
-                         log_file=None, keep_alive=True)
+        from neuroscale_couple.adapters.lammps import lammps_calculator
+
+        return lammps_calculator(spec["pair_style"], spec["pair_coeff"])
     raise InputError(f"calculator={spec!r}: use emt or {{name: lammps, pair_style, pair_coeff}}")
-
-
-def _lammpslib():
-    """ASE's LAMMPSlib, after making the venv's MPICH library loadable for the lammps wheel."""
-    import ctypes
-    import sys
-    from pathlib import Path
-
-    lib = Path(sys.prefix) / "lib" / "libmpi.so.12"
-    if lib.exists():
-        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-    try:
-        from ase.calculators.lammpslib import LAMMPSlib
-        from lammps import lammps  # noqa: F401  (fails here when LAMMPS is not installed)
-    except (ImportError, OSError) as err:
-        raise InputError(f"calculator lammps needs the LAMMPS Python module ({err}): "
-                         "pip install 'lammps[mpi]'") from None
-    return LAMMPSlib
-
-
-def _potential_path(coeff: str) -> str:
-    """A pair_coeff line whose potential file name, if not found as given, is taken from the
-    potentials shipped with the lammps wheel."""
-    from pathlib import Path
-
-    import lammps
-
-    shipped = Path(lammps.__file__).parent / "share" / "lammps" / "potentials"
-    words = [str(shipped / w) if not Path(w).exists() and (shipped / w).exists() else w
-             for w in coeff.split()]
-    return " ".join(words)
 
 
 def _unit_cell(element: str, lattice: str, a: float) -> Atoms:
@@ -288,31 +312,52 @@ def _unit_cell(element: str, lattice: str, a: float) -> Atoms:
     return bulk(element, lattice, a=a, cubic=True)
 
 
-def equilibrium_lattice_constant(element: str, lattice: str, cfg: dict,
-                                 guess: float | None = None) -> float:
-    """Lattice constant a₀ (Å) minimising the energy per atom of the perfect crystal (hcp: at
-    the ideal c/a)."""
+def equilibrium_lattice_constant(cfg: dict, guess: float | None = None) -> float:
+    """Lattice constant a₀ (Å) at which the cell of the crystal config ``cfg`` (supercell,
+    vacancies; relaxed at fixed cell where it relaxes) has minimal energy, i.e. is free of
+    pressure: the stress-free reference of the Cauchy–Born map (hcp: at the ideal c/a)."""
     from ase.data import atomic_numbers, reference_states
     from scipy.optimize import minimize_scalar
 
+    element = cfg["element"]
     a = guess or (reference_states[atomic_numbers[element]] or {}).get("a") or 4.0
-    calc = make_calculator(cfg)
+    atoms = _crystal_cell(cfg, a)
+    atoms.calc = make_calculator(cfg)
+    relax = cfg.get("relax", len(atoms) > 1)
+    cell, scaled = atoms.cell.array.copy(), atoms.get_scaled_positions()
 
     def energy(x: float) -> float:
-        atoms = _unit_cell(element, lattice, x)
-        atoms.calc = calc
+        atoms.set_cell(cell * (x / a), scale_atoms=False)
+        atoms.set_scaled_positions(scaled)
+        if relax:
+            LBFGS(atoms, logfile=None).run(fmax=float(cfg.get("fmax", 1e-5)),
+                                           steps=int(cfg.get("max_steps", 500)))
         return atoms.get_potential_energy() / len(atoms)
 
     return float(minimize_scalar(energy, bracket=(0.97 * a, a, 1.03 * a), tol=1e-10).x)
 
 
+def _crystal_cell(cfg: dict, a: float) -> Atoms:
+    """The (super)cell of a crystal config at lattice constant ``a``, vacancies removed evenly."""
+    atoms = _unit_cell(cfg["element"], cfg.get("lattice", "fcc"), a).repeat(
+        [int(r) for r in cfg.get("supercell", [1, 1, 1])])
+    n_vac = int(cfg.get("vacancies", 0))
+    if not 0 <= n_vac < len(atoms):
+        raise InputError(f"vacancies={n_vac}: the cell has {len(atoms)} atoms")
+    if n_vac:
+        del atoms[list(np.linspace(0, len(atoms), n_vac, endpoint=False).astype(int))]
+    return atoms
+
+
 def cauchy_born_from_config(cfg: dict) -> tuple[CauchyBorn, float]:
     """A :class:`CauchyBorn` solver and its lattice constant a₀ (Å) from a config mapping.
 
-    Keys: ``element``; ``lattice`` (fcc|bcc|hcp|diamond); ``a0`` (Å; omit for the relaxed
-    equilibrium value); ``supercell`` ([n, n, n], default [1, 1, 1]); ``vacancies`` (count,
-    removed evenly through the cell); ``calculator`` (see :func:`make_calculator`); ``relax``
-    (default: when the cell has a basis or vacancies); ``temperature`` (K, default 0) with
+    Keys: ``element``; ``lattice`` (fcc|bcc|hcp|diamond); ``a0`` (Å; omit for the equilibrium
+    value of this cell with its vacancies relaxed: a stress-free reference); ``supercell``
+    ([n, n, n], default [1, 1, 1]); ``vacancies`` (count, removed evenly through the cell);
+    ``calculator`` (see :func:`make_calculator`); ``relax``
+    (default: when the cell has a basis or vacancies) with ``fmax`` (eV/Å), ``fd_step``,
+    ``max_steps`` (see :class:`CauchyBorn`); ``temperature`` (K, default 0) with
     ``md_steps``, ``equilibration_steps``, ``timestep`` (fs), ``friction`` (1/fs), ``seed``.
     """
     from ase.data import atomic_numbers
@@ -330,15 +375,10 @@ def cauchy_born_from_config(cfg: dict) -> tuple[CauchyBorn, float]:
     if a0 is not None and not float(a0) > 0:
         raise InputError(f"a0={a0}: the lattice constant must be > 0 Å (omit it for the "
                          "equilibrium value)")
-    a0 = float(a0) if a0 is not None else equilibrium_lattice_constant(element, lattice, cfg)
-    atoms = _unit_cell(element, lattice, a0).repeat([int(r) for r in reps])
-    n_vac = int(cfg.get("vacancies", 0))
-    if not 0 <= n_vac < len(atoms):
-        raise InputError(f"vacancies={n_vac}: the cell has {len(atoms)} atoms")
-    if n_vac:
-        del atoms[list(np.linspace(0, len(atoms), n_vac, endpoint=False).astype(int))]
+    a0 = float(a0) if a0 is not None else equilibrium_lattice_constant(cfg)
+    atoms = _crystal_cell(cfg, a0)
     atoms.calc = make_calculator(cfg)
-    md = {k: cfg[k] for k in ("md_steps", "equilibration_steps", "timestep", "friction", "seed")
-          if k in cfg}
+    md = {k: cfg[k] for k in ("fmax", "fd_step", "max_steps", "md_steps", "equilibration_steps",
+                              "timestep", "friction", "seed") if k in cfg}
     return CauchyBorn(atoms, relax=cfg.get("relax"),
                       temperature=float(cfg.get("temperature", 0.0)), **md), a0

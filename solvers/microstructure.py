@@ -61,6 +61,22 @@ class Microstructure:
         h.update(np.ascontiguousarray(self.centres, dtype=np.float64).tobytes())
         return h.hexdigest()[:16]
 
+    @staticmethod
+    def arrays(structures: list[Microstructure], resolution: int) -> dict[str, np.ndarray]:
+        """Per-microstructure arrays of a data set (see :mod:`neuroscale_couple.store`)."""
+        n_max = max(1, max(s.n_fibres for s in structures))
+        centres = np.full((len(structures), n_max, 2), np.nan)
+        for i, s in enumerate(structures):
+            centres[i, : s.n_fibres] = s.centres
+        return {
+            "volume_fraction": np.array([s.volume_fraction for s in structures]),
+            "n_fibres": np.array([s.n_fibres for s in structures]),
+            "seed": np.array([-1 if s.seed is None else s.seed for s in structures]),
+            "radius": np.array([s.radius for s in structures]),
+            "centres": centres,
+            "image": np.stack([s.image(resolution) for s in structures]).astype(np.float32),
+        }
+
     def image(self, resolution: int, supersample: int = 4) -> np.ndarray:
         """Fibre fraction per pixel, shape (resolution, resolution), values in [0, 1].
 

@@ -11,34 +11,22 @@ and its normalisation, so :meth:`SANO.from_checkpoint` rebuilds it from the file
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
-import json
-import pickle
-import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F_nn
 
-from neuroscale_couple import __version__
-from neuroscale_couple.errors import CheckpointError, InputError
+from neuroscale_couple.errors import InputError
 from neuroscale_couple.materials import Phase, check_law
 from neuroscale_couple.operators.attention import CrossScaleAttention, ScaleMixer
-from neuroscale_couple.operators.heads import (
-    CovarianceHead,
-    EnergyHead,
-    FineDecoder,
-    green_lagrange_mandel,
-)
+from neuroscale_couple.operators.base import CoarseGrainingOperator, dataclass_from_dict
+from neuroscale_couple.operators.heads import FineDecoder, green_lagrange_mandel
 from neuroscale_couple.operators.spectral import FourierBlock
 from neuroscale_couple.operators.wavelet import WaveletDecomposition
 from neuroscale_couple.physics import micro_deformation, micro_stress
-from neuroscale_couple.store import atomic_write
-
-FORMAT = "neuroscale-sano/1"
-_PAIRS = list(itertools.product(range(2), range(2)))
 
 
 @dataclass(frozen=True)
@@ -71,16 +59,15 @@ class SANOConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> SANOConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise InputError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
 
-class SANO(nn.Module):
-    """The operator. Stresses are in the unit of the phase moduli; F̄ is dimensionless."""
+class SANO(CoarseGrainingOperator):
+    """The operator of fibre microstructures. Stresses are in the unit of the phase moduli; F̄
+    is dimensionless."""
+
+    FORMAT = "neuroscale-sano/1"
+    CONFIG = SANOConfig
 
     def __init__(self, config: SANOConfig | None = None) -> None:
         super().__init__()
@@ -97,22 +84,9 @@ class SANO(nn.Module):
         self.mixer = ScaleMixer(n_scales)
         self.to_latent = nn.Sequential(nn.Linear(d + 1, c.latent), nn.SiLU(),
                                        nn.Linear(c.latent, c.latent))
-        self.energy = EnergyHead(c.members, c.latent, c.hidden, c.energy_correction)
-        self.covariance = CovarianceHead(c.members, c.latent, c.hidden)
+        self._build_heads(c.members, c.latent, c.hidden, c.energy_correction)
         self.decoder = FineDecoder(d, c.latent, c.modes)
-        # normalisation travels with the model: stress scale, strain scale, tangent scale
-        self.register_buffer("sigma_ref", torch.tensor(1.0, dtype=torch.float64))
-        self.register_buffer("e_ref", torch.tensor(0.1, dtype=torch.float64))
-        self.register_buffer("tangent_ref", torch.tensor(1.0, dtype=torch.float64))
-        self.calibration: dict = {}
-        self.card: dict = {}
-
-    # ------------------------------------------------------------------ normalisation
-    def set_normalisation(self, F: torch.Tensor, P: torch.Tensor, A: torch.Tensor) -> None:
-        """Scales from training data: F (S, 2, 2), P (S, 2, 2), A (S, 2, 2, 2, 2)."""
-        self.sigma_ref.fill_(float(P.std()))
-        self.e_ref.fill_(float(green_lagrange_mandel(F.double()).std()))
-        self.tangent_ref.fill_(float(A.std()))
+        self._build_buffers()
 
     # ------------------------------------------------------------------ encoder
     def moduli(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,52 +116,39 @@ class SANO(nn.Module):
         pooled = torch.cat([self.mixer(tokens), phi.mean(dim=(-2, -1))[:, None]], dim=-1)
         return self.to_latent(pooled), h
 
+    def structure_inputs(self, structures: Sequence) -> torch.Tensor:
+        """Images (B, 1, n, n) of microstructures, made as in training: rendered at the data
+        set's ``image_resolution`` (model card) and average-pooled to the model's."""
+        p = next(self.parameters())
+        data_res = int((self.card.get("data_config") or {}).get("image_resolution",
+                                                                 self.config.resolution))
+        img = torch.as_tensor(np.stack([m.image(data_res) for m in structures]),
+                              dtype=p.dtype, device=p.device)[:, None]
+        k = data_res // self.config.resolution
+        return F_nn.avg_pool2d(img, k) if k > 1 else img
+
+    def check_family(self, family: dict) -> None:
+        """Raise :class:`InputError` if the model was trained for other phases or another law
+        than the fine solver's ``family`` config (keys ``law``, ``matrix``, ``fibre`` as in the
+        RVE config)."""
+        c = self.config
+        if family.get("law", c.law) != c.law:
+            raise InputError(f"the model was trained for law={c.law!r} but the fine solver uses "
+                             f"law={family['law']!r}: use a model trained for this material")
+        for name in ("matrix", "fibre"):
+            if name in family:
+                phase = Phase.from_config(family[name], name)
+                if not np.allclose((phase.E, phase.nu), getattr(c, name), rtol=1e-9):
+                    raise InputError(
+                        f"the model was trained for {name} (E, nu) = {tuple(getattr(c, name))} "
+                        f"but the fine solver's {name} is ({phase.E}, {phase.nu}): the model "
+                        "and the microstructure family do not match; train a model for these "
+                        "phases")
+
     @property
     def scale_weights(self) -> torch.Tensor:
         """Learned weights of the S scales (finest detail first, approximation last)."""
         return self.mixer.weights.detach()
-
-    # ------------------------------------------------------------------ coarse-graining
-    def members_response(self, z: torch.Tensor, F: torch.Tensor, *, tangent: bool = True,
-                         create_graph: bool = False) -> dict[str, torch.Tensor]:
-        """Per-member stress P_m (M, B, 2, 2), tangent A_m (M, B, 2, 2, 2, 2) and Cholesky
-        factor L_m (M, B, 4, 4) of Σ_m = σ_ref² L_m L_mᵀ, for latents z (B, latent), F (B, 2, 2).
-
-        ``create_graph`` keeps the graph for training through P and A (Sobolev loss).
-        """
-        M = self.config.members
-        with torch.enable_grad():
-            Fm = F.detach().unsqueeze(0).expand(M, -1, -1, -1).clone().requires_grad_(True)
-            e_ref = self.e_ref.to(F.dtype)
-            e = green_lagrange_mandel(Fm) / e_ref
-            zm = z.unsqueeze(0).expand(M, -1, -1)
-            C = Fm.transpose(-1, -2) @ Fm
-            W = self.energy(zm, C, e, e_ref) * (self.sigma_ref.to(F.dtype) * e_ref)
-            P = torch.autograd.grad(W.sum(), Fm, create_graph=create_graph or tangent)[0]
-            out = {"stress": P, "chol": self.covariance(zm, e.detach() if not create_graph else e)}
-            if tangent:
-                rows = [torch.autograd.grad(P[..., i, j].sum(), Fm, create_graph=create_graph,
-                                            retain_graph=True)[0] for i, j in _PAIRS]
-                out["tangent"] = torch.stack(rows, dim=-3).reshape(*P.shape, 2, 2)
-        if not create_graph:
-            out = {k: v.detach() for k, v in out.items()}
-        return out
-
-    def predict(self, z: torch.Tensor, F: torch.Tensor, *, tangent: bool = True
-                ) -> dict[str, torch.Tensor]:
-        """Ensemble prediction: ``mean`` (B, 2, 2), ``cov`` (B, 4, 4) = aleatoric + epistemic,
-        ``tangent`` (B, 2, 2, 2, 2) = ∂mean/∂F̄ (if asked), all without a graph."""
-        r = self.members_response(z, F, tangent=tangent)
-        P = r["stress"]
-        mean = P.mean(0)
-        dev = (P - mean).flatten(-2)
-        sigma2 = (self.sigma_ref**2).to(F.dtype)
-        cov = sigma2 * (r["chol"] @ r["chol"].transpose(-1, -2)).mean(0)
-        cov = cov + torch.einsum("mbi,mbj->bij", dev, dev) / P.shape[0]
-        out = {"mean": mean, "cov": cov}
-        if tangent:
-            out["tangent"] = r["tangent"].mean(0)
-        return out
 
     # ------------------------------------------------------------------ fine-graining
     def decode(self, images: torch.Tensor, z: torch.Tensor, h: torch.Tensor, F: torch.Tensor,
@@ -209,36 +170,3 @@ class SANO(nn.Module):
                                                           dtype=images.dtype))
                  for _ in range(n_samples)]
         return {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
-
-    # ------------------------------------------------------------------ checkpoints
-    def save(self, path: str | Path) -> None:
-        """Write weights, config, normalisation, calibration and card atomically."""
-        payload = {"format": FORMAT, "version": __version__,
-                   "config": json.dumps(dataclasses.asdict(self.config)),
-                   "state_dict": self.state_dict(),
-                   "calibration": json.dumps(self.calibration), "card": json.dumps(self.card)}
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> SANO:
-        """Rebuild a model from a file written by :meth:`save` (no code is unpickled)."""
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"model file {path} does not exist: train one with "
-                                  "`neuroscale train` or use examples/models/fe2_composite.pt")
-        try:
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile,
-                ValueError) as err:
-            raise CheckpointError(f"{path} is not a readable NeuroScale model ({err}); it may be "
-                                  "truncated or corrupt: re-copy or retrain it") from None
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
-        try:
-            model = cls(SANOConfig.from_dict(json.loads(payload["config"])))
-            model.load_state_dict(payload["state_dict"])
-            model.calibration = json.loads(payload.get("calibration", "{}"))
-            model.card = json.loads(payload.get("card", "{}"))
-        except (KeyError, RuntimeError, json.JSONDecodeError, InputError) as err:
-            raise CheckpointError(f"{path} does not match this version of SANO ({err})") from None
-        return model.to(map_location)

@@ -13,6 +13,7 @@ from mpi4py import MPI
 
 import numpy as np
 import pytest
+from coupled_helpers import convergence_order, displacement_by_coordinates, macro_problem
 
 pytestmark = pytest.mark.dolfinx
 
@@ -29,29 +30,6 @@ def microstructures(x, ids):
             for xi, i in zip(x, ids, strict=True)]
 
 
-def macro_problem(comm, micro, n=2, stretch=0.06):
-    """Unit square, n×n×2 triangles, clamped at x = 0, u_x = stretch·t at x = 1."""
-    from dolfinx import fem, mesh
-
-    from neuroscale_couple.adapters.fenicsx import FE2Problem
-
-    msh = mesh.create_rectangle(comm, [[0, 0], [1, 1]], [n, n], mesh.CellType.triangle)
-    V = fem.functionspace(msh, ("Lagrange", 1, (2,)))
-    u = fem.Function(V)
-    msh.topology.create_connectivity(1, 2)
-    left = mesh.locate_entities_boundary(msh, 1, lambda x: np.isclose(x[0], 0))
-    right = mesh.locate_entities_boundary(msh, 1, lambda x: np.isclose(x[0], 1))
-    delta = fem.Constant(msh, 0.0)
-    bcs = [fem.dirichletbc(np.zeros(2), fem.locate_dofs_topological(V, 1, left), V),
-           fem.dirichletbc(delta, fem.locate_dofs_topological(V.sub(0), 1, right), V.sub(0))]
-    problem = FE2Problem(u, bcs, micro, microstructures, quadrature_degree=1)
-
-    def set_load(t):
-        delta.value = stretch * t
-
-    return problem, set_load
-
-
 def coupler(comm, tol, *, model=True, family=COMPOSITE, replay=None, retrain=False):
     from neuroscale_couple.coupler import Coupler, Policy, RetrainConfig
     from neuroscale_couple.operators.sano import SANO
@@ -63,33 +41,13 @@ def coupler(comm, tol, *, model=True, family=COMPOSITE, replay=None, retrain=Fal
                    model_path=MODEL)
 
 
-def displacement_by_coordinates(problem):
-    """(coordinates, u) of the owned dofs gathered on every rank, sorted by coordinates."""
-    V = problem.u.function_space
-    n = V.dofmap.index_map.size_local
-    parts = problem.comm.allgather((V.tabulate_dof_coordinates()[:n, :2],
-                                    problem.u.x.array[: 2 * n].reshape(-1, 2)))
-    x = np.concatenate([p[0] for p in parts])
-    u = np.concatenate([p[1] for p in parts])
-    order = np.lexsort(np.round(x, 9).T[::-1])
-    return x[order], u[order]
-
-
-def convergence_order(residuals):
-    """Largest observed order log(r_{k+1}/r_k) / log(r_k/r_{k-1}) of a Newton history."""
-    r = np.asarray(residuals)
-    r = r[r > 1e-13 * r[0]]
-    orders = [np.log(r[k + 1] / r[k]) / np.log(r[k] / r[k - 1]) for k in range(1, len(r) - 1)]
-    return max(orders) if orders else np.nan
-
-
 @pytest.mark.skip_in_parallel
 def test_tol_zero_reproduces_classic_fe2_and_newton_is_quadratic():
     comm = MPI.COMM_SELF
     runs = {}
     for name, with_model in (("reference", False), ("tol0", True)):
         c = coupler(comm, 0.0, model=with_model)
-        problem, set_load = macro_problem(comm, c)
+        problem, set_load = macro_problem(comm, c, microstructures)
         history = problem.run([0.5, 1.0], set_load)
         runs[name] = (displacement_by_coordinates(problem)[1], history)
         c.close()
@@ -107,7 +65,7 @@ def test_operator_and_mixed_points_keep_quadratic_newton():
     comm = MPI.COMM_SELF
     for tol, fine_points in ((np.inf, 0), (0.05, None)):
         c = coupler(comm, tol)
-        problem, set_load = macro_problem(comm, c, stretch=0.12)
+        problem, set_load = macro_problem(comm, c, microstructures, stretch=0.12)
         history = problem.run([0.5, 1.0], set_load)
         c.close()
         fallback = [h["fallback_points"] for h in history]
@@ -132,7 +90,7 @@ def test_homogeneous_microstructure_gives_single_scale_hyperelastic_solution():
     comm = MPI.COMM_SELF
     family = dict(COMPOSITE, fibre=COMPOSITE["matrix"])
     c = coupler(comm, 0.0, model=False, family=family)
-    problem, set_load = macro_problem(comm, c, n=3, stretch=0.1)
+    problem, set_load = macro_problem(comm, c, microstructures, n=3, stretch=0.1)
     problem.run([0.5, 1.0], set_load)
     c.close()
 
@@ -161,13 +119,13 @@ def test_one_and_two_ranks_agree(mpi_tmp_path, retrain):
     and serially on rank 0."""
     world = MPI.COMM_WORLD
     c = coupler(world, 0.03, replay=mpi_tmp_path / "world", retrain=retrain)
-    problem, set_load = macro_problem(world, c, n=3, stretch=0.12)
+    problem, set_load = macro_problem(world, c, microstructures, n=3, stretch=0.12)
     history = problem.run([0.5, 1.0], set_load)
     c.close()
     x, u = displacement_by_coordinates(problem)
     if world.rank == 0:
         c1 = coupler(MPI.COMM_SELF, 0.03, replay=mpi_tmp_path / "self", retrain=retrain)
-        p1, s1 = macro_problem(MPI.COMM_SELF, c1, n=3, stretch=0.12)
+        p1, s1 = macro_problem(MPI.COMM_SELF, c1, microstructures, n=3, stretch=0.12)
         h1 = p1.run([0.5, 1.0], s1)
         c1.close()
         x1, u1 = displacement_by_coordinates(p1)

@@ -172,7 +172,7 @@ def test_missing_corrupt_or_foreign_checkpoints_give_clear_errors(tmp_path, mode
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         SANO.from_checkpoint(tmp_path / "cut.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="is not a neuroscale-sano"):
+    with pytest.raises(CheckpointError, match="is not a NeuroScale model checkpoint"):
         SANO.from_checkpoint(tmp_path / "other.pt")
 
 

@@ -1,0 +1,385 @@
+"""The run of a coupled DOLFINx example, shared by the FE² and HMM examples.
+
+An example adds its own flags to :func:`coupled_arguments`, builds its Coupler (fine solver,
+model, material family) and the loaded quarter plate with a hole (:func:`quarter_plate`);
+:func:`run_coupled` does the rest: restart and warm start, load stepping with progress on rank 0,
+ParaView fields (``displacement.bp``, ``micro_fields.xdmf``), ``fields.npz``, PNG figures,
+``summary.json``, the comparison with a reference run and the self-check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mpi4py import MPI
+
+import numpy as np
+
+from neuroscale_couple.errors import InputError
+
+LOG = logging.getLogger("neuroscale_couple.run")
+MESH_SIZES = {"coarse": 0.1, "medium": 0.05, "fine": 0.025}
+HOLE_RADIUS = 0.3
+
+
+def coupled_arguments(description: str, *, out: str, model: Path, stretch: float,
+                      tol: float) -> argparse.ArgumentParser:
+    """The command line every coupled example shares (defaults given by the example)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--mesh-size", default="coarse",
+                   help="macro element size: coarse|medium|fine or a number (plate half-width 1)")
+    p.add_argument("--steps", type=int, default=5, help="load steps")
+    p.add_argument("--stretch", type=float, default=stretch, help="final macro stretch δ/1")
+    p.add_argument("--tol", type=float, default=tol,
+                   help="tolerated relative stress error (0 = classic coupling, every point on "
+                   "the fine solver; inf = never fall back)")
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--model", default=str(model))
+    p.add_argument("--reference", action="store_true",
+                   help="the true fine solver at every point (same as --tol 0)")
+    p.add_argument("--no-retrain", action="store_true", help="no online retraining")
+    p.add_argument("--restart", action="store_true", help="resume from OUT/checkpoint")
+    p.add_argument("--compare", help="summary.json/fields.npz folder of a reference run")
+    p.add_argument("--replay-from", action="append", default=[], metavar="DIR",
+                   help="replay/ folder of an earlier run: fine-tune on its fine solves first")
+    p.add_argument("--out", default=out)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def mesh_size(value: str) -> float:
+    """Macro element size from a name or a number."""
+    if value in MESH_SIZES:
+        return MESH_SIZES[value]
+    try:
+        h = float(value)
+    except ValueError:
+        raise InputError(f"--mesh-size {value!r}: use coarse, medium, fine or a number") from None
+    if not 0.005 <= h <= 0.5:
+        raise InputError(f"--mesh-size {h}: choose an element size in [0.005, 0.5]")
+    return h
+
+
+def prepare(args: argparse.Namespace):
+    """Check the shared flags; return the policy, the checkpoint state to restart from (None
+    for a fresh run), the model file and the model (None for a reference run)."""
+    from neuroscale_couple.adapters.fenicsx import FE2Problem
+    from neuroscale_couple.coupler import Policy
+    from neuroscale_couple.operators.base import load_operator
+
+    mesh_size(args.mesh_size)
+    policy = Policy(tol=0.0 if args.reference else args.tol, confidence=args.confidence)
+    if args.replay_from and (args.no_retrain or policy.classic):
+        raise InputError("--replay-from fine-tunes the operator: drop --no-retrain/--reference")
+    if args.steps < 1:
+        raise InputError(f"--steps {args.steps}: give at least one load step")
+    state = FE2Problem.read_checkpoint(Path(args.out) / "checkpoint") if args.restart else None
+    model_path = (state or {}).get("model_file") or args.model
+    model = None if policy.classic else load_operator(model_path)
+    return policy, state, model_path, model
+
+
+def quarter_plate(args: argparse.Namespace, coupler, structures_at: Callable,
+                  comm: MPI.Comm, quadrature_degree: int = 1, petsc_options: dict | None = None):
+    """The loaded quarter plate with a hole: symmetry on x = 0 and y = 0, u_x = t·stretch on
+    x = 1 (``petsc_options`` override the Newton settings of the FE2Problem). Returns the
+    :class:`~neuroscale_couple.adapters.fenicsx.FE2Problem`, the load function t ↦ boundary
+    values and the dofs of the loaded edge."""
+    from dolfinx import fem, mesh
+
+    from neuroscale_couple.adapters.fenicsx import FE2Problem
+
+    msh = plate_with_hole(comm, mesh_size(args.mesh_size), HOLE_RADIUS)
+    V = fem.functionspace(msh, ("Lagrange", 1, (2,)))
+    u = fem.Function(V, name="displacement")
+    fdim = msh.topology.dim - 1
+    msh.topology.create_connectivity(fdim, msh.topology.dim)
+    edges = {name: mesh.locate_entities_boundary(msh, fdim, where) for name, where in (
+        ("left", lambda x: np.isclose(x[0], 0.0)), ("bottom", lambda x: np.isclose(x[1], 0.0)),
+        ("right", lambda x: np.isclose(x[0], 1.0)))}
+    dofs = {"left": fem.locate_dofs_topological(V.sub(0), fdim, edges["left"]),
+            "bottom": fem.locate_dofs_topological(V.sub(1), fdim, edges["bottom"]),
+            "right": fem.locate_dofs_topological(V.sub(0), fdim, edges["right"])}
+    delta = fem.Constant(msh, 0.0)
+    bcs = [fem.dirichletbc(0.0, dofs["left"], V.sub(0)),
+           fem.dirichletbc(0.0, dofs["bottom"], V.sub(1)),
+           fem.dirichletbc(delta, dofs["right"], V.sub(0))]
+    problem = FE2Problem(u, bcs, coupler, structures_at, quadrature_degree=quadrature_degree,
+                         petsc_options=petsc_options)
+
+    def set_load(t: float) -> None:
+        delta.value = args.stretch * t
+
+    return problem, set_load, dofs["right"]
+
+
+def plate_with_hole(comm: MPI.Comm, h: float, radius: float):
+    """Quarter plate [0, 1]² minus the disc of ``radius`` at the origin (gmsh), refined to h/3
+    at the hole."""
+    import gmsh
+    from dolfinx.io import gmsh as gmshio
+
+    gmsh.initialize(interruptible=False)
+    gmsh.option.setNumber("General.Terminal", 0)
+    if comm.rank == 0:
+        occ = gmsh.model.occ
+        plate = occ.addRectangle(0, 0, 0, 1, 1)
+        hole = occ.addDisk(0, 0, 0, radius, radius)
+        body, _ = occ.cut([(2, plate)], [(2, hole)])
+        occ.synchronize()
+        gmsh.model.addPhysicalGroup(2, [body[0][1]], 1)
+        gmsh.option.setNumber("Mesh.CharacteristicLengthMax", h)
+        gmsh.option.setNumber("Mesh.CharacteristicLengthMin", h / 3)
+        field = gmsh.model.mesh.field
+        dist = field.add("Distance")
+        curves = [c[1] for c in gmsh.model.getBoundary(body, oriented=False)]
+        arc = [c for c in curves if abs(gmsh.model.occ.getMass(1, c) - np.pi * radius / 2)
+               < 1e-6]
+        field.setNumbers(dist, "CurvesList", arc)
+        thr = field.add("Threshold")
+        field.setNumber(thr, "InField", dist)
+        field.setNumber(thr, "SizeMin", h / 3)
+        field.setNumber(thr, "SizeMax", h)
+        field.setNumber(thr, "DistMin", 0.0)
+        field.setNumber(thr, "DistMax", 0.5)
+        field.setAsBackgroundMesh(thr)
+        gmsh.option.setNumber("Mesh.MeshSizeExtendFromBoundary", 0)
+        gmsh.model.mesh.generate(2)
+    data = gmshio.model_to_mesh(gmsh.model, comm, 0, gdim=2)
+    gmsh.finalize()
+    return data.mesh
+
+
+@dataclass
+class CoupledRun:
+    """What an example hands to :func:`run_coupled`.
+
+    problem : the :class:`~neuroscale_couple.adapters.fenicsx.FE2Problem`.
+    coupler : its :class:`~neuroscale_couple.coupler.Coupler`.
+    set_load : load factor t ∈ (0, 1] → boundary values.
+    reaction_dofs : dofs whose reaction force is recorded per step.
+    state : checkpoint to restart from (None: fresh run).
+    stress_unit : for plot labels, e.g. "GPa".
+    """
+
+    problem: object
+    coupler: object
+    set_load: object
+    reaction_dofs: np.ndarray
+    state: dict | None
+    stress_unit: str = "GPa"
+
+
+def run_example(args: argparse.Namespace, build: Callable, comm: MPI.Comm = MPI.COMM_WORLD
+                ) -> dict:
+    """Log progress on rank 0 (unless ``args.quiet``), ``build(args, comm)`` the example's
+    :class:`CoupledRun` and run it (:func:`run_coupled`)."""
+    logging.basicConfig(level=logging.WARNING if args.quiet or comm.rank else logging.INFO,
+                        format="%(message)s")
+    return run_coupled(build(args, comm), args, comm)
+
+
+def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.COMM_WORLD
+                ) -> dict:
+    """Step the load, write every output into ``args.out`` and return the summary.
+
+    ``args`` carries ``out``, ``steps``, ``restart``, ``replay_from``, ``no_retrain`` and
+    ``compare`` as the examples' command lines define them.
+    """
+    problem, coupler = run.problem, run.coupler
+    out = Path(args.out)
+    t_start = time.perf_counter()
+    if comm.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not args.restart:
+            for old in (out / "replay").glob("*.h5"):
+                old.unlink()
+    comm.Barrier()
+    if run.state is not None:
+        if comm.rank == 0:
+            coupler.replay.discard_after(run.state["step"])
+        coupler.version = run.state.get("version", coupler.version)
+        comm.Barrier()
+    if not args.restart and coupler.warm_start():
+        LOG.info("operator fine-tuned on %s: model version %d", ", ".join(args.replay_from),
+                 coupler.version)
+    LOG.info("macro: %d dofs, %d quadrature points (one fine problem each), %d ranks; tol %s",
+             problem.dofs, problem.n_points, comm.size, coupler.policy.tol)
+
+    def on_step(record: dict) -> None:
+        record["reaction_force"] = problem.reaction(run.reaction_dofs)
+        record["n_points"] = problem.n_points
+        LOG.info("step %d  load %.3f  Newton %d (|R| %s)  fallback %d/%d  fine %.1f s  "
+                 "operator %.3f s  retrain %.1f s  model v%d  reaction %.5g", record["step"],
+                 record["load"], record["newton_iterations"],
+                 " ".join(f"{r:.1e}" for r in record["residuals"][-1]),
+                 record["fallback_points"], problem.n_points, record["fine_time_s"],
+                 record["operator_time_s"], record["retrain_time_s"], record["model_version"],
+                 record["reaction_force"])
+
+    loads = np.linspace(0, 1, args.steps + 1)[1:]
+    saver = None if coupler.model is None else coupler.model.save
+    history = problem.run(loads, run.set_load, checkpoint_dir=out / "checkpoint",
+                          restart=args.restart, on_step=on_step, model_saver=saver)
+    u_norm = comm.allreduce(float(np.sum(problem.u.x.array[
+        : 2 * problem.u.function_space.dofmap.index_map.size_local] ** 2))) ** 0.5
+    fields = gather_fields(problem)
+    write_fields(problem, out)
+    coupler.close()
+    summary = {
+        "dofs": problem.dofs, "quadrature_points": problem.n_points, "ranks": comm.size,
+        "tol": coupler.policy.tol, "confidence": coupler.policy.confidence,
+        "reference": coupler.policy.classic, "retrain": not args.no_retrain,
+        "steps": history, "total_time_s": time.perf_counter() - t_start,
+        "micro_time_s": sum(h["fine_time_s"] + h["operator_time_s"] for h in history),
+        "fallback_rate": sum(h["fallback_points"] for h in history)
+        / (len(history) * problem.n_points),
+        "newton_iterations": [h["newton_iterations"] for h in history],
+        "displacement_norm": u_norm, "reaction_force": history[-1]["reaction_force"],
+        "model_version": coupler.version,
+    }
+    if comm.rank == 0:
+        np.savez(out / "fields.npz", **fields)
+        reference = None
+        if args.compare:
+            summary.update(compare(fields, Path(args.compare)))
+            reference = json.loads((Path(args.compare) / "summary.json").read_text())
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        plot(fields, history, out, reference, run.stress_unit)
+        check(summary)
+        LOG.info("done in %.1f s: %s", summary["total_time_s"], out / "summary.json")
+    return summary
+
+
+def gather_fields(problem) -> dict | None:
+    """Point-wise and dof-wise results on rank 0 (None elsewhere)."""
+    n = len(problem.point_ids)
+    V = problem.u.function_space
+    n_own = V.dofmap.index_map.size_local
+    local = {"point_id": problem.point_ids, "x_point": problem.points,
+             "stress": problem.stress.x.array[: 4 * n].reshape(-1, 2, 2).copy(),
+             "uncertainty": problem.uncertainty.x.array[:n].copy(),
+             "source": problem.source.x.array[:n].copy(),
+             "x_dof": V.tabulate_dof_coordinates()[:n_own, :2],
+             "u": problem.u.x.array[: 2 * n_own].reshape(-1, 2).copy()}
+    parts = problem.comm.gather(local, root=0)
+    if parts is None:
+        return None
+    out = {k: np.concatenate([p[k] for p in parts]) for k in local}
+    order = np.argsort(out["point_id"])
+    for k in ("point_id", "x_point", "stress", "uncertainty", "source"):
+        out[k] = out[k][order]
+    order = np.lexsort(np.round(out["x_dof"], 9).T[::-1])
+    out["x_dof"], out["u"] = out["x_dof"][order], out["u"][order]
+    return out
+
+
+def write_fields(problem, out: Path) -> None:
+    """VTX displacement and XDMF cell fields for ParaView."""
+    from dolfinx import fem, io
+
+    msh = problem.mesh
+    with io.VTXWriter(msh.comm, str(out / "displacement.bp"), [problem.u]) as vtx:
+        vtx.write(0.0)
+    cells = {}
+    for name, f, shape, red in (("stress", problem.stress, (2, 2), "mean"),
+                                ("uncertainty", problem.uncertainty, (), "max"),
+                                ("source", problem.source, (), "max")):
+        Q = fem.functionspace(msh, ("DG", 0, shape) if shape else ("DG", 0))
+        g = fem.Function(Q, name=name)
+        vals = problem.cell_average(f, red)
+        g.x.array[: vals.size] = vals.ravel()
+        g.x.scatter_forward()
+        cells[name] = g
+    with io.XDMFFile(msh.comm, str(out / "micro_fields.xdmf"), "w") as xdmf:
+        xdmf.write_mesh(msh)
+        for g in cells.values():
+            xdmf.write_function(g)
+
+
+def plot(fields: dict, history: list[dict], out: Path, reference: dict | None,
+         stress_unit: str = "GPa") -> None:
+    """PNG figures: maps of P̄₁₁, uncertainty and source; curves per load step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = fields["x_point"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    for ax, values, title, cmap in (
+            (axes[0], fields["stress"][:, 0, 0], f"P̄₁₁ ({stress_unit})", "viridis"),
+            (axes[1], np.nan_to_num(fields["uncertainty"]), "relative error bound", "magma"),
+            (axes[2], fields["source"], "source (0 operator, 1 fine, 2 failed)", "coolwarm")):
+        sc = ax.scatter(x[:, 0], x[:, 1], c=values, s=8, cmap=cmap)
+        fig.colorbar(sc, ax=ax)
+        ax.set_title(title)
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(out / "fields.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    loads = [0.0] + [h["load"] for h in history]
+    axes[0].plot(loads, [0.0] + [h["reaction_force"] for h in history], "o-", label="this run")
+    if reference is not None:
+        ref = reference["steps"]
+        axes[0].plot([0.0] + [h["load"] for h in ref],
+                     [0.0] + [h["reaction_force"] for h in ref], "k--", label="reference")
+    axes[0].set_xlabel("load factor t (δ = t · stretch)")
+    axes[0].set_ylabel(f"reaction force ({stress_unit} · length)")
+    axes[0].legend()
+    n = max(1, history[-1].get("n_points", 1))
+    axes[1].bar([h["step"] for h in history], [h["fallback_points"] / n for h in history])
+    axes[1].set_xlabel("load step")
+    axes[1].set_ylabel("fallback rate")
+    twin = axes[1].twinx()
+    twin.plot([h["step"] for h in history], [h["model_version"] for h in history], "r.-")
+    twin.set_ylabel("model version", color="r")
+    fig.tight_layout()
+    fig.savefig(out / "steps.png", dpi=110)
+    plt.close(fig)
+
+
+def compare(fields: dict, ref_dir: Path) -> dict:
+    """Relative L2 errors of displacement and stress against a reference run's fields.npz."""
+    with np.load(ref_dir / "fields.npz") as ref:
+        if not (np.array_equal(ref["point_id"], fields["point_id"])
+                and np.allclose(ref["x_dof"], fields["x_dof"])):
+            raise SystemExit(f"--compare {ref_dir}: the reference used another mesh")
+        du = np.linalg.norm(fields["u"] - ref["u"]) / np.linalg.norm(ref["u"])
+        ds = np.linalg.norm(fields["stress"] - ref["stress"]) / np.linalg.norm(ref["stress"])
+    return {"rel_l2_displacement": float(du), "rel_l2_stress": float(ds)}
+
+
+def check(summary: dict) -> None:
+    """The examples' self-check (raises SystemExit with the reason)."""
+    forces = [h["reaction_force"] for h in summary["steps"]]
+    if any(b <= a for a, b in zip([0.0, *forces], forces, strict=False)):
+        raise SystemExit(f"self-check failed: reaction force does not grow with load: {forces}")
+    if summary["steps"][-1]["failed_points"]:
+        LOG.warning("%d points kept the operator's value after failed fine solves",
+                    summary["steps"][-1]["failed_points"])
+    if "rel_l2_displacement" in summary:
+        LOG.info("against the reference: displacement error %.2e, stress error %.2e",
+                 summary["rel_l2_displacement"], summary["rel_l2_stress"])
+
+
+def main_guard(main, name: str) -> None:
+    """Run an example's ``main``; a :class:`NeuroScaleError` (raised on every rank alike,
+    before collective work) becomes a one-line message and exit code 2."""
+    import sys
+
+    from neuroscale_couple.errors import NeuroScaleError
+
+    try:
+        main()
+    except NeuroScaleError as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        sys.exit(2)

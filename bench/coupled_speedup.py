@@ -1,0 +1,128 @@
+"""Speed-up of a coupled example: the same macro problem with the true fine solver at every point
+(``--reference``) and with the operator.
+
+Runs ``examples/<example>.py`` under ``mpiexec -n NP`` four times on one mesh:
+
+- ``reference``: the true fine solver at every quadrature point, every Newton iteration;
+- ``operator``: the Coupler at --tol with online retraining (the product);
+- ``no_retrain``: the same without retraining (fallback-rate curve for comparison);
+- ``operator_only``: tol = inf, never falling back (the operator's own cost and error).
+
+Prints a table and writes ``bench/results/<name>.json`` (``speedup_total`` and ``speedup_micro``
+of the ``operator`` run against the reference, ``rel_l2_displacement``, ``rel_l2_stress``,
+``fallback_rate``, ``newton_iterations``, ``ranks``, and every run's figures) plus
+``bench/results/<name>_fallback.png`` (fallback rate per step with and without retraining).
+The entry points are fe2_speedup.py and hmm_speedup.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+RUNS = {"reference": ["--reference"], "operator": [], "no_retrain": ["--no-retrain"],
+        "operator_only": ["--tol", "inf"]}
+
+
+def run(name: str, args: argparse.Namespace, out: Path, example: str) -> dict:
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    cmd = [str(mpiexec), "-n", str(args.np), sys.executable,
+           str(ROOT / "examples" / f"{example}.py"), "--mesh-size", str(args.mesh_size),
+           "--steps", str(args.steps), "--stretch", str(args.stretch), "--tol", str(args.tol),
+           "--out", str(out / name), "--quiet", *RUNS[name]]
+    if name != "reference":
+        cmd += ["--compare", str(out / "reference")]
+    print(f"[{name}] {' '.join(cmd[3:])}", flush=True)
+    subprocess.run(cmd, check=True)
+    return json.loads((out / name / "summary.json").read_text())
+
+
+def main(example: str, name: str, title: str, description: str, *, mesh_size: str,
+         stretch: float, tol: float = 0.05) -> dict:
+    """Run ``examples/<example>.py`` as described in the module docstring; returns the record
+    (also written to bench/results/<name>.json)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--np", type=int, default=2, help="MPI ranks")
+    p.add_argument("--mesh-size", default=mesh_size)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--stretch", type=float, default=stretch)
+    p.add_argument("--tol", type=float, default=tol)
+    p.add_argument("--out", default=f"out/bench_{example}")
+    p.add_argument("--name", default=name, help="record name in bench/results")
+    args = p.parse_args()
+    out = Path(args.out)
+    s = {name: run(name, args, out, example) for name in RUNS}
+    ref, op = s["reference"], s["operator"]
+    newton_ref = ref["newton_iterations"]
+    record = {
+        "ranks": args.np, "mesh_size": args.mesh_size, "steps": args.steps,
+        "stretch": args.stretch, "tol": args.tol, "dofs": ref["dofs"],
+        "quadrature_points": ref["quadrature_points"],
+        "speedup_total": ref["total_time_s"] / op["total_time_s"],
+        "speedup_micro": ref["micro_time_s"] / op["micro_time_s"],
+        "rel_l2_displacement": op["rel_l2_displacement"],
+        "rel_l2_stress": op["rel_l2_stress"],
+        "fallback_rate": op["fallback_rate"],
+        "newton_iterations": {"reference": newton_ref, "operator": op["newton_iterations"]},
+        "newton_within_one": all(abs(a - b) <= 1 for a, b in
+                                 zip(op["newton_iterations"], newton_ref, strict=True)),
+        "fallback_per_step": {name: [h["fallback_points"] / s[name]["quadrature_points"]
+                                     for h in s[name]["steps"]] for name in s},
+        "runs": {name: {k: s[name][k] for k in ("total_time_s", "micro_time_s", "fallback_rate",
+                                                "newton_iterations", "reaction_force",
+                                                "displacement_norm")}
+                 | {k: s[name].get(k) for k in ("rel_l2_displacement", "rel_l2_stress")}
+                 | {"retrain_time_s": sum(h["retrain_time_s"] for h in s[name]["steps"]),
+                    "fine_time_s": sum(h["fine_time_s"] for h in s[name]["steps"]),
+                    "operator_time_s": sum(h["operator_time_s"] for h in s[name]["steps"])}
+                 for name in s},
+    }
+    record["speedup_total_operator_only"] = (ref["total_time_s"]
+                                             / s["operator_only"]["total_time_s"])
+    record["speedup_micro_operator_only"] = (ref["micro_time_s"]
+                                             / s["operator_only"]["micro_time_s"])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=1))
+    plot(record, RESULTS / f"{args.name}_fallback.png", title)
+
+    print(f"\n{title} on {args.np} ranks: {ref['dofs']} macro dofs, {ref['quadrature_points']} "
+          f"quadrature points, {args.steps} steps to stretch {args.stretch}")
+    print(f"{'run':<15}{'total s':>9}{'micro s':>9}{'fine s':>8}{'retrain s':>10}"
+          f"{'fallback':>9}{'err u':>9}{'err P':>9}  Newton/step")
+    for name, r in record["runs"].items():
+        eu, es = r["rel_l2_displacement"], r["rel_l2_stress"]
+        print(f"{name:<15}{r['total_time_s']:9.1f}{r['micro_time_s']:9.2f}"
+              f"{r['fine_time_s']:8.2f}{r['retrain_time_s']:10.1f}{r['fallback_rate']:9.3f}"
+              f"{'' if eu is None else f'{eu:9.2e}':>9}{'' if es is None else f'{es:9.2e}':>9}"
+              f"  {r['newton_iterations']}")
+    print(f"speed-up total {record['speedup_total']:.1f}× (operator only "
+          f"{record['speedup_total_operator_only']:.1f}×), micro part "
+          f"{record['speedup_micro']:.1f}× (operator only "
+          f"{record['speedup_micro_operator_only']:.0f}×) → bench/results/{args.name}.json")
+    return record
+
+
+def plot(record: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in ("operator", "no_retrain"):
+        rates = record["fallback_per_step"][name]
+        ax.plot(range(1, len(rates) + 1), rates, "o-",
+                label="online retraining" if name == "operator" else "frozen operator")
+    ax.set_xlabel("load step")
+    ax.set_ylabel("fraction of points on the fine solver")
+    ax.set_title(f"{title} fallback rate (tol {record['tol']}, {record['ranks']} ranks)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

@@ -1,0 +1,196 @@
+"""What every operator shares: the probabilistic coarse-graining heads and the checkpoint format.
+
+An operator maps a structure (a fibre microstructure image, a crystal descriptor) to a latent z
+once (:meth:`CoarseGrainingOperator.encode`), then per Newton iteration maps (z, F̄) to an ensemble
+of energy-based stresses P̄_m = ∂W̄_m/∂F̄ with tangents and aleatoric covariances
+(:meth:`CoarseGrainingOperator.predict`). Subclasses give the encoder, the structure inputs and
+the check that a fine solver's material family is the one the model was trained for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import pickle
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from neuroscale_couple import __version__
+from neuroscale_couple.errors import CheckpointError, InputError
+from neuroscale_couple.operators.heads import CovarianceHead, EnergyHead, green_lagrange_mandel
+from neuroscale_couple.store import atomic_write
+
+_PAIRS = list(itertools.product(range(2), range(2)))
+
+
+class CoarseGrainingOperator(nn.Module):
+    """Base of the operators; stresses in the unit of the training data, F̄ dimensionless.
+
+    Subclasses set ``FORMAT`` and ``CONFIG`` (a frozen dataclass with ``from_dict``), call
+    :meth:`_build_heads` and :meth:`_build_buffers` in their constructor and implement
+    :meth:`encode`, :meth:`structure_inputs` and :meth:`check_family`.
+    """
+
+    FORMAT: ClassVar[str]
+    CONFIG: ClassVar[type]
+
+    def _build_heads(self, members: int, latent: int, hidden: int, correction: bool) -> None:
+        """The probabilistic coarse-graining heads (energy ensemble, aleatoric covariance)."""
+        self.energy = EnergyHead(members, latent, hidden, correction)
+        self.covariance = CovarianceHead(members, latent, hidden)
+
+    def _build_buffers(self) -> None:
+        """Normalisation buffers (σ_ref, e_ref, A_ref), calibration and model card."""
+        # normalisation travels with the model: stress scale, strain scale, tangent scale
+        self.register_buffer("sigma_ref", torch.tensor(1.0, dtype=torch.float64))
+        self.register_buffer("e_ref", torch.tensor(0.1, dtype=torch.float64))
+        self.register_buffer("tangent_ref", torch.tensor(1.0, dtype=torch.float64))
+        self.calibration: dict = {}
+        self.card: dict = {}
+
+    # ------------------------------------------------------------------ subclass interface
+    def encode(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latent z (B, latent) of structure inputs, and a feature map for fine-graining (or
+        None when the operator has no decoder)."""
+        raise NotImplementedError
+
+    def structure_inputs(self, structures: Sequence) -> torch.Tensor:
+        """The encoder's input tensor for structure objects, made as in training, on the
+        model's device and dtype."""
+        raise NotImplementedError
+
+    def check_family(self, family: dict) -> None:
+        """Raise :class:`InputError` if the fine solver's material ``family`` config is not the
+        one the model was trained for."""
+        raise NotImplementedError
+
+    @property
+    def input_resolution(self) -> int | None:
+        """Resolution of the model's input images (None for operators without images)."""
+        return getattr(self.config, "resolution", None)
+
+    # ------------------------------------------------------------------ normalisation
+    def set_normalisation(self, F: torch.Tensor, P: torch.Tensor, A: torch.Tensor) -> None:
+        """Scales from training data: F (S, 2, 2), P (S, 2, 2), A (S, 2, 2, 2, 2)."""
+        self.sigma_ref.fill_(float(P.std()))
+        self.e_ref.fill_(float(green_lagrange_mandel(F.double()).std()))
+        self.tangent_ref.fill_(float(A.std()))
+
+    # ------------------------------------------------------------------ coarse-graining
+    def members_response(self, z: torch.Tensor, F: torch.Tensor, *, tangent: bool = True,
+                         create_graph: bool = False) -> dict[str, torch.Tensor]:
+        """Per-member stress P_m (M, B, 2, 2), tangent A_m (M, B, 2, 2, 2, 2) and Cholesky
+        factor L_m (M, B, 4, 4) of Σ_m = σ_ref² L_m L_mᵀ, for latents z (B, latent), F (B, 2, 2).
+
+        ``create_graph`` keeps the graph for training through P and A (Sobolev loss).
+        """
+        M = self.config.members
+        with torch.enable_grad():
+            Fm = F.detach().unsqueeze(0).expand(M, -1, -1, -1).clone().requires_grad_(True)
+            e_ref = self.e_ref.to(F.dtype)
+            e = green_lagrange_mandel(Fm) / e_ref
+            zm = z.unsqueeze(0).expand(M, -1, -1)
+            C = Fm.transpose(-1, -2) @ Fm
+            W = self.energy(zm, C, e, e_ref) * (self.sigma_ref.to(F.dtype) * e_ref)
+            P = torch.autograd.grad(W.sum(), Fm, create_graph=create_graph or tangent)[0]
+            out = {"stress": P, "chol": self.covariance(zm, e.detach() if not create_graph else e),
+                   "energy": W}
+            if tangent:
+                rows = [torch.autograd.grad(P[..., i, j].sum(), Fm, create_graph=create_graph,
+                                            retain_graph=True)[0] for i, j in _PAIRS]
+                out["tangent"] = torch.stack(rows, dim=-3).reshape(*P.shape, 2, 2)
+        if not create_graph:
+            out = {k: v.detach() for k, v in out.items()}
+        return out
+
+    def predict(self, z: torch.Tensor, F: torch.Tensor, *, tangent: bool = True
+                ) -> dict[str, torch.Tensor]:
+        """Ensemble prediction: ``mean`` (B, 2, 2), ``cov`` (B, 4, 4) = aleatoric + epistemic,
+        ``energy`` (B,) strain energy density W̄ (stress unit) with mean = ∂W̄/∂F̄,
+        ``tangent`` (B, 2, 2, 2, 2) = ∂mean/∂F̄ (if asked), all without a graph."""
+        r = self.members_response(z, F, tangent=tangent)
+        P = r["stress"]
+        mean = P.mean(0)
+        dev = (P - mean).flatten(-2)
+        sigma2 = (self.sigma_ref**2).to(F.dtype)
+        cov = sigma2 * (r["chol"] @ r["chol"].transpose(-1, -2)).mean(0)
+        cov = cov + torch.einsum("mbi,mbj->bij", dev, dev) / P.shape[0]
+        out = {"mean": mean, "cov": cov, "energy": r["energy"].mean(0)}
+        if tangent:
+            out["tangent"] = r["tangent"].mean(0)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | Path) -> None:
+        """Write weights, config, normalisation, calibration and card atomically."""
+        payload = {"format": self.FORMAT, "version": __version__,
+                   "config": json.dumps(dataclasses.asdict(self.config)),
+                   "state_dict": self.state_dict(),
+                   "calibration": json.dumps(self.calibration), "card": json.dumps(self.card)}
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu"):
+        """Rebuild a model from a file written by :meth:`save` (no code is unpickled)."""
+        payload = _read_payload(path, map_location)
+        if payload.get("format") != cls.FORMAT:
+            raise CheckpointError(f"{path} is not a {cls.FORMAT} checkpoint (it holds "
+                                  f"{payload.get('format')!r}): load it with load_operator")
+        return cls._from_payload(payload, path, map_location)
+
+    @classmethod
+    def _from_payload(cls, payload: dict, path, map_location):
+        try:
+            model = cls(cls.CONFIG.from_dict(json.loads(payload["config"])))
+            model.load_state_dict(payload["state_dict"])
+            model.calibration = json.loads(payload.get("calibration", "{}"))
+            model.card = json.loads(payload.get("card", "{}"))
+        except (KeyError, RuntimeError, json.JSONDecodeError, InputError) as err:
+            raise CheckpointError(f"{path} does not match this version of {cls.__name__} "
+                                  f"({err})") from None
+        return model.to(map_location)
+
+
+def _read_payload(path: str | Path, map_location) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} does not exist: train one with "
+                              "`neuroscale train` or use a model shipped in examples/models/")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile,
+            ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable NeuroScale model ({err}); it may be "
+                              "truncated or corrupt: re-copy or retrain it") from None
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise CheckpointError(f"{path} is not a NeuroScale model checkpoint")
+    return payload
+
+
+def load_operator(path: str | Path, map_location: str | torch.device = "cpu"
+                  ) -> CoarseGrainingOperator:
+    """Any NeuroScale operator from its checkpoint (the class is chosen by the file's format)."""
+    from neuroscale_couple.operators.crystal import CrystalOperator
+    from neuroscale_couple.operators.sano import SANO
+
+    payload = _read_payload(path, map_location)
+    for cls in (SANO, CrystalOperator):
+        if payload["format"] == cls.FORMAT:
+            return cls._from_payload(payload, path, map_location)
+    raise CheckpointError(f"{path} holds an operator of format {payload['format']!r}, unknown to "
+                          f"NeuroScale {__version__}")
+
+
+def dataclass_from_dict(cls, d: dict):
+    """A frozen config dataclass from a mapping; unknown keys raise :class:`InputError`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise InputError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

