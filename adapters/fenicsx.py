@@ -194,6 +194,9 @@ class FE2Problem:
                 raise InputError("restart needs the checkpoint directory of the killed run")
             state = self.load_checkpoint(ckpt)
             history, t_done, first = state["history"], state["load"], state["step"] + 1
+            restore = getattr(self.micro, "restore_state", None)
+            if restore is not None:
+                restore(state.get("micro_state", {}))
         for k in range(first, len(loads)):
             record = self._step(k, t_done, loads[k], set_load, max_cutbacks)
             history.append(record)
@@ -275,7 +278,8 @@ class FE2Problem:
     def write_checkpoint(self, directory: Path, step: int, load: float, history: list[dict],
                          model_saver: Callable[[Path], None] | None = None) -> None:
         """Write u (by dof coordinates, so any rank count can read it), the model (if a
-        ``model_saver`` is given) and the step history; atomic, collective."""
+        ``model_saver`` is given), the micro solver's ``checkpoint_state()`` (if it has one) and
+        the step history; atomic, collective."""
         V = self.u.function_space
         n_own = V.dofmap.index_map.size_local
         coords = V.tabulate_dof_coordinates()[:n_own, :2]
@@ -291,7 +295,8 @@ class FE2Problem:
             u_file = f"u_step{step:04d}.npz"
             atomic_write(directory / u_file, lambda tmp: _save_npz(tmp, x=c, u=v))
             state = {"step": step, "load": load, "u_file": u_file, "model_file": model_file,
-                     "history": history, "version": getattr(self.micro, "version", 0)}
+                     "history": history,
+                     "micro_state": getattr(self.micro, "checkpoint_state", dict)()}
             atomic_write(directory / "state.json",
                          lambda tmp: tmp.write_text(json.dumps(state, indent=1)))
             for old in directory.glob("*_step*"):

@@ -28,7 +28,7 @@ MESH_SIZES = {"coarse": 0.1, "medium": 0.05, "fine": 0.025}
 HOLE_RADIUS = 0.3
 
 
-def coupled_arguments(description: str, *, out: str, model: Path, stretch: float,
+def coupled_arguments(description: str, *, out: str, model: Path | None, stretch: float,
                       tol: float) -> argparse.ArgumentParser:
     """The command line every coupled example shares (defaults given by the example)."""
     p = argparse.ArgumentParser(description=description)
@@ -40,7 +40,7 @@ def coupled_arguments(description: str, *, out: str, model: Path, stretch: float
                    help="tolerated relative stress error (0 = classic coupling, every point on "
                    "the fine solver; inf = never fall back)")
     p.add_argument("--confidence", type=float, default=0.95)
-    p.add_argument("--model", default=str(model))
+    p.add_argument("--model", default=None if model is None else str(model))
     p.add_argument("--reference", action="store_true",
                    help="the true fine solver at every point (same as --tol 0)")
     p.add_argument("--no-retrain", action="store_true", help="no online retraining")
@@ -182,30 +182,30 @@ def run_example(args: argparse.Namespace, build: Callable, comm: MPI.Comm = MPI.
     :class:`CoupledRun` and run it (:func:`run_coupled`)."""
     logging.basicConfig(level=logging.WARNING if args.quiet or comm.rank else logging.INFO,
                         format="%(message)s")
-    return run_coupled(build(args, comm), args, comm)
+    t_start = time.perf_counter()
+    return run_coupled(build(args, comm), args, comm, t_start)
 
 
-def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.COMM_WORLD
-                ) -> dict:
+def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.COMM_WORLD,
+                t_start: float | None = None) -> dict:
     """Step the load, write every output into ``args.out`` and return the summary.
 
     ``args`` carries ``out``, ``steps``, ``restart``, ``replay_from``, ``no_retrain`` and
-    ``compare`` as the examples' command lines define them.
+    ``compare`` as the examples' command lines define them; ``total_time_s`` counts from
+    ``t_start`` (``time.perf_counter()`` before the set-up; default: now).
     """
     problem, coupler = run.problem, run.coupler
     out = Path(args.out)
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() if t_start is None else t_start
     if comm.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if not args.restart:
             for old in (out / "replay").glob("*.h5"):
                 old.unlink()
     comm.Barrier()
-    if run.state is not None:
-        if comm.rank == 0:
-            coupler.replay.discard_after(run.state["step"])
-        coupler.version = run.state.get("version", coupler.version)
-        comm.Barrier()
+    if run.state is not None and comm.rank == 0:
+        coupler.replay.discard_after(run.state["step"])
+    comm.Barrier()
     if not args.restart and coupler.warm_start():
         LOG.info("operator fine-tuned on %s: model version %d", ", ".join(args.replay_from),
                  coupler.version)

@@ -39,7 +39,7 @@ from neuroscale_couple.adapters.fenicsx_driver import (
     run_example,
 )
 
-DEFAULT_MODEL = Path(__file__).parent / "models" / "hmm_cu.pt"
+MODELS = Path(__file__).parent / "models"
 CRYSTAL = {"element": "Cu", "lattice": "fcc", "supercell": [2, 2, 2], "vacancies": 1,
            "fmax": 1e-7}
 # relaxed stresses carry ~1e-7 GPa of relaxation noise (fmax 1e-7 eV/Å): Newton stops at a
@@ -50,14 +50,17 @@ CALCULATORS = {"emt": "emt",
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = coupled_arguments(__doc__.splitlines()[0], out="out/hmm_atomistic", model=DEFAULT_MODEL,
-                          stretch=0.02, tol=0.05)
+    p = coupled_arguments(__doc__.splitlines()[0], out="out/hmm_atomistic", model=None,
+                          stretch=0.04, tol=0.03)
     p.add_argument("--calculator", choices=sorted(CALCULATORS), default="emt",
                    help="interatomic potential of the fine solver")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="K; > 0: Langevin NVT virial averages instead of static relaxation")
-    p.add_argument("--md-steps", type=int, default=1000, help="MD production steps per solve")
-    return p.parse_args(argv)
+    p.add_argument("--md-steps", type=int, default=400, help="MD production steps per solve")
+    args = p.parse_args(argv)
+    if args.model is None:  # the shipped model of the fine solver's temperature
+        args.model = str(MODELS / ("hmm_cu_thermal.pt" if args.temperature > 0 else "hmm_cu.pt"))
+    return args
 
 
 def crystal_config(args: argparse.Namespace) -> dict:
@@ -69,8 +72,9 @@ def crystal_config(args: argparse.Namespace) -> dict:
         raise InputError(f"--temperature {args.temperature}: give a temperature ≥ 0 K")
     cfg = dict(CRYSTAL, calculator=CALCULATORS[args.calculator])
     cfg["a0"] = cauchy_born_from_config(cfg)[1]
-    if args.temperature > 0:
-        cfg.update(temperature=args.temperature, md_steps=args.md_steps)
+    if args.temperature > 0:  # as in hmm_cu_thermal.data.yaml
+        cfg.update(temperature=args.temperature, md_steps=args.md_steps,
+                   equilibration_steps=100)
     return cfg
 
 

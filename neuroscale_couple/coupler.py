@@ -436,6 +436,16 @@ class Coupler(FineSolver):
         self._fell_back.clear()
         return out
 
+    def checkpoint_state(self) -> dict:
+        """What a restart needs besides the model file: the model version and the count of
+        fine solves since the last retraining (so retraining happens at the same steps)."""
+        return {"version": self.version, "new_since_retrain": self._new_since_retrain}
+
+    def restore_state(self, state: dict) -> None:
+        """Resume from :meth:`checkpoint_state` (the model itself is loaded by the caller)."""
+        self.version = int(state.get("version", self.version))
+        self._new_since_retrain = int(state.get("new_since_retrain", 0))
+
     # ------------------------------------------------------------------ retraining
     def replay_data(self, up_to_step: int | None = None):
         """The fine solves of earlier runs (``retrain.replay_from``) and of this run up to

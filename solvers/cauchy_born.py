@@ -36,12 +36,15 @@ import numpy as np
 from ase import Atoms, units
 from ase.constraints import FixCom
 from ase.optimize import LBFGS
+from ase.parallel import DummyMPI
 
 from neuroscale_couple.errors import InputError, SolveError
 from neuroscale_couple.fine import FineSolver, MicroResult
 from neuroscale_couple.tensors import as_deformation_batch
 
 log = logging.getLogger(__name__)
+# ASE's optimizers and MD broadcast over MPI_COMM_WORLD by default; a cell is solved by one rank
+SERIAL = DummyMPI()
 
 
 def statistical_error(x: np.ndarray, c: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
@@ -195,7 +198,7 @@ class CauchyBorn(FineSolver):
                                    if start is None else start)
         steps = 0
         if self.relax:
-            opt = LBFGS(atoms, logfile=None)
+            opt = LBFGS(atoms, logfile=None, comm=SERIAL)
             converged = opt.run(fmax=self.fmax, steps=self.max_steps)
             steps = opt.get_number_of_steps()
             if not converged:
@@ -216,10 +219,10 @@ class CauchyBorn(FineSolver):
         atoms.set_cell(self.reference.cell.array @ F.T, scale_atoms=False)
         atoms.set_scaled_positions(scaled)
         rng = np.random.default_rng(self._rng.integers(2**63))
-        thermalize_momenta(atoms, self.temperature, rng=rng)
+        thermalize_momenta(atoms, self.temperature, rng=rng, comm=SERIAL)
         atoms.set_constraint(FixCom())  # no drift of the centre of mass
         dyn = Langevin(atoms, self.timestep * units.fs, temperature_K=self.temperature,
-                       friction=self.friction / units.fs, fixcm=False, rng=rng)
+                       friction=self.friction / units.fs, fixcm=False, rng=rng, comm=SERIAL)
         try:
             dyn.run(self.equilibration_steps)
             Finv_T = np.linalg.inv(F).T * np.linalg.det(F)
@@ -330,8 +333,8 @@ def equilibrium_lattice_constant(cfg: dict, guess: float | None = None) -> float
         atoms.set_cell(cell * (x / a), scale_atoms=False)
         atoms.set_scaled_positions(scaled)
         if relax:
-            LBFGS(atoms, logfile=None).run(fmax=float(cfg.get("fmax", 1e-5)),
-                                           steps=int(cfg.get("max_steps", 500)))
+            LBFGS(atoms, logfile=None, comm=SERIAL).run(fmax=float(cfg.get("fmax", 1e-5)),
+                                                        steps=int(cfg.get("max_steps", 500)))
         return atoms.get_potential_energy() / len(atoms)
 
     return float(minimize_scalar(energy, bracket=(0.97 * a, a, 1.03 * a), tol=1e-10).x)

@@ -40,9 +40,10 @@ class CoarseGrainingOperator(nn.Module):
     FORMAT: ClassVar[str]
     CONFIG: ClassVar[type]
 
-    def _build_heads(self, members: int, latent: int, hidden: int, correction: bool) -> None:
+    def _build_heads(self, members: int, latent: int, hidden: int, correction: bool,
+                     residual: bool = False) -> None:
         """The probabilistic coarse-graining heads (energy ensemble, aleatoric covariance)."""
-        self.energy = EnergyHead(members, latent, hidden, correction)
+        self.energy = EnergyHead(members, latent, hidden, correction, residual)
         self.covariance = CovarianceHead(members, latent, hidden)
 
     def _build_buffers(self) -> None:

@@ -30,13 +30,16 @@ FAMILY_KEYS = ("element", "lattice", "a0", "supercell", "vacancies", "calculator
 @dataclass(frozen=True)
 class CrystalConfig:
     """Constructor arguments of :class:`CrystalOperator`; ``family`` is the JSON of the crystal
-    config keys in ``FAMILY_KEYS`` the model was trained for."""
+    config keys in ``FAMILY_KEYS`` the model was trained for; ``residual_stress`` lets the
+    stress at F̄ = I depend on the descriptor (finite temperature: the thermal pressure of the
+    cell held at its 0 K lattice constant)."""
 
     n_features: int = 1
     latent: int = 16
     hidden: int = 64
     members: int = 4
     energy_correction: bool = True
+    residual_stress: bool = False
     family: str = "{}"
 
     def __post_init__(self) -> None:
@@ -68,7 +71,7 @@ class CrystalOperator(CoarseGrainingOperator):
         c = self.config = config or CrystalConfig()
         self.to_latent = nn.Sequential(nn.Linear(c.n_features, c.latent), nn.SiLU(),
                                        nn.Linear(c.latent, c.latent))
-        self._build_heads(c.members, c.latent, c.hidden, c.energy_correction)
+        self._build_heads(c.members, c.latent, c.hidden, c.energy_correction, c.residual_stress)
         self._build_buffers()
 
     def encode(self, inputs: torch.Tensor) -> tuple[torch.Tensor, None]:

@@ -89,24 +89,30 @@ def basis_energies(C: torch.Tensor, n_directions: int = 6) -> torch.Tensor:
 
 
 class EnergyHead(nn.Module):
-    """Per-member normalised energy W(z, C̄) = Σ_k w_k(z) Ψ_k(C̄)/e_ref² + |ê|² φ(z, ê):
-    learned weights of hyperelastic basis energies plus (``correction``) a free higher-order term.
+    """Per-member normalised energy W(z, C̄) = Σ_k w_k(z) Ψ_k(C̄)/e_ref² + |ê|² φ(z, ê) [+ s(z)·ê]:
+    learned weights of hyperelastic basis energies plus (``correction``) a free higher-order term
+    and (``residual``) a stress at F̄ = I, S̄₀ = σ_ref s(z) in Mandel form (e.g. the thermal
+    pressure of a crystal held at its 0 K lattice constant; without it P̄(I) = 0).
     Inputs z (M, B, latent), C̄ (M, B, 2, 2), ê (M, B, 3); output (M, B)."""
 
     n_directions = 6
 
-    def __init__(self, members: int, latent: int, hidden: int, correction: bool = True) -> None:
+    def __init__(self, members: int, latent: int, hidden: int, correction: bool = True,
+                 residual: bool = False) -> None:
         super().__init__()
         self.weights = ensemble_mlp(members, latent, hidden, 2 + 2 * self.n_directions, depth=1)
         self.higher = ensemble_mlp(members, latent + 3, hidden, 1) if correction else None
+        self.residual = ensemble_mlp(members, latent, hidden, 3, depth=1) if residual else None
 
     def forward(self, z: torch.Tensor, C: torch.Tensor, e: torch.Tensor,
                 e_ref: torch.Tensor) -> torch.Tensor:
         psi = basis_energies(C, self.n_directions) / e_ref**2
         W = (self.weights(z) * psi).sum(-1)
-        if self.higher is None:  # basis only: no per-point network, ~4× faster predictions
-            return W
-        return W + 0.1 * (e * e).sum(-1) * self.higher(torch.cat([z, e], dim=-1))[..., 0]
+        if self.higher is not None:  # None: basis only, ~4× faster predictions
+            W = W + 0.1 * (e * e).sum(-1) * self.higher(torch.cat([z, e], dim=-1))[..., 0]
+        if self.residual is not None:
+            W = W + (self.residual(z) * e).sum(-1)
+        return W
 
 
 class CovarianceHead(nn.Module):

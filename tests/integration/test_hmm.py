@@ -158,3 +158,51 @@ def test_example_bad_input_fails_before_work(tmp_path, flags, message):
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert not (tmp_path / "checkpoint").exists()
+
+
+@pytest.mark.skip_in_parallel
+def test_crystal_data_set_with_md_noise_trains_a_crystal_operator(tmp_path):
+    """`neuroscale generate` with a `crystal:` config (0 K and 300 K) → `neuroscale train`."""
+    import yaml
+
+    from neuroscale_couple.cli import main as cli
+    from neuroscale_couple.operators.base import load_operator
+    from neuroscale_couple.operators.crystal import CrystalOperator
+    from neuroscale_couple.store import load_rve_dataset
+
+    cfg = {"crystal": {"element": "Cu", "supercell": [1, 1, 1], "calculator": "emt",
+                       "md_steps": 40, "equilibration_steps": 10, "temperature": [0, 300]},
+           "loads": {"per_microstructure": 12, "radius": 0.04, "seed": 1}}
+    (tmp_path / "gen.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(
+        {"model": {"latent": 4, "hidden": 8, "members": 2},
+         "training": {"epochs": 3, "batch_size": 4, "val_fraction": 0.5,
+                      "weights": {"stress": 1.0, "nll": 0.1}}}))
+    assert cli(["generate", str(tmp_path / "gen.yaml"), "--out", str(tmp_path / "d.h5"),
+                "--quiet"]) == 0
+    d = load_rve_dataset(tmp_path / "d.h5")
+    assert d["config"]["crystal"]["a0"] == pytest.approx(3.59, abs=0.01)  # resolved, recorded
+    np.testing.assert_array_equal(d["micro/descriptor"][:, 0], [0.0, 0.3])
+    err = d["samples/stress_stderr"].reshape(2, 12, 4)
+    assert np.all(err[0] == 0) and np.all(err[1][:, [0, 3]] > 0)  # static solves have none
+    assert cli(["train", str(tmp_path / "train.yaml"), "--data", str(tmp_path / "d.h5"),
+                "--out", str(tmp_path / "m.pt"), "--quiet"]) == 0
+    model = load_operator(tmp_path / "m.pt")
+    assert isinstance(model, CrystalOperator) and model.calibration
+    model.check_family(dict(d["config"]["crystal"]))
+
+
+@pytest.mark.mpi
+def test_a_rank_solves_its_crystal_alone():
+    """Relaxation and MD of a cell on one rank never wait for the others (ASE's optimizers and
+    thermostats would broadcast over MPI_COMM_WORLD: the Coupler's fallback solves would hang)."""
+    from neuroscale_couple.solvers.cauchy_born import cauchy_born_from_config
+
+    world = MPI.COMM_WORLD
+    if world.rank == 0:
+        solver, _ = cauchy_born_from_config({"element": "Cu", "supercell": [2, 1, 1],
+                                             "vacancies": 1, "temperature": 300.0,
+                                             "md_steps": 20, "equilibration_steps": 5})
+        res = solver.solve(np.array([[1.01, 0.0], [0.0, 1.0]]))
+        assert np.all(np.diagonal(res.info["stress_stderr"][0]) > 0)
+    world.barrier()

@@ -94,3 +94,21 @@ def test_crystal_structures_key_and_data_arrays():
     assert data.images.shape == (2, 1) and len(data) == 3
     fit, held = data.split(1 / 3, seed=0)  # crystal data are split by samples
     assert (len(fit), len(held)) == (2, 1)
+
+
+def test_residual_stress_head_gives_objective_stress_at_identity():
+    """With ``residual_stress`` (thermal pressure) P̄(I) = S̄₀(z) is symmetric and depends on the
+    descriptor; the response stays objective."""
+    torch.manual_seed(1)
+    m = CrystalOperator(CrystalConfig(latent=8, hidden=16, members=2,
+                                      residual_stress=True)).double().eval()
+    z = m.encode(torch.tensor([[0.0], [0.3]], dtype=torch.float64))[0]
+    eye = torch.eye(2, dtype=torch.float64).expand(2, 2, 2)
+    P0 = m.predict(z, eye)["mean"]
+    assert P0.abs().min() > 1e-6 and not torch.allclose(P0[0], P0[1])
+    torch.testing.assert_close(P0, P0.transpose(-1, -2), rtol=0, atol=1e-13)
+    c, s = np.cos(0.4), np.sin(0.4)
+    Q = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    F = F_batch(2)
+    torch.testing.assert_close(m.predict(z, Q @ F)["mean"], Q @ m.predict(z, F)["mean"],
+                               rtol=0, atol=1e-12)
