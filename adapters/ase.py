@@ -66,11 +66,8 @@ class OperatorCalculator(Calculator):
                              "strain: the operator is a plane-strain model; keep the cell's z "
                              "vector as in the reference")
         r = self.coupler.evaluate(F[None, :2, :2], [self.point_id])
-        J = np.linalg.det(F)
-        P = np.eye(3)
-        P[:2, :2] = r.stress[0]
-        sigma = np.full((3, 3), np.nan)
-        sigma[:2, :2] = (P @ F.T / J)[:2, :2]
+        sigma = np.full((3, 3), np.nan)  # plane strain: σ = P̄F̄ᵀ/J in the plane only
+        sigma[:2, :2] = r.stress[0] @ F[:2, :2].T / np.linalg.det(F)
         energy = float(r.energy[0]) * self.reference_volume * units.GPa
         self.results = {"energy": energy, "free_energy": energy,
                         "forces": np.zeros((len(self.atoms), 3)),
