@@ -48,3 +48,17 @@ def convergence_order(residuals):
     r = r[r > 1e-13 * r[0]]
     orders = [np.log(r[k + 1] / r[k]) / np.log(r[k] / r[k - 1]) for k in range(1, len(r) - 1)]
     return max(orders) if orders else np.nan
+
+
+def on_rank0(comm, check) -> None:
+    """Run ``check()`` on rank 0 only and raise its failure on every rank (a rank-0-only
+    assertion would otherwise leave the other ranks waiting at the next collective)."""
+    error = None
+    if comm.rank == 0:
+        try:
+            check()
+        except Exception as err:  # re-raised below on every rank
+            error = err
+    error = comm.bcast(error, root=0)
+    if error is not None:
+        raise error

@@ -11,7 +11,12 @@ from mpi4py import MPI
 import numpy as np
 import pytest
 from ase.build import bulk
-from coupled_helpers import convergence_order, displacement_by_coordinates, macro_problem
+from coupled_helpers import (
+    convergence_order,
+    displacement_by_coordinates,
+    macro_problem,
+    on_rank0,
+)
 
 pytestmark = [pytest.mark.dolfinx, pytest.mark.ase]
 
@@ -76,7 +81,7 @@ def test_one_and_two_ranks_agree(mpi_tmp_path, crystal, retrain):
     c = hmm_coupler(world, crystal, 0.05, replay=mpi_tmp_path / "world", retrain=retrain)
     problem, history = run(world, c, crystal, n=2, stretch=0.07)
     x, u = displacement_by_coordinates(problem)
-    if world.rank == 0:
+    def serial_run_agrees():
         c1 = hmm_coupler(MPI.COMM_SELF, crystal, 0.05, replay=mpi_tmp_path / "self",
                          retrain=retrain)
         p1, h1 = run(MPI.COMM_SELF, c1, crystal, n=2, stretch=0.07)
@@ -86,7 +91,8 @@ def test_one_and_two_ranks_agree(mpi_tmp_path, crystal, retrain):
         assert [h["fallback_points"] for h in history] == [h["fallback_points"] for h in h1]
         assert history[-1]["fallback_points"] > 0
         assert (history[-1]["model_version"] > 0) == retrain
-    world.barrier()
+
+    on_rank0(world, serial_run_agrees)
 
 
 @pytest.mark.skip_in_parallel
@@ -198,11 +204,11 @@ def test_a_rank_solves_its_crystal_alone():
     thermostats would broadcast over MPI_COMM_WORLD: the Coupler's fallback solves would hang)."""
     from neuroscale_couple.solvers.cauchy_born import cauchy_born_from_config
 
-    world = MPI.COMM_WORLD
-    if world.rank == 0:
+    def thermal_solve():
         solver, _ = cauchy_born_from_config({"element": "Cu", "supercell": [2, 1, 1],
                                              "vacancies": 1, "temperature": 300.0,
                                              "md_steps": 20, "equilibration_steps": 5})
         res = solver.solve(np.array([[1.01, 0.0], [0.0, 1.0]]))
         assert np.all(np.diagonal(res.info["stress_stderr"][0]) > 0)
-    world.barrier()
+
+    on_rank0(MPI.COMM_WORLD, thermal_solve)
