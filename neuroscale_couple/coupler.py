@@ -189,9 +189,8 @@ class Coupler(FineSolver):
             if replay_dir is not None and Path(d).resolve() == Path(replay_dir).resolve():
                 raise InputError(f"replay_from {d} is this run's own replay directory: copy it "
                                  "elsewhere first")
-        data_cfg = (model.card.get("data_config") or {}) if model is not None else {}
-        res = getattr(getattr(model, "config", None), "resolution", 32)
-        self.image_resolution = int(data_cfg.get("image_resolution", res))
+        # replay segments render microstructure images as the model's training data did
+        self.image_resolution = getattr(model, "data_resolution", 32)
         self.family = dict(family or {})
         self.cache = SolverCache(fine_factory, cache_size)
         self.replay = None if replay_dir is None else ReplayStore(

@@ -116,12 +116,17 @@ class SANO(CoarseGrainingOperator):
         pooled = torch.cat([self.mixer(tokens), phi.mean(dim=(-2, -1))[:, None]], dim=-1)
         return self.to_latent(pooled), h
 
+    @property
+    def data_resolution(self) -> int:
+        """Resolution of the training data's images (model card; default the model's own)."""
+        return int((self.card.get("data_config") or {}).get("image_resolution",
+                                                             self.config.resolution))
+
     def structure_inputs(self, structures: Sequence) -> torch.Tensor:
-        """Images (B, 1, n, n) of microstructures, made as in training: rendered at the data
-        set's ``image_resolution`` (model card) and average-pooled to the model's."""
+        """Images (B, 1, n, n) of microstructures, made as in training: rendered at
+        :attr:`data_resolution` and average-pooled to the model's."""
         p = next(self.parameters())
-        data_res = int((self.card.get("data_config") or {}).get("image_resolution",
-                                                                 self.config.resolution))
+        data_res = self.data_resolution
         img = torch.as_tensor(np.stack([m.image(data_res) for m in structures]),
                               dtype=p.dtype, device=p.device)[:, None]
         k = data_res // self.config.resolution
