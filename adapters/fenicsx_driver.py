@@ -44,6 +44,8 @@ def coupled_arguments(description: str, *, out: str, model: Path | None, stretch
     p.add_argument("--reference", action="store_true",
                    help="the true fine solver at every point (same as --tol 0)")
     p.add_argument("--no-retrain", action="store_true", help="no online retraining")
+    p.add_argument("--background-retrain", action="store_true",
+                   help="retrain in a thread while the next load step runs (swapped in after it)")
     p.add_argument("--restart", action="store_true", help="resume from OUT/checkpoint")
     p.add_argument("--compare", help="summary.json/fields.npz folder of a reference run")
     p.add_argument("--replay-from", action="append", default=[], metavar="DIR",
@@ -68,7 +70,8 @@ def mesh_size(value: str) -> float:
 
 def prepare(args: argparse.Namespace):
     """Check the shared flags; return the policy, the checkpoint state to restart from (None
-    for a fresh run), the model file and the model (None for a reference run)."""
+    for a fresh run), the model file named by ``--model`` (its anchor data sets lie next to it)
+    and the model (None for a reference run; on restart, the checkpoint's model)."""
     from neuroscale_couple.adapters.fenicsx import FE2Problem
     from neuroscale_couple.coupler import Policy
     from neuroscale_couple.operators.base import load_operator
@@ -77,12 +80,22 @@ def prepare(args: argparse.Namespace):
     policy = Policy(tol=0.0 if args.reference else args.tol, confidence=args.confidence)
     if args.replay_from and (args.no_retrain or policy.classic):
         raise InputError("--replay-from fine-tunes the operator: drop --no-retrain/--reference")
+    if args.background_retrain and args.no_retrain:
+        raise InputError("--background-retrain and --no-retrain contradict: drop one")
     if args.steps < 1:
         raise InputError(f"--steps {args.steps}: give at least one load step")
     state = FE2Problem.read_checkpoint(Path(args.out) / "checkpoint") if args.restart else None
-    model_path = (state or {}).get("model_file") or args.model
-    model = None if policy.classic else load_operator(model_path)
-    return policy, state, model_path, model
+    weights = (state or {}).get("model_file") or args.model
+    model = None if policy.classic else load_operator(weights)
+    return policy, state, args.model, model
+
+
+def retrain_config(args: argparse.Namespace):
+    """The online retraining the shared flags ask for."""
+    from neuroscale_couple.coupler import RetrainConfig
+
+    return RetrainConfig(enabled=not args.no_retrain, background=args.background_retrain,
+                         replay_from=tuple(args.replay_from))
 
 
 def quarter_plate(args: argparse.Namespace, coupler, structures_at: Callable,
@@ -224,7 +237,8 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
                  record["reaction_force"])
 
     loads = np.linspace(0, 1, args.steps + 1)[1:]
-    saver = None if coupler.model is None else coupler.model.save
+    # the Coupler may swap in another model object (background retraining): save the current one
+    saver = None if coupler.model is None else (lambda path: coupler.model.save(path))
     history = problem.run(loads, run.set_load, checkpoint_dir=out / "checkpoint",
                           restart=args.restart, on_step=on_step, model_saver=saver)
     u_norm = comm.allreduce(float(np.sum(problem.u.x.array[
@@ -312,10 +326,14 @@ def plot(fields: dict, history: list[dict], out: Path, reference: dict | None,
     import matplotlib.pyplot as plt
 
     x = fields["x_point"]
+    unc = fields["uncertainty"]
+    finite = unc[np.isfinite(unc)]
+    # no operator (NaN) shows as 0; an unbounded error (calibration quantile ∞) as the largest
+    unc = np.nan_to_num(unc, nan=0.0, posinf=finite.max() if len(finite) else 1.0)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     for ax, values, title, cmap in (
             (axes[0], fields["stress"][:, 0, 0], f"P̄₁₁ ({stress_unit})", "viridis"),
-            (axes[1], np.nan_to_num(fields["uncertainty"]), "relative error bound", "magma"),
+            (axes[1], unc, "relative error bound (∞ shown as the largest)", "magma"),
             (axes[2], fields["source"], "source (0 operator, 1 fine, 2 failed)", "coolwarm")):
         sc = ax.scatter(x[:, 0], x[:, 1], c=values, s=8, cmap=cmap)
         fig.colorbar(sc, ax=ax)

@@ -37,6 +37,7 @@ from neuroscale_couple.adapters.fenicsx_driver import (
     main_guard,
     prepare,
     quarter_plate,
+    retrain_config,
     run_example,
 )
 
@@ -67,7 +68,7 @@ def microstructures_at(x: np.ndarray, ids: np.ndarray) -> list:
 
 def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
     """Macro problem and Coupler; all input is checked before collective work."""
-    from neuroscale_couple.coupler import Coupler, RetrainConfig
+    from neuroscale_couple.coupler import Coupler
     from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
 
     policy, state, model_path, model = prepare(args)
@@ -79,8 +80,7 @@ def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
                   "size", 0.02)}}
     coupler = Coupler(model, lambda m: rve_from_config(family, m), family=family, policy=policy,
                       comm=comm, replay_dir=Path(args.out) / "replay",
-                      retrain=RetrainConfig(enabled=not args.no_retrain,
-                                            replay_from=tuple(args.replay_from)),
+                      retrain=retrain_config(args),
                       model_path=model_path)
     problem, set_load, right = quarter_plate(args, coupler, microstructures_at, comm)
     return CoupledRun(problem, coupler, set_load, right, state, "GPa")

@@ -36,6 +36,7 @@ from neuroscale_couple.adapters.fenicsx_driver import (
     main_guard,
     prepare,
     quarter_plate,
+    retrain_config,
     run_example,
 )
 
@@ -80,15 +81,14 @@ def crystal_config(args: argparse.Namespace) -> dict:
 
 def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
     """Macro problem and Coupler; all input is checked before collective work."""
-    from neuroscale_couple.coupler import Coupler, RetrainConfig
+    from neuroscale_couple.coupler import Coupler
     from neuroscale_couple.solvers.cauchy_born import Crystal
 
     policy, state, model_path, model = prepare(args)
     crystal = Crystal(crystal_config(args))
     coupler = Coupler(model, Crystal.solver, family=crystal.config, policy=policy, comm=comm,
                       replay_dir=Path(args.out) / "replay",
-                      retrain=RetrainConfig(enabled=not args.no_retrain,
-                                            replay_from=tuple(args.replay_from)),
+                      retrain=retrain_config(args),
                       model_path=model_path)
     if comm.rank == 0:
         logging.getLogger("hmm_atomistic").info(

@@ -13,7 +13,8 @@ At every call (one per macro residual evaluation, collective over the communicat
 4. between load steps (:meth:`Coupler.end_step`, never inside a Newton solve) fine-tunes the
    operator on the fallback data plus a sample of its original training data, data-parallel over
    the ranks (encoder frozen, heads trained), recalibrates it, bumps its version and checks that
-   all ranks hold the same weights.
+   all ranks hold the same weights — or, with ``RetrainConfig.background``, trains a copy in a
+   thread while the next load step runs and swaps it in at the boundary after that step.
 
 ``policy.tol = 0`` is classic FE² (every point on the fine solver; no model needed),
 ``policy.tol = inf`` never falls back.
@@ -21,10 +22,12 @@ At every call (one per macro residual evaluation, collective over the communicat
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -99,9 +102,14 @@ class RetrainConfig:
     ``replay_from``: replay directories of earlier runs whose fine solves join the training data
     (and :meth:`Coupler.warm_start` fine-tunes on them for ``warm_start_epochs`` before the first
     step).
+    ``background``: a retraining due after step k trains a copy of the operator in a thread
+    (collectives on a duplicate communicator; needs MPI_THREAD_MULTIPLE) while step k + 1 runs
+    on the old one, and is swapped in after step k + 1 (waiting for it if it is not done). The
+    swap step does not depend on timing, so runs stay reproducible and rank-count independent.
     """
 
     enabled: bool = True
+    background: bool = False
     min_new: int = 8
     min_fallback_fraction: float = 0.05
     epochs: int = 40
@@ -181,6 +189,14 @@ class Coupler(FineSolver):
             log.info("rank %d: operator on %s", comm.rank, self.device)
         self.retrain = retrain if (retrain is not None and retrain.enabled and replay_dir
                                    and model is not None) else None
+        self._pending: _Background | None = None
+        self._bg_comm: MPI.Comm | None = None
+        if self.retrain is not None and self.retrain.background:
+            if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+                raise InputError("background retraining needs MPI initialised with "
+                                 "MPI_THREAD_MULTIPLE (mpi4py's default): drop "
+                                 "mpi4py.rc.thread_level, or retrain in the foreground")
+            self._bg_comm = comm.Dup()
         self._anchor = self._anchor_paths(model_path) if self.retrain else None
         for d in self.retrain.replay_from if self.retrain else ():
             if not ReplayStore.segments(d):
@@ -405,12 +421,19 @@ class Coupler(FineSolver):
         self.step = step
         self._sticky.clear()
 
-    def end_step(self) -> dict:
+    def end_step(self, final: bool = False) -> dict:
         """Finish the current load step (collective): store its fine solves, retrain if due.
+
+        ``final``: the run's last step; no retraining starts (its model would serve no step; a
+        later run can fine-tune on the replay store with ``retrain.replay_from``), and a
+        background retraining started after the previous step is still swapped in.
 
         Returns global figures of the step: ``fallback_points`` (points that used the fine
         solver), ``fine_solves``, ``fine_failed``, ``fine_time_s`` (max over ranks, wall),
-        ``operator_time_s`` (max over ranks), ``retrain_time_s``, ``model_version``.
+        ``operator_time_s`` (max over ranks), ``retrain_time_s`` (wall time the step spent
+        retraining or waiting for a background retraining), ``retrain_background_s`` (training
+        time of the background retraining swapped in at this step, max over ranks),
+        ``model_version``.
         """
         comm = self.comm
         out = {"fallback_points": comm.allreduce(len(self._fell_back)),
@@ -418,32 +441,51 @@ class Coupler(FineSolver):
                "fine_failed": comm.allreduce(self.stats["fine_failed"]),
                "fine_time_s": comm.allreduce(self.stats["fine_time_s"], op=MPI.MAX),
                "operator_time_s": comm.allreduce(self.stats["operator_time_s"], op=MPI.MAX),
-               "retrain_time_s": 0.0}
+               "retrain_time_s": 0.0, "retrain_background_s": 0.0}
         if self.replay is not None:
             self.replay.flush(self.step)
         comm.Barrier()
+        t0 = time.perf_counter()
+        if self._pending is not None:
+            out["retrain_background_s"] = self._swap_in()
         self._new_since_retrain += out["fine_solves"]
         n_points = comm.allreduce(len(self._ids))
-        if (self.retrain is not None and self._new_since_retrain >= self.retrain.min_new
+        if (self.retrain is not None and not final
+                and self._new_since_retrain >= self.retrain.min_new
                 and out["fallback_points"] >= self.retrain.min_fallback_fraction * n_points):
-            t0 = time.perf_counter()
-            self._retrain()
-            out["retrain_time_s"] = time.perf_counter() - t0
+            if self.retrain.background:
+                self._start_background()
+            else:
+                self._retrain()
             self._new_since_retrain = 0
+        out["retrain_time_s"] = time.perf_counter() - t0
         out["model_version"] = self.version
         self.stats = self._empty_stats()
         self._fell_back.clear()
         return out
 
     def checkpoint_state(self) -> dict:
-        """What a restart needs besides the model file: the model version and the count of
-        fine solves since the last retraining (so retraining happens at the same steps)."""
-        return {"version": self.version, "new_since_retrain": self._new_since_retrain}
+        """What a restart needs besides the model file: the model version, the count of fine
+        solves since the last retraining (so retraining happens at the same steps) and the step
+        whose background retraining is still running (None if none)."""
+        return {"version": self.version, "new_since_retrain": self._new_since_retrain,
+                "background_step": None if self._pending is None else self._pending.step}
 
     def restore_state(self, state: dict) -> None:
-        """Resume from :meth:`checkpoint_state` (the model itself is loaded by the caller)."""
+        """Resume from :meth:`checkpoint_state` (the model itself is loaded by the caller;
+        collective: a background retraining that was running is started again)."""
         self.version = int(state.get("version", self.version))
         self._new_since_retrain = int(state.get("new_since_retrain", 0))
+        step = state.get("background_step")
+        if step is not None and self.retrain is not None:
+            current, self.step = self.step, int(step)
+            try:
+                if self.retrain.background:
+                    self._start_background()
+                else:
+                    self._retrain()
+            finally:
+                self.step = current
 
     # ------------------------------------------------------------------ retraining
     def replay_data(self, up_to_step: int | None = None):
@@ -503,16 +545,16 @@ class Coupler(FineSolver):
             data = data.subset(np.flatnonzero(np.isin(data.micro_index.numpy(), keep)))
         return data
 
-    def _retrain(self, epochs: int | None = None) -> None:
-        """Fine-tune on replay + anchor data, recalibrate, bump the version (collective)."""
-        from neuroscale_couple.evaluation import calibrate_model
-        from neuroscale_couple.training import TrainConfig, TrainingData, train
+    def _retrain_job(self, epochs: int | None = None) -> tuple | None:
+        """Training data, calibration data and settings of a retraining on the fine solves up to
+        this step (None if there are none); reads the replay and anchor files."""
+        from neuroscale_couple.training import TrainConfig, TrainingData
 
         cfg = self.retrain
         seed = 1000 + self.version
         online = self.replay_data(self.step)
         if online is None:
-            return
+            return None
         # hold out samples, not microstructures: the coupler predicts new loads of microstructures
         # it has seen, which is what the recalibration must measure
         order = np.random.default_rng(seed).permutation(len(online))
@@ -521,35 +563,79 @@ class Coupler(FineSolver):
         anchor = self._anchor_data(self._anchor[0], seed)
         anchor_cal = self._anchor_data(self._anchor[1], seed)
         data = TrainingData.concat([p for p in (fit, anchor) if p is not None])
-        empty = data.subset(np.zeros(0, dtype=np.int64))
+        cal_parts = [p for p in (held, anchor_cal) if p is not None and len(p)]
+        calibration = TrainingData.concat(cal_parts) if cal_parts else None
         tcfg = TrainConfig(epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                            lr_final=cfg.lr_final, val_fraction=0.0, patience=epochs or cfg.epochs,
                            seed=seed, weights=dict(cfg.weights))
+        return data, calibration, tcfg, len(online)
+
+    @staticmethod
+    def _fit(model, data, calibration, tcfg, comm: MPI.Comm) -> None:
+        """Fine-tune ``model``'s coarse-graining heads in place and recalibrate it (collective
+        over ``comm``)."""
+        from neuroscale_couple.evaluation import calibrate_model
+        from neuroscale_couple.training import train
+
         # only the coarse-graining heads learn: the latents of the run's microstructures stay
         # put (no re-encoding drift) and the encoder cannot forget the training range
-        frozen = [p for name, p in self.model.named_parameters()
+        frozen = [p for name, p in model.named_parameters()
                   if not name.startswith(("energy.", "covariance."))]
         for p in frozen:
             p.requires_grad_(False)
-        dtype = next(self.model.parameters()).dtype
-        self.model.float().train()
+        dtype = next(model.parameters()).dtype
+        model.float().train()
         try:
-            train(self.model, data, tcfg, comm=self.comm, validation=empty, normalise=False,
-                  progress=False)
+            train(model, data, tcfg, comm=comm, validation=data.subset(np.zeros(0, np.int64)),
+                  normalise=False, progress=False)
         finally:
-            self.model.to(dtype).eval()
+            model.to(dtype).eval()
             for p in frozen:
                 p.requires_grad_(True)
-        cal_parts = [p for p in (held, anchor_cal) if p is not None and len(p)]
-        if cal_parts:
-            calibrate_model(self.model, TrainingData.concat(cal_parts))
+        if calibration is not None:
+            calibrate_model(model, calibration)
+
+    def _adopt(self, model, n_online: int) -> None:
+        """Make ``model`` the run's operator: bump the version, check all ranks agree."""
+        self.model = model
         self.version += 1
         self.model.card["online_version"] = self.version
         self.check_same_weights()
         if self.comm.rank == 0:
-            log.info("operator retrained on %d fine solves (+%d anchor samples): version %d, "
-                     "calibration scale %.3g", len(online), 0 if anchor is None else len(anchor),
-                     self.version, self.model.calibration.get("scale", np.nan))
+            log.info("operator retrained on %d fine solves: version %d, calibration scale %.3g",
+                     n_online, self.version, self.model.calibration.get("scale", np.nan))
+
+    def _retrain(self, epochs: int | None = None) -> None:
+        """Fine-tune on replay + anchor data, recalibrate, bump the version (collective)."""
+        job = self._retrain_job(epochs)
+        if job is not None:
+            data, calibration, tcfg, n_online = job
+            self._fit(self.model, data, calibration, tcfg, self.comm)
+            self._adopt(self.model, n_online)
+
+    def _start_background(self) -> None:
+        """Start a retraining of a copy of the operator in a thread (collective)."""
+        job = self._retrain_job()
+        if job is None:
+            return
+        data, calibration, tcfg, n_online = job
+        model = copy.deepcopy(self.model)
+        self._pending = _Background(
+            lambda: self._fit(model, data, calibration, tcfg, self._bg_comm), model,
+            self.step, n_online)
+
+    def _swap_in(self) -> float:
+        """Wait for the background retraining and adopt its model (collective); returns its
+        training time, max over ranks."""
+        job, self._pending = self._pending, None
+        job.thread.join()
+        errors = [e for e in self.comm.allgather(None if job.error is None else repr(job.error))
+                  if e is not None]
+        if errors:
+            raise NeuroScaleError(f"background retraining after step {job.step} failed: "
+                                  f"{errors[0]}") from job.error
+        self._adopt(job.model, job.n_online)
+        return self.comm.allreduce(job.time_s, op=MPI.MAX)
 
     def weights_digest(self) -> str:
         """SHA-256 of the model's weights and calibration (identical on every rank)."""
@@ -569,5 +655,35 @@ class Coupler(FineSolver):
                                   "data-parallel update went out of step")
 
     def close(self) -> None:
-        """Close the cached fine solvers."""
+        """Close the cached fine solvers; a background retraining still running is waited for
+        and dropped (its data are in the replay store)."""
+        if self._pending is not None:
+            self._pending.thread.join()
+            self._pending = None
+        if self._bg_comm is not None:
+            self._bg_comm.Free()
+            self._bg_comm = None
         self.cache.close()
+
+
+class _Background:
+    """A retraining running in a daemon thread; ``error`` holds what it raised."""
+
+    def __init__(self, fit: Callable[[], None], model, step: int, n_online: int) -> None:
+        self.model, self.step, self.n_online = model, step, n_online
+        self.error: BaseException | None = None
+        self.time_s = 0.0
+        # a new thread starts with the OpenMP default thread count, not the caller's: the same
+        # count keeps the reduction order, so the result equals a foreground retraining
+        self.thread = threading.Thread(target=self._run, args=(fit, torch.get_num_threads()),
+                                       daemon=True, name=f"neuroscale-retrain-{step}")
+        self.thread.start()
+
+    def _run(self, fit: Callable[[], None], threads: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            torch.set_num_threads(threads)
+            fit()
+        except BaseException as err:  # re-raised on every rank at the swap
+            self.error = err
+        self.time_s = time.perf_counter() - t0

@@ -149,6 +149,10 @@ class CoarseGrainingOperator(nn.Module):
     def _from_payload(cls, payload: dict, path, map_location):
         try:
             model = cls(cls.CONFIG.from_dict(json.loads(payload["config"])))
+            # weights stored in float64 (a run's checkpoint) load without rounding to float32
+            dtypes = {t.dtype for t in payload["state_dict"].values() if t.is_floating_point()}
+            if len(dtypes) == 1:
+                model.to(dtypes.pop())
             model.load_state_dict(payload["state_dict"])
             model.calibration = json.loads(payload.get("calibration", "{}"))
             model.card = json.loads(payload.get("card", "{}"))
