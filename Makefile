@@ -66,7 +66,11 @@ hmm-model: $(STAMP)
 	$(VENV)/bin/neuroscale subset out/hmm_model/data.h5 --micro 1 --out $(HMM).anchor.h5
 	$(VENV)/bin/neuroscale subset out/hmm_model/calibration.h5 --micro 1 --out $(HMM).anchor_calibration.h5
 	$(MPIRUN) -n 2 $(VENV)/bin/neuroscale generate $(HMM)_thermal.data.yaml --out out/hmm_model/thermal.h5
+	$(MPIRUN) -n 2 $(VENV)/bin/neuroscale generate $(HMM)_thermal.calibration.yaml --out out/hmm_model/thermal_calibration.h5
 	$(VENV)/bin/neuroscale train $(HMM)_thermal.train.yaml --data out/hmm_model/thermal.h5 --out $(HMM)_thermal.pt
+	$(VENV)/bin/neuroscale calibrate --model $(HMM)_thermal.pt --data out/hmm_model/thermal_calibration.h5
+	$(VENV)/bin/neuroscale subset out/hmm_model/thermal.h5 --micro 2 --out $(HMM)_thermal.anchor.h5
+	$(VENV)/bin/neuroscale subset out/hmm_model/thermal_calibration.h5 --micro 2 --out $(HMM)_thermal.anchor_calibration.h5
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

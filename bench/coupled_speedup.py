@@ -1,10 +1,12 @@
 """Speed-up of a coupled example: the same macro problem with the true fine solver at every point
 (``--reference``) and with the operator.
 
-Runs ``examples/<example>.py`` under ``mpiexec -n NP`` four times on one mesh:
+Runs ``examples/<example>.py`` under ``mpiexec -n NP`` five times on one mesh:
 
-- ``reference``: the true fine solver at every quadrature point, every Newton iteration;
+- ``reference``: the true fine solver at every quadrature point, every Newton iteration
+  (``--reuse-reference``: taken from an earlier run of the same settings in ``--out``);
 - ``operator``: the Coupler at --tol with online retraining (the product);
+- ``background``: the same with the retraining in a background thread;
 - ``no_retrain``: the same without retraining (fallback-rate curve for comparison);
 - ``operator_only``: tol = inf, never falling back (the operator's own cost and error).
 
@@ -25,8 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-RUNS = {"reference": ["--reference"], "operator": [], "no_retrain": ["--no-retrain"],
-        "operator_only": ["--tol", "inf"]}
+RUNS = {"reference": ["--reference"], "operator": [], "background": ["--background-retrain"],
+        "no_retrain": ["--no-retrain"], "operator_only": ["--tol", "inf"]}
 
 
 def run(name: str, args: argparse.Namespace, out: Path, example: str) -> dict:
@@ -37,9 +39,16 @@ def run(name: str, args: argparse.Namespace, out: Path, example: str) -> dict:
            "--out", str(out / name), "--quiet", *RUNS[name]]
     if name != "reference":
         cmd += ["--compare", str(out / "reference")]
+    stamp, summary = out / name / "bench_command.json", out / name / "summary.json"
+    settings = [c for c in cmd[3:] if c != str(out / name)]
+    if (name == "reference" and args.reuse_reference and summary.exists() and stamp.exists()
+            and json.loads(stamp.read_text()) == settings):
+        print(f"[{name}] reused {summary}", flush=True)
+        return dict(json.loads(summary.read_text()), reused=True)
     print(f"[{name}] {' '.join(cmd[3:])}", flush=True)
     subprocess.run(cmd, check=True)
-    return json.loads((out / name / "summary.json").read_text())
+    stamp.write_text(json.dumps(settings))
+    return json.loads(summary.read_text())
 
 
 def main(example: str, name: str, title: str, description: str, *, mesh_size: str,
@@ -54,6 +63,8 @@ def main(example: str, name: str, title: str, description: str, *, mesh_size: st
     p.add_argument("--tol", type=float, default=tol)
     p.add_argument("--out", default=f"out/bench_{example}")
     p.add_argument("--name", default=name, help="record name in bench/results")
+    p.add_argument("--reuse-reference", action="store_true",
+                   help="take the reference run from --out if it ran with the same settings")
     args = p.parse_args()
     out = Path(args.out)
     s = {name: run(name, args, out, example) for name in RUNS}
@@ -82,6 +93,8 @@ def main(example: str, name: str, title: str, description: str, *, mesh_size: st
                     "operator_time_s": sum(h["operator_time_s"] for h in s[name]["steps"])}
                  for name in s},
     }
+    record["reference_reused"] = bool(ref.get("reused"))
+    record["speedup_total_background"] = ref["total_time_s"] / s["background"]["total_time_s"]
     record["speedup_total_operator_only"] = (ref["total_time_s"]
                                              / s["operator_only"]["total_time_s"])
     record["speedup_micro_operator_only"] = (ref["micro_time_s"]
@@ -114,10 +127,11 @@ def plot(record: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in ("operator", "no_retrain"):
+    labels = {"operator": "online retraining", "background": "background retraining",
+              "no_retrain": "frozen operator"}
+    for name, label in labels.items():
         rates = record["fallback_per_step"][name]
-        ax.plot(range(1, len(rates) + 1), rates, "o-",
-                label="online retraining" if name == "operator" else "frozen operator")
+        ax.plot(range(1, len(rates) + 1), rates, "o-", label=label)
     ax.set_xlabel("load step")
     ax.set_ylabel("fraction of points on the fine solver")
     ax.set_title(f"{title} fallback rate (tol {record['tol']}, {record['ranks']} ranks)")

@@ -123,7 +123,7 @@ class RetrainConfig:
     replay_from: tuple[str | Path, ...] = ()
     warm_start_epochs: int = 150
     weights: dict[str, float] = field(default_factory=lambda: {"stress": 1.0, "tangent": 0.2,
-                                                               "nll": 0.05})
+                                                               "nll": 0.05, "noise": 1.0})
 
 
 @dataclass
@@ -390,9 +390,10 @@ class Coupler(FineSolver):
         self.stats["fine_solves"] += 1
         self.stats["fine_solve_time_s"] += t
         if self.replay is not None:
+            stderr = res.info.get("stress_stderr")
             self.replay.append(micro, pid, F, res.stress[0], res.tangent[0], step=self.step,
                                evaluation=self.evaluations, model_version=self.version,
-                               time_s=t)
+                               time_s=t, stderr=None if stderr is None else stderr[0])
         W = float(res.info.get("energy_density", [np.nan])[0])
         return res.stress[0], res.tangent[0], W, t, self.comm.rank
 

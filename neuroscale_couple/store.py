@@ -231,7 +231,8 @@ class ReplayStore:
 
     A directory of segments ``step{k:04d}.rank{r:03d}.h5``, one per load step and rank, each a
     finished RVE data set (see :func:`write_dataset`) with the extra per-sample arrays
-    ``point_id``, ``step``, ``evaluation`` and ``model_version``. A segment is written atomically
+    ``point_id``, ``step``, ``evaluation`` and ``model_version`` (and ``stress_stderr`` where the
+    fine solver measured its noise, NaN for solves without). A segment is written atomically
     when its step ends (and before an abort), so a kill loses at most the solves of the step in
     progress, which a restart from the step's checkpoint repeats anyway.
     """
@@ -243,9 +244,12 @@ class ReplayStore:
         self._rows: list[tuple] = []
 
     def append(self, micro: object, point_id: int, F: np.ndarray, P: np.ndarray, A: np.ndarray,
-               *, step: int, evaluation: int, model_version: int, time_s: float) -> None:
-        """Buffer one fine solve (``micro`` is the microstructure it was solved on)."""
-        self._rows.append((micro, point_id, F, P, A, step, evaluation, model_version, time_s))
+               *, step: int, evaluation: int, model_version: int, time_s: float,
+               stderr: np.ndarray | None = None) -> None:
+        """Buffer one fine solve (``micro`` is the microstructure it was solved on; ``stderr``
+        the standard error of P where the solver measured one)."""
+        self._rows.append((micro, point_id, F, P, A, step, evaluation, model_version, time_s,
+                           np.full((2, 2), np.nan) if stderr is None else stderr))
 
     def flush(self, step: int) -> Path | None:
         """Write the buffered solves as the segment of ``step``; None if there were none."""
@@ -262,6 +266,8 @@ class ReplayStore:
                    "F": np.stack(cols[2]), "P": np.stack(cols[3]), "A": np.stack(cols[4]),
                    "step": np.array(cols[5]), "evaluation": np.array(cols[6]),
                    "model_version": np.array(cols[7]), "time_s": np.array(cols[8])}
+        if not np.isnan(np.stack(cols[9])).all():
+            samples["stress_stderr"] = np.stack(cols[9])
         path = self.directory / f"step{step:04d}.rank{self.rank:03d}.h5"
         write_dataset(path, dict(self.config, image_resolution=self.image_resolution), micro,
                       samples)

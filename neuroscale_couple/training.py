@@ -5,6 +5,8 @@ Loss of a batch (weights in :class:`TrainConfig`; every term dimensionless):
     stress       ⟨‖P̄_m − P̄‖²⟩ / σ_ref²             (each ensemble member m)
     tangent      ⟨‖A_m − A‖²⟩ / A_ref²              (Sobolev term)
     nll          Gaussian NLL of P̄ under N(P̄_m, Σ_m), member mean detached (Σ learns the residual)
+    noise        KL(N(0, S) ‖ N(0, Σ_m)) where the data carry measured noise S = diag(s²) (MD
+                 standard errors; 0 K samples count as s = NOISE_FLOOR·σ_ref): Σ learns the noise
     equilibrium, consistency, hill_mandel, symmetry    see :mod:`neuroscale_couple.physics`
     fields       ‖w − w_RVE‖² / e_ref²              where the data set holds micro fields
 
@@ -43,8 +45,10 @@ from neuroscale_couple.physics import (
 
 log = logging.getLogger(__name__)
 
-LOSS_TERMS = ("stress", "tangent", "nll", "equilibrium", "consistency", "hill_mandel", "symmetry",
-              "fields")
+LOSS_TERMS = ("stress", "tangent", "nll", "noise", "equilibrium", "consistency", "hill_mandel",
+              "symmetry", "fields")
+NOISE_FLOOR = 1e-3
+"""Measured noise below this fraction of σ_ref (static solves: 0) is taken as this much."""
 
 
 @dataclass
@@ -85,7 +89,8 @@ class TrainingData:
     """Fine-solve samples as tensors: ``images`` the structure inputs of the M structures
     (microstructure images (M, 1, n, n) or crystal descriptors (M, k)), micro_index (S,),
     F, P (S, 2, 2), A (S, 2, 2, 2, 2), optional fields w (S, 2, n, n); ``config`` is the
-    generate config."""
+    generate config; ``noise`` (S, 2, 2) the measured standard error of P where the fine solver
+    reports one (finite-temperature MD; 0 for static solves, NaN where unknown), else None."""
 
     images: torch.Tensor
     micro_index: torch.Tensor
@@ -94,6 +99,7 @@ class TrainingData:
     A: torch.Tensor
     w: torch.Tensor | None = None
     config: dict = field(default_factory=dict)
+    noise: torch.Tensor | None = None
 
     @classmethod
     def from_h5(cls, path: str | Path, resolution: int | None,
@@ -112,8 +118,10 @@ class TrainingData:
                              *(torch.as_tensor(d[f"samples/{k}"], dtype=dtype)
                                for k in ("F", "P", "A")))
         if "micro/descriptor" in d:  # crystal structures
+            noise = d.get("samples/stress_stderr")
             return cls(torch.as_tensor(d["micro/descriptor"], dtype=dtype), index, F_, P_, A_,
-                       None, d["config"])
+                       None, d["config"],
+                       None if noise is None else torch.as_tensor(noise, dtype=dtype))
         if resolution is None:
             raise InputError(f"{source} holds microstructure images: give the model resolution")
         images = torch.as_tensor(d["micro/image"], dtype=dtype)[:, None]
@@ -130,16 +138,21 @@ class TrainingData:
 
     @classmethod
     def concat(cls, parts: list[TrainingData]) -> TrainingData:
-        """One data set of several (micro fields kept only if every part has them)."""
+        """One data set of several (micro fields kept only if every part has them; measured
+        noise kept if any part has it, NaN for the others)."""
         if not parts:
             raise InputError("TrainingData.concat needs at least one data set")
         offsets = np.cumsum([0] + [len(p.images) for p in parts[:-1]])
         has_w = all(p.w is not None for p in parts)
+        noise = None
+        if any(p.noise is not None for p in parts):
+            noise = torch.cat([p.noise if p.noise is not None else torch.full_like(p.P, np.nan)
+                               for p in parts])
         return cls(torch.cat([p.images for p in parts]),
                    torch.cat([p.micro_index + int(o) for p, o in zip(parts, offsets, strict=True)]),
                    torch.cat([p.F for p in parts]), torch.cat([p.P for p in parts]),
                    torch.cat([p.A for p in parts]),
-                   torch.cat([p.w for p in parts]) if has_w else None, parts[0].config)
+                   torch.cat([p.w for p in parts]) if has_w else None, parts[0].config, noise)
 
     def __len__(self) -> int:
         return len(self.F)
@@ -149,7 +162,8 @@ class TrainingData:
         idx = torch.as_tensor(samples, dtype=torch.long)
         return dataclasses.replace(self, micro_index=self.micro_index[idx], F=self.F[idx],
                                    P=self.P[idx], A=self.A[idx],
-                                   w=None if self.w is None else self.w[idx])
+                                   w=None if self.w is None else self.w[idx],
+                                   noise=None if self.noise is None else self.noise[idx])
 
     def split(self, fraction: float, seed: int) -> tuple[TrainingData, TrainingData]:
         """(train, held-out): whole microstructures held out for image data (the operator must
@@ -173,8 +187,9 @@ class TrainingData:
     def to(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> TrainingData:
         """The same samples as ``dtype`` on ``device`` (indices stay on the CPU)."""
         conv = {k: getattr(self, k).to(device, dtype) for k in ("images", "F", "P", "A")}
-        w = None if self.w is None else self.w.to(device, dtype)
-        return dataclasses.replace(self, w=w, **conv)
+        for k in ("w", "noise"):
+            conv[k] = None if getattr(self, k) is None else getattr(self, k).to(device, dtype)
+        return dataclasses.replace(self, **conv)
 
 
 def batch_loss(model: CoarseGrainingOperator, data: TrainingData, idx: torch.Tensor,
@@ -210,6 +225,8 @@ def batch_loss(model: CoarseGrainingOperator, data: TrainingData, idx: torch.Ten
         u = torch.linalg.solve_triangular(r["chol"], res, upper=False)[..., 0]
         logdet = torch.log(torch.diagonal(r["chol"], dim1=-2, dim2=-1)).sum(-1)
         terms["nll"] = (0.5 * (u**2).sum(-1) + logdet).mean()
+    if weights["noise"] > 0 and data.noise is not None:
+        terms.update(noise_loss(r["chol"], data.noise[idx], sig))
     k = max(1, math.ceil(physics_fraction * len(idx)))
     sub, mean = inv[:k], r["stress"].mean(0)[:k]
     if any(weights[t] > 0 for t in ("equilibrium", "consistency", "hill_mandel", "fields")):
@@ -228,6 +245,23 @@ def batch_loss(model: CoarseGrainingOperator, data: TrainingData, idx: torch.Ten
 
         terms["symmetry"] = symmetry_loss(response, images, Fb[:k], mean, sig, generator)
     return terms
+
+
+def noise_loss(chol: torch.Tensor, stderr: torch.Tensor, sigma_ref: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+    """Mean KL(N(0, S) ‖ N(0, L Lᵀ)) over members and the samples whose noise is known: the
+    aleatoric head ``chol`` (M, B, 4, 4) (σ_ref units) against the measured standard errors
+    ``stderr`` (B, 2, 2) (stress units; S = diag(max(s, NOISE_FLOOR·σ_ref)² / σ_ref²)).
+    Its minimum, 0, is Σ = S. Empty dict if no sample of the batch has a known noise."""
+    known = torch.isfinite(stderr).all(-1).all(-1)
+    if not known.any():
+        return {}
+    s = torch.clamp(stderr[known].flatten(-2) / sigma_ref, min=NOISE_FLOOR)  # (B', 4)
+    L = chol[:, known]
+    X = torch.linalg.solve_triangular(L, torch.diag_embed(s).expand_as(L), upper=False)
+    logdet = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+    kl = 0.5 * ((X**2).sum((-1, -2)) + logdet - 2 * torch.log(s).sum(-1) - 4)
+    return {"noise": kl.mean()}
 
 
 def microstructure_batches(data: TrainingData, batch_size: int,
@@ -265,6 +299,9 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
     (:meth:`TrainingData.split`). ``normalise`` (offline training) sets the model's scales from
     ``data``; online fine-tuning keeps them.
     """
+    if cfg.augment and data.noise is not None and cfg.weights["noise"] > 0:
+        raise InputError("augment rotates the samples but not their measured noise: train with "
+                         "augment: false, or without the noise term")
     distributed = init_torch_distributed(comm)
     torch.manual_seed(cfg.seed)
     if validation is None:

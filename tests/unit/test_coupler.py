@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from neuroscale_couple.coupler import Policy
 from neuroscale_couple.errors import InputError
@@ -87,5 +88,20 @@ def test_replay_store_segments_are_rve_data_sets(tmp_path):
     assert d["samples/micro_index"].tolist() == [0, 1, 0]
     assert d["samples/point_id"].tolist() == [10, 11, 12]
     np.testing.assert_array_equal(d["samples/P"][2], np.full((2, 2), 2.0))
+    assert "samples/stress_stderr" not in d  # no solver measured noise
     store.discard_after(3)
     assert ReplayStore.segments(tmp_path) == []
+
+
+def test_replay_store_keeps_measured_noise_for_retraining(tmp_path):
+    from neuroscale_couple.solvers.cauchy_born import Crystal
+    from neuroscale_couple.training import TrainingData
+
+    store = ReplayStore(tmp_path, rank=0, config={"element": "Cu"}, image_resolution=0)
+    hot = Crystal({"element": "Cu", "lattice": "fcc", "temperature": 300.0})
+    for k, stderr in enumerate((np.full((2, 2), 0.05), None)):
+        store.append(hot, k, np.eye(2), np.zeros((2, 2)), np.zeros((2, 2, 2, 2)), step=0,
+                     evaluation=0, model_version=0, time_s=1.0, stderr=stderr)
+    data = TrainingData.from_arrays(load_rve_dataset(store.flush(0)), None)
+    np.testing.assert_allclose(data.noise[0].numpy(), np.full((2, 2), 0.05), rtol=1e-7)  # float32
+    assert torch.isnan(data.noise[1]).all()  # unknown, not zero: the noise term skips it

@@ -112,3 +112,49 @@ def test_residual_stress_head_gives_objective_stress_at_identity():
     F = F_batch(2)
     torch.testing.assert_close(m.predict(z, Q @ F)["mean"], Q @ m.predict(z, F)["mean"],
                                rtol=0, atol=1e-12)
+
+
+def noisy_crystal_data(n: int, stderr: dict[float, np.ndarray], seed: int) -> TrainingData:
+    """St. Venant–Kirchhoff responses (λ = μ = 1) of two temperatures with Gaussian noise of the
+    given standard errors (2, 2) per temperature (K → descriptor T/1000), stored as measured."""
+    rng = np.random.default_rng(seed)
+    temps = list(stderr)
+    F = np.eye(2) + 0.05 * rng.uniform(-1, 1, (n * len(temps), 2, 2))
+    E = 0.5 * (F.transpose(0, 2, 1) @ F - np.eye(2))
+    S = np.trace(E, axis1=1, axis2=2)[:, None, None] * np.eye(2) + 2 * E
+    P = F @ S
+    A = np.zeros((len(F), 2, 2, 2, 2))  # tangent not trained here
+    index = np.repeat(np.arange(len(temps)), n)
+    s = np.stack([stderr[temps[k]] for k in index])
+    return TrainingData(torch.tensor([[t / 1000] for t in temps], dtype=torch.float64),
+                        torch.as_tensor(index),
+                        torch.as_tensor(F), torch.as_tensor(P + s * rng.standard_normal(P.shape)),
+                        torch.as_tensor(A), noise=torch.as_tensor(s))
+
+
+def test_noise_term_teaches_the_head_the_measured_noise():
+    """Σ of a head trained with the noise term matches the stored standard errors at 300 K and
+    falls to the floor at 0 K (the KL term's minimum is Σ = S)."""
+    from neuroscale_couple.training import NOISE_FLOOR, TrainConfig, train
+
+    hot = np.array([[0.004, 0.002], [0.002, 0.003]])
+    stderr = {0.0: np.zeros((2, 2)), 300.0: hot}
+    data = noisy_crystal_data(96, stderr, seed=0)
+    torch.manual_seed(0)
+    m = CrystalOperator(CrystalConfig.from_dict({"latent": 8, "hidden": 32, "members": 2,
+                                                 "family": FAMILY})).double()
+    train(m, data, TrainConfig(epochs=150, batch_size=32, lr=3e-3, lr_final=1e-4,
+                               val_fraction=0.0, weights={"stress": 1.0, "noise": 1.0}),
+          validation=data.subset(np.zeros(0, np.int64)), progress=False)
+    m.eval()
+    test = noisy_crystal_data(16, stderr, seed=1)
+    with torch.no_grad():
+        z = m.encode(test.images)[0][test.micro_index]
+        L = m.members_response(z, test.F, tangent=False)["chol"]
+        var = m.sigma_ref**2 * (L @ L.transpose(-1, -2)).mean(0)
+    std = np.sqrt(np.diagonal(var.numpy(), axis1=-2, axis2=-1)).reshape(-1, 2, 2)
+    is_hot = test.micro_index.numpy() == 1
+    ratio = std[is_hot] / hot
+    assert np.all(np.abs(np.median(ratio, axis=0) - 1) < 0.25), np.median(ratio, axis=0)
+    floor = NOISE_FLOOR * float(m.sigma_ref)
+    assert np.median(std[~is_hot]) < 3 * floor < 0.5 * hot.min(), (std[~is_hot].mean(), floor)
