@@ -40,7 +40,7 @@ def run(name: str, args: argparse.Namespace, out: Path, example: str) -> dict:
     if name != "reference":
         cmd += ["--compare", str(out / "reference")]
     stamp, summary = out / name / "bench_command.json", out / name / "summary.json"
-    settings = [c for c in cmd[3:] if c != str(out / name)]
+    settings = [c for c in cmd[1:] if c != str(out / name)]  # ranks, example, flags
     if (name == "reference" and args.reuse_reference and summary.exists() and stamp.exists()
             and json.loads(stamp.read_text()) == settings):
         print(f"[{name}] reused {summary}", flush=True)

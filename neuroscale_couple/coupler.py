@@ -62,12 +62,19 @@ class Policy:
 
     ``max_failed_fraction``: a fine solve that fails even with load substeps keeps the operator's
     value and is flagged; the run aborts when more than this fraction of all points failed.
+
+    ``noisy_reuse``: a noisy fine solve (one that reports ``stress_stderr``, e.g. an MD average)
+    is not repeated within a load step while the point's F̄ stays within this distance (max
+    component) of where it was taken; P̄ + A:(F̄ − F̄ₖ) is used instead. A noisy stress is not a
+    smooth function of F̄, so re-solving at every Newton iterate would leave Newton chasing the
+    noise; the linearisation's error is second order in the (small) late Newton updates.
     """
 
     tol: float = 0.02
     confidence: float = 0.95
     stress_floor: float | None = None
     max_failed_fraction: float = 0.01
+    noisy_reuse: float = 2e-3
 
     def __post_init__(self) -> None:
         if not self.tol >= 0:  # also catches NaN
@@ -79,6 +86,8 @@ class Policy:
             raise InputError(f"stress_floor={self.stress_floor}: must be > 0 (or None)")
         if not 0 <= self.max_failed_fraction <= 1:
             raise InputError(f"max_failed_fraction={self.max_failed_fraction}: must be in [0, 1]")
+        if not self.noisy_reuse >= 0:
+            raise InputError(f"noisy_reuse={self.noisy_reuse}: must be ≥ 0 (0: always re-solve)")
 
     @property
     def classic(self) -> bool:
@@ -219,6 +228,7 @@ class Coupler(FineSolver):
         self._last_rank: dict[int, int] = {}
         self._sticky: set[int] = set()
         self._fell_back: set[int] = set()
+        self._noisy: dict[int, tuple[np.ndarray, ...]] = {}  # this step's noisy (F, P, A) per id
         self.step, self.evaluations = 0, 0
         self._new_since_retrain = 0
         self._cal: Calibration | None = None
@@ -315,17 +325,32 @@ class Coupler(FineSolver):
         self._fell_back.update(ids[fallback].tolist())
         self.stats["operator_time_s"] += time.perf_counter() - t0
         source = np.where(fallback, FINE, OPERATOR)
+        reuse = fallback & self._near_noisy_solve(Fb, ids)
+        for j in np.flatnonzero(reuse):
+            F0, P0, A0 = self._noisy[int(ids[j])]
+            stress[j] = P0 + np.einsum("ijkl,kl->ij", A0, Fb[j] - F0)
+            tangent[j], energy[j] = A0, np.nan
+        solve = fallback & ~reuse
         t1 = time.perf_counter()
-        done = self._solve_fallback(Fb[fallback], ids[fallback], rows[fallback])
+        done = self._solve_fallback(Fb[solve], ids[solve], rows[solve])
         self.stats["fine_time_s"] += time.perf_counter() - t1
-        where = np.flatnonzero(fallback)
-        for j, (P, A, W) in zip(where, done, strict=True):
+        for j, (P, A, W, noisy) in zip(np.flatnonzero(solve), done, strict=True):
             if P is None:
                 source[j] = FAILED
-            else:
-                stress[j], tangent[j], energy[j] = P, A, W
+                continue
+            stress[j], tangent[j], energy[j] = P, A, W
+            if noisy:
+                self._noisy[int(ids[j])] = (Fb[j].copy(), P, A)
         self._check_failures(source)
         return CouplerResult(stress, tangent, unc, source, energy)
+
+    def _near_noisy_solve(self, F: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Points whose noisy fine solve of this load step lies within ``noisy_reuse``."""
+        near = np.zeros(len(F), dtype=bool)
+        for j, pid in enumerate(ids.tolist()):
+            if pid in self._noisy:
+                near[j] = np.abs(F[j] - self._noisy[pid][0]).max() <= self.policy.noisy_reuse
+        return near
 
     def _predict(self, rows: np.ndarray, F: np.ndarray) -> tuple[np.ndarray, ...]:
         p = next(self.model.parameters())
@@ -348,8 +373,8 @@ class Coupler(FineSolver):
 
     def _solve_fallback(self, F: np.ndarray, ids: np.ndarray,
                         rows: np.ndarray) -> list[tuple]:
-        """Solve the given points somewhere on the communicator; (P, A, W) in the given order
-        (None, None, NaN for a failed solve)."""
+        """Solve the given points somewhere on the communicator; (P, A, W, noisy) in the given
+        order (None, None, NaN, False for a failed solve)."""
         comm = self.comm
         mine = [(int(i), F[k], self._micro[r], self._cost.get(int(i), np.nan),
                  self._last_rank.get(int(i), -1))
@@ -372,9 +397,9 @@ class Coupler(FineSolver):
         back = {e[0]: e[1:] for part in comm.alltoall(outgoing) for e in part}
         out = []
         for pid in ids.tolist():
-            P, A, W, t, ok_rank = back[pid]
+            P, A, W, noisy, t, ok_rank = back[pid]
             self._cost[pid], self._last_rank[pid] = t, ok_rank
-            out.append((P, A, W))
+            out.append((P, A, W, noisy))
         return out
 
     def _fine_solve(self, pid: int, F: np.ndarray, micro) -> tuple:
@@ -385,17 +410,17 @@ class Coupler(FineSolver):
         except SolveError as err:
             log.warning("rank %d: fine solve of point %d failed: %s", self.comm.rank, pid, err)
             self.stats["fine_failed"] += 1
-            return None, None, np.nan, time.perf_counter() - t0, self.comm.rank
+            return None, None, np.nan, False, time.perf_counter() - t0, self.comm.rank
         t = time.perf_counter() - t0
         self.stats["fine_solves"] += 1
         self.stats["fine_solve_time_s"] += t
+        stderr = res.info.get("stress_stderr")
         if self.replay is not None:
-            stderr = res.info.get("stress_stderr")
             self.replay.append(micro, pid, F, res.stress[0], res.tangent[0], step=self.step,
                                evaluation=self.evaluations, model_version=self.version,
                                time_s=t, stderr=None if stderr is None else stderr[0])
         W = float(res.info.get("energy_density", [np.nan])[0])
-        return res.stress[0], res.tangent[0], W, t, self.comm.rank
+        return res.stress[0], res.tangent[0], W, stderr is not None, t, self.comm.rank
 
     def _check_failures(self, source: np.ndarray) -> None:
         failed = self.comm.allreduce(int((source == FAILED).sum()))
@@ -421,6 +446,7 @@ class Coupler(FineSolver):
         again (never call it inside a Newton solve)."""
         self.step = step
         self._sticky.clear()
+        self._noisy.clear()
 
     def end_step(self, final: bool = False) -> dict:
         """Finish the current load step (collective): store its fine solves, retrain if due.

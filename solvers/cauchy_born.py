@@ -102,7 +102,10 @@ class CauchyBorn(FineSolver):
     md_steps, equilibration_steps : production and discarded MD steps per solve.
     timestep : MD time step, fs.
     friction : Langevin friction, 1/fs.
-    seed : seed of the thermostat noise (each solve of a point draws a new stream).
+    seed : seed of the thermostat noise. A solve with a point id draws the stream of (seed,
+        point id, F̄): the same on any rank and solver instance, so coupled runs at a finite
+        temperature are reproducible and rank-count independent; without an id every solve draws
+        a new stream.
     """
 
     implemented_properties = ("stress", "tangent")
@@ -128,7 +131,7 @@ class CauchyBorn(FineSolver):
         self.temperature, self.md_steps = float(temperature), int(md_steps)
         self.equilibration_steps, self.timestep, self.friction = (int(equilibration_steps),
                                                                   float(timestep), float(friction))
-        self._rng = np.random.default_rng(seed)
+        self._seed, self._rng = int(seed), np.random.default_rng(seed)
         self.states: dict[Hashable, np.ndarray] = {}  # relaxed scaled positions per point id
         self._e0: float | None = None
 
@@ -157,7 +160,7 @@ class CauchyBorn(FineSolver):
             P, steps, scaled = self._first_piola(Fi, self.states.get(key))
             info["energy_density"][i] = self._energy_density()
             if self.temperature > 0:
-                P, err = self._thermal_first_piola(Fi, scaled)
+                P, err = self._thermal_first_piola(Fi, scaled, self._thermostat_rng(key, Fi))
                 info["stress_stderr"][i] = err[:dim, :dim]
             stress[i] = P[:dim, :dim]
             if tangent:
@@ -208,17 +211,23 @@ class CauchyBorn(FineSolver):
         J = np.linalg.det(F)
         return J * sigma @ np.linalg.inv(F).T, steps, atoms.get_scaled_positions()
 
-    def _thermal_first_piola(self, F: np.ndarray, scaled: np.ndarray
+    def _thermostat_rng(self, key: Hashable | None, F: np.ndarray) -> np.random.Generator:
+        if key is None:
+            return np.random.default_rng(self._rng.integers(2**63))
+        digest = hashlib.sha256(repr(key).encode() + np.ascontiguousarray(F, float).tobytes())
+        return np.random.default_rng(np.random.SeedSequence(
+            [self._seed, *np.frombuffer(digest.digest()[:16], dtype=np.uint32).tolist()]))
+
+    def _thermal_first_piola(self, F: np.ndarray, scaled: np.ndarray, rng: np.random.Generator
                              ) -> tuple[np.ndarray, np.ndarray]:
         """Time-averaged P̄ (3, 3) and its standard error, GPa, of a Langevin NVT run at F̄
-        started from the relaxed positions ``scaled``."""
+        started from the relaxed positions ``scaled``, thermostat noise from ``rng``."""
         from ase.md.langevin import Langevin
         from ase.md.velocitydistribution import thermalize_momenta
 
         atoms = self.atoms
         atoms.set_cell(self.reference.cell.array @ F.T, scale_atoms=False)
         atoms.set_scaled_positions(scaled)
-        rng = np.random.default_rng(self._rng.integers(2**63))
         thermalize_momenta(atoms, self.temperature, rng=rng, comm=SERIAL)
         atoms.set_constraint(FixCom())  # no drift of the centre of mass
         dyn = Langevin(atoms, self.timestep * units.fs, temperature_K=self.temperature,

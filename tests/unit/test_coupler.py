@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skip_in_parallel
 @pytest.mark.parametrize("kwargs, message", [
     ({"tol": -0.01}, "must be ≥ 0"), ({"tol": float("nan")}, "must be ≥ 0"),
     ({"confidence": 1.0}, "probability"), ({"stress_floor": 0.0}, "stress_floor"),
-    ({"max_failed_fraction": 2.0}, "max_failed_fraction")])
+    ({"max_failed_fraction": 2.0}, "max_failed_fraction"),
+    ({"noisy_reuse": -1.0}, "noisy_reuse")])
 def test_policy_rejects_bad_input(kwargs, message):
     with pytest.raises(InputError, match=message):
         Policy(**kwargs)
@@ -105,3 +106,43 @@ def test_replay_store_keeps_measured_noise_for_retraining(tmp_path):
     data = TrainingData.from_arrays(load_rve_dataset(store.flush(0)), None)
     np.testing.assert_allclose(data.noise[0].numpy(), np.full((2, 2), 0.05), rtol=1e-7)  # float32
     assert torch.isnan(data.noise[1]).all()  # unknown, not zero: the noise term skips it
+
+
+class _Noisy(FineSolver):
+    """P = F − I plus fresh noise at every solve, with its standard error (an MD average)."""
+
+    def __init__(self, structure):
+        self.calls, self.rng = 0, np.random.default_rng(0)
+
+    def solve(self, F, *, point_ids=None, tangent=True, fields_resolution=None):
+        self.calls += 1
+        A = np.einsum("ik,jl->ijkl", np.eye(2), np.eye(2))[None]
+        return MicroResult(F - np.eye(2) + 0.01 * self.rng.standard_normal((1, 2, 2)), A, None,
+                           {"stress_stderr": np.full((1, 2, 2), 0.01)})
+
+
+class _Structure:
+    key = "s"
+
+
+def test_noisy_fine_solve_is_linearised_within_a_load_step_not_repeated():
+    from mpi4py import MPI
+
+    from neuroscale_couple.coupler import Coupler
+
+    c = Coupler(None, _Noisy, policy=Policy(tol=0, noisy_reuse=1e-3), comm=MPI.COMM_SELF)
+    c.register([0], [_Structure()])
+    solver = c.cache.get("s", _Structure())
+    F0 = np.array([[[1.01, 0.0], [0.0, 1.0]]])
+    c.begin_step(0)
+    P0 = c.evaluate(F0, [0]).stress
+    dF = np.array([[[5e-4, -2e-4], [1e-4, 3e-4]]])
+    near = c.evaluate(F0 + dF, [0])
+    assert solver.calls == 1  # within noisy_reuse: P0 + A:dF, no new MD run
+    np.testing.assert_allclose(near.stress, P0 + dF, rtol=0, atol=1e-15)
+    c.evaluate(F0 + 3 * dF, [0])  # 1.5e-3 away: solved again
+    assert solver.calls == 2
+    c.begin_step(1)  # a new load step: the old solve is not reused
+    c.evaluate(F0 + 3 * dF, [0])
+    assert solver.calls == 3
+    c.close()
