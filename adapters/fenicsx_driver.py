@@ -77,7 +77,8 @@ def prepare(args: argparse.Namespace):
     from neuroscale_couple.operators.base import load_operator
 
     mesh_size(args.mesh_size)
-    policy = Policy(tol=0.0 if args.reference else args.tol, confidence=args.confidence)
+    policy = Policy(tol=0.0 if args.reference else args.tol, confidence=args.confidence,
+                    exclude_noise=getattr(args, "exclude_noise", False))
     if args.replay_from and (args.no_retrain or policy.classic):
         raise InputError("--replay-from fine-tunes the operator: drop --no-retrain/--reference")
     if args.background_retrain and args.no_retrain:

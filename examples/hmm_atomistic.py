@@ -58,7 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0,
                    help="K; > 0: Langevin NVT virial averages instead of static relaxation")
     p.add_argument("--md-steps", type=int, default=400, help="MD production steps per solve")
+    p.add_argument("--noise-in-bound", action="store_true",
+                   help="at T > 0 let the MD noise count towards the fallback bound (default: "
+                   "only the operator's model error, which a fallback can remove)")
     args = p.parse_args(argv)
+    args.exclude_noise = args.temperature > 0 and not args.noise_in_bound
     if args.model is None:  # the shipped model of the fine solver's temperature
         args.model = str(MODELS / ("hmm_cu_thermal.pt" if args.temperature > 0 else "hmm_cu.pt"))
     return args

@@ -68,6 +68,11 @@ class Policy:
     component) of where it was taken; P̄ + A:(F̄ − F̄ₖ) is used instead. A noisy stress is not a
     smooth function of F̄, so re-solving at every Newton iterate would leave Newton chasing the
     noise; the linearisation's error is second order in the (small) late Newton updates.
+
+    ``exclude_noise``: for a noisy fine solver whose noise the model's covariance head was
+    trained to reproduce (the ``noise`` loss term): the bound is taken on the epistemic part of
+    Σ only (ensemble spread, same calibration scale), the error a fallback can remove; the noise
+    is in the fine solve as well. Heuristic: the conformal guarantee holds for the full Σ.
     """
 
     tol: float = 0.02
@@ -75,6 +80,7 @@ class Policy:
     stress_floor: float | None = None
     max_failed_fraction: float = 0.01
     noisy_reuse: float = 2e-3
+    exclude_noise: bool = False
 
     def __post_init__(self) -> None:
         if not self.tol >= 0:  # also catches NaN
@@ -189,6 +195,11 @@ class Coupler(FineSolver):
                 Calibration.from_dict(model.calibration).radius(self.policy.confidence)
             if family is not None:
                 model.check_family(family)
+            weights = (model.card.get("training") or {}).get("weights") or {}
+            if self.policy.exclude_noise and not weights.get("noise", 0) > 0:
+                raise InputError("exclude_noise needs a model whose covariance head learned the "
+                                 "fine solver's noise (trained with the `noise` loss term); "
+                                 "this one was not: drop exclude_noise")
         self.model = model
         self.version = 0
         self.device = device_for_rank(comm)
@@ -359,7 +370,8 @@ class Coupler(FineSolver):
                 for k, v in self.model.predict(self._z[torch.as_tensor(rows)], Ft).items()}
         unc = np.zeros(len(F))
         if not math.isinf(self.policy.tol):
-            bound = self._calibration().error_bound(pred["cov"], self.policy.confidence)
+            cov = pred["cov"] - pred["aleatoric"] if self.policy.exclude_noise else pred["cov"]
+            bound = self._calibration().error_bound(cov, self.policy.confidence)
             floor = self.policy.stress_floor or float(self.model.sigma_ref)
             unc = bound / np.maximum(np.linalg.norm(pred["mean"], axis=(1, 2)), floor)
         return pred["mean"], pred["tangent"], unc, pred["energy"]

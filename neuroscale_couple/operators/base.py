@@ -113,16 +113,17 @@ class CoarseGrainingOperator(nn.Module):
     def predict(self, z: torch.Tensor, F: torch.Tensor, *, tangent: bool = True
                 ) -> dict[str, torch.Tensor]:
         """Ensemble prediction: ``mean`` (B, 2, 2), ``cov`` (B, 4, 4) = aleatoric + epistemic,
-        ``energy`` (B,) strain energy density W̄ (stress unit) with mean = ∂W̄/∂F̄,
-        ``tangent`` (B, 2, 2, 2, 2) = ∂mean/∂F̄ (if asked), all without a graph."""
+        ``aleatoric`` (B, 4, 4) its first part (the covariance head), ``energy`` (B,) strain
+        energy density W̄ (stress unit) with mean = ∂W̄/∂F̄, ``tangent`` (B, 2, 2, 2, 2) =
+        ∂mean/∂F̄ (if asked), all without a graph."""
         r = self.members_response(z, F, tangent=tangent)
         P = r["stress"]
         mean = P.mean(0)
         dev = (P - mean).flatten(-2)
         sigma2 = (self.sigma_ref**2).to(F.dtype)
-        cov = sigma2 * (r["chol"] @ r["chol"].transpose(-1, -2)).mean(0)
-        cov = cov + torch.einsum("mbi,mbj->bij", dev, dev) / P.shape[0]
-        out = {"mean": mean, "cov": cov, "energy": r["energy"].mean(0)}
+        alea = sigma2 * (r["chol"] @ r["chol"].transpose(-1, -2)).mean(0)
+        cov = alea + torch.einsum("mbi,mbj->bij", dev, dev) / P.shape[0]
+        out = {"mean": mean, "cov": cov, "aleatoric": alea, "energy": r["energy"].mean(0)}
         if tangent:
             out["tangent"] = r["tangent"].mean(0)
         return out

@@ -213,3 +213,30 @@ def test_a_rank_solves_its_crystal_alone():
         assert np.all(np.diagonal(res.info["stress_stderr"][0]) > 0)
 
     on_rank0(MPI.COMM_WORLD, thermal_solve)
+
+
+@pytest.mark.skip_in_parallel
+def test_noise_can_be_left_out_of_the_fallback_bound(crystal):
+    """With ``exclude_noise`` the bound of the thermal model (trained with the noise term) keeps
+    only the model error: smaller at 300 K, about the same at 0 K (no noise there); a model
+    whose covariance head did not learn the noise is refused."""
+    from neuroscale_couple.coupler import Coupler, Policy
+    from neuroscale_couple.errors import InputError
+    from neuroscale_couple.operators.base import load_operator
+    from neuroscale_couple.solvers.cauchy_born import Crystal
+
+    thermal = ROOT / "examples" / "models" / "hmm_cu_thermal.pt"
+    structures = [Crystal(dict(crystal.config, temperature=t)) for t in (300.0, 0.0)]
+    F = np.stack([np.diag([1.01, 1.0])] * 2)
+    unc = {}
+    for exclude in (False, True):
+        c = Coupler(load_operator(thermal), Crystal.solver, policy=Policy(
+            tol=1e6, exclude_noise=exclude), comm=MPI.COMM_SELF)
+        c.register([0, 1], structures)
+        unc[exclude] = c.evaluate(F, [0, 1]).uncertainty
+        c.close()
+    assert unc[True][0] < 0.5 * unc[False][0], unc
+    np.testing.assert_allclose(unc[True][1], unc[False][1], rtol=0.1)
+    with pytest.raises(InputError, match="exclude_noise"):
+        Coupler(load_operator(MODEL), Crystal.solver, policy=Policy(exclude_noise=True),
+                comm=MPI.COMM_SELF)
