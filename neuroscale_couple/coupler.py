@@ -336,7 +336,7 @@ class Coupler(FineSolver):
         self._fell_back.update(ids[fallback].tolist())
         self.stats["operator_time_s"] += time.perf_counter() - t0
         source = np.where(fallback, FINE, OPERATOR)
-        reuse = fallback & self._near_noisy_solve(Fb, ids)
+        reuse = self._near_noisy_solve(Fb, ids, fallback)
         for j in np.flatnonzero(reuse):
             F0, P0, A0 = self._noisy[int(ids[j])]
             stress[j] = P0 + np.einsum("ijkl,kl->ij", A0, Fb[j] - F0)
@@ -355,12 +355,15 @@ class Coupler(FineSolver):
         self._check_failures(source)
         return CouplerResult(stress, tangent, unc, source, energy)
 
-    def _near_noisy_solve(self, F: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Points whose noisy fine solve of this load step lies within ``noisy_reuse``."""
+    def _near_noisy_solve(self, F: np.ndarray, ids: np.ndarray,
+                          fallback: np.ndarray) -> np.ndarray:
+        """Fallback points whose noisy fine solve of this load step lies within
+        ``noisy_reuse`` (only the fallback points are looked at: this runs every evaluation)."""
         near = np.zeros(len(F), dtype=bool)
-        for j, pid in enumerate(ids.tolist()):
-            if pid in self._noisy:
-                near[j] = np.abs(F[j] - self._noisy[pid][0]).max() <= self.policy.noisy_reuse
+        for j in np.flatnonzero(fallback) if self._noisy else ():
+            solved = self._noisy.get(int(ids[j]))
+            if solved is not None:
+                near[j] = np.abs(F[j] - solved[0]).max() <= self.policy.noisy_reuse
         return near
 
     def _predict(self, rows: np.ndarray, F: np.ndarray) -> tuple[np.ndarray, ...]:
