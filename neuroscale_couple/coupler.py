@@ -63,11 +63,16 @@ class Policy:
     ``max_failed_fraction``: a fine solve that fails even with load substeps keeps the operator's
     value and is flagged; the run aborts when more than this fraction of all points failed.
 
-    ``noisy_reuse``: a noisy fine solve (one that reports ``stress_stderr``, e.g. an MD average)
-    is not repeated within a load step while the point's F̄ stays within this distance (max
-    component) of where it was taken; P̄ + A:(F̄ − F̄ₖ) is used instead. A noisy stress is not a
-    smooth function of F̄, so re-solving at every Newton iterate would leave Newton chasing the
-    noise; the linearisation's error is second order in the (small) late Newton updates.
+    ``reuse``: with a surrogate in the loop (0 < tol), a fine solve is not repeated within a
+    load step while the point's F̄ stays within this distance (max component) of where it was
+    taken: P̄ₖ + Aₖ:(F̄ − F̄ₖ) is used, with tangent Aₖ (consistent, so Newton keeps its rate).
+    The error is second order, ½|∂²P̄| |F̄ − F̄ₖ|² (≈ 1e-4 of ‖P̄‖ at 2e-3 on the shipped
+    families, far below a tol one would give a surrogate); the late Newton iterates of a step
+    then cost no fine solve. Classic FE² (tol = 0) always re-solves.
+
+    ``noisy_reuse``: the same for a noisy fine solve (one that reports ``stress_stderr``, e.g.
+    an MD average), at any tol: a noisy stress is not a smooth function of F̄, so re-solving at
+    every Newton iterate would leave Newton chasing the noise.
 
     ``exclude_noise``: for a noisy fine solver whose noise the model's covariance head was
     trained to reproduce (the ``noise`` loss term): the bound is taken on the epistemic part of
@@ -79,6 +84,7 @@ class Policy:
     confidence: float = 0.95
     stress_floor: float | None = None
     max_failed_fraction: float = 0.01
+    reuse: float = 2e-3
     noisy_reuse: float = 2e-3
     exclude_noise: bool = False
 
@@ -92,8 +98,9 @@ class Policy:
             raise InputError(f"stress_floor={self.stress_floor}: must be > 0 (or None)")
         if not 0 <= self.max_failed_fraction <= 1:
             raise InputError(f"max_failed_fraction={self.max_failed_fraction}: must be in [0, 1]")
-        if not self.noisy_reuse >= 0:
-            raise InputError(f"noisy_reuse={self.noisy_reuse}: must be ≥ 0 (0: always re-solve)")
+        for name in ("reuse", "noisy_reuse"):
+            if not getattr(self, name) >= 0:
+                raise InputError(f"{name}={getattr(self, name)}: must be ≥ 0 (0: always re-solve)")
 
     @property
     def classic(self) -> bool:
@@ -192,7 +199,7 @@ class Coupler(FineSolver):
                 if not model.calibration:
                     raise InputError("the model is not calibrated: run `neuroscale calibrate` "
                                      "before using it with a finite tol")
-                Calibration.from_dict(model.calibration).radius(self.policy.confidence)
+                Calibration.from_dict(model.calibration).norm_radius(self.policy.confidence)
             if family is not None:
                 model.check_family(family)
             weights = (model.card.get("training") or {}).get("weights") or {}
@@ -239,7 +246,7 @@ class Coupler(FineSolver):
         self._last_rank: dict[int, int] = {}
         self._sticky: set[int] = set()
         self._fell_back: set[int] = set()
-        self._noisy: dict[int, tuple[np.ndarray, ...]] = {}  # this step's noisy (F, P, A) per id
+        self._solved: dict[int, tuple] = {}  # this step's fine solve (F, P, A, noisy) per id
         self.step, self.evaluations = 0, 0
         self._new_since_retrain = 0
         self._cal: Calibration | None = None
@@ -336,9 +343,9 @@ class Coupler(FineSolver):
         self._fell_back.update(ids[fallback].tolist())
         self.stats["operator_time_s"] += time.perf_counter() - t0
         source = np.where(fallback, FINE, OPERATOR)
-        reuse = self._near_noisy_solve(Fb, ids, fallback)
+        reuse = self._near_solve(Fb, ids, fallback)
         for j in np.flatnonzero(reuse):
-            F0, P0, A0 = self._noisy[int(ids[j])]
+            F0, P0, A0, _ = self._solved[int(ids[j])]
             stress[j] = P0 + np.einsum("ijkl,kl->ij", A0, Fb[j] - F0)
             tangent[j], energy[j] = A0, np.nan
         solve = fallback & ~reuse
@@ -350,20 +357,21 @@ class Coupler(FineSolver):
                 source[j] = FAILED
                 continue
             stress[j], tangent[j], energy[j] = P, A, W
-            if noisy:
-                self._noisy[int(ids[j])] = (Fb[j].copy(), P, A)
+            self._solved[int(ids[j])] = (Fb[j].copy(), P, A, noisy)
         self._check_failures(source)
         return CouplerResult(stress, tangent, unc, source, energy)
 
-    def _near_noisy_solve(self, F: np.ndarray, ids: np.ndarray,
-                          fallback: np.ndarray) -> np.ndarray:
-        """Fallback points whose noisy fine solve of this load step lies within
-        ``noisy_reuse`` (only the fallback points are looked at: this runs every evaluation)."""
+    def _near_solve(self, F: np.ndarray, ids: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+        """Fallback points whose fine solve of this load step lies within ``Policy.reuse``
+        (``noisy_reuse`` for a noisy one; only fallback points are looked at: this runs every
+        evaluation)."""
         near = np.zeros(len(F), dtype=bool)
-        for j in np.flatnonzero(fallback) if self._noisy else ():
-            solved = self._noisy.get(int(ids[j]))
+        smooth = 0.0 if self.policy.classic else self.policy.reuse
+        for j in np.flatnonzero(fallback) if self._solved else ():
+            solved = self._solved.get(int(ids[j]))
             if solved is not None:
-                near[j] = np.abs(F[j] - solved[0]).max() <= self.policy.noisy_reuse
+                radius = self.policy.noisy_reuse if solved[3] else smooth
+                near[j] = radius > 0 and np.abs(F[j] - solved[0]).max() <= radius
         return near
 
     def _predict(self, rows: np.ndarray, F: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -461,7 +469,7 @@ class Coupler(FineSolver):
         again (never call it inside a Newton solve)."""
         self.step = step
         self._sticky.clear()
-        self._noisy.clear()
+        self._solved.clear()
 
     def end_step(self, final: bool = False) -> dict:
         """Finish the current load step (collective): store its fine solves, retrain if due.

@@ -88,20 +88,20 @@ class Microstructure:
                 f"image resolution={resolution}, supersample={supersample}: both must be ≥ 1"
             )
         m = resolution * supersample
-        s = (np.arange(m) + 0.5) / m
-        x, y = np.meshgrid(s, s)  # y varies along rows
-        inside = self._fibre_mask(np.stack([x, y], axis=-1))
+        inside = self._fibre_mask((np.arange(m) + 0.5) / m)
         return inside.reshape(resolution, supersample, resolution, supersample).mean(axis=(1, 3))
 
-    def _fibre_mask(self, points: np.ndarray) -> np.ndarray:
-        """Boolean mask of points (..., 2) lying in the fibre phase."""
+    def _fibre_mask(self, s: np.ndarray) -> np.ndarray:
+        """Boolean mask (m, m) of the grid points (x, y) = (s[j], s[i]) lying in the fibre
+        phase (row index is y); distances are separable, so no (m, m, 2) array is formed."""
         if self.kind == "laminate":
-            return np.mod(points[..., 0], 1.0) < self.volume_fraction
-        inside = np.zeros(points.shape[:-1], dtype=bool)
-        for c in self.centres:
-            d = points - c
-            d -= np.round(d)  # nearest periodic image
-            inside |= np.einsum("...i,...i->...", d, d) < self.radius**2
+            return np.broadcast_to(np.mod(s, 1.0) < self.volume_fraction, (len(s), len(s)))
+        inside = np.zeros((len(s), len(s)), dtype=bool)
+        for cx, cy in self.centres:
+            dx, dy = s - cx, s - cy
+            dx -= np.round(dx)  # nearest periodic image
+            dy -= np.round(dy)
+            inside |= dy[:, None] ** 2 + dx[None, :] ** 2 < self.radius**2
         return inside
 
     def mesh(self, comm: MPI.Comm, size: float, order: int = 1):

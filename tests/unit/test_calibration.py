@@ -112,10 +112,12 @@ def test_error_bound_holds_with_stated_frequency():
     for p in LEVELS:
         bound = cal.error_bound(Sigma, p)
         assert bound.shape == (N_TEST,)
-        assert np.mean(err <= bound) >= p - _tolerance(p)
-    # The bound is the ellipsoid's circumscribed ball, so every point inside the ellipsoid is in it.
-    inside = mahalanobis(y, mu, Sigma) / cal.scale <= cal.radius(0.9)
-    assert np.all(err[inside] <= cal.error_bound(Sigma, 0.9)[inside] * (1 + 1e-12))
+        # calibrated on the Euclidean score itself: neither too narrow nor wastefully wide
+        assert np.mean(err <= bound) == pytest.approx(p, abs=_tolerance(p))
+        # the ellipsoid's circumscribed ball, q_p s √λ_max, is valid too but wider
+        ball = cal.radius(p) * cal.scale * np.sqrt(np.linalg.eigvalsh(Sigma)[:, -1])
+        assert np.mean(err <= ball) > p + _tolerance(p)
+        assert np.median(ball / bound) > 1.2
 
 
 def test_finite_sample_quantile_on_a_hand_computed_example():
@@ -130,6 +132,9 @@ def test_finite_sample_quantile_on_a_hand_computed_example():
     assert cal.radius(0.9) == pytest.approx(10 / s)  # ⌈11 · 0.9⌉ = 10th smallest
     assert cal.radius(0.95) == math.inf  # ⌈11 · 0.95⌉ = 11 > 10
     assert np.all(cal.error_bound(np.tile(np.eye(4), (3, 1, 1)), 0.95) == math.inf)
+    # Euclidean score k / (s √tr I) = k / 2s: the 50 % bound is the 6th smallest error itself.
+    assert cal.norm_radius(0.9) == pytest.approx(10 / (2 * s))
+    np.testing.assert_allclose(cal.error_bound(np.tile(np.eye(4), (3, 1, 1)), 0.5), 6.0)
     np.testing.assert_allclose(cal.covariance(np.eye(4)[None]), (s**2 * np.eye(4))[None])
 
 
@@ -141,6 +146,10 @@ def test_round_trip_through_json_and_uncalibrated_level():
     back = Calibration.from_dict(json.loads(text))
     assert back == cal
     assert set(json.loads(text)["quantiles"]) == {"0.5", "0.9", "0.99"}
+    assert set(json.loads(text)["norm_quantiles"]) == {"0.5", "0.9", "0.99"}
+    old = {k: v for k, v in cal.to_dict().items() if k != "norm_quantiles"}
+    with pytest.raises(InputError, match="rerun `neuroscale calibrate"):
+        Calibration.from_dict(old).error_bound(Sigma, 0.9)
     with pytest.raises(InputError, match=r"level=0\.8 .*\[0\.5, 0\.9, 0\.99\]"):
         back.radius(0.8)
     with pytest.raises(InputError, match="level=0.95"):

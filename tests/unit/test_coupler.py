@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skip_in_parallel
     ({"tol": -0.01}, "must be ≥ 0"), ({"tol": float("nan")}, "must be ≥ 0"),
     ({"confidence": 1.0}, "probability"), ({"stress_floor": 0.0}, "stress_floor"),
     ({"max_failed_fraction": 2.0}, "max_failed_fraction"),
-    ({"noisy_reuse": -1.0}, "noisy_reuse")])
+    ({"noisy_reuse": -1.0}, "noisy_reuse"), ({"reuse": float("nan")}, "reuse=nan")])
 def test_policy_rejects_bad_input(kwargs, message):
     with pytest.raises(InputError, match=message):
         Policy(**kwargs)
