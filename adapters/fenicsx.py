@@ -199,7 +199,7 @@ class FE2Problem:
                 restore(state.get("micro_state", {}))
         for k in range(first, len(loads)):
             record = self._step(k, t_done, loads[k], set_load, max_cutbacks,
-                                final=k == len(loads) - 1)
+                                steps_left=len(loads) - 1 - k)
             history.append(record)
             t_done = loads[k]
             if on_step is not None:  # may add to the record before it is checkpointed
@@ -209,7 +209,7 @@ class FE2Problem:
         return history
 
     def _step(self, k: int, t0: float, t1: float, set_load: Callable[[float], None],
-              max_cutbacks: int, final: bool) -> dict:
+              max_cutbacks: int, steps_left: int) -> dict:
         start = time.perf_counter()
         u_saved = self.u.x.array.copy()
         record: dict = {"step": k, "load": t1, "residuals": [], "cutbacks": 0}
@@ -241,7 +241,7 @@ class FE2Problem:
         record["cutbacks"] = cut
         record["newton_iterations"] = sum(len(r) - 1 for r in record["residuals"])
         end = getattr(self.micro, "end_step", None)
-        record.update(end(final=final) if end is not None else {})
+        record.update(end(steps_left=steps_left) if end is not None else {})
         record["failed_points"] = self.comm.allreduce(int((self.source.x.array[
             : len(self.point_ids)] == FAILED).sum()))
         record["time_s"] = time.perf_counter() - start

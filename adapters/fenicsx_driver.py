@@ -206,7 +206,9 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
 
     ``args`` carries ``out``, ``steps``, ``restart``, ``replay_from``, ``no_retrain`` and
     ``compare`` as the examples' command lines define them; ``total_time_s`` counts from
-    ``t_start`` (``time.perf_counter()`` before the set-up; default: now).
+    ``t_start`` (``time.perf_counter()`` before the set-up; default: now), of which
+    ``setup_time_s`` passed before the first load step (imports, model, meshes, latents) and
+    ``steps_time_s`` in the load steps; the rest is output (fields, checkpoints closed).
     """
     problem, coupler = run.problem, run.coupler
     out = Path(args.out)
@@ -240,8 +242,10 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
     loads = np.linspace(0, 1, args.steps + 1)[1:]
     # the Coupler may swap in another model object (background retraining): save the current one
     saver = None if coupler.model is None else (lambda path: coupler.model.save(path))
+    t_steps = time.perf_counter()
     history = problem.run(loads, run.set_load, checkpoint_dir=out / "checkpoint",
                           restart=args.restart, on_step=on_step, model_saver=saver)
+    t_output = time.perf_counter()
     u_norm = comm.allreduce(float(np.sum(problem.u.x.array[
         : 2 * problem.u.function_space.dofmap.index_map.size_local] ** 2))) ** 0.5
     fields = gather_fields(problem)
@@ -252,6 +256,7 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
         "tol": coupler.policy.tol, "confidence": coupler.policy.confidence,
         "reference": coupler.policy.classic, "retrain": not args.no_retrain,
         "steps": history, "total_time_s": time.perf_counter() - t_start,
+        "setup_time_s": t_steps - t_start, "steps_time_s": t_output - t_steps,
         "micro_time_s": sum(h["fine_time_s"] + h["operator_time_s"] for h in history),
         "fallback_rate": sum(h["fallback_points"] for h in history)
         / (len(history) * problem.n_points),

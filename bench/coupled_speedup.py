@@ -36,7 +36,7 @@ def run(name: str, args: argparse.Namespace, out: Path, example: str) -> dict:
     cmd = [str(mpiexec), "-n", str(args.np), sys.executable,
            str(ROOT / "examples" / f"{example}.py"), "--mesh-size", str(args.mesh_size),
            "--steps", str(args.steps), "--stretch", str(args.stretch), "--tol", str(args.tol),
-           "--out", str(out / name), "--quiet", *RUNS[name]]
+           "--out", str(out / name), "--quiet", *args.example_flags, *RUNS[name]]
     if name != "reference":
         cmd += ["--compare", str(out / "reference")]
     stamp, summary = out / name / "bench_command.json", out / name / "summary.json"
@@ -52,9 +52,10 @@ def run(name: str, args: argparse.Namespace, out: Path, example: str) -> dict:
 
 
 def main(example: str, name: str, title: str, description: str, *, mesh_size: str,
-         stretch: float, tol: float = 0.05) -> dict:
+         stretch: float, tol: float = 0.05, options: dict[str, type] | None = None) -> dict:
     """Run ``examples/<example>.py`` as described in the module docstring; returns the record
-    (also written to bench/results/<name>.json)."""
+    (also written to bench/results/<name>.json). ``options``: flags of the example the
+    benchmark passes on when given (e.g. ``{"--temperature": float}``)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--np", type=int, default=2, help="MPI ranks")
     p.add_argument("--mesh-size", default=mesh_size)
@@ -65,12 +66,18 @@ def main(example: str, name: str, title: str, description: str, *, mesh_size: st
     p.add_argument("--name", default=name, help="record name in bench/results")
     p.add_argument("--reuse-reference", action="store_true",
                    help="take the reference run from --out if it ran with the same settings")
+    for flag, kind in (options or {}).items():
+        p.add_argument(flag, type=kind, help=f"passed to examples/{example}.py")
     args = p.parse_args()
+    given = {flag: getattr(args, flag.lstrip("-").replace("-", "_")) for flag in options or {}}
+    args.example_flags = [str(v) for flag, value in given.items() if value is not None
+                          for v in (flag, value)]
     out = Path(args.out)
     s = {name: run(name, args, out, example) for name in RUNS}
     ref, op = s["reference"], s["operator"]
     newton_ref = ref["newton_iterations"]
     record = {
+        "name": args.name, "example_flags": args.example_flags,
         "ranks": args.np, "mesh_size": args.mesh_size, "steps": args.steps,
         "stretch": args.stretch, "tol": args.tol, "dofs": ref["dofs"],
         "quadrature_points": ref["quadrature_points"],

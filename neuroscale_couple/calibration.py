@@ -24,6 +24,7 @@ Metrics:
 
 - :func:`coverage`: observed fraction of points inside the conformal ellipsoid, per level; it
   should match the level.
+- :func:`bound_coverage`: the same for the Euclidean error bound of step 4.
 - :func:`interval_coverage`: observed fraction of components inside the central Gaussian
   interval μᵢ ± z_p s √Σᵢᵢ, averaged over components and points; it checks the per-component
   error bars, which rely on the Gaussian shape and not only on the conformal guarantee.
@@ -393,6 +394,20 @@ def coverage(
     """
     r = mahalanobis(y, mu, Sigma) / calibration.scale
     return {p: float(np.mean(r <= calibration.radius(p))) for p in _levels(levels)}
+
+
+def bound_coverage(
+    y: np.ndarray,
+    mu: np.ndarray,
+    Sigma: np.ndarray,
+    calibration: Calibration,
+    levels: Iterable[float] = LEVELS,
+) -> dict[float, float]:
+    """Observed coverage of the error bounds the fallback policy uses: level p → fraction of
+    points with |y − μ| ≤ :meth:`Calibration.error_bound` (same arguments as :func:`coverage`)."""
+    y, mu, Sigma = _as_batch(y, mu, Sigma)
+    err = np.linalg.norm(y - mu, axis=1)
+    return {p: float(np.mean(err <= calibration.error_bound(Sigma, p))) for p in _levels(levels)}
 
 
 def interval_coverage(

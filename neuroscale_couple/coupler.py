@@ -471,12 +471,14 @@ class Coupler(FineSolver):
         self._sticky.clear()
         self._solved.clear()
 
-    def end_step(self, final: bool = False) -> dict:
+    def end_step(self, steps_left: int | None = None) -> dict:
         """Finish the current load step (collective): store its fine solves, retrain if due.
 
-        ``final``: the run's last step; no retraining starts (its model would serve no step; a
-        later run can fine-tune on the replay store with ``retrain.replay_from``), and a
-        background retraining started after the previous step is still swapped in.
+        ``steps_left``: load steps still to come (None: unknown). A retraining starts only if
+        its model will serve one: not after the last step, and in background mode (the model
+        arrives a step later) not after the last but one either; a later run can fine-tune on
+        the replay store with ``retrain.replay_from``. A background retraining already running
+        is still swapped in.
 
         Returns global figures of the step: ``fallback_points`` (points that used the fine
         solver), ``fine_solves``, ``fine_failed``, ``fine_time_s`` (max over ranks, wall),
@@ -500,7 +502,8 @@ class Coupler(FineSolver):
             out["retrain_background_s"] = self._swap_in()
         self._new_since_retrain += out["fine_solves"]
         n_points = comm.allreduce(len(self._ids))
-        if (self.retrain is not None and not final
+        needed = 2 if self.retrain is not None and self.retrain.background else 1
+        if (self.retrain is not None and (steps_left is None or steps_left >= needed)
                 and self._new_since_retrain >= self.retrain.min_new
                 and out["fallback_points"] >= self.retrain.min_fallback_fraction * n_points):
             if self.retrain.background:

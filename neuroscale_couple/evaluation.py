@@ -10,6 +10,7 @@ from neuroscale_couple.calibration import (
     LEVELS,
     Calibration,
     auroc,
+    bound_coverage,
     coverage,
     expected_calibration_error,
     fit_conformal,
@@ -43,7 +44,8 @@ def evaluate(model: CoarseGrainingOperator, data: TrainingData, *, ood: Training
     """Accuracy and calibration metrics of ``model`` on ``data`` (JSON-ready dict).
 
     Keys: ``rel_l2_stress``, ``rel_l2_tangent``, ``coverage`` (level → observed fraction in the
-    calibrated ellipsoid), ``ece``, ``n_samples``, and ``ood_auroc`` when ``ood`` is given.
+    calibrated ellipsoid), ``bound_coverage`` (level → fraction within the fallback policy's
+    error bound), ``ece``, ``n_samples``, and ``ood_auroc`` when ``ood`` is given.
     """
     if not model.calibration:
         raise InputError("the model is not calibrated: run `neuroscale calibrate` first")
@@ -54,6 +56,8 @@ def evaluate(model: CoarseGrainingOperator, data: TrainingData, *, ood: Training
         "rel_l2_stress": float(np.linalg.norm(mu - y) / np.linalg.norm(y)),
         "rel_l2_tangent": float(np.linalg.norm(A_pred - A) / np.linalg.norm(A)),
         "coverage": {str(k): v for k, v in coverage(y, mu, Sigma, cal, cal.quantiles).items()},
+        "bound_coverage": {str(k): v for k, v in
+                           bound_coverage(y, mu, Sigma, cal, cal.norm_quantiles).items()},
         "ece": expected_calibration_error(y, mu, Sigma, cal),
     }
     if ood is not None:

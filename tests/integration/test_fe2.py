@@ -150,17 +150,19 @@ def test_homogeneous_microstructure_gives_single_scale_hyperelastic_solution():
 @pytest.mark.parametrize("retrain", [False, True, "background"])
 def test_one_and_two_ranks_agree(mpi_tmp_path, retrain):
     """The same FE² run (operator + fallback, without, with and with background online
-    retraining) on COMM_WORLD and serially on rank 0."""
+    retraining) on COMM_WORLD and serially on rank 0. Three steps: a background retraining
+    started after the first is swapped in after the second."""
+    loads = [0.5, 0.75, 1.0]
     world = MPI.COMM_WORLD
     c = coupler(world, 0.02, replay=mpi_tmp_path / "world", retrain=retrain)
     problem, set_load = macro_problem(world, c, microstructures, n=3, stretch=0.12)
-    history = problem.run([0.5, 1.0], set_load)
+    history = problem.run(loads, set_load)
     c.close()
     x, u = displacement_by_coordinates(problem)
     def serial_run_agrees():
         c1 = coupler(MPI.COMM_SELF, 0.02, replay=mpi_tmp_path / "self", retrain=retrain)
         p1, s1 = macro_problem(MPI.COMM_SELF, c1, microstructures, n=3, stretch=0.12)
-        h1 = p1.run([0.5, 1.0], s1)
+        h1 = p1.run(loads, s1)
         c1.close()
         x1, u1 = displacement_by_coordinates(p1)
         np.testing.assert_allclose(x1, x)
@@ -230,7 +232,8 @@ def test_online_retraining_lowers_fallback_beyond_training_range(tmp_path):
 def test_background_retraining_swaps_in_the_same_model_one_step_later(tmp_path):
     """A background retraining due after step 0 trains while step 1 runs on the old operator
     and is swapped in after step 1: the same weights as the foreground retraining after step 0,
-    one step later; the final step starts no retraining."""
+    one step later. No retraining starts whose model would serve no step: none after the final
+    step, and in background mode none after the last but one."""
     n = 12
     structures, F_of = beyond_training_range(n)
     family = dict(COMPOSITE, mesh={"size": 0.05})
@@ -243,14 +246,14 @@ def test_background_retraining_swaps_in_the_same_model_one_step_later(tmp_path):
         for step, e in enumerate((0.2, 0.21, 0.22)):
             c.begin_step(step)
             c.evaluate(F_of(e), np.arange(n))
-            record = c.end_step(final=step == 2)
+            record = c.end_step(steps_left=2 - step)
             versions[mode].append(record["model_version"])
             if record["model_version"] == 1 and mode not in weights:
                 weights[mode] = ({k: v.clone() for k, v in c.model.state_dict().items()},
                                  dict(c.model.calibration))
         c.close()
     assert versions[True][:2] == [1, 2] and versions[True][2] == 2, versions
-    assert versions["background"] == [0, 1, 2], versions
+    assert versions["background"] == [0, 1, 1], versions
     (w_fg, cal_fg), (w_bg, cal_bg) = weights[True], weights["background"]
     for k, v in w_fg.items():
         np.testing.assert_allclose(w_bg[k].numpy(), v.numpy(), rtol=0, atol=1e-12, err_msg=k)
@@ -264,7 +267,7 @@ def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain)
     """SIGKILL after the checkpoint of step 1, then --restart: the same end state. With
     background retraining the kill hits while a retraining runs; the restart runs it again."""
     args = [sys.executable, str(ROOT / "examples" / "fe2_composite.py"), "--mesh-size", "0.3",
-            "--rve-mesh-size", "0.05", "--steps", "3", "--stretch", "0.1", "--tol", "0.03",
+            "--rve-mesh-size", "0.05", "--steps", "4", "--stretch", "0.1", "--tol", "0.03",
             retrain, "--quiet"]
     subprocess.run([*args, "--out", str(tmp_path / "clean")], check=True)
     killed = tmp_path / "killed"
@@ -283,7 +286,7 @@ def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain)
     subprocess.run([*args, "--out", str(killed), "--restart"], check=True)
     clean = json.loads((tmp_path / "clean" / "summary.json").read_text())
     again = json.loads((killed / "summary.json").read_text())
-    assert len(again["steps"]) == 3
+    assert len(again["steps"]) == 4
     versions = [h["model_version"] for h in again["steps"]]
     assert versions == [h["model_version"] for h in clean["steps"]]
     # cold RVE starts after the restart change the retraining data at the RVE solver tolerance
