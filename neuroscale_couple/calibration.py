@@ -24,7 +24,7 @@ Metrics:
 
 - :func:`coverage`: observed fraction of points inside the conformal ellipsoid, per level; it
   should match the level.
-- :func:`bound_coverage`: the same for the Euclidean error bound of step 4.
+  With ``bound=True`` it scores the Euclidean error bound of step 4 instead.
 - :func:`interval_coverage`: observed fraction of components inside the central Gaussian
   interval μᵢ ± z_p s √Σᵢᵢ, averaged over components and points; it checks the per-component
   error bars, which rely on the Gaussian shape and not only on the conformal guarantee.
@@ -373,8 +373,10 @@ def coverage(
     Sigma: np.ndarray,
     calibration: Calibration,
     levels: Iterable[float] = LEVELS,
+    bound: bool = False,
 ) -> dict[float, float]:
-    """Observed coverage of the conformal ellipsoids {d/s ≤ q_p}.
+    """Observed coverage of the conformal ellipsoids {d/s ≤ q_p}, or with ``bound`` of the
+    Euclidean error bounds the fallback policy uses (:meth:`Calibration.error_bound`).
 
     Parameters
     ----------
@@ -386,28 +388,21 @@ def coverage(
         Fitted for every level in ``levels``.
     levels : iterable of float
         Coverage levels.
+    bound : bool
+        Score the Euclidean bound instead of the ellipsoid.
 
     Returns
     -------
     dict[float, float]
-        Level p → fraction of points with d/s ≤ q_p.
+        Level p → fraction of points with d/s ≤ q_p (with ``bound``: |y − μ| ≤ the bound).
     """
+    if bound:
+        y, mu, Sigma = _as_batch(y, mu, Sigma)
+        err = np.linalg.norm(y - mu, axis=1)
+        return {p: float(np.mean(err <= calibration.error_bound(Sigma, p)))
+                for p in _levels(levels)}
     r = mahalanobis(y, mu, Sigma) / calibration.scale
     return {p: float(np.mean(r <= calibration.radius(p))) for p in _levels(levels)}
-
-
-def bound_coverage(
-    y: np.ndarray,
-    mu: np.ndarray,
-    Sigma: np.ndarray,
-    calibration: Calibration,
-    levels: Iterable[float] = LEVELS,
-) -> dict[float, float]:
-    """Observed coverage of the error bounds the fallback policy uses: level p → fraction of
-    points with |y − μ| ≤ :meth:`Calibration.error_bound` (same arguments as :func:`coverage`)."""
-    y, mu, Sigma = _as_batch(y, mu, Sigma)
-    err = np.linalg.norm(y - mu, axis=1)
-    return {p: float(np.mean(err <= calibration.error_bound(Sigma, p))) for p in _levels(levels)}
 
 
 def interval_coverage(

@@ -10,7 +10,6 @@ from neuroscale_couple.calibration import (
     LEVELS,
     Calibration,
     auroc,
-    bound_coverage,
     coverage,
     expected_calibration_error,
     fit_conformal,
@@ -57,7 +56,7 @@ def evaluate(model: CoarseGrainingOperator, data: TrainingData, *, ood: Training
         "rel_l2_tangent": float(np.linalg.norm(A_pred - A) / np.linalg.norm(A)),
         "coverage": {str(k): v for k, v in coverage(y, mu, Sigma, cal, cal.quantiles).items()},
         "bound_coverage": {str(k): v for k, v in
-                           bound_coverage(y, mu, Sigma, cal, cal.norm_quantiles).items()},
+                           coverage(y, mu, Sigma, cal, cal.norm_quantiles, bound=True).items()},
         "ece": expected_calibration_error(y, mu, Sigma, cal),
     }
     if ood is not None:

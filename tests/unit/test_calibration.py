@@ -10,7 +10,6 @@ from neuroscale_couple.calibration import (
     LEVELS,
     Calibration,
     auroc,
-    bound_coverage,
     coverage,
     expected_calibration_error,
     fit_conformal,
@@ -110,7 +109,7 @@ def test_error_bound_holds_with_stated_frequency():
     cal = fit_conformal(y, mu, Sigma)
     y, mu, Sigma = _synthetic(N_TEST, 8, noise="student")
     err = np.linalg.norm(y - mu, axis=1)
-    observed = bound_coverage(y, mu, Sigma, cal)
+    observed = coverage(y, mu, Sigma, cal, bound=True)
     for p in LEVELS:
         bound = cal.error_bound(Sigma, p)
         assert bound.shape == (N_TEST,)
