@@ -65,7 +65,8 @@ class Policy:
 
     ``reuse``: with a surrogate in the loop (0 < tol), a fine solve is not repeated within a
     load step while the point's F̄ stays within this distance (max component) of where it was
-    taken: P̄ₖ + Aₖ:(F̄ − F̄ₖ) is used, with tangent Aₖ (consistent, so Newton keeps its rate).
+    taken: P̄ₖ + Aₖ:ΔF̄ is used, with tangent Aₖ and energy W̄ₖ + P̄ₖ:ΔF̄ + ½ΔF̄:Aₖ:ΔF̄
+    (ΔF̄ = F̄ − F̄ₖ; a consistent quadratic model, so Newton keeps its rate).
     The error is second order, ½|∂²P̄| |F̄ − F̄ₖ|² (≈ 1e-4 of ‖P̄‖ at 2e-3 on the shipped
     families, far below a tol one would give a surrogate); the late Newton iterates of a step
     then cost no fine solve. Classic FE² (tol = 0) always re-solves.
@@ -246,7 +247,7 @@ class Coupler(FineSolver):
         self._last_rank: dict[int, int] = {}
         self._sticky: set[int] = set()
         self._fell_back: set[int] = set()
-        self._solved: dict[int, tuple] = {}  # this step's fine solve (F, P, A, noisy) per id
+        self._solved: dict[int, tuple] = {}  # this step's fine solve (F, P, A, W, noisy) per id
         self.step, self.evaluations = 0, 0
         self._new_since_retrain = 0
         self._cal: Calibration | None = None
@@ -345,9 +346,11 @@ class Coupler(FineSolver):
         source = np.where(fallback, FINE, OPERATOR)
         reuse = self._near_solve(Fb, ids, fallback)
         for j in np.flatnonzero(reuse):
-            F0, P0, A0, _ = self._solved[int(ids[j])]
-            stress[j] = P0 + np.einsum("ijkl,kl->ij", A0, Fb[j] - F0)
-            tangent[j], energy[j] = A0, np.nan
+            F0, P0, A0, W0, _ = self._solved[int(ids[j])]
+            dF = Fb[j] - F0
+            stress[j], tangent[j] = P0 + np.einsum("ijkl,kl->ij", A0, dF), A0
+            # the quadratic model whose gradient that stress is (NaN if the solve had no W)
+            energy[j] = W0 + np.sum((P0 + 0.5 * (stress[j] - P0)) * dF)
         solve = fallback & ~reuse
         t1 = time.perf_counter()
         done = self._solve_fallback(Fb[solve], ids[solve], rows[solve])
@@ -357,7 +360,7 @@ class Coupler(FineSolver):
                 source[j] = FAILED
                 continue
             stress[j], tangent[j], energy[j] = P, A, W
-            self._solved[int(ids[j])] = (Fb[j].copy(), P, A, noisy)
+            self._solved[int(ids[j])] = (Fb[j].copy(), P, A, W, noisy)
         self._check_failures(source)
         return CouplerResult(stress, tangent, unc, source, energy)
 
@@ -370,7 +373,7 @@ class Coupler(FineSolver):
         for j in np.flatnonzero(fallback) if self._solved else ():
             solved = self._solved.get(int(ids[j]))
             if solved is not None:
-                radius = self.policy.noisy_reuse if solved[3] else smooth
+                radius = self.policy.noisy_reuse if solved[4] else smooth
                 near[j] = radius > 0 and np.abs(F[j] - solved[0]).max() <= radius
         return near
 

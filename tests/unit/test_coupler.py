@@ -118,7 +118,8 @@ class _Noisy(FineSolver):
         self.calls += 1
         A = np.einsum("ik,jl->ijkl", np.eye(2), np.eye(2))[None]
         return MicroResult(F - np.eye(2) + 0.01 * self.rng.standard_normal((1, 2, 2)), A, None,
-                           {"stress_stderr": np.full((1, 2, 2), 0.01)})
+                           {"stress_stderr": np.full((1, 2, 2), 0.01),
+                            "energy_density": [0.5 * np.sum((F - np.eye(2)) ** 2)]})
 
 
 class _Structure:
@@ -135,11 +136,15 @@ def test_noisy_fine_solve_is_linearised_within_a_load_step_not_repeated():
     solver = c.cache.get("s", _Structure())
     F0 = np.array([[[1.01, 0.0], [0.0, 1.0]]])
     c.begin_step(0)
-    P0 = c.evaluate(F0, [0]).stress
+    first = c.evaluate(F0, [0])
+    P0 = first.stress
     dF = np.array([[[5e-4, -2e-4], [1e-4, 3e-4]]])
     near = c.evaluate(F0 + dF, [0])
     assert solver.calls == 1  # within noisy_reuse: P0 + A:dF, no new MD run
     np.testing.assert_allclose(near.stress, P0 + dF, rtol=0, atol=1e-15)
+    # energy of the same quadratic model (A = identity): W0 + P0:dF + |dF|²/2
+    np.testing.assert_allclose(near.energy, first.energy + np.sum(P0 * dF) + 0.5 * np.sum(dF**2),
+                               rtol=0, atol=1e-15)
     c.evaluate(F0 + 3 * dF, [0])  # 1.5e-3 away: solved again
     assert solver.calls == 2
     c.begin_step(1)  # a new load step: the old solve is not reused
