@@ -352,6 +352,7 @@ class Coupler(FineSolver):
             # the quadratic model whose gradient that stress is (NaN if the solve had no W)
             energy[j] = W0 + np.sum((P0 + 0.5 * (stress[j] - P0)) * dF)
         solve = fallback & ~reuse
+        self.cache.new_pass()
         t1 = time.perf_counter()
         done = self._solve_fallback(Fb[solve], ids[solve], rows[solve])
         self.stats["fine_time_s"] += time.perf_counter() - t1

@@ -68,9 +68,13 @@ class SolverCache:
     """A bounded least-recently-used set of fine solvers, one per microstructure key.
 
     Each live RVE holds PETSc objects and ~15 MPI communicators (MPICH allows ~2000 per process),
-    so a rank keeps at most ``capacity`` and closes the one used longest ago. The warm-start
-    states of an evicted solver (its public ``states`` dict, when it has one) are kept and handed
-    to the solver rebuilt for the same key.
+    so a rank keeps at most ``capacity``. It closes the one used longest ago among those not yet
+    used in the current pass (:meth:`new_pass`, one per evaluation of all points); when every
+    live solver was used in this pass — a pass over more solvers than fit, as classic FE² on more
+    than ``capacity`` points per rank — it closes the one used last, so ``capacity`` − 1 stay
+    live across passes instead of each being rebuilt (least-recently-used eviction would miss on
+    every solve of such a cyclic sweep). The warm-start states of an evicted solver (its public
+    ``states`` dict, when it has one) are kept and handed to the solver rebuilt for the same key.
     """
 
     def __init__(self, factory: Callable[[object], FineSolver], capacity: int = 64) -> None:
@@ -78,6 +82,8 @@ class SolverCache:
             raise InputError(f"cache capacity={capacity}: keep at least one fine solver")
         self.factory, self.capacity = factory, capacity
         self._live: OrderedDict[Hashable, FineSolver] = OrderedDict()
+        self._used: dict[Hashable, int] = {}  # pass of each live solver's last use
+        self._pass = 0
         self._saved: dict[Hashable, dict] = {}
         self.setup_time = 0.0
         self.builds = 0
@@ -87,6 +93,7 @@ class SolverCache:
 
     def get(self, key: Hashable, spec: object) -> FineSolver:
         """The solver of ``key``, built from ``spec`` (e.g. a microstructure) if not live."""
+        self._used[key] = self._pass
         if key in self._live:
             self._live.move_to_end(key)
             return self._live[key]
@@ -98,16 +105,26 @@ class SolverCache:
             solver.states.update(self._saved.pop(key))
         self._live[key] = solver
         while len(self._live) > self.capacity:
-            old_key, old = self._live.popitem(last=False)
+            stale = (k for k in self._live if self._used[k] < self._pass)
+            old_key = next(stale, None)
+            if old_key is None:  # all used in this pass: keep them, drop the one used last
+                old_key = list(self._live)[-2]
+            old = self._live.pop(old_key)
+            del self._used[old_key]
             if hasattr(old, "states"):
                 self._saved[old_key] = dict(old.states)
             close_solver(old)
         return solver
 
+    def new_pass(self) -> None:
+        """Start a new pass over the points (the Coupler calls it at every evaluation)."""
+        self._pass += 1
+
     def close(self) -> None:
         """Close every live solver."""
         while self._live:
             close_solver(self._live.popitem()[1])
+        self._used.clear()
         self._saved.clear()
 
 

@@ -63,15 +63,31 @@ def test_solver_cache_evicts_least_recent_and_keeps_states():
     cache = SolverCache(_Counting, capacity=2)
     cache.get("a", "a").solve(np.eye(2), point_ids=[1])
     cache.get("b", "b")
+    cache.new_pass()
     cache.get("a", "a")  # a is now the most recent
-    cache.get("c", "c")  # evicts b
+    cache.get("c", "c")  # evicts b, not used in this pass
     assert "b" not in cache and "a" in cache and _Counting.closed == 1
-    cache.get("d", "d")  # evicts a, whose warm-start state is kept ...
+    cache.new_pass()
+    cache.get("d", "d")  # evicts a, the least recent, whose warm-start state is kept ...
     np.testing.assert_array_equal(cache.get("a", "a").states[1], np.eye(2))  # ... and restored
     assert cache.builds == 5
     cache.close()
     with pytest.raises(InputError, match="capacity"):
         SolverCache(_Counting, capacity=0)
+
+
+def test_solver_cache_keeps_most_solvers_of_a_sweep_larger_than_itself():
+    """Classic FE² on more points than fit: each pass visits the same keys in order. LRU would
+    rebuild every solver in every pass; the cache keeps capacity − 1 of them."""
+    cache = SolverCache(_Counting, capacity=3)
+    keys = [f"k{i}" for i in range(6)]
+    for _ in range(3):
+        cache.new_pass()
+        for k in keys:
+            cache.get(k, k)
+    assert cache.builds == 6 + 4 + 4  # later passes rebuild 6 − (3 − 1) = 4 (LRU: 6)
+    assert "k0" in cache and "k1" in cache
+    cache.close()
 
 
 def test_replay_store_segments_are_rve_data_sets(tmp_path):
