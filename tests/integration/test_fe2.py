@@ -165,7 +165,7 @@ def test_one_and_two_ranks_agree(mpi_tmp_path, retrain):
         h1 = p1.run(loads, s1)
         c1.close()
         x1, u1 = displacement_by_coordinates(p1)
-        np.testing.assert_allclose(x1, x)
+        np.testing.assert_allclose(x1, x, rtol=0, atol=1e-12)  # partition-dependent ±1e-17 at 0
         # retraining amplifies the RVE solver tolerance (warm starts differ by rank) a little
         np.testing.assert_allclose(u, u1, rtol=0, atol=(1e-6 if retrain else 1e-9)
                                    * np.abs(u1).max())
