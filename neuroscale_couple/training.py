@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from neuroscale_couple.errors import InputError
+from neuroscale_couple.errors import InputError, NeuroScaleError
 from neuroscale_couple.operators.base import CoarseGrainingOperator
 from neuroscale_couple.parallel import allreduce_gradients, init_torch_distributed
 from neuroscale_couple.physics import (
@@ -290,6 +290,21 @@ def microstructure_batches(data: TrainingData, batch_size: int,
     return batches
 
 
+def _batch_loss_sum(comm: MPI.Comm, loss: float, failure: Exception | None,
+                    epoch: int) -> float:
+    """The batch loss summed over ``comm``'s ranks (collective); if the step failed on any
+    rank, the same error is raised on every rank, before the gradient all-reduce that the
+    failed rank would never join (the others would wait for it for ever)."""
+    reports = comm.allgather((loss, None if failure is None else
+                              f"{type(failure).__name__}: {failure}"))
+    failed = [(rank, msg) for rank, (_, msg) in enumerate(reports) if msg is not None]
+    if failed:
+        rank, msg = failed[0]
+        raise NeuroScaleError(f"training step failed on rank {rank} of {comm.size} in epoch "
+                              f"{epoch}: {msg}") from failure
+    return sum(value for value, _ in reports)
+
+
 def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *,
           comm: MPI.Comm = MPI.COMM_WORLD, validation: TrainingData | None = None,
           normalise: bool = True, progress: bool = True) -> dict:
@@ -328,16 +343,20 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
             shard = torch.cat(batch[comm.rank::comm.size] or [torch.zeros(0, dtype=torch.long)])
             n_batch = sum(len(g) for g in batch)
             opt.zero_grad()
-            loss = torch.zeros((), dtype=dtype)
+            loss, failure = torch.zeros((), dtype=dtype), None
             if len(shard):
-                terms = batch_loss(model, data, shard, weights, gen, cfg.physics_fraction,
-                                   cfg.augment)
-                loss = sum(weights[k] * v for k, v in terms.items()) * (len(shard) / n_batch)
-                loss.backward()
+                try:
+                    terms = batch_loss(model, data, shard, weights, gen, cfg.physics_fraction,
+                                       cfg.augment)
+                    loss = sum(weights[k] * v for k, v in terms.items()) * (len(shard) / n_batch)
+                    loss.backward()
+                except Exception as err:  # raised on every rank by _batch_loss_sum
+                    failure = err
+            total = _batch_loss_sum(comm, float(loss.detach()), failure, epoch)
             if distributed:
                 allreduce_gradients(model)
             opt.step()
-            epoch_loss += comm.allreduce(float(loss.detach())) * n_batch / len(data)
+            epoch_loss += total * n_batch / len(data)
         sched.step()
         val = relative_errors(model, validation)["rel_l2_stress"] if len(validation) else np.nan
         history["train"].append(epoch_loss)

@@ -112,6 +112,32 @@ def test_one_and_two_ranks_train_the_same_model(rve_data):
     assert any((every[k] - init[k]).abs().max() > 1e-4 for k in every)
 
 
+@pytest.mark.mpi
+def test_a_training_step_failing_on_one_rank_raises_on_every_rank(rve_data, monkeypatch):
+    """Data-parallel training: an error on the last rank alone must not leave the others
+    waiting in the gradient all-reduce; every rank raises, naming the rank and the cause."""
+    import neuroscale_couple.training as training
+    from neuroscale_couple.errors import NeuroScaleError
+
+    comm = MPI.COMM_WORLD
+    calls = []
+
+    def fails_on_last_rank(*args, **kwargs):
+        calls.append(1)
+        if comm.rank == comm.size - 1 and len(calls) == 2:
+            raise FloatingPointError("loss is NaN")
+        return batch_loss(*args, **kwargs)
+
+    batch_loss = training.batch_loss
+    monkeypatch.setattr(training, "batch_loss", fails_on_last_rank)
+    model = SANO(SMALL).double()
+    with pytest.raises(NeuroScaleError, match=f"rank {comm.size - 1} of {comm.size} in epoch 0: "
+                       "FloatingPointError: loss is NaN"):
+        train(model, rve_data, TrainConfig(epochs=2, batch_size=32, val_fraction=0.0), comm=comm,
+              validation=rve_data.subset([]), progress=False)
+    comm.Barrier()
+
+
 @pytest.mark.skip_in_parallel
 def test_symmetry_convention_agrees_with_the_rve_solver():
     """The group action used by the symmetry loss is the physical one: rotating the cell content
