@@ -46,6 +46,9 @@ def coupled_arguments(description: str, *, out: str, model: Path | None, stretch
     p.add_argument("--no-retrain", action="store_true", help="no online retraining")
     p.add_argument("--background-retrain", action="store_true",
                    help="retrain in a thread while the next load step runs (swapped in after it)")
+    p.add_argument("--cost-aware-retrain", action="store_true",
+                   help="retrain only when the estimated training time is below the fine-solve "
+                   "time it could save (the retraining steps then depend on measured times)")
     p.add_argument("--restart", action="store_true", help="resume from OUT/checkpoint")
     p.add_argument("--compare", help="summary.json/fields.npz folder of a reference run")
     p.add_argument("--replay-from", action="append", default=[], metavar="DIR",
@@ -81,8 +84,9 @@ def prepare(args: argparse.Namespace):
                     exclude_noise=getattr(args, "exclude_noise", False))
     if args.replay_from and (args.no_retrain or policy.classic):
         raise InputError("--replay-from fine-tunes the operator: drop --no-retrain/--reference")
-    if args.background_retrain and args.no_retrain:
-        raise InputError("--background-retrain and --no-retrain contradict: drop one")
+    for flag in ("background_retrain", "cost_aware_retrain"):
+        if getattr(args, flag) and args.no_retrain:
+            raise InputError(f"--{flag.replace('_', '-')} and --no-retrain contradict: drop one")
     if args.steps < 1:
         raise InputError(f"--steps {args.steps}: give at least one load step")
     state = FE2Problem.read_checkpoint(Path(args.out) / "checkpoint") if args.restart else None
@@ -96,7 +100,7 @@ def retrain_config(args: argparse.Namespace):
     from neuroscale_couple.coupler import RetrainConfig
 
     return RetrainConfig(enabled=not args.no_retrain, background=args.background_retrain,
-                         replay_from=tuple(args.replay_from))
+                         cost_aware=args.cost_aware_retrain, replay_from=tuple(args.replay_from))
 
 
 def quarter_plate(args: argparse.Namespace, coupler, structures_at: Callable,

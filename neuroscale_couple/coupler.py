@@ -129,10 +129,18 @@ class RetrainConfig:
     (collectives on a duplicate communicator; needs MPI_THREAD_MULTIPLE) while step k + 1 runs
     on the old one, and is swapped in after step k + 1 (waiting for it if it is not done). The
     swap step does not depend on timing, so runs stay reproducible and rank-count independent.
+    ``cost_aware``: a due retraining runs only if its estimated wall time is below the fine-solve
+    time it could save — this step's fallback time × the steps it would serve (``steps_left``,
+    one when unknown; one less in background mode), i.e. assuming it removed every fallback.
+    The estimate is seconds per sample-epoch × samples × epochs, measured by the last
+    retraining, or before the first one by two epochs on a copy of the operator. Skipped data
+    stay counted for the next step's decision. The retraining steps then depend on measured
+    times: off by default, so runs are reproducible.
     """
 
     enabled: bool = True
     background: bool = False
+    cost_aware: bool = False
     min_new: int = 8
     min_fallback_fraction: float = 0.05
     epochs: int = 40
@@ -250,6 +258,7 @@ class Coupler(FineSolver):
         self._solved: dict[int, tuple] = {}  # this step's fine solve (F, P, A, W, noisy) per id
         self.step, self.evaluations = 0, 0
         self._new_since_retrain = 0
+        self._train_rate: float | None = None  # seconds per sample-epoch (this rank)
         self._cal: Calibration | None = None
         self._cal_version = -1
         self.stats = self._empty_stats()
@@ -489,6 +498,7 @@ class Coupler(FineSolver):
         ``operator_time_s`` (max over ranks), ``retrain_time_s`` (wall time the step spent
         retraining or waiting for a background retraining), ``retrain_background_s`` (training
         time of the background retraining swapped in at this step, max over ranks),
+        ``retrain_skipped`` (a due retraining that would not pay, ``RetrainConfig.cost_aware``),
         ``model_version``.
         """
         comm = self.comm
@@ -497,7 +507,7 @@ class Coupler(FineSolver):
                "fine_failed": comm.allreduce(self.stats["fine_failed"]),
                "fine_time_s": comm.allreduce(self.stats["fine_time_s"], op=MPI.MAX),
                "operator_time_s": comm.allreduce(self.stats["operator_time_s"], op=MPI.MAX),
-               "retrain_time_s": 0.0, "retrain_background_s": 0.0}
+               "retrain_time_s": 0.0, "retrain_background_s": 0.0, "retrain_skipped": False}
         if self.replay is not None:
             self.replay.flush(self.step)
         comm.Barrier()
@@ -510,11 +520,14 @@ class Coupler(FineSolver):
         if (self.retrain is not None and (steps_left is None or steps_left >= needed)
                 and self._new_since_retrain >= self.retrain.min_new
                 and out["fallback_points"] >= self.retrain.min_fallback_fraction * n_points):
-            if self.retrain.background:
-                self._start_background()
+            job = self._retrain_job()
+            serves = 1 if steps_left is None else steps_left - (needed - 1)
+            if job is not None and self.retrain.cost_aware and not self._pays(
+                    job, out["fine_time_s"] * serves):
+                out["retrain_skipped"] = True
             else:
-                self._retrain()
-            self._new_since_retrain = 0
+                self._run_job(job)
+                self._new_since_retrain = 0
         out["retrain_time_s"] = time.perf_counter() - t0
         out["model_version"] = self.version
         self.stats = self._empty_stats()
@@ -537,10 +550,7 @@ class Coupler(FineSolver):
         if step is not None and self.retrain is not None:
             current, self.step = self.step, int(step)
             try:
-                if self.retrain.background:
-                    self._start_background()
-                else:
-                    self._retrain()
+                self._run_job(self._retrain_job())
             finally:
                 self.step = current
 
@@ -584,9 +594,11 @@ class Coupler(FineSolver):
             return False
         step, self.step = self.step, -1  # only the earlier runs' data
         try:
-            self._retrain(self.retrain.warm_start_epochs)
+            job = self._retrain_job(self.retrain.warm_start_epochs)
         finally:
             self.step = step
+        if job is not None:
+            self._retrain(job)
         return True
 
     def _anchor_data(self, path: Path | None, seed: int):
@@ -628,9 +640,9 @@ class Coupler(FineSolver):
         return data, calibration, tcfg, len(online)
 
     @staticmethod
-    def _fit(model, data, calibration, tcfg, comm: MPI.Comm) -> None:
+    def _fit(model, data, calibration, tcfg, comm: MPI.Comm) -> dict:
         """Fine-tune ``model``'s coarse-graining heads in place and recalibrate it (collective
-        over ``comm``)."""
+        over ``comm``); returns the training history."""
         from neuroscale_couple.evaluation import calibrate_model
         from neuroscale_couple.training import train
 
@@ -643,14 +655,16 @@ class Coupler(FineSolver):
         dtype = next(model.parameters()).dtype
         model.float().train()
         try:
-            train(model, data, tcfg, comm=comm, validation=data.subset(np.zeros(0, np.int64)),
-                  normalise=False, progress=False)
+            history = train(model, data, tcfg, comm=comm,
+                            validation=data.subset(np.zeros(0, np.int64)), normalise=False,
+                            progress=False)
         finally:
             model.to(dtype).eval()
             for p in frozen:
                 p.requires_grad_(True)
         if calibration is not None:
             calibrate_model(model, calibration)
+        return history
 
     def _adopt(self, model, n_online: int) -> None:
         """Make ``model`` the run's operator: bump the version, check all ranks agree."""
@@ -662,24 +676,45 @@ class Coupler(FineSolver):
             log.info("operator retrained on %d fine solves: version %d, calibration scale %.3g",
                      n_online, self.version, self.model.calibration.get("scale", np.nan))
 
-    def _retrain(self, epochs: int | None = None) -> None:
-        """Fine-tune on replay + anchor data, recalibrate, bump the version (collective)."""
-        job = self._retrain_job(epochs)
-        if job is not None:
-            data, calibration, tcfg, n_online = job
-            self._fit(self.model, data, calibration, tcfg, self.comm)
-            self._adopt(self.model, n_online)
+    def _run_job(self, job: tuple | None) -> None:
+        """Run a :meth:`_retrain_job` (if any) in the foreground or the background."""
+        if job is not None and self.retrain.background:
+            self._start_background(job)
+        elif job is not None:
+            self._retrain(job)
 
-    def _start_background(self) -> None:
-        """Start a retraining of a copy of the operator in a thread (collective)."""
-        job = self._retrain_job()
-        if job is None:
-            return
+    def _retrain(self, job: tuple) -> None:
+        """Fine-tune on a :meth:`_retrain_job`'s data, recalibrate, bump the version
+        (collective)."""
+        data, calibration, tcfg, n_online = job
+        t0 = time.perf_counter()
+        self._fit(self.model, data, calibration, tcfg, self.comm)
+        self._train_rate = (time.perf_counter() - t0) / (len(data) * tcfg.epochs)
+        self._adopt(self.model, n_online)
+
+    def _start_background(self, job: tuple) -> None:
+        """Start a :meth:`_retrain_job` on a copy of the operator in a thread (collective)."""
         data, calibration, tcfg, n_online = job
         model = copy.deepcopy(self.model)
         self._pending = _Background(
             lambda: self._fit(model, data, calibration, tcfg, self._bg_comm), model,
-            self.step, n_online)
+            self.step, n_online, len(data) * tcfg.epochs)
+
+    def _pays(self, job: tuple, saving_s: float) -> bool:
+        """Whether the retraining ``job`` is estimated to take less wall time than
+        ``saving_s`` (collective: the ranks decide alike on their slowest estimate)."""
+        data, _, tcfg, _ = job
+        if self._train_rate is None:  # two epochs on a copy: the second one's time (the first
+            # pays one-time costs that the rate would multiply by the epochs)
+            probe = dataclasses.replace(tcfg, epochs=2, patience=2)
+            history = self._fit(copy.deepcopy(self.model), data, None, probe, self.comm)
+            self._train_rate = history["epoch_time_s"][-1] / len(data)
+        cost = self.comm.allreduce(self._train_rate * len(data) * tcfg.epochs, op=MPI.MAX)
+        if self.comm.rank == 0:
+            log.info("retraining on %d samples × %d epochs: estimated %.1f s, at most %.1f s of "
+                     "fine solves to save: %s", len(data), tcfg.epochs, cost, saving_s,
+                     "retraining" if cost < saving_s else "skipped")
+        return cost < saving_s
 
     def _swap_in(self) -> float:
         """Wait for the background retraining and adopt its model (collective); returns its
@@ -692,6 +727,7 @@ class Coupler(FineSolver):
             raise NeuroScaleError(f"background retraining after step {job.step} failed: "
                                   f"{errors[0]}") from job.error
         self._adopt(job.model, job.n_online)
+        self._train_rate = job.time_s / job.sample_epochs
         return self.comm.allreduce(job.time_s, op=MPI.MAX)
 
     def weights_digest(self) -> str:
@@ -726,8 +762,10 @@ class Coupler(FineSolver):
 class _Background:
     """A retraining running in a daemon thread; ``error`` holds what it raised."""
 
-    def __init__(self, fit: Callable[[], None], model, step: int, n_online: int) -> None:
+    def __init__(self, fit: Callable[[], None], model, step: int, n_online: int,
+                 sample_epochs: int) -> None:
         self.model, self.step, self.n_online = model, step, n_online
+        self.sample_epochs = sample_epochs
         self.error: BaseException | None = None
         self.time_s = 0.0
         # a new thread starts with the OpenMP default thread count, not the caller's: the same

@@ -308,7 +308,8 @@ def _batch_loss_sum(comm: MPI.Comm, loss: float, failure: Exception | None,
 def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *,
           comm: MPI.Comm = MPI.COMM_WORLD, validation: TrainingData | None = None,
           normalise: bool = True, progress: bool = True) -> dict:
-    """Fit ``model`` in place; returns the history (per-epoch losses, best epoch, time).
+    """Fit ``model`` in place; returns the history (per-epoch losses and wall times, best
+    epoch, total time).
 
     With ``validation`` None, ``cfg.val_fraction`` of the data are held out for early stopping
     (:meth:`TrainingData.split`). ``normalise`` (offline training) sets the model's scales from
@@ -332,11 +333,12 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs, eta_min=cfg.lr_final)
     gen = torch.Generator().manual_seed(cfg.seed)
     weights = {k: float(v) for k, v in cfg.weights.items()}
-    history: dict = {"train": [], "val": [], "best_epoch": 0}
+    history: dict = {"train": [], "val": [], "epoch_time_s": [], "best_epoch": 0}
     best, best_state, since_best = np.inf, copy.deepcopy(model.state_dict()), 0
     t0 = time.perf_counter()
     bar = _progress(cfg.epochs, progress and comm.rank == 0)
     for epoch in range(cfg.epochs):
+        t_epoch = time.perf_counter()
         model.train()
         epoch_loss = 0.0
         for batch in microstructure_batches(data, cfg.batch_size, gen):
@@ -360,6 +362,7 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
         sched.step()
         val = relative_errors(model, validation)["rel_l2_stress"] if len(validation) else np.nan
         history["train"].append(epoch_loss)
+        history["epoch_time_s"].append(time.perf_counter() - t_epoch)
         history["val"].append(val)
         bar.update(1)
         bar.set_postfix(loss=f"{epoch_loss:.3e}", val_rel_l2=f"{val:.4f}")

@@ -262,6 +262,35 @@ def test_background_retraining_swaps_in_the_same_model_one_step_later(tmp_path):
 
 
 @pytest.mark.skip_in_parallel
+def test_cost_aware_retraining_waits_until_it_can_pay(tmp_path):
+    """RetrainConfig.cost_aware: a retraining due after a step whose fallback solves took a
+    fraction of a second, with one step left, is skipped (it would cost seconds); with many
+    steps left the same evidence, plus the skipped step's, is worth it."""
+    from neuroscale_couple.coupler import Coupler, Policy, RetrainConfig
+    from neuroscale_couple.operators.sano import SANO
+    from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
+
+    n = 12
+    structures, F_of = beyond_training_range(n)
+    family = dict(COMPOSITE, mesh={"size": 0.05})
+    c = Coupler(SANO.from_checkpoint(MODEL), lambda m: rve_from_config(family, m), family=family,
+                policy=Policy(tol=0.03), comm=MPI.COMM_SELF, replay_dir=tmp_path,
+                retrain=RetrainConfig(cost_aware=True), model_path=MODEL)
+    c.register(np.arange(n), structures)
+    records = []
+    for step, (e, steps_left) in enumerate(((0.2, 1), (0.21, 1000))):
+        c.begin_step(step)
+        c.evaluate(F_of(e), np.arange(n))
+        records.append(c.end_step(steps_left=steps_left))
+    c.close()
+    assert all(r["fallback_points"] >= 4 for r in records), records
+    assert records[0]["retrain_skipped"] and records[0]["model_version"] == 0, records[0]
+    assert not records[1]["retrain_skipped"] and records[1]["model_version"] == 1, records[1]
+    assert records[0]["fine_time_s"] < records[1]["retrain_time_s"] < 1000 * records[1][
+        "fine_time_s"]
+
+
+@pytest.mark.skip_in_parallel
 @pytest.mark.parametrize("retrain", ["--no-retrain", "--background-retrain"])
 def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain):
     """SIGKILL after the checkpoint of step 1, then --restart: the same end state. With
