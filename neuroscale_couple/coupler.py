@@ -499,6 +499,8 @@ class Coupler(FineSolver):
         retraining or waiting for a background retraining), ``retrain_background_s`` (training
         time of the background retraining swapped in at this step, max over ranks),
         ``retrain_skipped`` (a due retraining that would not pay, ``RetrainConfig.cost_aware``),
+        ``retrain_estimate_s`` and ``retrain_saving_s`` (that decision's estimated training
+        time and the fine-solve time it could save; None without a decision),
         ``model_version``.
         """
         comm = self.comm
@@ -507,7 +509,8 @@ class Coupler(FineSolver):
                "fine_failed": comm.allreduce(self.stats["fine_failed"]),
                "fine_time_s": comm.allreduce(self.stats["fine_time_s"], op=MPI.MAX),
                "operator_time_s": comm.allreduce(self.stats["operator_time_s"], op=MPI.MAX),
-               "retrain_time_s": 0.0, "retrain_background_s": 0.0, "retrain_skipped": False}
+               "retrain_time_s": 0.0, "retrain_background_s": 0.0, "retrain_skipped": False,
+               "retrain_estimate_s": None, "retrain_saving_s": None}
         if self.replay is not None:
             self.replay.flush(self.step)
         comm.Barrier()
@@ -521,11 +524,9 @@ class Coupler(FineSolver):
                 and self._new_since_retrain >= self.retrain.min_new
                 and out["fallback_points"] >= self.retrain.min_fallback_fraction * n_points):
             job = self._retrain_job()
-            serves = 1 if steps_left is None else steps_left - (needed - 1)
-            if job is not None and self.retrain.cost_aware and not self._pays(
-                    job, out["fine_time_s"] * serves):
-                out["retrain_skipped"] = True
-            else:
+            if job is not None and self.retrain.cost_aware:
+                self._weigh(job, out, 1 if steps_left is None else steps_left - (needed - 1))
+            if not out["retrain_skipped"]:
                 self._run_job(job)
                 self._new_since_retrain = 0
         out["retrain_time_s"] = time.perf_counter() - t0
@@ -700,21 +701,27 @@ class Coupler(FineSolver):
             lambda: self._fit(model, data, calibration, tcfg, self._bg_comm), model,
             self.step, n_online, len(data) * tcfg.epochs)
 
-    def _pays(self, job: tuple, saving_s: float) -> bool:
-        """Whether the retraining ``job`` is estimated to take less wall time than
-        ``saving_s`` (collective: the ranks decide alike on their slowest estimate)."""
+    def _weigh(self, job: tuple, out: dict, serves: int) -> None:
+        """Set ``out``'s ``retrain_estimate_s``, ``retrain_saving_s`` (its fine-solve time ×
+        the ``serves`` steps the new model would serve) and ``retrain_skipped`` (collective)."""
+        out["retrain_saving_s"] = out["fine_time_s"] * serves
+        out["retrain_estimate_s"] = self._estimate(job)
+        out["retrain_skipped"] = out["retrain_estimate_s"] >= out["retrain_saving_s"]
+        if self.comm.rank == 0:
+            log.info("retraining estimated at %.1f s, would save at most %.1f s of fine solves: "
+                     "%s", out["retrain_estimate_s"], out["retrain_saving_s"],
+                     "skipped" if out["retrain_skipped"] else "retraining")
+
+    def _estimate(self, job: tuple) -> float:
+        """Estimated wall time (s) of the retraining ``job``: the slowest rank's (collective,
+        so the ranks decide alike)."""
         data, _, tcfg, _ = job
         if self._train_rate is None:  # two epochs on a copy: the second one's time (the first
             # pays one-time costs that the rate would multiply by the epochs)
             probe = dataclasses.replace(tcfg, epochs=2, patience=2)
             history = self._fit(copy.deepcopy(self.model), data, None, probe, self.comm)
             self._train_rate = history["epoch_time_s"][-1] / len(data)
-        cost = self.comm.allreduce(self._train_rate * len(data) * tcfg.epochs, op=MPI.MAX)
-        if self.comm.rank == 0:
-            log.info("retraining on %d samples × %d epochs: estimated %.1f s, at most %.1f s of "
-                     "fine solves to save: %s", len(data), tcfg.epochs, cost, saving_s,
-                     "retraining" if cost < saving_s else "skipped")
-        return cost < saving_s
+        return self.comm.allreduce(self._train_rate * len(data) * tcfg.epochs, op=MPI.MAX)
 
     def _swap_in(self) -> float:
         """Wait for the background retraining and adopt its model (collective); returns its
