@@ -21,7 +21,6 @@ point is warm-started at a new F̄.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import time
@@ -187,17 +186,21 @@ class PeriodicRVE(FineSolver):
         return MicroResult(stress, tang, stacked, info)
 
     def close(self) -> None:
-        """Free the PETSc objects and communicators now (collective on ``comm``).
+        """Free the PETSc objects now and drop the mesh, forms and functions (collective on
+        ``comm``).
 
         PETSc holds the SNES callbacks, so the garbage collector cannot free an RVE by itself;
-        MPI allows only ~2000 communicators per process, so code that builds many RVEs closes
-        them (or uses ``with PeriodicRVE(...) as rve:``).
+        MPI allows only ~2000 communicators per process (an RVE holds ~9), so code that builds
+        many RVEs closes them (or uses ``with PeriodicRVE(...) as rve:``). Most of an RVE is then
+        freed at once; what sits in reference cycles (after computing fields, measured: 14
+        communicators per 100 RVEs) waits for a garbage collection, which
+        :func:`~neuroscale_couple.fine.close_solver` runs every few closes (a full collection
+        costs ~0.1 s in a process with torch and DOLFINx, as much as building an RVE).
         """
         for obj in (self._snes, self._K, self._Kr, self._Pr, self._b, self._wr, self._fr,
                     *self._X):
             obj.destroy()
         self.__dict__.clear()  # drop the forms, functions and mesh that hold communicators
-        gc.collect()
 
     def __enter__(self) -> PeriodicRVE:
         return self

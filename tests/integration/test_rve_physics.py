@@ -228,6 +228,10 @@ def test_bad_input_gives_clear_errors(kwargs, F, match):
 
 
 def test_closing_an_rve_frees_its_communicators():
+    """close() destroys the PETSc objects, whose SNES callbacks the garbage collector could not
+    break; what is left in Python reference cycles goes at the next collection."""
+    import gc
+
     def free_communicators() -> int:
         comms = []
         try:
@@ -244,7 +248,25 @@ def test_closing_an_rve_frees_its_communicators():
     for seed in range(4):
         with rve(micro.random_fibres(0.3, 2, seed=seed), mesh_size=0.1) as cell:
             cell.solve(F_TEST, fields_resolution=8)
+    gc.collect()
     assert free_communicators() == before
+
+
+def test_a_rebuilt_rve_reads_the_same_mesh_back(monkeypatch):
+    """A cell meshed before in the process (an RVE rebuilt after a solver cache eviction) is
+    read from its .msh file: the same mesh and stress, bit for bit, and no gmsh meshing."""
+    ms = micro.random_fibres(0.35, 5, seed=7)
+    results = []
+    for build in range(2):
+        if build:
+            monkeypatch.setattr(micro, "_build_gmsh_model", None)  # meshing would fail
+        with rve(ms, mesh_size=0.04) as cell:
+            res = cell.solve(F_TEST)
+            results.append((cell.mesh.geometry.x.copy(), cell.cell_tags.values.copy(),
+                            res.stress, res.tangent))
+    assert (ms.key, 0.04, 1) in micro.MESH_FILES._files
+    for first, again in zip(*results, strict=True):
+        np.testing.assert_array_equal(again, first)
 
 
 def test_failed_newton_retries_with_substeps_then_raises(monkeypatch):

@@ -90,6 +90,30 @@ def test_solver_cache_keeps_most_solvers_of_a_sweep_larger_than_itself():
     cache.close()
 
 
+def test_closing_solvers_collects_what_they_left_in_reference_cycles():
+    """A closed RVE may leave objects in reference cycles that hold MPI communicators; without
+    automatic garbage collection, closing COLLECT_EVERY solvers frees such garbage."""
+    import gc
+    import weakref
+
+    from neuroscale_couple import fine
+
+    class Cycle:
+        pass
+
+    garbage = Cycle()
+    garbage.me = garbage
+    alive = weakref.ref(garbage)
+    del garbage
+    gc.disable()
+    try:
+        for k in range(fine.COLLECT_EVERY):
+            fine.close_solver(_Counting(k))
+    finally:
+        gc.enable()
+    assert alive() is None
+
+
 def test_replay_store_segments_are_rve_data_sets(tmp_path):
     from neuroscale_couple.solvers.microstructure import random_fibres
 
