@@ -78,7 +78,12 @@ class Policy:
     ``exclude_noise``: for a noisy fine solver whose noise the model's covariance head was
     trained to reproduce (the ``noise`` loss term): the bound is taken on the epistemic part of
     Σ only (ensemble spread, same calibration scale), the error a fallback can remove; the noise
-    is in the fine solve as well. Heuristic: the conformal guarantee holds for the full Σ.
+    is in the fine solve as well. And a point falls back only where that bound also exceeds the
+    bound of the noise (the aleatoric part, same scale and confidence): elsewhere the fine solve
+    would be no closer to the true mean than the operator. Points whose noise bound exceeds
+    ``tol`` — a tolerance no fine solve there meets — are counted per step
+    (``noise_limited_points``; longer MD averages would lower it). Heuristic: the conformal
+    guarantee holds for the full Σ.
     """
 
     tol: float = 0.02
@@ -255,6 +260,7 @@ class Coupler(FineSolver):
         self._last_rank: dict[int, int] = {}
         self._sticky: set[int] = set()
         self._fell_back: set[int] = set()
+        self._noise_limited: set[int] = set()
         self._solved: dict[int, tuple] = {}  # this step's fine solve (F, P, A, W, noisy) per id
         self.step, self.evaluations = 0, 0
         self._new_since_retrain = 0
@@ -341,14 +347,15 @@ class Coupler(FineSolver):
         self.evaluations += 1
         t0 = time.perf_counter()
         stress, tangent = np.zeros((n, 2, 2)), np.zeros((n, 2, 2, 2, 2))
-        unc, energy = np.full(n, np.nan), np.full(n, np.nan)
+        unc, energy, noise = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)
         if self.model is not None and n:
-            stress, tangent, unc, energy = self._predict(rows, Fb)
+            stress, tangent, unc, noise, energy = self._predict(rows, Fb)
         if self.policy.classic or self.model is None:
             fallback = np.ones(n, dtype=bool)
         else:
-            fallback = unc > self.policy.tol
+            fallback = unc > np.maximum(self.policy.tol, noise)
             fallback |= np.array([i in self._sticky for i in ids.tolist()], dtype=bool)
+            self._noise_limited.update(ids[noise > self.policy.tol].tolist())
         self._sticky.update(ids[fallback].tolist())
         self._fell_back.update(ids[fallback].tolist())
         self.stats["operator_time_s"] += time.perf_counter() - t0
@@ -388,17 +395,23 @@ class Coupler(FineSolver):
         return near
 
     def _predict(self, rows: np.ndarray, F: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Stress, tangent, relative error bound, relative noise bound (0 unless
+        ``exclude_noise``) and energy of the operator at ``F``."""
         p = next(self.model.parameters())
         Ft = torch.as_tensor(F, dtype=p.dtype, device=p.device)
         pred = {k: v.cpu().double().numpy()
                 for k, v in self.model.predict(self._z[torch.as_tensor(rows)], Ft).items()}
-        unc = np.zeros(len(F))
+        unc, noise = np.zeros(len(F)), np.zeros(len(F))
         if not math.isinf(self.policy.tol):
-            cov = pred["cov"] - pred["aleatoric"] if self.policy.exclude_noise else pred["cov"]
-            bound = self._calibration().error_bound(cov, self.policy.confidence)
+            cal, level = self._calibration(), self.policy.confidence
             floor = self.policy.stress_floor or float(self.model.sigma_ref)
-            unc = bound / np.maximum(np.linalg.norm(pred["mean"], axis=(1, 2)), floor)
-        return pred["mean"], pred["tangent"], unc, pred["energy"]
+            scale = np.maximum(np.linalg.norm(pred["mean"], axis=(1, 2)), floor)
+            if self.policy.exclude_noise:
+                unc = cal.error_bound(pred["cov"] - pred["aleatoric"], level) / scale
+                noise = cal.error_bound(pred["aleatoric"], level) / scale
+            else:
+                unc = cal.error_bound(pred["cov"], level) / scale
+        return pred["mean"], pred["tangent"], unc, noise, pred["energy"]
 
     def _calibration(self) -> Calibration:
         """The model's calibration, parsed once per model version."""
@@ -494,10 +507,11 @@ class Coupler(FineSolver):
         is still swapped in.
 
         Returns global figures of the step: ``fallback_points`` (points that used the fine
-        solver), ``fine_solves``, ``fine_failed``, ``fine_time_s`` (max over ranks, wall),
-        ``operator_time_s`` (max over ranks), ``retrain_time_s`` (wall time the step spent
-        retraining or waiting for a background retraining), ``retrain_background_s`` (training
-        time of the background retraining swapped in at this step, max over ranks),
+        solver), ``noise_limited_points`` (see ``Policy.exclude_noise``), ``fine_solves``,
+        ``fine_failed``, ``fine_time_s`` (max over ranks, wall), ``operator_time_s`` (max over
+        ranks), ``retrain_time_s`` (wall time the step spent retraining or waiting for a
+        background retraining), ``retrain_background_s`` (training time of the background
+        retraining swapped in at this step, max over ranks),
         ``retrain_skipped`` (a due retraining that would not pay, ``RetrainConfig.cost_aware``),
         ``retrain_estimate_s`` and ``retrain_saving_s`` (that decision's estimated training
         time and the fine-solve time it could save; None without a decision),
@@ -505,6 +519,7 @@ class Coupler(FineSolver):
         """
         comm = self.comm
         out = {"fallback_points": comm.allreduce(len(self._fell_back)),
+               "noise_limited_points": comm.allreduce(len(self._noise_limited)),
                "fine_solves": comm.allreduce(self.stats["fine_solves"]),
                "fine_failed": comm.allreduce(self.stats["fine_failed"]),
                "fine_time_s": comm.allreduce(self.stats["fine_time_s"], op=MPI.MAX),
@@ -513,6 +528,10 @@ class Coupler(FineSolver):
                "retrain_estimate_s": None, "retrain_saving_s": None}
         if self.replay is not None:
             self.replay.flush(self.step)
+        if out["noise_limited_points"] and comm.rank == 0:
+            log.warning("%d points: the fine solver's noise bound exceeds tol=%g, so no fallback "
+                        "meets it there (longer fine-solve averages would)",
+                        out["noise_limited_points"], self.policy.tol)
         comm.Barrier()
         t0 = time.perf_counter()
         if self._pending is not None:
@@ -533,6 +552,7 @@ class Coupler(FineSolver):
         out["model_version"] = self.version
         self.stats = self._empty_stats()
         self._fell_back.clear()
+        self._noise_limited.clear()
         return out
 
     def checkpoint_state(self) -> dict:

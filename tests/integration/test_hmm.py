@@ -217,6 +217,32 @@ def test_a_rank_solves_its_crystal_alone():
 
 
 @pytest.mark.skip_in_parallel
+def test_no_fallback_to_a_fine_solve_noisier_than_the_operator(crystal):
+    """exclude_noise: at a tolerance below everything, the 0 K point falls back, the 300 K point
+    — whose MD noise bound exceeds the operator's model-error bound — stays on the operator
+    and is reported as noise-limited; with the noise in the bound both fall back."""
+    from neuroscale_couple.coupler import FINE, OPERATOR, Coupler, Policy
+    from neuroscale_couple.operators.base import load_operator
+    from neuroscale_couple.solvers.cauchy_born import Crystal
+
+    thermal = ROOT / "examples" / "models" / "hmm_cu_thermal.pt"
+    structures = [Crystal(dict(crystal.config, temperature=t, md_steps=40,
+                               equilibration_steps=10)) for t in (300.0, 0.0)]
+    F = np.stack([np.diag([1.01, 1.0])] * 2)
+    sources, limited = {}, {}
+    for exclude in (False, True):
+        c = Coupler(load_operator(thermal), Crystal.solver, policy=Policy(
+            tol=1e-4, exclude_noise=exclude), comm=MPI.COMM_SELF)
+        c.register([0, 1], structures)
+        c.begin_step(0)
+        sources[exclude] = c.evaluate(F, [0, 1]).source.tolist()
+        limited[exclude] = c.end_step()["noise_limited_points"]
+        c.close()
+    assert sources == {False: [FINE, FINE], True: [OPERATOR, FINE]}, sources
+    assert limited == {False: 0, True: 1}, limited
+
+
+@pytest.mark.skip_in_parallel
 def test_noise_can_be_left_out_of_the_fallback_bound(crystal):
     """With ``exclude_noise`` the bound of the thermal model (trained with the noise term) keeps
     only the model error: smaller at 300 K, about the same at 0 K (no noise there); a model

@@ -65,11 +65,12 @@ def test_physics_losses_train_the_decoder_towards_equilibrium(rve_data):
 
     idx = torch.arange(32)
     g = torch.Generator().manual_seed(0)
-    start = {k: float(v) for k, v in batch_loss(model, rve_data, idx, weights, g).items()}
+    start = {k: float(v.detach())
+             for k, v in batch_loss(model, rve_data, idx, weights, g).items()}
     train(model, rve_data, TrainConfig(epochs=25, batch_size=32, lr=3e-3, weights=weights,
                                        physics_fraction=1.0,
                                        val_fraction=0.2), comm=MPI.COMM_SELF, progress=False)
-    end = {k: float(v) for k, v in batch_loss(model, rve_data, idx, weights, g).items()}
+    end = {k: float(v.detach()) for k, v in batch_loss(model, rve_data, idx, weights, g).items()}
     print({k: (round(start[k], 4), round(end[k], 4)) for k in start})
     for term in ("equilibrium", "consistency"):  # decoded fields approach equilibrium
         assert end[term] < 0.5 * start[term], (term, start[term], end[term])
