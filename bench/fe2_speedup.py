@@ -9,4 +9,4 @@ from coupled_speedup import main
 
 if __name__ == "__main__":
     main("fe2_composite", "fe2_speedup", "FE²", __doc__.splitlines()[0],
-         mesh_size="0.15", stretch=0.08)
+         mesh_size="0.15", stretch=0.08, options={"--rve-cache": int})

@@ -8,7 +8,8 @@ the Cauchy–Born solver if missing) the predicted aleatoric standard deviation 
 component against the statistical error of its MD average. ``--skip-runs`` measures only that.
 ``--temperature T`` runs the example at T (Langevin MD fine solves, the thermal operator); give
 it its own ``--name`` and ``--out``, e.g. ``--temperature 300 --mesh-size 0.3 --steps 2
---stretch 0.03 --tol 0.05 --name hmm_speedup_300K --out out/bench_hmm_300K``.
+--stretch 0.04 --tol 0.05 --name hmm_speedup_300K --out out/bench_hmm_300K_s04``, and its 0 K
+twin without ``--temperature`` (``--name hmm_speedup_0K_small --out out/bench_hmm_0K_small``).
 Targets (issue 5): total ≥ 100× with EMT at 0 K, more at finite temperature, displacement
 error ≤ 1 %.
 """

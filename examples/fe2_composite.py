@@ -42,6 +42,7 @@ from neuroscale_couple.adapters.fenicsx_driver import (
 )
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "fe2_composite.pt"
+MAX_RVE_CACHE = 128
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +50,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           stretch=0.08, tol=0.05)
     p.add_argument("--rve-mesh-size", type=float, default=None,
                    help="RVE element size (default: the one the model was trained with)")
-    return p.parse_args(argv)
+    p.add_argument("--rve-cache", type=int, default=128,
+                   help=f"live RVEs per rank, 1 to {MAX_RVE_CACHE} (a solved RVE holds ~14 MPI "
+                   "communicators, of which MPICH allows 2048 per process); a rank with more "
+                   "points rebuilds evicted RVEs (their meshes read back from files)")
+    args = p.parse_args(argv)
+    if not 1 <= args.rve_cache <= MAX_RVE_CACHE:
+        p.error(f"--rve-cache {args.rve_cache}: give 1 to {MAX_RVE_CACHE} (more live RVEs "
+                "run out of MPICH's communicators: 180 did on one rank)")
+    return args
 
 
 def graded_fraction(x: np.ndarray) -> np.ndarray:
@@ -79,7 +88,7 @@ def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
               "mesh": {"size": args.rve_mesh_size or (data_cfg.get("mesh") or {}).get(
                   "size", 0.02)}}
     coupler = Coupler(model, lambda m: rve_from_config(family, m), family=family, policy=policy,
-                      comm=comm, replay_dir=Path(args.out) / "replay",
+                      comm=comm, replay_dir=Path(args.out) / "replay", cache_size=args.rve_cache,
                       retrain=retrain_config(args),
                       model_path=model_path)
     problem, set_load, right = quarter_plate(args, coupler, microstructures_at, comm)

@@ -68,7 +68,8 @@ class FineSolver(ABC):
 class SolverCache:
     """A bounded least-recently-used set of fine solvers, one per microstructure key.
 
-    Each live RVE holds PETSc objects and ~9 MPI communicators (MPICH allows 2048 per process),
+    Each live RVE holds PETSc objects and ~14 MPI communicators (9 its mesh and spaces, 5 MUMPS
+    once it has factorized; MPICH allows 2048 per process),
     so a rank keeps at most ``capacity``. It closes the one used longest ago among those not yet
     used in the current pass (:meth:`new_pass`, one per evaluation of all points); when every
     live solver was used in this pass — a pass over more solvers than fit, as classic FE² on more

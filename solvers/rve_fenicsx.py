@@ -190,9 +190,9 @@ class PeriodicRVE(FineSolver):
         ``comm``).
 
         PETSc holds the SNES callbacks, so the garbage collector cannot free an RVE by itself;
-        MPI allows only ~2000 communicators per process (an RVE holds ~9), so code that builds
-        many RVEs closes them (or uses ``with PeriodicRVE(...) as rve:``). Most of an RVE is then
-        freed at once; what sits in reference cycles (after computing fields, measured: 14
+        MPICH allows 2048 communicators per process (a solved RVE holds ~14), so code that
+        builds many RVEs closes them (or uses ``with PeriodicRVE(...) as rve:``). Most of an RVE
+        is then freed at once; what sits in reference cycles (after computing fields, measured: 14
         communicators per 100 RVEs) waits for a garbage collection, which
         :func:`~neuroscale_couple.fine.close_solver` runs every few closes (a full collection
         costs ~0.1 s in a process with torch and DOLFINx, as much as building an RVE).

@@ -335,6 +335,7 @@ def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain)
     (["--model", "no/such/model.pt"], "does not exist"),
     (["--tol", "-1"], "tol=-1.0"),
     (["--mesh-size", "huge"], "--mesh-size"),
+    (["--rve-cache", "200"], "--rve-cache 200: give 1 to 128"),
 ])
 def test_example_bad_input_fails_before_work(tmp_path, flags, message):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "fe2_composite.py"),
