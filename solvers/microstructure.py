@@ -166,7 +166,8 @@ class MeshFiles:
     that evicts RVEs rebuilds them, and reading the file is several times cheaper. The file
     holds the nodes and elements with their numbering, so the rebuilt mesh is the same and
     warm-start states stored with the old RVE fit the new one. (Read back, periodic image nodes
-    sit exactly on their masters' images; gmsh's own mesh had some an ulp off.)
+    sat exactly on their masters' images where gmsh's own mesh had some an ulp off; so the first
+    build reads the file too.)
     """
 
     def __init__(self, budget: int = 256 * 2**20) -> None:
@@ -181,7 +182,7 @@ class MeshFiles:
         path = self._files.get(key)
         if path is None:
             return False
-        # the coordinates as written: applying the periodic maps again moves nodes by an ulp
+        # the nodes as written (DOLFINx does not use gmsh's periodic maps)
         before = gmsh.option.getNumber("Mesh.IgnorePeriodicity")
         gmsh.option.setNumber("Mesh.IgnorePeriodicity", 1)
         try:

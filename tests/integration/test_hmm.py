@@ -218,9 +218,10 @@ def test_a_rank_solves_its_crystal_alone():
 
 @pytest.mark.skip_in_parallel
 def test_no_fallback_to_a_fine_solve_noisier_than_the_operator(crystal):
-    """exclude_noise: at a tolerance below everything, the 0 K point falls back, the 300 K point
-    — whose MD noise bound exceeds the operator's model-error bound — stays on the operator
-    and is reported as noise-limited; with the noise in the bound both fall back."""
+    """exclude_noise at tol 0.8 %: the 0 K point (model-error bound 1.3 %, noise bound 0.5 %)
+    falls back; the 300 K point (2.1 %, 9.2 %: one MD average would be no closer to the mean)
+    stays on the operator and is the one noise-limited point; with the noise in the bound both
+    fall back."""
     from neuroscale_couple.coupler import FINE, OPERATOR, Coupler, Policy
     from neuroscale_couple.operators.base import load_operator
     from neuroscale_couple.solvers.cauchy_born import Crystal
@@ -232,7 +233,7 @@ def test_no_fallback_to_a_fine_solve_noisier_than_the_operator(crystal):
     sources, limited = {}, {}
     for exclude in (False, True):
         c = Coupler(load_operator(thermal), Crystal.solver, policy=Policy(
-            tol=1e-4, exclude_noise=exclude), comm=MPI.COMM_SELF)
+            tol=0.008, exclude_noise=exclude), comm=MPI.COMM_SELF)
         c.register([0, 1], structures)
         c.begin_step(0)
         sources[exclude] = c.evaluate(F, [0, 1]).source.tolist()
