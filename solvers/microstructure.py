@@ -118,9 +118,10 @@ class Microstructure:
         order : geometric order of the cells; 2 gives curved fibre boundaries (use with P2).
 
         Cell tags are ``MATRIX`` (1) and ``FIBRE`` (2); nodes on x = 1 (y = 1) are exact periodic
-        images of nodes on x = 0 (y = 0). A cell meshed before in this process is read back from
-        its .msh file (:data:`MESH_FILES`) instead of meshed again, the first time as well: the
-        same mesh, bit for bit, however often an RVE is rebuilt.
+        images of nodes on x = 0 (y = 0). On one process (``comm.size == 1``, the solver cache's
+        RVEs) a cell meshed before is read back from its .msh file (:data:`MESH_FILES`) instead
+        of meshed again, the first time as well: the same mesh, bit for bit, however often an
+        RVE is rebuilt.
         """
         import gmsh
         from dolfinx.io import gmsh as gmshio
@@ -136,7 +137,9 @@ class Microstructure:
             gmsh.model.add("rve")
             try:
                 key = (self.key, float(size), int(order))
-                if not MESH_FILES.read(key):
+                if comm.size > 1:  # the solver cache's serial RVEs are the ones rebuilt
+                    _build_gmsh_model(self, size, order)
+                elif not MESH_FILES.read(key):
                     _build_gmsh_model(self, size, order)
                     if MESH_FILES.write(key):  # first use as every later one: from the file
                         gmsh.model.remove()

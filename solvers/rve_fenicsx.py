@@ -156,7 +156,8 @@ class PeriodicRVE(FineSolver):
         Raises
         ------
         InputError : bad F̄ (shape, det F̄ ≤ 0) or point_ids of the wrong length.
-        SolveError : Newton failed even with ``max_substeps`` load substeps.
+        SolveError : Newton failed even with ``max_substeps`` load substeps, or the tangent's
+            linear solve failed.
         """
         Fb = as_deformation_batch(F)
         n = len(Fb)
@@ -258,10 +259,13 @@ class PeriodicRVE(FineSolver):
         prefix = f"nsrve{next(_ids)}_"
         snes.setOptionsPrefix(prefix)
         opts = PETSc.Options()
+        # ICNTL(14): working space beyond MUMPS's estimate, in %. Distributed, the assembly's
+        # summation order (and so the pivoting) varies between runs; with 100 % a 4-rank P2
+        # cell sometimes failed to factorize (INFOG(1) = -9, workspace too small)
         for key, value in {"snes_type": "newtonls", "snes_linesearch_type": "bt",
                            "ksp_type": "preonly", "pc_type": "lu",
                            "pc_factor_mat_solver_type": "mumps",
-                           "mat_mumps_icntl_14": 100}.items():
+                           "mat_mumps_icntl_14": 100 if self.comm.size == 1 else 400}.items():
             opts[prefix + key] = value
         snes.setFunction(self._snes_residual, self._fr)
         snes.setJacobian(self._snes_jacobian, self._Kr)
@@ -359,6 +363,11 @@ class PeriodicRVE(FineSolver):
             self._Pr.multTranspose(KX[kl], rhs)
             rhs.scale(-1.0)
             ksp.solve(rhs, dwr)
+            if ksp.getConvergedReason() < 0:  # else inf/NaN would pass for a tangent
+                raise SolveError(
+                    f"RVE tangent: the condensed stiffness solve failed (PETSc KSP reason "
+                    f"{ksp.getConvergedReason()}, e.g. -11: the LU factorization failed) for "
+                    f"the cell of v={self.microstructure.volume_fraction:.3f}")
             sens[kl] = dwr.getArray()
             self._Pr.mult(dwr, dw)
             dw.axpy(1.0, self._X[kl])
