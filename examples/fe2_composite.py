@@ -42,21 +42,22 @@ from neuroscale_couple.adapters.fenicsx_driver import (
 )
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "fe2_composite.pt"
-MAX_RVE_CACHE = 128
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from neuroscale_couple.solvers.rve_fenicsx import MAX_LIVE_RVES
+
     p = coupled_arguments(__doc__.splitlines()[0], out="out/fe2_composite", model=DEFAULT_MODEL,
                           stretch=0.08, tol=0.05)
     p.add_argument("--rve-mesh-size", type=float, default=None,
                    help="RVE element size (default: the one the model was trained with)")
-    p.add_argument("--rve-cache", type=int, default=128,
-                   help=f"live RVEs per rank, 1 to {MAX_RVE_CACHE} (a solved RVE holds ~14 MPI "
+    p.add_argument("--rve-cache", type=int, default=MAX_LIVE_RVES,
+                   help=f"live RVEs per rank, 1 to {MAX_LIVE_RVES} (a solved RVE holds ~14 MPI "
                    "communicators, of which MPICH allows 2048 per process); a rank with more "
                    "points rebuilds evicted RVEs (their meshes read back from files)")
     args = p.parse_args(argv)
-    if not 1 <= args.rve_cache <= MAX_RVE_CACHE:
-        p.error(f"--rve-cache {args.rve_cache}: give 1 to {MAX_RVE_CACHE} (more live RVEs "
+    if not 1 <= args.rve_cache <= MAX_LIVE_RVES:
+        p.error(f"--rve-cache {args.rve_cache}: give 1 to {MAX_LIVE_RVES} (more live RVEs "
                 "run out of MPICH's communicators: 180 did on one rank)")
     return args
 

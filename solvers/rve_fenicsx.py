@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 #: Element size per degree that puts the homogenized stiffness within ~1 % of the mesh-converged
 #: value for the composites of the FE² example (see tests/integration/test_rve_convergence.py).
 DEFAULT_MESH_SIZE = {1: 0.02, 2: 0.05}
+# live RVEs one process can hold: a solved RVE holds ~14 MPI communicators (9 its mesh and
+# spaces, 5 MUMPS) of MPICH's 2048 per process; 180 ran out of them
+MAX_LIVE_RVES = 128
 _ids = itertools.count()
 
 
