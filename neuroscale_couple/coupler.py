@@ -434,11 +434,23 @@ class Coupler(FineSolver):
             return []
         known = [e[3] for _, e in flat if np.isfinite(e[3])]
         default = float(np.median(known)) if known else 1.0
-        costs = np.array([e[3] if np.isfinite(e[3]) else default for _, e in flat])
-        preferred = np.array([e[4] if e[4] >= 0 else owner for owner, e in flat])
         move = self.cache.setup_time / max(self.cache.builds, 1) if self.cache.builds else default
         move = comm.allreduce(move, op=MPI.MAX)
+        # a point never solved has its solver built wherever it goes: no preferred rank, and
+        # the build in its cost; a solved one costs its last solve (build excluded) and a
+        # build anywhere but the rank holding its solver and warm-start state
+        costs = np.array([e[3] if np.isfinite(e[3]) else default + move for _, e in flat])
+        preferred = np.array([e[4] for _, e in flat])
         assign = balance(costs, preferred, comm.size, move)
+        # a point leaving the rank that holds its warm-start state takes the state along: only
+        # the solver's build is lost, and results do not depend on where a point is solved
+        moving: list[list] = [[] for _ in range(comm.size)]
+        for (_, (pid, _, micro, _, last)), r in zip(flat, assign, strict=True):
+            if last == comm.rank != r:
+                moving[r].append((pid, micro.key, self.cache.pop_state(micro.key, pid)))
+        for pid, key, state in (e for part in comm.alltoall(moving) for e in part):
+            if state is not None:
+                self.cache.put_state(key, pid, state)
         outgoing: list[list] = [[] for _ in range(comm.size)]
         for (owner, (pid, Fi, micro, _, _)), r in zip(flat, assign, strict=True):
             if r == comm.rank:
@@ -452,14 +464,16 @@ class Coupler(FineSolver):
         return out
 
     def _fine_solve(self, pid: int, F: np.ndarray, micro) -> tuple:
+        """(P, A, W, noisy, seconds without the solver's build, rank) of one point."""
         t0 = time.perf_counter()
         solver = self.cache.get(micro.key, micro)
+        t_solve = time.perf_counter()
         try:
             res = solver.solve(F, point_ids=[pid], tangent=True)
         except SolveError as err:
             log.warning("rank %d: fine solve of point %d failed: %s", self.comm.rank, pid, err)
             self.stats["fine_failed"] += 1
-            return None, None, np.nan, False, time.perf_counter() - t0, self.comm.rank
+            return None, None, np.nan, False, time.perf_counter() - t_solve, self.comm.rank
         t = time.perf_counter() - t0
         self.stats["fine_solves"] += 1
         self.stats["fine_solve_time_s"] += t
@@ -469,7 +483,8 @@ class Coupler(FineSolver):
                                evaluation=self.evaluations, model_version=self.version,
                                time_s=t, stderr=None if stderr is None else stderr[0])
         W = float(res.info.get("energy_density", [np.nan])[0])
-        return res.stress[0], res.tangent[0], W, stderr is not None, t, self.comm.rank
+        return (res.stress[0], res.tangent[0], W, stderr is not None,
+                time.perf_counter() - t_solve, self.comm.rank)
 
     def _check_failures(self, source: np.ndarray) -> None:
         failed = self.comm.allreduce(int((source == FAILED).sum()))

@@ -118,6 +118,22 @@ class SolverCache:
             close_solver(old)
         return solver
 
+    def pop_state(self, key: Hashable, point_id: Hashable) -> object | None:
+        """Remove and return the warm-start state of ``point_id`` in the solver of ``key`` (live
+        or evicted); None if there is none."""
+        live = self._live.get(key)
+        states = getattr(live, "states", {}) if live is not None else self._saved.get(key, {})
+        return states.pop(point_id, None)
+
+    def put_state(self, key: Hashable, point_id: Hashable, state: object) -> None:
+        """Give the solver of ``key`` the warm-start state of ``point_id`` (handed over when it
+        is built if it is not live), e.g. one a point brought from another rank."""
+        live = self._live.get(key)
+        if live is None:
+            self._saved.setdefault(key, {})[point_id] = state
+        elif hasattr(live, "states"):
+            live.states[point_id] = state
+
     def new_pass(self) -> None:
         """Start a new pass over the points (the Coupler calls it at every evaluation)."""
         self._pass += 1

@@ -88,16 +88,21 @@ def allreduce_gradients(model) -> None:
 
 def balance(costs: np.ndarray, preferred: np.ndarray, n_ranks: int,
             move_cost: float) -> np.ndarray:
-    """Assign work items to ranks so that the largest rank load is small (greedy LPT).
+    """Assign work items to ranks so that the largest rank load is small.
 
-    Items are taken in order of decreasing cost (ties by index); each goes to the rank whose load
-    after taking it is least, an item costing ``move_cost`` more on any rank but its
-    ``preferred`` one (set-up of a solver there, lost warm start). Deterministic, so every rank
-    computes the same assignment from the same gathered inputs.
+    Items with a ``preferred`` rank (the one holding their solver and warm-start state) start
+    there; the others go, largest first, to the least loaded rank. Then, while it lowers the
+    busiest rank's load without making another rank busier than that, one item at a time moves
+    off the busiest rank — an item costs ``move_cost`` more on any rank but its preferred one
+    (set-up of a solver there, lost warm start). So a point leaves its solver only where that
+    shortens the step, and a new point never displaces a warm one. Deterministic (ties by
+    rank and item index): every rank computes the same assignment from the same gathered inputs.
+    At the end the busiest rank's load exceeds the least busy one's by at most the cost an item
+    on it would have there.
 
     Parameters
     ----------
-    costs : (n,) estimated seconds per item.
+    costs : (n,) estimated seconds per item on its preferred rank (or anywhere, if none).
     preferred : (n,) rank holding the item's solver state (-1: none).
     move_cost : seconds added when an item runs away from its preferred rank.
 
@@ -105,15 +110,30 @@ def balance(costs: np.ndarray, preferred: np.ndarray, n_ranks: int,
     -------
     (n,) rank of each item.
     """
+    costs, preferred = np.asarray(costs, dtype=float), np.asarray(preferred)
+
+    def cost_on(i: int, r: int) -> float:
+        return costs[i] + (move_cost if 0 <= preferred[i] != r else 0.0)
+
     load = np.zeros(n_ranks)
-    out = np.empty(len(costs), dtype=np.int64)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        extra = np.full(n_ranks, move_cost)
-        if preferred[i] >= 0:
-            extra[preferred[i]] = 0.0
-        else:
-            extra[:] = 0.0
-        r = int(np.argmin(load + costs[i] + extra))
+    out = np.where(preferred >= 0, preferred, -1).astype(np.int64)
+    np.add.at(load, out[out >= 0], costs[out >= 0])
+    for i in sorted(np.flatnonzero(out < 0), key=lambda i: (-costs[i], i)):
+        out[i] = int(np.argmin(load))
+        load[out[i]] += costs[i]
+    for _ in range(len(costs) * n_ranks):
+        hi = int(np.argmax(load))
+        best = None  # (new busiest of the two, item, destination)
+        for i in sorted(np.flatnonzero(out == hi), key=lambda i: (-costs[i], i)):
+            for r in range(n_ranks):
+                if r != hi:
+                    worst = max(load[hi] - cost_on(i, hi), load[r] + cost_on(i, r))
+                    if worst < load[hi] - 1e-12 and (best is None or worst < best[0]):
+                        best = (worst, i, r)
+        if best is None:
+            break
+        _, i, r = best
+        load[hi] -= cost_on(i, hi)
+        load[r] += cost_on(i, r)
         out[i] = r
-        load[r] += costs[i] + extra[r]
     return out

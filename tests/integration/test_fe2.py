@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 from mpi4py import MPI
 
@@ -353,3 +354,67 @@ def test_coupler_rejects_model_of_other_phases():
         coupler(MPI.COMM_SELF, 0.05, family=family)
     with pytest.raises(InputError, match="needs a trained model"):
         coupler(MPI.COMM_SELF, 0.05, model=False)
+
+
+class _CountingRVE:
+    """A periodic RVE that records the Newton iterations of its solves."""
+
+    iterations: ClassVar[list[int]] = []
+
+    def __init__(self, microstructure) -> None:
+        from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
+
+        self.rve = rve_from_config(COMPOSITE, microstructure)
+
+    @property
+    def states(self) -> dict:
+        return self.rve.states
+
+    def solve(self, F, **kwargs):
+        res = self.rve.solve(F, **kwargs)
+        self.iterations.extend(res.info["newton_iterations"].tolist())
+        return res
+
+    def close(self) -> None:
+        self.rve.close()
+
+
+@pytest.mark.mpi
+def test_a_point_solved_on_another_rank_takes_its_warm_start_along(monkeypatch):
+    """Fallback work moves between ranks with the RVE's warm-start state: with every point
+    sent to the next rank at every solve, each solve starts from the same guess as in a serial
+    run — the same Newton iterations (2 with the warm start, 4 without) and the same stress."""
+    import neuroscale_couple.coupler as coupler_module
+    from neuroscale_couple.coupler import Coupler, Policy
+
+    world = MPI.COMM_WORLD
+    if world.size < 2:
+        pytest.skip("needs 2 or more ranks")
+    monkeypatch.setattr(coupler_module, "balance", lambda costs, preferred, n, move: np.where(
+        preferred >= 0, (preferred + 1) % n, np.arange(len(costs)) % n))
+    ids = np.array([2 * world.rank, 2 * world.rank + 1])
+    x = np.column_stack([ids / (2 * world.size), np.zeros(2)])
+    F = [np.array([[1.0 + e, 0.3 * e], [0.0, 1.0 - 0.4 * e]]) for e in (0.02, 0.03, 0.035)]
+
+    def run(comm, point_ids, points):
+        _CountingRVE.iterations = []
+        c = Coupler(None, _CountingRVE, family=COMPOSITE, policy=Policy(tol=0), comm=comm)
+        c.register(point_ids, microstructures(points, point_ids))
+        stress = [c.evaluate(np.repeat(Fk[None], len(point_ids), 0), point_ids).stress
+                  for Fk in F]
+        c.close()
+        return np.stack(stress), comm.allreduce(_CountingRVE.iterations)
+
+    stress, iterations = run(world, ids, x)
+    every = world.allgather((ids, x, stress))
+    assert len(iterations) == 3 * 2 * world.size
+
+    def serial_run_agrees():
+        all_ids = np.concatenate([e[0] for e in every])
+        s1, it1 = run(MPI.COMM_SELF, all_ids, np.concatenate([e[1] for e in every]))
+        np.testing.assert_allclose(np.concatenate([e[2] for e in every], axis=1), s1,
+                                   rtol=1e-10, atol=0)
+        assert sorted(iterations) == sorted(it1), (iterations, it1)
+        assert min(it1[len(all_ids):]) < max(it1[: len(all_ids)])  # the warm start counts
+
+    on_rank0(world, serial_run_agrees)
