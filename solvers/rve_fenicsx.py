@@ -55,7 +55,32 @@ DEFAULT_MESH_SIZE = {1: 0.02, 2: 0.05}
 # live RVEs one process can hold: a solved RVE holds ~14 MPI communicators (9 its mesh and
 # spaces, 5 MUMPS) of MPICH's 2048 per process; 180 ran out of them
 MAX_LIVE_RVES = 128
+# largest MUMPS working-space margin ICNTL(14), in %, that a failed factorization grows to
+MAX_MUMPS_MARGIN = 3200
 _ids = itertools.count()
+
+
+def solver_options(petsc_options: dict) -> dict:
+    """The RVE's PETSc options: Newton with backtracking and MUMPS LU, updated by
+    ``petsc_options`` (checked: MUMPS controls as ``mat_mumps_icntl_<i>`` /
+    ``mat_mumps_cntl_<i>``, and only with a MUMPS LU).
+
+    A distributed cell's assembly sums in varying order, and so varies MUMPS's pivots: a 4-rank
+    P2 cell sometimes ran out of MUMPS working space (INFOG(1) = -9); the RVE then raises the
+    margin ICNTL(14) and factorizes again (``PeriodicRVE._grow_lu_workspace``).
+    """
+    options = {"snes_type": "newtonls", "snes_linesearch_type": "bt", "ksp_type": "preonly",
+               "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"} | dict(petsc_options)
+    mumps = [k for k in options if k.startswith("mat_mumps_")]
+    if mumps and (options["pc_type"], options["pc_factor_mat_solver_type"]) != ("lu", "mumps"):
+        raise InputError(f"petsc_options {sorted(mumps)}: MUMPS controls need pc_type lu with "
+                         "pc_factor_mat_solver_type mumps")
+    for key in mumps:
+        kind, _, index = key.removeprefix("mat_mumps_").partition("_")
+        if kind not in ("icntl", "cntl") or not index.isdigit():
+            raise InputError(f"petsc_options {key!r}: give MUMPS controls as "
+                             "mat_mumps_icntl_<i> or mat_mumps_cntl_<i>")
+    return options
 
 
 def first_piola(law: str, F, lmbda, mu):
@@ -81,6 +106,11 @@ class PeriodicRVE(FineSolver):
     bc : ``periodic`` fluctuations or ``affine`` (w = 0 on ∂Y).
     comm : communicator; the intended use is one serial RVE per rank (``MPI.COMM_SELF``).
     max_substeps : load substeps tried (doubling from 2) before a non-converged solve raises.
+    petsc_options : PETSc options of the Newton solver and its LU (as for a DOLFINx problem, no
+        prefix), over the defaults: Newton with backtracking, MUMPS LU. Should MUMPS run out of
+        working space in a factorization (INFOG(1) = -9: pivoting beyond its estimate, e.g. a
+        distributed matrix whose summation order varies the pivots), its margin ICNTL(14) is
+        doubled (up to ``MAX_MUMPS_MARGIN`` %) and the factorization repeated.
     """
 
     implemented_properties = ("stress", "tangent", "fields")
@@ -97,8 +127,10 @@ class PeriodicRVE(FineSolver):
         bc: str = "periodic",
         comm: MPI.Comm = MPI.COMM_SELF,
         max_substeps: int = 16,
+        petsc_options: dict | None = None,
     ) -> None:
         self.law = check_law(law)
+        options = solver_options(petsc_options or {})
         if bc not in BOUNDARY_CONDITIONS:
             raise InputError(f"bc={bc!r} is unknown: use one of {', '.join(BOUNDARY_CONDITIONS)}")
         if degree not in DEFAULT_MESH_SIZE:
@@ -132,7 +164,7 @@ class PeriodicRVE(FineSolver):
         self._Kr = self._K.ptap(self._Pr)
         self._wr, self._fr = self._Pr.createVecRight(), self._Pr.createVecRight()
         self._X = self._affine_fields()
-        self._snes = self._make_snes(max(matrix.E, fibre.E))
+        self._snes = self._make_snes(max(matrix.E, fibre.E), options)
         # warm-start state per point id: (F̄, reduced w, ∂w/∂F̄); public so that a solver cache
         # can carry it over to a rebuilt RVE of the same microstructure
         self.states: dict[Hashable, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
@@ -257,19 +289,15 @@ class PeriodicRVE(FineSolver):
             fields.append(vec)
         return fields
 
-    def _make_snes(self, E_max: float) -> PETSc.SNES:
+    def _make_snes(self, E_max: float, options: dict) -> PETSc.SNES:
         snes = PETSc.SNES().create(self.comm)
         prefix = f"nsrve{next(_ids)}_"
         snes.setOptionsPrefix(prefix)
         opts = PETSc.Options()
-        # ICNTL(14): working space beyond MUMPS's estimate, in %. Distributed, the assembly's
-        # summation order (and so the pivoting) varies between runs; with 100 % a 4-rank P2
-        # cell sometimes failed to factorize (INFOG(1) = -9, workspace too small)
-        for key, value in {"snes_type": "newtonls", "snes_linesearch_type": "bt",
-                           "ksp_type": "preonly", "pc_type": "lu",
-                           "pc_factor_mat_solver_type": "mumps",
-                           "mat_mumps_icntl_14": 100 if self.comm.size == 1 else 400}.items():
-            opts[prefix + key] = value
+        self._mumps = {k: v for k, v in options.items() if k.startswith("mat_mumps_")}
+        for key, value in options.items():
+            if key not in self._mumps:
+                opts[prefix + key] = value
         snes.setFunction(self._snes_residual, self._fr)
         snes.setJacobian(self._snes_jacobian, self._Kr)
         # Residual entries are stress × area: converge to 1e-11 E_max absolute or 1e-10 relative.
@@ -278,7 +306,26 @@ class PeriodicRVE(FineSolver):
         for key in list(opts.getAll()):
             if key.startswith(prefix):
                 opts.delValue(key)
+        if self._mumps:
+            self._set_mumps(snes)
         return snes
+
+    def _set_mumps(self, snes: PETSc.SNES) -> None:
+        """Create the LU's factor matrix and set the MUMPS controls ``self._mumps``
+        (``mat_mumps_icntl_<i>`` / ``mat_mumps_cntl_<i>``) on it: MUMPS reads the options
+        database only at the first factorization, by when the RVE's options are gone (one set
+        per RVE would pile up)."""
+        ksp = snes.getKSP()
+        ksp.setOperators(self._Kr)
+        pc = ksp.getPC()
+        pc.setFactorSetUpSolverType()
+        factor = pc.getFactorMatrix()
+        for key, value in self._mumps.items():
+            kind, _, index = key.removeprefix("mat_mumps_").partition("_")
+            if kind == "icntl":
+                factor.setMumpsIcntl(int(index), int(value))
+            else:
+                factor.setMumpsCntl(int(index), float(value))
 
     # ------------------------------------------------------------------ assembly
     def _set_fluctuation(self, wr: PETSc.Vec) -> None:
@@ -341,9 +388,35 @@ class PeriodicRVE(FineSolver):
 
     def _newton(self, F: np.ndarray, guess: np.ndarray) -> bool:
         self._Fbar.value[:] = F
-        self._wr.setArray(guess)
-        self._snes.solve(None, self._wr)
-        return self._snes.getConvergedReason() > 0
+        while True:
+            self._wr.setArray(guess)
+            self._snes.solve(None, self._wr)
+            if self._snes.getConvergedReason() > 0 or not self._grow_lu_workspace():
+                return self._snes.getConvergedReason() > 0
+
+    def _grow_lu_workspace(self) -> bool:
+        """After a failed solve: True if the LU failed for want of MUMPS working space
+        (INFOG(1) = -9) and a new factor matrix with twice the margin ICNTL(14) is in place, so
+        that factorizing again may succeed (raising the margin of the factor that failed did
+        not help, measured up to 3200 %). INFOG is the same on every rank: all ranks decide
+        alike."""
+        pc = self._snes.getKSP().getPC()
+        try:
+            factor = pc.getFactorMatrix()
+            if factor.getMumpsInfog(1) != -9:
+                return False
+            margin = factor.getMumpsIcntl(14)
+        except PETSc.Error:  # no factorization yet, or not MUMPS
+            return False
+        if margin >= MAX_MUMPS_MARGIN:
+            return False
+        grown = min(max(2 * margin, 50), MAX_MUMPS_MARGIN)
+        self._mumps["mat_mumps_icntl_14"] = grown
+        pc.reset()
+        self._set_mumps(self._snes)
+        log.info("RVE LU: MUMPS ran out of working space (INFOG(1) = -9); factorizing again "
+                 "with ICNTL(14) = %d %% (was %d %%)", grown, margin)
+        return True
 
     def _stress(self) -> np.ndarray:
         self._set_fluctuation(self._wr)
@@ -366,6 +439,8 @@ class PeriodicRVE(FineSolver):
             self._Pr.multTranspose(KX[kl], rhs)
             rhs.scale(-1.0)
             ksp.solve(rhs, dwr)
+            while ksp.getConvergedReason() < 0 and self._grow_lu_workspace():
+                ksp.solve(rhs, dwr)
             if ksp.getConvergedReason() < 0:  # else inf/NaN would pass for a tangent
                 raise SolveError(
                     f"RVE tangent: the condensed stiffness solve failed (PETSc KSP reason "

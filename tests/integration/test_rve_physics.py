@@ -153,6 +153,22 @@ def test_tangent_matches_central_finite_differences():
 
 
 @pytest.mark.mpi
+def test_lu_out_of_mumps_working_space_factorizes_again(caplog):
+    """Half MUMPS's estimated working space (ICNTL(14) = -50 %) makes it run out (INFOG(1) =
+    -9, as a 4-rank P2 cell did now and then with the default): the RVE factorizes again with a
+    larger margin and gives the default controls' answer, serially and distributed."""
+    ms = micro.random_fibres(0.4, 6, seed=1)
+    tight = {"mat_mumps_icntl_14": -50}
+    with caplog.at_level("INFO", logger="neuroscale_couple.solvers.rve_fenicsx"):
+        got = rve(ms, degree=2, comm=MPI.COMM_WORLD, petsc_options=tight).solve(F_TEST)
+    assert "MUMPS ran out of working space" in caplog.text
+    want = rve(ms, degree=2, comm=MPI.COMM_WORLD).solve(F_TEST)
+    np.testing.assert_allclose(got.stress, want.stress, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got.tangent, want.tangent, rtol=0,
+                               atol=1e-10 * np.abs(want.tangent).max())
+
+
+@pytest.mark.mpi
 def test_hill_mandel_condition():
     cell = rve(micro.random_fibres(0.35, 4, seed=5), mesh_size=0.04, comm=MPI.COMM_WORLD)
     P_bar = cell.solve(F_TEST).stress[0]
@@ -221,6 +237,9 @@ def test_micro_fields_average_to_the_macro_state():
     ({"law": "saint_venant"}, np.eye(2), "law='saint_venant' is unknown"),
     ({"bc": "dirichlet"}, np.eye(2), "bc='dirichlet' is unknown"),
     ({"degree": 3}, np.eye(2), "degree=3"),
+    ({"petsc_options": {"mat_mumps_icntl": 1}}, np.eye(2), "mat_mumps_icntl_<i>"),
+    ({"petsc_options": {"pc_type": "ilu", "mat_mumps_icntl_14": 50}}, np.eye(2),
+     "pc_type lu with pc_factor_mat_solver_type mumps"),
 ])
 def test_bad_input_gives_clear_errors(kwargs, F, match):
     with pytest.raises(InputError, match=match):
