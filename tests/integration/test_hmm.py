@@ -244,6 +244,41 @@ def test_no_fallback_to_a_fine_solve_noisier_than_the_operator(crystal):
 
 
 @pytest.mark.skip_in_parallel
+def test_md_fallback_is_solved_again_only_where_its_linearisation_errs_more_than_its_noise(
+        crystal):
+    """With the operator in the loop a 300 K fallback solve (standard error ‖s_P‖ ≈ 0.3 GPa
+    with 40 MD steps) serves later iterates of its load step as P̄ₖ + Aₖ:ΔF̄ while the operator's
+    estimate of the second-order remainder stays below ‖s_P‖: 4e-3 away (twice the classic
+    radius; remainder ≈ 0.006 GPa) no new MD run, 0.06 away (≈ 1 GPa) a new one. Classic
+    coupling (tol = 0, no operator) keeps the fixed radius and solves again at 4e-3."""
+    from neuroscale_couple.coupler import Coupler, Policy
+    from neuroscale_couple.operators.base import load_operator
+    from neuroscale_couple.solvers.cauchy_born import Crystal
+
+    hot = Crystal(dict(crystal.config, temperature=300.0, md_steps=40, equilibration_steps=10))
+    thermal = ROOT / "examples" / "models" / "hmm_cu_thermal.pt"
+    F0 = np.diag([1.02, 1.0])[None]
+    near = 4e-3 * np.array([[[1.0, 0.5], [-0.5, -1.0]]])
+    solves = {}
+    for tol in (1e-6, 0.0):
+        c = Coupler(load_operator(thermal) if tol else None, Crystal.solver,
+                    policy=Policy(tol=tol), comm=MPI.COMM_SELF)
+        c.register([0], [hot])
+        c.begin_step(0)
+        first = c.evaluate(F0, [0])
+        second = c.evaluate(F0 + near, [0])
+        solves[tol] = [c.stats["fine_solves"]]
+        if tol:
+            np.testing.assert_allclose(
+                second.stress, first.stress + np.einsum("nijkl,nkl->nij", first.tangent, near),
+                rtol=0, atol=1e-12)
+            c.evaluate(F0 + 15 * near, [0])
+            solves[tol].append(c.stats["fine_solves"])
+        c.close()
+    assert solves == {1e-6: [1, 2], 0.0: [2]}, solves
+
+
+@pytest.mark.skip_in_parallel
 def test_noise_can_be_left_out_of_the_fallback_bound(crystal):
     """With ``exclude_noise`` the bound of the thermal model (trained with the noise term) keeps
     only the model error: smaller at 300 K, about the same at 0 K (no noise there); a model
