@@ -74,13 +74,14 @@ class Policy:
     A noisy fine solve (one that reports ``stress_stderr``, e.g. an MD average) is linearised
     the same way at any tol: a noisy stress is not a smooth function of F̄, so re-solving at
     every Newton iterate would leave Newton chasing the noise. With the operator in the loop
-    (0 < tol) it is solved again only where the linearisation's second-order remainder,
-    estimated from the operator's tangents as ½‖(A_op(F̄) − A_op(F̄ₖ)):ΔF̄‖, exceeds the solve's
-    own standard error ‖s_P‖: closer than that a new MD average would only draw new noise
-    (seen in the 300 K HMM benchmark: re-solves 2.1e-3 away differed from the linearisation
-    by 4–5 % of ‖P̄‖, the noise, against a second-order remainder of 0.04 % estimated from the
-    fine tangents, and cost Newton an iteration). ``noisy_reuse``: the fixed radius used
-    instead in classic runs (tol = 0), which have no operator tangent.
+    (0 < tol) it is solved again only where the linearisation's error, estimated with the
+    operator's (smooth) stress as ‖P_op(F̄) − P_op(F̄ₖ) − Aₖ:ΔF̄‖, exceeds the solve's own
+    standard error ‖s_P‖: closer than that a new MD average would only draw new noise (seen
+    in the 300 K HMM benchmark: re-solves 2.1e-3 away differed from the linearisation by
+    4–5 % of ‖P̄‖, the noise, and cost Newton an iteration). The estimate holds the
+    first-order error too: a finite-temperature solve's Aₖ is the static (0 K) tangent, while
+    the operator learnt the thermal average's slope. ``noisy_reuse``: the fixed radius used
+    instead in classic runs (tol = 0), which have no operator.
 
     ``exclude_noise``: for a noisy fine solver whose noise the model's covariance head was
     trained to reproduce (the ``noise`` loss term): the bound is taken on the epistemic part of
@@ -111,9 +112,11 @@ class Policy:
             raise InputError(f"stress_floor={self.stress_floor}: must be > 0 (or None)")
         if not 0 <= self.max_failed_fraction <= 1:
             raise InputError(f"max_failed_fraction={self.max_failed_fraction}: must be in [0, 1]")
-        for name in ("reuse", "noisy_reuse"):
+        for name, what in (("reuse", "0: always re-solve"),
+                           ("noisy_reuse", "the classic (tol = 0) radius of noisy solves; "
+                                           "0: always re-solve")):
             if not getattr(self, name) >= 0:
-                raise InputError(f"{name}={getattr(self, name)}: must be ≥ 0 (0: always re-solve)")
+                raise InputError(f"{name}={getattr(self, name)}: must be ≥ 0 ({what})")
 
     @property
     def classic(self) -> bool:
@@ -269,7 +272,7 @@ class Coupler(FineSolver):
         self._fell_back: set[int] = set()
         self._noise_limited: set[int] = set()
         # this step's fine solve per id: F, P, A, W, ‖stress stderr‖ (None: not noisy) and the
-        # operator's tangent at F
+        # operator's stress at F
         self._solved: dict[int, tuple] = {}
         self.step, self.evaluations = 0, 0
         self._new_since_retrain = 0
@@ -369,8 +372,8 @@ class Coupler(FineSolver):
         self._fell_back.update(ids[fallback].tolist())
         self.stats["operator_time_s"] += time.perf_counter() - t0
         source = np.where(fallback, FINE, OPERATOR)
-        op_tangent = tangent.copy()
-        reuse = self._near_solve(Fb, ids, fallback, op_tangent)
+        op_stress = stress.copy()
+        reuse = self._near_solve(Fb, ids, fallback, op_stress)
         for j in np.flatnonzero(reuse):
             F0, P0, A0, W0, _, _ = self._solved[int(ids[j])]
             dF = Fb[j] - F0
@@ -382,20 +385,20 @@ class Coupler(FineSolver):
         t1 = time.perf_counter()
         done = self._solve_fallback(Fb[solve], ids[solve], rows[solve])
         self.stats["fine_time_s"] += time.perf_counter() - t1
-        for j, (P, A, W, noise) in zip(np.flatnonzero(solve), done, strict=True):
+        for j, (P, A, W, stderr) in zip(np.flatnonzero(solve), done, strict=True):
             if P is None:
                 source[j] = FAILED
                 continue
             stress[j], tangent[j], energy[j] = P, A, W
-            self._solved[int(ids[j])] = (Fb[j].copy(), P, A, W, noise, op_tangent[j])
+            self._solved[int(ids[j])] = (Fb[j].copy(), P, A, W, stderr, op_stress[j].copy())
         self._check_failures(source)
         return CouplerResult(stress, tangent, unc, source, energy)
 
     def _near_solve(self, F: np.ndarray, ids: np.ndarray, fallback: np.ndarray,
-                    op_tangent: np.ndarray) -> np.ndarray:
+                    op_stress: np.ndarray) -> np.ndarray:
         """Fallback points whose fine solve of this load step serves ``F`` linearised (see
-        :class:`Policy`; ``op_tangent`` (n, 2, 2, 2, 2): the operator's tangents at ``F``, or
-        zeros without a model). Only fallback points are looked at: this runs every evaluation.
+        :class:`Policy`; ``op_stress`` (n, 2, 2): the operator's stresses at ``F``, or zeros
+        without a model). Only fallback points are looked at: this runs every evaluation.
         """
         near = np.zeros(len(F), dtype=bool)
         classic = self.policy.classic
@@ -403,12 +406,12 @@ class Coupler(FineSolver):
             solved = self._solved.get(int(ids[j]))
             if solved is None:
                 continue
-            F0, noise, op_tangent0 = solved[0], solved[4], solved[5]
+            F0, A0, noise, op_stress0 = solved[0], solved[2], solved[4], solved[5]
             dF = F[j] - F0
             if noise is not None and not classic:
-                remainder = 0.5 * np.linalg.norm(
-                    np.einsum("ijkl,kl->ij", op_tangent[j] - op_tangent0, dF))
-                near[j] = remainder <= noise
+                error = np.linalg.norm(op_stress[j] - op_stress0
+                                       - np.einsum("ijkl,kl->ij", A0, dF))
+                near[j] = error <= noise
                 continue
             radius = self.policy.noisy_reuse if noise is not None else (
                 0.0 if classic else self.policy.reuse)
@@ -456,14 +459,15 @@ class Coupler(FineSolver):
             return []
         known = [e[3] for _, e in flat if np.isfinite(e[3])]
         default = float(np.median(known)) if known else 1.0
-        move = self.cache.setup_time / max(self.cache.builds, 1) if self.cache.builds else default
-        move = comm.allreduce(move, op=MPI.MAX)
-        # a point never solved has its solver built wherever it goes: no preferred rank, and
-        # the build in its cost; a solved one costs its last solve (build excluded) and a
-        # build anywhere but the rank holding its solver and warm-start state
-        costs = np.array([e[3] if np.isfinite(e[3]) else default + move for _, e in flat])
+        build = self.cache.setup_time / self.cache.builds if self.cache.builds else default
+        build = comm.allreduce(build, op=MPI.MAX)
+        # a solved point costs its last solve (build excluded), a new one the median solve; on
+        # a rank that holds no solver of its microstructure a build comes on top (a new point
+        # has no preferred rank; a solved one prefers the rank holding its warm-start state)
+        held = np.array(comm.allgather([e[2].key in self.cache for _, e in flat])).T
+        costs = np.array([e[3] if np.isfinite(e[3]) else default for _, e in flat])
         preferred = np.array([e[4] for _, e in flat])
-        assign = balance(costs, preferred, comm.size, move)
+        assign = balance(costs, preferred, comm.size, np.where(held, 0.0, build))
         # a point leaving the rank that holds its warm-start state takes the state along: only
         # the solver's build is lost, and results do not depend on where a point is solved
         moving: list[list] = [[] for _ in range(comm.size)]

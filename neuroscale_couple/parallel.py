@@ -87,53 +87,56 @@ def allreduce_gradients(model) -> None:
 
 
 def balance(costs: np.ndarray, preferred: np.ndarray, n_ranks: int,
-            move_cost: float) -> np.ndarray:
+            move_cost: float | np.ndarray) -> np.ndarray:
     """Assign work items to ranks so that the largest rank load is small.
 
     Items with a ``preferred`` rank (the one holding their solver and warm-start state) start
-    there; the others go, largest first, to the least loaded rank. Then, while it lowers the
-    busiest rank's load without making another rank busier than that, one item at a time moves
-    off the busiest rank — an item costs ``move_cost`` more on any rank but its preferred one
-    (set-up of a solver there, lost warm start). So a point leaves its solver only where that
-    shortens the step, and a new point never displaces a warm one. Deterministic (ties by
-    rank and item index): every rank computes the same assignment from the same gathered inputs.
-    At the end the busiest rank's load exceeds the least busy one's by at most the cost an item
-    on it would have there.
+    there; the others go, largest first, to the rank where they end least loaded. Then, while
+    it lowers the busiest rank's load without making another rank busier than that, one item at
+    a time moves off the busiest rank — where an item costs its ``move_cost`` more (the set-up
+    of a solver there; the warm-start state travels along). So a point leaves its solver only
+    where that shortens the step, and a new point never displaces a warm one. Deterministic
+    (ties by item cost, index and rank): every rank computes the same assignment from the same
+    gathered inputs. At the end the busiest rank's load exceeds the least busy one's by at most
+    the cost an item on it would have there.
 
     Parameters
     ----------
     costs : (n,) estimated seconds per item on its preferred rank (or anywhere, if none).
     preferred : (n,) rank holding the item's solver state (-1: none).
-    move_cost : seconds added when an item runs away from its preferred rank.
+    move_cost : seconds added when item i runs on rank r other than its preferred one: a
+        scalar, or (n, n_ranks) (e.g. zero where rank r holds a solver the item can use).
 
     Returns
     -------
     (n,) rank of each item.
     """
-    costs, preferred = np.asarray(costs, dtype=float), np.asarray(preferred)
-
-    def cost_on(i: int, r: int) -> float:
-        return costs[i] + (move_cost if 0 <= preferred[i] != r else 0.0)
-
+    costs, preferred = np.asarray(costs, dtype=float), np.asarray(preferred, dtype=np.int64)
+    n = len(costs)
+    extra = np.array(np.broadcast_to(np.asarray(move_cost, dtype=float), (n, n_ranks)))
+    home = preferred >= 0
+    extra[np.flatnonzero(home), preferred[home]] = 0.0
+    cost = costs[:, None] + extra  # (n, n_ranks): seconds of item i on rank r
     load = np.zeros(n_ranks)
-    out = np.where(preferred >= 0, preferred, -1).astype(np.int64)
-    np.add.at(load, out[out >= 0], costs[out >= 0])
-    for i in sorted(np.flatnonzero(out < 0), key=lambda i: (-costs[i], i)):
-        out[i] = int(np.argmin(load))
-        load[out[i]] += costs[i]
-    for _ in range(len(costs) * n_ranks):
+    out = np.where(home, preferred, -1)
+    np.add.at(load, out[home], costs[home])
+    for i in sorted(np.flatnonzero(~home), key=lambda i: (-costs[i], i)):
+        out[i] = int(np.argmin(load + cost[i]))
+        load[out[i]] += cost[i, out[i]]
+    for _ in range(n * n_ranks):
         hi = int(np.argmax(load))
-        best = None  # (new busiest of the two, item, destination)
-        for i in sorted(np.flatnonzero(out == hi), key=lambda i: (-costs[i], i)):
-            for r in range(n_ranks):
-                if r != hi:
-                    worst = max(load[hi] - cost_on(i, hi), load[r] + cost_on(i, r))
-                    if worst < load[hi] - 1e-12 and (best is None or worst < best[0]):
-                        best = (worst, i, r)
-        if best is None:
+        mine = np.flatnonzero(out == hi)
+        if not len(mine):
             break
-        _, i, r = best
-        load[hi] -= cost_on(i, hi)
-        load[r] += cost_on(i, r)
+        mine = mine[np.lexsort((mine, -costs[mine]))]
+        # busiest of the two ranks after moving item mine[a] from hi to r
+        worst = np.maximum(load[hi] - cost[mine, hi][:, None], load[None, :] + cost[mine])
+        worst[:, hi] = np.inf
+        a, r = divmod(int(np.argmin(worst)), n_ranks)
+        if not worst[a, r] < load[hi] - 1e-12:
+            break
+        i = mine[a]
+        load[hi] -= cost[i, hi]
+        load[r] += cost[i, r]
         out[i] = r
     return out

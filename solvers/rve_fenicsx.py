@@ -231,11 +231,15 @@ class PeriodicRVE(FineSolver):
         is then freed at once; what sits in reference cycles (after computing fields, measured: 14
         communicators per 100 RVEs) waits for a garbage collection, which
         :func:`~neuroscale_couple.fine.close_solver` runs every few closes (a full collection
-        costs ~0.1 s in a process with torch and DOLFINx, as much as building an RVE).
+        costs ~0.1 s in a process with torch and DOLFINx, as much as building an RVE). The RVE's
+        PETSc options leave the options database with it.
         """
         for obj in (self._snes, self._K, self._Kr, self._Pr, self._b, self._wr, self._fr,
                     *self._X):
             obj.destroy()
+        opts = PETSc.Options()
+        for key in self._option_keys:
+            opts.delValue(key)
         self.__dict__.clear()  # drop the forms, functions and mesh that hold communicators
 
     def __enter__(self) -> PeriodicRVE:
@@ -295,6 +299,9 @@ class PeriodicRVE(FineSolver):
         snes.setOptionsPrefix(prefix)
         opts = PETSc.Options()
         self._mumps = {k: v for k, v in options.items() if k.startswith("mat_mumps_")}
+        # kept in the database until close(): a factorization package reads its options (e.g.
+        # mat_superlu_dist_*) when it first factorizes, and again after a reset
+        self._option_keys = [prefix + k for k in options if k not in self._mumps]
         for key, value in options.items():
             if key not in self._mumps:
                 opts[prefix + key] = value
@@ -303,18 +310,15 @@ class PeriodicRVE(FineSolver):
         # Residual entries are stress × area: converge to 1e-11 E_max absolute or 1e-10 relative.
         snes.setTolerances(rtol=1e-10, atol=1e-11 * E_max, stol=0.0, max_it=25)
         snes.setFromOptions()
-        for key in list(opts.getAll()):
-            if key.startswith(prefix):
-                opts.delValue(key)
         if self._mumps:
             self._set_mumps(snes)
         return snes
 
     def _set_mumps(self, snes: PETSc.SNES) -> None:
         """Create the LU's factor matrix and set the MUMPS controls ``self._mumps``
-        (``mat_mumps_icntl_<i>`` / ``mat_mumps_cntl_<i>``) on it: MUMPS reads the options
-        database only at the first factorization, by when the RVE's options are gone (one set
-        per RVE would pile up)."""
+        (``mat_mumps_icntl_<i>`` / ``mat_mumps_cntl_<i>``) on it, not in the options database:
+        MUMPS reads that at every symbolic factorization, which would undo a margin raised by
+        :meth:`_grow_lu_workspace`."""
         ksp = snes.getKSP()
         ksp.setOperators(self._Kr)
         pc = ksp.getPC()
@@ -412,8 +416,12 @@ class PeriodicRVE(FineSolver):
             return False
         grown = min(max(2 * margin, 50), MAX_MUMPS_MARGIN)
         self._mumps["mat_mumps_icntl_14"] = grown
-        pc.reset()
-        self._set_mumps(self._snes)
+        try:
+            pc.reset()
+            self._set_mumps(self._snes)
+        except PETSc.Error as err:
+            raise SolveError(f"RVE LU: no new MUMPS factorization with ICNTL(14) = {grown} % "
+                             f"could be set up ({err})") from err
         log.info("RVE LU: MUMPS ran out of working space (INFOG(1) = -9); factorizing again "
                  "with ICNTL(14) = %d %% (was %d %%)", grown, margin)
         return True
@@ -505,11 +513,15 @@ class PeriodicRVE(FineSolver):
 
 def rve_from_config(cfg: dict, microstructure: Microstructure,
                     comm: MPI.Comm = MPI.COMM_SELF) -> PeriodicRVE:
-    """Build a :class:`PeriodicRVE` from the ``law``, ``matrix``, ``fibre``, ``mesh`` and ``bc``
-    keys of a config mapping (``mesh: {size, degree}`` optional)."""
+    """Build a :class:`PeriodicRVE` from the ``law``, ``matrix``, ``fibre``, ``mesh``, ``bc`` and
+    ``petsc_options`` keys of a config mapping (``mesh: {size, degree}`` optional)."""
     mesh = cfg.get("mesh") or {}
     if not isinstance(mesh, dict):
         raise InputError(f"mesh must be a mapping like {{size: 0.02, degree: 1}}, got {mesh!r}")
+    petsc_options = cfg.get("petsc_options") or {}
+    if not isinstance(petsc_options, dict):
+        raise InputError("petsc_options must be a mapping like {mat_mumps_icntl_14: 50}, got "
+                         f"{petsc_options!r}")
     return PeriodicRVE(
         microstructure,
         law=cfg.get("law", "neo_hookean"),
@@ -519,4 +531,5 @@ def rve_from_config(cfg: dict, microstructure: Microstructure,
         degree=int(mesh.get("degree", 1)),
         bc=cfg.get("bc", "periodic"),
         comm=comm,
+        petsc_options=petsc_options,
     )

@@ -168,6 +168,30 @@ def test_lu_out_of_mumps_working_space_factorizes_again(caplog):
                                atol=1e-10 * np.abs(want.tangent).max())
 
 
+def test_factorization_package_options_reach_the_lu_and_leave_with_the_rve():
+    """Options a factorization package reads only when it factorizes (SuperLU_DIST's, here,
+    through the YAML config of ``neuroscale rve``) are still in the database then, and are
+    removed when the RVE closes; the answer is MUMPS's to round-off."""
+    from petsc4py import PETSc
+
+    from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
+
+    ms = micro.random_fibres(0.3, 3, seed=2)
+    cfg = {"mesh": {"size": 0.05}, "petsc_options": {"pc_factor_mat_solver_type": "superlu_dist",
+                                                     "mat_superlu_dist_equil": False}}
+    opts = PETSc.Options()
+    with rve_from_config(cfg, ms) as cell:
+        got = cell.solve(F_TEST)
+        keys = [k for k in cell._option_keys if k.endswith("mat_superlu_dist_equil")]
+        assert len(keys) == 1 and opts.used(keys[0])
+    assert not opts.hasName(keys[0])
+    want = rve(ms, mesh_size=0.05).solve(F_TEST)
+    np.testing.assert_allclose(got.stress, want.stress, rtol=0,
+                               atol=1e-10 * np.abs(want.stress).max())
+    with pytest.raises(InputError, match="petsc_options must be a mapping"):
+        rve_from_config({"petsc_options": "-pc_type lu"}, ms)
+
+
 @pytest.mark.mpi
 def test_hill_mandel_condition():
     cell = rve(micro.random_fibres(0.35, 4, seed=5), mesh_size=0.04, comm=MPI.COMM_WORLD)

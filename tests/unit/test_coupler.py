@@ -46,15 +46,28 @@ def test_balance_spreads_clustered_work_and_keeps_affinity():
 
 
 def test_balance_keeps_warm_points_home_when_a_new_point_arrives():
-    # points 0 and 1 hold solvers on ranks 0 and 1; point 2 is new (its cost includes a build).
+    # points 0 and 1 hold solvers on ranks 0 and 1; point 2 is new (a build wherever it goes).
     # Moving a warm point would add a build to it: each stays home, the new one joins rank 0
     # (ties by rank) — greedy largest-first put the new point on rank 0 first and then sent
     # point 0 to rank 1, a rebuild seen in the 412-point FE² benchmark
-    assign = balance(np.array([0.026, 0.026, 0.106]), np.array([0, 1, -1]), 2, move_cost=0.08)
+    assign = balance(np.array([0.026, 0.026, 0.026]), np.array([0, 1, -1]), 2, move_cost=0.08)
     assert assign.tolist() == [0, 1, 0]
     # moved when that shortens the step: five warm points on rank 0, cheap move
     assign = balance(np.ones(5), np.zeros(5, dtype=int), 2, move_cost=0.2)
     assert np.bincount(assign, minlength=2).tolist() == [3, 2]
+
+
+def test_balance_moves_points_freely_to_ranks_that_hold_their_solver():
+    # three warm points on rank 0, a build (5 s) costs more than a solve saves ...
+    costs, owner = np.ones(3), np.zeros(3, dtype=int)
+    assert (balance(costs, owner, 3, move_cost=5.0) == 0).all()
+    # ... unless a rank already holds a solver they can use (one microstructure shared by
+    # many points, as the crystal of an HMM run): rank 2 has it, rank 1 not
+    move = np.tile([5.0, 5.0, 0.0], (3, 1))
+    assert np.bincount(balance(costs, owner, 3, move), minlength=3).tolist() == [2, 0, 1]
+    # a new point goes where its solver is, not to the least loaded rank
+    assign = balance(np.ones(4), np.array([0, 0, 1, -1]), 3, np.tile([0.0, 5.0, 5.0], (4, 1)))
+    assert assign[3] == 0
 
 
 class _Counting(FineSolver):
