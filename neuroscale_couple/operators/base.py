@@ -23,7 +23,12 @@ from torch import nn
 
 from neuroscale_couple import __version__
 from neuroscale_couple.errors import CheckpointError, InputError
-from neuroscale_couple.operators.heads import CovarianceHead, EnergyHead, green_lagrange_mandel
+from neuroscale_couple.operators.heads import (
+    CovarianceHead,
+    EnergyHead,
+    green_lagrange_mandel,
+    mixture_response,
+)
 from neuroscale_couple.store import atomic_write
 
 _PAIRS = list(itertools.product(range(2), range(2)))
@@ -89,9 +94,12 @@ class CoarseGrainingOperator(nn.Module):
         """Per-member stress P_m (M, B, 2, 2), tangent A_m (M, B, 2, 2, 2, 2) and Cholesky
         factor L_m (M, B, 4, 4) of Σ_m = σ_ref² L_m L_mᵀ, for latents z (B, latent), F (B, 2, 2).
 
-        ``create_graph`` keeps the graph for training through P and A (Sobolev loss).
+        ``create_graph`` keeps the graph for training through P and A (Sobolev loss); without
+        it a basis-mixture energy head answers in closed form (:func:`mixture_response`).
         """
         M = self.config.members
+        if not create_graph and self.energy.closed_form:
+            return self._closed_form_response(z, F, tangent)
         with torch.enable_grad():
             Fm = F.detach().unsqueeze(0).expand(M, -1, -1, -1).clone().requires_grad_(True)
             e_ref = self.e_ref.to(F.dtype)
@@ -108,6 +116,21 @@ class CoarseGrainingOperator(nn.Module):
                 out["tangent"] = torch.stack(rows, dim=-3).reshape(*P.shape, 2, 2)
         if not create_graph:
             out = {k: v.detach() for k, v in out.items()}
+        return out
+
+    @torch.no_grad()
+    def _closed_form_response(self, z: torch.Tensor, F: torch.Tensor, tangent: bool
+                              ) -> dict[str, torch.Tensor]:
+        """:meth:`members_response` of a basis-mixture energy head, without autograd."""
+        e_ref = self.e_ref.to(F.dtype)
+        # W = σ_ref e_ref Σ_k w_k Ψ_k / e_ref²: the physical weights are w σ_ref / e_ref
+        w = self.energy.weights(z.unsqueeze(0).expand(self.config.members, -1, -1))
+        out = mixture_response(w * (self.sigma_ref.to(F.dtype) / e_ref), F.unsqueeze(0),
+                               self.energy.n_directions, tangent=tangent)
+        M = self.config.members
+        out["chol"] = self.covariance(z.unsqueeze(0).expand(M, -1, -1),
+                                      green_lagrange_mandel(F).unsqueeze(0).expand(M, -1, -1)
+                                      / e_ref)
         return out
 
     def predict(self, z: torch.Tensor, F: torch.Tensor, *, tangent: bool = True

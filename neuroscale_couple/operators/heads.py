@@ -88,6 +88,53 @@ def basis_energies(C: torch.Tensor, n_directions: int = 6) -> torch.Tensor:
     return torch.cat([torch.stack(terms, dim=-1), 0.5 * lnI4**2, I4 - 1 - lnI4], dim=-1)
 
 
+def mixture_response(w: torch.Tensor, F: torch.Tensor, n_directions: int = 6, *,
+                     tangent: bool = True) -> dict[str, torch.Tensor]:
+    """Energy W̄ = Σ_k w_k Ψ_k(C̄) of a basis mixture (:func:`basis_energies`), its stress
+    P̄ = ∂W̄/∂F̄ and tangent A = ∂P̄/∂F̄ in closed form: w (..., 2 + 2·n_directions) weights,
+    F (..., 2, 2) → ``energy`` (...), ``stress`` (..., 2, 2), ``tangent`` (..., 2, 2, 2, 2).
+
+    With G = ∂W̄/∂C̄ and H = ∂²W̄/∂C̄², P̄ = 2 F̄ G and A_iJkL = 2 δ_ik G_JL + 4 F̄_iI F̄_kK H_IJKL,
+    where for Ψ₁ = ½(tr C̄ − 2) − ½ ln D, Ψ₂ = ⅛ (ln D)² (D = det C̄) and the stretch energies of
+    I₄ = N:C̄ (N = a⊗a):
+    G = ½w₁ I + (¼w₂ ln D − ½w₁) C̄⁻¹ + Σ γ_a N_a,
+    H = (¼w₁ − ⅛w₂ ln D)(C̄⁻¹_IK C̄⁻¹_JL + C̄⁻¹_IL C̄⁻¹_JK) + ¼w₂ C̄⁻¹⊗C̄⁻¹ + Σ η_a N_a⊗N_a.
+    The same numbers as automatic differentiation of the energy, in a few dozen tensor
+    operations instead of five passes through a graph.
+    """
+    C = F.transpose(-1, -2) @ F
+    C00, C11, C01 = C[..., 0, 0], C[..., 1, 1], 0.5 * (C[..., 0, 1] + C[..., 1, 0])
+    D = C00 * C11 - C01 * C01
+    lnD = torch.log(D)
+    Ci = torch.stack([torch.stack([C11, -C01], -1), torch.stack([-C01, C00], -1)], -2)
+    Ci = Ci / D[..., None, None]
+    angles = torch.arange(n_directions, dtype=F.dtype, device=F.device) * torch.pi / n_directions
+    a = torch.stack([torch.cos(angles), torch.sin(angles)], -1)
+    N = a[:, :, None] * a[:, None, :]  # (n_directions, 2, 2)
+    I4 = torch.einsum("dij,...ij->...d", N, C)
+    lnI4 = torch.log(I4)
+    w1, w2 = w[..., 0], w[..., 1]
+    w3, w4 = w[..., 2:2 + n_directions], w[..., 2 + n_directions:]
+    energy = (w1 * (0.5 * (C00 + C11 - 2) - 0.5 * lnD) + w2 * 0.125 * lnD**2
+              + (w3 * 0.5 * lnI4**2 + w4 * (I4 - 1 - lnI4)).sum(-1))
+    gamma = w3 * lnI4 / I4 + w4 * (1 - 1 / I4)
+    eye = torch.eye(2, dtype=F.dtype, device=F.device)
+    G = ((0.5 * w1)[..., None, None] * eye + (0.25 * w2 * lnD - 0.5 * w1)[..., None, None] * Ci
+         + torch.einsum("...d,dij->...ij", gamma, N))
+    out = {"energy": energy, "stress": 2 * F @ G}
+    if tangent:
+        eta = (w3 * (1 - lnI4) + w4) / I4**2
+        delta = (0.25 * w1 - 0.125 * w2 * lnD)[..., None, None, None, None]
+        H = (delta * (torch.einsum("...ik,...jl->...ijkl", Ci, Ci)
+                      + torch.einsum("...il,...jk->...ijkl", Ci, Ci))
+             + (0.25 * w2)[..., None, None, None, None] * torch.einsum("...ij,...kl->...ijkl",
+                                                                         Ci, Ci)
+             + torch.einsum("...d,dij,dkl->...ijkl", eta, N, N))
+        out["tangent"] = (2 * torch.einsum("ik,...jl->...ijkl", eye, G)
+                          + 4 * torch.einsum("...iI,...kK,...IJKL->...iJkL", F, F, H))
+    return out
+
+
 class EnergyHead(nn.Module):
     """Per-member normalised energy W(z, C̄) = Σ_k w_k(z) Ψ_k(C̄)/e_ref² + |ê|² φ(z, ê) [+ s(z)·ê]:
     learned weights of hyperelastic basis energies plus (``correction``) a free higher-order term
@@ -103,6 +150,12 @@ class EnergyHead(nn.Module):
         self.weights = ensemble_mlp(members, latent, hidden, 2 + 2 * self.n_directions, depth=1)
         self.higher = ensemble_mlp(members, latent + 3, hidden, 1) if correction else None
         self.residual = ensemble_mlp(members, latent, hidden, 3, depth=1) if residual else None
+
+    @property
+    def closed_form(self) -> bool:
+        """True when W is the basis mixture alone (no correction, no residual stress), so that
+        stress and tangent follow from :func:`mixture_response` without autograd."""
+        return self.higher is None and self.residual is None
 
     def forward(self, z: torch.Tensor, C: torch.Tensor, e: torch.Tensor,
                 e_ref: torch.Tensor) -> torch.Tensor:
