@@ -20,11 +20,18 @@ import torch
 
 from neuroscale_couple.operators.spectral import spectral_gradient
 
+MIN_JACOBIAN = 1e-2
+
 
 def micro_stress(F: torch.Tensor, lmbda: torch.Tensor, mu: torch.Tensor, law: str) -> torch.Tensor:
     """First Piola–Kirchhoff stress of the phase laws of :mod:`neuroscale_couple.materials`.
 
     F (..., 2, 2); lmbda, mu broadcastable to F's batch shape (...). Returns P (..., 2, 2).
+    A decoded micro field may fold (det F ≤ 0) where the decoder is still poor, early in
+    training at large loads; the Neo-Hookean stress is then taken at J = max(det F,
+    ``MIN_JACOBIAN``) (F⁻ᵀ = cof F / J), finite with a finite gradient, so that the physics
+    losses push the field back instead of turning the weights into NaN. Admissible fields
+    (J ≥ ``MIN_JACOBIAN``) get the exact law.
     """
     eye = torch.eye(2, dtype=F.dtype, device=F.device)
     lmbda, mu = lmbda[..., None, None], mu[..., None, None]
@@ -32,9 +39,12 @@ def micro_stress(F: torch.Tensor, lmbda: torch.Tensor, mu: torch.Tensor, law: st
         eps = 0.5 * (F + F.transpose(-1, -2)) - eye
         tr = torch.diagonal(eps, dim1=-2, dim2=-1).sum(-1)[..., None, None]
         return lmbda * tr * eye + 2 * mu * eps
-    F_inv_T = torch.linalg.inv(F).transpose(-1, -2)
-    lnJ = torch.log(torch.linalg.det(F))[..., None, None]
-    return mu * (F - F_inv_T) + lmbda * lnJ * F_inv_T
+    J = torch.clamp(F[..., 0, 0] * F[..., 1, 1] - F[..., 0, 1] * F[..., 1, 0],
+                    min=MIN_JACOBIAN)[..., None, None]
+    cof = torch.stack([torch.stack([F[..., 1, 1], -F[..., 1, 0]], -1),
+                       torch.stack([-F[..., 0, 1], F[..., 0, 0]], -1)], -2)
+    F_inv_T = cof / J
+    return mu * (F - F_inv_T) + lmbda * torch.log(J) * F_inv_T
 
 
 def micro_deformation(F_bar: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

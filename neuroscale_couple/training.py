@@ -351,6 +351,10 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
                     terms = batch_loss(model, data, shard, weights, gen, cfg.physics_fraction,
                                        cfg.augment)
                     loss = sum(weights[k] * v for k, v in terms.items()) * (len(shard) / n_batch)
+                    if not torch.isfinite(loss):  # would turn every weight into NaN
+                        bad = sorted(k for k, v in terms.items() if not torch.isfinite(v))
+                        raise NeuroScaleError(f"non-finite loss terms {bad}: lower training.lr "
+                                              "or check the data for NaN")
                     loss.backward()
                 except Exception as err:  # raised on every rank by _batch_loss_sum
                     failure = err

@@ -140,6 +140,25 @@ def test_a_training_step_failing_on_one_rank_raises_on_every_rank(rve_data, monk
 
 
 @pytest.mark.skip_in_parallel
+def test_a_non_finite_loss_stops_the_training_with_the_terms_named(rve_data):
+    """A NaN loss would make every weight NaN and leave the rest of the training idle: the
+    step raises instead, naming the loss terms that went non-finite."""
+    import dataclasses
+
+    from neuroscale_couple.errors import NeuroScaleError
+
+    P = rve_data.P.clone()
+    P[0, 0, 0] = float("nan")
+    with pytest.raises(NeuroScaleError, match=r"epoch 0: NeuroScaleError: non-finite loss "
+                       r"terms \['nll', 'stress'\]"):
+        train(SANO(SMALL).double(), dataclasses.replace(rve_data, P=P),
+              TrainConfig(epochs=1, batch_size=256, val_fraction=0.0, augment=False,
+                          physics_fraction=1.0),
+              comm=MPI.COMM_SELF, validation=rve_data.subset([]), normalise=False,
+              progress=False)
+
+
+@pytest.mark.skip_in_parallel
 def test_symmetry_convention_agrees_with_the_rve_solver():
     """The group action used by the symmetry loss is the physical one: rotating the cell content
     as ``transform_image`` does and loading by QF̄Qᵀ gives Q P̄ Qᵀ in the true RVE solver."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -108,6 +110,28 @@ def test_micro_stress_matches_the_phase_law():
     Fi_T = torch.linalg.inv(F).transpose(-1, -2)
     J = torch.linalg.det(F)[:, None, None]
     torch.testing.assert_close(P, mu * (F - Fi_T) + lmbda * torch.log(J) * Fi_T)
+
+
+def test_micro_stress_of_a_folded_decoded_field_stays_finite():
+    """A decoder early in training may fold the cell (det F ≤ 0): the physics losses then see
+    the stress at J = MIN_JACOBIAN, finite with a finite gradient (NaN here once turned every
+    weight of a training at loads up to |F̄ − I| = 0.3 into NaN)."""
+    from neuroscale_couple.physics import MIN_JACOBIAN
+
+    lmbda, mu = (torch.full((3,), v, dtype=torch.float64) for v in Phase(3.0, 0.35).lame)
+    F = torch.tensor([[[0.5, 0.0], [0.0, -0.2]], [[0.1, 0.0], [0.0, 0.0]],
+                      [[0.2, 0.0], [0.0, 0.5]]], dtype=torch.float64, requires_grad=True)
+    P = micro_stress(F, lmbda, mu, "neo_hookean")
+    P.sum().backward()
+    assert torch.isfinite(P).all() and torch.isfinite(F.grad).all()
+    J = MIN_JACOBIAN
+    cof = torch.tensor([[-0.2, 0.0], [0.0, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(P[0], mu[0] * (F[0].detach() - cof / J)
+                               + lmbda[0] * math.log(J) * cof / J)
+    # det 0.1 ≥ MIN_JACOBIAN: the exact law
+    Fi_T = torch.linalg.inv(F[2].detach()).T
+    torch.testing.assert_close(P[2], mu[2] * (F[2].detach() - Fi_T)
+                               + lmbda[2] * math.log(0.1) * Fi_T)
 
 
 def test_hill_mandel_loss_vanishes_for_homogeneous_fields():
