@@ -9,8 +9,7 @@ Config (YAML)::
 
     microstructure: {kind: random_fibres, volume_fraction: [0.1, 0.5], n_fibres: [1, 6],
                      count: 16, seed: 0, min_gap: 0.02}
-    loads: {per_microstructure: 8, radius: 0.15, seed: 1}   # min_radius: a shell (OOD);
-    #   distribution: volume (uniform in the 4D ball, default) or radius (‖F̄ − I‖ uniform)
+    loads: {per_microstructure: 8, radius: 0.15, seed: 1}   # min_radius: a shell (OOD)
     law: neo_hookean
     matrix: {E: 3.0, nu: 0.35}
     fibre: {E: 70.0, nu: 0.2}
@@ -73,8 +72,7 @@ def plan(config: dict) -> tuple[list, np.ndarray]:
         structures.append(micro.from_config(drawn, seed=int(rng.integers(2**31))))
         loads.append(loads_in_ball(per, float(lcfg.get("radius", 0.15)),
                                    rng_for(int(lcfg.get("seed", 1)), m),
-                                   min_radius=float(lcfg.get("min_radius", 0.0)),
-                                   distribution=str(lcfg.get("distribution", "volume"))))
+                                   min_radius=float(lcfg.get("min_radius", 0.0))))
     return structures, np.concatenate(loads)
 
 
@@ -96,8 +94,7 @@ def _plan_crystal(config: dict) -> tuple[list, np.ndarray]:
         raise InputError(f"loads.per_microstructure={per}: must be ≥ 1")
     loads = [loads_in_ball(per, float(lcfg.get("radius", 0.05)),
                            rng_for(int(lcfg.get("seed", 1)), m),
-                           min_radius=float(lcfg.get("min_radius", 0.0)),
-                           distribution=str(lcfg.get("distribution", "volume")))
+                           min_radius=float(lcfg.get("min_radius", 0.0)))
              for m in range(len(structures))]
     return structures, np.concatenate(loads)
 

@@ -16,33 +16,21 @@ def rng_for(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
 
 
-LOAD_DISTRIBUTIONS = ("volume", "radius")
-
-
 def loads_in_ball(n: int, radius: float, rng: np.random.Generator, min_det: float = 0.2,
-                  min_radius: float = 0.0, distribution: str = "volume") -> np.ndarray:
-    """n deformation gradients in the shell min_radius ≤ ‖F̄ − I‖_Frobenius ≤ radius.
+                  min_radius: float = 0.0) -> np.ndarray:
+    """n deformation gradients uniform in the shell min_radius ≤ ‖F̄ − I‖_Frobenius ≤ radius.
 
-    Directions are uniform on the 4D sphere, so tension, compression, shear and rotation all
-    occur; det F̄ ≥ min_det. ``distribution``: ``volume`` draws uniformly in the 4D ball (or shell:
-    loads beyond a training ball, for out-of-distribution tests), where most samples lie near the
-    outer radius; ``radius`` draws ‖F̄ − I‖ uniformly in [min_radius, radius], as many samples
-    per radial shell (a wide ball that keeps the small loads of a macro problem well sampled).
-    Shape (n, 2, 2).
+    Uniform in the 4D ball (or shell: loads beyond a training ball, for out-of-distribution tests),
+    so tension, compression, shear and rotation all occur; det F̄ ≥ min_det. Shape (n, 2, 2).
     """
     if not radius > 0 or not 0 <= min_radius < radius:
         raise InputError(f"loads.radius={radius}, loads.min_radius={min_radius}: need "
                          "0 ≤ min_radius < radius (e.g. radius 0.15)")
-    if distribution not in LOAD_DISTRIBUTIONS:
-        raise InputError(f"loads.distribution={distribution!r}: use one of "
-                         f"{', '.join(LOAD_DISTRIBUTIONS)}")
     out = np.empty((n, 2, 2))
     k = 0
     while k < n:
         d = rng.standard_normal(4)
-        u = rng.random()
-        r = (min_radius + u * (radius - min_radius) if distribution == "radius" else
-             (min_radius**4 + u * (radius**4 - min_radius**4)) ** 0.25)
+        r = (min_radius**4 + rng.random() * (radius**4 - min_radius**4)) ** 0.25
         F = np.eye(2) + (d / np.linalg.norm(d) * r).reshape(2, 2)
         if np.linalg.det(F) >= min_det:
             out[k] = F

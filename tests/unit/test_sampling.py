@@ -44,14 +44,3 @@ def test_shell_loads_lie_beyond_the_inner_radius():
     F = loads_in_ball(500, 0.3, rng_for(2, 0), min_radius=0.2)
     r = np.linalg.norm((F - np.eye(2)).reshape(-1, 4), axis=1)
     assert r.min() >= 0.2 - 1e-12 and r.max() <= 0.3 + 1e-12
-
-
-def test_radial_loads_sample_every_radius_alike():
-    F = loads_in_ball(4000, 0.3, rng_for(3, 0), distribution="radius")
-    r = np.linalg.norm((F - np.eye(2)).reshape(-1, 4), axis=1)
-    assert r.max() <= 0.3 + 1e-12
-    # ‖F̄ − I‖ uniform on [0, 0.3] (a 4D-volume draw would put 1/16 of the loads below 0.15)
-    assert np.mean(r <= 0.15) == pytest.approx(0.5, abs=0.03)
-    assert np.mean(r <= 0.075) == pytest.approx(0.25, abs=0.03)
-    with pytest.raises(InputError, match="loads.distribution='shell'"):
-        loads_in_ball(2, 0.3, rng_for(3, 0), distribution="shell")
