@@ -63,13 +63,15 @@ class Policy:
     ``max_failed_fraction``: a fine solve that fails even with load substeps keeps the operator's
     value and is flagged; the run aborts when more than this fraction of all points failed.
 
-    ``reuse``: with a surrogate in the loop (0 < tol), a fine solve is not repeated within a
-    load step while the point's F̄ stays within this distance (max component) of where it was
-    taken: P̄ₖ + Aₖ:ΔF̄ is used, with tangent Aₖ and energy W̄ₖ + P̄ₖ:ΔF̄ + ½ΔF̄:Aₖ:ΔF̄
-    (ΔF̄ = F̄ − F̄ₖ; a consistent quadratic model, so Newton keeps its rate).
+    ``reuse``: with a surrogate in the loop (0 < tol), a fine solve is not repeated while the
+    point's F̄ stays within this distance (max component) of where it was taken: P̄ₖ + Aₖ:ΔF̄
+    is used, with tangent Aₖ and energy W̄ₖ + P̄ₖ:ΔF̄ + ½ΔF̄:Aₖ:ΔF̄ (ΔF̄ = F̄ − F̄ₖ; a consistent
+    quadratic model, so Newton keeps its rate).
     The error is second order, ½|∂²P̄| |F̄ − F̄ₖ|² (the FE² test's displacement moves by 4e-6
     relative, far below a tol one would give a surrogate); the late Newton iterates of a step
-    then cost no fine solve. Classic FE² (tol = 0) always re-solves.
+    then cost no fine solve, nor does the first iterate of the next step, which starts from
+    the converged state where the point's last solve lies (half the solves of a point that
+    stays on the fine solver). Classic FE² (tol = 0) always re-solves.
 
     A noisy fine solve (one that reports ``stress_stderr``, e.g. an MD average) is linearised
     the same way at any tol: a noisy stress is not a smooth function of F̄, so re-solving at
@@ -537,7 +539,9 @@ class Coupler(FineSolver):
         again (never call it inside a Newton solve)."""
         self.step = step
         self._sticky.clear()
-        self._solved.clear()
+        # a deterministic solve stays valid (Policy.reuse); a noisy one is linearised per step,
+        # judged with the operator's stresses, which may change between steps
+        self._solved = {pid: s for pid, s in self._solved.items() if s[4] is None}
 
     def end_step(self, steps_left: int | None = None) -> dict:
         """Finish the current load step (collective): store its fine solves, retrain if due.

@@ -91,7 +91,9 @@ def test_operator_and_mixed_points_keep_quadratic_newton():
 def test_fallback_solves_are_linearised_within_a_load_step():
     """With a surrogate in the loop, a fallback point's RVE solve serves the step's late Newton
     iterates as P̄ₖ + Aₖ:(F̄ − F̄ₖ) (Policy.reuse): the result differs from re-solving at every
-    iterate only at second order, with fewer RVE solves and no more Newton iterations."""
+    iterate only at second order, with fewer RVE solves and no more Newton iterations; the
+    next load step starts from the converged state, where each point's last solve lies, so a
+    point that stays on the RVE solver is solved once in that step."""
     comm = MPI.COMM_SELF
     runs = {}
     for reuse in (0.0, 2e-3):
@@ -105,6 +107,7 @@ def test_fallback_solves_are_linearised_within_a_load_step():
     assert all(h["fallback_points"] > 0 for h in h_re)
     solves = [sum(h["fine_solves"] for h in run) for run in (h_all, h_re)]
     assert solves[1] <= 0.6 * solves[0], solves
+    assert h_re[1]["fine_solves"] == h_re[1]["fallback_points"] == h_re[0]["fallback_points"]
     # measured 4e-6 (second order); without the A:(F̄ − F̄ₖ) term it would be first order
     np.testing.assert_allclose(u_re, u_all, rtol=0, atol=5e-5 * np.abs(u_all).max())
     for h, h0 in zip(h_re, h_all, strict=True):  # consistent tangents: no more Newton steps
@@ -299,7 +302,7 @@ def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain)
     """SIGKILL after the checkpoint of step 1, then --restart: the same end state. With
     background retraining the kill hits while a retraining runs; the restart runs it again."""
     args = [sys.executable, str(ROOT / "examples" / "fe2_composite.py"), "--mesh-size", "0.3",
-            "--rve-mesh-size", "0.05", "--steps", "4", "--stretch", "0.1", "--tol", "0.03",
+            "--rve-mesh-size", "0.05", "--steps", "4", "--stretch", "0.1", "--tol", "0.02",
             retrain, "--quiet"]
     subprocess.run([*args, "--out", str(tmp_path / "clean")], check=True)
     killed = tmp_path / "killed"
