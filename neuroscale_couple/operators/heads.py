@@ -115,8 +115,7 @@ def mixture_response(w: torch.Tensor, F: torch.Tensor, n_directions: int = 6, *,
     lnI4 = torch.log(I4)
     w1, w2 = w[..., 0], w[..., 1]
     w3, w4 = w[..., 2:2 + n_directions], w[..., 2 + n_directions:]
-    energy = (w1 * (0.5 * (C00 + C11 - 2) - 0.5 * lnD) + w2 * 0.125 * lnD**2
-              + (w3 * 0.5 * lnI4**2 + w4 * (I4 - 1 - lnI4)).sum(-1))
+    energy = (w * basis_energies(C, n_directions)).sum(-1)
     gamma = w3 * lnI4 / I4 + w4 * (1 - 1 / I4)
     eye = torch.eye(2, dtype=F.dtype, device=F.device)
     G = ((0.5 * w1)[..., None, None] * eye + (0.25 * w2 * lnD - 0.5 * w1)[..., None, None] * Ci
