@@ -118,19 +118,24 @@ class CoarseGrainingOperator(nn.Module):
             out = {k: v.detach() for k, v in out.items()}
         return out
 
+    def _mixture_weights(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Physical weights (M, B, K) of a basis-mixture energy head: W = σ_ref e_ref Σ_k w_k
+        Ψ_k / e_ref², so the weights of the Ψ_k are w σ_ref / e_ref."""
+        w = self.energy.weights(z.unsqueeze(0).expand(self.config.members, -1, -1))
+        return w * (self.sigma_ref / self.e_ref).to(dtype)
+
     @torch.no_grad()
     def _closed_form_response(self, z: torch.Tensor, F: torch.Tensor, tangent: bool
                               ) -> dict[str, torch.Tensor]:
-        """:meth:`members_response` of a basis-mixture energy head, without autograd."""
-        e_ref = self.e_ref.to(F.dtype)
-        # W = σ_ref e_ref Σ_k w_k Ψ_k / e_ref²: the physical weights are w σ_ref / e_ref
-        w = self.energy.weights(z.unsqueeze(0).expand(self.config.members, -1, -1))
-        out = mixture_response(w * (self.sigma_ref.to(F.dtype) / e_ref), F.unsqueeze(0),
-                               self.energy.n_directions, tangent=tangent)
+        """:meth:`members_response` of a basis-mixture energy head, without autograd; also
+        returns the members' physical ``weights`` (M, B, K)."""
+        w = self._mixture_weights(z, F.dtype)
+        out = mixture_response(w, F.unsqueeze(0), self.energy.n_directions, tangent=tangent)
+        out["weights"] = w
         M = self.config.members
+        e = green_lagrange_mandel(F) / self.e_ref.to(F.dtype)
         out["chol"] = self.covariance(z.unsqueeze(0).expand(M, -1, -1),
-                                      green_lagrange_mandel(F).unsqueeze(0).expand(M, -1, -1)
-                                      / e_ref)
+                                      e.unsqueeze(0).expand(M, -1, -1))
         return out
 
     def predict(self, z: torch.Tensor, F: torch.Tensor, *, tangent: bool = True
@@ -139,7 +144,10 @@ class CoarseGrainingOperator(nn.Module):
         ``aleatoric`` (B, 4, 4) its first part (the covariance head), ``energy`` (B,) strain
         energy density W̄ (stress unit) with mean = ∂W̄/∂F̄, ``tangent`` (B, 2, 2, 2, 2) =
         ∂mean/∂F̄ (if asked), all without a graph."""
-        r = self.members_response(z, F, tangent=tangent)
+        # a basis mixture is linear in its weights: its mean tangent is the tangent of the mean
+        # weights, one member's work instead of M
+        closed = self.energy.closed_form
+        r = self.members_response(z, F, tangent=tangent and not closed)
         P = r["stress"]
         mean = P.mean(0)
         dev = (P - mean).flatten(-2)
@@ -147,7 +155,11 @@ class CoarseGrainingOperator(nn.Module):
         alea = sigma2 * (r["chol"] @ r["chol"].transpose(-1, -2)).mean(0)
         cov = alea + torch.einsum("mbi,mbj->bij", dev, dev) / P.shape[0]
         out = {"mean": mean, "cov": cov, "aleatoric": alea, "energy": r["energy"].mean(0)}
-        if tangent:
+        if tangent and closed:
+            with torch.no_grad():
+                out["tangent"] = mixture_response(r["weights"].mean(0), F,
+                                                  self.energy.n_directions)["tangent"]
+        elif tangent:
             out["tangent"] = r["tangent"].mean(0)
         return out
 
