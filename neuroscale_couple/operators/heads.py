@@ -78,13 +78,26 @@ def basis_energies(C: torch.Tensor, n_directions: int = 6) -> torch.Tensor:
     I₄ = aᵀC a (anisotropy of the arrangement). Each is objective, vanishes with zero stress at
     C = I, and is of order |Ē|², so that W̄ = Σ w_k Ψ_k spans anisotropic Neo-Hookean-like laws.
     """
+    C00, C11, _, D, I4, _ = _invariants(C, n_directions)
+    return _basis_of(C00, C11, D, I4)
+
+
+def _invariants(C: torch.Tensor, n_directions: int) -> tuple[torch.Tensor, ...]:
+    """C̄₁₁, C̄₂₂, sym C̄₁₂, det C̄, the stretches I₄ = aᵀC̄a (…, n_directions) of the basis
+    directions a at angles kπ/n_directions, and those directions (n_directions, 2)."""
     C00, C11, C01 = C[..., 0, 0], C[..., 1, 1], 0.5 * (C[..., 0, 1] + C[..., 1, 0])
-    lnJ = 0.5 * torch.log(C00 * C11 - C01 * C01)  # explicit 2×2 algebra: no batched LU
-    terms = [0.5 * (C00 + C11 - 2) - lnJ, 0.5 * lnJ**2]
+    D = C00 * C11 - C01 * C01  # explicit 2×2 algebra: no batched LU
     angles = torch.arange(n_directions, dtype=C.dtype, device=C.device) * torch.pi / n_directions
     c, s = torch.cos(angles), torch.sin(angles)
     I4 = c * c * C00[..., None] + 2 * c * s * C01[..., None] + s * s * C11[..., None]
-    lnI4 = torch.log(I4)
+    return C00, C11, C01, D, I4, torch.stack([c, s], -1)
+
+
+def _basis_of(C00: torch.Tensor, C11: torch.Tensor, D: torch.Tensor, I4: torch.Tensor
+              ) -> torch.Tensor:
+    """The basis energies of :func:`basis_energies` from :func:`_invariants`."""
+    lnJ, lnI4 = 0.5 * torch.log(D), torch.log(I4)
+    terms = [0.5 * (C00 + C11 - 2) - lnJ, 0.5 * lnJ**2]
     return torch.cat([torch.stack(terms, dim=-1), 0.5 * lnI4**2, I4 - 1 - lnI4], dim=-1)
 
 
@@ -102,20 +115,15 @@ def mixture_response(w: torch.Tensor, F: torch.Tensor, n_directions: int = 6, *,
     The same numbers as automatic differentiation of the energy, in a few dozen tensor
     operations instead of five passes through a graph.
     """
-    C = F.transpose(-1, -2) @ F
-    C00, C11, C01 = C[..., 0, 0], C[..., 1, 1], 0.5 * (C[..., 0, 1] + C[..., 1, 0])
-    D = C00 * C11 - C01 * C01
+    C00, C11, C01, D, I4, a = _invariants(F.transpose(-1, -2) @ F, n_directions)
     lnD = torch.log(D)
     Ci = torch.stack([torch.stack([C11, -C01], -1), torch.stack([-C01, C00], -1)], -2)
     Ci = Ci / D[..., None, None]
-    angles = torch.arange(n_directions, dtype=F.dtype, device=F.device) * torch.pi / n_directions
-    a = torch.stack([torch.cos(angles), torch.sin(angles)], -1)
     N = a[:, :, None] * a[:, None, :]  # (n_directions, 2, 2)
-    I4 = torch.einsum("dij,...ij->...d", N, C)
     lnI4 = torch.log(I4)
     w1, w2 = w[..., 0], w[..., 1]
     w3, w4 = w[..., 2:2 + n_directions], w[..., 2 + n_directions:]
-    energy = (w * basis_energies(C, n_directions)).sum(-1)
+    energy = (w * _basis_of(C00, C11, D, I4)).sum(-1)
     gamma = w3 * lnI4 / I4 + w4 * (1 - 1 / I4)
     eye = torch.eye(2, dtype=F.dtype, device=F.device)
     G = ((0.5 * w1)[..., None, None] * eye + (0.25 * w2 * lnD - 0.5 * w1)[..., None, None] * Ci
