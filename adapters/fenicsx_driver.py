@@ -98,7 +98,7 @@ def prepare(args: argparse.Namespace):
 
 def retrain_config(args: argparse.Namespace):
     """The online retraining the shared flags ask for."""
-    from neuroscale_couple.coupler import RetrainConfig
+    from neuroscale_couple.retraining import RetrainConfig
 
     return RetrainConfig(enabled=not args.no_retrain, background=args.background_retrain,
                          cost_aware=args.cost_aware_retrain, replay_from=tuple(args.replay_from))

@@ -14,7 +14,8 @@ At every call (one per macro residual evaluation, collective over the communicat
    operator on the fallback data plus a sample of its original training data, data-parallel over
    the ranks (encoder frozen, heads trained), recalibrates it, bumps its version and checks that
    all ranks hold the same weights — or, with ``RetrainConfig.background``, trains a copy in a
-   thread while the next load step runs and swaps it in at the boundary after that step.
+   thread while the next load step runs and swaps it in at the boundary after that step
+   (the data, the decision and the fine-tuning: :mod:`neuroscale_couple.retraining`).
 
 ``policy.tol = 0`` is classic FE² (every point on the fine solver; no model needed),
 ``policy.tol = inf`` never falls back.
@@ -22,15 +23,12 @@ At every call (one per macro residual evaluation, collective over the communicat
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import hashlib
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mpi4py import MPI
@@ -42,7 +40,8 @@ from neuroscale_couple.calibration import Calibration
 from neuroscale_couple.errors import InputError, NeuroScaleError, SolveError
 from neuroscale_couple.fine import FineSolver, MicroResult, SolverCache
 from neuroscale_couple.parallel import balance, device_for_rank
-from neuroscale_couple.store import ReplayStore, load_rve_dataset
+from neuroscale_couple.retraining import RetrainConfig, Retrainer
+from neuroscale_couple.store import ReplayStore
 from neuroscale_couple.tensors import as_deformation_batch
 
 log = logging.getLogger(__name__)
@@ -127,54 +126,6 @@ class Policy:
 
 
 @dataclass
-class RetrainConfig:
-    """Online fine-tuning between load steps.
-
-    ``anchor`` / ``anchor_calibration``: RVE data sets sampled from the operator's original
-    training and calibration data (default: ``<model>.anchor.h5`` and
-    ``<model>.anchor_calibration.h5`` next to the model file); up to ``anchor_micro``
-    microstructures of each are mixed in so the operator does not forget its training range.
-    Retraining runs after a step in which at least ``min_fallback_fraction`` of all points fell
-    back (evidence that the loading left the operator's range; scattered in-range fallbacks do
-    not pay for a retraining) and at least ``min_new`` fine solves arrived since the last one;
-    it trains in float32 (the run evaluates in float64);
-    ``calibration_fraction`` of the new samples are held out for recalibration.
-    ``replay_from``: replay directories of earlier runs whose fine solves join the training data
-    (and :meth:`Coupler.warm_start` fine-tunes on them for ``warm_start_epochs`` before the first
-    step).
-    ``background``: a retraining due after step k trains a copy of the operator in a thread
-    (collectives on a duplicate communicator; needs MPI_THREAD_MULTIPLE) while step k + 1 runs
-    on the old one, and is swapped in after step k + 1 (waiting for it if it is not done). The
-    swap step does not depend on timing, so runs stay reproducible and rank-count independent.
-    ``cost_aware``: a due retraining runs only if its estimated wall time is below the fine-solve
-    time it could save — this step's fallback time × the steps it would serve (``steps_left``,
-    one when unknown; one less in background mode), i.e. assuming it removed every fallback.
-    The estimate is seconds per sample-epoch × samples × epochs, measured by the last
-    retraining, or before the first one by two epochs on a copy of the operator. Skipped data
-    stay counted for the next step's decision. The retraining steps then depend on measured
-    times: off by default, so runs are reproducible.
-    """
-
-    enabled: bool = True
-    background: bool = False
-    cost_aware: bool = False
-    min_new: int = 8
-    min_fallback_fraction: float = 0.05
-    epochs: int = 40
-    batch_size: int = 16
-    lr: float = 1e-3
-    lr_final: float = 5e-5
-    anchor: str | Path | None = None
-    anchor_calibration: str | Path | None = None
-    anchor_micro: int = 32
-    calibration_fraction: float = 0.25
-    replay_from: tuple[str | Path, ...] = ()
-    warm_start_epochs: int = 150
-    weights: dict[str, float] = field(default_factory=lambda: {"stress": 1.0, "tangent": 0.2,
-                                                               "nll": 0.05, "noise": 1.0})
-
-
-@dataclass
 class CouplerResult:
     """Response of n points: ``stress`` (n, 2, 2), ``tangent`` (n, 2, 2, 2, 2), ``uncertainty``
     (n,) calibrated relative error bound at the policy's confidence (NaN where no operator ran),
@@ -240,31 +191,15 @@ class Coupler(FineSolver):
             self.model = model.to(self.device, dtype).eval()
             self.version = int(model.card.get("online_version", 0))
             log.info("rank %d: operator on %s", comm.rank, self.device)
-        self.retrain = retrain if (retrain is not None and retrain.enabled and replay_dir
-                                   and model is not None) else None
-        self._pending: _Background | None = None
-        self._bg_comm: MPI.Comm | None = None
-        if self.retrain is not None and self.retrain.background:
-            if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
-                raise InputError("background retraining needs MPI initialised with "
-                                 "MPI_THREAD_MULTIPLE (mpi4py's default): drop "
-                                 "mpi4py.rc.thread_level, or retrain in the foreground")
-            self._bg_comm = comm.Dup()
-        self._anchor = self._anchor_paths(model_path) if self.retrain else None
-        for d in self.retrain.replay_from if self.retrain else ():
-            if not ReplayStore.segments(d):
-                raise InputError(f"replay directory {d} holds no segments (step*.rank*.h5) of "
-                                 "an earlier run")
-            if replay_dir is not None and Path(d).resolve() == Path(replay_dir).resolve():
-                raise InputError(f"replay_from {d} is this run's own replay directory: copy it "
-                                 "elsewhere first")
+        use = retrain is not None and retrain.enabled and replay_dir and model is not None
+        self.retrainer = Retrainer(retrain, comm, replay_dir=replay_dir,
+                                   model_path=model_path) if use else None
         # replay segments render microstructure images as the model's training data did
         self.image_resolution = getattr(model, "data_resolution", 32)
         self.family = dict(family or {})
         self.cache = SolverCache(fine_factory, cache_size)
         self.replay = None if replay_dir is None else ReplayStore(
             replay_dir, comm.rank, self.family, self.image_resolution)
-        self.replay_dir = None if replay_dir is None else Path(replay_dir)
         self._ids = np.zeros(0, dtype=np.int64)
         self._micro: list = []
         self._z = None
@@ -277,28 +212,11 @@ class Coupler(FineSolver):
         # operator's stress at F
         self._solved: dict[int, tuple] = {}
         self.step, self.evaluations = 0, 0
-        self._new_since_retrain = 0
-        self._train_rate: float | None = None  # seconds per sample-epoch (this rank)
         self._cal: Calibration | None = None
         self._cal_version = -1
         self.stats = self._empty_stats()
 
     # ------------------------------------------------------------------ set-up
-    def _anchor_paths(self, model_path) -> tuple[Path | None, Path | None]:
-        stem = None if model_path is None else Path(model_path).with_suffix("")
-        paths = []
-        for given, suffix in ((self.retrain.anchor, ".anchor.h5"),
-                              (self.retrain.anchor_calibration, ".anchor_calibration.h5")):
-            path = Path(given) if given else (None if stem is None else
-                                              stem.with_name(stem.name + suffix))
-            if given and not path.is_file():
-                raise InputError(f"anchor data set {path} does not exist")
-            paths.append(path if path is not None and path.is_file() else None)
-        if paths[0] is None and self.comm.rank == 0:
-            log.warning("no anchor data next to the model: online retraining uses only the "
-                        "run's fallback data and may forget the training range")
-        return paths[0], paths[1]
-
     def register(self, point_ids: Sequence[int], microstructures: Sequence) -> None:
         """Attach a microstructure to each of this rank's points (ids unique over all ranks and
         independent of the partition, e.g. from original cell indices) and encode them."""
@@ -580,20 +498,20 @@ class Coupler(FineSolver):
                         out["noise_limited_points"], self.policy.tol)
         comm.Barrier()
         t0 = time.perf_counter()
-        if self._pending is not None:
-            out["retrain_background_s"] = self._swap_in()
-        self._new_since_retrain += out["fine_solves"]
-        n_points = comm.allreduce(len(self._ids))
-        needed = 2 if self.retrain is not None and self.retrain.background else 1
-        if (self.retrain is not None and (steps_left is None or steps_left >= needed)
-                and self._new_since_retrain >= self.retrain.min_new
-                and out["fallback_points"] >= self.retrain.min_fallback_fraction * n_points):
-            job = self._retrain_job()
-            if job is not None and self.retrain.cost_aware:
-                self._weigh(job, out, 1 if steps_left is None else steps_left - (needed - 1))
-            if not out["retrain_skipped"]:
-                self._run_job(job)
-                self._new_since_retrain = 0
+        r = self.retrainer
+        if r is not None and r.pending is not None:
+            model, n_online, out["retrain_background_s"] = r.swap()
+            self._adopt(model, n_online)
+        if r is not None:
+            r.new_since += out["fine_solves"]
+            if r.due(out["fallback_points"], comm.allreduce(len(self._ids)), steps_left):
+                job = r.job(self.model, self.step, self.version)
+                if job is not None and r.config.cost_aware:
+                    serves = 1 if steps_left is None else steps_left - (r.steps_needed - 1)
+                    r.weigh(job, self.model, out, serves)
+                if not out["retrain_skipped"]:
+                    self._run_job(job)
+                    r.new_since = 0
         out["retrain_time_s"] = time.perf_counter() - t0
         out["model_version"] = self.version
         self.stats = self._empty_stats()
@@ -605,133 +523,45 @@ class Coupler(FineSolver):
         """What a restart needs besides the model file: the model version, the count of fine
         solves since the last retraining (so retraining happens at the same steps) and the step
         whose background retraining is still running (None if none)."""
-        return {"version": self.version, "new_since_retrain": self._new_since_retrain,
-                "background_step": None if self._pending is None else self._pending.step}
+        r = self.retrainer
+        return {"version": self.version, "new_since_retrain": 0 if r is None else r.new_since,
+                "background_step": None if r is None or r.pending is None else r.pending.step}
 
     def restore_state(self, state: dict) -> None:
         """Resume from :meth:`checkpoint_state` (the model itself is loaded by the caller;
         collective: a background retraining that was running is started again)."""
         self.version = int(state.get("version", self.version))
-        self._new_since_retrain = int(state.get("new_since_retrain", 0))
+        r = self.retrainer
+        if r is None:
+            return
+        r.new_since = int(state.get("new_since_retrain", 0))
         step = state.get("background_step")
-        if step is not None and self.retrain is not None:
-            current, self.step = self.step, int(step)
-            try:
-                self._run_job(self._retrain_job())
-            finally:
-                self.step = current
+        if step is not None:
+            self._run_job(r.job(self.model, int(step), self.version), int(step))
 
     # ------------------------------------------------------------------ retraining
-    def replay_data(self, up_to_step: int | None = None):
-        """The fine solves of earlier runs (``retrain.replay_from``) and of this run up to
-        ``up_to_step`` as :class:`~neuroscale_couple.training.TrainingData`, in a rank-count
-        independent order (run, step, evaluation, point id); None if there are none."""
-        from neuroscale_couple.training import TrainingData
-
-        sources = [(i, p) for i, d in enumerate(self.retrain.replay_from)
-                   for p in ReplayStore.segments(d)]
-        if self.step >= 0 and self.replay_dir is not None:
-            run = len(self.retrain.replay_from)
-            sources += [(run, p) for p in ReplayStore.segments(self.replay_dir, up_to_step)]
-        parts, keys = [], []
-        for run, path in sources:
-            d = load_rve_dataset(path)
-            parts.append(TrainingData.from_arrays(d, self.model.input_resolution, torch.float64,
-                                                  str(path)))
-            keys.append(np.stack([np.full(len(d["samples/step"]), run), d["samples/step"],
-                                  d["samples/evaluation"], d["samples/point_id"]], axis=1))
-        if not parts:
-            return None
-        data = TrainingData.concat(parts)
-        k = np.concatenate(keys)
-        data = data.subset(np.lexsort(k.T[::-1]))
-        # one image per microstructure, numbered by first appearance: the grouping into training
-        # batches must not depend on which rank happened to solve a point
-        digests = [hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in data.images]
-        first: dict[str, tuple[int, int]] = {}
-        index = [first.setdefault(digests[m], (len(first), m))[0]
-                 for m in data.micro_index.tolist()]
-        return dataclasses.replace(data, images=data.images[[m for _, m in first.values()]],
-                                   micro_index=torch.as_tensor(index, dtype=torch.long))
-
     def warm_start(self) -> bool:
         """Fine-tune on the replay stores of earlier runs (``retrain.replay_from``) before the
         first load step (collective); False if there is nothing to learn from."""
-        if self.retrain is None or not self.retrain.replay_from:
+        r = self.retrainer
+        if r is None or not r.config.replay_from:
             return False
-        step, self.step = self.step, -1  # only the earlier runs' data
-        try:
-            job = self._retrain_job(self.retrain.warm_start_epochs)
-        finally:
-            self.step = step
-        if job is not None:
-            self._retrain(job)
+        job = r.job(self.model, None, self.version, r.config.warm_start_epochs)
+        if job is not None:  # the earlier runs' data only, in the foreground
+            r.fit(job, self.model)
+            self._adopt(self.model, job[3])
         return True
 
-    def _anchor_data(self, path: Path | None, seed: int):
-        from neuroscale_couple.training import TrainingData
-
-        if path is None:
-            return None
-        data = TrainingData.from_h5(path, self.model.input_resolution, torch.float64)
-        n_micro = len(data.images)
-        if n_micro > self.retrain.anchor_micro:
-            keep = np.random.default_rng(seed).choice(n_micro, self.retrain.anchor_micro,
-                                                      replace=False)
-            data = data.subset(np.flatnonzero(np.isin(data.micro_index.numpy(), keep)))
-        return data
-
-    def _retrain_job(self, epochs: int | None = None) -> tuple | None:
-        """Training data, calibration data and settings of a retraining on the fine solves up to
-        this step (None if there are none); reads the replay and anchor files."""
-        from neuroscale_couple.training import TrainConfig, TrainingData
-
-        cfg = self.retrain
-        seed = 1000 + self.version
-        online = self.replay_data(self.step)
-        if online is None:
-            return None
-        # hold out samples, not microstructures: the coupler predicts new loads of microstructures
-        # it has seen, which is what the recalibration must measure
-        order = np.random.default_rng(seed).permutation(len(online))
-        n_held = round(cfg.calibration_fraction * len(online))
-        fit, held = online.subset(np.sort(order[n_held:])), online.subset(np.sort(order[:n_held]))
-        anchor = self._anchor_data(self._anchor[0], seed)
-        anchor_cal = self._anchor_data(self._anchor[1], seed)
-        data = TrainingData.concat([p for p in (fit, anchor) if p is not None])
-        cal_parts = [p for p in (held, anchor_cal) if p is not None and len(p)]
-        calibration = TrainingData.concat(cal_parts) if cal_parts else None
-        tcfg = TrainConfig(epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                           lr_final=cfg.lr_final, val_fraction=0.0, patience=epochs or cfg.epochs,
-                           seed=seed, weights=dict(cfg.weights))
-        return data, calibration, tcfg, len(online)
-
-    @staticmethod
-    def _fit(model, data, calibration, tcfg, comm: MPI.Comm) -> dict:
-        """Fine-tune ``model``'s coarse-graining heads in place and recalibrate it (collective
-        over ``comm``); returns the training history."""
-        from neuroscale_couple.evaluation import calibrate_model
-        from neuroscale_couple.training import train
-
-        # only the coarse-graining heads learn: the latents of the run's microstructures stay
-        # put (no re-encoding drift) and the encoder cannot forget the training range
-        frozen = [p for name, p in model.named_parameters()
-                  if not name.startswith(("energy.", "covariance."))]
-        for p in frozen:
-            p.requires_grad_(False)
-        dtype = next(model.parameters()).dtype
-        model.float().train()
-        try:
-            history = train(model, data, tcfg, comm=comm,
-                            validation=data.subset(np.zeros(0, np.int64)), normalise=False,
-                            progress=False)
-        finally:
-            model.to(dtype).eval()
-            for p in frozen:
-                p.requires_grad_(True)
-        if calibration is not None:
-            calibrate_model(model, calibration)
-        return history
+    def _run_job(self, job: tuple | None, step: int | None = None) -> None:
+        """Run a retraining job of the step just ended (or of ``step``) in the foreground,
+        adopting its model, or start it in the background (``RetrainConfig.background``)."""
+        if job is None:
+            return
+        if self.retrainer.config.background:
+            self.retrainer.start(job, self.model, self.step if step is None else step)
+        else:
+            self.retrainer.fit(job, self.model)
+            self._adopt(self.model, job[3])
 
     def _adopt(self, model, n_online: int) -> None:
         """Make ``model`` the run's operator: bump the version, check all ranks agree."""
@@ -742,66 +572,6 @@ class Coupler(FineSolver):
         if self.comm.rank == 0:
             log.info("operator retrained on %d fine solves: version %d, calibration scale %.3g",
                      n_online, self.version, self.model.calibration.get("scale", np.nan))
-
-    def _run_job(self, job: tuple | None) -> None:
-        """Run a :meth:`_retrain_job` (if any) in the foreground or the background."""
-        if job is not None and self.retrain.background:
-            self._start_background(job)
-        elif job is not None:
-            self._retrain(job)
-
-    def _retrain(self, job: tuple) -> None:
-        """Fine-tune on a :meth:`_retrain_job`'s data, recalibrate, bump the version
-        (collective)."""
-        data, calibration, tcfg, n_online = job
-        t0 = time.perf_counter()
-        self._fit(self.model, data, calibration, tcfg, self.comm)
-        self._train_rate = (time.perf_counter() - t0) / (len(data) * tcfg.epochs)
-        self._adopt(self.model, n_online)
-
-    def _start_background(self, job: tuple) -> None:
-        """Start a :meth:`_retrain_job` on a copy of the operator in a thread (collective)."""
-        data, calibration, tcfg, n_online = job
-        model = copy.deepcopy(self.model)
-        self._pending = _Background(
-            lambda: self._fit(model, data, calibration, tcfg, self._bg_comm), model,
-            self.step, n_online, len(data) * tcfg.epochs)
-
-    def _weigh(self, job: tuple, out: dict, serves: int) -> None:
-        """Set ``out``'s ``retrain_estimate_s``, ``retrain_saving_s`` (its fine-solve time ×
-        the ``serves`` steps the new model would serve) and ``retrain_skipped`` (collective)."""
-        out["retrain_saving_s"] = out["fine_time_s"] * serves
-        out["retrain_estimate_s"] = self._estimate(job)
-        out["retrain_skipped"] = out["retrain_estimate_s"] >= out["retrain_saving_s"]
-        if self.comm.rank == 0:
-            log.info("retraining estimated at %.1f s, would save at most %.1f s of fine solves: "
-                     "%s", out["retrain_estimate_s"], out["retrain_saving_s"],
-                     "skipped" if out["retrain_skipped"] else "retraining")
-
-    def _estimate(self, job: tuple) -> float:
-        """Estimated wall time (s) of the retraining ``job``: the slowest rank's (collective,
-        so the ranks decide alike)."""
-        data, _, tcfg, _ = job
-        if self._train_rate is None:  # two epochs on a copy: the second one's time (the first
-            # pays one-time costs that the rate would multiply by the epochs)
-            probe = dataclasses.replace(tcfg, epochs=2, patience=2)
-            history = self._fit(copy.deepcopy(self.model), data, None, probe, self.comm)
-            self._train_rate = history["epoch_time_s"][-1] / len(data)
-        return self.comm.allreduce(self._train_rate * len(data) * tcfg.epochs, op=MPI.MAX)
-
-    def _swap_in(self) -> float:
-        """Wait for the background retraining and adopt its model (collective); returns its
-        training time, max over ranks."""
-        job, self._pending = self._pending, None
-        job.thread.join()
-        errors = [e for e in self.comm.allgather(None if job.error is None else repr(job.error))
-                  if e is not None]
-        if errors:
-            raise NeuroScaleError(f"background retraining after step {job.step} failed: "
-                                  f"{errors[0]}") from job.error
-        self._adopt(job.model, job.n_online)
-        self._train_rate = job.time_s / job.sample_epochs
-        return self.comm.allreduce(job.time_s, op=MPI.MAX)
 
     def weights_digest(self) -> str:
         """SHA-256 of the model's weights and calibration (identical on every rank)."""
@@ -823,35 +593,7 @@ class Coupler(FineSolver):
     def close(self) -> None:
         """Close the cached fine solvers; a background retraining still running is waited for
         and dropped (its data are in the replay store)."""
-        if self._pending is not None:
-            self._pending.thread.join()
-            self._pending = None
-        if self._bg_comm is not None:
-            self._bg_comm.Free()
-            self._bg_comm = None
+        if self.retrainer is not None:
+            self.retrainer.close()
         self.cache.close()
 
-
-class _Background:
-    """A retraining running in a daemon thread; ``error`` holds what it raised."""
-
-    def __init__(self, fit: Callable[[], None], model, step: int, n_online: int,
-                 sample_epochs: int) -> None:
-        self.model, self.step, self.n_online = model, step, n_online
-        self.sample_epochs = sample_epochs
-        self.error: BaseException | None = None
-        self.time_s = 0.0
-        # a new thread starts with the OpenMP default thread count, not the caller's: the same
-        # count keeps the reduction order, so the result equals a foreground retraining
-        self.thread = threading.Thread(target=self._run, args=(fit, torch.get_num_threads()),
-                                       daemon=True, name=f"neuroscale-retrain-{step}")
-        self.thread.start()
-
-    def _run(self, fit: Callable[[], None], threads: int) -> None:
-        t0 = time.perf_counter()
-        try:
-            torch.set_num_threads(threads)
-            fit()
-        except BaseException as err:  # re-raised on every rank at the swap
-            self.error = err
-        self.time_s = time.perf_counter() - t0

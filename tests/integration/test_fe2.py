@@ -38,8 +38,9 @@ def microstructures(x, ids):
 
 def coupler(comm, tol, *, model=True, family=COMPOSITE, replay=None, retrain=False, **policy):
     """``retrain``: False, True or "background"; ``policy``: more Policy settings."""
-    from neuroscale_couple.coupler import Coupler, Policy, RetrainConfig
+    from neuroscale_couple.coupler import Coupler, Policy
     from neuroscale_couple.operators.sano import SANO
+    from neuroscale_couple.retraining import RetrainConfig
     from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
 
     return Coupler(SANO.from_checkpoint(MODEL) if model else None,
@@ -216,8 +217,9 @@ def test_online_retraining_lowers_fallback_beyond_training_range(tmp_path):
     assert last[True] <= 0.7 * last[False], last
 
     # a later run starts from the frozen run's replay store
-    from neuroscale_couple.coupler import Coupler, Policy, RetrainConfig
+    from neuroscale_couple.coupler import Coupler, Policy
     from neuroscale_couple.operators.sano import SANO
+    from neuroscale_couple.retraining import RetrainConfig
     from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
 
     c = Coupler(SANO.from_checkpoint(MODEL), lambda m: rve_from_config(family, m), family=family,
@@ -270,8 +272,9 @@ def test_cost_aware_retraining_waits_until_it_can_pay(tmp_path):
     """RetrainConfig.cost_aware: a retraining due after a step whose fallback solves took a
     fraction of a second, with one step left, is skipped (it would cost seconds); with many
     steps left the same evidence, plus the skipped step's, is worth it."""
-    from neuroscale_couple.coupler import Coupler, Policy, RetrainConfig
+    from neuroscale_couple.coupler import Coupler, Policy
     from neuroscale_couple.operators.sano import SANO
+    from neuroscale_couple.retraining import RetrainConfig
     from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
 
     n = 12

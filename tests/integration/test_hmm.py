@@ -37,8 +37,9 @@ def crystal():
 
 
 def hmm_coupler(comm, crystal, tol, *, model=True, replay=None, retrain=False):
-    from neuroscale_couple.coupler import Coupler, Policy, RetrainConfig
+    from neuroscale_couple.coupler import Coupler, Policy
     from neuroscale_couple.operators.base import load_operator
+    from neuroscale_couple.retraining import RetrainConfig
     from neuroscale_couple.solvers.cauchy_born import Crystal
 
     return Coupler(load_operator(MODEL) if model else None, Crystal.solver,

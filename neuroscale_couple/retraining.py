@@ -1,0 +1,333 @@
+"""Online retraining of a Coupler's operator between load steps (never inside a Newton solve).
+
+After a load step that sent enough points to the fine solver, the operator's coarse-graining
+heads (encoder frozen) are fine-tuned on the run's fine solves (the replay store) plus anchor
+samples of the original training data (no forgetting), data-parallel over the ranks with
+all-reduced gradients, and recalibrated; the :class:`~neuroscale_couple.coupler.Coupler` then
+adopts the model (version bump, weights compared across ranks). With
+``RetrainConfig.background`` a copy trains in a thread while the next step runs on the old
+operator; with ``RetrainConfig.cost_aware`` a due retraining runs only if it is estimated to pay.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mpi4py import MPI
+
+import numpy as np
+import torch
+
+from neuroscale_couple.errors import InputError, NeuroScaleError
+from neuroscale_couple.store import ReplayStore, load_rve_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RetrainConfig:
+    """Online fine-tuning between load steps.
+
+    ``anchor`` / ``anchor_calibration``: RVE data sets sampled from the operator's original
+    training and calibration data (default: ``<model>.anchor.h5`` and
+    ``<model>.anchor_calibration.h5`` next to the model file); up to ``anchor_micro``
+    microstructures of each are mixed in so the operator does not forget its training range.
+    Retraining runs after a step in which at least ``min_fallback_fraction`` of all points fell
+    back (evidence that the loading left the operator's range; scattered in-range fallbacks do
+    not pay for a retraining) and at least ``min_new`` fine solves arrived since the last one;
+    it trains in float32 (the run evaluates in float64);
+    ``calibration_fraction`` of the new samples are held out for recalibration.
+    ``replay_from``: replay directories of earlier runs whose fine solves join the training data
+    (and :meth:`~neuroscale_couple.coupler.Coupler.warm_start` fine-tunes on them for
+    ``warm_start_epochs`` before the first step).
+    ``background``: a retraining due after step k trains a copy of the operator in a thread
+    (collectives on a duplicate communicator; needs MPI_THREAD_MULTIPLE) while step k + 1 runs
+    on the old one, and is swapped in after step k + 1 (waiting for it if it is not done). The
+    swap step does not depend on timing, so runs stay reproducible and rank-count independent.
+    ``cost_aware``: a due retraining runs only if its estimated wall time is below the fine-solve
+    time it could save — this step's fallback time × the steps it would serve (``steps_left``,
+    one when unknown; one less in background mode), i.e. assuming it removed every fallback.
+    The estimate is seconds per sample-epoch × samples × epochs, measured by the last
+    retraining, or before the first one by two epochs on a copy of the operator. Skipped data
+    stay counted for the next step's decision. The retraining steps then depend on measured
+    times: off by default, so runs are reproducible.
+    """
+
+    enabled: bool = True
+    background: bool = False
+    cost_aware: bool = False
+    min_new: int = 8
+    min_fallback_fraction: float = 0.05
+    epochs: int = 40
+    batch_size: int = 16
+    lr: float = 1e-3
+    lr_final: float = 5e-5
+    anchor: str | Path | None = None
+    anchor_calibration: str | Path | None = None
+    anchor_micro: int = 32
+    calibration_fraction: float = 0.25
+    replay_from: tuple[str | Path, ...] = ()
+    warm_start_epochs: int = 150
+    weights: dict[str, float] = field(default_factory=lambda: {"stress": 1.0, "tangent": 0.2,
+                                                               "nll": 0.05, "noise": 1.0})
+
+
+class Retrainer:
+    """Decides when the operator is retrained, gathers the data and runs the fine-tuning
+    (collective over ``comm``; see the module docstring).
+
+    Parameters
+    ----------
+    config : the retraining settings (``enabled``).
+    comm : the macro problem's communicator.
+    replay_dir : this run's replay store (the fine solves to learn from).
+    model_path : the model file, to find the anchor data sets next to it.
+    """
+
+    def __init__(self, config: RetrainConfig, comm: MPI.Comm, *, replay_dir: Path,
+                 model_path: str | Path | None) -> None:
+        self.config, self.comm, self.replay_dir = config, comm, Path(replay_dir)
+        self._bg_comm: MPI.Comm | None = None
+        if config.background:
+            if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+                raise InputError("background retraining needs MPI initialised with "
+                                 "MPI_THREAD_MULTIPLE (mpi4py's default): drop "
+                                 "mpi4py.rc.thread_level, or retrain in the foreground")
+            self._bg_comm = comm.Dup()
+        self._anchor = self._anchor_paths(model_path)
+        for d in config.replay_from:
+            if not ReplayStore.segments(d):
+                raise InputError(f"replay directory {d} holds no segments (step*.rank*.h5) of "
+                                 "an earlier run")
+            if Path(d).resolve() == self.replay_dir.resolve():
+                raise InputError(f"replay_from {d} is this run's own replay directory: copy it "
+                                 "elsewhere first")
+        self.new_since = 0  # fine solves since the last retraining
+        self.rate: float | None = None  # seconds per sample-epoch (this rank)
+        self.pending: _Background | None = None
+
+    def _anchor_paths(self, model_path) -> tuple[Path | None, Path | None]:
+        stem = None if model_path is None else Path(model_path).with_suffix("")
+        paths = []
+        for given, suffix in ((self.config.anchor, ".anchor.h5"),
+                              (self.config.anchor_calibration, ".anchor_calibration.h5")):
+            path = Path(given) if given else (None if stem is None else
+                                              stem.with_name(stem.name + suffix))
+            if given and not path.is_file():
+                raise InputError(f"anchor data set {path} does not exist")
+            paths.append(path if path is not None and path.is_file() else None)
+        if paths[0] is None and self.comm.rank == 0:
+            log.warning("no anchor data next to the model: online retraining uses only the "
+                        "run's fallback data and may forget the training range")
+        return paths[0], paths[1]
+
+    def due(self, fallback_points: int, n_points: int, steps_left: int | None) -> bool:
+        """Whether a retraining is due after a step with ``fallback_points`` of ``n_points``
+        points on the fine solver: enough fine solves since the last one, enough of the points
+        (evidence that the loading left the operator's range), and a step left for the new model
+        to serve (two in background mode, whose model arrives a step later)."""
+        cfg = self.config
+        return ((steps_left is None or steps_left >= self.steps_needed)
+                and self.new_since >= cfg.min_new
+                and fallback_points >= cfg.min_fallback_fraction * n_points)
+
+    @property
+    def steps_needed(self) -> int:
+        """Load steps that must remain after a retraining for its model to serve one."""
+        return 2 if self.config.background else 1
+
+    def replay_data(self, resolution: int, up_to_step: int | None):
+        """The fine solves of earlier runs (``replay_from``) and of this run up to
+        ``up_to_step`` (None: none of this run) as
+        :class:`~neuroscale_couple.training.TrainingData` with images at ``resolution``, in a
+        rank-count independent order (run, step, evaluation, point id); None if there are none.
+        """
+        from neuroscale_couple.training import TrainingData
+
+        sources = [(i, p) for i, d in enumerate(self.config.replay_from)
+                   for p in ReplayStore.segments(d)]
+        if up_to_step is not None:
+            run = len(self.config.replay_from)
+            sources += [(run, p) for p in ReplayStore.segments(self.replay_dir, up_to_step)]
+        parts, keys = [], []
+        for run, path in sources:
+            d = load_rve_dataset(path)
+            parts.append(TrainingData.from_arrays(d, resolution, torch.float64, str(path)))
+            keys.append(np.stack([np.full(len(d["samples/step"]), run), d["samples/step"],
+                                  d["samples/evaluation"], d["samples/point_id"]], axis=1))
+        if not parts:
+            return None
+        data = TrainingData.concat(parts)
+        k = np.concatenate(keys)
+        data = data.subset(np.lexsort(k.T[::-1]))
+        # one image per microstructure, numbered by first appearance: the grouping into training
+        # batches must not depend on which rank happened to solve a point
+        digests = [hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in data.images]
+        first: dict[str, tuple[int, int]] = {}
+        index = [first.setdefault(digests[m], (len(first), m))[0]
+                 for m in data.micro_index.tolist()]
+        return dataclasses.replace(data, images=data.images[[m for _, m in first.values()]],
+                                   micro_index=torch.as_tensor(index, dtype=torch.long))
+
+    def _anchor_data(self, path: Path | None, resolution: int, seed: int):
+        from neuroscale_couple.training import TrainingData
+
+        if path is None:
+            return None
+        data = TrainingData.from_h5(path, resolution, torch.float64)
+        n_micro = len(data.images)
+        if n_micro > self.config.anchor_micro:
+            keep = np.random.default_rng(seed).choice(n_micro, self.config.anchor_micro,
+                                                      replace=False)
+            data = data.subset(np.flatnonzero(np.isin(data.micro_index.numpy(), keep)))
+        return data
+
+    def job(self, model, up_to_step: int | None, version: int,
+            epochs: int | None = None) -> tuple | None:
+        """Training data, calibration data and settings of a retraining of ``model`` (at model
+        ``version``) on the fine solves up to ``up_to_step`` (None if there are none); reads the
+        replay and anchor files."""
+        from neuroscale_couple.training import TrainConfig, TrainingData
+
+        cfg = self.config
+        seed = 1000 + version
+        resolution = model.input_resolution
+        online = self.replay_data(resolution, up_to_step)
+        if online is None:
+            return None
+        # hold out samples, not microstructures: the coupler predicts new loads of microstructures
+        # it has seen, which is what the recalibration must measure
+        order = np.random.default_rng(seed).permutation(len(online))
+        n_held = round(cfg.calibration_fraction * len(online))
+        fit, held = online.subset(np.sort(order[n_held:])), online.subset(np.sort(order[:n_held]))
+        anchor = self._anchor_data(self._anchor[0], resolution, seed)
+        anchor_cal = self._anchor_data(self._anchor[1], resolution, seed)
+        data = TrainingData.concat([p for p in (fit, anchor) if p is not None])
+        cal_parts = [p for p in (held, anchor_cal) if p is not None and len(p)]
+        calibration = TrainingData.concat(cal_parts) if cal_parts else None
+        tcfg = TrainConfig(epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                           lr_final=cfg.lr_final, val_fraction=0.0, patience=epochs or cfg.epochs,
+                           seed=seed, weights=dict(cfg.weights))
+        return data, calibration, tcfg, len(online)
+
+    @staticmethod
+    def _fit(model, data, calibration, tcfg, comm: MPI.Comm) -> dict:
+        """Fine-tune ``model``'s coarse-graining heads in place and recalibrate it (collective
+        over ``comm``); returns the training history."""
+        from neuroscale_couple.evaluation import calibrate_model
+        from neuroscale_couple.training import train
+
+        # only the coarse-graining heads learn: the latents of the run's microstructures stay
+        # put (no re-encoding drift) and the encoder cannot forget the training range
+        frozen = [p for name, p in model.named_parameters()
+                  if not name.startswith(("energy.", "covariance."))]
+        for p in frozen:
+            p.requires_grad_(False)
+        dtype = next(model.parameters()).dtype
+        model.float().train()
+        try:
+            history = train(model, data, tcfg, comm=comm,
+                            validation=data.subset(np.zeros(0, np.int64)), normalise=False,
+                            progress=False)
+        finally:
+            model.to(dtype).eval()
+            for p in frozen:
+                p.requires_grad_(True)
+        if calibration is not None:
+            calibrate_model(model, calibration)
+        return history
+
+    def fit(self, job: tuple, model) -> None:
+        """Run a :meth:`job` in the foreground: fine-tune ``model`` in place and recalibrate
+        it (collective)."""
+        data, calibration, tcfg, _ = job
+        t0 = time.perf_counter()
+        self._fit(model, data, calibration, tcfg, self.comm)
+        self.rate = (time.perf_counter() - t0) / (len(data) * tcfg.epochs)
+
+    def start(self, job: tuple, model, step: int) -> None:
+        """Start a :meth:`job` of load step ``step`` on a copy of ``model`` in a thread
+        (collectives on a duplicate communicator); :meth:`swap` returns the result."""
+        data, calibration, tcfg, n_online = job
+        copied = copy.deepcopy(model)
+        self.pending = _Background(
+            lambda: self._fit(copied, data, calibration, tcfg, self._bg_comm), copied, step,
+            n_online, len(data) * tcfg.epochs)
+
+    def swap(self) -> tuple:
+        """Wait for the background retraining (collective); returns its model, its number of
+        online samples and its training time (max over ranks)."""
+        job, self.pending = self.pending, None
+        job.thread.join()
+        errors = [e for e in self.comm.allgather(None if job.error is None else repr(job.error))
+                  if e is not None]
+        if errors:
+            raise NeuroScaleError(f"background retraining after step {job.step} failed: "
+                                  f"{errors[0]}") from job.error
+        self.rate = job.time_s / job.sample_epochs
+        return job.model, job.n_online, self.comm.allreduce(job.time_s, op=MPI.MAX)
+
+    def weigh(self, job: tuple, model, out: dict, serves: int) -> None:
+        """Set ``out``'s ``retrain_estimate_s``, ``retrain_saving_s`` (its fine-solve time ×
+        the ``serves`` steps the new model would serve) and ``retrain_skipped`` (collective)."""
+        out["retrain_saving_s"] = out["fine_time_s"] * serves
+        out["retrain_estimate_s"] = self._estimate(job, model)
+        out["retrain_skipped"] = out["retrain_estimate_s"] >= out["retrain_saving_s"]
+        if self.comm.rank == 0:
+            log.info("retraining estimated at %.1f s, would save at most %.1f s of fine solves: "
+                     "%s", out["retrain_estimate_s"], out["retrain_saving_s"],
+                     "skipped" if out["retrain_skipped"] else "retraining")
+
+    def _estimate(self, job: tuple, model) -> float:
+        """Estimated wall time (s) of the retraining ``job``: the slowest rank's (collective,
+        so the ranks decide alike)."""
+        data, _, tcfg, _ = job
+        if self.rate is None:  # two epochs on a copy: the second one's time (the first pays
+            # one-time costs that the rate would multiply by the epochs)
+            probe = dataclasses.replace(tcfg, epochs=2, patience=2)
+            history = self._fit(copy.deepcopy(model), data, None, probe, self.comm)
+            self.rate = history["epoch_time_s"][-1] / len(data)
+        return self.comm.allreduce(self.rate * len(data) * tcfg.epochs, op=MPI.MAX)
+
+    def close(self) -> None:
+        """Wait for a background retraining still running and drop it (its data are in the
+        replay store); free the duplicate communicator."""
+        if self.pending is not None:
+            self.pending.thread.join()
+            self.pending = None
+        if self._bg_comm is not None:
+            self._bg_comm.Free()
+            self._bg_comm = None
+
+
+class _Background:
+    """A retraining running in a daemon thread; ``error`` holds what it raised."""
+
+    def __init__(self, fit: Callable[[], None], model, step: int, n_online: int,
+                 sample_epochs: int) -> None:
+        self.model, self.step, self.n_online = model, step, n_online
+        self.sample_epochs = sample_epochs
+        self.error: BaseException | None = None
+        self.time_s = 0.0
+        # a new thread starts with the OpenMP default thread count, not the caller's: the same
+        # count keeps the reduction order, so the result equals a foreground retraining
+        self.thread = threading.Thread(target=self._run, args=(fit, torch.get_num_threads()),
+                                       daemon=True, name=f"neuroscale-retrain-{step}")
+        self.thread.start()
+
+    def _run(self, fit: Callable[[], None], threads: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            torch.set_num_threads(threads)
+            fit()
+        except BaseException as err:  # re-raised on every rank at the swap
+            self.error = err
+        self.time_s = time.perf_counter() - t0
