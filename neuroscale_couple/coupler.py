@@ -40,7 +40,7 @@ from neuroscale_couple.calibration import Calibration
 from neuroscale_couple.errors import InputError, NeuroScaleError, SolveError
 from neuroscale_couple.fine import FineSolver, MicroResult, SolverCache
 from neuroscale_couple.parallel import balance, device_for_rank
-from neuroscale_couple.retraining import RetrainConfig, Retrainer
+from neuroscale_couple.retraining import RetrainConfig, Retrainer, RetrainJob
 from neuroscale_couple.store import ReplayStore
 from neuroscale_couple.tensors import as_deformation_batch
 
@@ -549,10 +549,10 @@ class Coupler(FineSolver):
         job = r.job(self.model, None, self.version, r.config.warm_start_epochs)
         if job is not None:  # the earlier runs' data only, in the foreground
             r.fit(job, self.model)
-            self._adopt(self.model, job[3])
+            self._adopt(self.model, job.n_online)
         return True
 
-    def _run_job(self, job: tuple | None, step: int | None = None) -> None:
+    def _run_job(self, job: RetrainJob | None, step: int | None = None) -> None:
         """Run a retraining job of the step just ended (or of ``step``) in the foreground,
         adopting its model, or start it in the background (``RetrainConfig.background``)."""
         if job is None:
@@ -561,7 +561,7 @@ class Coupler(FineSolver):
             self.retrainer.start(job, self.model, self.step if step is None else step)
         else:
             self.retrainer.fit(job, self.model)
-            self._adopt(self.model, job[3])
+            self._adopt(self.model, job.n_online)
 
     def _adopt(self, model, n_online: int) -> None:
         """Make ``model`` the run's operator: bump the version, check all ranks agree."""

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from mpi4py import MPI
 
@@ -28,6 +29,9 @@ import torch
 
 from neuroscale_couple.errors import InputError, NeuroScaleError
 from neuroscale_couple.store import ReplayStore, load_rve_dataset
+
+if TYPE_CHECKING:
+    from neuroscale_couple.training import TrainConfig, TrainingData
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,16 @@ class RetrainConfig:
     warm_start_epochs: int = 150
     weights: dict[str, float] = field(default_factory=lambda: {"stress": 1.0, "tangent": 0.2,
                                                                "nll": 0.05, "noise": 1.0})
+
+
+class RetrainJob(NamedTuple):
+    """One retraining: training data, calibration data (None: keep the calibration), the
+    optimisation settings, and how many of the samples are the runs' fine solves."""
+
+    data: TrainingData
+    calibration: TrainingData | None
+    config: TrainConfig
+    n_online: int
 
 
 class Retrainer:
@@ -191,7 +205,7 @@ class Retrainer:
         return data
 
     def job(self, model, up_to_step: int | None, version: int,
-            epochs: int | None = None) -> tuple | None:
+            epochs: int | None = None) -> RetrainJob | None:
         """Training data, calibration data and settings of a retraining of ``model`` (at model
         ``version``) on the fine solves up to ``up_to_step`` (None if there are none); reads the
         replay and anchor files."""
@@ -216,7 +230,7 @@ class Retrainer:
         tcfg = TrainConfig(epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                            lr_final=cfg.lr_final, val_fraction=0.0, patience=epochs or cfg.epochs,
                            seed=seed, weights=dict(cfg.weights))
-        return data, calibration, tcfg, len(online)
+        return RetrainJob(data, calibration, tcfg, len(online))
 
     @staticmethod
     def _fit(model, data, calibration, tcfg, comm: MPI.Comm) -> dict:
@@ -245,22 +259,20 @@ class Retrainer:
             calibrate_model(model, calibration)
         return history
 
-    def fit(self, job: tuple, model) -> None:
+    def fit(self, job: RetrainJob, model) -> None:
         """Run a :meth:`job` in the foreground: fine-tune ``model`` in place and recalibrate
         it (collective)."""
-        data, calibration, tcfg, _ = job
         t0 = time.perf_counter()
-        self._fit(model, data, calibration, tcfg, self.comm)
-        self.rate = (time.perf_counter() - t0) / (len(data) * tcfg.epochs)
+        self._fit(model, job.data, job.calibration, job.config, self.comm)
+        self.rate = (time.perf_counter() - t0) / (len(job.data) * job.config.epochs)
 
-    def start(self, job: tuple, model, step: int) -> None:
+    def start(self, job: RetrainJob, model, step: int) -> None:
         """Start a :meth:`job` of load step ``step`` on a copy of ``model`` in a thread
         (collectives on a duplicate communicator); :meth:`swap` returns the result."""
-        data, calibration, tcfg, n_online = job
         copied = copy.deepcopy(model)
         self.pending = _Background(
-            lambda: self._fit(copied, data, calibration, tcfg, self._bg_comm), copied, step,
-            n_online, len(data) * tcfg.epochs)
+            lambda: self._fit(copied, job.data, job.calibration, job.config, self._bg_comm),
+            copied, step, job.n_online, len(job.data) * job.config.epochs)
 
     def swap(self) -> tuple:
         """Wait for the background retraining (collective); returns its model, its number of
@@ -275,7 +287,7 @@ class Retrainer:
         self.rate = job.time_s / job.sample_epochs
         return job.model, job.n_online, self.comm.allreduce(job.time_s, op=MPI.MAX)
 
-    def weigh(self, job: tuple, model, out: dict, serves: int) -> None:
+    def weigh(self, job: RetrainJob, model, out: dict, serves: int) -> None:
         """Set ``out``'s ``retrain_estimate_s``, ``retrain_saving_s`` (its fine-solve time ×
         the ``serves`` steps the new model would serve) and ``retrain_skipped`` (collective)."""
         out["retrain_saving_s"] = out["fine_time_s"] * serves
@@ -286,10 +298,10 @@ class Retrainer:
                      "%s", out["retrain_estimate_s"], out["retrain_saving_s"],
                      "skipped" if out["retrain_skipped"] else "retraining")
 
-    def _estimate(self, job: tuple, model) -> float:
+    def _estimate(self, job: RetrainJob, model) -> float:
         """Estimated wall time (s) of the retraining ``job``: the slowest rank's (collective,
         so the ranks decide alike)."""
-        data, _, tcfg, _ = job
+        data, tcfg = job.data, job.config
         if self.rate is None:  # two epochs on a copy: the second one's time (the first pays
             # one-time costs that the rate would multiply by the epochs)
             probe = dataclasses.replace(tcfg, epochs=2, patience=2)
