@@ -100,13 +100,13 @@ class Retrainer:
 
     Parameters
     ----------
-    config : the retraining settings (``enabled``).
+    config : the retraining settings (the Coupler builds a Retrainer only when they are enabled).
     comm : the macro problem's communicator.
     replay_dir : this run's replay store (the fine solves to learn from).
     model_path : the model file, to find the anchor data sets next to it.
     """
 
-    def __init__(self, config: RetrainConfig, comm: MPI.Comm, *, replay_dir: Path,
+    def __init__(self, config: RetrainConfig, comm: MPI.Comm, *, replay_dir: str | Path,
                  model_path: str | Path | None) -> None:
         self.config, self.comm, self.replay_dir = config, comm, Path(replay_dir)
         self._bg_comm: MPI.Comm | None = None
