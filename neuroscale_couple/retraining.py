@@ -227,9 +227,10 @@ class Retrainer:
         data = TrainingData.concat([p for p in (fit, anchor) if p is not None])
         cal_parts = [p for p in (held, anchor_cal) if p is not None and len(p)]
         calibration = TrainingData.concat(cal_parts) if cal_parts else None
-        tcfg = TrainConfig(epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                           lr_final=cfg.lr_final, val_fraction=0.0, patience=epochs or cfg.epochs,
-                           seed=seed, weights=dict(cfg.weights))
+        n_epochs = epochs or cfg.epochs
+        tcfg = TrainConfig(epochs=n_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                           lr_final=cfg.lr_final, val_fraction=0.0, patience=n_epochs, seed=seed,
+                           weights=dict(cfg.weights))
         return RetrainJob(data, calibration, tcfg, len(online))
 
     @staticmethod
