@@ -18,6 +18,10 @@ Config (YAML)::
     image_resolution: 64
     fields_resolution: 0                  # > 0: store micro fields w, F, P on that grid
 
+``microstructure`` may be a list of such mappings, one per family of cells (each with its own
+``count`` and ``seed``, and optionally its own ``loads: {radius, min_radius, seed}``), e.g. random
+arrangements plus fibre chains (``kind: fibre_chain``) that random addition almost never draws.
+
 or, for a crystal (Cauchy–Born fine solver; one structure per temperature)::
 
     crystal: {element: Cu, lattice: fcc, supercell: [3, 3, 3], vacancies: 1, calculator: emt,
@@ -53,26 +57,34 @@ def plan(config: dict) -> tuple[list, np.ndarray]:
         if name in config:
             Phase.from_config(config[name], name)
     mcfg, lcfg = config.get("microstructure"), config.get("loads")
-    if not isinstance(mcfg, dict) or not isinstance(lcfg, dict):
-        raise InputError("a generate config needs the mappings `microstructure` and `loads`")
-    count = int(mcfg.get("count", 1))
+    groups = mcfg if isinstance(mcfg, list) else [mcfg]
+    if not groups or not all(isinstance(g, dict) for g in groups) or not isinstance(lcfg, dict):
+        raise InputError("a generate config needs the mappings `microstructure` (or a list of "
+                         "them, one per family of cells) and `loads`")
     per = int(lcfg.get("per_microstructure", 1))
-    if count < 1 or per < 1:
-        raise InputError(f"microstructure.count={count}, loads.per_microstructure={per}: "
-                         "both must be ≥ 1")
-    seed = int(mcfg.get("seed", 0))
     structures, loads = [], []
-    for m in range(count):
-        rng = rng_for(seed, m)
-        drawn = dict(mcfg)
-        drawn["volume_fraction"] = draw_parameter(mcfg.get("volume_fraction"), rng,
-                                                  "microstructure.volume_fraction")
-        drawn["n_fibres"] = draw_parameter(mcfg.get("n_fibres", 1), rng,
-                                           "microstructure.n_fibres", integer=True)
-        structures.append(micro.from_config(drawn, seed=int(rng.integers(2**31))))
-        loads.append(loads_in_ball(per, float(lcfg.get("radius", 0.15)),
-                                   rng_for(int(lcfg.get("seed", 1)), m),
-                                   min_radius=float(lcfg.get("min_radius", 0.0))))
+    for g, group in enumerate(groups):
+        name = "microstructure" if len(groups) == 1 else f"microstructure[{g}]"
+        count, ball = int(group.get("count", 1)), group.get("loads", {})
+        if count < 1 or per < 1:
+            raise InputError(f"{name}.count={count}, loads.per_microstructure={per}: "
+                             "both must be ≥ 1")
+        if not isinstance(ball, dict) or "per_microstructure" in ball:
+            raise InputError(f"{name}.loads={ball!r}: give a mapping of radius, min_radius, seed "
+                             "(loads.per_microstructure is one for the whole data set)")
+        ball = dict(lcfg, **ball)
+        seed = int(group.get("seed", 0))
+        for m in range(count):
+            rng = rng_for(seed, m)
+            drawn = {k: v for k, v in group.items() if k != "loads"}
+            drawn["volume_fraction"] = draw_parameter(group.get("volume_fraction"), rng,
+                                                      f"{name}.volume_fraction")
+            drawn["n_fibres"] = draw_parameter(group.get("n_fibres", 1), rng,
+                                               f"{name}.n_fibres", integer=True)
+            structures.append(micro.from_config(drawn, seed=int(rng.integers(2**31))))
+            loads.append(loads_in_ball(per, float(ball.get("radius", 0.15)),
+                                       rng_for(int(ball.get("seed", 1)), len(loads)),
+                                       min_radius=float(ball.get("min_radius", 0.0))))
     return structures, np.concatenate(loads)
 
 

@@ -10,7 +10,9 @@ the fibres. A :class:`Microstructure` gives
   what the neural operator sees.
 
 Constructors: :func:`single_fibre`, :func:`random_fibres` (random non-overlapping periodic
-arrangement) and :func:`laminate` (layers normal to x, whose effective response is known exactly).
+arrangement), :func:`fibre_chain` (fibres lined up across the cell with random, possibly small
+gaps: nearly percolating stiff columns, which random addition almost never draws) and
+:func:`laminate` (layers normal to x, whose effective response is known exactly).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 
 MATRIX = 1
 FIBRE = 2
-KINDS = ("single_fibre", "random_fibres", "laminate")
+KINDS = ("single_fibre", "random_fibres", "fibre_chain", "laminate")
 
 
 @dataclass(frozen=True)
@@ -255,11 +257,7 @@ def random_fibres(
     InputError
         If v ∉ (0, 1), N < 1, or no admissible arrangement is found (v too high for N fibres).
     """
-    _check_fraction(volume_fraction)
-    if int(n_fibres) != n_fibres or n_fibres < 1:
-        raise InputError(f"n_fibres={n_fibres}: must be a positive integer")
-    n_fibres = int(n_fibres)
-    r = float(np.sqrt(volume_fraction / (n_fibres * np.pi)))
+    n_fibres, r = _fibre_radius(volume_fraction, n_fibres)
     if 2 * r + min_gap > 1.0:
         raise InputError(
             f"{n_fibres} fibres of volume_fraction={volume_fraction} have radius {r:.3f}: each "
@@ -277,6 +275,55 @@ def random_fibres(
     return Microstructure("random_fibres", float(volume_fraction), centres, r, seed)
 
 
+def fibre_chain(volume_fraction: float, n_fibres: int, seed: int, *, min_gap: float = 0.02,
+                misalignment: float = 0.0, attempts: int = 1000) -> Microstructure:
+    """N equal fibres in a periodic chain along x or y (drawn at random): a column of stiff fibres
+    that nearly percolates when the volume fraction is high.
+
+    The radius follows from v = Nπr²; the gap left along the chain, 1 − 2Nr, is split at random
+    (uniform on the simplex) into N surface gaps of at least ``min_gap`` each, so at high v every
+    gap is small. Each fibre is shifted across the chain by up to ``misalignment`` (cell lengths,
+    uniform), which can only widen the gaps. The chain's position is drawn until no fibre nearly
+    touches a cell edge.
+
+    Raises
+    ------
+    InputError
+        If v ∉ (0, 1), N < 1, misalignment < 0, or N fibres of fraction v do not fit in a chain
+        with gaps ≥ min_gap.
+    """
+    n, r = _fibre_radius(volume_fraction, n_fibres)
+    if not misalignment >= 0:
+        raise InputError(f"misalignment={misalignment}: must be ≥ 0 cell lengths (0: straight)")
+    slack = 1.0 - n * (2 * r + min_gap)
+    if slack < 0 or 2 * r + min_gap > 1.0:
+        vmax = n * np.pi * ((1.0 - n * min_gap) / (2 * n)) ** 2
+        raise InputError(
+            f"a chain of {n_fibres} fibres of volume_fraction={volume_fraction} leaves gaps below "
+            f"min_gap={min_gap}; use volume_fraction ≤ {vmax:.3f} or fewer fibres"
+        )
+    rng = np.random.default_rng(seed)
+    gaps = min_gap + slack * rng.dirichlet(np.ones(n))
+    along = np.concatenate([[0.0], np.cumsum(2 * r + gaps)[:-1]])
+    across = rng.uniform(-misalignment, misalignment, n)
+    axis = int(rng.integers(2))
+    for _ in range(attempts):
+        start = rng.random(2)
+        centres = np.empty((n, 2))
+        centres[:, axis] = along + start[0]
+        centres[:, 1 - axis] = across + start[1]
+        centres = np.mod(centres, 1.0)
+        if all(_edge_ok(c, r, min_gap) for c in centres) and all(
+                _distances(centres[i], np.delete(centres, i, 0)).min(initial=np.inf)
+                >= 2 * r + min_gap - 1e-12 for i in range(n)):
+            return Microstructure("fibre_chain", float(volume_fraction), centres, r, seed)
+    raise InputError(
+        f"could not place a chain of {n_fibres} fibres of volume_fraction={volume_fraction} "
+        f"clear of the cell edges (seed={seed}, misalignment={misalignment}): lower "
+        "volume_fraction or misalignment"
+    )
+
+
 def laminate(volume_fraction: float) -> Microstructure:
     """Two layers normal to x: fibre phase for 0 ≤ x < v, matrix for v ≤ x < 1."""
     _check_fraction(volume_fraction)
@@ -286,8 +333,9 @@ def laminate(volume_fraction: float) -> Microstructure:
 def from_config(cfg: dict, *, seed: int | None = None) -> Microstructure:
     """Build a microstructure from a config mapping.
 
-    Keys: ``kind`` (``single_fibre|random_fibres|laminate``), ``volume_fraction``, and for random
-    arrangements ``n_fibres``, ``seed`` (overridden by the ``seed`` argument), ``min_gap``.
+    Keys: ``kind`` (``single_fibre|random_fibres|fibre_chain|laminate``), ``volume_fraction``,
+    and for random arrangements ``n_fibres``, ``seed`` (overridden by the ``seed`` argument),
+    ``min_gap``, for a chain also ``misalignment``.
     """
     kind = cfg.get("kind")
     if kind not in KINDS:
@@ -301,7 +349,18 @@ def from_config(cfg: dict, *, seed: int | None = None) -> Microstructure:
     if kind == "laminate":
         return laminate(v)
     s = int(cfg.get("seed", 0) if seed is None else seed)
+    if kind == "fibre_chain":
+        return fibre_chain(v, int(cfg.get("n_fibres", 2)), s, min_gap=gap,
+                           misalignment=float(cfg.get("misalignment", 0.0)))
     return random_fibres(v, int(cfg.get("n_fibres", 1)), s, min_gap=gap)
+
+
+def _fibre_radius(volume_fraction: float, n_fibres: int) -> tuple[int, float]:
+    """Checked (N, r) of N equal fibres of total area fraction v: v = Nπr²."""
+    _check_fraction(volume_fraction)
+    if int(n_fibres) != n_fibres or n_fibres < 1:
+        raise InputError(f"n_fibres={n_fibres}: must be a positive integer")
+    return int(n_fibres), float(np.sqrt(volume_fraction / (int(n_fibres) * np.pi)))
 
 
 def _check_fraction(v: float) -> None:

@@ -46,9 +46,9 @@ class CoarseGrainingOperator(nn.Module):
     CONFIG: ClassVar[type]
 
     def _build_heads(self, members: int, latent: int, hidden: int, correction: bool,
-                     residual: bool = False) -> None:
+                     residual: bool = False, quartic: bool = False) -> None:
         """The probabilistic coarse-graining heads (energy ensemble, aleatoric covariance)."""
-        self.energy = EnergyHead(members, latent, hidden, correction, residual)
+        self.energy = EnergyHead(members, latent, hidden, correction, residual, quartic)
         self.covariance = CovarianceHead(members, latent, hidden)
 
     def _build_buffers(self) -> None:

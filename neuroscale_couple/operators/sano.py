@@ -45,6 +45,7 @@ class SANOConfig:
     hidden: int = 64
     members: int = 4
     energy_correction: bool = True
+    quartic_basis: bool = False
     law: str = "neo_hookean"
     matrix: tuple[float, float] = (3.0, 0.35)
     fibre: tuple[float, float] = (70.0, 0.2)
@@ -84,7 +85,8 @@ class SANO(CoarseGrainingOperator):
         self.mixer = ScaleMixer(n_scales)
         self.to_latent = nn.Sequential(nn.Linear(d + 1, c.latent), nn.SiLU(),
                                        nn.Linear(c.latent, c.latent))
-        self._build_heads(c.members, c.latent, c.hidden, c.energy_correction)
+        self._build_heads(c.members, c.latent, c.hidden, c.energy_correction,
+                          quartic=c.quartic_basis)
         self.decoder = FineDecoder(d, c.latent, c.modes)
         self._build_buffers()
 

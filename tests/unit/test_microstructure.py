@@ -8,6 +8,7 @@ from neuroscale_couple.solvers import microstructure as micro
 
 
 @pytest.mark.parametrize("ms", [micro.single_fibre(0.4), micro.random_fibres(0.45, 6, seed=3),
+                                micro.fibre_chain(0.33, 2, seed=4, misalignment=0.05),
                                 micro.laminate(0.3)])
 def test_image_mean_is_the_volume_fraction(ms):
     image = ms.image(128)
@@ -32,6 +33,36 @@ def test_random_fibres_are_reproducible_and_seed_dependent():
     assert not np.allclose(a.centres, c.centres)
 
 
+def _surface_gaps(ms: micro.Microstructure) -> np.ndarray:
+    """Periodic surface distances of every pair of fibres (the chain's neighbours included)."""
+    d = ms.centres[:, None, :] - ms.centres[None, :, :]
+    d -= np.round(d)
+    pairs = np.triu_indices(ms.n_fibres, 1)
+    return np.hypot(d[..., 0], d[..., 1])[pairs] - 2 * ms.radius
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_dense_two_fibre_chain_nearly_percolates(seed):
+    """v = 0.36 in two fibres leaves 1 − 4r = 0.042 along the chain: both gaps (the one inside
+    the cell and the one across the periodic boundary) lie between min_gap and 0.022."""
+    ms = micro.fibre_chain(0.36, 2, seed=seed)
+    assert ms.radius == pytest.approx(np.sqrt(0.36 / (2 * np.pi)))
+    axis = 0 if ms.centres[0, 1] == ms.centres[1, 1] else 1  # straight: one coordinate shared
+    assert ms.centres[0, 1 - axis] == ms.centres[1, 1 - axis]
+    along = np.sort(ms.centres[:, axis])
+    gaps = np.array([along[1] - along[0], 1 - along[1] + along[0]]) - 2 * ms.radius
+    assert np.all(gaps >= 0.02 - 1e-12) and np.all(gaps <= 0.0225)
+
+
+def test_a_misaligned_chain_keeps_its_gaps_and_is_reproducible():
+    a = micro.fibre_chain(0.2, 3, seed=7, misalignment=0.06)
+    b = micro.fibre_chain(0.2, 3, seed=7, misalignment=0.06)
+    np.testing.assert_array_equal(a.centres, b.centres)
+    assert np.all(_surface_gaps(a) >= 0.02 - 1e-12)
+    assert micro.from_config({"kind": "fibre_chain", "volume_fraction": 0.2, "n_fibres": 3,
+                              "misalignment": 0.06}, seed=7).key == a.key
+
+
 def test_image_is_periodic_under_a_shift_of_the_fibres():
     ms = micro.random_fibres(0.3, 3, seed=2)
     shifted = micro.Microstructure(ms.kind, ms.volume_fraction, np.mod(ms.centres + 0.25, 1.0),
@@ -45,6 +76,8 @@ def test_image_is_periodic_under_a_shift_of_the_fibres():
     (lambda: micro.single_fibre(0.78), "use volume_fraction ≤"),
     (lambda: micro.random_fibres(0.8, 1, seed=0), "overlap its own periodic image"),
     (lambda: micro.random_fibres(0.3, 0, seed=0), "n_fibres=0"),
+    (lambda: micro.fibre_chain(0.3, 3, seed=0), "use volume_fraction ≤ 0.231"),
+    (lambda: micro.fibre_chain(0.3, 2, seed=0, misalignment=-0.1), "misalignment=-0.1"),
     (lambda: micro.from_config({"kind": "hexagonal", "volume_fraction": 0.3}), "kind='hexagonal'"),
     (lambda: micro.from_config({"kind": "single_fibre"}), "volume_fraction is missing"),
 ])

@@ -209,11 +209,13 @@ def test_bad_model_inputs(model):
         SANOConfig(fibre=(70.0, 0.5))
 
 
-def test_basis_energies_are_stress_free_at_identity_and_contain_neo_hooke():
+@pytest.mark.parametrize("quartic", [False, True])
+def test_basis_energies_are_stress_free_at_identity_and_contain_neo_hooke(quartic):
     from neuroscale_couple.operators.heads import basis_energies
 
     eye = torch.eye(2, dtype=torch.float64).requires_grad_(True)
-    psi = basis_energies(eye.T @ eye)
+    psi = basis_energies(eye.T @ eye, quartic=quartic)
+    assert psi.shape == (17 if quartic else 14,)
     grad = torch.autograd.grad(psi.sum(), eye)[0]
     assert psi.abs().max() < 1e-15 and grad.abs().max() < 1e-15
     # the plane-strain Neo-Hookean law is exactly μ Ψ₁ + λ Ψ₂
@@ -274,14 +276,20 @@ def test_basis_only_head_keeps_the_invariants(images):
     torch.testing.assert_close(A, A.transpose(-1, -2), rtol=0, atol=1e-12)
 
 
-def test_closed_form_response_equals_automatic_differentiation(images):
+@pytest.mark.parametrize("quartic", [False, True])
+def test_closed_form_response_equals_automatic_differentiation(images, quartic):
     """A basis-only head answers predictions in closed form (mixture_response): the same
     per-member energies, stresses, tangents and covariance factors as autograd through the
-    energy (the training path, create_graph=True), at loads up to |F̄ − I| ≈ 0.4."""
+    energy (the training path, create_graph=True), at loads up to |F̄ − I| ≈ 0.4, with and
+    without the quartic isotropic terms."""
     import dataclasses
 
     torch.manual_seed(5)
-    basis = SANO(dataclasses.replace(SMALL, energy_correction=False)).double().eval()
+    basis = SANO(dataclasses.replace(SMALL, energy_correction=False,
+                                     quartic_basis=quartic)).double().eval()
+    if quartic:  # weights of the quartic terms as large as the others
+        with torch.no_grad():
+            basis.energy.weights[-1].bias[..., -3:] += 1.0
     with torch.no_grad():
         basis.sigma_ref.fill_(0.4)
         basis.e_ref.fill_(0.06)

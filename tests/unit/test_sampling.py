@@ -44,3 +44,25 @@ def test_shell_loads_lie_beyond_the_inner_radius():
     F = loads_in_ball(500, 0.3, rng_for(2, 0), min_radius=0.2)
     r = np.linalg.norm((F - np.eye(2)).reshape(-1, 4), axis=1)
     assert r.min() >= 0.2 - 1e-12 and r.max() <= 0.3 + 1e-12
+
+
+def test_a_data_set_of_several_families_keeps_the_first_family_as_alone():
+    """`microstructure` as a list: the families follow each other, each with its own count, seed
+    and load ball; a one-family list plans exactly what the bare mapping plans."""
+    from neuroscale_couple.datagen import plan
+
+    random = {"kind": "random_fibres", "volume_fraction": [0.1, 0.5], "n_fibres": [1, 6],
+              "count": 4, "seed": 3}
+    chains = {"kind": "fibre_chain", "volume_fraction": [0.3, 0.36], "n_fibres": 2, "count": 3,
+              "seed": 9, "loads": {"radius": 0.3, "min_radius": 0.2}}
+    loads = {"per_microstructure": 5, "radius": 0.15, "seed": 4}
+    alone, F_alone = plan({"microstructure": random, "loads": loads})
+    both, F = plan({"microstructure": [random, chains], "loads": loads})
+    assert [s.key for s in both[:4]] == [s.key for s in alone]
+    np.testing.assert_array_equal(F[:20], F_alone)
+    assert [s.kind for s in both[4:]] == ["fibre_chain"] * 3
+    r = np.linalg.norm((F[20:] - np.eye(2)).reshape(-1, 4), axis=1)
+    assert r.min() >= 0.2 and r.max() <= 0.3
+    with pytest.raises(InputError, match=r"microstructure\[1\].loads"):
+        plan({"microstructure": [random, dict(chains, loads={"per_microstructure": 2})],
+              "loads": loads})
