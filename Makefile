@@ -40,19 +40,21 @@ bench: $(STAMP)
 	$(PY) bench/fe2_speedup.py --np $(NP)
 	$(PY) bench/hmm_speedup.py --np $(NP)
 
-# Regenerate the shipped operator from scratch with the project's own RVE solver and trainer.
-MODEL := examples/models/fe2_composite
+# Regenerate the shipped operator from scratch with the project's own RVE solver and trainer
+# (another recipe: make model MODEL=examples/models/fe2_composite_wide MODEL_DATA=out/model_wide).
+MODEL      ?= examples/models/fe2_composite
+MODEL_DATA ?= out/model
 model: $(STAMP)
-	mkdir -p out/model
+	mkdir -p $(MODEL_DATA)
 	for set in data calibration test ood; do \
-	  $(MPIRUN) -n $(NP) $(VENV)/bin/neuroscale generate $(MODEL).$$set.yaml --out out/model/$$set.h5 || exit 1; \
+	  $(MPIRUN) -n $(NP) $(VENV)/bin/neuroscale generate $(MODEL).$$set.yaml --out $(MODEL_DATA)/$$set.h5 || exit 1; \
 	done
-	$(VENV)/bin/neuroscale train $(MODEL).train.yaml --data out/model/data.h5 --out $(MODEL).pt
-	$(VENV)/bin/neuroscale calibrate --model $(MODEL).pt --data out/model/calibration.h5
-	$(VENV)/bin/neuroscale subset out/model/data.h5 --micro 96 --out $(MODEL).anchor.h5
-	$(VENV)/bin/neuroscale subset out/model/calibration.h5 --micro 48 --out $(MODEL).anchor_calibration.h5
-	$(VENV)/bin/neuroscale evaluate --model $(MODEL).pt --data out/model/test.h5 \
-	  --ood out/model/ood.h5 --plot $(MODEL).reliability.png --card $(MODEL).json
+	$(VENV)/bin/neuroscale train $(MODEL).train.yaml --data $(MODEL_DATA)/data.h5 --out $(MODEL).pt
+	$(VENV)/bin/neuroscale calibrate --model $(MODEL).pt --data $(MODEL_DATA)/calibration.h5
+	$(VENV)/bin/neuroscale subset $(MODEL_DATA)/data.h5 --micro 96 --out $(MODEL).anchor.h5
+	$(VENV)/bin/neuroscale subset $(MODEL_DATA)/calibration.h5 --micro 48 --out $(MODEL).anchor_calibration.h5
+	$(VENV)/bin/neuroscale evaluate --model $(MODEL).pt --data $(MODEL_DATA)/test.h5 \
+	  --ood $(MODEL_DATA)/ood.h5 --plot $(MODEL).reliability.png --card $(MODEL).json
 
 # Regenerate the shipped crystal operator (EMT Cu with a vacancy) with the Cauchy–Born solver.
 HMM := examples/models/hmm_cu

@@ -103,10 +103,10 @@ def _basis_of(C00: torch.Tensor, C11: torch.Tensor, D: torch.Tensor, I4: torch.T
     """The basis energies of :func:`basis_energies` from :func:`_invariants`."""
     lnJ, lnI4 = 0.5 * torch.log(D), torch.log(I4)
     psi1 = 0.5 * (C00 + C11 - 2) - lnJ
-    terms = [psi1, 0.5 * lnJ**2]
-    iso = [psi1**2, psi1 * lnJ**2, lnJ**4] if quartic else []
-    return torch.cat([torch.stack(terms, dim=-1), 0.5 * lnI4**2, I4 - 1 - lnI4,
-                      *([torch.stack(iso, dim=-1)] if quartic else [])], dim=-1)
+    parts = [torch.stack([psi1, 0.5 * lnJ**2], dim=-1), 0.5 * lnI4**2, I4 - 1 - lnI4]
+    if quartic:
+        parts.append(torch.stack([psi1**2, psi1 * lnJ**2, lnJ**4], dim=-1))
+    return torch.cat(parts, dim=-1)
 
 
 def mixture_response(w: torch.Tensor, F: torch.Tensor, n_directions: int = 6, *,
@@ -139,14 +139,12 @@ def mixture_response(w: torch.Tensor, F: torch.Tensor, n_directions: int = 6, *,
     w3, w4 = w[..., 2:2 + n_directions], w[..., 2 + n_directions:2 + 2 * n_directions]
     energy = (w * _basis_of(C00, C11, D, I4, quartic)).sum(-1)
     # derivatives of f = w₁ψ + w₂L²/8 [+ w₅ψ² + w₆ψL²/4 + w₇L⁴/16]
-    f_p, f_L = w1, 0.25 * w2 * L
-    f_pp, f_pL, f_LL = torch.zeros_like(w1), torch.zeros_like(w1), 0.25 * w2
+    f_p, f_L, f_LL = w1, 0.25 * w2 * L, 0.25 * w2
     if quartic:
         psi = 0.5 * (C00 + C11 - 2) - 0.5 * L
         w5, w6, w7 = w[..., -3], w[..., -2], w[..., -1]
         f_p = f_p + 2 * w5 * psi + 0.25 * w6 * L**2
         f_L = f_L + 0.5 * w6 * psi * L + 0.25 * w7 * L**3
-        f_pp, f_pL = 2 * w5, 0.5 * w6 * L
         f_LL = f_LL + 0.5 * w6 * psi + 0.75 * w7 * L**2
     eye = torch.eye(2, dtype=F.dtype, device=F.device)
     B = 0.5 * (eye - Ci)
@@ -166,8 +164,9 @@ def mixture_response(w: torch.Tensor, F: torch.Tensor, n_directions: int = 6, *,
                    + torch.einsum("...il,...jk->...ijkl", Ci, Ci))
         H = (scalar(0.5 * f_p - f_L) * S + scalar(f_LL) * outer(Ci, Ci)
              + torch.einsum("...d,dij,dkl->...ijkl", eta, N, N))
-        if quartic:
-            H = H + scalar(f_pp) * outer(B, B) + scalar(f_pL) * (outer(B, Ci) + outer(Ci, B))
+        if quartic:  # f_ψψ = 2w₅, f_ψL = w₆L/2
+            H = (H + scalar(2 * w5) * outer(B, B)
+                 + scalar(0.5 * w6 * L) * (outer(B, Ci) + outer(Ci, B)))
         out["tangent"] = (2 * torch.einsum("ik,...jl->...ijkl", eye, G)
                           + 4 * torch.einsum("...iI,...kK,...IJKL->...iJkL", F, F, H))
     return out
