@@ -62,13 +62,14 @@ def plan(config: dict) -> tuple[list, np.ndarray]:
         raise InputError("a generate config needs the mappings `microstructure` (or a list of "
                          "them, one per family of cells) and `loads`")
     per = int(lcfg.get("per_microstructure", 1))
+    if per < 1:
+        raise InputError(f"loads.per_microstructure={per}: must be ≥ 1")
     structures, loads = [], []
     for g, group in enumerate(groups):
         name = "microstructure" if len(groups) == 1 else f"microstructure[{g}]"
         count, ball = int(group.get("count", 1)), group.get("loads", {})
-        if count < 1 or per < 1:
-            raise InputError(f"{name}.count={count}, loads.per_microstructure={per}: "
-                             "both must be ≥ 1")
+        if count < 1:
+            raise InputError(f"{name}.count={count}: must be ≥ 1")
         if not isinstance(ball, dict) or "per_microstructure" in ball:
             raise InputError(f"{name}.loads={ball!r}: give a mapping of radius, min_radius, seed "
                              "(loads.per_microstructure is one for the whole data set)")

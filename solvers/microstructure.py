@@ -296,7 +296,7 @@ def fibre_chain(volume_fraction: float, n_fibres: int, seed: int, *, min_gap: fl
     if not misalignment >= 0:
         raise InputError(f"misalignment={misalignment}: must be ≥ 0 cell lengths (0: straight)")
     slack = 1.0 - n * (2 * r + min_gap)
-    if slack < 0 or 2 * r + min_gap > 1.0:
+    if slack < 0:
         vmax = n * np.pi * ((1.0 - n * min_gap) / (2 * n)) ** 2
         raise InputError(
             f"a chain of {n_fibres} fibres of volume_fraction={volume_fraction} leaves gaps below "
