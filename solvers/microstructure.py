@@ -313,9 +313,8 @@ def fibre_chain(volume_fraction: float, n_fibres: int, seed: int, *, min_gap: fl
         centres[:, axis] = along + start[0]
         centres[:, 1 - axis] = across + start[1]
         centres = np.mod(centres, 1.0)
-        if all(_edge_ok(c, r, min_gap) for c in centres) and all(
-                _distances(centres[i], np.delete(centres, i, 0)).min(initial=np.inf)
-                >= 2 * r + min_gap - 1e-12 for i in range(n)):
+        if (all(_edge_ok(c, r, min_gap) for c in centres)
+                and _closest_pair(centres) >= 2 * r + min_gap - 1e-12):
             return Microstructure("fibre_chain", float(volume_fraction), centres, r, seed)
     raise InputError(
         f"could not place a chain of {n_fibres} fibres of volume_fraction={volume_fraction} "
@@ -388,8 +387,7 @@ def _compress(centres: np.ndarray, r: float, gap: float, rng: np.random.Generato
     """Hard-disk Monte Carlo, the radius ρ grown to min(r, largest admissible) after each sweep."""
     n = len(centres)
     for _ in range(max_sweeps):
-        pair = min((_distances(centres[i], np.delete(centres, i, 0)).min() for i in range(n)),
-                   default=np.inf)
+        pair = _closest_pair(centres)
         rho = min(r, (pair - gap) / 2)
         if rho >= r and all(_edge_ok(c, r, gap) for c in centres):
             return centres
@@ -401,6 +399,12 @@ def _compress(centres: np.ndarray, r: float, gap: float, rng: np.random.Generato
                     rho < r or _edge_ok(trial, r, gap)):
                 centres[i] = trial
     return None
+
+
+def _closest_pair(centres: np.ndarray) -> float:
+    """Smallest periodic centre distance between two of the points centres (n, 2); ∞ if n < 2."""
+    return min((_distances(c, np.delete(centres, i, 0)).min(initial=np.inf)
+                for i, c in enumerate(centres)), default=np.inf)
 
 
 def _distances(c: np.ndarray, others: np.ndarray) -> np.ndarray:
