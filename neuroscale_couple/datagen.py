@@ -80,8 +80,9 @@ def plan(config: dict) -> tuple[list, np.ndarray]:
             drawn = {k: v for k, v in group.items() if k != "loads"}
             drawn["volume_fraction"] = draw_parameter(group.get("volume_fraction"), rng,
                                                       f"{name}.volume_fraction")
-            drawn["n_fibres"] = draw_parameter(group.get("n_fibres", 1), rng,
-                                               f"{name}.n_fibres", integer=True)
+            if "n_fibres" in group:  # else the kind's default (a chain: 2)
+                drawn["n_fibres"] = draw_parameter(group["n_fibres"], rng, f"{name}.n_fibres",
+                                                   integer=True)
             structures.append(micro.from_config(drawn, seed=int(rng.integers(2**31))))
             loads.append(loads_in_ball(per, float(ball.get("radius", 0.15)),
                                        rng_for(int(ball.get("seed", 1)), len(loads)),

@@ -66,6 +66,9 @@ def test_a_data_set_of_several_families_keeps_the_first_family_as_alone():
     with pytest.raises(InputError, match=r"microstructure\[1\].loads"):
         plan({"microstructure": [random, dict(chains, loads={"per_microstructure": 2})],
               "loads": loads})
+    default, _ = plan({"microstructure": {k: v for k, v in chains.items() if k != "n_fibres"},
+                       "loads": loads})
+    assert {s.n_fibres for s in default} == {2}  # fibre_chain's own default, as in from_config
     with pytest.raises(InputError, match=r"microstructure\[1\].count=0"):
         plan({"microstructure": [random, dict(chains, count=0)], "loads": loads})
     with pytest.raises(InputError, match="loads.per_microstructure=0"):
