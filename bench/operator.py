@@ -5,7 +5,7 @@ the learned scale weights):
 
 - accuracy on held-out microstructures and loads (other seeds, same ranges): relative L2 error of
   P̄ (target ≤ 2 %) and of the tangent (≤ 5 %); calibration: coverage at 50/90/95 %, ECE (≤ 0.02);
-  OOD AUROC for loads beyond the training ball, 0.2 ≤ |F̄ − I| ≤ 0.3 (≥ 0.9);
+  OOD AUROC for loads beyond the training range, 0.3 ≤ |F̄ − I| ≤ 0.4 (≥ 0.9);
 - throughput of stress + tangent + covariance with cached latents (target ≥ 1e5 points/s here),
   and the encoder's cost per microstructure;
 - ablation: the same short training with and without the physics losses and the cross-scale

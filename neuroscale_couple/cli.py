@@ -80,6 +80,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from neuroscale_couple.evaluation import calibrate_model
     from neuroscale_couple.materials import EPOXY_LIKE_MATRIX, GLASS_LIKE_FIBRE, Phase
+    from neuroscale_couple.operators.base import load_operator
     from neuroscale_couple.operators.crystal import CrystalConfig, CrystalOperator, family_json
     from neuroscale_couple.operators.sano import SANO, SANOConfig
     from neuroscale_couple.training import TrainConfig, TrainingData, relative_errors, train
@@ -88,7 +89,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     comm = MPI.COMM_WORLD
     tcfg = TrainConfig.from_dict(cfg.get("training") or {})
     mcfg = dict(cfg.get("model") or {})
-    data = TrainingData.from_h5(args.data, int(mcfg.get("resolution", SANOConfig.resolution)))
+    init = None
+    if args.init is not None:  # fine-tuning: the checkpoint's architecture and scales stay
+        if mcfg:
+            raise InputError(f"{args.config}: a `model:` mapping with --init {args.init}; the "
+                             "checkpoint fixes the architecture, so remove the mapping")
+        init = load_operator(args.init)
+        mcfg = dict(init.card.get("model_config") or {})
+    resolution = init.input_resolution if init is not None else int(
+        mcfg.get("resolution", SANOConfig.resolution))
+    data = TrainingData.from_h5(args.data, resolution)
     family = data.config
     if "crystal" in family:  # descriptors, not images: the crystal operator
         mcfg.update(n_features=data.images.shape[1], family=family_json(family["crystal"]))
@@ -107,18 +117,28 @@ def cmd_train(args: argparse.Namespace) -> None:
     torch.manual_seed(tcfg.seed)
     device = device_for_rank(comm)
     logging.getLogger(__name__).info("rank %d trains on %s", comm.rank, device)
-    model = make().to(device)
+    if init is None:
+        model = make().to(device)
+    else:
+        init.check_family(family)  # the data must be of the family the checkpoint learnt
+        model = init.to(device)
     fit, held_out = data.split(tcfg.val_fraction, tcfg.seed)
     if not len(held_out):
         raise InputError(f"training.val_fraction={tcfg.val_fraction} holds out no data: the "
                          "held-out part validates and calibrates the model; use e.g. 0.1")
-    history = train(model, fit, tcfg, comm=comm, validation=held_out, progress=not args.quiet)
+    history = train(model, fit, tcfg, comm=comm, validation=held_out, normalise=args.init is None,
+                    progress=not args.quiet)
     cal = calibrate_model(model, held_out)
+    card_before = model.card
     model.card = {"data": str(args.data), "data_config": family, "model_config": mcfg,
                   "training": cfg.get("training") or {}, "seed": tcfg.seed,
                   "history": {k: history[k] for k in ("best_epoch", "time_s")},
                   "validation": relative_errors(model, held_out),
                   "calibration_points": cal.n_calibration}
+    if init is not None:
+        model.card["init"] = {"checkpoint": str(args.init),
+                              **{k: v for k, v in card_before.items()
+                                 if k in ("data", "training", "history", "init")}}
     if comm.rank == 0:
         model.float().cpu().save(args.out)  # trained in float32: store it so (half the size)
         print(json.dumps({"out": str(args.out), **model.card["validation"],
@@ -216,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config with `model:` and `training:` mappings")
     p.add_argument("--data", required=True, help="HDF5 data set from `neuroscale generate`")
     p.add_argument("--out", required=True, help="model checkpoint to write (.pt)")
+    p.add_argument("--init", help="checkpoint to go on training (fine-tuning: config without "
+                   "`model:`)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("calibrate", help="split-conformal calibration on held-out data")

@@ -151,21 +151,25 @@ def test_homogeneous_microstructure_gives_single_scale_hyperelastic_solution():
     np.testing.assert_allclose(problem.u.x.array, u.x.array, rtol=0, atol=1e-8 * scale)
 
 
+TOL_RANKS = 0.012
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("retrain", [False, True, "background"])
 def test_one_and_two_ranks_agree(mpi_tmp_path, retrain):
     """The same FE² run (operator + fallback, without, with and with background online
     retraining) on COMM_WORLD and serially on rank 0. Three steps: a background retraining
-    started after the first is swapped in after the second."""
+    started after the first is swapped in after the second (TOL_RANKS sends 12 of the 18
+    points back in the first step, all in the others)."""
     loads = [0.5, 0.75, 1.0]
     world = MPI.COMM_WORLD
-    c = coupler(world, 0.02, replay=mpi_tmp_path / "world", retrain=retrain)
+    c = coupler(world, TOL_RANKS, replay=mpi_tmp_path / "world", retrain=retrain)
     problem, set_load = macro_problem(world, c, microstructures, n=3, stretch=0.12)
     history = problem.run(loads, set_load)
     c.close()
     x, u = displacement_by_coordinates(problem)
     def serial_run_agrees():
-        c1 = coupler(MPI.COMM_SELF, 0.02, replay=mpi_tmp_path / "self", retrain=retrain)
+        c1 = coupler(MPI.COMM_SELF, TOL_RANKS, replay=mpi_tmp_path / "self", retrain=retrain)
         p1, s1 = macro_problem(MPI.COMM_SELF, c1, microstructures, n=3, stretch=0.12)
         h1 = p1.run(loads, s1)
         c1.close()
@@ -182,7 +186,8 @@ def test_one_and_two_ranks_agree(mpi_tmp_path, retrain):
 
 
 def beyond_training_range(n):
-    """n fibre composites and rotated stretches e ↦ F̄(e) (e ≥ 0.18 leaves the training ball)."""
+    """n fibre composites and rotated stretches e ↦ F̄(e), |F̄ − I| = 1.044 e (e ≥ 0.29 leaves
+    the training loads, |F̄ − I| ≤ 0.3)."""
     from neuroscale_couple.solvers.microstructure import random_fibres
 
     rng = np.random.default_rng(0)
@@ -195,7 +200,7 @@ def beyond_training_range(n):
 
 @pytest.mark.skip_in_parallel
 def test_online_retraining_lowers_fallback_beyond_training_range(tmp_path):
-    """Loads beyond the training ball (|F̄ − I| ≤ 0.15): the retrained operator needs at least
+    """Loads beyond the training range (|F̄ − I| ≤ 0.3): the retrained operator needs at least
     30 % fewer fine solves at the last step than the frozen one."""
     n = 24
     structures, F_of = beyond_training_range(n)
@@ -205,7 +210,7 @@ def test_online_retraining_lowers_fallback_beyond_training_range(tmp_path):
         c = coupler(MPI.COMM_SELF, 0.035, family=family, replay=tmp_path / f"r{retrain}",
                     retrain=retrain)
         c.register(np.arange(n), structures)
-        for step, e in enumerate((0.18, 0.19, 0.2, 0.21, 0.22)):
+        for step, e in enumerate((0.33, 0.34, 0.35, 0.36, 0.37)):
             F = F_of(e)
             c.begin_step(step)
             c.evaluate(F, np.arange(n))
@@ -249,7 +254,7 @@ def test_background_retraining_swaps_in_the_same_model_one_step_later(tmp_path):
                     retrain=mode)
         c.register(np.arange(n), structures)
         versions[mode] = []
-        for step, e in enumerate((0.2, 0.21, 0.22)):
+        for step, e in enumerate((0.35, 0.36, 0.37)):
             c.begin_step(step)
             c.evaluate(F_of(e), np.arange(n))
             record = c.end_step(steps_left=2 - step)
@@ -285,7 +290,7 @@ def test_cost_aware_retraining_waits_until_it_can_pay(tmp_path):
                 retrain=RetrainConfig(cost_aware=True), model_path=MODEL)
     c.register(np.arange(n), structures)
     records = []
-    for step, (e, steps_left) in enumerate(((0.2, 1), (0.21, 1000))):
+    for step, (e, steps_left) in enumerate(((0.35, 1), (0.36, 1000))):
         c.begin_step(step)
         c.evaluate(F_of(e), np.arange(n))
         records.append(c.end_step(steps_left=steps_left))
@@ -300,12 +305,14 @@ def test_cost_aware_retraining_waits_until_it_can_pay(tmp_path):
 
 
 @pytest.mark.skip_in_parallel
-@pytest.mark.parametrize("retrain", ["--no-retrain", "--background-retrain"])
-def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain):
+@pytest.mark.parametrize(("retrain", "tol"), [("--no-retrain", "0.02"),
+                                               ("--background-retrain", "0.015")])
+def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain, tol):
     """SIGKILL after the checkpoint of step 1, then --restart: the same end state. With
-    background retraining the kill hits while a retraining runs; the restart runs it again."""
+    background retraining the kill hits while a retraining runs (its tol sends 8 of the 85
+    points back in step 0, so one is due); the restart runs it again."""
     args = [sys.executable, str(ROOT / "examples" / "fe2_composite.py"), "--mesh-size", "0.3",
-            "--rve-mesh-size", "0.05", "--steps", "4", "--stretch", "0.1", "--tol", "0.02",
+            "--rve-mesh-size", "0.05", "--steps", "4", "--stretch", "0.1", "--tol", tol,
             retrain, "--quiet"]
     subprocess.run([*args, "--out", str(tmp_path / "clean")], check=True)
     killed = tmp_path / "killed"

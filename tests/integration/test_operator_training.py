@@ -206,6 +206,21 @@ def test_cli_train_calibrate_evaluate(tmp_path, capsys):
     assert card["data_config"]["law"] == "neo_hookean" and card["seed"] == 0
     model = SANO.from_checkpoint(tmp_path / "m.pt")
     assert model.config.fibre == (70.0, 0.2) and model.calibration["n_calibration"] > 0
+    # a fine-tuning stage goes on from the checkpoint: its architecture and scales stay
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump({
+        "training": {"epochs": 2, "batch_size": 32, "val_fraction": 0.3, "lr": 1e-4}}))
+    assert main(["train", str(tmp_path / "f.yaml"), "--init", str(tmp_path / "m.pt"), "--data",
+                 str(tmp_path / "d.h5"), "--out", str(tmp_path / "f.pt"), "--quiet"]) == 0
+    capsys.readouterr()
+    tuned = SANO.from_checkpoint(tmp_path / "f.pt")
+    assert tuned.config == model.config and float(tuned.sigma_ref) == float(model.sigma_ref)
+    assert tuned.card["init"]["checkpoint"] == str(tmp_path / "m.pt")
+    assert tuned.card["init"]["training"]["epochs"] == 3 and tuned.card["training"]["epochs"] == 2
+    moved = [k for k, v in tuned.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
+    assert "sigma_ref" not in moved and any(k.startswith("energy") for k in moved), moved
+    assert main(["train", str(tmp_path / "t.yaml"), "--init", str(tmp_path / "m.pt"), "--data",
+                 str(tmp_path / "d.h5"), "--out", str(tmp_path / "g.pt"), "--quiet"]) == 2
+    assert "checkpoint fixes the architecture" in capsys.readouterr().err
     # a model file that is not one gives a clear error and exit code 2
     (tmp_path / "bad.pt").write_text("not a model")
     assert main(["evaluate", "--model", str(tmp_path / "bad.pt"), "--data",
