@@ -89,13 +89,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     comm = MPI.COMM_WORLD
     tcfg = TrainConfig.from_dict(cfg.get("training") or {})
     mcfg = dict(cfg.get("model") or {})
-    init = None
+    init = earlier = None
     if args.init is not None:  # fine-tuning: the checkpoint's architecture and scales stay
         if mcfg:
             raise InputError(f"{args.config}: a `model:` mapping with --init {args.init}; the "
                              "checkpoint fixes the architecture, so remove the mapping")
         init = load_operator(args.init)
         mcfg = dict(init.card.get("model_config") or {})
+        kept = ("data", "training", "history", "init")  # the earlier stage's provenance
+        earlier = {"checkpoint": str(args.init),
+                   **{k: v for k, v in init.card.items() if k in kept}}
     resolution = init.input_resolution if init is not None else int(
         mcfg.get("resolution", SANOConfig.resolution))
     data = TrainingData.from_h5(args.data, resolution)
@@ -126,19 +129,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not len(held_out):
         raise InputError(f"training.val_fraction={tcfg.val_fraction} holds out no data: the "
                          "held-out part validates and calibrates the model; use e.g. 0.1")
-    history = train(model, fit, tcfg, comm=comm, validation=held_out, normalise=args.init is None,
+    history = train(model, fit, tcfg, comm=comm, validation=held_out, normalise=init is None,
                     progress=not args.quiet)
     cal = calibrate_model(model, held_out)
-    card_before = model.card
     model.card = {"data": str(args.data), "data_config": family, "model_config": mcfg,
                   "training": cfg.get("training") or {}, "seed": tcfg.seed,
                   "history": {k: history[k] for k in ("best_epoch", "time_s")},
                   "validation": relative_errors(model, held_out),
                   "calibration_points": cal.n_calibration}
-    if init is not None:
-        model.card["init"] = {"checkpoint": str(args.init),
-                              **{k: v for k, v in card_before.items()
-                                 if k in ("data", "training", "history", "init")}}
+    if earlier is not None:
+        model.card["init"] = earlier
     if comm.rank == 0:
         model.float().cpu().save(args.out)  # trained in float32: store it so (half the size)
         print(json.dumps({"out": str(args.out), **model.card["validation"],
