@@ -2,7 +2,8 @@
 
     neuroscale rve CONFIG.yaml [--json]                  one RVE solve: homogenized P̄ and tangent A
     neuroscale generate CONFIG.yaml --out D.h5           RVE/crystal training data (MPI, resumable)
-    neuroscale train CONFIG.yaml --data D.h5 --out M.pt  train + calibrate the operator (MPI)
+    neuroscale train CONFIG.yaml --data D.h5 [D2.h5 …] --out M.pt [--init M0.pt]
+                                                         train + calibrate the operator (MPI)
     neuroscale calibrate --model M.pt --data D.h5        split-conformal recalibration
     neuroscale evaluate --model M.pt --data D.h5 [--ood O.h5] [--json] [--plot R.png]
 """
@@ -75,6 +76,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
     generate(load_config(args.config), args.out, MPI.COMM_WORLD, progress=not args.quiet)
 
 
+def training_data(paths: list[str], resolution: int | None):
+    """One :class:`TrainingData` of the data sets at ``paths``, which must share their material
+    family (every generate key but ``microstructure`` and ``loads``); the first one's config
+    stands for all."""
+    from neuroscale_couple.training import TrainingData
+
+    parts = [TrainingData.from_h5(path, resolution) for path in paths]
+    family = {k: v for k, v in parts[0].config.items() if k not in ("microstructure", "loads")}
+    for path, part in zip(paths[1:], parts[1:], strict=True):
+        other = {k: v for k, v in part.config.items() if k not in ("microstructure", "loads")}
+        if other != family:
+            keys = sorted(k for k in family.keys() | other.keys() if family.get(k) != other.get(k))
+            raise InputError(f"--data {path} is of another material family than {paths[0]} "
+                             f"(they differ in {', '.join(keys)}): train together only data sets "
+                             "of one family")
+    return parts[0] if len(parts) == 1 else TrainingData.concat(parts)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
@@ -83,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from neuroscale_couple.operators.base import load_operator
     from neuroscale_couple.operators.crystal import CrystalConfig, CrystalOperator, family_json
     from neuroscale_couple.operators.sano import SANO, SANOConfig
-    from neuroscale_couple.training import TrainConfig, TrainingData, relative_errors, train
+    from neuroscale_couple.training import TrainConfig, relative_errors, train
 
     cfg = load_config(args.config)
     comm = MPI.COMM_WORLD
@@ -101,18 +120,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                    **{k: v for k, v in init.card.items() if k in kept}}
     resolution = init.input_resolution if init is not None else int(
         mcfg.get("resolution", SANOConfig.resolution))
-    data = TrainingData.from_h5(args.data, resolution)
+    data = training_data(args.data, resolution)
     family = data.config
-    if "crystal" in family:  # descriptors, not images: the crystal operator
-        mcfg.update(n_features=data.images.shape[1], family=family_json(family["crystal"]))
-        make = lambda: CrystalOperator(CrystalConfig.from_dict(mcfg))  # noqa: E731
-    else:
-        phases = {name: Phase.from_config(family[name], name) if name in family else default
-                  for name, default in (("matrix", EPOXY_LIKE_MATRIX),
-                                        ("fibre", GLASS_LIKE_FIBRE))}
-        mcfg.update(law=family.get("law", "neo_hookean"),
-                    **{name: (p.E, p.nu) for name, p in phases.items()})
-        make = lambda: SANO(SANOConfig.from_dict(mcfg))  # noqa: E731
     import torch
 
     from neuroscale_couple.parallel import device_for_rank
@@ -120,11 +129,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     torch.manual_seed(tcfg.seed)
     device = device_for_rank(comm)
     logging.getLogger(__name__).info("rank %d trains on %s", comm.rank, device)
-    if init is None:
-        model = make().to(device)
-    else:
+    if init is not None:
         init.check_family(family)  # the data must be of the family the checkpoint learnt
         model = init.to(device)
+    elif "crystal" in family:  # descriptors, not images: the crystal operator
+        mcfg.update(n_features=data.images.shape[1], family=family_json(family["crystal"]))
+        model = CrystalOperator(CrystalConfig.from_dict(mcfg)).to(device)
+    else:
+        phases = {name: Phase.from_config(family[name], name) if name in family else default
+                  for name, default in (("matrix", EPOXY_LIKE_MATRIX),
+                                        ("fibre", GLASS_LIKE_FIBRE))}
+        mcfg.update(law=family.get("law", "neo_hookean"),
+                    **{name: (p.E, p.nu) for name, p in phases.items()})
+        model = SANO(SANOConfig.from_dict(mcfg)).to(device)
     fit, held_out = data.split(tcfg.val_fraction, tcfg.seed)
     if not len(held_out):
         raise InputError(f"training.val_fraction={tcfg.val_fraction} holds out no data: the "
@@ -132,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     history = train(model, fit, tcfg, comm=comm, validation=held_out, normalise=init is None,
                     progress=not args.quiet)
     cal = calibrate_model(model, held_out)
-    model.card = {"data": str(args.data), "data_config": family, "model_config": mcfg,
+    model.card = {"data": ", ".join(args.data), "data_config": family, "model_config": mcfg,
                   "training": cfg.get("training") or {}, "seed": tcfg.seed,
                   "history": {k: history[k] for k in ("best_epoch", "time_s")},
                   "validation": relative_errors(model, held_out),
@@ -234,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("train", help="train the operator on a data set, then calibrate it")
     p.add_argument("config", help="YAML config with `model:` and `training:` mappings")
-    p.add_argument("--data", required=True, help="HDF5 data set from `neuroscale generate`")
+    p.add_argument("--data", required=True, nargs="+", help="HDF5 data set(s) from `neuroscale "
+                   "generate` (several: of one material family, trained on together)")
     p.add_argument("--out", required=True, help="model checkpoint to write (.pt)")
     p.add_argument("--init", help="checkpoint to go on training (fine-tuning: config without "
                    "`model:`)")

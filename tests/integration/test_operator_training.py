@@ -218,6 +218,23 @@ def test_cli_train_calibrate_evaluate(tmp_path, capsys):
     assert tuned.card["init"]["training"]["epochs"] == 3 and tuned.card["training"]["epochs"] == 2
     moved = [k for k, v in tuned.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
     assert "sigma_ref" not in moved and any(k.startswith("energy") for k in moved), moved
+    # several data sets of one material family train together; one of another family is refused
+    more = dict(data, microstructure=dict(data["microstructure"], count=4, seed=21))
+    generate(more, tmp_path / "d2.h5", MPI.COMM_SELF, progress=False)
+    both = [str(tmp_path / "d.h5"), str(tmp_path / "d2.h5")]
+    assert main(["train", str(tmp_path / "f.yaml"), "--init", str(tmp_path / "m.pt"), "--data",
+                 *both, "--out", str(tmp_path / "f2.pt"), "--quiet"]) == 0
+    capsys.readouterr()
+    card2 = SANO.from_checkpoint(tmp_path / "f2.pt").card
+    assert card2["data"] == ", ".join(both)
+    assert card2["calibration_points"] > tuned.card["calibration_points"]
+    other = dict(more, matrix={"E": 4.0, "nu": 0.35},
+                 microstructure=dict(data["microstructure"], count=1))
+    generate(other, tmp_path / "d3.h5", MPI.COMM_SELF, progress=False)
+    assert main(["train", str(tmp_path / "f.yaml"), "--init", str(tmp_path / "m.pt"), "--data",
+                 both[0], str(tmp_path / "d3.h5"), "--out", str(tmp_path / "f3.pt"),
+                 "--quiet"]) == 2
+    assert "they differ in matrix" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "t.yaml"), "--init", str(tmp_path / "m.pt"), "--data",
                  str(tmp_path / "d.h5"), "--out", str(tmp_path / "g.pt"), "--quiet"]) == 2
     assert "checkpoint fixes the architecture" in capsys.readouterr().err
