@@ -262,7 +262,8 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
         "reference": coupler.policy.classic, "retrain": not args.no_retrain,
         "steps": history, "total_time_s": time.perf_counter() - t_start,
         "setup_time_s": t_steps - t_start, "steps_time_s": t_output - t_steps,
-        "micro_time_s": sum(h["fine_time_s"] + h["operator_time_s"] for h in history),
+        "micro_time_s": sum(h["fine_time_s"] + h["operator_time_s"] + h.get("encode_time_s", 0.0)
+                            for h in history),
         "fallback_rate": sum(h["fallback_points"] for h in history)
         / (len(history) * problem.n_points),
         "newton_iterations": [h["newton_iterations"] for h in history],

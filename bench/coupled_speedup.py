@@ -100,7 +100,8 @@ def main(example: str, name: str, title: str, description: str, *, mesh_size: st
                  | {k: s[name].get(k) for k in ("rel_l2_displacement", "rel_l2_stress")}
                  | {"retrain_time_s": sum(h["retrain_time_s"] for h in s[name]["steps"]),
                     "fine_time_s": sum(h["fine_time_s"] for h in s[name]["steps"]),
-                    "operator_time_s": sum(h["operator_time_s"] for h in s[name]["steps"])}
+                    "operator_time_s": sum(h["operator_time_s"] for h in s[name]["steps"]),
+                    "encode_time_s": sum(h.get("encode_time_s", 0.0) for h in s[name]["steps"])}
                  for name in s},
     }
     record["reference_reused"] = bool(ref.get("reused"))
@@ -116,12 +117,12 @@ def main(example: str, name: str, title: str, description: str, *, mesh_size: st
 
     print(f"\n{title} on {args.np} ranks: {ref['dofs']} macro dofs, {ref['quadrature_points']} "
           f"quadrature points, {args.steps} steps to stretch {args.stretch}")
-    print(f"{'run':<15}{'total s':>9}{'micro s':>9}{'fine s':>8}{'retrain s':>10}"
+    print(f"{'run':<15}{'total s':>9}{'micro s':>9}{'encode s':>9}{'fine s':>8}{'retrain s':>10}"
           f"{'fallback':>9}{'err u':>9}{'err P':>9}  Newton/step")
     for name, r in record["runs"].items():
         eu, es = r["rel_l2_displacement"], r["rel_l2_stress"]
         print(f"{name:<15}{r['total_time_s']:9.1f}{r['micro_time_s']:9.2f}"
-              f"{r['fine_time_s']:8.2f}{r['retrain_time_s']:10.1f}{r['fallback_rate']:9.3f}"
+              f"{r['encode_time_s']:9.2f}{r['fine_time_s']:8.2f}{r['retrain_time_s']:10.1f}{r['fallback_rate']:9.3f}"
               f"{'' if eu is None else f'{eu:9.2e}':>9}{'' if es is None else f'{es:9.2e}':>9}"
               f"  {r['newton_iterations']}")
     print(f"speed-up total {record['speedup_total']:.1f}× (operator only "

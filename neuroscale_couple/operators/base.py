@@ -9,6 +9,7 @@ the check that a fine solver's material family is the one the model was trained 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -75,6 +76,20 @@ class CoarseGrainingOperator(nn.Module):
         """Raise :class:`InputError` if the fine solver's material ``family`` config is not the
         one the model was trained for."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def latents(self, structures: Sequence, batch: int = 64) -> torch.Tensor:
+        """Latents z (B, latent) of B structures, in the model's dtype.
+
+        Encoded in float32, the precision the encoder is trained in (online retraining leaves it
+        frozen): a float64 model encodes through a float32 copy, about twice as fast, changing z
+        by ~1e-7 relative.
+        """
+        dtype = next(self.parameters()).dtype
+        encoder = self if dtype == torch.float32 else copy.deepcopy(self).float()
+        inputs = encoder.structure_inputs(structures)
+        return torch.cat([encoder.encode(inputs[i:i + batch])[0]
+                          for i in range(0, len(inputs), batch)]).to(dtype)
 
     @property
     def input_resolution(self) -> int | None:

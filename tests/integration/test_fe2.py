@@ -334,6 +334,11 @@ def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain,
     assert len(again["steps"]) == 4
     versions = [h["model_version"] for h in again["steps"]]
     assert versions == [h["model_version"] for h in clean["steps"]]
+    # encoding the microstructures is micro work, done again by the restarted run
+    assert [h["encode_time_s"] > 0 for h in clean["steps"]] == [True, False, False, False]
+    assert [h["encode_time_s"] > 0 for h in again["steps"]] == [True, False, True, False]
+    assert again["micro_time_s"] == pytest.approx(sum(
+        h["fine_time_s"] + h["operator_time_s"] + h["encode_time_s"] for h in again["steps"]))
     # cold RVE starts after the restart change the retraining data at the RVE solver tolerance
     rel = 1e-9 if retrain == "--no-retrain" else 1e-6
     if retrain == "--background-retrain":

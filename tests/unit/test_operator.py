@@ -67,6 +67,15 @@ def test_head_is_objective_balanced_and_stress_free(model, images):
     assert torch.all(torch.linalg.eigvalsh(out["cov"]) > 0)
 
 
+def test_latents_are_encoded_in_float32_and_returned_in_the_model_dtype(model, images):
+    structures = [random_fibres(0.3, 3, seed=s) for s in range(4)]
+    z = model.latents(structures, batch=3)
+    with torch.no_grad():
+        exact = model.encode(images)[0]
+    assert z.dtype == torch.float64 and next(model.parameters()).dtype == torch.float64
+    assert 0 < float((z - exact).norm() / exact.norm()) < 1e-5  # float32 round-off, no more
+
+
 def test_tangent_matches_finite_differences(model, images):
     z = model.encode(images)[0]
     F = random_F(4, seed=1)
