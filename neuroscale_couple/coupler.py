@@ -190,7 +190,8 @@ class Coupler(FineSolver):
         if model is not None:
             self.model = model.to(self.device, dtype).eval()
             self.version = int(model.card.get("online_version", 0))
-            log.info("rank %d: operator on %s", comm.rank, self.device)
+            log.info("rank %d: operator on %s (%d torch threads)", comm.rank, self.device,
+                     torch.get_num_threads())
         use = retrain is not None and retrain.enabled and replay_dir and model is not None
         self.retrainer = Retrainer(retrain, comm, replay_dir=replay_dir,
                                    model_path=model_path) if use else None

@@ -6,6 +6,8 @@ entering collective code.
 
 from __future__ import annotations
 
+import os
+
 from mpi4py import MPI
 
 import numpy as np
@@ -30,15 +32,22 @@ def any_rank(flag: bool, comm: MPI.Comm) -> bool:
 
 
 def device_for_rank(comm: MPI.Comm) -> str:
-    """``cuda:(local rank mod n_gpus)`` where CUDA devices exist, else ``cpu``."""
+    """``cuda:(local rank mod n_gpus)`` where CUDA devices exist, else ``cpu``.
+
+    On the CPU the ranks sharing a node split its cores: each gets
+    max(1, cores // local ranks) torch threads (torch's default, all cores per rank, would run
+    ranks × cores threads). ``OMP_NUM_THREADS`` set by the user takes precedence. Collective.
+    """
     import torch
 
-    if not torch.cuda.is_available():
-        return "cpu"
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    device = f"cuda:{local.rank % torch.cuda.device_count()}"
+    local_rank, local_size = local.rank, local.size
     local.Free()
-    return device
+    if torch.cuda.is_available():
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    if local_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_size))
+    return "cpu"
 
 
 def init_torch_distributed(comm: MPI.Comm) -> bool:

@@ -1,10 +1,12 @@
-"""Atomic writes and round-robin work distribution."""
+"""Atomic writes, round-robin work distribution, and rank → device (threads on the CPU)."""
+
+import os
 
 from mpi4py import MPI
 
 import pytest
 
-from neuroscale_couple.parallel import round_robin
+from neuroscale_couple.parallel import device_for_rank, round_robin
 from neuroscale_couple.store import atomic_write
 
 
@@ -35,3 +37,30 @@ def test_round_robin_covers_every_item_once_with_equal_rounds():
     seen = sorted(i for rounds in per_rank for i in rounds if i is not None)
     assert seen == items
     assert round_robin(items, MPI.COMM_SELF) == items
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("omp", [None, "1"])
+def test_ranks_on_a_node_split_its_cores_unless_the_user_set_threads(monkeypatch, omp):
+    """On the CPU each of the k ranks on a node runs cores // k torch threads (at least one);
+    OMP_NUM_THREADS, where set, is left to rule."""
+    import torch
+
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    k = local.size
+    local.Free()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(len(os.sched_getaffinity(0)) + 1)  # oversubscribed, as by default
+        device = device_for_rank(MPI.COMM_WORLD)
+        if device != "cpu":
+            pytest.skip("ranks run on GPUs here")
+        split = omp is None and k > 1
+        assert torch.get_num_threads() == (max(1, len(os.sched_getaffinity(0)) // k) if split
+                                           else len(os.sched_getaffinity(0)) + 1)
+    finally:
+        torch.set_num_threads(before)
