@@ -21,6 +21,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="DOLFINx is not installed"))
         if "skip_in_parallel" in item.keywords and MPI.COMM_WORLD.size > 1:
             item.add_marker(pytest.mark.skip(reason="serial-only test"))
+        if "parallel_only" in item.keywords and MPI.COMM_WORLD.size == 1:
+            item.add_marker(pytest.mark.skip(
+                reason="compares a run on all ranks with a serial one: run under mpiexec -n 2"))
 
 
 @pytest.fixture

@@ -155,6 +155,7 @@ TOL_RANKS = 0.012
 
 
 @pytest.mark.mpi
+@pytest.mark.parallel_only
 @pytest.mark.parametrize("retrain", [False, True, "background"])
 def test_one_and_two_ranks_agree(mpi_tmp_path, retrain):
     """The same FE² run (operator + fallback, without, with and with background online

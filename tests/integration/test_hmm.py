@@ -76,6 +76,7 @@ def test_tol_zero_reproduces_reference_and_operator_agrees_in_range(crystal):
 
 
 @pytest.mark.mpi
+@pytest.mark.parallel_only
 @pytest.mark.parametrize("retrain", [False, True])
 def test_one_and_two_ranks_agree(mpi_tmp_path, crystal, retrain):
     """Loading beyond the training ball (fallback from the first step, and with ``retrain`` a
