@@ -25,6 +25,10 @@ from neuroscale_couple.errors import InputError
 from neuroscale_couple.operators.base import CoarseGrainingOperator, dataclass_from_dict
 
 FAMILY_KEYS = ("element", "lattice", "a0", "supercell", "vacancies", "calculator")
+A0_RTOL = 1e-6
+"""Relative tolerance on the lattice constant a₀ in :meth:`CrystalOperator.check_family`: a₀ comes
+from a relaxation (``equilibrium_lattice_constant``), reproducible to ~1e-8 across machines and
+BLAS threads (2e-9 seen), while another crystal or calculator moves it by 1e-3 or more."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,13 @@ class CrystalConfig:
         if isinstance(d.get("family"), dict):
             d["family"] = family_json(d["family"])
         return dataclass_from_dict(cls, d)
+
+
+def _same(key: str, trained, given) -> bool:
+    """Whether the fine solver's value of a family key is the model's (a₀ to ``A0_RTOL``)."""
+    if key == "a0" and all(isinstance(a, int | float) for a in (trained, given)):
+        return abs(given - trained) <= A0_RTOL * abs(trained)
+    return given == trained
 
 
 def family_json(config: dict) -> str:
@@ -90,10 +101,11 @@ class CrystalOperator(CoarseGrainingOperator):
 
     def check_family(self, family: dict) -> None:
         """Raise :class:`InputError` unless the fine solver's crystal config agrees with the
-        training crystal on every key of ``FAMILY_KEYS`` the model records."""
+        training crystal on every key of ``FAMILY_KEYS`` the model records (a₀ to
+        :data:`A0_RTOL`)."""
         trained = json.loads(self.config.family)
         given = json.loads(family_json(family))
-        bad = {k: (v, given.get(k)) for k, v in trained.items() if given.get(k) != v}
+        bad = {k: (v, given.get(k)) for k, v in trained.items() if not _same(k, v, given.get(k))}
         if bad:
             detail = "; ".join(f"{k}: model {v!r}, solver {g!r}" for k, (v, g) in bad.items())
             raise InputError(f"the model was trained for another crystal ({detail}): use a "

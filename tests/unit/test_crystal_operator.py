@@ -61,6 +61,10 @@ def test_objective_balanced_energy_consistent(model):
 
 def test_family_mismatch_and_bad_descriptors_are_refused(model):
     model.check_family(dict(FAMILY, temperature=300.0))  # temperature is a descriptor, not family
+    # a0 from another relaxation of the same crystal (2e-9 apart seen) is the same crystal
+    model.check_family(dict(FAMILY, a0=FAMILY["a0"] * (1 + 2e-8)))
+    with pytest.raises(InputError, match="a0: model 3.59, solver 3.5935"):
+        model.check_family(dict(FAMILY, a0=3.5935))
     with pytest.raises(InputError, match="vacancies: model 1, solver 0"):
         model.check_family(dict(FAMILY, vacancies=0))
     with pytest.raises(InputError, match="calculator"):
