@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/rve_solve.py
 	$(PY) bench/operator.py
 	$(PY) bench/fe2_speedup.py --np $(NP)
+	$(PY) bench/encode.py
 	$(PY) bench/hmm_speedup.py --np $(NP)
 
 # Regenerate the shipped operator from scratch with the project's own RVE solver and trainer
