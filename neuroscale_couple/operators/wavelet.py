@@ -42,10 +42,10 @@ def haar_dwt2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             f"haar_dwt2 got a tensor of shape {tuple(x.shape)}: the last two (spatial) axes must "
             "both have even size; crop or resample the field to an even grid"
         )
-    # Rows first, then columns: sums s = (a + c | b + d) and differences d = (a - c | b - d)
+    # Rows first, then columns: row sums (a + c, b + d) and row differences (a - c, b - d),
     # interleaved along x. Twice as fast as combining the four strided quarter views directly.
-    s, d = x[..., 0::2, :] + x[..., 1::2, :], x[..., 0::2, :] - x[..., 1::2, :]
-    s0, s1, d0, d1 = s[..., 0::2], s[..., 1::2], d[..., 0::2], d[..., 1::2]
+    sums, diffs = x[..., 0::2, :] + x[..., 1::2, :], x[..., 0::2, :] - x[..., 1::2, :]
+    s0, s1, d0, d1 = sums[..., 0::2], sums[..., 1::2], diffs[..., 0::2], diffs[..., 1::2]
     return (s0 + s1) / 2, torch.stack([d0 + d1, s0 - s1, d0 - d1], dim=-3) / 2
 
 
