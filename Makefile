@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut 
 NP     ?= 2
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: venv demo demo-hmm test test-serial test-mpi lint bench model hmm-model clean
+.PHONY: venv demo demo-hmm test test-fast test-serial test-mpi lint docs bench model hmm-model clean
 
 venv: $(STAMP)
 
@@ -14,6 +14,8 @@ $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || "$$(scripts/find-python)" -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[all]"
+	@# DOLFINx needs the venv's MPICH loaded first: this lets a script start with `import dolfinx`
+	cp scripts/neuroscale-libmpi.pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
@@ -25,6 +27,10 @@ demo-hmm: $(STAMP)
 
 test: test-serial test-mpi
 
+# The inner loop: unit tests and light integration tests (no `slow` marker), a few minutes.
+test-fast: $(STAMP)
+	$(PYTEST) tests -q -m "not slow"
+
 test-serial: $(STAMP)
 	$(PYTEST) tests -q
 
@@ -33,6 +39,11 @@ test-mpi: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The user's guide as HTML in out/site (tables of docs/benchmarks.md made from bench/results).
+docs: $(STAMP)
+	$(PY) scripts/benchmarks_doc.py
+	$(VENV)/bin/mkdocs build --strict --site-dir out/site
 
 bench: $(STAMP)
 	$(PY) bench/rve_solve.py

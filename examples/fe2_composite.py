@@ -1,23 +1,31 @@
 """FE² of a functionally graded fibre composite plate with a hole, RVEs done by the operator.
 
+It illustrates how to:
+
+- give every macro quadrature point its own microstructure (drawn from its partition-free id);
+- build a :class:`~neuroscale_couple.coupler.Coupler` of the trained operator with fallback to
+  the true periodic RVE solver and online retraining;
+- plug it into a DOLFINx ``NonlinearProblem`` with ``MicroStress`` (in ``plate_with_hole.py``)
+  and step the load with cut-back and checkpoints (``LoadStepper``).
+
 Macro problem (plane strain, quarter of a square plate of width 2 with a central hole of radius
 0.3, symmetry on x = 0 and y = 0): find u with u·n = 0 on the symmetry edges, u_x = δ(t) on x = 1,
 
     ∫ P̄(F̄) : ∇v dx = 0,   F̄ = I + ∇u,
 
 where P̄(F̄) at every quadrature point is the homogenized stress of its own random periodic
-microstructure: Neo-Hookean glass-like fibres in an epoxy-like matrix, fibre fraction graded from
-0.15 at the hole to 0.45 at the loaded edge. The Coupler answers with the trained operator and
-falls back to the true periodic RVE solver wherever the calibrated uncertainty exceeds --tol.
+microstructure: Neo-Hookean glass-like fibres in an epoxy-like matrix (stresses in GPa), fibre
+fraction graded from 0.15 at the hole to 0.45 at the loaded edge. The Coupler answers with the
+trained operator and falls back to the true periodic RVE solver wherever the calibrated
+uncertainty exceeds --tol.
 
 Run: ``mpiexec -n 4 python examples/fe2_composite.py --out out/fe2``. Output in --out:
 ``summary.json``, ``fields.npz`` (per point stress/uncertainty/source, per dof u),
 ``displacement.bp`` (VTX), ``micro_fields.xdmf`` (cell stress, uncertainty, source), PNGs
 (stress, uncertainty and fallback maps, load–displacement curve, fallback rate per step),
 ``checkpoint/`` (restart with --restart) and ``replay/`` (every fine solve; --replay-from starts a
-later run from it). The script ends by
-checking itself (every step converged, reaction force grows with the load, and, with --compare,
-the errors against a reference run).
+later run from it). The script ends by checking itself (every step converged, reaction force
+grows with the load, and, with --compare, the errors against a reference run).
 """
 
 from __future__ import annotations
@@ -27,10 +35,8 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-import dolfinx_solver  # noqa: F401  (must precede dolfinx)
 import numpy as np
-
-from neuroscale_couple.adapters.fenicsx_driver import (
+from plate_with_hole import (
     HOLE_RADIUS,
     CoupledRun,
     coupled_arguments,

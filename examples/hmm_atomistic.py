@@ -28,9 +28,7 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-import dolfinx_solver  # noqa: F401  (must precede dolfinx)
-
-from neuroscale_couple.adapters.fenicsx_driver import (
+from plate_with_hole import (
     CoupledRun,
     coupled_arguments,
     main_guard,

@@ -1,10 +1,14 @@
-"""The run of a coupled DOLFINx example, shared by the FE² and HMM examples.
+"""The loaded quarter plate with a hole shared by the FE² and HMM examples.
 
-An example adds its own flags to :func:`coupled_arguments`, builds its Coupler (fine solver,
-model, material family) and the loaded quarter plate with a hole (:func:`quarter_plate`);
-:func:`run_coupled` does the rest: restart and warm start, load stepping with progress on rank 0,
-ParaView fields (``displacement.bp``, ``micro_fields.xdmf``), ``fields.npz``, PNG figures,
-``summary.json``, the comparison with a reference run and the self-check.
+The macro problem of ``fe2_composite.py`` and ``hmm_atomistic.py`` (plane strain, quarter of a
+square plate of width 2 with a central hole of radius 0.3, symmetry on x = 0 and y = 0,
+u_x = δ(t) on x = 1), written as a user writes a DOLFINx problem — mesh, space, boundary
+conditions, residual, ``NonlinearProblem`` — with its stress from a
+:class:`~neuroscale_couple.adapters.fenicsx.MicroStress`; and what the examples share around it:
+the command line (:func:`coupled_arguments`), the run (:func:`run_example`: restart and warm
+start, load steps with progress on rank 0, ParaView fields ``displacement.bp`` and
+``micro_fields.xdmf``, ``fields.npz``, PNG figures, ``summary.json``, the comparison with a
+reference run and the self-check).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def prepare(args: argparse.Namespace):
     """Check the shared flags; return the policy, the checkpoint state to restart from (None
     for a fresh run), the model file named by ``--model`` (its anchor data sets lie next to it)
     and the model (None for a reference run; on restart, the checkpoint's model)."""
-    from neuroscale_couple.adapters.fenicsx import FE2Problem
+    from neuroscale_couple.adapters.fenicsx_steps import LoadStepper
     from neuroscale_couple.coupler import Policy
     from neuroscale_couple.operators.base import load_operator
 
@@ -90,7 +94,7 @@ def prepare(args: argparse.Namespace):
             raise InputError(f"--{flag.replace('_', '-')} and --no-retrain contradict: drop one")
     if args.steps < 1:
         raise InputError(f"--steps {args.steps}: give at least one load step")
-    state = FE2Problem.read_checkpoint(Path(args.out) / "checkpoint") if args.restart else None
+    state = LoadStepper.read_checkpoint(Path(args.out) / "checkpoint") if args.restart else None
     weights = (state or {}).get("model_file") or args.model
     model = None if policy.classic else load_operator(weights)
     return policy, state, args.model, model
@@ -104,15 +108,27 @@ def retrain_config(args: argparse.Namespace):
                          cost_aware=args.cost_aware_retrain, replay_from=tuple(args.replay_from))
 
 
-def quarter_plate(args: argparse.Namespace, coupler, structures_at: Callable,
-                  comm: MPI.Comm, quadrature_degree: int = 1, petsc_options: dict | None = None):
-    """The loaded quarter plate with a hole: symmetry on x = 0 and y = 0, u_x = t·stretch on
-    x = 1 (``petsc_options`` override the Newton settings of the FE2Problem). Returns the
-    :class:`~neuroscale_couple.adapters.fenicsx.FE2Problem`, the load function t ↦ boundary
-    values and the dofs of the loaded edge."""
-    from dolfinx import fem, mesh
+NEWTON = {"snes_type": "newtonls", "snes_linesearch_type": "basic", "snes_rtol": 1e-9,
+          "snes_atol": 1e-10, "snes_stol": 0.0, "snes_max_it": 15, "ksp_type": "preonly",
+          "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"}
 
-    from neuroscale_couple.adapters.fenicsx import FE2Problem
+
+def quarter_plate(args: argparse.Namespace, coupler, structures_at: Callable,
+                  comm: MPI.Comm, petsc_options: dict | None = None):
+    """The loaded quarter plate with a hole, P1 displacement:
+
+        ∫ P̄(F̄) : ∇v dx = 0,   u_x = 0 on x = 0,  u_y = 0 on y = 0,  u_x = t · stretch on x = 1,
+
+    P̄ from ``coupler`` at each quadrature point, whose microstructure ``structures_at(x, ids)``
+    gives. Newton settings :data:`NEWTON`, overridden by ``petsc_options``. Returns the
+    :class:`~neuroscale_couple.adapters.fenicsx_steps.LoadStepper` of the problem, the load
+    function t ↦ boundary values and the dofs of the loaded edge."""
+    import ufl
+    from dolfinx import fem, mesh
+    from dolfinx.fem.petsc import NonlinearProblem
+
+    from neuroscale_couple.adapters.fenicsx import MicroStress
+    from neuroscale_couple.adapters.fenicsx_steps import LoadStepper
 
     msh = plate_with_hole(comm, mesh_size(args.mesh_size), HOLE_RADIUS)
     V = fem.functionspace(msh, ("Lagrange", 1, (2,)))
@@ -129,13 +145,17 @@ def quarter_plate(args: argparse.Namespace, coupler, structures_at: Callable,
     bcs = [fem.dirichletbc(0.0, dofs["left"], V.sub(0)),
            fem.dirichletbc(0.0, dofs["bottom"], V.sub(1)),
            fem.dirichletbc(delta, dofs["right"], V.sub(0))]
-    problem = FE2Problem(u, bcs, coupler, structures_at, quadrature_degree=quadrature_degree,
-                         petsc_options=petsc_options)
+    # The plug-in: P̄ and its tangent from the Coupler at each quadrature point of u.
+    micro = MicroStress(u, coupler, structures_at)
+    residual = ufl.inner(micro.stress, ufl.grad(ufl.TestFunction(V))) * micro.dx
+    problem = NonlinearProblem(residual, u, bcs=bcs, petsc_options_prefix="plate_",
+                               petsc_options={**NEWTON, **(petsc_options or {})})
+    micro.attach(problem)
 
     def set_load(t: float) -> None:
         delta.value = args.stretch * t
 
-    return problem, set_load, dofs["right"]
+    return LoadStepper(problem, micro), set_load, dofs["right"]
 
 
 def plate_with_hole(comm: MPI.Comm, h: float, radius: float):
@@ -179,7 +199,7 @@ def plate_with_hole(comm: MPI.Comm, h: float, radius: float):
 class CoupledRun:
     """What an example hands to :func:`run_coupled`.
 
-    problem : the :class:`~neuroscale_couple.adapters.fenicsx.FE2Problem`.
+    problem : the :class:`~neuroscale_couple.adapters.fenicsx_steps.LoadStepper` of the plate.
     coupler : its :class:`~neuroscale_couple.coupler.Coupler`.
     set_load : load factor t ∈ (0, 1] → boundary values.
     reaction_dofs : dofs whose reaction force is recorded per step.
@@ -215,7 +235,10 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
     ``setup_time_s`` passed before the first load step (imports, model, meshes, latents) and
     ``steps_time_s`` in the load steps; the rest is output (fields, checkpoints closed).
     """
+    from neuroscale_couple.adapters.fenicsx_steps import displacement_norm
+
     problem, coupler = run.problem, run.coupler
+    micro = problem.micro
     out = Path(args.out)
     t_start = time.perf_counter() if t_start is None else t_start
     if comm.rank == 0:
@@ -231,16 +254,16 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
         LOG.info("operator fine-tuned on %s: model version %d", ", ".join(args.replay_from),
                  coupler.version)
     LOG.info("macro: %d dofs, %d quadrature points (one fine problem each), %d ranks; tol %s",
-             problem.dofs, problem.n_points, comm.size, coupler.policy.tol)
+             problem.dofs, micro.n_points, comm.size, coupler.policy.tol)
 
     def on_step(record: dict) -> None:
-        record["reaction_force"] = problem.reaction(run.reaction_dofs)
-        record["n_points"] = problem.n_points
+        record["reaction_force"] = micro.reaction(run.reaction_dofs)
+        record["n_points"] = micro.n_points
         LOG.info("step %d  load %.3f  Newton %d (|R| %s)  fallback %d/%d  fine %.1f s  "
                  "operator %.3f s  retrain %.1f s  model v%d  reaction %.5g", record["step"],
                  record["load"], record["newton_iterations"],
                  " ".join(f"{r:.1e}" for r in record["residuals"][-1]),
-                 record["fallback_points"], problem.n_points, record["fine_time_s"],
+                 record["fallback_points"], micro.n_points, record["fine_time_s"],
                  record["operator_time_s"], record["retrain_time_s"], record["model_version"],
                  record["reaction_force"])
 
@@ -251,13 +274,12 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
     history = problem.run(loads, run.set_load, checkpoint_dir=out / "checkpoint",
                           restart=args.restart, on_step=on_step, model_saver=saver)
     t_output = time.perf_counter()
-    u_norm = comm.allreduce(float(np.sum(problem.u.x.array[
-        : 2 * problem.u.function_space.dofmap.index_map.size_local] ** 2))) ** 0.5
-    fields = gather_fields(problem)
-    write_fields(problem, out)
+    u_norm = displacement_norm(micro.u)
+    fields = gather_fields(micro)
+    write_fields(micro, out)
     coupler.close()
     summary = {
-        "dofs": problem.dofs, "quadrature_points": problem.n_points, "ranks": comm.size,
+        "dofs": problem.dofs, "quadrature_points": micro.n_points, "ranks": comm.size,
         "tol": coupler.policy.tol, "confidence": coupler.policy.confidence,
         "reference": coupler.policy.classic, "retrain": not args.no_retrain,
         "steps": history, "total_time_s": time.perf_counter() - t_start,
@@ -265,7 +287,7 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
         "micro_time_s": sum(h["fine_time_s"] + h["operator_time_s"] + h.get("encode_time_s", 0.0)
                             for h in history),
         "fallback_rate": sum(h["fallback_points"] for h in history)
-        / (len(history) * problem.n_points),
+        / (len(history) * micro.n_points),
         "newton_iterations": [h["newton_iterations"] for h in history],
         "displacement_norm": u_norm, "reaction_force": history[-1]["reaction_force"],
         "model_version": coupler.version,
@@ -283,18 +305,18 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
     return summary
 
 
-def gather_fields(problem) -> dict | None:
-    """Point-wise and dof-wise results on rank 0 (None elsewhere)."""
-    n = len(problem.point_ids)
-    V = problem.u.function_space
+def gather_fields(micro) -> dict | None:
+    """Point-wise and dof-wise results of a :class:`MicroStress` on rank 0 (None elsewhere)."""
+    n = len(micro.point_ids)
+    V = micro.u.function_space
     n_own = V.dofmap.index_map.size_local
-    local = {"point_id": problem.point_ids, "x_point": problem.points,
-             "stress": problem.stress.x.array[: 4 * n].reshape(-1, 2, 2).copy(),
-             "uncertainty": problem.uncertainty.x.array[:n].copy(),
-             "source": problem.source.x.array[:n].copy(),
+    local = {"point_id": micro.point_ids, "x_point": micro.points,
+             "stress": micro.P.x.array[: 4 * n].reshape(-1, 2, 2).copy(),
+             "uncertainty": micro.bound.x.array[:n].copy(),
+             "source": micro.source.x.array[:n].copy(),
              "x_dof": V.tabulate_dof_coordinates()[:n_own, :2],
-             "u": problem.u.x.array[: 2 * n_own].reshape(-1, 2).copy()}
-    parts = problem.comm.gather(local, root=0)
+             "u": micro.u.x.array[: 2 * n_own].reshape(-1, 2).copy()}
+    parts = micro.comm.gather(local, root=0)
     if parts is None:
         return None
     out = {k: np.concatenate([p[k] for p in parts]) for k in local}
@@ -306,20 +328,20 @@ def gather_fields(problem) -> dict | None:
     return out
 
 
-def write_fields(problem, out: Path) -> None:
+def write_fields(micro, out: Path) -> None:
     """VTX displacement and XDMF cell fields for ParaView."""
     from dolfinx import fem, io
 
-    msh = problem.mesh
-    with io.VTXWriter(msh.comm, str(out / "displacement.bp"), [problem.u]) as vtx:
+    msh = micro.mesh
+    with io.VTXWriter(msh.comm, str(out / "displacement.bp"), [micro.u]) as vtx:
         vtx.write(0.0)
     cells = {}
-    for name, f, shape, red in (("stress", problem.stress, (2, 2), "mean"),
-                                ("uncertainty", problem.uncertainty, (), "max"),
-                                ("source", problem.source, (), "max")):
+    for name, f, shape, red in (("stress", micro.P, (2, 2), "mean"),
+                                ("uncertainty", micro.bound, (), "max"),
+                                ("source", micro.source, (), "max")):
         Q = fem.functionspace(msh, ("DG", 0, shape) if shape else ("DG", 0))
         g = fem.Function(Q, name=name)
-        vals = problem.cell_average(f, red)
+        vals = micro.cell_average(f, red)
         g.x.array[: vals.size] = vals.ravel()
         g.x.scatter_forward()
         cells[name] = g

@@ -166,11 +166,12 @@ class Coupler(FineSolver):
                  comm: MPI.Comm = MPI.COMM_WORLD, replay_dir: str | Path | None = None,
                  retrain: RetrainConfig | None = None, model_path: str | Path | None = None,
                  cache_size: int = 128, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
         self.policy = policy or Policy()
         self.comm = comm
         if model is None and not self.policy.classic:
-            raise InputError(f"tol={self.policy.tol} needs a trained model: give --model, or "
-                             "use tol=0 (classic FE²)")
+            raise InputError(f"tol={self.policy.tol} needs a trained model: give a calibrated "
+                             "operator, or use tol=0 (classic FE²)")
         if model is not None:  # all checks before the first collective call
             if not self.policy.classic and not math.isinf(self.policy.tol):
                 if not model.calibration:
@@ -216,6 +217,22 @@ class Coupler(FineSolver):
         self._cal: Calibration | None = None
         self._cal_version = -1
         self.stats = self._empty_stats()
+
+    @classmethod
+    def from_config(cls, config: str | Path | dict, *, comm: MPI.Comm = MPI.COMM_WORLD
+                    ) -> Coupler:
+        """A Coupler from a YAML file (or mapping) with the keys
+
+        ``model`` (the operator file, relative to the YAML's folder; ``none``: classic FE²),
+        ``fine`` (``kind: rve`` with the periodic RVE's ``law``, ``matrix: {E, nu}``,
+        ``fibre: {E, nu}``, ``mesh: {size, degree}``; or ``kind: cauchy_born`` with the crystal
+        keys), ``policy`` (:class:`Policy` fields; ``tol`` defaults to 0.05 with a model, 0
+        without), ``retrain`` (:class:`~neuroscale_couple.retraining.RetrainConfig` fields),
+        ``replay_dir``, ``cache_size``, ``dtype`` (float64 or float32). Unknown keys are refused
+        with the nearest known one named."""
+        from neuroscale_couple.config import coupler_from_config
+
+        return coupler_from_config(config, comm)
 
     # ------------------------------------------------------------------ set-up
     def register(self, point_ids: Sequence[int], microstructures: Sequence) -> None:

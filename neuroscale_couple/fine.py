@@ -40,9 +40,20 @@ class MicroResult:
 
 
 class FineSolver(ABC):
-    """A solver mapping macro deformation gradients F̄ to homogenized stress and tangent."""
+    """A solver mapping macro deformation gradients F̄ to homogenized stress and tangent.
+
+    Besides :meth:`solve`, the contract has an optional lifecycle whose defaults do nothing:
+    :meth:`register` (structures of the points), :meth:`begin_step` / :meth:`end_step` (load
+    step boundaries), :meth:`checkpoint_state` / :meth:`restore_state` (restart) and
+    :meth:`close`. ``states`` holds the warm-start state of each point id (empty for a solver
+    that keeps none); a cache of solvers moves them between instances.
+    """
 
     implemented_properties: tuple[str, ...] = ("stress", "tangent")
+    states: dict[Hashable, object]
+
+    def __init__(self) -> None:
+        self.states = {}
 
     @abstractmethod
     def solve(
@@ -64,6 +75,27 @@ class FineSolver(ABC):
         fields_resolution : if given, sample micro fields on an r×r grid.
         """
 
+    def register(self, point_ids: Sequence[Hashable], structures: Sequence) -> None:  # noqa: B027  (an optional hook)
+        """Attach a structure to each point id of this rank (a solver of one structure has
+        nothing to do)."""
+
+    def begin_step(self, step: int) -> None:  # noqa: B027  (an optional hook)
+        """Start load step ``step`` (again after a cut-back); never inside a Newton solve."""
+
+    def end_step(self, steps_left: int | None = None) -> dict:
+        """End the current load step (collective); returns the step's figures (none here)."""
+        return {}
+
+    def checkpoint_state(self) -> dict:
+        """What a restart needs besides the model file, JSON-serialisable (nothing here)."""
+        return {}
+
+    def restore_state(self, state: dict) -> None:  # noqa: B027  (an optional hook)
+        """Resume from :meth:`checkpoint_state` (collective)."""
+
+    def close(self) -> None:  # noqa: B027  (an optional hook)
+        """Release what the solver holds (PETSc objects, communicators, threads)."""
+
 
 class SolverCache:
     """A bounded least-recently-used set of fine solvers, one per microstructure key.
@@ -75,8 +107,8 @@ class SolverCache:
     live solver was used in this pass — a pass over more solvers than fit, as classic FE² on more
     than ``capacity`` points per rank — it closes the one used last, so ``capacity`` − 1 stay
     live across passes instead of each being rebuilt (least-recently-used eviction would miss on
-    every solve of such a cyclic sweep). The warm-start states of an evicted solver (its public
-    ``states`` dict, when it has one) are kept and handed to the solver rebuilt for the same key.
+    every solve of such a cyclic sweep). The warm-start states of an evicted solver (its
+    ``states``) are kept and handed to the solver rebuilt for the same key.
     """
 
     def __init__(self, factory: Callable[[object], FineSolver], capacity: int = 64) -> None:
@@ -103,7 +135,7 @@ class SolverCache:
         solver = self.factory(spec)
         self.setup_time += time.perf_counter() - t0
         self.builds += 1
-        if key in self._saved and hasattr(solver, "states"):
+        if key in self._saved:
             solver.states.update(self._saved.pop(key))
         self._live[key] = solver
         while len(self._live) > self.capacity:
@@ -113,8 +145,7 @@ class SolverCache:
                 old_key = list(self._live)[-2]
             old = self._live.pop(old_key)
             del self._used[old_key]
-            if hasattr(old, "states"):
-                self._saved[old_key] = dict(old.states)
+            self._saved[old_key] = dict(old.states)
             close_solver(old)
         return solver
 
@@ -122,7 +153,7 @@ class SolverCache:
         """Remove and return the warm-start state of ``point_id`` in the solver of ``key`` (live
         or evicted); None if there is none."""
         live = self._live.get(key)
-        states = getattr(live, "states", {}) if live is not None else self._saved.get(key, {})
+        states = live.states if live is not None else self._saved.get(key, {})
         return states.pop(point_id, None)
 
     def put_state(self, key: Hashable, point_id: Hashable, state: object) -> None:
@@ -131,7 +162,7 @@ class SolverCache:
         live = self._live.get(key)
         if live is None:
             self._saved.setdefault(key, {})[point_id] = state
-        elif hasattr(live, "states"):
+        else:
             live.states[point_id] = state
 
     def new_pass(self) -> None:
@@ -151,13 +182,11 @@ _closed = 0
 
 
 def close_solver(solver: FineSolver) -> None:
-    """Release a solver's resources if it holds any (its ``close``); every ``COLLECT_EVERY``-th
-    close also collects garbage, freeing what closed solvers left in reference cycles (MPI
-    communicators among it) at a fraction of a collection per close."""
+    """Close a solver; every ``COLLECT_EVERY``-th close also collects garbage, freeing what
+    closed solvers left in reference cycles (MPI communicators among it) at a fraction of a
+    collection per close."""
     global _closed
-    close = getattr(solver, "close", None)
-    if close is not None:
-        close()
-        _closed += 1
-        if _closed % COLLECT_EVERY == 0:
-            gc.collect()
+    solver.close()
+    _closed += 1
+    if _closed % COLLECT_EVERY == 0:
+        gc.collect()

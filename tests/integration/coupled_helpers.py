@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 
+NEWTON = {"snes_type": "newtonls", "snes_linesearch_type": "basic", "snes_rtol": 1e-9,
+          "snes_atol": 1e-10, "snes_stol": 0.0, "snes_max_it": 15, "ksp_type": "preonly",
+          "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"}
+
 
 def macro_problem(comm, micro, structures, n=2, stretch=0.06, petsc_options=None):
-    """Unit square, n×n×2 triangles, clamped at x = 0, u_x = stretch·t at x = 1; ``structures``
-    maps (points, ids) to the points' fine structures."""
+    """Unit square, n×n×2 P1 triangles, clamped at x = 0, u_x = stretch·t at x = 1, its stress
+    from ``micro`` through :class:`MicroStress` (``structures`` maps (points, ids) to the
+    points' fine structures). Returns the :class:`LoadStepper` and the load function."""
+    import ufl
     from dolfinx import fem, mesh
+    from dolfinx.fem.petsc import NonlinearProblem
 
-    from neuroscale_couple.adapters.fenicsx import FE2Problem
+    from neuroscale_couple.adapters.fenicsx import MicroStress
+    from neuroscale_couple.adapters.fenicsx_steps import LoadStepper
 
     msh = mesh.create_rectangle(comm, [[0, 0], [1, 1]], [n, n], mesh.CellType.triangle)
     V = fem.functionspace(msh, ("Lagrange", 1, (2,)))
@@ -21,13 +29,16 @@ def macro_problem(comm, micro, structures, n=2, stretch=0.06, petsc_options=None
     delta = fem.Constant(msh, 0.0)
     bcs = [fem.dirichletbc(np.zeros(2), fem.locate_dofs_topological(V, 1, left), V),
            fem.dirichletbc(delta, fem.locate_dofs_topological(V.sub(0), 1, right), V.sub(0))]
-    problem = FE2Problem(u, bcs, micro, structures, quadrature_degree=1,
-                         petsc_options=petsc_options)
+    stress = MicroStress(u, micro, structures)
+    residual = ufl.inner(stress.stress, ufl.grad(ufl.TestFunction(V))) * stress.dx
+    problem = NonlinearProblem(residual, u, bcs=bcs, petsc_options_prefix=f"macro{id(u)}_",
+                               petsc_options={**NEWTON, **(petsc_options or {})})
+    stress.attach(problem)
 
     def set_load(t):
         delta.value = stretch * t
 
-    return problem, set_load
+    return LoadStepper(problem, stress), set_load
 
 
 def displacement_by_coordinates(problem):

@@ -116,41 +116,6 @@ def test_fallback_solves_are_linearised_within_a_load_step():
         assert len(r) <= len(r0) and r[-1] < 1e-12 * r[0], (r, r0)
 
 
-@pytest.mark.skip_in_parallel
-def test_homogeneous_microstructure_gives_single_scale_hyperelastic_solution():
-    """Fibres of the matrix material: FE² must equal DOLFINx Neo-Hookean hyperelasticity."""
-    import ufl
-    from dolfinx import fem
-    from dolfinx.fem.petsc import NonlinearProblem
-
-    from neuroscale_couple.materials import Phase
-    from neuroscale_couple.solvers.rve_fenicsx import first_piola
-
-    comm = MPI.COMM_SELF
-    family = dict(COMPOSITE, fibre=COMPOSITE["matrix"])
-    c = coupler(comm, 0.0, model=False, family=family)
-    problem, set_load = macro_problem(comm, c, microstructures, n=3, stretch=0.1)
-    problem.run([0.5, 1.0], set_load)
-    c.close()
-
-    V = problem.u.function_space
-    u = fem.Function(V)
-    v = ufl.TestFunction(V)
-    lmbda, mu = Phase(3.0, 0.35).lame
-    P = first_piola("neo_hookean", ufl.Identity(2) + ufl.grad(u), lmbda, mu)
-    F = ufl.inner(P, ufl.grad(v)) * ufl.dx
-    single = NonlinearProblem(F, u, bcs=problem.bcs, petsc_options_prefix="single_",
-                              petsc_options={"snes_rtol": 1e-12, "snes_atol": 1e-13,
-                                             "ksp_type": "preonly", "pc_type": "lu"})
-    for t in (0.5, 1.0):
-        set_load(t)
-        single.solve()
-        assert single.solver.getConvergedReason() > 0
-    scale = np.abs(u.x.array).max()
-    assert scale > 0.05
-    np.testing.assert_allclose(problem.u.x.array, u.x.array, rtol=0, atol=1e-8 * scale)
-
-
 TOL_RANKS = 0.012
 
 

@@ -177,6 +177,7 @@ class _Noisy(FineSolver):
     """P = F − I plus fresh noise at every solve, with its standard error (an MD average)."""
 
     def __init__(self, structure):
+        super().__init__()
         self.calls, self.rng = 0, np.random.default_rng(0)
 
     def solve(self, F, *, point_ids=None, tangent=True, fields_resolution=None):

@@ -1,0 +1,193 @@
+"""Optional helper around a user's DOLFINx problem: load stepping with cut-back, checkpoints.
+
+:class:`LoadStepper` drives any ``NonlinearProblem`` whose stress comes from a
+:class:`~neuroscale_couple.adapters.fenicsx.MicroStress` through a load path of any sign and
+shape (unloading included): a step whose Newton solve fails is cut into halves, the state after
+every step is checkpointed atomically (displacement by dof coordinates, so any rank count can
+read it back; the micro solver's state; the model), and a killed run restarts from the last
+completed step::
+
+    stepper = LoadStepper(problem, micro)
+    history = stepper.run(loads, set_load, checkpoint_dir="out/checkpoint")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from dolfinx import fem
+from dolfinx.fem import petsc as fem_petsc
+
+from neuroscale_couple.adapters.fenicsx import MicroStress
+from neuroscale_couple.errors import CheckpointError, InputError, SolveError
+from neuroscale_couple.store import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+class LoadStepper:
+    """Load steps of ``problem`` (its ``solve()`` attached to ``micro``), with cut-back.
+
+    Parameters
+    ----------
+    problem : the user's ``dolfinx.fem.petsc.NonlinearProblem`` after ``micro.attach(problem)``.
+    micro : its :class:`MicroStress`.
+    max_cutbacks : halvings of a failing load increment before the run stops.
+    """
+
+    def __init__(self, problem: fem_petsc.NonlinearProblem, micro: MicroStress, *,
+                 max_cutbacks: int = 4) -> None:
+        if max_cutbacks < 0:
+            raise InputError(f"max_cutbacks={max_cutbacks}: give 0 or more halvings")
+        self.problem, self.micro, self.max_cutbacks = problem, micro, max_cutbacks
+        self.u, self.comm = micro.u, micro.comm
+        V = self.u.function_space
+        self.dofs = V.dofmap.index_map.size_global * V.dofmap.index_map_bs
+        self.residuals: list[float] = []
+        problem.solver.setMonitor(lambda _snes, _it, norm: self.residuals.append(float(norm)))
+
+    def run(self, loads: Sequence[float], set_load: Callable[[float], None], *,
+            checkpoint_dir: str | Path | None = None, restart: bool = False,
+            on_step: Callable[[dict], None] | None = None,
+            model_saver: Callable[[Path], None] | None = None) -> list[dict]:
+        """Solve at load factors ``loads[k]`` (finite, any sign and order; the path starts at
+        0); returns one record per step.
+
+        ``set_load(t)`` sets the boundary values or loads at factor t. With ``checkpoint_dir``
+        the state after every step is written atomically (``model_saver(path)`` writes the
+        model when given) and ``restart`` resumes from it. ``on_step(record)`` may add to a
+        record before it is checkpointed. Each record holds ``step``, ``load``, ``residuals``
+        (per Newton solve), ``newton_iterations``, ``cutbacks``, ``time_s`` and the micro
+        solver's step report (:attr:`MicroStress.reports`).
+        """
+        loads = [float(t) for t in loads]
+        if not loads or not np.all(np.isfinite(loads)):
+            raise InputError(f"loads {loads}: give a non-empty sequence of finite load factors")
+        ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
+        if restart and ckpt is None:
+            raise InputError("restart needs the checkpoint directory of the killed run")
+        history: list[dict] = []
+        t_done, first = 0.0, 0
+        if restart:
+            state = self.load_checkpoint(ckpt)
+            history, t_done, first = state["history"], state["load"], state["step"] + 1
+            self.micro.micro.restore_state(state.get("micro_state", {}))
+        for k in range(first, len(loads)):
+            record = self._step(k, t_done, loads[k], set_load, steps_left=len(loads) - 1 - k)
+            history.append(record)
+            t_done = loads[k]
+            if on_step is not None:
+                on_step(record)
+            if ckpt is not None:
+                self.write_checkpoint(ckpt, k, t_done, history, model_saver)
+        return history
+
+    def _step(self, k: int, t0: float, t1: float, set_load: Callable[[float], None],
+              steps_left: int) -> dict:
+        start = time.perf_counter()
+        record: dict = {"step": k, "load": t1, "residuals": []}
+        u_saved = self.u.x.array.copy()
+        targets, t_now, cut = [t1], t0, 0
+        snes = self.problem.solver
+        with self.micro.load_step(k, steps_left=steps_left):
+            while targets:
+                t = targets[0]
+                set_load(t)
+                self.residuals = []
+                self.problem.solve()
+                record["residuals"].append(self.residuals)
+                if snes.getConvergedReason() > 0 and self.micro.error is None:
+                    t_now = targets.pop(0)
+                    u_saved = self.u.x.array.copy()
+                    continue
+                cut += 1
+                self.u.x.array[:] = u_saved  # NonlinearProblem.solve keeps the failed iterate
+                self.u.x.scatter_forward()
+                if cut > self.max_cutbacks:
+                    set_load(t_now)
+                    reason = self.micro.error or f"SNES reason {snes.getConvergedReason()}"
+                    raise SolveError(
+                        f"load step {k} (load {t1:g}) did not converge after {self.max_cutbacks} "
+                        f"cut-backs (last error: {reason}): take smaller load steps"
+                        + ("; the last checkpoint is intact" if k else ""))
+                log.info("step %d: Newton failed at load %.4g (%s), cutting the increment", k,
+                         t, self.micro.error or snes.getConvergedReason())
+                targets.insert(0, 0.5 * (t_now + t))
+        record["cutbacks"] = cut
+        record["newton_iterations"] = sum(max(len(r) - 1, 0) for r in record["residuals"])
+        record.update(self.micro.reports[-1])
+        record["time_s"] = time.perf_counter() - start
+        return record
+
+    # ------------------------------------------------------------------ checkpoints
+    def write_checkpoint(self, directory: Path, step: int, load: float, history: list[dict],
+                         model_saver: Callable[[Path], None] | None = None) -> None:
+        """Write u (by dof coordinates), the model (``model_saver``), the micro solver's
+        ``checkpoint_state()`` and the step history; atomic, collective."""
+        V = self.u.function_space
+        d = self.micro.dim
+        n_own = V.dofmap.index_map.size_local
+        coords = V.tabulate_dof_coordinates()[:n_own, :d]
+        vals = self.u.x.array[: d * n_own].reshape(-1, d)
+        gathered = self.comm.gather((coords, vals), root=0)
+        model_file = f"model_step{step:04d}.pt" if model_saver is not None else None
+        if self.comm.rank == 0:
+            if model_saver is not None:
+                model_saver(directory / model_file)
+            u_file = f"u_step{step:04d}.npz"
+            atomic_write(directory / u_file, lambda tmp: _save_npz(
+                tmp, x=np.concatenate([g[0] for g in gathered]),
+                u=np.concatenate([g[1] for g in gathered])))
+            micro_state = self.micro.micro.checkpoint_state()
+            state = {"step": step, "load": load, "u_file": u_file, "model_file": model_file,
+                     "history": history, "micro_state": micro_state}
+            atomic_write(directory / "state.json",
+                         lambda tmp: tmp.write_text(json.dumps(state, indent=1)))
+            for old in directory.glob("*_step*"):
+                if f"step{step:04d}" not in old.name:
+                    old.unlink(missing_ok=True)
+        self.comm.Barrier()
+
+    @staticmethod
+    def read_checkpoint(directory: str | Path) -> dict:
+        """The state written by :meth:`write_checkpoint` (``model_file`` made a full path)."""
+        path = Path(directory) / "state.json"
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint in {directory}: start the run afresh (no "
+                                  "restart) to write one")
+        state = json.loads(path.read_text())
+        if state.get("model_file"):
+            state["model_file"] = str(Path(directory) / state["model_file"])
+        return state
+
+    def load_checkpoint(self, directory: Path) -> dict:
+        """Set u from the checkpoint in ``directory``; returns its state."""
+        from scipy.spatial import cKDTree
+
+        state = self.read_checkpoint(directory)
+        with np.load(directory / state["u_file"]) as data:
+            x, vals = data["x"], data["u"]
+        mine = self.u.function_space.tabulate_dof_coordinates()[:, : self.micro.dim]
+        dist, idx = cKDTree(x).query(mine)
+        if dist.max() > 1e-8 * max(1.0, np.abs(x).max()):
+            raise CheckpointError(f"the checkpoint in {directory} was written for another mesh")
+        self.u.x.array[:] = vals[idx].reshape(-1)
+        self.u.x.scatter_forward()
+        return state
+
+
+def displacement_norm(u: fem.Function) -> float:
+    """Euclidean norm of the owned dof values of ``u`` over all ranks (collective)."""
+    V = u.function_space
+    n = V.dofmap.index_map.size_local * V.dofmap.index_map_bs
+    return V.mesh.comm.allreduce(float(np.sum(u.x.array[:n] ** 2))) ** 0.5
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # a file object: np.savez would append .npz to a path
+        np.savez(fh, **arrays)

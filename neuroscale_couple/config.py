@@ -1,0 +1,109 @@
+"""Reading configs strictly: YAML files, known keys only, typos answered with the nearest key."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from neuroscale_couple.errors import InputError
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A YAML config mapping; a missing or malformed file gives a clear :class:`InputError`."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"config file {path} must hold a mapping, got {type(cfg).__name__}")
+    return cfg
+
+
+def check_keys(cfg: dict, known: Iterable[str], where: str) -> None:
+    """Refuse keys of ``cfg`` not in ``known``, naming the nearest known key of each."""
+    known = sorted(known)
+    if not isinstance(cfg, dict):
+        raise InputError(f"{where} must be a mapping of {', '.join(known)}; got {cfg!r}")
+    for key in cfg:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {near[0]!r}?" if near else f"known keys: {', '.join(known)}"
+            raise InputError(f"unknown key {key!r} in {where}: {hint}")
+
+
+def dataclass_from_dict(cls: type, cfg: dict, where: str) -> Any:
+    """An instance of the dataclass ``cls`` from a mapping of its field names (lists become
+    tuples); unknown keys are refused by :func:`check_keys`."""
+    check_keys(cfg, (f.name for f in dataclasses.fields(cls)), where)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+
+
+COUPLER_KEYS = ("model", "fine", "policy", "retrain", "replay_dir", "cache_size", "dtype")
+
+
+def fine_solver_family(fine: dict, where: str = "fine") -> tuple[Any, dict]:
+    """The fine-solver factory (structure → solver on MPI.COMM_SELF) and the material family
+    config (checked against the model) of a ``fine`` mapping: ``kind: rve`` with the periodic
+    RVE keys (``law``, ``matrix``, ``fibre``, ``mesh``, ``bc``, ``petsc_options``), or
+    ``kind: cauchy_born`` with the crystal keys of the atomistic solver."""
+    if not isinstance(fine, dict):
+        raise InputError(f"{where} must be a mapping with a kind (rve or cauchy_born); "
+                         f"got {fine!r}")
+    family = {k: v for k, v in fine.items() if k != "kind"}
+    kind = fine.get("kind", "rve")
+    if kind == "rve":
+        from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
+
+        check_keys(family, ("law", "matrix", "fibre", "mesh", "bc", "petsc_options"), where)
+        return (lambda structure: rve_from_config(family, structure)), family
+    if kind == "cauchy_born":
+        from neuroscale_couple.solvers.cauchy_born import Crystal
+
+        return Crystal.solver, family
+    near = difflib.get_close_matches(str(kind), ("rve", "cauchy_born"), n=1)
+    raise InputError(f"{where}.kind={kind!r} is unknown: use rve or cauchy_born"
+                     + (f" (did you mean {near[0]!r}?)" if near else ""))
+
+
+def coupler_from_config(config: str | Path | dict, comm) -> Any:
+    """A :class:`~neuroscale_couple.coupler.Coupler` from a YAML file or mapping; see
+    :meth:`~neuroscale_couple.coupler.Coupler.from_config`."""
+    import torch
+
+    from neuroscale_couple.coupler import Coupler, Policy
+    from neuroscale_couple.operators.base import load_operator
+    from neuroscale_couple.retraining import RetrainConfig
+
+    base = Path(config).parent if isinstance(config, str | Path) else Path.cwd()
+    cfg = load_yaml(config) if isinstance(config, str | Path) else dict(config)
+    where = f"the coupler config {config}" if isinstance(config, str | Path) else "the config"
+    check_keys(cfg, COUPLER_KEYS, where)
+    if "fine" not in cfg:
+        raise InputError(f"{where} has no 'fine' section: name the fine solver, e.g. "
+                         "fine: {kind: rve, matrix: {E: 3.0, nu: 0.35}, fibre: {E: 70.0, nu: 0.2}}")
+    factory, family = fine_solver_family(cfg["fine"])
+    model_path = cfg.get("model")
+    if model_path in (None, "none"):
+        model_path, model = None, None
+    else:
+        model_path = base / Path(model_path).expanduser()
+        model = load_operator(model_path)
+    policy = dataclass_from_dict(Policy, {"tol": 0.0 if model is None else 0.05,
+                                          **(cfg.get("policy") or {})}, "policy")
+    retrain = dataclass_from_dict(RetrainConfig, cfg.get("retrain") or {}, "retrain")
+    replay = cfg.get("replay_dir")
+    dtype = {"float64": torch.float64, "float32": torch.float32}.get(cfg.get("dtype", "float64"))
+    if dtype is None:
+        raise InputError(f"dtype={cfg['dtype']!r} in {where}: use float64 or float32")
+    extra = {"cache_size": int(cfg["cache_size"])} if "cache_size" in cfg else {}
+    return Coupler(model, factory, family=family, policy=policy, comm=comm,
+                   replay_dir=None if replay is None else base / replay, retrain=retrain,
+                   model_path=model_path, dtype=dtype, **extra)
