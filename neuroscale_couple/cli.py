@@ -39,8 +39,8 @@ def load_config(path: str | Path) -> dict:
 def cmd_rve(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
-    from neuroscale_couple.solvers.microstructure import from_config
     from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
+    from neuroscale_couple.structures import from_config
 
     cfg = load_config(args.config)
     if "F" not in cfg:
@@ -78,14 +78,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def training_data(paths: list[str], resolution: int | None):
     """One :class:`TrainingData` of the data sets at ``paths``, which must share their material
-    family (every generate key but ``microstructure`` and ``loads``); the first one's config
-    stands for all."""
+    family (their structure family's ``family_config``: for cells every generate key but
+    ``microstructure`` and ``loads``); the first one's config stands for all."""
     from neuroscale_couple.training import TrainingData
 
     parts = [TrainingData.from_h5(path, resolution) for path in paths]
-    family = {k: v for k, v in parts[0].config.items() if k not in ("microstructure", "loads")}
+    family = parts[0].structure.family_config(parts[0].config)
     for path, part in zip(paths[1:], parts[1:], strict=True):
-        other = {k: v for k, v in part.config.items() if k not in ("microstructure", "loads")}
+        other = part.structure.family_config(part.config)
         if other != family:
             keys = sorted(k for k in family.keys() | other.keys() if family.get(k) != other.get(k))
             raise InputError(f"--data {path} is of another material family than {paths[0]} "
@@ -98,10 +98,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     from neuroscale_couple.evaluation import calibrate_model
-    from neuroscale_couple.materials import EPOXY_LIKE_MATRIX, GLASS_LIKE_FIBRE, Phase
     from neuroscale_couple.operators.base import load_operator
-    from neuroscale_couple.operators.crystal import CrystalConfig, CrystalOperator, family_json
-    from neuroscale_couple.operators.sano import SANO, SANOConfig
+    from neuroscale_couple.operators.sano import SANOConfig
     from neuroscale_couple.training import TrainConfig, relative_errors, train
 
     cfg = load_config(args.config)
@@ -121,7 +119,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     resolution = init.input_resolution if init is not None else int(
         mcfg.get("resolution", SANOConfig.resolution))
     data = training_data(args.data, resolution)
-    family = data.config
     import torch
 
     from neuroscale_couple.parallel import device_for_rank
@@ -129,19 +126,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     torch.manual_seed(tcfg.seed)
     device = device_for_rank(comm)
     logging.getLogger(__name__).info("rank %d trains on %s", comm.rank, device)
-    if init is not None:
-        init.check_family(family)  # the data must be of the family the checkpoint learnt
+    if init is not None:  # the data must be of the family the checkpoint learnt
+        init.check_family(data.structure.family_config(data.config))
         model = init.to(device)
-    elif "crystal" in family:  # descriptors, not images: the crystal operator
-        mcfg.update(n_features=data.images.shape[1], family=family_json(family["crystal"]))
-        model = CrystalOperator(CrystalConfig.from_dict(mcfg)).to(device)
-    else:
-        phases = {name: Phase.from_config(family[name], name) if name in family else default
-                  for name, default in (("matrix", EPOXY_LIKE_MATRIX),
-                                        ("fibre", GLASS_LIKE_FIBRE))}
-        mcfg.update(law=family.get("law", "neo_hookean"),
-                    **{name: (p.E, p.nu) for name, p in phases.items()})
-        model = SANO(SANOConfig.from_dict(mcfg)).to(device)
+    else:  # the structures' family picks the operator (cell images: SANO; crystals: descriptors)
+        model, mcfg = data.structure.new_operator(mcfg, data)
+        model = model.to(device)
     fit, held_out = data.split(tcfg.val_fraction, tcfg.seed)
     if not len(held_out):
         raise InputError(f"training.val_fraction={tcfg.val_fraction} holds out no data: the "
@@ -149,7 +139,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     history = train(model, fit, tcfg, comm=comm, validation=held_out, normalise=init is None,
                     progress=not args.quiet)
     cal = calibrate_model(model, held_out)
-    model.card = {"data": ", ".join(args.data), "data_config": family, "model_config": mcfg,
+    model.card = {"data": ", ".join(args.data), "data_config": data.config,
+                  "model_config": mcfg,
                   "training": cfg.get("training") or {}, "seed": tcfg.seed,
                   "history": {k: history[k] for k in ("best_epoch", "time_s")},
                   "validation": relative_errors(model, held_out),

@@ -18,15 +18,18 @@ Config (YAML)::
     image_resolution: 64
     fields_resolution: 0                  # > 0: store micro fields w, F, P on that grid
 
-``microstructure`` may be a list of such mappings, one per family of cells (each with its own
+``microstructure`` may be a list of such mappings, one per group of cells (each with its own
 ``count`` and ``seed``, and optionally its own ``loads: {radius, min_radius, seed}``), e.g. random
 arrangements plus fibre chains (``kind: fibre_chain``) that random addition almost never draws.
+Each group names its structure family by ``kind`` (:mod:`neuroscale_couple.structures`), whose
+class draws its structures, stores their arrays and builds their fine solver; e.g. a crystal
+(Cauchy–Born fine solver; one structure per temperature)::
 
-or, for a crystal (Cauchy–Born fine solver; one structure per temperature)::
-
-    crystal: {element: Cu, lattice: fcc, supercell: [3, 3, 3], vacancies: 1, calculator: emt,
-              temperature: [0, 300]}      # a number or a list of temperatures (K)
+    microstructure: {kind: crystal, element: Cu, lattice: fcc, supercell: [3, 3, 3],
+                     vacancies: 1, calculator: emt, temperature: [0, 300]}  # K: number or list
     loads: {per_microstructure: 64, radius: 0.05, seed: 1}
+
+(the older ``crystal: {element: Cu, ...}`` in place of ``microstructure`` is read as such).
 """
 
 from __future__ import annotations
@@ -40,86 +43,62 @@ from mpi4py import MPI
 import numpy as np
 
 from neuroscale_couple.errors import InputError, NeuroScaleError
-from neuroscale_couple.materials import Phase, check_law
 from neuroscale_couple.parallel import any_rank, round_robin
-from neuroscale_couple.sampling import draw_parameter, loads_in_ball, rng_for
-from neuroscale_couple.solvers import microstructure as micro
+from neuroscale_couple.sampling import loads_in_ball, rng_for
+from neuroscale_couple.structures import (
+    check_group,
+    config_groups,
+    family,
+    stored_arrays,
+    with_groups,
+)
 
 log = logging.getLogger(__name__)
 
 
+def resolve_config(config: dict) -> dict:
+    """``config`` with what its data must record filled in by each group's family (a crystal's
+    lattice constant); ``config`` itself where nothing is to fill."""
+    groups = config_groups(config)
+    names = _group_names(config)
+    return with_groups(config, [family(g.get("kind"), name).resolve(g)
+                                for g, name in zip(groups, names, strict=True)])
+
+
 def plan(config: dict) -> tuple[list, np.ndarray]:
     """Validate a generate config; return the structures and the (M·L, 2, 2) loads."""
-    if "crystal" in config:
-        return _plan_crystal(config)
-    check_law(config.get("law", "neo_hookean"))
-    for name in ("matrix", "fibre"):
-        if name in config:
-            Phase.from_config(config[name], name)
-    mcfg, lcfg = config.get("microstructure"), config.get("loads")
-    groups = mcfg if isinstance(mcfg, list) else [mcfg]
-    if not groups or not all(isinstance(g, dict) for g in groups) or not isinstance(lcfg, dict):
-        raise InputError("a generate config needs the mappings `microstructure` (or a list of "
-                         "them, one per family of cells) and `loads`")
+    groups, lcfg = config_groups(config), config.get("loads")
+    if not isinstance(lcfg, dict):
+        raise InputError("a generate config needs the mapping `loads` (per_microstructure, "
+                         "radius, seed) besides `microstructure`")
     per = int(lcfg.get("per_microstructure", 1))
     if per < 1:
         raise InputError(f"loads.per_microstructure={per}: must be ≥ 1")
+    names = _group_names(config)
+    classes = [family(g.get("kind"), name) for g, name in zip(groups, names, strict=True)]
+    for group, cls, name in zip(groups, classes, names, strict=True):
+        check_group(group, cls, name)
+    for cls in dict.fromkeys(classes):
+        cls.family_config(config)  # the material keys, checked before any structure is drawn
     structures, loads = [], []
-    for g, group in enumerate(groups):
-        name = "microstructure" if len(groups) == 1 else f"microstructure[{g}]"
-        count, ball = int(group.get("count", 1)), group.get("loads", {})
-        if count < 1:
-            raise InputError(f"{name}.count={count}: must be ≥ 1")
+    for group, cls, name in zip(groups, classes, names, strict=True):
+        ball = group.get("loads", {})
         if not isinstance(ball, dict) or "per_microstructure" in ball:
             raise InputError(f"{name}.loads={ball!r}: give a mapping of radius, min_radius, seed "
                              "(loads.per_microstructure is one for the whole data set)")
         ball = dict(lcfg, **ball)
-        seed = int(group.get("seed", 0))
-        for m in range(count):
-            rng = rng_for(seed, m)
-            drawn = {k: v for k, v in group.items() if k != "loads"}
-            drawn["volume_fraction"] = draw_parameter(group.get("volume_fraction"), rng,
-                                                      f"{name}.volume_fraction")
-            if "n_fibres" in group:  # else the kind's default (a chain: 2)
-                drawn["n_fibres"] = draw_parameter(group["n_fibres"], rng, f"{name}.n_fibres",
-                                                   integer=True)
-            structures.append(micro.from_config(drawn, seed=int(rng.integers(2**31))))
-            loads.append(loads_in_ball(per, float(ball.get("radius", 0.15)),
+        for structure in cls.plan(cls.resolve(group), name):
+            structures.append(structure)
+            loads.append(loads_in_ball(per, float(ball.get("radius", cls.default_load_radius)),
                                        rng_for(int(ball.get("seed", 1)), len(loads)),
                                        min_radius=float(ball.get("min_radius", 0.0))))
     return structures, np.concatenate(loads)
 
 
-def _plan_crystal(config: dict) -> tuple[list, np.ndarray]:
-    from neuroscale_couple.solvers.cauchy_born import Crystal, cauchy_born_from_config
-
-    ccfg, lcfg = config["crystal"], config.get("loads")
-    if not isinstance(ccfg, dict) or not isinstance(lcfg, dict):
-        raise InputError("a crystal generate config needs the mappings `crystal` and `loads`")
-    temps = ccfg.get("temperature", 0.0)
-    temps = [float(t) for t in (temps if isinstance(temps, list) else [temps])]
-    base = {k: v for k, v in ccfg.items() if k != "temperature"}
-    if "a0" not in base:  # resolve once, so every structure (and the model family) records it
-        base["a0"] = cauchy_born_from_config(base)[1]
-    structures = [Crystal(dict(base, temperature=t)) for t in temps]
-    structures[0].solver()  # validates the config before any collective work
-    per = int(lcfg.get("per_microstructure", 1))
-    if per < 1:
-        raise InputError(f"loads.per_microstructure={per}: must be ≥ 1")
-    loads = [loads_in_ball(per, float(lcfg.get("radius", 0.05)),
-                           rng_for(int(lcfg.get("seed", 1)), m),
-                           min_radius=float(lcfg.get("min_radius", 0.0)))
-             for m in range(len(structures))]
-    return structures, np.concatenate(loads)
-
-
-def fine_solver(config: dict, structure):
-    """The true fine solver of one structure of a generate config (RVE or crystal)."""
-    if "crystal" in config:
-        return structure.solver()
-    from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
-
-    return rve_from_config(config, structure)
+def _group_names(config: dict) -> list[str]:
+    """How errors name the groups: ``microstructure``, or ``microstructure[g]`` in a list."""
+    n = len(config_groups(config))
+    return ["microstructure"] if n == 1 else [f"microstructure[{g}]" for g in range(n)]
 
 
 def generate(config: dict, out: str | Path, comm: MPI.Comm = MPI.COMM_WORLD,
@@ -128,19 +107,17 @@ def generate(config: dict, out: str | Path, comm: MPI.Comm = MPI.COMM_WORLD,
     from neuroscale_couple.fine import close_solver
     from neuroscale_couple.store import RVEDataset
 
+    config = resolve_config(config)  # e.g. a crystal's lattice constant, recorded with the data
     structures, F = plan(config)  # every rank validates the same config before any collective
-    if "crystal" in config:  # record the resolved lattice constant with the data
-        config = dict(config, crystal=dict(config["crystal"], a0=structures[0].config["a0"]))
     per = int(config["loads"].get("per_microstructure", 1))
     q = int(config.get("fields_resolution", 0) or 0)
     fields = {"w": (q, q, 2), "F": (q, q, 2, 2), "P": (q, q, 2, 2)} if q else {}
     store, error = None, None
     if comm.rank == 0:
         try:
-            arrays = type(structures[0]).arrays(structures,
-                                                int(config.get("image_resolution", 64)))
-            thermal = any(getattr(s, "temperature", 0.0) > 0 for s in structures)
-            store = RVEDataset.create_or_resume(out, config, arrays, F, per, fields, thermal)
+            arrays = stored_arrays(structures, int(config.get("image_resolution", 64)))
+            noisy = any(s.noisy for s in structures)
+            store = RVEDataset.create_or_resume(out, config, arrays, F, per, fields, noisy)
         except InputError as err:
             error = err
     error = comm.bcast(error, root=0)
@@ -158,7 +135,7 @@ def generate(config: dict, out: str | Path, comm: MPI.Comm = MPI.COMM_WORLD,
         if m is not None:
             try:
                 idx = np.arange(m * per, (m + 1) * per)
-                solver = fine_solver(config, structures[m])
+                solver = structures[m].fine_solver(config)
                 try:
                     res = solver.solve(F[idx], fields_resolution=q or None)
                 finally:

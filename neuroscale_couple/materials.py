@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from neuroscale_couple.errors import InputError
 
 LAWS = ("linear", "neo_hookean")
+DEFAULT_LAW = "neo_hookean"
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,28 @@ def check_law(law: str) -> str:
     if law not in LAWS:
         raise InputError(f"law={law!r} is unknown: use one of {', '.join(LAWS)}")
     return law
+
+
+@dataclass(frozen=True)
+class TwoPhaseMaterial:
+    """The material of a two-phase cell: one ``law`` for both phases, the ``matrix`` (phase 1)
+    and ``fibre`` (phase 2) moduli. The defaults, here and nowhere else, are the composite of
+    the FE² example: Neo-Hookean, epoxy-like matrix (E 3.0, ν 0.35), glass-like fibres
+    (E 70.0, ν 0.2)."""
+
+    law: str = DEFAULT_LAW
+    matrix: Phase = EPOXY_LIKE_MATRIX
+    fibre: Phase = GLASS_LIKE_FIBRE
+
+    def __post_init__(self) -> None:
+        check_law(self.law)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> TwoPhaseMaterial:
+        """From the ``law``, ``matrix: {E, nu}`` and ``fibre: {E, nu}`` keys of a config mapping
+        (other keys are ignored; absent ones take the defaults)."""
+        given = {name: Phase.from_config(cfg[name], name) for name in ("matrix", "fibre")
+                 if name in cfg}
+        if "law" in cfg:
+            given["law"] = cfg["law"]
+        return cls(**given)

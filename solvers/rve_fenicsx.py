@@ -38,13 +38,15 @@ from petsc4py import PETSc
 from neuroscale_couple.errors import InputError, SolveError
 from neuroscale_couple.fine import FineSolver, MicroResult
 from neuroscale_couple.materials import (
+    DEFAULT_LAW,
     EPOXY_LIKE_MATRIX,
     GLASS_LIKE_FIBRE,
     Phase,
+    TwoPhaseMaterial,
     check_law,
 )
-from neuroscale_couple.solvers.microstructure import FIBRE, MATRIX, Microstructure
 from neuroscale_couple.solvers.periodic import BOUNDARY_CONDITIONS, prolongation
+from neuroscale_couple.solvers.phase_cell import FIBRE, MATRIX, PhaseCell
 from neuroscale_couple.tensors import as_deformation_batch
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,8 @@ class PeriodicRVE(FineSolver):
 
     Parameters
     ----------
-    microstructure : the unit cell geometry.
+    microstructure : the unit cell: a two-phase cell
+        (:class:`~neuroscale_couple.solvers.phase_cell.PhaseCell`) of any family.
     law : ``linear`` or ``neo_hookean`` (both phases).
     matrix, fibre : phase moduli; stresses come out in the unit of E.
     mesh_size : element size in cell lengths (default: ``DEFAULT_MESH_SIZE[degree]``).
@@ -117,9 +120,9 @@ class PeriodicRVE(FineSolver):
 
     def __init__(
         self,
-        microstructure: Microstructure,
+        microstructure: PhaseCell,
         *,
-        law: str = "neo_hookean",
+        law: str = DEFAULT_LAW,
         matrix: Phase = EPOXY_LIKE_MATRIX,
         fibre: Phase = GLASS_LIKE_FIBRE,
         mesh_size: float | None = None,
@@ -129,6 +132,10 @@ class PeriodicRVE(FineSolver):
         max_substeps: int = 16,
         petsc_options: dict | None = None,
     ) -> None:
+        if not isinstance(microstructure, PhaseCell):
+            raise InputError(f"the periodic RVE meshes two-phase cells, not a "
+                             f"{type(microstructure).__name__}: solve that structure with its "
+                             "own fine solver (structure.fine_solver)")
         self.law = check_law(law)
         options = solver_options(petsc_options or {})
         if bc not in BOUNDARY_CONDITIONS:
@@ -511,7 +518,7 @@ class PeriodicRVE(FineSolver):
         return points, cells, found, T, exprs
 
 
-def rve_from_config(cfg: dict, microstructure: Microstructure,
+def rve_from_config(cfg: dict, microstructure: PhaseCell,
                     comm: MPI.Comm = MPI.COMM_SELF) -> PeriodicRVE:
     """Build a :class:`PeriodicRVE` from the ``law``, ``matrix``, ``fibre``, ``mesh``, ``bc`` and
     ``petsc_options`` keys of a config mapping (``mesh: {size, degree}`` optional)."""
@@ -522,11 +529,12 @@ def rve_from_config(cfg: dict, microstructure: Microstructure,
     if not isinstance(petsc_options, dict):
         raise InputError("petsc_options must be a mapping like {mat_mumps_icntl_14: 50}, got "
                          f"{petsc_options!r}")
+    material = TwoPhaseMaterial.from_config(cfg)
     return PeriodicRVE(
         microstructure,
-        law=cfg.get("law", "neo_hookean"),
-        matrix=Phase.from_config(cfg["matrix"], "matrix") if "matrix" in cfg else EPOXY_LIKE_MATRIX,
-        fibre=Phase.from_config(cfg["fibre"], "fibre") if "fibre" in cfg else GLASS_LIKE_FIBRE,
+        law=material.law,
+        matrix=material.matrix,
+        fibre=material.fibre,
         mesh_size=mesh.get("size"),
         degree=int(mesh.get("degree", 1)),
         bc=cfg.get("bc", "periodic"),

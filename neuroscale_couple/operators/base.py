@@ -3,8 +3,9 @@
 An operator maps a structure (a fibre microstructure image, a crystal descriptor) to a latent z
 once (:meth:`CoarseGrainingOperator.encode`), then per Newton iteration maps (z, F̄) to an ensemble
 of energy-based stresses P̄_m = ∂W̄_m/∂F̄ with tangents and aleatoric covariances
-(:meth:`CoarseGrainingOperator.predict`). Subclasses give the encoder, the structure inputs and
-the check that a fine solver's material family is the one the model was trained for.
+(:meth:`CoarseGrainingOperator.predict`). Subclasses give the encoder and the check that a fine
+solver's material family is the one the model was trained for; the structures' family makes their
+inputs (:mod:`neuroscale_couple.structures`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ class CoarseGrainingOperator(nn.Module):
 
     Subclasses set ``FORMAT`` and ``CONFIG`` (a frozen dataclass with ``from_dict``), call
     :meth:`_build_heads` and :meth:`_build_buffers` in their constructor and implement
-    :meth:`encode`, :meth:`structure_inputs` and :meth:`check_family`.
+    :meth:`encode` and :meth:`check_family` (and, operators of images, :attr:`input_resolution`
+    and :attr:`data_resolution`); their inputs come from the structures' family
+    (:meth:`structure_inputs`).
     """
 
     FORMAT: ClassVar[str]
@@ -68,9 +71,17 @@ class CoarseGrainingOperator(nn.Module):
         raise NotImplementedError
 
     def structure_inputs(self, structures: Sequence) -> torch.Tensor:
-        """The encoder's input tensor for structure objects, made as in training, on the
-        model's device and dtype."""
-        raise NotImplementedError
+        """The encoder's input tensor for structure objects of one family (any
+        :class:`~neuroscale_couple.structures.Structure`), made as in training: through the
+        arrays a data set stores (images at :attr:`data_resolution`), on the model's device and
+        dtype."""
+        from neuroscale_couple.structures import common_family
+
+        p = next(self.parameters())
+        family = common_family(structures)
+        micro = family.arrays(structures, self.data_resolution)
+        return family.operator_inputs(micro, self.input_resolution, p.dtype,
+                                      "structures").to(p.device)
 
     def check_family(self, family: dict) -> None:
         """Raise :class:`InputError` if the fine solver's material ``family`` config is not the
@@ -93,8 +104,14 @@ class CoarseGrainingOperator(nn.Module):
 
     @property
     def input_resolution(self) -> int | None:
-        """Resolution of the model's input images (None for operators without images)."""
-        return getattr(self.config, "resolution", None)
+        """Resolution of the model's input images (None: an operator without images)."""
+        return None
+
+    @property
+    def data_resolution(self) -> int | None:
+        """Resolution of the training data's images, at which structures are rendered before
+        they are pooled to :attr:`input_resolution` (None: an operator without images)."""
+        return None
 
     # ------------------------------------------------------------------ normalisation
     def set_normalisation(self, F: torch.Tensor, P: torch.Tensor, A: torch.Tensor) -> None:

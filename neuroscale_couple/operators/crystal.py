@@ -14,10 +14,8 @@ of the training stresses (their aleatoric part).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -91,13 +89,6 @@ class CrystalOperator(CoarseGrainingOperator):
             raise InputError(f"crystal descriptors have shape {tuple(inputs.shape)}: expected "
                              f"(B, {self.config.n_features})")
         return self.to_latent(inputs), None
-
-    def structure_inputs(self, structures: Sequence) -> torch.Tensor:
-        """Descriptors (B, n_features) of :class:`~neuroscale_couple.solvers.cauchy_born.Crystal`
-        structures."""
-        p = next(self.parameters())
-        return torch.as_tensor(np.stack([s.descriptor() for s in structures]), dtype=p.dtype,
-                               device=p.device)
 
     def check_family(self, family: dict) -> None:
         """Raise :class:`InputError` unless the fine solver's crystal config agrees with the

@@ -11,16 +11,20 @@ and its normalisation, so :meth:`SANO.from_checkpoint` rebuilds it from the file
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F_nn
 
 from neuroscale_couple.errors import InputError
-from neuroscale_couple.materials import Phase, check_law
+from neuroscale_couple.materials import (
+    DEFAULT_LAW,
+    EPOXY_LIKE_MATRIX,
+    GLASS_LIKE_FIBRE,
+    Phase,
+    check_law,
+)
 from neuroscale_couple.operators.attention import CrossScaleAttention, ScaleMixer
 from neuroscale_couple.operators.base import CoarseGrainingOperator, dataclass_from_dict
 from neuroscale_couple.operators.heads import FineDecoder, green_lagrange_mandel
@@ -46,9 +50,9 @@ class SANOConfig:
     members: int = 4
     energy_correction: bool = True
     quartic_basis: bool = False
-    law: str = "neo_hookean"
-    matrix: tuple[float, float] = (3.0, 0.35)
-    fibre: tuple[float, float] = (70.0, 0.2)
+    law: str = DEFAULT_LAW
+    matrix: tuple[float, float] = astuple(EPOXY_LIKE_MATRIX)
+    fibre: tuple[float, float] = astuple(GLASS_LIKE_FIBRE)
 
     def __post_init__(self) -> None:
         check_law(self.law)
@@ -119,20 +123,15 @@ class SANO(CoarseGrainingOperator):
         return self.to_latent(pooled), h
 
     @property
+    def input_resolution(self) -> int:
+        """Resolution of the model's input images."""
+        return self.config.resolution
+
+    @property
     def data_resolution(self) -> int:
         """Resolution of the training data's images (model card; default the model's own)."""
         return int((self.card.get("data_config") or {}).get("image_resolution",
                                                              self.config.resolution))
-
-    def structure_inputs(self, structures: Sequence) -> torch.Tensor:
-        """Images (B, 1, n, n) of microstructures, made as in training: rendered at
-        :attr:`data_resolution` and average-pooled to the model's."""
-        p = next(self.parameters())
-        data_res = self.data_resolution
-        img = torch.as_tensor(np.stack([m.image(data_res) for m in structures]),
-                              dtype=p.dtype, device=p.device)[:, None]
-        k = data_res // self.config.resolution
-        return F_nn.avg_pool2d(img, k) if k > 1 else img
 
     def check_family(self, family: dict) -> None:
         """Raise :class:`InputError` if the model was trained for other phases or another law

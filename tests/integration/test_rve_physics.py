@@ -14,6 +14,7 @@ import pytest
 from neuroscale_couple.errors import InputError
 from neuroscale_couple.materials import Phase
 from neuroscale_couple.solvers import microstructure as micro
+from neuroscale_couple.solvers import phase_cell
 
 pytestmark = pytest.mark.dolfinx
 
@@ -319,12 +320,12 @@ def test_a_rebuilt_rve_reads_the_same_mesh_back(monkeypatch):
     results = []
     for build in range(2):
         if build:
-            monkeypatch.setattr(micro, "_build_gmsh_model", None)  # meshing would fail
+            monkeypatch.setattr(phase_cell, "_build_gmsh_model", None)  # meshing would fail
         with rve(ms, mesh_size=0.04) as cell:
             res = cell.solve(F_TEST)
             results.append((cell.mesh.geometry.x.copy(), cell.cell_tags.values.copy(),
                             res.stress, res.tangent))
-    assert (ms.key, 0.04, 1) in micro.MESH_FILES._files
+    assert (ms.key, 0.04, 1) in phase_cell.MESH_FILES._files
     for first, again in zip(*results, strict=True):
         np.testing.assert_array_equal(again, first)
 

@@ -133,7 +133,7 @@ def noisy_crystal_data(n: int, stderr: dict[float, np.ndarray], seed: int) -> Tr
     return TrainingData(torch.tensor([[t / 1000] for t in temps], dtype=torch.float64),
                         torch.as_tensor(index),
                         torch.as_tensor(F), torch.as_tensor(P + s * rng.standard_normal(P.shape)),
-                        torch.as_tensor(A), noise=torch.as_tensor(s))
+                        torch.as_tensor(A), noise=torch.as_tensor(s), structure=Crystal)
 
 
 def test_noise_term_teaches_the_head_the_measured_noise():

@@ -1,0 +1,360 @@
+"""The base of periodic 2D two-phase unit cells: pixel images, gmsh meshes, and the
+:class:`~neuroscale_couple.structures.Structure` protocol for every cell family.
+
+The unit cell is Y = [0, 1)² (lengths in units of the cell size). Phase 1 is the matrix, phase 2
+the fibres. A :class:`PhaseCell` gives
+
+- a conforming triangle mesh with periodic boundary nodes and phase tags (:meth:`PhaseCell.mesh`),
+  which the periodic RVE solver uses,
+- a pixel image of the fibre fraction at any resolution (:meth:`PhaseCell.image`), which is
+  what the neural operator (SANO) sees,
+
+and the rest of the protocol: images as stored arrays and operator inputs, draws of a generate
+group, the two-phase material (law, matrix, fibre) of its config, the RVE as fine solver.
+A family of cells (e.g. :class:`~neuroscale_couple.solvers.microstructure.FibreCell`) subclasses
+it with its geometry (:meth:`PhaseCell._fibre_mask`, :meth:`PhaseCell._gmsh_fibres`), ``key``,
+``kinds``, ``config_schema`` and ``from_config``, decorated with
+:func:`~neuroscale_couple.structures.register`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from neuroscale_couple.errors import InputError
+from neuroscale_couple.materials import TwoPhaseMaterial
+from neuroscale_couple.sampling import draw_parameter, rng_for
+from neuroscale_couple.structures import settings
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+    import torch
+
+    from neuroscale_couple.solvers.rve_fenicsx import PeriodicRVE
+    from neuroscale_couple.training import TrainingData
+
+MATRIX = 1
+FIBRE = 2
+
+
+class PhaseCell(ABC):
+    """A periodic two-phase unit cell [0, 1)², seen by the operator as its fibre-fraction image
+    and solved by the periodic RVE (see the module docstring).
+
+    Subclasses set ``kinds`` and ``config_schema``, implement :meth:`from_config`, ``key``,
+    :meth:`_fibre_mask` and :meth:`_gmsh_fibres`, and have the attributes ``kind`` and
+    ``volume_fraction``; those that store more than the image and the fibre fraction override
+    :meth:`arrays`.
+    """
+
+    kinds: ClassVar[tuple[str, ...]]
+    config_schema: ClassVar[dict[str, Any]] = {"count": 1, "seed": 0}
+    """Keys every cell family accepts: ``count`` (cells of a generate group) and ``seed`` (the
+    group's draws); a family adds its own (``{**PhaseCell.config_schema, ...}``)."""
+    drawn: ClassVar[dict[str, bool]] = {"volume_fraction": False}
+    """Keys a generate group may give as a range [low, high], drawn per cell in this order
+    (value: whether the draw is an integer)."""
+    default_load_radius: ClassVar[float] = 0.15
+    hold_out_structures: ClassVar[bool] = True
+    kind: str
+    volume_fraction: float
+
+    @property
+    @abstractmethod
+    def key(self) -> Hashable:
+        """A short digest identifying the geometry (equal cells share one RVE in a cache)."""
+
+    @property
+    def noisy(self) -> bool:
+        """RVE solves are static: no statistical error."""
+        return False
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: dict, *, seed: int | None = None) -> PhaseCell:
+        """One cell from its config mapping; ``seed`` overrides the mapping's."""
+
+    @abstractmethod
+    def _fibre_mask(self, s: np.ndarray) -> np.ndarray:
+        """Boolean mask (m, m) of the grid points (x, y) = (s[j], s[i]) lying in the fibre
+        phase (row index is y)."""
+
+    @abstractmethod
+    def _gmsh_fibres(self) -> list[int]:
+        """Create the cell's geometry in the current gmsh OCC model: the unit square cut into
+        its phases (fragmented, so that the phases share their boundary); return the tags of
+        the fibre-phase surfaces."""
+
+    # ------------------------------------------------------------------ geometry
+    def image(self, resolution: int, supersample: int = 4) -> np.ndarray:
+        """Fibre fraction per pixel, shape (resolution, resolution), values in [0, 1].
+
+        Pixel ``[i, j]`` covers x ∈ [j, j+1)/n, y ∈ [i, i+1)/n (row index is y). Each pixel is
+        sampled at ``supersample``² points, so the image's mean approaches the volume fraction.
+        """
+        if resolution < 1 or supersample < 1:
+            raise InputError(
+                f"image resolution={resolution}, supersample={supersample}: both must be ≥ 1"
+            )
+        m = resolution * supersample
+        inside = self._fibre_mask((np.arange(m) + 0.5) / m)
+        return inside.reshape(resolution, supersample, resolution, supersample).mean(axis=(1, 3))
+
+    def mesh(self, comm: MPI.Comm, size: float, order: int = 1):
+        """Mesh the cell with gmsh; returns DOLFINx ``MeshData`` (``.mesh``, ``.cell_tags``).
+
+        Parameters
+        ----------
+        comm : communicator the mesh is distributed over (``MPI.COMM_SELF`` for a serial RVE).
+        size : target element size, in units of the cell length (e.g. 0.02).
+        order : geometric order of the cells; 2 gives curved fibre boundaries (use with P2).
+
+        Cell tags are ``MATRIX`` (1) and ``FIBRE`` (2); nodes on x = 1 (y = 1) are exact periodic
+        images of nodes on x = 0 (y = 0). On one process (``comm.size == 1``, the solver cache's
+        RVEs) a cell meshed before is read back from its .msh file (:data:`MESH_FILES`) instead
+        of meshed again, the first time as well: the same mesh, bit for bit, however often an
+        RVE is rebuilt.
+        """
+        import gmsh
+        from dolfinx.io import gmsh as gmshio
+
+        if not 0.0 < size < 0.5:
+            raise InputError(f"mesh size={size}: must lie in (0, 0.5) cell lengths, e.g. 0.02")
+        rank = 0
+        started = not gmsh.isInitialized()
+        if comm.rank == rank:
+            if started:
+                gmsh.initialize(interruptible=False)
+            gmsh.option.setNumber("General.Terminal", 0)
+            gmsh.model.add("rve")
+            try:
+                key = (self.key, float(size), int(order))
+                if comm.size > 1:  # the solver cache's serial RVEs are the ones rebuilt
+                    _build_gmsh_model(self, size, order)
+                elif not MESH_FILES.read(key):
+                    _build_gmsh_model(self, size, order)
+                    if MESH_FILES.write(key):  # first use as every later one: from the file
+                        gmsh.model.remove()
+                        gmsh.model.add("rve")
+                        MESH_FILES.read(key)
+            except Exception:
+                gmsh.model.remove()
+                if started:
+                    gmsh.finalize()
+                raise
+        try:
+            return gmshio.model_to_mesh(gmsh.model, comm, rank, gdim=2)
+        finally:
+            if comm.rank == rank:
+                gmsh.model.remove()
+                if started:
+                    gmsh.finalize()
+
+
+    # ------------------------------------------------------------------ Structure protocol
+    @classmethod
+    def resolve(cls, group: dict) -> dict:
+        """Nothing to fill in: a cell is its config."""
+        return group
+
+    @classmethod
+    def plan(cls, group: dict, name: str) -> list[PhaseCell]:
+        """``count`` cells of a generate group; cell m draws the ranges of :attr:`drawn` and its
+        arrangement seed from the stream (``seed``, m)."""
+        opts = settings(cls, group)
+        count, seed = int(opts["count"]), int(opts["seed"])
+        if count < 1:
+            raise InputError(f"{name}.count={count}: must be ≥ 1")
+        cells = []
+        for m in range(count):
+            rng = rng_for(seed, m)
+            cfg = {k: v for k, v in group.items() if k != "loads"}
+            for key, integer in cls.drawn.items():
+                if key in group:
+                    cfg[key] = draw_parameter(group[key], rng, f"{name}.{key}", integer=integer)
+            cells.append(cls.from_config(cfg, seed=int(rng.integers(2**31))))
+        return cells
+
+    @classmethod
+    def arrays(cls, structures: Sequence[PhaseCell], resolution: int | None
+               ) -> dict[str, np.ndarray]:
+        """``volume_fraction`` (M,) and ``image`` (M, r, r) float32, the fibre fraction per
+        pixel (row index = y) at ``resolution`` r."""
+        return {"volume_fraction": np.array([s.volume_fraction for s in structures]),
+                "image": cell_images(structures, resolution)}
+
+    @classmethod
+    def operator_inputs(cls, micro: dict[str, np.ndarray], resolution: int | None,
+                        dtype: torch.dtype, source: str) -> torch.Tensor:
+        """Images (M, 1, n, n) at the model's resolution n: the stored ``image`` average-pooled
+        (its resolution must be a multiple of n)."""
+        import torch
+        from torch.nn import functional as F
+
+        if resolution is None:
+            raise InputError(f"{source} holds cell images: give the model resolution")
+        images = torch.as_tensor(micro["image"], dtype=dtype)[:, None]
+        n = images.shape[-1]
+        if n % resolution:
+            raise InputError(f"{source}: image_resolution {n} is not a multiple of the model "
+                             f"resolution {resolution}; regenerate with image_resolution = "
+                             f"k·{resolution}")
+        return F.avg_pool2d(images, n // resolution) if n != resolution else images
+
+    @classmethod
+    def family_config(cls, config: dict) -> dict:
+        """Every key but ``microstructure`` and ``loads`` (law, phases, mesh, bc, resolutions);
+        the phases and law are checked."""
+        TwoPhaseMaterial.from_config(config)
+        return {k: v for k, v in config.items() if k not in ("microstructure", "loads")}
+
+    @classmethod
+    def new_operator(cls, model_config: dict, data: TrainingData) -> tuple[Any, dict]:
+        """A :class:`~neuroscale_couple.operators.sano.SANO` with the data's law and phases."""
+        from neuroscale_couple.operators.sano import SANO, SANOConfig
+
+        m = TwoPhaseMaterial.from_config(data.config)
+        mcfg = dict(model_config, law=m.law, matrix=(m.matrix.E, m.matrix.nu),
+                    fibre=(m.fibre.E, m.fibre.nu))
+        return SANO(SANOConfig.from_dict(mcfg)), mcfg
+
+    def fine_solver(self, material: dict, comm: MPI.Comm | None = None) -> PeriodicRVE:
+        """The periodic RVE of this cell with the RVE keys of ``material`` (``law``, ``matrix``,
+        ``fibre``, ``mesh``, ``bc``, ``petsc_options``; see
+        :func:`~neuroscale_couple.solvers.rve_fenicsx.rve_from_config`)."""
+        from mpi4py import MPI
+
+        from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
+
+        return rve_from_config(material, self, MPI.COMM_SELF if comm is None else comm)
+
+
+def cell_images(structures: Sequence[PhaseCell], resolution: int | None) -> np.ndarray:
+    """(M, r, r) float32 images of cells at ``resolution`` r (the ``image`` array of a data
+    set)."""
+    if resolution is None:
+        raise InputError("cell images need a resolution: give image_resolution, e.g. 64")
+    return np.stack([s.image(resolution) for s in structures]).astype(np.float32)
+
+
+
+class MeshFiles:
+    """gmsh meshes made in this process, kept as binary .msh files in a private temporary folder
+    (removed at exit) up to ``budget`` bytes; once it is spent, further meshes are not kept —
+    a cyclic sweep over more cells than fit (classic FE²) then still finds the kept ones,
+    where dropping the least recently used would find none.
+
+    Meshing is most of the cost of building an RVE (0.08 of 0.1 s at size 0.02); a solver cache
+    that evicts RVEs rebuilds them, and reading the file is several times cheaper. The file
+    holds the nodes and elements with their numbering, so the rebuilt mesh is the same and
+    warm-start states stored with the old RVE fit the new one. (Read back, periodic image nodes
+    sat exactly on their masters' images where gmsh's own mesh had some an ulp off; so the first
+    build reads the file too.)
+    """
+
+    def __init__(self, budget: int = 256 * 2**20) -> None:
+        self.budget, self.used = budget, 0
+        self._files: dict[tuple, Path] = {}
+        self._folder: Path | None = None
+
+    def read(self, key: tuple) -> bool:
+        """Merge the mesh of ``key`` into the current gmsh model; False if there is none."""
+        import gmsh
+
+        path = self._files.get(key)
+        if path is None:
+            return False
+        # the nodes as written (DOLFINx does not use gmsh's periodic maps)
+        before = gmsh.option.getNumber("Mesh.IgnorePeriodicity")
+        gmsh.option.setNumber("Mesh.IgnorePeriodicity", 1)
+        try:
+            gmsh.merge(str(path))
+        finally:
+            gmsh.option.setNumber("Mesh.IgnorePeriodicity", before)
+        return True
+
+    def write(self, key: tuple) -> bool:
+        """Keep the current gmsh model's mesh as the mesh of ``key``; False once the budget is
+        spent (nothing kept)."""
+        import gmsh
+
+        if self.used >= self.budget:
+            return False
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="neuroscale-meshes-"))
+            weakref.finalize(self, shutil.rmtree, self._folder, ignore_errors=True)
+        path = self._folder / f"{key[0]}-{key[1]!r}-{key[2]}.msh"
+        options = {"Mesh.Binary": 1, "Mesh.SaveAll": 1}  # exact coordinates, every element
+        before = {name: gmsh.option.getNumber(name) for name in options}
+        try:
+            for name, value in options.items():
+                gmsh.option.setNumber(name, value)
+            gmsh.write(str(path))
+        finally:
+            for name, value in before.items():
+                gmsh.option.setNumber(name, value)
+        self._files[key] = path
+        self.used += path.stat().st_size
+        return True
+
+
+MESH_FILES = MeshFiles()
+
+
+def _build_gmsh_model(ms: PhaseCell, size: float, order: int) -> None:
+    """Create the current gmsh model's geometry, physical groups, periodicity and mesh."""
+    import gmsh
+
+    fibre = ms._gmsh_fibres()
+    gmsh.model.occ.synchronize()
+    everything = [t for _, t in gmsh.model.getEntities(2)]
+    matrix = [t for t in everything if t not in fibre]
+    gmsh.model.addPhysicalGroup(2, matrix, MATRIX, name="matrix")
+    gmsh.model.addPhysicalGroup(2, fibre, FIBRE, name="fibre")
+    _set_periodic(axis=0)
+    _set_periodic(axis=1)
+    gmsh.option.setNumber("Mesh.MeshSizeMax", size)
+    gmsh.option.setNumber("Mesh.MeshSizeMin", 0.25 * size)
+    gmsh.option.setNumber("Mesh.MeshSizeFromCurvature", 12)
+    gmsh.option.setNumber("Mesh.Algorithm", 6)
+    gmsh.model.mesh.generate(2)
+    if order > 1:
+        gmsh.model.mesh.setOrder(order)
+
+
+def _set_periodic(axis: int) -> None:
+    """Declare curves on the far cell edge (x=1 or y=1) periodic images of those on the near one."""
+    import gmsh
+
+    eps = 1e-7
+
+    def edge_curves(value: float) -> dict[tuple, int]:
+        lo = [-eps, -eps, -eps]
+        hi = [1 + eps, 1 + eps, eps]
+        lo[axis], hi[axis] = value - eps, value + eps
+        curves = gmsh.model.getEntitiesInBoundingBox(*lo, *hi, dim=1)
+        out = {}
+        for _, tag in curves:
+            box = np.array(gmsh.model.getBoundingBox(1, tag))
+            key = tuple(np.round(np.delete(box, [axis, axis + 3]), 6))
+            out[key] = tag
+        return out
+
+    near, far = edge_curves(0.0), edge_curves(1.0)
+    if near.keys() != far.keys():
+        raise RuntimeError("gmsh produced non-matching boundary curves; report this microstructure")
+    shift = [0.0, 0.0, 0.0]
+    shift[axis] = 1.0
+    affine = [1, 0, 0, shift[0], 0, 1, 0, shift[1], 0, 0, 1, shift[2], 0, 0, 0, 1]
+    keys = sorted(near)
+    gmsh.model.mesh.setPeriodic(1, [far[k] for k in keys], [near[k] for k in keys], affine)
+
