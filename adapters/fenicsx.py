@@ -31,6 +31,7 @@ with cut-back, checkpoints and per-step reports are optional:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -80,7 +81,8 @@ class MicroStress:
     bound, source : per point the calibrated relative error bound (NaN where no operator ran)
         and where the stress came from (0 operator, 1 fine solve, 2 failed fine solve).
     point_ids, points : this rank's point ids (n,) and their coordinates (n, d).
-    reports : one record per load step ended (the Coupler's ``end_step`` figures).
+    reports : one record per load step ended: the fields of the Coupler's
+        :class:`~neuroscale_couple.coupler.StepReport` and ``failed_points``.
     """
 
     def __init__(self, u: fem.Function, micro, microstructures: Microstructures, *,
@@ -233,7 +235,8 @@ class MicroStress:
         finally:
             self._in_step = False
         if self._converged:
-            report = dict(self.micro.end_step(steps_left=steps_left))
+            report = self.micro.end_step(steps_left=steps_left)
+            report = {} if report is None else dataclasses.asdict(report)
             report["failed_points"] = self.comm.allreduce(
                 int((self.source.x.array[: len(self.point_ids)] == FAILED).sum()))
             self.reports.append(report)

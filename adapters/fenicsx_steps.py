@@ -13,6 +13,7 @@ completed step::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -53,6 +54,7 @@ class LoadStepper:
 
     def run(self, loads: Sequence[float], set_load: Callable[[float], None], *,
             checkpoint_dir: str | Path | None = None, restart: bool = False,
+            params: dict | None = None, allow_changes: bool = False,
             on_step: Callable[[dict], None] | None = None,
             model_saver: Callable[[Path], None] | None = None) -> list[dict]:
         """Solve at load factors ``loads[k]`` (finite, any sign and order; the path starts at
@@ -60,10 +62,13 @@ class LoadStepper:
 
         ``set_load(t)`` sets the boundary values or loads at factor t. With ``checkpoint_dir``
         the state after every step is written atomically (``model_saver(path)`` writes the
-        model when given) and ``restart`` resumes from it. ``on_step(record)`` may add to a
-        record before it is checkpointed. Each record holds ``step``, ``load``, ``residuals``
-        (per Newton solve), ``newton_iterations``, ``cutbacks``, ``time_s`` and the micro
-        solver's step report (:attr:`MicroStress.reports`).
+        model when given) and ``restart`` resumes from it. The checkpoint records the load
+        path, the mesh size and ``params`` (the run's other settings, JSON values, e.g. the
+        tolerance and the model file): a restart with any of them changed is refused unless
+        ``allow_changes``. ``on_step(record)`` may add to a record before it is checkpointed.
+        Each record holds ``step``, ``load``, ``residuals`` (per Newton solve),
+        ``newton_iterations``, ``cutbacks``, ``time_s`` and the micro solver's step report
+        (:attr:`MicroStress.reports`).
         """
         loads = [float(t) for t in loads]
         if not loads or not np.all(np.isfinite(loads)):
@@ -73,8 +78,17 @@ class LoadStepper:
             raise InputError("restart needs the checkpoint directory of the killed run")
         history: list[dict] = []
         t_done, first = 0.0, 0
+        run_params = {"loads": loads, "dofs": self.dofs, "points": self.micro.n_points,
+                      **json.loads(json.dumps(params or {}))}
         if restart:
             state = self.load_checkpoint(ckpt)
+            changed = {k: (state["params"].get(k), v) for k, v in run_params.items()
+                       if state["params"].get(k) != v}
+            if changed and not allow_changes:
+                detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}"
+                                   for k, (a, b) in changed.items())
+                raise CheckpointError(f"the checkpoint in {ckpt} is of another run ({detail}): "
+                                      "restart with the same settings, or start afresh")
             history, t_done, first = state["history"], state["load"], state["step"] + 1
             self.micro.micro.restore_state(state.get("micro_state", {}))
         for k in range(first, len(loads)):
@@ -84,7 +98,7 @@ class LoadStepper:
             if on_step is not None:
                 on_step(record)
             if ckpt is not None:
-                self.write_checkpoint(ckpt, k, t_done, history, model_saver)
+                self.write_checkpoint(ckpt, k, t_done, history, run_params, model_saver)
         return history
 
     def _step(self, k: int, t0: float, t1: float, set_load: Callable[[float], None],
@@ -110,11 +124,13 @@ class LoadStepper:
                 self.u.x.scatter_forward()
                 if cut > self.max_cutbacks:
                     set_load(t_now)
-                    reason = self.micro.error or f"SNES reason {snes.getConvergedReason()}"
+                    error = self.micro.error
+                    why = (f"the micro update failed: {error}" if error is not None else
+                           f"Newton diverged (SNES reason {snes.getConvergedReason()}): take "
+                           "smaller load steps")
                     raise SolveError(
                         f"load step {k} (load {t1:g}) did not converge after {self.max_cutbacks} "
-                        f"cut-backs (last error: {reason}): take smaller load steps"
-                        + ("; the last checkpoint is intact" if k else ""))
+                        f"cut-backs; {why}" + ("; the last checkpoint is intact" if k else ""))
                 log.info("step %d: Newton failed at load %.4g (%s), cutting the increment", k,
                          t, self.micro.error or snes.getConvergedReason())
                 targets.insert(0, 0.5 * (t_now + t))
@@ -126,26 +142,29 @@ class LoadStepper:
 
     # ------------------------------------------------------------------ checkpoints
     def write_checkpoint(self, directory: Path, step: int, load: float, history: list[dict],
-                         model_saver: Callable[[Path], None] | None = None) -> None:
+                         params: dict, model_saver: Callable[[Path], None] | None = None
+                         ) -> None:
         """Write u (by dof coordinates), the model (``model_saver``), the micro solver's
-        ``checkpoint_state()`` and the step history; atomic, collective."""
+        ``checkpoint_state()``, the step history and the run's ``params``, with the SHA-256 of
+        each file; atomic, collective."""
         V = self.u.function_space
         d = self.micro.dim
         n_own = V.dofmap.index_map.size_local
         coords = V.tabulate_dof_coordinates()[:n_own, :d]
         vals = self.u.x.array[: d * n_own].reshape(-1, d)
         gathered = self.comm.gather((coords, vals), root=0)
-        model_file = f"model_step{step:04d}.pt" if model_saver is not None else None
+        micro_state = self.micro.micro.checkpoint_state()
         if self.comm.rank == 0:
+            files = {"u_file": f"u_step{step:04d}.npz"}
             if model_saver is not None:
-                model_saver(directory / model_file)
-            u_file = f"u_step{step:04d}.npz"
-            atomic_write(directory / u_file, lambda tmp: _save_npz(
+                files["model_file"] = f"model_step{step:04d}.pt"
+                model_saver(directory / files["model_file"])
+            atomic_write(directory / files["u_file"], lambda tmp: _save_npz(
                 tmp, x=np.concatenate([g[0] for g in gathered]),
                 u=np.concatenate([g[1] for g in gathered])))
-            micro_state = self.micro.micro.checkpoint_state()
-            state = {"step": step, "load": load, "u_file": u_file, "model_file": model_file,
-                     "history": history, "micro_state": micro_state}
+            state = {"step": step, "load": load, **files, "history": history,
+                     "params": params, "micro_state": micro_state,
+                     "digests": {name: _sha256(directory / name) for name in files.values()}}
             atomic_write(directory / "state.json",
                          lambda tmp: tmp.write_text(json.dumps(state, indent=1)))
             for old in directory.glob("*_step*"):
@@ -155,14 +174,36 @@ class LoadStepper:
 
     @staticmethod
     def read_checkpoint(directory: str | Path) -> dict:
-        """The state written by :meth:`write_checkpoint` (``model_file`` made a full path)."""
-        path = Path(directory) / "state.json"
+        """The state written by :meth:`write_checkpoint`, its files checked against their
+        digests (``u_file`` and ``model_file`` made full paths); a missing, malformed or
+        altered checkpoint raises :class:`CheckpointError` naming the file."""
+        directory = Path(directory)
+        path = directory / "state.json"
+        fix = f"delete {directory} and start the run afresh"
         if not path.is_file():
             raise CheckpointError(f"no checkpoint in {directory}: start the run afresh (no "
                                   "restart) to write one")
-        state = json.loads(path.read_text())
-        if state.get("model_file"):
-            state["model_file"] = str(Path(directory) / state["model_file"])
+        try:
+            state = json.loads(path.read_text())
+            missing = [k for k in ("step", "load", "u_file", "history", "params", "digests")
+                       if k not in state]
+            if missing:
+                raise KeyError(f"no {', '.join(missing)}")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path} is not a NeuroScale checkpoint state ({err!r}): "
+                                  f"{fix}") from None
+        for key in ("u_file", "model_file"):
+            name = state.get(key)
+            if name is None:
+                continue
+            if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+                raise CheckpointError(f"{path}: {key} {name!r} points outside the checkpoint "
+                                      f"folder: {fix}")
+            file = directory / name
+            if not file.is_file() or _sha256(file) != state["digests"].get(name):
+                raise CheckpointError(f"{file} is missing or differs from the file the "
+                                      f"checkpoint wrote (SHA-256 mismatch): {fix}")
+            state[key] = str(file)
         return state
 
     def load_checkpoint(self, directory: Path) -> dict:
@@ -170,8 +211,15 @@ class LoadStepper:
         from scipy.spatial import cKDTree
 
         state = self.read_checkpoint(directory)
-        with np.load(directory / state["u_file"]) as data:
-            x, vals = data["x"], data["u"]
+        try:
+            with np.load(state["u_file"]) as data:
+                x, vals = data["x"], data["u"]
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{state['u_file']} is unreadable ({err!r}): delete "
+                                  f"{directory} and start the run afresh") from None
+        if not np.isfinite(vals).all():
+            raise CheckpointError(f"{state['u_file']} holds non-finite displacements: delete "
+                                  f"{directory} and start the run afresh")
         mine = self.u.function_space.tabulate_dof_coordinates()[:, : self.micro.dim]
         dist, idx = cKDTree(x).query(mine)
         if dist.max() > 1e-8 * max(1.0, np.abs(x).max()):
@@ -186,6 +234,10 @@ def displacement_norm(u: fem.Function) -> float:
     V = u.function_space
     n = V.dofmap.index_map.size_local * V.dofmap.index_map_bs
     return V.mesh.comm.allreduce(float(np.sum(u.x.array[:n] ** 2))) ** 0.5
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:

@@ -1,5 +1,11 @@
 """HMM of a copper plate with a hole: the stress at each quadrature point from a Cauchy–Born cell.
 
+It illustrates how to:
+
+- use an atomistic fine solver (ASE's EMT, or LAMMPS) as the Coupler's true solver;
+- give every quadrature point the same crystal, and let the crystal operator answer;
+- run at a finite temperature, where the fine solve is a noisy molecular-dynamics average.
+
 Macro problem (plane strain, quarter of a square plate of width 2 with a central hole of radius
 0.3, symmetry on x = 0 and y = 0, u_x = δ(t) on x = 1; lengths in any unit, stresses in GPa):
 

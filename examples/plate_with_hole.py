@@ -271,8 +271,12 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
     # the Coupler may swap in another model object (background retraining): save the current one
     saver = None if coupler.model is None else (lambda path: coupler.model.save(path))
     t_steps = time.perf_counter()
+    # every setting but where the output goes and how it is shown: a restart must match them
+    params = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+              if k not in ("out", "restart", "quiet", "compare")}
     history = problem.run(loads, run.set_load, checkpoint_dir=out / "checkpoint",
-                          restart=args.restart, on_step=on_step, model_saver=saver)
+                          restart=args.restart, params=params, on_step=on_step,
+                          model_saver=saver)
     t_output = time.perf_counter()
     u_norm = displacement_norm(micro.u)
     fields = gather_fields(micro)

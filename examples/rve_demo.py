@@ -1,5 +1,11 @@
 """Homogenize a random fibre composite RVE under uniaxial plane-strain stretch.
 
+It illustrates how to:
+
+- draw a random periodic fibre microstructure and build its periodic RVE solver;
+- solve it like an ASE calculator, one call per macro deformation gradient F̄, warm-started;
+- read the homogenized stress P̄, the consistent tangent ∂P̄/∂F̄ and the micro fields.
+
 The micro problem, on the unit cell Y with periodic fluctuation w:
 
     find w periodic:  ∫_Y P(F̄ + ∇w) : ∇v dy = 0  for all periodic v,

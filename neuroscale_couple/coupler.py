@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from mpi4py import MPI
 
@@ -39,7 +40,7 @@ import torch
 from neuroscale_couple.calibration import Calibration
 from neuroscale_couple.errors import InputError, NeuroScaleError, SolveError
 from neuroscale_couple.fine import FineSolver, MicroResult, SolverCache
-from neuroscale_couple.parallel import balance, device_for_rank
+from neuroscale_couple.parallel import balance, device_for_rank, together
 from neuroscale_couple.retraining import RetrainConfig, Retrainer, RetrainJob
 from neuroscale_couple.store import ReplayStore
 from neuroscale_couple.tensors import as_deformation_batch
@@ -123,6 +124,85 @@ class Policy:
     def classic(self) -> bool:
         """True when every point goes to the fine solver (``tol = 0``)."""
         return self.tol == 0
+
+
+class FallbackRequest(NamedTuple):
+    """A point sent to the fine solver: its id, F̄ (2, 2), structure, last solve's seconds (NaN
+    if never solved) and the rank holding its warm-start state (−1: none)."""
+
+    point_id: int
+    F: np.ndarray
+    structure: object
+    cost_s: float
+    last_rank: int
+
+
+class FineAnswer(NamedTuple):
+    """One point's fine solve: stress P (2, 2) and tangent A (2, 2, 2, 2) (None if it failed),
+    energy density W (NaN if not reported), ``noise`` ‖stress standard error‖ (None for a
+    solver that reports none), the solve's seconds without the solver's build, and the rank
+    that solved it."""
+
+    P: np.ndarray | None
+    A: np.ndarray | None
+    W: float
+    noise: float | None
+    time_s: float
+    rank: int
+
+
+@dataclass
+class SolvedPoint:
+    """A point's fine solve of this load step, served linearised to later iterates
+    (:class:`Policy` ``reuse``): at F (2, 2), its answer, and the operator's stress at F
+    (2, 2; zeros without a model)."""
+
+    F: np.ndarray
+    answer: FineAnswer
+    op_stress: np.ndarray
+
+
+@dataclass
+class StepStats:
+    """What this rank measured in the current load step (seconds and counts)."""
+
+    operator_time_s: float = 0.0
+    encode_time_s: float = 0.0
+    fine_time_s: float = 0.0
+    fine_solve_time_s: float = 0.0
+    fine_solves: int = 0
+    fine_failed: int = 0
+
+
+@dataclass
+class StepReport:
+    """Global figures of a load step (:meth:`Coupler.end_step`).
+
+    ``fallback_points``: points that used the fine solver; ``noise_limited_points``: see
+    ``Policy.exclude_noise``; ``fine_solves``, ``fine_failed``; ``fine_time_s`` (max over
+    ranks, wall), ``operator_time_s`` (max over ranks), ``encode_time_s`` (max over ranks: the
+    latents of the microstructures, encoded when they were registered, so in the first step of
+    a run); ``retrain_time_s`` (wall time the step spent retraining or waiting for a background
+    retraining), ``retrain_background_s`` (training time of the background retraining swapped
+    in at this step, max over ranks), ``retrain_skipped`` (a due retraining that would not pay,
+    ``RetrainConfig.cost_aware``), ``retrain_estimate_s`` and ``retrain_saving_s`` (that
+    decision's estimated training time and the fine-solve time it could save; None without a
+    decision), ``model_version``.
+    """
+
+    fallback_points: int
+    noise_limited_points: int
+    fine_solves: int
+    fine_failed: int
+    fine_time_s: float
+    operator_time_s: float
+    encode_time_s: float
+    retrain_time_s: float = 0.0
+    retrain_background_s: float = 0.0
+    retrain_skipped: bool = False
+    retrain_estimate_s: float | None = None
+    retrain_saving_s: float | None = None
+    model_version: int = 0
 
 
 @dataclass
@@ -210,13 +290,11 @@ class Coupler(FineSolver):
         self._sticky: set[int] = set()
         self._fell_back: set[int] = set()
         self._noise_limited: set[int] = set()
-        # this step's fine solve per id: F, P, A, W, ‖stress stderr‖ (None: not noisy) and the
-        # operator's stress at F
-        self._solved: dict[int, tuple] = {}
+        self._solved: dict[int, SolvedPoint] = {}  # this load step's fine solve per id
         self.step, self.evaluations = 0, 0
         self._cal: Calibration | None = None
         self._cal_version = -1
-        self.stats = self._empty_stats()
+        self.stats = StepStats()
 
     @classmethod
     def from_config(cls, config: str | Path | dict, *, comm: MPI.Comm = MPI.COMM_WORLD
@@ -261,7 +339,7 @@ class Coupler(FineSolver):
         z = self.model.latents([first[k] for k in uniq])
         pos = {k: i for i, k in enumerate(uniq)}
         self._z = z[torch.as_tensor([pos[k] for k in keys])]
-        self.stats["encode_time_s"] += time.perf_counter() - t0
+        self.stats.encode_time_s += time.perf_counter() - t0
 
     def _rows(self, point_ids) -> np.ndarray:
         ids = np.asarray(point_ids, dtype=np.int64)
@@ -290,47 +368,49 @@ class Coupler(FineSolver):
 
     def evaluate(self, F: np.ndarray, point_ids: Sequence[int]) -> CouplerResult:
         """Stress, tangent, uncertainty, source and energy of this rank's points (collective)."""
-        Fb = as_deformation_batch(F)
-        ids = np.asarray(point_ids, dtype=np.int64)
-        if len(ids) != len(Fb):
-            raise InputError(f"{len(ids)} point ids for {len(Fb)} deformation gradients")
-        rows = self._rows(ids)
-        n = len(Fb)
-        self.evaluations += 1
-        t0 = time.perf_counter()
-        stress, tangent = np.zeros((n, 2, 2)), np.zeros((n, 2, 2, 2, 2))
-        unc, energy, noise = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)
-        if self.model is not None and n:
-            stress, tangent, unc, noise, energy = self._predict(rows, Fb)
-        if self.policy.classic or self.model is None:
-            fallback = np.ones(n, dtype=bool)
-        else:
-            fallback = unc > np.maximum(self.policy.tol, noise)
-            fallback |= np.array([i in self._sticky for i in ids.tolist()], dtype=bool)
-            self._noise_limited.update(ids[noise > self.policy.tol].tolist())
-        self._sticky.update(ids[fallback].tolist())
-        self._fell_back.update(ids[fallback].tolist())
-        self.stats["operator_time_s"] += time.perf_counter() - t0
-        source = np.where(fallback, FINE, OPERATOR)
-        op_stress = stress.copy()
-        reuse = self._near_solve(Fb, ids, fallback, op_stress)
-        for j in np.flatnonzero(reuse):
-            F0, P0, A0, W0, _, _ = self._solved[int(ids[j])]
-            dF = Fb[j] - F0
-            stress[j], tangent[j] = P0 + np.einsum("ijkl,kl->ij", A0, dF), A0
-            # the quadratic model whose gradient that stress is (NaN if the solve had no W)
-            energy[j] = W0 + np.sum((P0 + 0.5 * (stress[j] - P0)) * dF)
-        solve = fallback & ~reuse
+        with together(self.comm, "the operator stage of a Coupler evaluation"):
+            Fb = as_deformation_batch(F)
+            ids = np.asarray(point_ids, dtype=np.int64)
+            if len(ids) != len(Fb):
+                raise InputError(f"{len(ids)} point ids for {len(Fb)} deformation gradients")
+            rows = self._rows(ids)
+            n = len(Fb)
+            self.evaluations += 1
+            t0 = time.perf_counter()
+            stress, tangent = np.zeros((n, 2, 2)), np.zeros((n, 2, 2, 2, 2))
+            unc, energy, noise = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)
+            if self.model is not None and n:
+                stress, tangent, unc, noise, energy = self._predict(rows, Fb)
+            if self.policy.classic or self.model is None:
+                fallback = np.ones(n, dtype=bool)
+            else:
+                fallback = unc > np.maximum(self.policy.tol, noise)
+                fallback |= np.array([i in self._sticky for i in ids.tolist()], dtype=bool)
+                self._noise_limited.update(ids[noise > self.policy.tol].tolist())
+            self._sticky.update(ids[fallback].tolist())
+            self._fell_back.update(ids[fallback].tolist())
+            self.stats.operator_time_s += time.perf_counter() - t0
+            source = np.where(fallback, FINE, OPERATOR)
+            op_stress = stress.copy()
+            reuse = self._near_solve(Fb, ids, fallback, op_stress)
+            for j in np.flatnonzero(reuse):
+                solved = self._solved[int(ids[j])]
+                P0, A0, W0 = solved.answer.P, solved.answer.A, solved.answer.W
+                dF = Fb[j] - solved.F
+                stress[j], tangent[j] = P0 + np.einsum("ijkl,kl->ij", A0, dF), A0
+                # the quadratic model whose gradient that stress is (NaN if the solve had no W)
+                energy[j] = W0 + np.sum((P0 + 0.5 * (stress[j] - P0)) * dF)
+            solve = fallback & ~reuse
         self.cache.new_pass()
         t1 = time.perf_counter()
         done = self._solve_fallback(Fb[solve], ids[solve], rows[solve])
-        self.stats["fine_time_s"] += time.perf_counter() - t1
-        for j, (P, A, W, stderr) in zip(np.flatnonzero(solve), done, strict=True):
-            if P is None:
+        self.stats.fine_time_s += time.perf_counter() - t1
+        for j, answer in zip(np.flatnonzero(solve), done, strict=True):
+            if answer.P is None:
                 source[j] = FAILED
                 continue
-            stress[j], tangent[j], energy[j] = P, A, W
-            self._solved[int(ids[j])] = (Fb[j].copy(), P, A, W, stderr, op_stress[j].copy())
+            stress[j], tangent[j], energy[j] = answer.P, answer.A, answer.W
+            self._solved[int(ids[j])] = SolvedPoint(Fb[j].copy(), answer, op_stress[j].copy())
         self._check_failures(source)
         return CouplerResult(stress, tangent, unc, source, energy)
 
@@ -346,8 +426,8 @@ class Coupler(FineSolver):
             solved = self._solved.get(int(ids[j]))
             if solved is None:
                 continue
-            F0, A0, noise, op_stress0 = solved[0], solved[2], solved[4], solved[5]
-            dF = F[j] - F0
+            A0, noise, op_stress0 = solved.answer.A, solved.answer.noise, solved.op_stress
+            dF = F[j] - solved.F
             if noise is not None and not classic:
                 error = np.linalg.norm(op_stress[j] - op_stress0
                                        - np.einsum("ijkl,kl->ij", A0, dF))
@@ -385,52 +465,52 @@ class Coupler(FineSolver):
         return self._cal
 
     def _solve_fallback(self, F: np.ndarray, ids: np.ndarray,
-                        rows: np.ndarray) -> list[tuple]:
-        """Solve the given points somewhere on the communicator; (P, A, W, noise) in the given
-        order, noise the Frobenius norm of the stress's standard error (None for a solver that
-        reports none; None, None, NaN, None for a failed solve)."""
+                        rows: np.ndarray) -> list[FineAnswer]:
+        """Solve the given points somewhere on the communicator; their answers in the given
+        order."""
         comm = self.comm
-        mine = [(int(i), F[k], self._micro[r], self._cost.get(int(i), np.nan),
-                 self._last_rank.get(int(i), -1))
+        mine = [FallbackRequest(int(i), F[k], self._micro[r], self._cost.get(int(i), np.nan),
+                                self._last_rank.get(int(i), -1))
                 for k, (i, r) in enumerate(zip(ids, rows, strict=True))]
         every = comm.allgather(mine)
         flat = [(owner, e) for owner, part in enumerate(every) for e in part]
         if not flat:
             return []
-        known = [e[3] for _, e in flat if np.isfinite(e[3])]
+        known = [e.cost_s for _, e in flat if np.isfinite(e.cost_s)]
         default = float(np.median(known)) if known else 1.0
         build = self.cache.setup_time / self.cache.builds if self.cache.builds else default
         build = comm.allreduce(build, op=MPI.MAX)
         # a solved point costs its last solve (build excluded), a new one the median solve; on
         # a rank that holds no solver of its microstructure a build comes on top (a new point
         # has no preferred rank; a solved one prefers the rank holding its warm-start state)
-        held = np.array(comm.allgather([e[2].key in self.cache for _, e in flat])).T
-        costs = np.array([e[3] if np.isfinite(e[3]) else default for _, e in flat])
-        preferred = np.array([e[4] for _, e in flat])
+        held = np.array(comm.allgather([e.structure.key in self.cache for _, e in flat])).T
+        costs = np.array([e.cost_s if np.isfinite(e.cost_s) else default for _, e in flat])
+        preferred = np.array([e.last_rank for _, e in flat])
         assign = balance(costs, preferred, comm.size, np.where(held, 0.0, build))
         # a point leaving the rank that holds its warm-start state takes the state along: only
         # the solver's build is lost, and results do not depend on where a point is solved
         moving: list[list] = [[] for _ in range(comm.size)]
-        for (_, (pid, _, micro, _, last)), r in zip(flat, assign, strict=True):
-            if last == comm.rank != r:
-                moving[r].append((pid, micro.key, self.cache.pop_state(micro.key, pid)))
+        for (_, e), r in zip(flat, assign, strict=True):
+            if e.last_rank == comm.rank != r:
+                key = e.structure.key
+                moving[r].append((e.point_id, key, self.cache.pop_state(key, e.point_id)))
         for pid, key, state in (e for part in comm.alltoall(moving) for e in part):
             if state is not None:
                 self.cache.put_state(key, pid, state)
         outgoing: list[list] = [[] for _ in range(comm.size)]
-        for (owner, (pid, Fi, micro, _, _)), r in zip(flat, assign, strict=True):
-            if r == comm.rank:
-                outgoing[owner].append((pid, *self._fine_solve(pid, Fi, micro)))
-        back = {e[0]: e[1:] for part in comm.alltoall(outgoing) for e in part}
-        out = []
-        for pid in ids.tolist():
-            P, A, W, noise, t, ok_rank = back[pid]
-            self._cost[pid], self._last_rank[pid] = t, ok_rank
-            out.append((P, A, W, noise))
-        return out
+        with together(comm, "a fine solve"):  # a SolveError is a failed point, not an error
+            for (owner, e), r in zip(flat, assign, strict=True):
+                if r == comm.rank:
+                    outgoing[owner].append((e.point_id, self._fine_solve(e.point_id, e.F,
+                                                                         e.structure)))
+        back = dict(pair for part in comm.alltoall(outgoing) for pair in part)
+        answers = [back[pid] for pid in ids.tolist()]
+        for pid, answer in zip(ids.tolist(), answers, strict=True):
+            self._cost[pid], self._last_rank[pid] = answer.time_s, answer.rank
+        return answers
 
-    def _fine_solve(self, pid: int, F: np.ndarray, micro) -> tuple:
-        """(P, A, W, noise, seconds without the solver's build, rank) of one point."""
+    def _fine_solve(self, pid: int, F: np.ndarray, micro) -> FineAnswer:
+        """The fine solve of one point on this rank."""
         t0 = time.perf_counter()
         solver = self.cache.get(micro.key, micro)
         t_solve = time.perf_counter()
@@ -438,11 +518,12 @@ class Coupler(FineSolver):
             res = solver.solve(F, point_ids=[pid], tangent=True)
         except SolveError as err:
             log.warning("rank %d: fine solve of point %d failed: %s", self.comm.rank, pid, err)
-            self.stats["fine_failed"] += 1
-            return None, None, np.nan, None, time.perf_counter() - t_solve, self.comm.rank
+            self.stats.fine_failed += 1
+            return FineAnswer(None, None, np.nan, None, time.perf_counter() - t_solve,
+                              self.comm.rank)
         t = time.perf_counter() - t0
-        self.stats["fine_solves"] += 1
-        self.stats["fine_solve_time_s"] += t
+        self.stats.fine_solves += 1
+        self.stats.fine_solve_time_s += t
         stderr = res.info.get("stress_stderr")
         if self.replay is not None:
             self.replay.append(micro, pid, F, res.stress[0], res.tangent[0], step=self.step,
@@ -450,8 +531,8 @@ class Coupler(FineSolver):
                                time_s=t, stderr=None if stderr is None else stderr[0])
         W = float(res.info.get("energy_density", [np.nan])[0])
         noise = None if stderr is None else float(np.linalg.norm(stderr[0]))
-        return (res.stress[0], res.tangent[0], W, noise, time.perf_counter() - t_solve,
-                self.comm.rank)
+        return FineAnswer(res.stress[0], res.tangent[0], W, noise, time.perf_counter() - t_solve,
+                          self.comm.rank)
 
     def _check_failures(self, source: np.ndarray) -> None:
         failed = self.comm.allreduce(int((source == FAILED).sum()))
@@ -468,11 +549,6 @@ class Coupler(FineSolver):
                    else "") + "): reduce the load increment; the last checkpoint is intact")
 
     # ------------------------------------------------------------------ load steps
-    def _empty_stats(self) -> dict:
-        return {"operator_time_s": 0.0, "encode_time_s": 0.0, "fine_time_s": 0.0,
-                "fine_solve_time_s": 0.0,
-                "fine_solves": 0, "fine_failed": 0}
-
     def begin_step(self, step: int) -> None:
         """Start load step ``step``, or a cut-back part or retry of it: sources may change
         again (never call it inside a Newton solve)."""
@@ -480,68 +556,57 @@ class Coupler(FineSolver):
         self._sticky.clear()
         # a deterministic solve stays valid (Policy.reuse); a noisy one is linearised per step,
         # judged with the operator's stresses, which may change between steps
-        self._solved = {pid: s for pid, s in self._solved.items() if s[4] is None}
+        self._solved = {pid: s for pid, s in self._solved.items() if s.answer.noise is None}
 
-    def end_step(self, steps_left: int | None = None) -> dict:
-        """Finish the current load step (collective): store its fine solves, retrain if due.
+    def end_step(self, steps_left: int | None = None) -> StepReport:
+        """Finish the current load step (collective): store its fine solves, retrain if due,
+        and report the step's global figures.
 
         ``steps_left``: load steps still to come (None: unknown). A retraining starts only if
         its model will serve one: not after the last step, and in background mode (the model
         arrives a step later) not after the last but one either; a later run can fine-tune on
         the replay store with ``retrain.replay_from``. A background retraining already running
         is still swapped in.
-
-        Returns global figures of the step: ``fallback_points`` (points that used the fine
-        solver), ``noise_limited_points`` (see ``Policy.exclude_noise``), ``fine_solves``,
-        ``fine_failed``, ``fine_time_s`` (max over ranks, wall), ``operator_time_s`` (max over
-        ranks), ``encode_time_s`` (max over ranks: the latents of the microstructures, encoded
-        when they were registered, so in the first step of a run), ``retrain_time_s`` (wall
-        time the step spent retraining or waiting for a
-        background retraining), ``retrain_background_s`` (training time of the background
-        retraining swapped in at this step, max over ranks),
-        ``retrain_skipped`` (a due retraining that would not pay, ``RetrainConfig.cost_aware``),
-        ``retrain_estimate_s`` and ``retrain_saving_s`` (that decision's estimated training
-        time and the fine-solve time it could save; None without a decision),
-        ``model_version``.
         """
-        comm = self.comm
-        out = {"fallback_points": comm.allreduce(len(self._fell_back)),
-               "noise_limited_points": comm.allreduce(len(self._noise_limited)),
-               "fine_solves": comm.allreduce(self.stats["fine_solves"]),
-               "fine_failed": comm.allreduce(self.stats["fine_failed"]),
-               "fine_time_s": comm.allreduce(self.stats["fine_time_s"], op=MPI.MAX),
-               "operator_time_s": comm.allreduce(self.stats["operator_time_s"], op=MPI.MAX),
-               "encode_time_s": comm.allreduce(self.stats["encode_time_s"], op=MPI.MAX),
-               "retrain_time_s": 0.0, "retrain_background_s": 0.0, "retrain_skipped": False,
-               "retrain_estimate_s": None, "retrain_saving_s": None}
+        comm, stats = self.comm, self.stats
+        report = StepReport(
+            fallback_points=comm.allreduce(len(self._fell_back)),
+            noise_limited_points=comm.allreduce(len(self._noise_limited)),
+            fine_solves=comm.allreduce(stats.fine_solves),
+            fine_failed=comm.allreduce(stats.fine_failed),
+            fine_time_s=comm.allreduce(stats.fine_time_s, op=MPI.MAX),
+            operator_time_s=comm.allreduce(stats.operator_time_s, op=MPI.MAX),
+            encode_time_s=comm.allreduce(stats.encode_time_s, op=MPI.MAX))
         if self.replay is not None:
             self.replay.flush(self.step)
-        if out["noise_limited_points"] and comm.rank == 0:
+        if report.noise_limited_points and comm.rank == 0:
             log.warning("%d points: the fine solver's noise bound exceeds tol=%g, so no fallback "
                         "meets it there (longer fine-solve averages would)",
-                        out["noise_limited_points"], self.policy.tol)
+                        report.noise_limited_points, self.policy.tol)
         comm.Barrier()
         t0 = time.perf_counter()
         r = self.retrainer
         if r is not None and r.pending is not None:
-            model, n_online, out["retrain_background_s"] = r.swap()
+            model, n_online, report.retrain_background_s = r.swap()
             self._adopt(model, n_online)
         if r is not None:
-            r.new_since += out["fine_solves"]
-            if r.due(out["fallback_points"], comm.allreduce(len(self._ids)), steps_left):
+            r.new_since += report.fine_solves
+            if r.due(report.fallback_points, comm.allreduce(len(self._ids)), steps_left):
                 job = r.job(self.model, self.step, self.version)
                 if job is not None and r.config.cost_aware:
                     serves = 1 if steps_left is None else steps_left - (r.steps_needed - 1)
-                    r.weigh(job, self.model, out, serves)
-                if not out["retrain_skipped"]:
+                    (report.retrain_estimate_s, report.retrain_saving_s,
+                     report.retrain_skipped) = r.weigh(job, self.model, report.fine_time_s,
+                                                       serves)
+                if not report.retrain_skipped:
                     self._run_job(job)
                     r.new_since = 0
-        out["retrain_time_s"] = time.perf_counter() - t0
-        out["model_version"] = self.version
-        self.stats = self._empty_stats()
+        report.retrain_time_s = time.perf_counter() - t0
+        report.model_version = self.version
+        self.stats = StepStats()
         self._fell_back.clear()
         self._noise_limited.clear()
-        return out
+        return report
 
     def checkpoint_state(self) -> dict:
         """What a restart needs besides the model file: the model version, the count of fine

@@ -82,9 +82,10 @@ class FineSolver(ABC):
     def begin_step(self, step: int) -> None:  # noqa: B027  (an optional hook)
         """Start load step ``step`` (again after a cut-back); never inside a Newton solve."""
 
-    def end_step(self, steps_left: int | None = None) -> dict:
-        """End the current load step (collective); returns the step's figures (none here)."""
-        return {}
+    def end_step(self, steps_left: int | None = None) -> object | None:
+        """End the current load step (collective); returns the step's figures as a dataclass
+        (the Coupler's :class:`~neuroscale_couple.coupler.StepReport`), None if none."""
+        return None
 
     def checkpoint_state(self) -> dict:
         """What a restart needs besides the model file, JSON-serialisable (nothing here)."""

@@ -6,7 +6,9 @@ entering collective code.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 from mpi4py import MPI
 
@@ -29,6 +31,34 @@ def round_robin(items: list, comm: MPI.Comm) -> list[list]:
 def any_rank(flag: bool, comm: MPI.Comm) -> bool:
     """True on every rank if ``flag`` is true on at least one."""
     return bool(comm.allreduce(bool(flag), op=MPI.LOR))
+
+
+@contextlib.contextmanager
+def together(comm: MPI.Comm, what: str) -> Iterator[None]:
+    """Run a block of local work (no collective call inside) on every rank, then agree: an
+    exception raised on any rank is raised on every rank (collective).
+
+    The failing rank re-raises its own exception; the others raise one of the same
+    :class:`~neuroscale_couple.errors.NeuroScaleError` class (other exceptions: the base
+    class) naming the rank and its message, so no rank is left waiting in a later collective.
+    """
+    from neuroscale_couple import errors
+
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as err:  # shared with the other ranks below
+        error = err
+    reports = comm.allgather(None if error is None else (type(error).__name__, str(error)))
+    if error is not None:
+        raise error
+    failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+    if failed:
+        rank, (name, message) = failed[0]
+        cls = getattr(errors, name, None)
+        cls = cls if isinstance(cls, type) and issubclass(cls, errors.NeuroScaleError) else (
+            errors.NeuroScaleError)
+        raise cls(f"{what} failed on rank {rank}: {message}")
 
 
 def device_for_rank(comm: MPI.Comm) -> str:

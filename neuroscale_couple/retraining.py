@@ -288,16 +288,18 @@ class Retrainer:
         self.rate = job.time_s / job.sample_epochs
         return job.model, job.n_online, self.comm.allreduce(job.time_s, op=MPI.MAX)
 
-    def weigh(self, job: RetrainJob, model, out: dict, serves: int) -> None:
-        """Set ``out``'s ``retrain_estimate_s``, ``retrain_saving_s`` (its fine-solve time ×
-        the ``serves`` steps the new model would serve) and ``retrain_skipped`` (collective)."""
-        out["retrain_saving_s"] = out["fine_time_s"] * serves
-        out["retrain_estimate_s"] = self._estimate(job, model)
-        out["retrain_skipped"] = out["retrain_estimate_s"] >= out["retrain_saving_s"]
+    def weigh(self, job: RetrainJob, model, fine_time_s: float, serves: int
+              ) -> tuple[float, float, bool]:
+        """Whether the retraining ``job`` pays (collective): its estimated wall time (s), the
+        fine-solve time it could save (this step's ``fine_time_s`` × the ``serves`` steps the
+        new model would serve) and whether it is skipped (estimate ≥ saving)."""
+        saving = fine_time_s * serves
+        estimate = self._estimate(job, model)
+        skipped = estimate >= saving
         if self.comm.rank == 0:
             log.info("retraining estimated at %.1f s, would save at most %.1f s of fine solves: "
-                     "%s", out["retrain_estimate_s"], out["retrain_saving_s"],
-                     "skipped" if out["retrain_skipped"] else "retraining")
+                     "%s", estimate, saving, "skipped" if skipped else "retraining")
+        return estimate, saving, skipped
 
     def _estimate(self, job: RetrainJob, model) -> float:
         """Estimated wall time (s) of the retraining ``job``: the slowest rank's (collective,

@@ -181,8 +181,8 @@ def test_online_retraining_lowers_fallback_beyond_training_range(tmp_path):
             c.begin_step(step)
             c.evaluate(F, np.arange(n))
             record = c.end_step()
-        last[retrain] = record["fallback_points"]
-        assert (record["model_version"] > 0) == retrain
+        last[retrain] = record.fallback_points
+        assert (record.model_version > 0) == retrain
         c.close()
     assert last[False] >= 12
     assert last[True] <= 0.7 * last[False], last
@@ -200,7 +200,7 @@ def test_online_retraining_lowers_fallback_beyond_training_range(tmp_path):
     assert c.warm_start() and c.version == 1
     c.begin_step(0)
     c.evaluate(F, np.arange(n))
-    warm = c.end_step()["fallback_points"]
+    warm = c.end_step().fallback_points
     assert warm <= 0.7 * last[False], (warm, last)
     c.close()
 
@@ -224,8 +224,8 @@ def test_background_retraining_swaps_in_the_same_model_one_step_later(tmp_path):
             c.begin_step(step)
             c.evaluate(F_of(e), np.arange(n))
             record = c.end_step(steps_left=2 - step)
-            versions[mode].append(record["model_version"])
-            if record["model_version"] == 1 and mode not in weights:
+            versions[mode].append(record.model_version)
+            if record.model_version == 1 and mode not in weights:
                 weights[mode] = ({k: v.clone() for k, v in c.model.state_dict().items()},
                                  dict(c.model.calibration))
         c.close()
@@ -261,13 +261,12 @@ def test_cost_aware_retraining_waits_until_it_can_pay(tmp_path):
         c.evaluate(F_of(e), np.arange(n))
         records.append(c.end_step(steps_left=steps_left))
     c.close()
-    assert all(r["fallback_points"] >= 4 for r in records), records
+    assert all(r.fallback_points >= 4 for r in records), records
     first, second = records
-    assert first["retrain_skipped"] and first["model_version"] == 0, first
-    assert first["retrain_estimate_s"] > first["retrain_saving_s"] == first["fine_time_s"]
-    assert not second["retrain_skipped"] and second["model_version"] == 1, second
-    assert second["retrain_estimate_s"] < second["retrain_saving_s"] == 1000 * second[
-        "fine_time_s"]
+    assert first.retrain_skipped and first.model_version == 0, first
+    assert first.retrain_estimate_s > first.retrain_saving_s == first.fine_time_s
+    assert not second.retrain_skipped and second.model_version == 1, second
+    assert second.retrain_estimate_s < second.retrain_saving_s == 1000 * second.fine_time_s
 
 
 @pytest.mark.skip_in_parallel

@@ -239,7 +239,7 @@ def test_no_fallback_to_a_fine_solve_noisier_than_the_operator(crystal):
         c.register([0, 1], structures)
         c.begin_step(0)
         sources[exclude] = c.evaluate(F, [0, 1]).source.tolist()
-        limited[exclude] = c.end_step()["noise_limited_points"]
+        limited[exclude] = c.end_step().noise_limited_points
         c.close()
     assert sources == {False: [FINE, FINE], True: [OPERATOR, FINE]}, sources
     assert limited == {False: 0, True: 1}, limited
@@ -270,13 +270,13 @@ def test_md_fallback_is_solved_again_only_where_its_linearisation_errs_more_than
         c.begin_step(0)
         first = c.evaluate(F0, [0])
         second = c.evaluate(F0 + near, [0])
-        solves[tol] = [c.stats["fine_solves"]]
+        solves[tol] = [c.stats.fine_solves]
         if tol:
             np.testing.assert_allclose(
                 second.stress, first.stress + np.einsum("nijkl,nkl->nij", first.tangent, near),
                 rtol=0, atol=1e-12)
             c.evaluate(F0 + 15 * near, [0])
-            solves[tol].append(c.stats["fine_solves"])
+            solves[tol].append(c.stats.fine_solves)
         c.close()
     assert solves == {1e-6: [1, 2], 0.0: [2]}, solves
 
