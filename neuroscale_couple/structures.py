@@ -26,13 +26,13 @@ The built-in kinds: ``single_fibre``, ``random_fibres``, ``fibre_chain`` (``Fibr
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
+from neuroscale_couple.config import check_keys
 from neuroscale_couple.errors import InputError
 
 if TYPE_CHECKING:
@@ -187,12 +187,8 @@ def family(kind: object, name: str = "microstructure") -> type:
 def check_group(group: dict, cls: type, name: str) -> None:
     """Refuse keys of a config mapping that ``cls``'s schema does not know, naming the nearest
     known key, and missing required keys."""
-    known = sorted(set(GROUP_KEYS) | set(cls.config_schema))
-    for key in group:
-        if key not in known:
-            near = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean {near[0]!r}?" if near else f"known keys: {', '.join(known)}"
-            raise InputError(f"{name}.{key} is not a key of kind {group.get('kind')!r}: {hint}")
+    check_keys(group, set(GROUP_KEYS) | set(cls.config_schema),
+               f"{name} (kind {group.get('kind')!r})")
     for key, default in cls.config_schema.items():
         if default is REQUIRED and key not in group:
             raise InputError(f"{name}.{key} is missing: kind {group.get('kind')!r} needs it")
