@@ -48,6 +48,9 @@ from plate_with_hole import (
 )
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "fe2_composite.pt"
+# Neo-Hookean epoxy-like matrix and glass-like fibres (E in GPa), the phases of the shipped model
+COMPOSITE = {"law": "neo_hookean", "matrix": {"E": 3.0, "nu": 0.35},
+             "fibre": {"E": 70.0, "nu": 0.2}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,13 +58,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = coupled_arguments(__doc__.splitlines()[0], out="out/fe2_composite", model=DEFAULT_MODEL,
                           stretch=0.08, tol=0.05)
-    p.add_argument("--rve-mesh-size", type=float, default=None,
-                   help="RVE element size (default: the one the model was trained with)")
+    p.add_argument("--rve-mesh-size", type=float, default=0.02,
+                   help="RVE element size in cell lengths (0.02: the shipped model's training "
+                   "data)")
     p.add_argument("--rve-cache", type=int, default=MAX_LIVE_RVES,
                    help=f"live RVEs per rank, 1 to {MAX_LIVE_RVES} (a solved RVE holds ~14 MPI "
                    "communicators, of which MPICH allows 2048 per process); a rank with more "
                    "points rebuilds evicted RVEs (their meshes read back from files)")
     args = p.parse_args(argv)
+    if not 0 < args.rve_mesh_size <= 0.25:
+        p.error(f"--rve-mesh-size {args.rve_mesh_size}: give an element size in (0, 0.25] cell "
+                "lengths")
     if not 1 <= args.rve_cache <= MAX_LIVE_RVES:
         p.error(f"--rve-cache {args.rve_cache}: give 1 to {MAX_LIVE_RVES} (more live RVEs "
                 "run out of MPICH's communicators: 180 did on one rank)")
@@ -88,12 +95,9 @@ def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
     from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
 
     policy, state, model_path, model = prepare(args)
-    data_cfg = (model.card.get("data_config") if model is not None else None) or {}
-    family = {"law": data_cfg.get("law", "neo_hookean"),
-              "matrix": data_cfg.get("matrix", {"E": 3.0, "nu": 0.35}),
-              "fibre": data_cfg.get("fibre", {"E": 70.0, "nu": 0.2}),
-              "mesh": {"size": args.rve_mesh_size or (data_cfg.get("mesh") or {}).get(
-                  "size", 0.02)}}
+    # The true fine solver: the composite's phases and the RVE mesh; the Coupler refuses a model
+    # trained for other phases.
+    family = dict(COMPOSITE, mesh={"size": args.rve_mesh_size})
     coupler = Coupler(model, lambda m: rve_from_config(family, m), family=family, policy=policy,
                       comm=comm, replay_dir=Path(args.out) / "replay", cache_size=args.rve_cache,
                       retrain=retrain_config(args),

@@ -39,7 +39,7 @@ import torch
 
 from neuroscale_couple.calibration import Calibration
 from neuroscale_couple.errors import InputError, NeuroScaleError, SolveError
-from neuroscale_couple.fine import FineSolver, MicroResult, SolverCache
+from neuroscale_couple.fine import LIVE_SOLVERS, FineSolver, MicroResult, SolverCache
 from neuroscale_couple.parallel import balance, device_for_rank, together
 from neuroscale_couple.retraining import RetrainConfig, Retrainer, RetrainJob
 from neuroscale_couple.store import ReplayStore
@@ -245,7 +245,7 @@ class Coupler(FineSolver):
                  family: dict | None = None, policy: Policy | None = None,
                  comm: MPI.Comm = MPI.COMM_WORLD, replay_dir: str | Path | None = None,
                  retrain: RetrainConfig | None = None, model_path: str | Path | None = None,
-                 cache_size: int = 128, dtype: torch.dtype = torch.float64) -> None:
+                 cache_size: int = LIVE_SOLVERS, dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
         self.policy = policy or Policy()
         self.comm = comm

@@ -98,6 +98,10 @@ class FineSolver(ABC):
         """Release what the solver holds (PETSc objects, communicators, threads)."""
 
 
+#: Default number of live fine solvers a rank keeps (each RVE holds ~14 MPI communicators).
+LIVE_SOLVERS = 128
+
+
 class SolverCache:
     """A bounded least-recently-used set of fine solvers, one per microstructure key.
 
@@ -112,7 +116,8 @@ class SolverCache:
     ``states``) are kept and handed to the solver rebuilt for the same key.
     """
 
-    def __init__(self, factory: Callable[[object], FineSolver], capacity: int = 64) -> None:
+    def __init__(self, factory: Callable[[object], FineSolver],
+                 capacity: int = LIVE_SOLVERS) -> None:
         if capacity < 1:
             raise InputError(f"cache capacity={capacity}: keep at least one fine solver")
         self.factory, self.capacity = factory, capacity

@@ -320,6 +320,8 @@ def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain,
     (["--tol", "-1"], "tol=-1.0"),
     (["--mesh-size", "huge"], "--mesh-size"),
     (["--rve-cache", "200"], "--rve-cache 200: give 1 to 128"),
+    (["--stretch", "nan"], "--stretch nan: give a finite"),
+    (["--rve-mesh-size", "-0.1"], "--rve-mesh-size -0.1: give an element size"),
 ])
 def test_example_bad_input_fails_before_work(tmp_path, flags, message):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "fe2_composite.py"),
