@@ -23,7 +23,6 @@ At every call (one per macro residual evaluation, collective over the communicat
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -662,18 +661,9 @@ class Coupler(FineSolver):
             log.info("operator retrained on %d fine solves: version %d, calibration scale %.3g",
                      n_online, self.version, self.model.calibration.get("scale", np.nan))
 
-    def weights_digest(self) -> str:
-        """SHA-256 of the model's weights and calibration (identical on every rank)."""
-        h = hashlib.sha256()
-        for name, t in self.model.state_dict().items():
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        h.update(repr(sorted(self.model.calibration.items())).encode())
-        return h.hexdigest()
-
     def check_same_weights(self) -> None:
         """Raise on every rank if the ranks' models differ (collective)."""
-        digests = self.comm.allgather(self.weights_digest())
+        digests = self.comm.allgather(self.model.weights_digest())
         if len(set(digests)) != 1:
             raise NeuroScaleError(f"model version {self.version} differs between ranks "
                                   f"({len(set(digests))} distinct weight digests): the "

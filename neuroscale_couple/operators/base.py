@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import itertools
 import json
 import pickle
@@ -196,12 +197,24 @@ class CoarseGrainingOperator(nn.Module):
         return out
 
     # ------------------------------------------------------------------ checkpoints
+    def weights_digest(self) -> str:
+        """SHA-256 of the config, the weights and buffers (names, dtypes, values) and the
+        calibration: what a model file's digest covers (the card is a record, not covered)."""
+        h = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
+        for name, t in self.state_dict().items():
+            h.update(f"{name}:{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(json.dumps(self.calibration, sort_keys=True).encode())
+        return h.hexdigest()
+
     def save(self, path: str | Path) -> None:
-        """Write weights, config, normalisation, calibration and card atomically."""
+        """Write weights, config, normalisation, calibration, card and the weights' digest
+        (:meth:`weights_digest`, checked at load) atomically."""
         payload = {"format": self.FORMAT, "version": __version__,
                    "config": json.dumps(dataclasses.asdict(self.config)),
                    "state_dict": self.state_dict(),
-                   "calibration": json.dumps(self.calibration), "card": json.dumps(self.card)}
+                   "calibration": json.dumps(self.calibration), "card": json.dumps(self.card),
+                   "digest": self.weights_digest()}
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
     @classmethod
@@ -227,6 +240,15 @@ class CoarseGrainingOperator(nn.Module):
         except (KeyError, RuntimeError, json.JSONDecodeError, InputError) as err:
             raise CheckpointError(f"{path} does not match this version of {cls.__name__} "
                                   f"({err})") from None
+        bad = [name for name, t in model.state_dict().items()
+               if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise CheckpointError(f"{path} holds non-finite weights ({', '.join(bad[:3])}): the "
+                                  "file is corrupt: re-copy or retrain it")
+        if payload.get("digest") != model.weights_digest():
+            raise CheckpointError(f"{path}: its weights do not match the SHA-256 digest written "
+                                  "with them (a corrupt or altered file, or one saved without a "
+                                  "digest): re-copy or retrain it")
         return model.to(map_location)
 
 

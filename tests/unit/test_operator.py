@@ -209,6 +209,26 @@ def test_missing_corrupt_or_foreign_checkpoints_give_clear_errors(tmp_path, mode
         SANO.from_checkpoint(tmp_path / "other.pt")
 
 
+def test_altered_or_non_finite_weights_are_refused(tmp_path, model):
+    """A model file's weights are checked against the digest saved with them, and for NaN."""
+    model.save(tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    name = next(k for k, t in payload["state_dict"].items() if t.is_floating_point())
+    flipped = dict(payload, state_dict=dict(payload["state_dict"]))
+    flipped["state_dict"][name] = payload["state_dict"][name].clone()
+    flipped["state_dict"][name].view(-1)[0] += 1e-3  # a flipped low-order bit does as much
+    torch.save(flipped, tmp_path / "flipped.pt")
+    with pytest.raises(CheckpointError, match="do not match the SHA-256 digest"):
+        SANO.from_checkpoint(tmp_path / "flipped.pt")
+    model_nan = SANO(model.config).double()
+    model_nan.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        next(p for p in model_nan.parameters()).view(-1)[0] = float("nan")
+    model_nan.save(tmp_path / "nan.pt")  # its digest is right, its weights are not
+    with pytest.raises(CheckpointError, match="non-finite weights"):
+        SANO.from_checkpoint(tmp_path / "nan.pt")
+
+
 def test_bad_model_inputs(model):
     with pytest.raises(InputError, match="expected"):
         model.encode(torch.zeros(2, 1, 8, 8, dtype=torch.float64))
