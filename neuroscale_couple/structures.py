@@ -5,7 +5,9 @@ cell at a temperature. A *family* of structures is one class implementing :class
 its ``key``, its stored arrays (HDF5 data sets and replay segments), the operator inputs made
 from them, its config schema, how its fine solver is built and which operator learns it.
 Nothing else in NeuroScale asks which family it holds; adding one is one new module with a
-class decorated by :func:`register`.
+class decorated by :func:`register`, found by its kind once the module is imported (a package of
+its own names it by an entry point of :data:`ENTRY_POINTS`; a built-in one is listed in
+:data:`BUILTIN`).
 
 Configs name their family by ``kind``. A generate config lists its structures under
 ``microstructure``, one mapping or a list of groups::
@@ -27,6 +29,7 @@ The built-in kinds: ``single_fibre``, ``random_fibres``, ``fibre_chain`` (``Fibr
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -174,10 +177,20 @@ def known_kinds() -> list[str]:
     return sorted(set(BUILTIN) | set(_FAMILIES))
 
 
+ENTRY_POINTS = "neuroscale_couple.structures"
+"""Entry-point group through which another package adds families: ``kind = module:Class``
+(loading it imports the module, whose ``@register`` enrols the class)."""
+
+
 def family(kind: object, name: str = "microstructure") -> type:
-    """The family class of ``kind``; ``name`` is the config mapping's name in errors."""
-    if isinstance(kind, str) and kind not in _FAMILIES and kind in BUILTIN:
-        importlib.import_module(BUILTIN[kind])
+    """The family class of ``kind``: registered, built-in (:data:`BUILTIN`) or named by an
+    entry point of :data:`ENTRY_POINTS`; ``name`` is the config mapping's name in errors."""
+    if isinstance(kind, str) and kind not in _FAMILIES:
+        if kind in BUILTIN:
+            importlib.import_module(BUILTIN[kind])
+        else:
+            for entry in importlib.metadata.entry_points(group=ENTRY_POINTS, name=kind):
+                entry.load()
     cls = _FAMILIES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise InputError(f"{name}.kind={kind!r}: must be one of {', '.join(known_kinds())}")

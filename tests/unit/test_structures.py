@@ -130,6 +130,25 @@ def test_kinds_and_keys_are_checked_with_the_fix_named():
     assert from_config({"kind": "checkerboard", "n": 3}) == Checkerboard(3)
 
 
+def test_another_package_adds_a_family_through_an_entry_point(monkeypatch):
+    import importlib.metadata
+
+    from neuroscale_couple import structures
+
+    loaded = []
+
+    class Entry:
+        def load(self):
+            loaded.append(register(type("Hexagon", (), {"kinds": ("hexagon_test",)})))
+
+    def entry_points(*, group, name):
+        return [Entry()] if (group, name) == (structures.ENTRY_POINTS, "hexagon_test") else []
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(structures, "_FAMILIES", dict(structures._FAMILIES))
+    assert family("hexagon_test") is loaded[0]
+
+
 def test_families_that_store_different_arrays_are_not_mixed():
     from neuroscale_couple.solvers.microstructure import FibreCell, laminate, single_fibre
 
