@@ -17,32 +17,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from neuroscale_couple.config import check_keys, load_yaml
 from neuroscale_couple.errors import InputError, NeuroScaleError
-
-
-def load_config(path: str | Path) -> dict:
-    """Read a YAML config mapping; a missing or malformed file gives a clear :class:`InputError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"config file {path} does not exist")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise InputError(f"config file {path} is not valid YAML: {err}") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"config file {path} must hold a mapping, got {type(cfg).__name__}")
-    return cfg
 
 
 def cmd_rve(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
-    from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
+    from neuroscale_couple.solvers.rve_fenicsx import RVE_CONFIG_KEYS, rve_from_config
     from neuroscale_couple.structures import from_config
 
-    cfg = load_config(args.config)
+    cfg = load_yaml(args.config)
+    check_keys(cfg, (*RVE_CONFIG_KEYS, "microstructure", "F"), str(args.config))
     if "F" not in cfg:
         raise InputError(f"{args.config}: key F (the 2×2 macro deformation gradient) is missing")
     rve = rve_from_config(cfg, from_config(cfg.get("microstructure") or {}), MPI.COMM_WORLD)
@@ -73,7 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from neuroscale_couple.datagen import generate
 
-    generate(load_config(args.config), args.out, MPI.COMM_WORLD, progress=not args.quiet)
+    generate(load_yaml(args.config), args.out, MPI.COMM_WORLD, progress=not args.quiet)
 
 
 def training_data(paths: list[str], resolution: int | None):
@@ -102,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from neuroscale_couple.operators.sano import SANOConfig
     from neuroscale_couple.training import TrainConfig, relative_errors, train
 
-    cfg = load_config(args.config)
+    cfg = load_yaml(args.config)
     comm = MPI.COMM_WORLD
     tcfg = TrainConfig.from_dict(cfg.get("training") or {})
     mcfg = dict(cfg.get("model") or {})
@@ -191,7 +178,7 @@ def cmd_cauchy_born(args: argparse.Namespace) -> None:
 
     from neuroscale_couple.solvers.cauchy_born import cauchy_born_from_config
 
-    cfg = load_config(args.config)
+    cfg = load_yaml(args.config)
     F = np.asarray(cfg.get("F", np.eye(3)), dtype=float)
     if F.shape != (3, 3):
         raise InputError(f"F has shape {F.shape}: give a 3×3 deformation gradient")

@@ -60,9 +60,9 @@ def fine_solver_family(fine: dict, where: str = "fine") -> tuple[Any, dict]:
     family = {k: v for k, v in fine.items() if k != "kind"}
     kind = fine.get("kind", "rve")
     if kind == "rve":
-        from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
+        from neuroscale_couple.solvers.rve_fenicsx import RVE_CONFIG_KEYS, rve_from_config
 
-        check_keys(family, ("law", "matrix", "fibre", "mesh", "bc", "petsc_options"), where)
+        check_keys(family, RVE_CONFIG_KEYS, where)
         return (lambda structure: rve_from_config(family, structure)), family
     if kind == "cauchy_born":
         from neuroscale_couple.solvers.cauchy_born import Crystal

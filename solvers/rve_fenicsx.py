@@ -518,6 +518,10 @@ class PeriodicRVE(FineSolver):
         return points, cells, found, T, exprs
 
 
+#: The keys of an RVE's config mapping that :func:`rve_from_config` reads.
+RVE_CONFIG_KEYS = ("law", "matrix", "fibre", "mesh", "bc", "petsc_options")
+
+
 def rve_from_config(cfg: dict, microstructure: PhaseCell,
                     comm: MPI.Comm = MPI.COMM_SELF) -> PeriodicRVE:
     """Build a :class:`PeriodicRVE` from the ``law``, ``matrix``, ``fibre``, ``mesh``, ``bc`` and

@@ -160,3 +160,13 @@ def test_a_problem_nothing_loads_is_reported(caplog):
     assert [h["newton_iterations"] for h in history] == [0, 0]
     assert "nothing loads the problem" in caplog.text
 
+
+
+@pytest.mark.skip_in_parallel
+def test_a_typo_in_an_rve_config_is_refused_before_the_solve(tmp_path):
+    config = (ROOT / "examples" / "configs" / "rve.yaml").read_text()
+    (tmp_path / "typo.yaml").write_text(config.replace("matrix:", "matrx:"))
+    proc = subprocess.run([str(Path(sys.executable).parent / "neuroscale"), "rve",
+                           str(tmp_path / "typo.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown key 'matrx'" in proc.stderr and "did you mean 'matrix'" in proc.stderr

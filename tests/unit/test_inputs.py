@@ -52,3 +52,14 @@ def test_singular_or_inverted_F_is_rejected(F):
 def test_non_finite_F_is_rejected():
     with pytest.raises(InputError, match=r"F\[0\] has non-finite"):
         as_deformation_batch([[np.nan, 0.0], [0.0, 1.0]])
+
+
+def test_a_typo_in_a_config_key_is_refused_naming_the_right_key(tmp_path):
+    from neuroscale_couple.config import check_keys, coupler_from_config
+
+    with pytest.raises(InputError, match="unknown key 'matrx' in the RVE: did you mean 'matrix'"):
+        check_keys({"matrx": {"E": 3.0}}, ("law", "matrix", "fibre"), "the RVE")
+    path = tmp_path / "coupler.yaml"
+    path.write_text("modle: none\nfine: {kind: rve}\n")
+    with pytest.raises(InputError, match="unknown key 'modle'.*did you mean 'model'"):
+        coupler_from_config(path, comm=None)
