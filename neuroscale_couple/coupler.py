@@ -276,7 +276,7 @@ class Coupler(FineSolver):
         self.retrainer = Retrainer(retrain, comm, replay_dir=replay_dir,
                                    model_path=model_path) if use else None
         # replay segments render microstructure images as the model's training data did
-        self.image_resolution = getattr(model, "data_resolution", 32)
+        self.image_resolution = model.data_resolution if model is not None else 32
         self.family = dict(family or {})
         self.cache = SolverCache(fine_factory, cache_size)
         self.replay = None if replay_dir is None else ReplayStore(

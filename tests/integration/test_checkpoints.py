@@ -13,7 +13,7 @@ from test_plugin import fibres, operator_coupler
 
 from neuroscale_couple.errors import CheckpointError
 
-pytestmark = [pytest.mark.dolfinx, pytest.mark.skip_in_parallel]
+pytestmark = [pytest.mark.dolfinx, pytest.mark.skip_in_parallel, pytest.mark.slow]
 
 
 def run(tmp_path, loads, restart=False, **kwargs):

@@ -119,6 +119,7 @@ def test_fallback_solves_are_linearised_within_a_load_step():
 TOL_RANKS = 0.012
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 @pytest.mark.parallel_only
 @pytest.mark.parametrize("retrain", [False, True, "background"])
@@ -164,6 +165,7 @@ def beyond_training_range(n):
     return structures, lambda e: R @ np.diag([1 + e, 1 - 0.3 * e]) @ R.transpose(0, 2, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.skip_in_parallel
 def test_online_retraining_lowers_fallback_beyond_training_range(tmp_path):
     """Loads beyond the training range (|F̄ − I| ≤ 0.3): the retrained operator needs at least
@@ -205,6 +207,7 @@ def test_online_retraining_lowers_fallback_beyond_training_range(tmp_path):
     c.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skip_in_parallel
 def test_background_retraining_swaps_in_the_same_model_one_step_later(tmp_path):
     """A background retraining due after step 0 trains while step 1 runs on the old operator
@@ -238,6 +241,7 @@ def test_background_retraining_swaps_in_the_same_model_one_step_later(tmp_path):
     np.testing.assert_allclose(cal_bg["scale"], cal_fg["scale"], rtol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.skip_in_parallel
 def test_cost_aware_retraining_waits_until_it_can_pay(tmp_path):
     """RetrainConfig.cost_aware: a retraining due after a step whose fallback solves took a
@@ -269,6 +273,7 @@ def test_cost_aware_retraining_waits_until_it_can_pay(tmp_path):
     assert second.retrain_estimate_s < second.retrain_saving_s == 1000 * second.fine_time_s
 
 
+@pytest.mark.slow
 @pytest.mark.skip_in_parallel
 @pytest.mark.parametrize(("retrain", "tol"), [("--no-retrain", "0.02"),
                                                ("--background-retrain", "0.015")])

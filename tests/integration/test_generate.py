@@ -70,6 +70,7 @@ def test_resume_solves_only_what_is_missing(tmp_path):
     assert resolved.tolist() == [i in (3, 4, 5, 9, 10, 11) for i in range(15)]
 
 
+@pytest.mark.slow
 @pytest.mark.skip_in_parallel
 def test_killed_run_restarts_and_ends_with_the_same_data(tmp_path):
     cfg = dict(CONFIG, microstructure=dict(CONFIG["microstructure"], count=12), fields_resolution=0)

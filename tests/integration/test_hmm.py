@@ -75,6 +75,7 @@ def test_tol_zero_reproduces_reference_and_operator_agrees_in_range(crystal):
     assert err < 0.01, err
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 @pytest.mark.parallel_only
 @pytest.mark.parametrize("retrain", [False, True])
@@ -170,6 +171,7 @@ def test_example_bad_input_fails_before_work(tmp_path, flags, message):
     assert not (tmp_path / "checkpoint").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skip_in_parallel
 def test_crystal_data_set_with_md_noise_trains_a_crystal_operator(tmp_path):
     """`neuroscale generate` with a `crystal:` config (0 K and 300 K) → `neuroscale train`."""

@@ -15,7 +15,7 @@ from neuroscale_couple.physics import dihedral, transform_image
 from neuroscale_couple.solvers import microstructure as micro
 from neuroscale_couple.training import TrainConfig, TrainingData, relative_errors, train
 
-pytestmark = pytest.mark.dolfinx
+pytestmark = [pytest.mark.dolfinx, pytest.mark.slow]
 
 SMALL = SANOConfig(resolution=16, width=12, modes=4, levels=2, heads=2, latent=24, hidden=32,
                    members=3)
