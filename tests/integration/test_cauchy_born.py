@@ -169,6 +169,7 @@ def test_statistical_error_of_an_ar1_process():
     assert err[0] == pytest.approx(np.sqrt(var * 2 * 4.5 / n), rel=0.1)
 
 
+@pytest.mark.slow
 def test_finite_temperature_noise_estimate_matches_repeated_runs(a0):
     """Langevin NVT at 300 K in the 0 K cell: blocked thermal expansion gives a compressive
     stress, and the reported standard error matches the spread of independent runs."""

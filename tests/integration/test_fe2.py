@@ -52,6 +52,7 @@ def coupler(comm, tol, *, model=True, family=COMPOSITE, replay=None, retrain=Fal
                    model_path=MODEL)
 
 
+@pytest.mark.slow
 @pytest.mark.skip_in_parallel
 def test_tol_zero_reproduces_classic_fe2_and_newton_is_quadratic():
     comm = MPI.COMM_SELF
@@ -88,6 +89,7 @@ def test_operator_and_mixed_points_keep_quadratic_newton():
             assert convergence_order(h["residuals"][-1]) > 1.7, (tol, h["residuals"])
 
 
+@pytest.mark.slow
 @pytest.mark.skip_in_parallel
 def test_fallback_solves_are_linearised_within_a_load_step():
     """With a surrogate in the loop, a fallback point's RVE solve serves the step's late Newton

@@ -56,6 +56,7 @@ def run(comm, coupler, crystal, n=1, stretch=0.02, loads=(0.5, 1.0)):
     return problem, history
 
 
+@pytest.mark.slow
 @pytest.mark.skip_in_parallel
 def test_tol_zero_reproduces_reference_and_operator_agrees_in_range(crystal):
     comm = MPI.COMM_SELF
@@ -100,6 +101,7 @@ def test_one_and_two_ranks_agree(mpi_tmp_path, crystal, retrain):
     on_rank0(world, serial_run_agrees)
 
 
+@pytest.mark.slow
 @pytest.mark.skip_in_parallel
 @pytest.mark.parametrize("tol", [np.inf, 0.0])
 def test_ase_calculator_energy_and_stress_are_consistent(crystal, tol):
@@ -247,6 +249,7 @@ def test_no_fallback_to_a_fine_solve_noisier_than_the_operator(crystal):
     assert limited == {False: 0, True: 1}, limited
 
 
+@pytest.mark.slow
 @pytest.mark.skip_in_parallel
 def test_md_fallback_is_solved_again_only_where_its_linearisation_errs_more_than_its_noise(
         crystal):
