@@ -183,10 +183,11 @@ class MicroStress:
         as one load step of the Coupler (its report appended to :attr:`reports`), unless
         :meth:`load_step` brackets it.
 
-        An error in the update (an inverted iterate, a failed fine solve beyond the policy's
-        failure ratio) is kept in :attr:`error` and turns into a SNES domain error on every
-        rank: the solve ends unconverged (``problem.solver.getConvergedReason() < 0``), and the
-        caller may cut the load increment back."""
+        An error in the update (an inverted iterate, fine solves failing beyond the policy's
+        ratio, any exception of a fine solver) is kept in :attr:`error`, agreed over the ranks
+        and turns into a NaN residual on every rank (petsc4py has no domain-error call): the
+        solve ends unconverged (``problem.solver.getConvergedReason() < 0``), and the caller
+        may cut the load increment back."""
         snes = problem.solver
         b, (assemble, args, kargs) = snes.getFunction()
 
@@ -196,7 +197,7 @@ class MicroStress:
             if self.error is None:
                 try:
                     self.update()
-                except Exception as err:  # any error: handed to the caller as a domain error
+                except Exception as err:  # any error: handed to the caller as a NaN residual
                     self.error = err
                 if self.comm.allreduce(self.error is not None, op=MPI.LOR) and not self.error:
                     self.error = NeuroScaleError("the micro update failed on another rank")
