@@ -31,6 +31,7 @@ from mpi4py import MPI
 import numpy as np
 import torch
 
+from neuroscale_couple.config import check_keys
 from neuroscale_couple.errors import InputError, NeuroScaleError
 from neuroscale_couple.operators.base import CoarseGrainingOperator
 from neuroscale_couple.parallel import allreduce_gradients, init_torch_distributed
@@ -76,10 +77,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         """From a config mapping; loss terms not named in ``weights`` are switched off."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(d) - known:
-            raise InputError(f"unknown training keys {sorted(set(d) - known)}; known: "
-                             f"{sorted(known)}")
+        check_keys(d, (f.name for f in dataclasses.fields(cls)), "the training config")
         return cls(**d)
 
 

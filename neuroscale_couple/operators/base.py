@@ -280,12 +280,3 @@ def load_operator(path: str | Path, map_location: str | torch.device = "cpu"
             return cls._from_payload(payload, path, map_location)
     raise CheckpointError(f"{path} holds an operator of format {payload['format']!r}, unknown to "
                           f"NeuroScale {__version__}")
-
-
-def dataclass_from_dict(cls, d: dict):
-    """A frozen config dataclass from a mapping; unknown keys raise :class:`InputError`."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise InputError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from neuroscale_couple.config import dataclass_from_dict
 from neuroscale_couple.errors import InputError
-from neuroscale_couple.operators.base import CoarseGrainingOperator, dataclass_from_dict
+from neuroscale_couple.operators.base import CoarseGrainingOperator
 
 FAMILY_KEYS = ("element", "lattice", "a0", "supercell", "vacancies", "calculator")
 A0_RTOL = 1e-6
@@ -54,7 +55,7 @@ class CrystalConfig:
         d = dict(d)
         if isinstance(d.get("family"), dict):
             d["family"] = family_json(d["family"])
-        return dataclass_from_dict(cls, d)
+        return dataclass_from_dict(cls, d, "the crystal model config")
 
 
 def _same(key: str, trained, given) -> bool:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from neuroscale_couple.config import dataclass_from_dict
 from neuroscale_couple.errors import InputError
 from neuroscale_couple.materials import (
     DEFAULT_LAW,
@@ -26,7 +27,7 @@ from neuroscale_couple.materials import (
     check_law,
 )
 from neuroscale_couple.operators.attention import CrossScaleAttention, ScaleMixer
-from neuroscale_couple.operators.base import CoarseGrainingOperator, dataclass_from_dict
+from neuroscale_couple.operators.base import CoarseGrainingOperator
 from neuroscale_couple.operators.heads import FineDecoder, green_lagrange_mandel
 from neuroscale_couple.operators.spectral import FourierBlock
 from neuroscale_couple.operators.wavelet import WaveletDecomposition
@@ -64,7 +65,7 @@ class SANOConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> SANOConfig:
-        return dataclass_from_dict(cls, d)
+        return dataclass_from_dict(cls, d, "the model config")
 
 
 class SANO(CoarseGrainingOperator):
