@@ -1,16 +1,20 @@
 """Speed-up of a coupled example: the same macro problem with the true fine solver at every point
 (``--reference``) and with the operator.
 
-Runs ``examples/<example>.py`` under ``mpiexec -n NP`` six times on one mesh:
+Runs ``examples/<example>.py`` under ``mpiexec -n NP`` seven times on one mesh:
 
 - ``reference``: the true fine solver at every quadrature point, every Newton iteration
   (``--reuse-reference``: taken from an earlier run of the same settings in ``--out``);
-- ``operator``: the Coupler at --tol with online retraining (the product);
+- ``operator``: the Coupler at --rtol/--atol with online retraining (the product);
 - ``background``: the same with the retraining in a background thread;
 - ``cost_aware``: the same, retraining only when it is estimated to pay
   (``--cost-aware-retrain``);
 - ``no_retrain``: the same without retraining (fallback-rate curve for comparison);
-- ``operator_only``: tol = inf, never falling back (the operator's own cost and error).
+- ``operator_only``: rtol = inf, never falling back (the operator's own cost and error);
+- ``audit``: the ``operator`` run again with ``--audit``: after every load step every point is
+  solved by the fine solver at its own F̄ as well, giving the bound's coverage and the false
+  negatives at the run's tolerances (points whose true error exceeded atol + rtol·‖P̄‖, and
+  rtol·‖P̄‖ alone, but stayed on the operator) — timings of this run are not used.
 
 Prints a table and writes ``bench/results/<name>.json`` (``speedup_total`` and ``speedup_micro``
 of the ``operator`` run against the reference, ``rel_l2_displacement``, ``rel_l2_stress``,
@@ -31,14 +35,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 RUNS = {"reference": ["--reference"], "operator": [], "background": ["--background-retrain"],
         "cost_aware": ["--cost-aware-retrain"], "no_retrain": ["--no-retrain"],
-        "operator_only": ["--tol", "inf"]}
+        "operator_only": ["--rtol", "inf"], "audit": ["--audit"]}
 
 
 def run(name: str, args: argparse.Namespace, out: Path, example: str) -> dict:
     mpiexec = Path(sys.executable).parent / "mpiexec"
+    # tolerances mean nothing to the reference: its run serves every tolerance (--reuse-reference)
+    tolerances = [] if name == "reference" else [
+        "--rtol", str(args.rtol), *([] if args.atol is None else ["--atol", str(args.atol)])]
     cmd = [str(mpiexec), "-n", str(args.np), sys.executable,
            str(ROOT / "examples" / f"{example}.py"), "--mesh-size", str(args.mesh_size),
-           "--steps", str(args.steps), "--stretch", str(args.stretch), "--tol", str(args.tol),
+           "--steps", str(args.steps), "--stretch", str(args.stretch), *tolerances,
            "--out", str(out / name), "--quiet", *args.example_flags, *RUNS[name]]
     if name != "reference":
         cmd += ["--compare", str(out / "reference")]
@@ -55,7 +62,7 @@ def run(name: str, args: argparse.Namespace, out: Path, example: str) -> dict:
 
 
 def main(example: str, name: str, title: str, description: str, *, mesh_size: str,
-         stretch: float, tol: float = 0.05, options: dict[str, type] | None = None) -> dict:
+         stretch: float, rtol: float = 0.05, options: dict[str, type] | None = None) -> dict:
     """Run ``examples/<example>.py`` as described in the module docstring; returns the record
     (also written to bench/results/<name>.json). ``options``: flags of the example the
     benchmark passes on when given (e.g. ``{"--temperature": float}``)."""
@@ -64,7 +71,10 @@ def main(example: str, name: str, title: str, description: str, *, mesh_size: st
     p.add_argument("--mesh-size", default=mesh_size)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--stretch", type=float, default=stretch)
-    p.add_argument("--tol", type=float, default=tol)
+    p.add_argument("--rtol", type=float, default=rtol, help="relative stress tolerance")
+    p.add_argument("--atol", type=float, default=None,
+                   help="absolute stress tolerance (default: the example's, 1 %% of the model's "
+                   "stress scale)")
     p.add_argument("--out", default=f"out/bench_{example}")
     p.add_argument("--name", default=name, help="record name in bench/results")
     p.add_argument("--reuse-reference", action="store_true",
@@ -82,7 +92,9 @@ def main(example: str, name: str, title: str, description: str, *, mesh_size: st
     record = {
         "name": args.name, "example_flags": args.example_flags,
         "ranks": args.np, "mesh_size": args.mesh_size, "steps": args.steps,
-        "stretch": args.stretch, "tol": args.tol, "dofs": ref["dofs"],
+        "stretch": args.stretch, "rtol": args.rtol, "atol": op["atol"],
+        "atol_given": args.atol is not None,
+        "stress_unit": op["stress_unit"], "dofs": ref["dofs"],
         "quadrature_points": ref["quadrature_points"],
         "speedup_total": ref["total_time_s"] / op["total_time_s"],
         "speedup_micro": ref["micro_time_s"] / op["micro_time_s"],
@@ -105,6 +117,7 @@ def main(example: str, name: str, title: str, description: str, *, mesh_size: st
                  for name in s},
     }
     record["reference_reused"] = bool(ref.get("reused"))
+    record["audit"] = s["audit"]["audit"]
     for name in ("background", "cost_aware"):
         record[f"speedup_total_{name}"] = ref["total_time_s"] / s[name]["total_time_s"]
     record["speedup_total_operator_only"] = (ref["total_time_s"]
@@ -129,6 +142,11 @@ def main(example: str, name: str, title: str, description: str, *, mesh_size: st
           f"{record['speedup_total_operator_only']:.1f}×), micro part "
           f"{record['speedup_micro']:.1f}× (operator only "
           f"{record['speedup_micro_operator_only']:.0f}×) → bench/results/{args.name}.json")
+    a = record["audit"]
+    print(f"audit at rtol {args.rtol}, atol {op['atol']:.3g} {op['stress_unit']}: bound covered "
+          f"{a['coverage']:.1%} of {a['operator_point_steps']} operator point-steps; false "
+          f"negatives {a['false_negative_rate']:.2%} of {a['point_steps']} point-steps "
+          f"({a['false_negative_rate_relative']:.2%} against rtol·|P̄| alone)")
     return record
 
 
@@ -146,7 +164,7 @@ def plot(record: dict, path: Path, title: str) -> None:
         ax.plot(range(1, len(rates) + 1), rates, "o-", label=label)
     ax.set_xlabel("load step")
     ax.set_ylabel("fraction of points on the fine solver")
-    ax.set_title(f"{title} fallback rate (tol {record['tol']}, {record['ranks']} ranks)")
+    ax.set_title(f"{title} fallback rate (rtol {record['rtol']}, {record['ranks']} ranks)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -8,7 +8,7 @@ the Cauchy–Born solver if missing) the predicted aleatoric standard deviation 
 component against the statistical error of its MD average. ``--skip-runs`` measures only that.
 ``--temperature T`` runs the example at T (Langevin MD fine solves, the thermal operator); give
 it its own ``--name`` and ``--out``, e.g. ``--temperature 300 --mesh-size 0.3 --steps 2
---stretch 0.04 --tol 0.05 --name hmm_speedup_300K --out out/bench_hmm_300K_s04``, and its 0 K
+--stretch 0.04 --rtol 0.05 --name hmm_speedup_300K --out out/bench_hmm_300K_s04``, and its 0 K
 twin without ``--temperature`` (``--name hmm_speedup_0K_small --out out/bench_hmm_0K_small``).
 Targets (issue 5): total ≥ 100× with EMT at 0 K, more at finite temperature, displacement
 error ≤ 1 %.
@@ -73,7 +73,7 @@ if __name__ == "__main__":
         record = json.loads(path.read_text()) if path.exists() else {}
     else:
         record = main("hmm_atomistic", "hmm_speedup", "HMM", __doc__.splitlines()[0],
-                      mesh_size="0.15", stretch=0.04, tol=0.03, options={"--temperature": float})
+                      mesh_size="0.15", stretch=0.04, rtol=0.03, options={"--temperature": float})
     out = ROOT / "out" / "bench_hmm_atomistic"
     out.mkdir(parents=True, exist_ok=True)
     record["md_noise"] = noise = md_noise(out)

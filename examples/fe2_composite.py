@@ -16,8 +16,9 @@ Macro problem (plane strain, quarter of a square plate of width 2 with a central
 where P̄(F̄) at every quadrature point is the homogenized stress of its own random periodic
 microstructure: Neo-Hookean glass-like fibres in an epoxy-like matrix (stresses in GPa), fibre
 fraction graded from 0.15 at the hole to 0.45 at the loaded edge. The Coupler answers with the
-trained operator and falls back to the true periodic RVE solver wherever the calibrated
-uncertainty exceeds --tol.
+trained operator and falls back to the true periodic RVE solver wherever the calibrated error
+bound exceeds --atol + --rtol·|P̄|, and wherever the point lies outside the model's training
+region (--outside).
 
 Run: ``mpiexec -n 4 python examples/fe2_composite.py --out out/fe2``. Output in --out:
 ``summary.json``, ``fields.npz`` (per point stress/uncertainty/source, per dof u),
@@ -57,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from neuroscale_couple.solvers.rve_fenicsx import MAX_LIVE_RVES
 
     p = coupled_arguments(__doc__.splitlines()[0], out="out/fe2_composite", model=DEFAULT_MODEL,
-                          stretch=0.08, tol=0.05)
+                          stretch=0.08, rtol=0.05, stress_unit="GPa")
     p.add_argument("--rve-mesh-size", type=float, default=0.02,
                    help="RVE element size in cell lengths (0.02: the shipped model's training "
                    "data)")
@@ -101,7 +102,7 @@ def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
     coupler = Coupler(model, lambda m: rve_from_config(family, m), family=family, policy=policy,
                       comm=comm, replay_dir=Path(args.out) / "replay", cache_size=args.rve_cache,
                       retrain=retrain_config(args),
-                      model_path=model_path)
+                      model_path=model_path, audit=args.audit)
     problem, set_load, right = quarter_plate(args, coupler, microstructures_at, comm)
     return CoupledRun(problem, coupler, set_load, right, state, "GPa")
 

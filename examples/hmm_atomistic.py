@@ -16,9 +16,9 @@ crystal cell deformed by F̄ (Cauchy–Born): a 2×2×2 supercell with one vacan
 atoms relaxed at fixed cell to 1e-7 eV/Å, with the EMT potential (``--calculator lammps``:
 LAMMPS EAM Cu_u3) or at ``--temperature`` T > 0 by Langevin molecular dynamics. The Coupler
 answers with the trained crystal operator (examples/models/hmm_cu.pt, trained on
-‖F̄ − I‖ ≤ 0.05) and falls back to the atomistic solver wherever its calibrated uncertainty
-exceeds --tol; the strain concentration at the hole leaves the training ball in the last load
-steps, so fallback and online retraining are seen working.
+‖F̄ − I‖ ≤ 0.05) and falls back to the atomistic solver wherever its calibrated error bound
+exceeds --atol + --rtol·|P̄|; the strain concentration at the hole leaves the training region
+in the last load steps, so fallback and online retraining are seen working.
 
 Run: ``mpiexec -n 2 python examples/hmm_atomistic.py --out out/hmm``; ``--reference`` solves the
 crystal at every point. Outputs as in examples/fe2_composite.py (summary.json, fields.npz,
@@ -56,7 +56,7 @@ CALCULATORS = {"emt": "emt",
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = coupled_arguments(__doc__.splitlines()[0], out="out/hmm_atomistic", model=None,
-                          stretch=0.04, tol=0.03)
+                          stretch=0.04, rtol=0.03, stress_unit="GPa")
     p.add_argument("--calculator", choices=sorted(CALCULATORS), default="emt",
                    help="interatomic potential of the fine solver")
     p.add_argument("--temperature", type=float, default=0.0,
@@ -97,7 +97,7 @@ def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
     coupler = Coupler(model, Crystal.solver, family=crystal.config, policy=policy, comm=comm,
                       replay_dir=Path(args.out) / "replay",
                       retrain=retrain_config(args),
-                      model_path=model_path)
+                      model_path=model_path, audit=args.audit)
     if comm.rank == 0:
         logging.getLogger("hmm_atomistic").info(
             "crystal: %s", json.dumps(crystal.config, sort_keys=True))

@@ -34,20 +34,29 @@ HOLE_RADIUS = 0.3
 
 
 def coupled_arguments(description: str, *, out: str, model: Path | None, stretch: float,
-                      tol: float) -> argparse.ArgumentParser:
+                      rtol: float, stress_unit: str) -> argparse.ArgumentParser:
     """The command line every coupled example shares (defaults given by the example)."""
+    from neuroscale_couple.coupler import OUTSIDE
+
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--mesh-size", default="coarse",
                    help="macro element size: coarse|medium|fine or a number (plate half-width 1)")
     p.add_argument("--steps", type=int, default=5, help="load steps")
     p.add_argument("--stretch", type=float, default=stretch, help="final macro stretch δ/1")
-    p.add_argument("--tol", type=float, default=tol,
-                   help="tolerated relative stress error (0 = classic coupling, every point on "
-                   "the fine solver; inf = never fall back)")
+    p.add_argument("--rtol", type=float, default=rtol,
+                   help="tolerated relative stress error: a point falls back when its error "
+                   "bound exceeds atol + rtol·|P̄| (0 = classic coupling, every point on the fine "
+                   "solver; inf = never fall back)")
+    p.add_argument("--atol", type=float, default=None,
+                   help=f"tolerated absolute stress error ({stress_unit}; default 1 %% of the "
+                   "model's stress scale)")
     p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--outside", choices=OUTSIDE, default="fallback",
+                   help="points outside the model's training region: fine solver (fallback), "
+                   "stop (refuse) or keep the bound's decision with a warning (warn)")
     p.add_argument("--model", default=None if model is None else str(model))
     p.add_argument("--reference", action="store_true",
-                   help="the true fine solver at every point (same as --tol 0)")
+                   help="the true fine solver at every point (same as --rtol 0)")
     p.add_argument("--no-retrain", action="store_true", help="no online retraining")
     p.add_argument("--background-retrain", action="store_true",
                    help="retrain in a thread while the next load step runs (swapped in after it)")
@@ -55,6 +64,9 @@ def coupled_arguments(description: str, *, out: str, model: Path | None, stretch
                    help="retrain only when the estimated training time is below the fine-solve "
                    "time it could save (the retraining steps then depend on measured times)")
     p.add_argument("--restart", action="store_true", help="resume from OUT/checkpoint")
+    p.add_argument("--audit", action="store_true",
+                   help="after every load step solve every point with the fine solver too and "
+                   "report the bound's coverage and the false negatives (costs a classic run)")
     p.add_argument("--compare", help="summary.json/fields.npz folder of a reference run")
     p.add_argument("--replay-from", action="append", default=[], metavar="DIR",
                    help="replay/ folder of an earlier run: fine-tune on its fine solves first")
@@ -85,8 +97,9 @@ def prepare(args: argparse.Namespace):
     from neuroscale_couple.operators.base import load_operator
 
     mesh_size(args.mesh_size)
-    policy = Policy(tol=0.0 if args.reference else args.tol, confidence=args.confidence,
-                    exclude_noise=getattr(args, "exclude_noise", False))
+    policy = Policy(rtol=0.0 if args.reference else args.rtol,
+                    atol=None if args.reference else args.atol, confidence=args.confidence,
+                    outside=args.outside, exclude_noise=getattr(args, "exclude_noise", False))
     if args.replay_from and (args.no_retrain or policy.classic):
         raise InputError("--replay-from fine-tunes the operator: drop --no-retrain/--reference")
     for flag in ("background_retrain", "cost_aware_retrain"):
@@ -238,6 +251,7 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
     ``steps_time_s`` in the load steps; the rest is output (fields, checkpoints closed).
     """
     from neuroscale_couple.adapters.fenicsx_steps import displacement_norm
+    from neuroscale_couple.audit import summarise
 
     problem, coupler = run.problem, run.coupler
     micro = problem.micro
@@ -255,8 +269,9 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
     if not args.restart and coupler.warm_start():
         LOG.info("operator fine-tuned on %s: model version %d", ", ".join(args.replay_from),
                  coupler.version)
-    LOG.info("macro: %d dofs, %d quadrature points (one fine problem each), %d ranks; tol %s",
-             problem.dofs, micro.n_points, comm.size, coupler.policy.tol)
+    LOG.info("macro: %d dofs, %d quadrature points (one fine problem each), %d ranks; fallback "
+             "where the bound exceeds %.3g %s + %g·|P̄|", problem.dofs, micro.n_points,
+             comm.size, coupler.atol, run.stress_unit, coupler.policy.rtol)
 
     def on_step(record: dict) -> None:
         record["reaction_force"] = micro.reaction(run.reaction_dofs)
@@ -286,7 +301,8 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
     coupler.close()
     summary = {
         "dofs": problem.dofs, "quadrature_points": micro.n_points, "ranks": comm.size,
-        "tol": coupler.policy.tol, "confidence": coupler.policy.confidence,
+        "rtol": coupler.policy.rtol, "atol": coupler.atol, "stress_unit": run.stress_unit,
+        "confidence": coupler.policy.confidence, "outside": coupler.policy.outside,
         "reference": coupler.policy.classic, "retrain": not args.no_retrain,
         "steps": history, "total_time_s": time.perf_counter() - t_start,
         "setup_time_s": t_steps - t_start, "steps_time_s": t_output - t_steps,
@@ -298,6 +314,8 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
         "displacement_norm": u_norm, "reaction_force": history[-1]["reaction_force"],
         "model_version": coupler.version,
     }
+    if args.audit:
+        summary["audit"] = summarise([h["audit"] for h in history])
     if comm.rank == 0:
         np.savez(out / "fields.npz", **fields)
         reference = None
@@ -373,7 +391,7 @@ def plot(fields: dict, history: list[dict], out: Path, reference: dict | None,
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     for ax, values, title, cmap in (
             (axes[0], fields["stress"][:, 0, 0], f"P̄₁₁ ({stress_unit})", "viridis"),
-            (axes[1], unc, "relative error bound (∞ shown as the largest)", "magma"),
+            (axes[1], unc, f"error bound ({stress_unit}; ∞ shown as the largest)", "magma"),
             (axes[2], fields["source"], "source (0 operator, 1 fine, 2 failed)", "coolwarm")):
         sc = ax.scatter(x[:, 0], x[:, 1], c=values, s=8, cmap=cmap)
         fig.colorbar(sc, ax=ax)
@@ -426,6 +444,12 @@ def check(summary: dict) -> None:
     if summary["steps"][-1]["failed_points"]:
         LOG.warning("%d points kept the operator's value after failed fine solves",
                     summary["steps"][-1]["failed_points"])
+    if "audit" in summary:
+        a = summary["audit"]
+        LOG.info("audit: the bound covered %.1f %% of %d operator point-steps; false negatives "
+                 "%.2f %% of %d point-steps (%.2f %% against rtol·|P̄| alone)",
+                 100 * a["coverage"], a["operator_point_steps"], 100 * a["false_negative_rate"],
+                 a["point_steps"], 100 * a["false_negative_rate_relative"])
     if "rel_l2_displacement" in summary:
         LOG.info("against the reference: displacement error %.2e, stress error %.2e",
                  summary["rel_l2_displacement"], summary["rel_l2_stress"])

@@ -132,6 +132,11 @@ def cmd_train(args: argparse.Namespace) -> None:
                   "history": {k: history[k] for k in ("best_epoch", "time_s")},
                   "validation": relative_errors(model, held_out),
                   "calibration_points": cal.n_calibration}
+    region = data.region  # a fine-tuned model keeps the region of its first stage too
+    if region is not None and init is not None and init.region is not None:
+        region = region.union(init.region)
+    if region is not None:
+        model.card["region"] = region.to_dict()
     if earlier is not None:
         model.card["init"] = earlier
     if comm.rank == 0:

@@ -46,7 +46,8 @@ def dataclass_from_dict(cls: type, cfg: dict, where: str) -> Any:
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
 
 
-COUPLER_KEYS = ("model", "fine", "policy", "retrain", "replay_dir", "cache_size", "dtype")
+COUPLER_KEYS = ("model", "fine", "policy", "retrain", "replay_dir", "cache_size", "dtype",
+                "audit")
 
 
 def fine_solver_family(fine: dict, where: str = "fine") -> tuple[Any, dict]:
@@ -96,7 +97,7 @@ def coupler_from_config(config: str | Path | dict, comm) -> Any:
     else:
         model_path = base / Path(model_path).expanduser()
         model = load_operator(model_path)
-    policy = dataclass_from_dict(Policy, {"tol": 0.0 if model is None else 0.05,
+    policy = dataclass_from_dict(Policy, {"rtol": 0.0 if model is None else Policy.rtol,
                                           **(cfg.get("policy") or {})}, "policy")
     retrain = dataclass_from_dict(RetrainConfig, cfg.get("retrain") or {}, "retrain")
     replay = cfg.get("replay_dir")
@@ -104,6 +105,8 @@ def coupler_from_config(config: str | Path | dict, comm) -> Any:
     if dtype is None:
         raise InputError(f"dtype={cfg['dtype']!r} in {where}: use float64 or float32")
     extra = {"cache_size": int(cfg["cache_size"])} if "cache_size" in cfg else {}
+    if "audit" in cfg:
+        extra["audit"] = bool(cfg["audit"])
     return Coupler(model, factory, family=family, policy=policy, comm=comm,
                    replay_dir=None if replay is None else base / replay, retrain=retrain,
                    model_path=model_path, dtype=dtype, **extra)

@@ -4,8 +4,9 @@ At every call (one per macro residual evaluation, collective over the communicat
 
 1. predicts P̄, Σ and ∂P̄/∂F̄ for all of this rank's points with the operator (latents cached per
    point, computed once at :meth:`Coupler.register`);
-2. bounds each point's relative stress error at the policy's confidence with the calibrated Σ
-   and sends the points over the tolerance — and every point that already fell back in this load
+2. bounds each point's stress error at the policy's confidence with the calibrated Σ
+   and sends the points over the tolerance (``atol + rtol · ‖P̄‖``), those outside the model's
+   training region — and every point that already fell back in this load
    step (sticky, so Newton keeps its quadratic rate) — to the true fine solver;
 3. spreads that fallback work over all ranks by measured solve time (each rank keeps serial RVEs
    per microstructure in an LRU cache and warm-starts each point from its last state), returns
@@ -17,8 +18,8 @@ At every call (one per macro residual evaluation, collective over the communicat
    thread while the next load step runs and swaps it in at the boundary after that step
    (the data, the decision and the fine-tuning: :mod:`neuroscale_couple.retraining`).
 
-``policy.tol = 0`` is classic FE² (every point on the fine solver; no model needed),
-``policy.tol = inf`` never falls back.
+``Policy(rtol=0)`` is classic FE² (every point on the fine solver; no model needed),
+``Policy(rtol=inf)`` never falls back.
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ from mpi4py import MPI
 import numpy as np
 import torch
 
+from neuroscale_couple.audit import Auditor
 from neuroscale_couple.calibration import Calibration
 from neuroscale_couple.errors import InputError, NeuroScaleError, SolveError
 from neuroscale_couple.fine import LIVE_SOLVERS, FineSolver, MicroResult, SolverCache
 from neuroscale_couple.parallel import balance, device_for_rank, together
 from neuroscale_couple.retraining import RetrainConfig, Retrainer, RetrainJob
 from neuroscale_couple.store import ReplayStore
-from neuroscale_couple.tensors import as_deformation_batch
+from neuroscale_couple.tensors import acoustic_minimum, as_deformation_batch
 
 log = logging.getLogger(__name__)
 
@@ -54,35 +56,48 @@ SOURCE_NAMES = {OPERATOR: "operator", FINE: "fine", FAILED: "failed"}
 class Policy:
     """When a point falls back to the fine solver.
 
-    A point falls back when the calibrated bound on its stress error at ``confidence`` exceeds
-    ``tol`` · max(‖P̄‖, ``stress_floor``) (Frobenius norms, stress units). The floor keeps nearly
-    unloaded points from falling back over a tiny absolute error; None means the operator's
-    stress scale (the standard deviation of its training stresses).
+    A point falls back when the calibrated bound on its stress error at ``confidence`` (the
+    Frobenius norm of P̄_operator − P̄_true, stress units) exceeds ``atol + rtol · ‖P̄‖`` —
+    numpy's ``isclose`` rule, with ‖P̄‖ the operator's stress. ``rtol`` is the relative
+    tolerance; ``atol`` the absolute one, in the stress units of the fine solver, which keeps
+    nearly unloaded points (‖P̄‖ → 0) from falling back over an error no one would notice.
+    ``atol`` None: 1 % of the operator's stress scale (the standard deviation of its training
+    stresses; 0.006 GPa for the shipped composite model), resolved by the Coupler and stated
+    in its log and the examples' summary.
+
+    ``rtol = 0`` with no ``atol`` (None or 0) is classic FE²: every point on the fine solver
+    (no model needed). ``rtol = inf`` or ``atol = inf`` never falls back.
+
+    ``outside``: what happens at a point outside the model's training region (its card's
+    ``region``: load stretch, det F̄ and structure descriptors; :mod:`neuroscale_couple.region`),
+    where the calibrated bound has no guarantee: ``fallback`` (the default: to the fine solver,
+    whatever the bound), ``refuse`` (stop the run naming the point) or ``warn`` (keep the
+    bound's decision and count such points per step).
 
     ``max_failed_fraction``: a fine solve that fails even with load substeps keeps the operator's
     value and is flagged; the run aborts when more than this fraction of all points failed.
 
-    ``reuse``: with a surrogate in the loop (0 < tol), a fine solve is not repeated while the
+    ``reuse``: with a surrogate in the loop, a fine solve is not repeated while the
     point's F̄ stays within this distance (max component) of where it was taken: P̄ₖ + Aₖ:ΔF̄
     is used, with tangent Aₖ and energy W̄ₖ + P̄ₖ:ΔF̄ + ½ΔF̄:Aₖ:ΔF̄ (ΔF̄ = F̄ − F̄ₖ; a consistent
     quadratic model, so Newton keeps its rate).
     The error is second order, ½|∂²P̄| |F̄ − F̄ₖ|² (the FE² test's displacement moves by 4e-6
-    relative, far below a tol one would give a surrogate); the late Newton iterates of a step
-    then cost no fine solve, nor does the first iterate of the next step, which starts from
+    relative, far below a tolerance one would give a surrogate); the late Newton iterates of a
+    step then cost no fine solve, nor does the first iterate of the next step, which starts from
     the converged state where the point's last solve lies (half the solves of a point that
-    stays on the fine solver). Classic FE² (tol = 0) always re-solves.
+    stays on the fine solver). Classic FE² always re-solves.
 
     A noisy fine solve (one that reports ``stress_stderr``, e.g. an MD average) is linearised
-    the same way at any tol: a noisy stress is not a smooth function of F̄, so re-solving at
+    the same way in every run: a noisy stress is not a smooth function of F̄, so re-solving at
     every Newton iterate would leave Newton chasing the noise. With the operator in the loop
-    (0 < tol) it is solved again only where the linearisation's error, estimated with the
+    it is solved again only where the linearisation's error, estimated with the
     operator's (smooth) stress as ‖P_op(F̄) − P_op(F̄ₖ) − Aₖ:ΔF̄‖, exceeds the solve's own
     standard error ‖s_P‖: closer than that a new MD average would only draw new noise (seen
     in the 300 K HMM benchmark: re-solves 2.1e-3 away differed from the linearisation by
     4–5 % of ‖P̄‖, the noise, and cost Newton an iteration). The estimate holds the
     first-order error too: a finite-temperature solve's Aₖ is the static (0 K) tangent, while
     the operator learnt the thermal average's slope. ``noisy_reuse``: the fixed radius used
-    instead in classic runs (tol = 0), which have no operator.
+    instead in classic runs, which have no operator.
 
     ``exclude_noise``: for a noisy fine solver whose noise the model's covariance head was
     trained to reproduce (the ``noise`` loss term): the bound is taken on the epistemic part of
@@ -90,39 +105,53 @@ class Policy:
     is in the fine solve as well. And a point falls back only where that bound also exceeds the
     bound of the noise (the aleatoric part, same scale and confidence): elsewhere the fine solve
     would be no closer to the true mean than the operator. Points whose noise bound exceeds
-    ``tol`` — a tolerance no fine solve there meets — are counted per step
+    the tolerance — one no fine solve there meets — are counted per step
     (``noise_limited_points``; longer MD averages would lower it). Heuristic: the conformal
     guarantee holds for the full Σ.
     """
 
-    tol: float = 0.02
+    rtol: float = 0.05
+    atol: float | None = None
     confidence: float = 0.95
-    stress_floor: float | None = None
+    outside: str = "fallback"
     max_failed_fraction: float = 0.01
     reuse: float = 2e-3
     noisy_reuse: float = 2e-3
     exclude_noise: bool = False
 
     def __post_init__(self) -> None:
-        if not self.tol >= 0:  # also catches NaN
-            raise InputError(f"tol={self.tol}: the relative stress tolerance must be ≥ 0 (0 = "
-                             "classic FE², every point on the fine solver; inf = never fall back)")
+        if not self.rtol >= 0:  # also catches NaN
+            raise InputError(f"rtol={self.rtol}: the relative stress tolerance must be ≥ 0 (0 "
+                             "without atol = classic FE², every point on the fine solver; inf = "
+                             "never fall back)")
+        if self.atol is not None and not self.atol >= 0:
+            raise InputError(f"atol={self.atol}: the absolute stress tolerance (stress units) "
+                             "must be ≥ 0, or None for 1 % of the model's stress scale")
         if not 0 < self.confidence < 1:
             raise InputError(f"confidence={self.confidence}: give a probability such as 0.95")
-        if self.stress_floor is not None and not self.stress_floor > 0:
-            raise InputError(f"stress_floor={self.stress_floor}: must be > 0 (or None)")
+        if self.outside not in OUTSIDE:
+            raise InputError(f"outside={self.outside!r}: one of {', '.join(OUTSIDE)}")
         if not 0 <= self.max_failed_fraction <= 1:
             raise InputError(f"max_failed_fraction={self.max_failed_fraction}: must be in [0, 1]")
         for name, what in (("reuse", "0: always re-solve"),
-                           ("noisy_reuse", "the classic (tol = 0) radius of noisy solves; "
+                           ("noisy_reuse", "the classic (rtol = 0) radius of noisy solves; "
                                            "0: always re-solve")):
             if not getattr(self, name) >= 0:
                 raise InputError(f"{name}={getattr(self, name)}: must be ≥ 0 ({what})")
 
     @property
     def classic(self) -> bool:
-        """True when every point goes to the fine solver (``tol = 0``)."""
-        return self.tol == 0
+        """True when every point goes to the fine solver (``rtol = 0``, no ``atol``)."""
+        return self.rtol == 0 and not self.atol
+
+    @property
+    def never(self) -> bool:
+        """True when no point falls back on its bound (an infinite tolerance)."""
+        return math.isinf(self.rtol) or (self.atol is not None and math.isinf(self.atol))
+
+
+OUTSIDE = ("fallback", "refuse", "warn")
+"""What :class:`Policy` ``outside`` may say."""
 
 
 class FallbackRequest(NamedTuple):
@@ -186,7 +215,11 @@ class StepReport:
     in at this step, max over ranks), ``retrain_skipped`` (a due retraining that would not pay,
     ``RetrainConfig.cost_aware``), ``retrain_estimate_s`` and ``retrain_saving_s`` (that
     decision's estimated training time and the fine-solve time it could save; None without a
-    decision), ``model_version``.
+    decision), ``model_version``; ``outside_points``: points outside the model's training
+    region (:class:`Policy` ``outside``), ``non_elliptic_points``: points on the operator whose
+    tangent lost strong ellipticity (:func:`~neuroscale_couple.tensors.acoustic_minimum`);
+    ``audit``: the step's :class:`~neuroscale_couple.audit.AuditReport` as a dict (None unless
+    the Coupler audits).
     """
 
     fallback_points: int
@@ -202,12 +235,16 @@ class StepReport:
     retrain_estimate_s: float | None = None
     retrain_saving_s: float | None = None
     model_version: int = 0
+    outside_points: int = 0
+    non_elliptic_points: int = 0
+    audit: dict | None = None
 
 
 @dataclass
 class CouplerResult:
     """Response of n points: ``stress`` (n, 2, 2), ``tangent`` (n, 2, 2, 2, 2), ``uncertainty``
-    (n,) calibrated relative error bound at the policy's confidence (NaN where no operator ran),
+    (n,) calibrated bound on ‖P̄_operator − P̄_true‖ at the policy's confidence (stress units;
+    NaN where no operator ran, 0 where the policy never falls back),
     ``source`` (n,) OPERATOR / FINE / FAILED, ``energy`` (n,) strain energy density W̄ with
     P̄ = ∂W̄/∂F̄ (stress units; NaN where the fine solver reports no ``energy_density``)."""
 
@@ -225,7 +262,7 @@ class Coupler(FineSolver):
     ----------
     model : the trained, calibrated operator (a :class:`~neuroscale_couple.operators.sano.SANO`,
         a :class:`~neuroscale_couple.operators.crystal.CrystalOperator`, ...);
-        None only for classic FE² (``policy.tol = 0``).
+        None only for classic FE² (``policy.rtol = 0``).
     fine_factory : builds the fine solver of one structure on ``MPI.COMM_SELF`` (e.g.
         ``lambda m: rve_from_config(cfg, m)``, ``Crystal.solver``).
     family : the fine solver's material config, checked against the model.
@@ -236,6 +273,9 @@ class Coupler(FineSolver):
     retrain : online fine-tuning settings (None or ``enabled=False``: none).
     model_path : the model file (to find the anchor data sets next to it).
     cache_size : live fine solvers per rank.
+    audit : check every load step against the fine solver at every point
+        (:mod:`neuroscale_couple.audit`; a benchmark tool costing a classic FE² solve): the
+        step's :class:`StepReport` ``audit``.
     """
 
     implemented_properties = ("stress", "tangent", "uncertainty")
@@ -244,15 +284,17 @@ class Coupler(FineSolver):
                  family: dict | None = None, policy: Policy | None = None,
                  comm: MPI.Comm = MPI.COMM_WORLD, replay_dir: str | Path | None = None,
                  retrain: RetrainConfig | None = None, model_path: str | Path | None = None,
-                 cache_size: int = LIVE_SOLVERS, dtype: torch.dtype = torch.float64) -> None:
+                 cache_size: int = LIVE_SOLVERS, dtype: torch.dtype = torch.float64,
+                 audit: bool = False) -> None:
         super().__init__()
         self.policy = policy or Policy()
         self.comm = comm
         if model is None and not self.policy.classic:
-            raise InputError(f"tol={self.policy.tol} needs a trained model: give a calibrated "
-                             "operator, or use tol=0 (classic FE²)")
+            raise InputError(f"rtol={self.policy.rtol} with atol={self.policy.atol} needs a "
+                             "trained model: give a calibrated operator, or use rtol=0 without "
+                             "atol (classic FE²)")
         if model is not None:  # all checks before the first collective call
-            if not self.policy.classic and not math.isinf(self.policy.tol):
+            if not self.policy.classic and not self.policy.never:
                 if not model.calibration:
                     raise InputError("the model is not calibrated: run `neuroscale calibrate` "
                                      "before using it with a finite tol")
@@ -266,6 +308,14 @@ class Coupler(FineSolver):
                                  "this one was not: drop exclude_noise")
         self.model = model
         self.version = 0
+        # the absolute tolerance in stress units (Policy.atol None: 1 % of the stress scale)
+        self.atol = (self.policy.atol if self.policy.atol is not None
+                     else 0.01 * float(model.sigma_ref) if model is not None else 0.0)
+        self.region = None if model is None or self.policy.classic else model.region
+        if self.region is None and model is not None and not self.policy.classic:
+            log.warning("the model's card records no training region: points outside its "
+                        "training data are not recognised (python scripts/model_region.py "
+                        "MODEL adds it)")
         self.device = device_for_rank(comm)
         if model is not None:
             self.model = model.to(self.device, dtype).eval()
@@ -279,16 +329,20 @@ class Coupler(FineSolver):
         self.image_resolution = model.data_resolution if model is not None else 32
         self.family = dict(family or {})
         self.cache = SolverCache(fine_factory, cache_size)
+        self.auditor = Auditor(self.cache) if audit else None
         self.replay = None if replay_dir is None else ReplayStore(
             replay_dir, comm.rank, self.family, self.image_resolution)
         self._ids = np.zeros(0, dtype=np.int64)
         self._micro: list = []
+        self._micro_outside: list[str | None] = []  # why each point's structure is outside
         self._z = None
         self._cost: dict[int, float] = {}
         self._last_rank: dict[int, int] = {}
         self._sticky: set[int] = set()
         self._fell_back: set[int] = set()
         self._noise_limited: set[int] = set()
+        self._outside: set[int] = set()
+        self._non_elliptic: set[int] = set()
         self._solved: dict[int, SolvedPoint] = {}  # this load step's fine solve per id
         self.step, self.evaluations = 0, 0
         self._cal: Calibration | None = None
@@ -303,10 +357,10 @@ class Coupler(FineSolver):
         ``model`` (the operator file, relative to the YAML's folder; ``none``: classic FE²),
         ``fine`` (``kind: rve`` with the periodic RVE's ``law``, ``matrix: {E, nu}``,
         ``fibre: {E, nu}``, ``mesh: {size, degree}``; or ``kind: cauchy_born`` with the crystal
-        keys), ``policy`` (:class:`Policy` fields; ``tol`` defaults to 0.05 with a model, 0
-        without), ``retrain`` (:class:`~neuroscale_couple.retraining.RetrainConfig` fields),
-        ``replay_dir``, ``cache_size``, ``dtype`` (float64 or float32). Unknown keys are refused
-        with the nearest known one named."""
+        keys), ``policy`` (:class:`Policy` fields; ``rtol`` 0 without a model: classic FE²),
+        ``retrain`` (:class:`~neuroscale_couple.retraining.RetrainConfig` fields),
+        ``replay_dir``, ``cache_size``, ``dtype`` (float64 or float32), ``audit`` (bool).
+        Unknown keys are refused with the nearest known one named."""
         from neuroscale_couple.config import coupler_from_config
 
         return coupler_from_config(config, comm)
@@ -323,6 +377,10 @@ class Coupler(FineSolver):
         order = np.argsort(ids)
         self._ids = ids[order]
         self._micro = [microstructures[i] for i in order]
+        reasons = {}
+        if self.region is not None:
+            reasons = {m.key: self.region.structure_reason(m) for m in self._micro}
+        self._micro_outside = [reasons.get(m.key) for m in self._micro]
         self._encode()
 
     def _encode(self) -> None:
@@ -383,9 +441,15 @@ class Coupler(FineSolver):
             if self.policy.classic or self.model is None:
                 fallback = np.ones(n, dtype=bool)
             else:
-                fallback = unc > np.maximum(self.policy.tol, noise)
+                limit = self.atol + self.policy.rtol * np.linalg.norm(stress, axis=(1, 2))
+                fallback = unc > np.maximum(limit, noise)
+                fallback |= self._outside_region(ids, rows, Fb)
                 fallback |= np.array([i in self._sticky for i in ids.tolist()], dtype=bool)
-                self._noise_limited.update(ids[noise > self.policy.tol].tolist())
+                self._noise_limited.update(ids[noise > limit].tolist())
+                on_operator = ~fallback
+                if on_operator.any():
+                    weak = acoustic_minimum(tangent[on_operator]) <= 0
+                    self._non_elliptic.update(ids[on_operator][weak].tolist())
             self._sticky.update(ids[fallback].tolist())
             self._fell_back.update(ids[fallback].tolist())
             self.stats.operator_time_s += time.perf_counter() - t0
@@ -411,7 +475,29 @@ class Coupler(FineSolver):
             stress[j], tangent[j], energy[j] = answer.P, answer.A, answer.W
             self._solved[int(ids[j])] = SolvedPoint(Fb[j].copy(), answer, op_stress[j].copy())
         self._check_failures(source)
+        if self.auditor is not None:
+            self.auditor.remember(Fb, ids, [self._micro[r] for r in rows], stress, unc,
+                                  source == OPERATOR)
         return CouplerResult(stress, tangent, unc, source, energy)
+
+    def _outside_region(self, ids: np.ndarray, rows: np.ndarray, F: np.ndarray) -> np.ndarray:
+        """Points outside the model's training region that :class:`Policy` ``outside`` sends
+        to the fine solver (n,) bool; counts them for the step, raises for ``refuse``."""
+        if self.region is None:
+            return np.zeros(len(F), dtype=bool)
+        outside = self.region.load_outside(F)
+        outside |= np.array([self._micro_outside[r] is not None for r in rows], dtype=bool)
+        if not outside.any():
+            return outside
+        self._outside.update(ids[outside].tolist())
+        rule = "warn" if self.policy.never else self.policy.outside
+        if rule == "refuse":
+            j = int(np.flatnonzero(outside)[0])
+            reason = self._micro_outside[rows[j]] or self.region.load_reason(F[j])
+            raise InputError(f"point {int(ids[j])} is outside the model's training region "
+                             f"({reason}) and the policy says outside=refuse: use "
+                             "outside=fallback to solve such points with the fine solver")
+        return outside if rule == "fallback" else np.zeros(len(F), dtype=bool)
 
     def _near_solve(self, F: np.ndarray, ids: np.ndarray, fallback: np.ndarray,
                     op_stress: np.ndarray) -> np.ndarray:
@@ -438,22 +524,20 @@ class Coupler(FineSolver):
         return near
 
     def _predict(self, rows: np.ndarray, F: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Stress, tangent, relative error bound, relative noise bound (0 unless
-        ``exclude_noise``) and energy of the operator at ``F``."""
+        """Stress, tangent, error bound, noise bound (0 unless ``exclude_noise``; both stress
+        units, Frobenius norm) and energy of the operator at ``F``."""
         p = next(self.model.parameters())
         Ft = torch.as_tensor(F, dtype=p.dtype, device=p.device)
         pred = {k: v.cpu().double().numpy()
                 for k, v in self.model.predict(self._z[torch.as_tensor(rows)], Ft).items()}
         unc, noise = np.zeros(len(F)), np.zeros(len(F))
-        if not math.isinf(self.policy.tol):
+        if not self.policy.never:
             cal, level = self._calibration(), self.policy.confidence
-            floor = self.policy.stress_floor or float(self.model.sigma_ref)
-            scale = np.maximum(np.linalg.norm(pred["mean"], axis=(1, 2)), floor)
             if self.policy.exclude_noise:
-                unc = cal.error_bound(pred["cov"] - pred["aleatoric"], level) / scale
-                noise = cal.error_bound(pred["aleatoric"], level) / scale
+                unc = cal.error_bound(pred["cov"] - pred["aleatoric"], level)
+                noise = cal.error_bound(pred["aleatoric"], level)
             else:
-                unc = cal.error_bound(pred["cov"], level) / scale
+                unc = cal.error_bound(pred["cov"], level)
         return pred["mean"], pred["tangent"], unc, noise, pred["energy"]
 
     def _calibration(self) -> Calibration:
@@ -575,13 +659,29 @@ class Coupler(FineSolver):
             fine_failed=comm.allreduce(stats.fine_failed),
             fine_time_s=comm.allreduce(stats.fine_time_s, op=MPI.MAX),
             operator_time_s=comm.allreduce(stats.operator_time_s, op=MPI.MAX),
-            encode_time_s=comm.allreduce(stats.encode_time_s, op=MPI.MAX))
+            encode_time_s=comm.allreduce(stats.encode_time_s, op=MPI.MAX),
+            outside_points=comm.allreduce(len(self._outside)),
+            non_elliptic_points=comm.allreduce(len(self._non_elliptic)))
         if self.replay is not None:
             self.replay.flush(self.step)
-        if report.noise_limited_points and comm.rank == 0:
-            log.warning("%d points: the fine solver's noise bound exceeds tol=%g, so no fallback "
-                        "meets it there (longer fine-solve averages would)",
-                        report.noise_limited_points, self.policy.tol)
+        if self.auditor is not None:
+            with together(comm, "the audit of a load step"):
+                report.audit = self.auditor.check(comm, self.atol, self.policy.rtol).as_dict()
+        if comm.rank == 0:
+            if report.noise_limited_points:
+                log.warning("%d points: the fine solver's noise bound exceeds the tolerance, so "
+                            "no fallback meets it there (longer fine-solve averages would)",
+                            report.noise_limited_points)
+            if report.outside_points:
+                log.warning("step %d: %d points outside the model's training region (%s)",
+                            self.step, report.outside_points,
+                            "warn: kept on the operator where their bound allowed"
+                            if self.policy.never or self.policy.outside == "warn"
+                            else "sent to the fine solver")
+            if report.non_elliptic_points:
+                log.warning("step %d: %d points on the operator have a tangent that lost strong "
+                            "ellipticity (acoustic tensor not positive definite)", self.step,
+                            report.non_elliptic_points)
         comm.Barrier()
         t0 = time.perf_counter()
         r = self.retrainer
@@ -603,8 +703,8 @@ class Coupler(FineSolver):
         report.retrain_time_s = time.perf_counter() - t0
         report.model_version = self.version
         self.stats = StepStats()
-        self._fell_back.clear()
-        self._noise_limited.clear()
+        for counted in (self._fell_back, self._noise_limited, self._outside, self._non_elliptic):
+            counted.clear()
         return report
 
     def checkpoint_state(self) -> dict:

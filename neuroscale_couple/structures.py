@@ -74,6 +74,9 @@ class Structure(Protocol):
     hold_out_structures : whether training splits and batches keep each structure's samples
         together (many structures: held-out ones test generalisation) or split by sample (a few
         structures with many samples each, e.g. one crystal per temperature).
+    descriptor_keys : scalar attributes of a structure, stored under the same names in its
+        ``arrays``, whose trained ranges bound a model's training region
+        (:mod:`neuroscale_couple.region`; optional: without them only the kind is checked).
     """
 
     kinds: ClassVar[tuple[str, ...]]

@@ -42,3 +42,16 @@ def as_deformation_batch(F: np.ndarray | list, name: str = "F", dims: tuple[int,
         )
     return arr
 
+
+
+def acoustic_minimum(A: np.ndarray, directions: int = 36) -> np.ndarray:
+    """Smallest eigenvalue of the acoustic tensor Q(n)ᵢₖ = Aᵢⱼₖₗ nⱼ nₗ over ``directions`` unit
+    vectors n of the half circle, per tangent A (m, 2, 2, 2, 2): (m,). ≤ 0 means the tangent has
+    lost strong ellipticity (Legendre–Hadamard): a localisation band may form there, and an
+    operator's tangent showing it outside the training region deserves suspicion."""
+    angles = np.linspace(0.0, np.pi, directions, endpoint=False)
+    n = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    Q = np.einsum("mijkl,dj,dl->mdik", A, n, n)
+    half_trace = 0.5 * (Q[..., 0, 0] + Q[..., 1, 1])
+    gap = np.hypot(0.5 * (Q[..., 0, 0] - Q[..., 1, 1]), 0.5 * (Q[..., 0, 1] + Q[..., 1, 0]))
+    return (half_trace - gap).min(axis=1)

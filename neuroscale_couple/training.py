@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -42,6 +43,7 @@ from neuroscale_couple.physics import (
     symmetry_loss,
     transform_sample,
 )
+from neuroscale_couple.region import TrainingRegion
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,8 @@ class TrainingData:
     generate config; ``noise`` (S, 2, 2) the measured standard error of P where the fine solver
     reports one (finite-temperature MD; 0 for static solves, NaN where unknown), else None;
     ``structure`` the structures' family (a :class:`~neuroscale_couple.structures.Structure`
-    class; None: unknown, its structures are whole units as those of cells)."""
+    class; None: unknown, its structures are whole units as those of cells); ``region`` the
+    loads and structures the data cover (recorded in the card of a model trained on them)."""
 
     images: torch.Tensor
     micro_index: torch.Tensor
@@ -100,6 +103,7 @@ class TrainingData:
     config: dict = field(default_factory=dict)
     noise: torch.Tensor | None = None
     structure: type | None = None
+    region: TrainingRegion | None = None
 
     @classmethod
     def from_h5(cls, path: str | Path, resolution: int | None,
@@ -127,8 +131,10 @@ class TrainingData:
         w = (torch.as_tensor(w, dtype=dtype).permute(0, 3, 1, 2)
              if w is not None and w.shape[1] == resolution else None)
         noise = d.get("samples/stress_stderr")
+        kinds = micro.get("kind", np.array([family.kinds[0]] * len(inputs)))  # older data
+        region = TrainingRegion.from_data(d["samples/F"], kinds, micro)
         return cls(inputs, index, F_, P_, A_, w, d["config"],
-                   None if noise is None else torch.as_tensor(noise, dtype=dtype), family)
+                   None if noise is None else torch.as_tensor(noise, dtype=dtype), family, region)
 
     @classmethod
     def concat(cls, parts: list[TrainingData]) -> TrainingData:
@@ -147,7 +153,7 @@ class TrainingData:
                    torch.cat([p.F for p in parts]), torch.cat([p.P for p in parts]),
                    torch.cat([p.A for p in parts]),
                    torch.cat([p.w for p in parts]) if has_w else None, parts[0].config, noise,
-                   parts[0].structure)
+                   parts[0].structure, _union([p.region for p in parts]))
 
     def __len__(self) -> int:
         return len(self.F)
@@ -192,6 +198,13 @@ class TrainingData:
         for k in ("w", "noise"):
             conv[k] = None if getattr(self, k) is None else getattr(self, k).to(device, dtype)
         return dataclasses.replace(self, **conv)
+
+
+def _union(regions: list[TrainingRegion | None]) -> TrainingRegion | None:
+    """The region of data sets trained together (None if any is unknown)."""
+    if any(r is None for r in regions):
+        return None
+    return functools.reduce(TrainingRegion.union, regions)
 
 
 def batch_loss(model: CoarseGrainingOperator, data: TrainingData, idx: torch.Tensor,

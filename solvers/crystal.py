@@ -59,6 +59,7 @@ class Crystal:
     default_load_radius: ClassVar[float] = 0.05
     hold_out_structures: ClassVar[bool] = False
     """One crystal per temperature, many loads each: training splits and batches by sample."""
+    descriptor_keys: ClassVar[tuple[str, ...]] = ("temperature",)
     kind: ClassVar[str] = "crystal"
 
     @property

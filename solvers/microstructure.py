@@ -58,6 +58,7 @@ class FibreCell(PhaseCell):
     """``n_fibres`` None: the kind's default (:data:`N_FIBRES`); ``count`` (cells of a generate
     group) and ``seed`` (the group's or the arrangement's seed) as for every cell."""
     drawn: ClassVar[dict[str, bool]] = {"volume_fraction": False, "n_fibres": True}
+    descriptor_keys: ClassVar[tuple[str, ...]] = ("volume_fraction", "n_fibres")
 
     kind: str
     volume_fraction: float
@@ -152,6 +153,7 @@ class Laminate(FibreCell):
     ``laminate``; stored as a fibre cell without fibres: no centres, radius 0)."""
 
     kinds: ClassVar[tuple[str, ...]] = ("laminate",)
+    descriptor_keys: ClassVar[tuple[str, ...]] = ("volume_fraction",)
     config_schema: ClassVar[dict[str, Any]] = {**PhaseCell.config_schema,
                                                "volume_fraction": REQUIRED}
 

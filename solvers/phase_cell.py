@@ -65,6 +65,7 @@ class PhaseCell(ABC):
     (value: whether the draw is an integer)."""
     default_load_radius: ClassVar[float] = 0.15
     hold_out_structures: ClassVar[bool] = True
+    descriptor_keys: ClassVar[tuple[str, ...]] = ("volume_fraction",)
     kind: str
     volume_fraction: float
 

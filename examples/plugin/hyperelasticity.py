@@ -9,7 +9,7 @@ P = ∂ψ/∂F of the compressible Neo-Hookean energy ψ = μ/2 (I₁ − 3) −
 (I₁ = tr C + 1 in plane strain). ``hyperelasticity_fe2.py`` is its FE² twin, six lines apart:
 the stress P̄(F̄) at every quadrature point is the homogenized stress of a periodic unit cell
 (one centred fibre) solved by DOLFINx, the Coupler configured by ``hyperelasticity_fe2.yaml``
-(classic FE², no operator: give ``model:`` and ``policy: {tol: ...}`` for the operator with
+(classic FE², no operator: give ``model:`` and ``policy: {rtol: ...}`` for the operator with
 fallback). The twin's Neo-Hookean lines above ``P`` are unused: the micro solver has the law.
 Its fibre is of the matrix material, so the twin reproduces the single-scale answer
 (tests/integration/test_plugin.py checks it).

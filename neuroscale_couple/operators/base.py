@@ -32,6 +32,7 @@ from neuroscale_couple.operators.heads import (
     green_lagrange_mandel,
     mixture_response,
 )
+from neuroscale_couple.region import TrainingRegion
 from neuroscale_couple.store import atomic_write
 
 _PAIRS = list(itertools.product(range(2), range(2)))
@@ -198,14 +199,24 @@ class CoarseGrainingOperator(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def weights_digest(self) -> str:
-        """SHA-256 of the config, the weights and buffers (names, dtypes, values) and the
-        calibration: what a model file's digest covers (the card is a record, not covered)."""
+        """SHA-256 of the config, the weights and buffers (names, dtypes, values), the
+        calibration and the training region: what a model file's digest covers (the rest of
+        the card is a record, not covered)."""
         h = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
         for name, t in self.state_dict().items():
             h.update(f"{name}:{t.dtype}".encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         h.update(json.dumps(self.calibration, sort_keys=True).encode())
+        if "region" in self.card:
+            h.update(json.dumps(self.card["region"], sort_keys=True).encode())
         return h.hexdigest()
+
+    @property
+    def region(self) -> TrainingRegion | None:
+        """The loads and structures the model was trained on (its card's ``region``; None for
+        a model saved without one)."""
+        d = self.card.get("region")
+        return None if d is None else TrainingRegion.from_dict(d)
 
     def save(self, path: str | Path) -> None:
         """Write weights, config, normalisation, calibration, card and the weights' digest

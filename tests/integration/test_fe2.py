@@ -45,7 +45,7 @@ def coupler(comm, tol, *, model=True, family=COMPOSITE, replay=None, retrain=Fal
 
     return Coupler(SANO.from_checkpoint(MODEL) if model else None,
                    lambda m: rve_from_config(family, m), family=family,
-                   policy=Policy(tol=tol, **policy),
+                   policy=Policy(rtol=tol, **policy),
                    comm=comm, replay_dir=replay,
                    retrain=RetrainConfig(enabled=bool(retrain),
                                          background=retrain == "background"),
@@ -198,7 +198,7 @@ def test_online_retraining_lowers_fallback_beyond_training_range(tmp_path):
     from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
 
     c = Coupler(SANO.from_checkpoint(MODEL), lambda m: rve_from_config(family, m), family=family,
-                policy=Policy(tol=0.035), comm=MPI.COMM_SELF, replay_dir=tmp_path / "later",
+                policy=Policy(rtol=0.035), comm=MPI.COMM_SELF, replay_dir=tmp_path / "later",
                 retrain=RetrainConfig(replay_from=(tmp_path / "rFalse",)), model_path=MODEL)
     c.register(np.arange(n), structures)
     assert c.warm_start() and c.version == 1
@@ -258,7 +258,7 @@ def test_cost_aware_retraining_waits_until_it_can_pay(tmp_path):
     structures, F_of = beyond_training_range(n)
     family = dict(COMPOSITE, mesh={"size": 0.05})
     c = Coupler(SANO.from_checkpoint(MODEL), lambda m: rve_from_config(family, m), family=family,
-                policy=Policy(tol=0.03), comm=MPI.COMM_SELF, replay_dir=tmp_path,
+                policy=Policy(rtol=0.03), comm=MPI.COMM_SELF, replay_dir=tmp_path,
                 retrain=RetrainConfig(cost_aware=True), model_path=MODEL)
     c.register(np.arange(n), structures)
     records = []
@@ -284,7 +284,7 @@ def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain,
     background retraining the kill hits while a retraining runs (its tol sends 8 of the 85
     points back in step 0, so one is due); the restart runs it again."""
     args = [sys.executable, str(ROOT / "examples" / "fe2_composite.py"), "--mesh-size", "0.3",
-            "--rve-mesh-size", "0.05", "--steps", "4", "--stretch", "0.1", "--tol", tol,
+            "--rve-mesh-size", "0.05", "--steps", "4", "--stretch", "0.1", "--rtol", tol,
             retrain, "--quiet"]
     subprocess.run([*args, "--out", str(tmp_path / "clean")], check=True)
     killed = tmp_path / "killed"
@@ -324,7 +324,7 @@ def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain,
 @pytest.mark.skip_in_parallel
 @pytest.mark.parametrize("flags, message", [
     (["--model", "no/such/model.pt"], "does not exist"),
-    (["--tol", "-1"], "tol=-1.0"),
+    (["--rtol", "-1"], "rtol=-1.0"),
     (["--mesh-size", "huge"], "--mesh-size"),
     (["--rve-cache", "200"], "--rve-cache 200: give 1 to 128"),
     (["--stretch", "nan"], "--stretch nan: give a finite"),
@@ -390,7 +390,7 @@ def test_a_point_solved_on_another_rank_takes_its_warm_start_along(monkeypatch):
 
     def run(comm, point_ids, points):
         _CountingRVE.iterations = []
-        c = Coupler(None, _CountingRVE, family=COMPOSITE, policy=Policy(tol=0), comm=comm)
+        c = Coupler(None, _CountingRVE, family=COMPOSITE, policy=Policy(rtol=0), comm=comm)
         c.register(point_ids, microstructures(points, point_ids))
         stress = [c.evaluate(np.repeat(Fk[None], len(point_ids), 0), point_ids).stress
                   for Fk in F]

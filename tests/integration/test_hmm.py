@@ -43,7 +43,7 @@ def hmm_coupler(comm, crystal, tol, *, model=True, replay=None, retrain=False):
     from neuroscale_couple.solvers.cauchy_born import Crystal
 
     return Coupler(load_operator(MODEL) if model else None, Crystal.solver,
-                   family=crystal.config, policy=Policy(tol=tol), comm=comm, replay_dir=replay,
+                   family=crystal.config, policy=Policy(rtol=tol), comm=comm, replay_dir=replay,
                    # 8 points, each solved about once per step (Policy.reuse): retrain on 4
                    retrain=RetrainConfig(enabled=retrain, min_new=4), model_path=MODEL)
 
@@ -224,10 +224,10 @@ def test_a_rank_solves_its_crystal_alone():
 
 @pytest.mark.skip_in_parallel
 def test_no_fallback_to_a_fine_solve_noisier_than_the_operator(crystal):
-    """exclude_noise at tol 0.8 %: the 0 K point (model-error bound 1.3 %, noise bound 0.5 %)
-    falls back; the 300 K point (2.1 %, 9.2 %: one MD average would be no closer to the mean)
-    stays on the operator and is the one noise-limited point; with the noise in the bound both
-    fall back."""
+    """exclude_noise at atol 0.02 GPa + rtol 0.8 % (0.030 GPa at the 300 K point, 0.035 at
+    the 0 K one): the 0 K point (model-error bound 0.045 GPa, noise bound 0.017) falls back; the
+    300 K point (0.075, 0.33: one MD average would be no closer to the mean) stays on the
+    operator and is the one noise-limited point; with the noise in the bound both fall back."""
     from neuroscale_couple.coupler import FINE, OPERATOR, Coupler, Policy
     from neuroscale_couple.operators.base import load_operator
     from neuroscale_couple.solvers.cauchy_born import Crystal
@@ -239,7 +239,7 @@ def test_no_fallback_to_a_fine_solve_noisier_than_the_operator(crystal):
     sources, limited = {}, {}
     for exclude in (False, True):
         c = Coupler(load_operator(thermal), Crystal.solver, policy=Policy(
-            tol=0.008, exclude_noise=exclude), comm=MPI.COMM_SELF)
+            rtol=0.008, atol=0.02, exclude_noise=exclude), comm=MPI.COMM_SELF)
         c.register([0, 1], structures)
         c.begin_step(0)
         sources[exclude] = c.evaluate(F, [0, 1]).source.tolist()
@@ -270,7 +270,7 @@ def test_md_fallback_is_solved_again_only_where_its_linearisation_errs_more_than
     solves = {}
     for tol in (1e-6, 0.0):
         c = Coupler(load_operator(thermal) if tol else None, Crystal.solver,
-                    policy=Policy(tol=tol), comm=MPI.COMM_SELF)
+                    policy=Policy(rtol=tol), comm=MPI.COMM_SELF)
         c.register([0], [hot])
         c.begin_step(0)
         first = c.evaluate(F0, [0])
@@ -302,7 +302,7 @@ def test_noise_can_be_left_out_of_the_fallback_bound(crystal):
     unc = {}
     for exclude in (False, True):
         c = Coupler(load_operator(thermal), Crystal.solver, policy=Policy(
-            tol=1e6, exclude_noise=exclude), comm=MPI.COMM_SELF)
+            rtol=1e6, exclude_noise=exclude), comm=MPI.COMM_SELF)
         c.register([0, 1], structures)
         unc[exclude] = c.evaluate(F, [0, 1]).uncertainty
         c.close()

@@ -59,7 +59,7 @@ def test_a_script_may_import_dolfinx_first():
 def operator_coupler(comm, tol=np.inf):
     from neuroscale_couple.coupler import Coupler
 
-    return Coupler.from_config({"model": str(MODEL), "policy": {"tol": tol},
+    return Coupler.from_config({"model": str(MODEL), "policy": {"rtol": tol},
                                 "retrain": {"enabled": False},
                                 "fine": {"kind": "rve", "matrix": {"E": 3.0, "nu": 0.35},
                                          "fibre": {"E": 70.0, "nu": 0.2},

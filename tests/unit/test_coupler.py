@@ -16,8 +16,10 @@ pytestmark = pytest.mark.skip_in_parallel
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"tol": -0.01}, "must be ≥ 0"), ({"tol": float("nan")}, "must be ≥ 0"),
-    ({"confidence": 1.0}, "probability"), ({"stress_floor": 0.0}, "stress_floor"),
+    ({"rtol": -0.01}, "must be ≥ 0"), ({"rtol": float("nan")}, "must be ≥ 0"),
+    ({"atol": -1.0}, "atol=-1.0"), ({"atol": float("nan")}, "atol=nan"),
+    ({"outside": "ignore"}, "outside='ignore': one of fallback, refuse, warn"),
+    ({"confidence": 1.0}, "probability"),
     ({"max_failed_fraction": 2.0}, "max_failed_fraction"),
     ({"noisy_reuse": -1.0}, "noisy_reuse"), ({"reuse": float("nan")}, "reuse=nan")])
 def test_policy_rejects_bad_input(kwargs, message):
@@ -26,8 +28,11 @@ def test_policy_rejects_bad_input(kwargs, message):
 
 
 def test_policy_extremes():
-    assert Policy(tol=0).classic
-    assert not Policy(tol=float("inf")).classic
+    assert Policy(rtol=0).classic and Policy(rtol=0, atol=0).classic
+    assert not Policy(rtol=0, atol=0.01).classic  # an absolute tolerance alone
+    assert not Policy(rtol=float("inf")).classic
+    assert Policy(rtol=float("inf")).never and Policy(atol=float("inf")).never
+    assert not Policy(rtol=1e6).never
 
 
 def test_balance_spreads_clustered_work_and_keeps_affinity():
@@ -197,7 +202,7 @@ def test_noisy_fine_solve_is_linearised_within_a_load_step_not_repeated():
 
     from neuroscale_couple.coupler import Coupler
 
-    c = Coupler(None, _Noisy, policy=Policy(tol=0, noisy_reuse=1e-3), comm=MPI.COMM_SELF)
+    c = Coupler(None, _Noisy, policy=Policy(rtol=0, noisy_reuse=1e-3), comm=MPI.COMM_SELF)
     c.register([0], [_Structure()])
     solver = c.cache.get("s", _Structure())
     F0 = np.array([[[1.01, 0.0], [0.0, 1.0]]])

@@ -64,7 +64,7 @@ def main(stage: str, ranks: str, times: str) -> int:
 
     model = SANO.from_checkpoint(MODEL) if stage == "operator" else None
     coupler = Coupler(model, factory, family=FAMILY, comm=comm,
-                      policy=Policy(tol=np.inf if model is not None else 0.0))
+                      policy=Policy(rtol=np.inf if model is not None else 0.0))
     if stage == "operator":
         predict = coupler._predict
 
