@@ -41,6 +41,7 @@ from neuroscale_couple.audit import Auditor
 from neuroscale_couple.calibration import Calibration
 from neuroscale_couple.errors import InputError, NeuroScaleError, SolveError
 from neuroscale_couple.fine import LIVE_SOLVERS, FineSolver, MicroResult, SolverCache
+from neuroscale_couple.latents import LatentStore
 from neuroscale_couple.parallel import balance, device_for_rank, together
 from neuroscale_couple.retraining import RetrainConfig, Retrainer, RetrainJob
 from neuroscale_couple.store import ReplayStore
@@ -267,8 +268,8 @@ class Coupler(FineSolver):
         ``lambda m: rve_from_config(cfg, m)``, ``Crystal.solver``).
     family : the fine solver's material config, checked against the model.
     policy : fallback policy.
-    comm : the communicator of the macro problem; every method but :meth:`solve_local` and
-        :meth:`register` is collective.
+    comm : the communicator of the macro problem; every method is collective (:meth:`register`
+        too: the ranks share their microstructures' latents).
     replay_dir : where fine solves are stored (None: not stored, no retraining).
     retrain : online fine-tuning settings (None or ``enabled=False``: none).
     model_path : the model file (to find the anchor data sets next to it).
@@ -333,6 +334,7 @@ class Coupler(FineSolver):
         self.replay = None if replay_dir is None else ReplayStore(
             replay_dir, comm.rank, self.family, self.image_resolution)
         self._ids = np.zeros(0, dtype=np.int64)
+        self.latent_store: LatentStore | None = None
         self._micro: list = []
         self._micro_outside: list[str | None] = []  # why each point's structure is outside
         self._z = None
@@ -368,7 +370,8 @@ class Coupler(FineSolver):
     # ------------------------------------------------------------------ set-up
     def register(self, point_ids: Sequence[int], microstructures: Sequence) -> None:
         """Attach a microstructure to each of this rank's points (ids unique over all ranks and
-        independent of the partition, e.g. from original cell indices) and encode them."""
+        independent of the partition, e.g. from original cell indices) and encode them
+        (collective)."""
         ids = np.asarray(point_ids, dtype=np.int64)
         if len(ids) != len(microstructures):
             raise InputError(f"{len(ids)} point ids for {len(microstructures)} microstructures")
@@ -384,18 +387,18 @@ class Coupler(FineSolver):
         self._encode()
 
     def _encode(self) -> None:
-        """Latents of the registered points' microstructures (one encoding per distinct one).
-        Its time is micro work as building an RVE is: the next step reports it as
-        ``encode_time_s``."""
-        if self.model is None or not len(self._ids):
+        """Latents of the registered points' microstructures: one encoding per distinct one
+        over all ranks, none for those of an earlier run on the same replay folder
+        (:class:`~neuroscale_couple.latents.LatentStore`; collective). Its time is micro work
+        as building an RVE is: the next step reports it as ``encode_time_s``."""
+        if self.model is None:
             return
         t0 = time.perf_counter()
-        keys = [m.key for m in self._micro]
-        uniq = list(dict.fromkeys(keys))
-        first = {m.key: m for m in reversed(self._micro)}
-        z = self.model.latents([first[k] for k in uniq])
-        pos = {k: i for i, k in enumerate(uniq)}
-        self._z = z[torch.as_tensor([pos[k] for k in keys])]
+        if self.latent_store is None:
+            self.latent_store = LatentStore(
+                self.model, self.comm, None if self.replay is None else self.replay.directory
+                / "latents")
+        self._z = self.latent_store.latents(self._micro)
         self.stats.encode_time_s += time.perf_counter() - t0
 
     def _rows(self, point_ids) -> np.ndarray:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from neuroscale_couple.errors import InputError, NeuroScaleError
+from neuroscale_couple.operators.base import HEAD_PREFIXES
 from neuroscale_couple.store import ReplayStore, load_rve_dataset
 
 if TYPE_CHECKING:
@@ -243,7 +244,7 @@ class Retrainer:
         # only the coarse-graining heads learn: the latents of the run's microstructures stay
         # put (no re-encoding drift) and the encoder cannot forget the training range
         frozen = [p for name, p in model.named_parameters()
-                  if not name.startswith(("energy.", "covariance."))]
+                  if not name.startswith(HEAD_PREFIXES)]
         for p in frozen:
             p.requires_grad_(False)
         dtype = next(model.parameters()).dtype

@@ -38,6 +38,11 @@ from neuroscale_couple.store import atomic_write
 _PAIRS = list(itertools.product(range(2), range(2)))
 
 
+HEAD_PREFIXES = ("energy.", "covariance.")
+"""Parameter names of the coarse-graining heads: what online retraining trains; the rest (the
+encoder) stays frozen, so latents do not change (:meth:`CoarseGrainingOperator.encoder_digest`)."""
+
+
 class CoarseGrainingOperator(nn.Module):
     """Base of the operators; stresses in the unit of the training data, F̄ dimensionless.
 
@@ -209,6 +214,18 @@ class CoarseGrainingOperator(nn.Module):
         h.update(json.dumps(self.calibration, sort_keys=True).encode())
         if "region" in self.card:
             h.update(json.dumps(self.card["region"], sort_keys=True).encode())
+        return h.hexdigest()
+
+    def encoder_digest(self) -> str:
+        """SHA-256 of the config and every weight but the coarse-graining heads' (names
+        starting with :data:`HEAD_PREFIXES`): what a structure's latent depends on, so latents
+        cached under it stay valid through online retraining, which trains the heads only."""
+        h = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
+        h.update(f"resolution:{self.data_resolution}".encode())
+        for name, t in self.state_dict().items():
+            if not name.startswith(HEAD_PREFIXES):  # in float32, the encoding's precision
+                h.update(name.encode())
+                h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
         return h.hexdigest()
 
     @property

@@ -1,0 +1,114 @@
+"""Latents of structures, encoded once per content over all ranks and runs.
+
+Encoding a cell (render its image, run the encoder) is the one-off cost of a point; a macro
+problem with many points often holds far fewer distinct structures, and a rerun of the same
+problem holds the same ones. :class:`LatentStore` keys each latent on the structure's content
+digest (``Structure.key``) and on the encoder's weights
+(:meth:`~neuroscale_couple.operators.base.CoarseGrainingOperator.encoder_digest`, unchanged by
+online retraining), so that
+
+- a structure held by several points, on one rank or several, is encoded once: the distinct
+  missing keys of all ranks are dealt round-robin, each rank encodes its share, and each latent
+  goes to the ranks that asked for it (collective; the same latents whatever the rank count);
+- with a ``directory`` (the Coupler puts it beside its replay store) every encoded latent is
+  written to ``latents-<encoder digest>-<rank>-<n>.npz`` (atomically) and a later run, on any
+  number of ranks, reads them back and encodes nothing it has seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+
+from mpi4py import MPI
+
+import numpy as np
+import torch
+
+from neuroscale_couple.store import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+class LatentStore:
+    """Latents by structure key for one encoder (see the module docstring).
+
+    ``model``: the operator whose encoder makes them; ``comm``: the ranks that share them;
+    ``directory``: where they persist (None: in memory for this run only)."""
+
+    def __init__(self, model, comm: MPI.Comm, directory: str | Path | None = None) -> None:
+        self.model, self.comm = model, comm
+        self.digest = model.encoder_digest()
+        self.directory = None if directory is None else Path(directory)
+        self._z: dict[Hashable, np.ndarray] = {}
+        self._files = 0
+        self.encoded = 0  # structures this rank encoded itself
+        if self.directory is not None:
+            self._read()
+
+    def _pattern(self) -> str:
+        return f"latents-{self.digest[:16]}-*.npz"
+
+    def _read(self) -> None:
+        for path in sorted(self.directory.glob(self._pattern())):
+            with np.load(path, allow_pickle=False) as f:
+                for key, z in zip(f["keys"].tolist(), f["z"], strict=True):
+                    self._z[key] = z
+
+    def latents(self, structures: Sequence) -> torch.Tensor:
+        """Latents (n, latent) of this rank's ``structures``, in the model's dtype, encoding
+        only what no rank holds yet (collective)."""
+        keys = [str(s.key) for s in structures]
+        first = {}
+        for key, s in zip(keys, structures, strict=True):
+            first.setdefault(key, s)
+        missing = sorted(k for k in first if k not in self._z)
+        wanted = self.comm.allgather(missing)
+        owner = {}  # the first rank that asked for a key hands over its structure
+        for rank, part in enumerate(wanted):
+            for key in part:
+                owner.setdefault(key, rank)
+        todo = sorted(owner)
+        mine = todo[self.comm.rank::self.comm.size]
+        # the structures to encode travel from the rank that holds them to the one dealt them
+        send: list[list] = [[] for _ in range(self.comm.size)]
+        for i, key in enumerate(todo):
+            if owner[key] == self.comm.rank:
+                send[i % self.comm.size].append((key, first[key]))
+        received = dict(pair for part in self.comm.alltoall(send) for pair in part)
+        new = {}
+        if mine:
+            z = self.model.latents([received[k] for k in mine])
+            new = dict(zip(mine, z.detach().cpu().double().numpy(), strict=True))
+            self.encoded += len(mine)
+            self._write(new)
+        # each encoded latent goes to every rank that wants it
+        out: list[list] = [[] for _ in range(self.comm.size)]
+        for rank, part in enumerate(wanted):
+            out[rank] = [(k, new[k]) for k in part if k in new]
+        for part in self.comm.alltoall(out):
+            self._z.update(part)
+        p = next(self.model.parameters())
+        return torch.as_tensor(np.stack([self._z[k] for k in keys]) if keys else
+                               np.zeros((0, 0)), dtype=p.dtype, device=p.device)
+
+    def _write(self, latents: dict[str, np.ndarray]) -> None:
+        if self.directory is None or not latents:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / (f"latents-{self.digest[:16]}-{self.comm.rank}-"
+                                 f"{self._files}.npz")
+        while path.exists():  # a later run on the same folder: never overwrite
+            self._files += 1
+            path = path.with_name(f"latents-{self.digest[:16]}-{self.comm.rank}-"
+                                  f"{self._files}.npz")
+        keys = np.array(list(latents), dtype=str)
+        z = np.stack(list(latents.values()))
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+                np.savez(f, keys=keys, z=z)
+
+        atomic_write(path, write)
+        self._files += 1
