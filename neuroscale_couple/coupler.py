@@ -218,7 +218,8 @@ class StepReport:
     decision's estimated training time and the fine-solve time it could save; None without a
     decision), ``model_version``; ``outside_points``: points outside the model's training
     region (:class:`Policy` ``outside``), ``non_elliptic_points``: points on the operator whose
-    tangent lost strong ellipticity (:func:`~neuroscale_couple.tensors.acoustic_minimum`);
+    tangent lost strong ellipticity at the step's converged state
+    (:func:`~neuroscale_couple.tensors.acoustic_minimum`);
     ``audit``: the step's :class:`~neuroscale_couple.audit.AuditReport` as a dict (None unless
     the Coupler audits).
     """
@@ -344,7 +345,7 @@ class Coupler(FineSolver):
         self._fell_back: set[int] = set()
         self._noise_limited: set[int] = set()
         self._outside: set[int] = set()
-        self._non_elliptic: set[int] = set()
+        self._last_operator: tuple[np.ndarray, np.ndarray] | None = None
         self._solved: dict[int, SolvedPoint] = {}  # this load step's fine solve per id
         self.step, self.evaluations = 0, 0
         self._cal: Calibration | None = None
@@ -449,10 +450,8 @@ class Coupler(FineSolver):
                 fallback |= self._outside_region(ids, rows, Fb)
                 fallback |= np.array([i in self._sticky for i in ids.tolist()], dtype=bool)
                 self._noise_limited.update(ids[noise > limit].tolist())
-                on_operator = ~fallback
-                if on_operator.any():
-                    weak = acoustic_minimum(tangent[on_operator]) <= 0
-                    self._non_elliptic.update(ids[on_operator][weak].tolist())
+            # the step's last evaluation (its converged state) is checked at end_step
+            self._last_operator = (ids[~fallback], tangent[~fallback])
             self._sticky.update(ids[fallback].tolist())
             self._fell_back.update(ids[fallback].tolist())
             self.stats.operator_time_s += time.perf_counter() - t0
@@ -664,7 +663,7 @@ class Coupler(FineSolver):
             operator_time_s=comm.allreduce(stats.operator_time_s, op=MPI.MAX),
             encode_time_s=comm.allreduce(stats.encode_time_s, op=MPI.MAX),
             outside_points=comm.allreduce(len(self._outside)),
-            non_elliptic_points=comm.allreduce(len(self._non_elliptic)))
+            non_elliptic_points=comm.allreduce(self._non_elliptic()))
         if self.replay is not None:
             self.replay.flush(self.step)
         if self.auditor is not None:
@@ -706,9 +705,17 @@ class Coupler(FineSolver):
         report.retrain_time_s = time.perf_counter() - t0
         report.model_version = self.version
         self.stats = StepStats()
-        for counted in (self._fell_back, self._noise_limited, self._outside, self._non_elliptic):
+        for counted in (self._fell_back, self._noise_limited, self._outside):
             counted.clear()
+        self._last_operator = None
         return report
+
+    def _non_elliptic(self) -> int:
+        """Points of the step's last evaluation whose operator tangent lost strong ellipticity
+        (checked once per step, at its converged state, not at every Newton iterate)."""
+        if self._last_operator is None or self.model is None:
+            return 0
+        return int((acoustic_minimum(self._last_operator[1]) <= 0).sum())
 
     def checkpoint_state(self) -> dict:
         """What a restart needs besides the model file: the model version, the count of fine

@@ -50,8 +50,11 @@ def acoustic_minimum(A: np.ndarray, directions: int = 36) -> np.ndarray:
     lost strong ellipticity (Legendre–Hadamard): a localisation band may form there, and an
     operator's tangent showing it outside the training region deserves suspicion."""
     angles = np.linspace(0.0, np.pi, directions, endpoint=False)
-    n = np.stack([np.cos(angles), np.sin(angles)], axis=1)
-    Q = np.einsum("mijkl,dj,dl->mdik", A, n, n)
-    half_trace = 0.5 * (Q[..., 0, 0] + Q[..., 1, 1])
-    gap = np.hypot(0.5 * (Q[..., 0, 0] - Q[..., 1, 1]), 0.5 * (Q[..., 0, 1] + Q[..., 1, 0]))
+    c, s = np.cos(angles), np.sin(angles)
+    # Q(n) = c² A[:, :, 0, :, 0] + cs (A[:, :, 0, :, 1] + A[:, :, 1, :, 0]) + s² A[:, :, 1, :, 1]
+    parts = np.stack([A[:, :, 0, :, 0], A[:, :, 0, :, 1] + A[:, :, 1, :, 0], A[:, :, 1, :, 1]],
+                     axis=-1).reshape(len(A), 4, 3)
+    Q = parts @ np.stack([c * c, c * s, s * s])  # (m, 4, directions): Q00, Q01, Q10, Q11
+    half_trace = 0.5 * (Q[:, 0] + Q[:, 3])
+    gap = np.hypot(0.5 * (Q[:, 0] - Q[:, 3]), 0.5 * (Q[:, 1] + Q[:, 2]))
     return (half_trace - gap).min(axis=1)
