@@ -338,13 +338,12 @@ class Coupler(FineSolver):
         self.latent_store: LatentStore | None = None
         self._micro: list = []
         self._micro_outside: list[str | None] = []  # why each point's structure is outside
+        self._micro_out = np.zeros(0, dtype=bool)
         self._z = None
         self._cost: dict[int, float] = {}
         self._last_rank: dict[int, int] = {}
-        self._sticky: set[int] = set()
-        self._fell_back: set[int] = set()
-        self._noise_limited: set[int] = set()
-        self._outside: set[int] = set()
+        # per registered point (row): this step's marks
+        self._sticky = self._fell_back = self._noise_limited = self._outside = np.zeros(0, bool)
         self._last_operator: tuple[np.ndarray, np.ndarray] | None = None
         self._solved: dict[int, SolvedPoint] = {}  # this load step's fine solve per id
         self.step, self.evaluations = 0, 0
@@ -385,6 +384,9 @@ class Coupler(FineSolver):
         if self.region is not None:
             reasons = {m.key: self.region.structure_reason(m) for m in self._micro}
         self._micro_outside = [reasons.get(m.key) for m in self._micro]
+        self._micro_out = np.array([r is not None for r in self._micro_outside], dtype=bool)
+        self._sticky, self._fell_back, self._noise_limited, self._outside = (
+            np.zeros(len(ids), dtype=bool) for _ in range(4))
         self._encode()
 
     def _encode(self) -> None:
@@ -448,12 +450,12 @@ class Coupler(FineSolver):
                 limit = self.atol + self.policy.rtol * np.linalg.norm(stress, axis=(1, 2))
                 fallback = unc > np.maximum(limit, noise)
                 fallback |= self._outside_region(ids, rows, Fb)
-                fallback |= np.array([i in self._sticky for i in ids.tolist()], dtype=bool)
-                self._noise_limited.update(ids[noise > limit].tolist())
+                fallback |= self._sticky[rows]
+                self._noise_limited[rows[noise > limit]] = True
             # the step's last evaluation (its converged state) is checked at end_step
             self._last_operator = (ids[~fallback], tangent[~fallback])
-            self._sticky.update(ids[fallback].tolist())
-            self._fell_back.update(ids[fallback].tolist())
+            self._sticky[rows[fallback]] = True
+            self._fell_back[rows[fallback]] = True
             self.stats.operator_time_s += time.perf_counter() - t0
             source = np.where(fallback, FINE, OPERATOR)
             op_stress = stress.copy()
@@ -488,10 +490,10 @@ class Coupler(FineSolver):
         if self.region is None:
             return np.zeros(len(F), dtype=bool)
         outside = self.region.load_outside(F)
-        outside |= np.array([self._micro_outside[r] is not None for r in rows], dtype=bool)
+        outside |= self._micro_out[rows]
         if not outside.any():
             return outside
-        self._outside.update(ids[outside].tolist())
+        self._outside[rows[outside]] = True
         rule = "warn" if self.policy.never else self.policy.outside
         if rule == "refuse":
             j = int(np.flatnonzero(outside)[0])
@@ -638,7 +640,7 @@ class Coupler(FineSolver):
         """Start load step ``step``, or a cut-back part or retry of it: sources may change
         again (never call it inside a Newton solve)."""
         self.step = step
-        self._sticky.clear()
+        self._sticky[:] = False
         # a deterministic solve stays valid (Policy.reuse); a noisy one is linearised per step,
         # judged with the operator's stresses, which may change between steps
         self._solved = {pid: s for pid, s in self._solved.items() if s.answer.noise is None}
@@ -655,14 +657,14 @@ class Coupler(FineSolver):
         """
         comm, stats = self.comm, self.stats
         report = StepReport(
-            fallback_points=comm.allreduce(len(self._fell_back)),
-            noise_limited_points=comm.allreduce(len(self._noise_limited)),
+            fallback_points=comm.allreduce(int(self._fell_back.sum())),
+            noise_limited_points=comm.allreduce(int(self._noise_limited.sum())),
             fine_solves=comm.allreduce(stats.fine_solves),
             fine_failed=comm.allreduce(stats.fine_failed),
             fine_time_s=comm.allreduce(stats.fine_time_s, op=MPI.MAX),
             operator_time_s=comm.allreduce(stats.operator_time_s, op=MPI.MAX),
             encode_time_s=comm.allreduce(stats.encode_time_s, op=MPI.MAX),
-            outside_points=comm.allreduce(len(self._outside)),
+            outside_points=comm.allreduce(int(self._outside.sum())),
             non_elliptic_points=comm.allreduce(self._non_elliptic()))
         if self.replay is not None:
             self.replay.flush(self.step)
@@ -706,7 +708,7 @@ class Coupler(FineSolver):
         report.model_version = self.version
         self.stats = StepStats()
         for counted in (self._fell_back, self._noise_limited, self._outside):
-            counted.clear()
+            counted[:] = False
         self._last_operator = None
         return report
 
