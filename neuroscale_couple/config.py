@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,37 @@ def dataclass_from_dict(cls: type, cfg: dict, where: str) -> Any:
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
 
 
-COUPLER_KEYS = ("model", "fine", "policy", "retrain", "replay_dir", "cache_size", "dtype")
+BYTE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*")
+
+
+def byte_size(value: object, name: str) -> int | None:
+    """Bytes of a memory size: a number of bytes, or a string with a binary unit — ``512M``,
+    ``2G``, ``1.5GiB``, ``800MB`` (K, M, G, T: powers of 1024; B, iB optional) — or None /
+    ``none`` (no budget). ``name`` (a flag such as ``--rve-memory`` or a config key) is named in
+    the error.
+
+    Raises
+    ------
+    InputError
+        If the value is not such a size, or not finite and > 0.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    size = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        size = float(value)
+    elif isinstance(value, str) and (match := _SIZE.fullmatch(value)):
+        size = float(match[1]) * BYTE_UNITS[match[2].upper()]
+    if size is None or not math.isfinite(size) or size < 1:
+        shown = f"{name} {value}" if name.startswith("--") else f"{name}={value!r}"
+        raise InputError(f"{shown}: give a memory size > 0 such as 512M or 2G (bytes, or K, M, "
+                         "G, T: powers of 1024), or none for no budget")
+    return int(size)
+
+
+COUPLER_KEYS = ("model", "fine", "policy", "retrain", "replay_dir", "cache_size",
+                "cache_memory", "dtype")
 
 
 def fine_solver_family(fine: dict, where: str = "fine") -> tuple[Any, dict]:
@@ -103,7 +135,7 @@ def coupler_from_config(config: str | Path | dict, comm) -> Any:
     dtype = {"float64": torch.float64, "float32": torch.float32}.get(cfg.get("dtype", "float64"))
     if dtype is None:
         raise InputError(f"dtype={cfg['dtype']!r} in {where}: use float64 or float32")
-    extra = {"cache_size": int(cfg["cache_size"])} if "cache_size" in cfg else {}
+    extra = {k: cfg[k] for k in ("cache_size", "cache_memory") if k in cfg}
     return Coupler(model, factory, family=family, policy=policy, comm=comm,
                    replay_dir=None if replay is None else base / replay, retrain=retrain,
                    model_path=model_path, dtype=dtype, **extra)

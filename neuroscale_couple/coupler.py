@@ -37,8 +37,15 @@ import numpy as np
 import torch
 
 from neuroscale_couple.calibration import Calibration
+from neuroscale_couple.config import byte_size
 from neuroscale_couple.errors import InputError, NeuroScaleError, SolveError
-from neuroscale_couple.fine import LIVE_SOLVERS, FineSolver, MicroResult, SolverCache
+from neuroscale_couple.fine import (
+    LIVE_MEMORY,
+    LIVE_SOLVERS,
+    FineSolver,
+    MicroResult,
+    SolverCache,
+)
 from neuroscale_couple.parallel import balance, device_for_rank, together
 from neuroscale_couple.retraining import RetrainConfig, Retrainer, RetrainJob
 from neuroscale_couple.store import ReplayStore
@@ -235,7 +242,10 @@ class Coupler(FineSolver):
     replay_dir : where fine solves are stored (None: not stored, no retraining).
     retrain : online fine-tuning settings (None or ``enabled=False``: none).
     model_path : the model file (to find the anchor data sets next to it).
-    cache_size : live fine solvers per rank.
+    cache_size : live fine solvers per rank (at most; RVEs: at most 128, for MPI's communicators).
+    cache_memory : memory budget of a rank's live fine solvers (their estimated
+        :meth:`~neuroscale_couple.fine.FineSolver.memory_bytes`): bytes, or a size such as
+        ``"512M"``, ``"2G"`` (powers of 1024); None: the count only. Default 2 GiB.
     """
 
     implemented_properties = ("stress", "tangent", "uncertainty")
@@ -244,9 +254,15 @@ class Coupler(FineSolver):
                  family: dict | None = None, policy: Policy | None = None,
                  comm: MPI.Comm = MPI.COMM_WORLD, replay_dir: str | Path | None = None,
                  retrain: RetrainConfig | None = None, model_path: str | Path | None = None,
-                 cache_size: int = LIVE_SOLVERS, dtype: torch.dtype = torch.float64) -> None:
+                 cache_size: int = LIVE_SOLVERS, cache_memory: int | str | None = LIVE_MEMORY,
+                 dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
         self.policy = policy or Policy()
+        whole = isinstance(cache_size, int | np.integer) and not isinstance(cache_size, bool)
+        if not whole or cache_size < 1:
+            raise InputError(f"cache_size={cache_size!r}: give the number of live fine solvers "
+                             f"per rank, a whole number ≥ 1 (default {LIVE_SOLVERS})")
+        cache_memory = byte_size(cache_memory, "cache_memory")
         self.comm = comm
         if model is None and not self.policy.classic:
             raise InputError(f"tol={self.policy.tol} needs a trained model: give a calibrated "
@@ -278,7 +294,7 @@ class Coupler(FineSolver):
         # replay segments render microstructure images as the model's training data did
         self.image_resolution = model.data_resolution if model is not None else 32
         self.family = dict(family or {})
-        self.cache = SolverCache(fine_factory, cache_size)
+        self.cache = SolverCache(fine_factory, int(cache_size), cache_memory)
         self.replay = None if replay_dir is None else ReplayStore(
             replay_dir, comm.rank, self.family, self.image_resolution)
         self._ids = np.zeros(0, dtype=np.int64)
@@ -305,7 +321,8 @@ class Coupler(FineSolver):
         ``fibre: {E, nu}``, ``mesh: {size, degree}``; or ``kind: cauchy_born`` with the crystal
         keys), ``policy`` (:class:`Policy` fields; ``tol`` defaults to 0.05 with a model, 0
         without), ``retrain`` (:class:`~neuroscale_couple.retraining.RetrainConfig` fields),
-        ``replay_dir``, ``cache_size``, ``dtype`` (float64 or float32). Unknown keys are refused
+        ``replay_dir``, ``cache_size``, ``cache_memory`` (e.g. ``2G``), ``dtype`` (float64 or
+        float32). Unknown keys are refused
         with the nearest known one named."""
         from neuroscale_couple.config import coupler_from_config
 

@@ -329,6 +329,7 @@ def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain,
     (["--rve-cache", "200"], "--rve-cache 200: give 1 to 128"),
     (["--stretch", "nan"], "--stretch nan: give a finite"),
     (["--rve-mesh-size", "-0.1"], "--rve-mesh-size -0.1: give an element size"),
+    (["--rve-memory", "2X"], "--rve-memory 2X: give a memory size > 0 such as 512M"),
 ])
 def test_example_bad_input_fails_before_work(tmp_path, flags, message):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "fe2_composite.py"),
