@@ -25,7 +25,8 @@ from neuroscale_couple.errors import InputError, NeuroScaleError
 def cmd_rve(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
-    from neuroscale_couple.solvers.rve_fenicsx import RVE_CONFIG_KEYS, rve_from_config
+    from neuroscale_couple.solvers.phase_cell import RVE_CONFIG_KEYS
+    from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
     from neuroscale_couple.structures import from_config
 
     cfg = load_yaml(args.config)
@@ -38,7 +39,7 @@ def cmd_rve(args: argparse.Namespace) -> None:
         "stress": res.stress[0].tolist(),
         "tangent": res.tangent[0].tolist(),
         "dofs": rve.dofs,
-        "newton_iterations": int(res.info["newton_iterations"][0]),
+        "newton_iterations": int(res.info["iterations"][0]),
         "time_s": float(res.info["time_s"][0]),
     }
     if MPI.COMM_WORLD.rank != 0:

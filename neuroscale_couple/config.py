@@ -82,27 +82,32 @@ COUPLER_KEYS = ("model", "fine", "policy", "retrain", "replay_dir", "cache_size"
 
 
 def fine_solver_family(fine: dict, where: str = "fine") -> tuple[Any, dict]:
-    """The fine-solver factory (structure → solver on MPI.COMM_SELF) and the material family
-    config (checked against the model) of a ``fine`` mapping: ``kind: rve`` with the periodic
-    RVE keys (``law``, ``matrix``, ``fibre``, ``mesh``, ``bc``, ``petsc_options``), or
-    ``kind: cauchy_born`` with the crystal keys of the atomistic solver."""
+    """The fine-solver factory and the material family config (checked against the model) of
+    a ``fine`` mapping: ``kind: rve`` with the periodic RVE keys (``law``, ``matrix``,
+    ``fibre``, ``mesh``, ``bc``, ``petsc_options``), or ``kind: cauchy_born`` with the crystal
+    keys of the atomistic solver. The factory builds each structure's own solver, its
+    :meth:`~neuroscale_couple.structures.Structure.fine_solver` with the family config, on
+    ``MPI.COMM_SELF``."""
     if not isinstance(fine, dict):
         raise InputError(f"{where} must be a mapping with a kind (rve or cauchy_born); "
                          f"got {fine!r}")
     family = {k: v for k, v in fine.items() if k != "kind"}
-    kind = fine.get("kind", "rve")
-    if kind == "rve":
-        from neuroscale_couple.solvers.rve_fenicsx import RVE_CONFIG_KEYS, rve_from_config
+    check_keys(family, _fine_keys(fine.get("kind", "rve"), where), where)
+    return (lambda structure: structure.fine_solver(family)), family
 
-        check_keys(family, RVE_CONFIG_KEYS, where)
-        return (lambda structure: rve_from_config(family, structure)), family
-    if kind == "cauchy_born":
-        from neuroscale_couple.solvers.cauchy_born import Crystal
 
-        return Crystal.solver, family
-    near = difflib.get_close_matches(str(kind), ("rve", "cauchy_born"), n=1)
-    raise InputError(f"{where}.kind={kind!r} is unknown: use rve or cauchy_born"
-                     + (f" (did you mean {near[0]!r}?)" if near else ""))
+def _fine_keys(kind: object, where: str) -> tuple[str, ...]:
+    """The keys of a ``fine`` mapping of ``kind`` besides ``kind``: the RVE's, or a crystal's
+    (a crystal carries its whole material)."""
+    from neuroscale_couple.solvers.crystal import CONFIG_SCHEMA
+    from neuroscale_couple.solvers.phase_cell import RVE_CONFIG_KEYS
+
+    kinds = {"rve": RVE_CONFIG_KEYS, "cauchy_born": tuple(CONFIG_SCHEMA)}
+    if kind not in kinds:
+        near = difflib.get_close_matches(str(kind), kinds, n=1)
+        raise InputError(f"{where}.kind={kind!r} is unknown: use rve or cauchy_born"
+                         + (f" (did you mean {near[0]!r}?)" if near else ""))
+    return kinds[kind]
 
 
 def coupler_from_config(config: str | Path | dict, comm) -> Any:

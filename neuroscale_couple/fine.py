@@ -30,8 +30,10 @@ class MicroResult:
     tangent : (n, 2, 2, 2, 2) consistent tangent ∂P̄/∂F̄, or None when not asked for.
     fields : micro fields sampled on a regular r×r grid of the unit cell, each (n, r, r, ...),
         e.g. ``w`` (n, r, r, 2) fluctuation, ``F`` and ``P`` (n, r, r, 2, 2); None if not asked for.
-    info : per-point solver information, each array of length n (``newton_iterations``,
-        ``substeps``, ``time_s``, ...).
+    info : per-point solver information, each array of length n: ``iterations`` (of the
+        solver's nonlinear solve: the RVE's Newton iterations, a crystal's relaxation steps) and
+        ``time_s`` from every fine solver; ``substeps``, ``energy_density``,
+        ``stress_stderr``, ... where a solver has them.
     """
 
     stress: np.ndarray

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 MATRIX = 1
 FIBRE = 2
+#: The keys of an RVE's config mapping that
+#: :func:`~neuroscale_couple.solvers.rve_fenicsx.rve_from_config` reads.
+RVE_CONFIG_KEYS = ("law", "matrix", "fibre", "mesh", "bc", "petsc_options")
 
 
 class PhaseCell(ABC):

@@ -46,7 +46,12 @@ from neuroscale_couple.materials import (
     check_law,
 )
 from neuroscale_couple.solvers.periodic import BOUNDARY_CONDITIONS, prolongation
-from neuroscale_couple.solvers.phase_cell import FIBRE, MATRIX, PhaseCell
+from neuroscale_couple.solvers.phase_cell import (  # noqa: F401  (RVE_CONFIG_KEYS: re-exported)
+    FIBRE,
+    MATRIX,
+    RVE_CONFIG_KEYS,
+    PhaseCell,
+)
 from neuroscale_couple.tensors import as_deformation_batch
 
 log = logging.getLogger(__name__)
@@ -213,7 +218,7 @@ class PeriodicRVE(FineSolver):
         stress = np.empty((n, 2, 2))
         tang = np.empty((n, 2, 2, 2, 2)) if tangent else None
         info = {k: np.zeros(n, dtype=d) for k, d in
-                (("newton_iterations", int), ("substeps", int), ("time_s", float))}
+                (("iterations", int), ("substeps", int), ("time_s", float))}
         fields: dict[str, list] | None = {} if fields_resolution else None
         for i, Fi in enumerate(Fb):
             t0 = time.perf_counter()
@@ -228,7 +233,7 @@ class PeriodicRVE(FineSolver):
             if fields is not None:
                 for name, value in self._sample_fields(int(fields_resolution)).items():
                     fields.setdefault(name, []).append(value)
-            info["newton_iterations"][i], info["substeps"][i] = its, subs
+            info["iterations"][i], info["substeps"][i] = its, subs
             info["time_s"][i] = time.perf_counter() - t0
         stacked = None if fields is None else {k: np.stack(v) for k, v in fields.items()}
         return MicroResult(stress, tang, stacked, info)
@@ -565,10 +570,6 @@ class PeriodicRVE(FineSolver):
         ipts = T.element.interpolation_points
         exprs = {"F": fem.Expression(self._Fmicro, ipts), "P": fem.Expression(self._Pmicro, ipts)}
         return points, cells, found, T, exprs
-
-
-#: The keys of an RVE's config mapping that :func:`rve_from_config` reads.
-RVE_CONFIG_KEYS = ("law", "matrix", "fibre", "mesh", "bc", "petsc_options")
 
 
 def rve_from_config(cfg: dict, microstructure: PhaseCell,

@@ -365,7 +365,7 @@ class _CountingRVE:
 
     def solve(self, F, **kwargs):
         res = self.rve.solve(F, **kwargs)
-        self.iterations.extend(res.info["newton_iterations"].tolist())
+        self.iterations.extend(res.info["iterations"].tolist())
         return res
 
     def close(self) -> None:
