@@ -40,6 +40,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--resolution", type=int, default=200, help="micro field grid")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: give at least one load step")
+    if not 1 <= args.resolution <= 1000:
+        parser.error(f"--resolution {args.resolution}: give 1 to 1000 grid points per side")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,11 +35,22 @@ def check_keys(cfg: dict, known: Iterable[str], where: str) -> None:
     known = sorted(known)
     if not isinstance(cfg, dict):
         raise InputError(f"{where} must be a mapping of {', '.join(known)}; got {cfg!r}")
+    lower = {k.lower(): k for k in known}  # nearest regardless of case: Nu → nu
     for key in cfg:
         if key not in known:
-            near = difflib.get_close_matches(str(key), known, n=1)
+            near = [lower[k] for k in difflib.get_close_matches(str(key).lower(), lower, n=1)]
             hint = f"did you mean {near[0]!r}?" if near else f"known keys: {', '.join(known)}"
             raise InputError(f"unknown key {key!r} in {where}: {hint}")
+
+
+def whole_number(value: object, name: str, minimum: int = 1) -> int:
+    """``value`` as an int if it is a whole number ≥ ``minimum`` (``name`` is named in the
+    error)."""
+    number = value if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+    if number is None or not math.isfinite(number) or number != int(number) \
+            or number < minimum:
+        raise InputError(f"{name}={value!r}: give a whole number ≥ {minimum}")
+    return int(number)
 
 
 def dataclass_from_dict(cls: type, cfg: dict, where: str) -> Any:

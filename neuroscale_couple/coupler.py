@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from neuroscale_couple.calibration import Calibration
-from neuroscale_couple.config import byte_size
+from neuroscale_couple.config import byte_size, whole_number
 from neuroscale_couple.errors import InputError, NeuroScaleError, SolveError
 from neuroscale_couple.fine import (
     LIVE_MEMORY,
@@ -258,10 +258,7 @@ class Coupler(FineSolver):
                  dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
         self.policy = policy or Policy()
-        whole = isinstance(cache_size, int | np.integer) and not isinstance(cache_size, bool)
-        if not whole or cache_size < 1:
-            raise InputError(f"cache_size={cache_size!r}: give the number of live fine solvers "
-                             f"per rank, a whole number ≥ 1 (default {LIVE_SOLVERS})")
+        cache_size = whole_number(cache_size, "cache_size")
         cache_memory = byte_size(cache_memory, "cache_memory")
         self.comm = comm
         if model is None and not self.policy.classic:
@@ -294,7 +291,7 @@ class Coupler(FineSolver):
         # replay segments render microstructure images as the model's training data did
         self.image_resolution = model.data_resolution if model is not None else 32
         self.family = dict(family or {})
-        self.cache = SolverCache(fine_factory, int(cache_size), cache_memory)
+        self.cache = SolverCache(fine_factory, cache_size, cache_memory)
         self.replay = None if replay_dir is None else ReplayStore(
             replay_dir, comm.rank, self.family, self.image_resolution)
         self._ids = np.zeros(0, dtype=np.int64)

@@ -35,6 +35,7 @@ from dolfinx import fem, geometry
 from dolfinx.fem import petsc as fem_petsc
 from petsc4py import PETSc
 
+from neuroscale_couple.config import check_keys
 from neuroscale_couple.errors import InputError, SolveError
 from neuroscale_couple.fine import FineSolver, MicroResult
 from neuroscale_couple.materials import (
@@ -579,6 +580,7 @@ def rve_from_config(cfg: dict, microstructure: PhaseCell,
     mesh = cfg.get("mesh") or {}
     if not isinstance(mesh, dict):
         raise InputError(f"mesh must be a mapping like {{size: 0.02, degree: 1}}, got {mesh!r}")
+    check_keys(mesh, ("size", "degree"), "mesh")
     petsc_options = cfg.get("petsc_options") or {}
     if not isinstance(petsc_options, dict):
         raise InputError("petsc_options must be a mapping like {mat_mumps_icntl_14: 50}, got "

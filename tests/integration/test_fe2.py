@@ -328,6 +328,7 @@ def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain,
     (["--mesh-size", "huge"], "--mesh-size"),
     (["--rve-cache", "200"], "--rve-cache 200: give 1 to 128"),
     (["--stretch", "nan"], "--stretch nan: give a finite"),
+    (["--steps", "0"], "--steps 0: give at least one load step"),
     (["--rve-mesh-size", "-0.1"], "--rve-mesh-size -0.1: give an element size"),
     (["--rve-memory", "2X"], "--rve-memory 2X: give a memory size > 0 such as 512M"),
 ])

@@ -174,7 +174,7 @@ def test_coupler_checks_its_cache_settings_before_any_collective():
 
     with pytest.raises(InputError, match="cache_memory='lots': give a memory size"):
         Coupler(None, _Sized, policy=Policy(tol=0), comm=None, cache_memory="lots")
-    with pytest.raises(InputError, match="cache_size=0: give the number of live fine solvers"):
+    with pytest.raises(InputError, match="cache_size=0: give a whole number ≥ 1"):
         Coupler(None, _Sized, policy=Policy(tol=0), comm=None, cache_size=0)
     coupler = Coupler(None, _Sized, policy=Policy(tol=0), cache_memory="1K")
     assert coupler.cache.memory == 1024
