@@ -160,8 +160,8 @@ class SolverCache:
 
     def memory_bytes(self) -> int:
         """Estimated bytes the live solvers hold (the sum of their
-        :meth:`FineSolver.memory_bytes`)."""
-        sizes = [s.memory_bytes() for s in self._live.values()]
+        :meth:`FineSolver.memory_bytes`; 0 for a solver without one, e.g. a duck-typed one)."""
+        sizes = [solver_memory(s) for s in self._live.values()]
         self.largest = max([self.largest, *sizes])
         return sum(sizes)
 
@@ -228,6 +228,12 @@ class SolverCache:
         self._saved.clear()
         gc.collect()
         release_memory()
+
+
+def solver_memory(solver: object) -> int:
+    """:meth:`FineSolver.memory_bytes` of ``solver``; 0 for a solver that does not report it."""
+    memory_bytes = getattr(solver, "memory_bytes", None)
+    return 0 if memory_bytes is None else int(memory_bytes())
 
 
 COLLECT_EVERY = 16
