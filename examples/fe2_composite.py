@@ -55,6 +55,8 @@ COMPOSITE = {"law": "neo_hookean", "matrix": {"E": 3.0, "nu": 0.35},
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from neuroscale_couple.config import byte_size
+    from neuroscale_couple.errors import InputError
     from neuroscale_couple.solvers.rve_fenicsx import MAX_LIVE_RVES
 
     p = coupled_arguments(__doc__.splitlines()[0], out="out/fe2_composite", model=DEFAULT_MODEL,
@@ -66,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"live RVEs per rank, 1 to {MAX_LIVE_RVES} (a solved RVE holds ~14 MPI "
                    "communicators, of which MPICH allows 2048 per process); a rank with more "
                    "points rebuilds evicted RVEs (their meshes read back from files)")
+    p.add_argument("--rve-memory", default="2G",
+                   help="memory budget of a rank's live RVEs, e.g. 512M or 2G (powers of 1024; "
+                   "none: --rve-cache only); one RVE of mesh size 0.02 takes ~15 MB")
     args = p.parse_args(argv)
     if not 0 < args.rve_mesh_size <= 0.25:
         p.error(f"--rve-mesh-size {args.rve_mesh_size}: give an element size in (0, 0.25] cell "
@@ -73,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 1 <= args.rve_cache <= MAX_LIVE_RVES:
         p.error(f"--rve-cache {args.rve_cache}: give 1 to {MAX_LIVE_RVES} (more live RVEs "
                 "run out of MPICH's communicators: 180 did on one rank)")
+    try:
+        byte_size(args.rve_memory, "--rve-memory")
+    except InputError as err:
+        p.error(str(err))
     return args
 
 
@@ -101,7 +110,7 @@ def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
     family = dict(COMPOSITE, mesh={"size": args.rve_mesh_size})
     coupler = Coupler(model, lambda m: rve_from_config(family, m), family=family, policy=policy,
                       comm=comm, replay_dir=Path(args.out) / "replay", cache_size=args.rve_cache,
-                      retrain=retrain_config(args),
+                      cache_memory=args.rve_memory, retrain=retrain_config(args),
                       model_path=model_path, audit=args.audit)
     problem, set_load, right = quarter_plate(args, coupler, microstructures_at, comm)
     return CoupledRun(problem, coupler, set_load, right, state, "GPa")

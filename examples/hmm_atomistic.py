@@ -66,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="at T > 0 let the MD noise count towards the fallback bound (default: "
                    "only the operator's model error, which a fallback can remove)")
     args = p.parse_args(argv)
+    if not 0 <= args.temperature < float("inf"):
+        p.error(f"--temperature {args.temperature}: give a finite temperature ≥ 0 K")
+    if args.md_steps < 1:
+        p.error(f"--md-steps {args.md_steps}: give at least one MD production step")
     args.exclude_noise = args.temperature > 0 and not args.noise_in_bound
     if args.model is None:  # the shipped model of the fine solver's temperature
         args.model = str(MODELS / ("hmm_cu_thermal.pt" if args.temperature > 0 else "hmm_cu.pt"))
@@ -74,11 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def crystal_config(args: argparse.Namespace) -> dict:
     """The Cauchy–Born config of every point, with its equilibrium lattice constant."""
-    from neuroscale_couple.errors import InputError
     from neuroscale_couple.solvers.cauchy_born import cauchy_born_from_config
 
-    if args.temperature < 0:
-        raise InputError(f"--temperature {args.temperature}: give a temperature ≥ 0 K")
     cfg = dict(CRYSTAL, calculator=CALCULATORS[args.calculator])
     cfg["a0"] = cauchy_born_from_config(cfg)[1]
     if args.temperature > 0:  # as in hmm_cu_thermal.data.yaml

@@ -107,8 +107,9 @@ def prepare(args: argparse.Namespace):
             raise InputError(f"--{flag.replace('_', '-')} and --no-retrain contradict: drop one")
     if args.steps < 1:
         raise InputError(f"--steps {args.steps}: give at least one load step")
-    if not np.isfinite(args.stretch):
-        raise InputError(f"--stretch {args.stretch}: give a finite macro stretch")
+    if not -1 < args.stretch < 1:  # also catches NaN
+        raise InputError(f"--stretch {args.stretch}: give a finite macro stretch in (-1, 1) "
+                         "(the loaded edge moves by stretch × the plate's half-width 1)")
     state = LoadStepper.read_checkpoint(Path(args.out) / "checkpoint") if args.restart else None
     weights = (state or {}).get("model_file") or args.model
     model = None if policy.classic else load_operator(weights)

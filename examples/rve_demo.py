@@ -40,6 +40,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--resolution", type=int, default=200, help="micro field grid")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: give at least one load step")
+    if not 1 <= args.resolution <= 1000:
+        parser.error(f"--resolution {args.resolution}: give 1 to 1000 grid points per side")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,7 +61,7 @@ def main() -> None:
         res = rve.solve(Fk, point_ids=["demo"], fields_resolution=fields)
         records.append(res)
         logging.info("λ₁ = %.4f  P̄₁₁ = %8.5f  P̄₂₂ = %8.5f  Newton %d  %.3f s", stretches[k],
-                     res.stress[0, 0, 0], res.stress[0, 1, 1], res.info["newton_iterations"][0],
+                     res.stress[0, 0, 0], res.stress[0, 1, 1], res.info["iterations"][0],
                      res.info["time_s"][0])
 
     P = np.array([r.stress[0] for r in records])
@@ -66,7 +70,7 @@ def main() -> None:
         "microstructure": {"kind": ms.kind, "volume_fraction": ms.volume_fraction,
                            "n_fibres": ms.n_fibres, "seed": ms.seed},
         "dofs": rve.dofs, "F": F.tolist(), "stress": P.tolist(), "tangent": A.tolist(),
-        "newton_iterations": [int(r.info["newton_iterations"][0]) for r in records],
+        "newton_iterations": [int(r.info["iterations"][0]) for r in records],
         "time_s": [float(r.info["time_s"][0]) for r in records],
     }, indent=1))
     last = records[-1].fields

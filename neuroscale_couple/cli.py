@@ -25,7 +25,8 @@ from neuroscale_couple.errors import InputError, NeuroScaleError
 def cmd_rve(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
-    from neuroscale_couple.solvers.rve_fenicsx import RVE_CONFIG_KEYS, rve_from_config
+    from neuroscale_couple.solvers.phase_cell import RVE_CONFIG_KEYS
+    from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
     from neuroscale_couple.structures import from_config
 
     cfg = load_yaml(args.config)
@@ -38,7 +39,7 @@ def cmd_rve(args: argparse.Namespace) -> None:
         "stress": res.stress[0].tolist(),
         "tangent": res.tangent[0].tolist(),
         "dofs": rve.dofs,
-        "newton_iterations": int(res.info["newton_iterations"][0]),
+        "newton_iterations": int(res.info["iterations"][0]),
         "time_s": float(res.info["time_s"][0]),
     }
     if MPI.COMM_WORLD.rank != 0:
@@ -81,6 +82,10 @@ def training_data(paths: list[str], resolution: int | None):
     return parts[0] if len(parts) == 1 else TrainingData.concat(parts)
 
 
+TRAIN_KEYS = ("model", "training")
+"""Top-level keys of a `neuroscale train` config (a fine-tuning config with --init: training)."""
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
@@ -90,6 +95,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from neuroscale_couple.training import TrainConfig, relative_errors, train
 
     cfg = load_yaml(args.config)
+    check_keys(cfg, TRAIN_KEYS, str(args.config))
     comm = MPI.COMM_WORLD
     tcfg = TrainConfig.from_dict(cfg.get("training") or {})
     mcfg = dict(cfg.get("model") or {})
@@ -182,8 +188,10 @@ def cmd_cauchy_born(args: argparse.Namespace) -> None:
     import time
 
     from neuroscale_couple.solvers.cauchy_born import cauchy_born_from_config
+    from neuroscale_couple.solvers.crystal import CONFIG_SCHEMA
 
     cfg = load_yaml(args.config)
+    check_keys(cfg, (*CONFIG_SCHEMA, "F"), str(args.config))
     F = np.asarray(cfg.get("F", np.eye(3)), dtype=float)
     if F.shape != (3, 3):
         raise InputError(f"F has shape {F.shape}: give a 3×3 deformation gradient")
@@ -213,6 +221,11 @@ def cmd_cauchy_born(args: argparse.Namespace) -> None:
 def cmd_subset(args: argparse.Namespace) -> None:
     from neuroscale_couple.store import subset_dataset
 
+    if args.micro < 1:
+        raise InputError(f"--micro {args.micro}: give the number of microstructures to copy, "
+                         "at least 1")
+    if args.seed < 0:
+        raise InputError(f"--seed {args.seed}: give a seed ≥ 0")
     n = subset_dataset(args.data, args.out, args.micro, args.seed)
     print(f"{args.out}: {args.micro} microstructures, {n} samples")
 

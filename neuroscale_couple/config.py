@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,11 +35,22 @@ def check_keys(cfg: dict, known: Iterable[str], where: str) -> None:
     known = sorted(known)
     if not isinstance(cfg, dict):
         raise InputError(f"{where} must be a mapping of {', '.join(known)}; got {cfg!r}")
+    lower = {k.lower(): k for k in known}  # nearest regardless of case: Nu → nu
     for key in cfg:
         if key not in known:
-            near = difflib.get_close_matches(str(key), known, n=1)
+            near = [lower[k] for k in difflib.get_close_matches(str(key).lower(), lower, n=1)]
             hint = f"did you mean {near[0]!r}?" if near else f"known keys: {', '.join(known)}"
             raise InputError(f"unknown key {key!r} in {where}: {hint}")
+
+
+def whole_number(value: object, name: str, minimum: int = 1) -> int:
+    """``value`` as an int if it is a whole number ≥ ``minimum`` (``name`` is named in the
+    error)."""
+    number = value if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+    if number is None or not math.isfinite(number) or number != int(number) \
+            or number < minimum:
+        raise InputError(f"{name}={value!r}: give a whole number ≥ {minimum}")
+    return int(number)
 
 
 def dataclass_from_dict(cls: type, cfg: dict, where: str) -> Any:
@@ -46,32 +60,66 @@ def dataclass_from_dict(cls: type, cfg: dict, where: str) -> Any:
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
 
 
-COUPLER_KEYS = ("model", "fine", "policy", "retrain", "replay_dir", "cache_size", "dtype",
-                "audit")
+BYTE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*")
+
+
+def byte_size(value: object, name: str) -> int | None:
+    """Bytes of a memory size: a number of bytes, or a string with a binary unit — ``512M``,
+    ``2G``, ``1.5GiB``, ``800MB`` (K, M, G, T: powers of 1024; B, iB optional) — or None /
+    ``none`` (no budget). ``name`` (a flag such as ``--rve-memory`` or a config key) is named in
+    the error.
+
+    Raises
+    ------
+    InputError
+        If the value is not such a size, or not finite and > 0.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    size = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        size = float(value)
+    elif isinstance(value, str) and (match := _SIZE.fullmatch(value)):
+        size = float(match[1]) * BYTE_UNITS[match[2].upper()]
+    if size is None or not math.isfinite(size) or size < 1:
+        shown = f"{name} {value}" if name.startswith("--") else f"{name}={value!r}"
+        raise InputError(f"{shown}: give a memory size > 0 such as 512M or 2G (bytes, or K, M, "
+                         "G, T: powers of 1024), or none for no budget")
+    return int(size)
+
+
+COUPLER_KEYS = ("model", "fine", "policy", "retrain", "replay_dir", "cache_size",
+                "cache_memory", "dtype", "audit")
 
 
 def fine_solver_family(fine: dict, where: str = "fine") -> tuple[Any, dict]:
-    """The fine-solver factory (structure → solver on MPI.COMM_SELF) and the material family
-    config (checked against the model) of a ``fine`` mapping: ``kind: rve`` with the periodic
-    RVE keys (``law``, ``matrix``, ``fibre``, ``mesh``, ``bc``, ``petsc_options``), or
-    ``kind: cauchy_born`` with the crystal keys of the atomistic solver."""
+    """The fine-solver factory and the material family config (checked against the model) of
+    a ``fine`` mapping: ``kind: rve`` with the periodic RVE keys (``law``, ``matrix``,
+    ``fibre``, ``mesh``, ``bc``, ``petsc_options``), or ``kind: cauchy_born`` with the crystal
+    keys of the atomistic solver. The factory builds each structure's own solver, its
+    :meth:`~neuroscale_couple.structures.Structure.fine_solver` with the family config, on
+    ``MPI.COMM_SELF``."""
     if not isinstance(fine, dict):
         raise InputError(f"{where} must be a mapping with a kind (rve or cauchy_born); "
                          f"got {fine!r}")
     family = {k: v for k, v in fine.items() if k != "kind"}
-    kind = fine.get("kind", "rve")
-    if kind == "rve":
-        from neuroscale_couple.solvers.rve_fenicsx import RVE_CONFIG_KEYS, rve_from_config
+    check_keys(family, _fine_keys(fine.get("kind", "rve"), where), where)
+    return (lambda structure: structure.fine_solver(family)), family
 
-        check_keys(family, RVE_CONFIG_KEYS, where)
-        return (lambda structure: rve_from_config(family, structure)), family
-    if kind == "cauchy_born":
-        from neuroscale_couple.solvers.cauchy_born import Crystal
 
-        return Crystal.solver, family
-    near = difflib.get_close_matches(str(kind), ("rve", "cauchy_born"), n=1)
-    raise InputError(f"{where}.kind={kind!r} is unknown: use rve or cauchy_born"
-                     + (f" (did you mean {near[0]!r}?)" if near else ""))
+def _fine_keys(kind: object, where: str) -> tuple[str, ...]:
+    """The keys of a ``fine`` mapping of ``kind`` besides ``kind``: the RVE's, or a crystal's
+    (a crystal carries its whole material)."""
+    from neuroscale_couple.solvers.crystal import CONFIG_SCHEMA
+    from neuroscale_couple.solvers.phase_cell import RVE_CONFIG_KEYS
+
+    kinds = {"rve": RVE_CONFIG_KEYS, "cauchy_born": tuple(CONFIG_SCHEMA)}
+    if kind not in kinds:
+        near = difflib.get_close_matches(str(kind), kinds, n=1)
+        raise InputError(f"{where}.kind={kind!r} is unknown: use rve or cauchy_born"
+                         + (f" (did you mean {near[0]!r}?)" if near else ""))
+    return kinds[kind]
 
 
 def coupler_from_config(config: str | Path | dict, comm) -> Any:
@@ -104,7 +152,7 @@ def coupler_from_config(config: str | Path | dict, comm) -> Any:
     dtype = {"float64": torch.float64, "float32": torch.float32}.get(cfg.get("dtype", "float64"))
     if dtype is None:
         raise InputError(f"dtype={cfg['dtype']!r} in {where}: use float64 or float32")
-    extra = {"cache_size": int(cfg["cache_size"])} if "cache_size" in cfg else {}
+    extra = {k: cfg[k] for k in ("cache_size", "cache_memory") if k in cfg}
     if "audit" in cfg:
         extra["audit"] = bool(cfg["audit"])
     return Coupler(model, factory, family=family, policy=policy, comm=comm,

@@ -39,8 +39,15 @@ import torch
 
 from neuroscale_couple.audit import Auditor
 from neuroscale_couple.calibration import Calibration
+from neuroscale_couple.config import byte_size, whole_number
 from neuroscale_couple.errors import InputError, NeuroScaleError, SolveError
-from neuroscale_couple.fine import LIVE_SOLVERS, FineSolver, MicroResult, SolverCache
+from neuroscale_couple.fine import (
+    LIVE_MEMORY,
+    LIVE_SOLVERS,
+    FineSolver,
+    MicroResult,
+    SolverCache,
+)
 from neuroscale_couple.latents import LatentStore
 from neuroscale_couple.parallel import balance, device_for_rank, together
 from neuroscale_couple.retraining import RetrainConfig, Retrainer, RetrainJob
@@ -274,7 +281,10 @@ class Coupler(FineSolver):
     replay_dir : where fine solves are stored (None: not stored, no retraining).
     retrain : online fine-tuning settings (None or ``enabled=False``: none).
     model_path : the model file (to find the anchor data sets next to it).
-    cache_size : live fine solvers per rank.
+    cache_size : live fine solvers per rank (at most; RVEs: at most 128, for MPI's communicators).
+    cache_memory : memory budget of a rank's live fine solvers (their estimated
+        :meth:`~neuroscale_couple.fine.FineSolver.memory_bytes`): bytes, or a size such as
+        ``"512M"``, ``"2G"`` (powers of 1024); None: the count only. Default 2 GiB.
     audit : check every load step against the fine solver at every point
         (:mod:`neuroscale_couple.audit`; a benchmark tool costing a classic FE² solve): the
         step's :class:`StepReport` ``audit``.
@@ -286,10 +296,12 @@ class Coupler(FineSolver):
                  family: dict | None = None, policy: Policy | None = None,
                  comm: MPI.Comm = MPI.COMM_WORLD, replay_dir: str | Path | None = None,
                  retrain: RetrainConfig | None = None, model_path: str | Path | None = None,
-                 cache_size: int = LIVE_SOLVERS, dtype: torch.dtype = torch.float64,
-                 audit: bool = False) -> None:
+                 cache_size: int = LIVE_SOLVERS, cache_memory: int | str | None = LIVE_MEMORY,
+                 dtype: torch.dtype = torch.float64, audit: bool = False) -> None:
         super().__init__()
         self.policy = policy or Policy()
+        cache_size = whole_number(cache_size, "cache_size")
+        cache_memory = byte_size(cache_memory, "cache_memory")
         self.comm = comm
         if model is None and not self.policy.classic:
             raise InputError(f"rtol={self.policy.rtol} with atol={self.policy.atol} needs a "
@@ -330,7 +342,7 @@ class Coupler(FineSolver):
         # replay segments render microstructure images as the model's training data did
         self.image_resolution = model.data_resolution if model is not None else 32
         self.family = dict(family or {})
-        self.cache = SolverCache(fine_factory, cache_size)
+        self.cache = SolverCache(fine_factory, cache_size, cache_memory)
         self.auditor = Auditor(self.cache) if audit else None
         self.replay = None if replay_dir is None else ReplayStore(
             replay_dir, comm.rank, self.family, self.image_resolution)
@@ -361,8 +373,8 @@ class Coupler(FineSolver):
         ``fibre: {E, nu}``, ``mesh: {size, degree}``; or ``kind: cauchy_born`` with the crystal
         keys), ``policy`` (:class:`Policy` fields; ``rtol`` 0 without a model: classic FE²),
         ``retrain`` (:class:`~neuroscale_couple.retraining.RetrainConfig` fields),
-        ``replay_dir``, ``cache_size``, ``dtype`` (float64 or float32), ``audit`` (bool).
-        Unknown keys are refused with the nearest known one named."""
+        ``replay_dir``, ``cache_size``, ``cache_memory`` (e.g. ``2G``), ``dtype`` (float64 or
+        float32), ``audit`` (bool). Unknown keys are refused with the nearest known one named."""
         from neuroscale_couple.config import coupler_from_config
 
         return coupler_from_config(config, comm)

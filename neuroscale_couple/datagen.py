@@ -42,10 +42,12 @@ from mpi4py import MPI
 
 import numpy as np
 
+from neuroscale_couple.config import check_keys, whole_number
 from neuroscale_couple.errors import InputError, NeuroScaleError
 from neuroscale_couple.parallel import any_rank, round_robin
 from neuroscale_couple.sampling import loads_in_ball, rng_for
 from neuroscale_couple.structures import (
+    BUILTIN,
     check_group,
     config_groups,
     family,
@@ -56,43 +58,75 @@ from neuroscale_couple.structures import (
 log = logging.getLogger(__name__)
 
 
+GENERATE_KEYS = ("microstructure", "loads", "image_resolution", "fields_resolution")
+"""Top-level keys of every generate config; each structure family adds its ``material_keys``
+(and the older crystal shape has ``crystal`` in place of ``microstructure``)."""
+LOAD_KEYS = ("radius", "min_radius", "seed")
+"""Keys of a group's own ``loads``; the config's ``loads`` has ``per_microstructure`` too."""
+
+
 def resolve_config(config: dict) -> dict:
-    """``config`` with what its data must record filled in by each group's family (a crystal's
-    lattice constant); ``config`` itself where nothing is to fill."""
-    groups = config_groups(config)
+    """``config`` (checked by :func:`check_config`) with what its data must record filled in
+    by each group's family (a crystal's lattice constant); ``config`` itself where nothing is
+    to fill."""
+    groups, classes, _ = check_config(config)
+    return with_groups(config, [cls.resolve(g) for g, cls in zip(groups, classes, strict=True)])
+
+
+def check_config(config: dict) -> tuple[list[dict], list[type], list[str]]:
+    """Refuse unknown keys — top level, ``loads``, each structure group and its ``loads`` —
+    naming the nearest known one, and bad counts; no solver work. Returns the structure
+    groups, their family classes and their names in errors."""
+    where = "the generate config"
+    try:
+        groups = config_groups(config)
+    except InputError:  # e.g. `microstructure` misspelt: name the key
+        check_keys(config, _top_keys(config, [family(k) for k in BUILTIN]), where)
+        raise
     names = _group_names(config)
-    return with_groups(config, [family(g.get("kind"), name).resolve(g)
-                                for g, name in zip(groups, names, strict=True)])
-
-
-def plan(config: dict) -> tuple[list, np.ndarray]:
-    """Validate a generate config; return the structures and the (M·L, 2, 2) loads."""
-    groups, lcfg = config_groups(config), config.get("loads")
+    classes = [family(g.get("kind"), name) for g, name in zip(groups, names, strict=True)]
+    check_keys(config, _top_keys(config, classes), where)
+    lcfg = config.get("loads")
     if not isinstance(lcfg, dict):
         raise InputError("a generate config needs the mapping `loads` (per_microstructure, "
                          "radius, seed) besides `microstructure`")
-    per = int(lcfg.get("per_microstructure", 1))
-    if per < 1:
-        raise InputError(f"loads.per_microstructure={per}: must be ≥ 1")
-    names = _group_names(config)
-    classes = [family(g.get("kind"), name) for g, name in zip(groups, names, strict=True)]
+    check_keys(lcfg, ("per_microstructure", *LOAD_KEYS), "loads")
+    whole_number(lcfg.get("per_microstructure", 1), "loads.per_microstructure")
+    whole_number(config.get("image_resolution", 64), "image_resolution")
+    whole_number(config.get("fields_resolution", 0) or 0, "fields_resolution", minimum=0)
     for group, cls, name in zip(groups, classes, names, strict=True):
         check_group(group, cls, name)
-    for cls in dict.fromkeys(classes):
-        cls.family_config(config)  # the material keys, checked before any structure is drawn
-    structures, loads = [], []
-    for group, cls, name in zip(groups, classes, names, strict=True):
         ball = group.get("loads", {})
         if not isinstance(ball, dict) or "per_microstructure" in ball:
             raise InputError(f"{name}.loads={ball!r}: give a mapping of radius, min_radius, seed "
                              "(loads.per_microstructure is one for the whole data set)")
-        ball = dict(lcfg, **ball)
+        check_keys(ball, LOAD_KEYS, f"{name}.loads")
+    return groups, classes, names
+
+
+def plan(config: dict) -> tuple[list, np.ndarray]:
+    """Validate a generate config; return the structures and the (M·L, 2, 2) loads."""
+    groups, classes, names = check_config(config)
+    lcfg = config["loads"]
+    per = int(lcfg.get("per_microstructure", 1))
+    for cls in dict.fromkeys(classes):
+        cls.family_config(config)  # the material keys, checked before any structure is drawn
+    structures, loads = [], []
+    for group, cls, name in zip(groups, classes, names, strict=True):
+        ball = dict(lcfg, **group.get("loads", {}))
         for structure in cls.plan(cls.resolve(group), name):
             structures.append(structure)
             loads.append(loads_in_ball(per, float(ball.get("radius", cls.default_load_radius)),
                                        rng_for(int(ball.get("seed", 1)), len(loads)),
                                        min_radius=float(ball.get("min_radius", 0.0))))
     return structures, np.concatenate(loads)
+
+
+def _top_keys(config: dict, classes: list[type]) -> set[str]:
+    """The top-level keys a generate config of structure families ``classes`` may hold."""
+    older = "crystal" in config and "microstructure" not in config
+    return {*GENERATE_KEYS, *(("crystal",) if older else ()),
+            *(key for cls in classes for key in cls.material_keys)}
 
 
 def _group_names(config: dict) -> list[str]:
@@ -110,7 +144,7 @@ def generate(config: dict, out: str | Path, comm: MPI.Comm = MPI.COMM_WORLD,
     config = resolve_config(config)  # e.g. a crystal's lattice constant, recorded with the data
     structures, F = plan(config)  # every rank validates the same config before any collective
     per = int(config["loads"].get("per_microstructure", 1))
-    q = int(config.get("fields_resolution", 0) or 0)
+    q = int(config.get("fields_resolution", 0) or 0)  # both checked by plan
     fields = {"w": (q, q, 2), "F": (q, q, 2, 2), "P": (q, q, 2, 2)} if q else {}
     store, error = None, None
     if comm.rank == 0:
@@ -140,9 +174,8 @@ def generate(config: dict, out: str | Path, comm: MPI.Comm = MPI.COMM_WORLD,
                     res = solver.solve(F[idx], fields_resolution=q or None)
                 finally:
                     close_solver(solver)
-                info = {"time_s": res.info["time_s"],  # a crystal reports relaxation steps
-                        "newton_iterations": res.info.get("newton_iterations",
-                                                          res.info.get("relax_steps")),
+                info = {"time_s": res.info["time_s"],
+                        "newton_iterations": res.info["iterations"],
                         "stress_stderr": res.info.get("stress_stderr",  # 0 for static solves
                                                       np.zeros_like(res.stress))}
                 result = (idx, res.stress, res.tangent, info, res.fields)

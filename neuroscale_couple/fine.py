@@ -7,6 +7,7 @@ states. A host never branches on which kind of fine solver it holds.
 
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from abc import ABC, abstractmethod
@@ -29,8 +30,10 @@ class MicroResult:
     tangent : (n, 2, 2, 2, 2) consistent tangent ∂P̄/∂F̄, or None when not asked for.
     fields : micro fields sampled on a regular r×r grid of the unit cell, each (n, r, r, ...),
         e.g. ``w`` (n, r, r, 2) fluctuation, ``F`` and ``P`` (n, r, r, 2, 2); None if not asked for.
-    info : per-point solver information, each array of length n (``newton_iterations``,
-        ``substeps``, ``time_s``, ...).
+    info : per-point solver information, each array of length n: ``iterations`` (of the
+        solver's nonlinear solve: the RVE's Newton iterations, a crystal's relaxation steps) and
+        ``time_s`` from every fine solver; ``substeps``, ``energy_density``,
+        ``stress_stderr``, ... where a solver has them.
     """
 
     stress: np.ndarray
@@ -97,39 +100,70 @@ class FineSolver(ABC):
     def close(self) -> None:  # noqa: B027  (an optional hook)
         """Release what the solver holds (PETSc objects, communicators, threads)."""
 
+    def memory_bytes(self) -> int:
+        """Estimated bytes of memory the solver holds now, i.e. what :meth:`close` frees (its
+        warm-start ``states`` not counted: a cache keeps them when it evicts the solver).
+        A solver that holds little reports 0 (the default): a :class:`SolverCache` then bounds
+        it by count only."""
+        return 0
+
 
 #: Default number of live fine solvers a rank keeps (each RVE holds ~14 MPI communicators).
 LIVE_SOLVERS = 128
+#: Default memory budget of a rank's live fine solvers, bytes (2 GiB: 128 RVEs of the default
+#: mesh, ~15 MB each, fit; finer RVE meshes are bounded by it rather than by the count).
+LIVE_MEMORY = 2 * 1024**3
 
 
 class SolverCache:
-    """A bounded least-recently-used set of fine solvers, one per microstructure key.
+    """A bounded set of fine solvers, one per microstructure key, evicting the least recently
+    used.
 
     Each live RVE holds PETSc objects and ~14 MPI communicators (9 its mesh and spaces, 5 MUMPS
-    once it has factorized; MPICH allows 2048 per process),
-    so a rank keeps at most ``capacity``. It closes the one used longest ago among those not yet
-    used in the current pass (:meth:`new_pass`, one per evaluation of all points); when every
-    live solver was used in this pass — a pass over more solvers than fit, as classic FE² on more
-    than ``capacity`` points per rank — it closes the one used last, so ``capacity`` − 1 stay
-    live across passes instead of each being rebuilt (least-recently-used eviction would miss on
-    every solve of such a cyclic sweep). The warm-start states of an evicted solver (its
-    ``states``) are kept and handed to the solver rebuilt for the same key.
+    once it has factorized; MPICH allows 2048 per process), so a rank keeps at most
+    ``capacity``; and its LU factors and mesh take memory (~15 MB at the default RVE mesh, see
+    :meth:`~neuroscale_couple.solvers.rve_fenicsx.PeriodicRVE.memory_bytes`), so the live
+    solvers' :meth:`FineSolver.memory_bytes` stay within ``memory`` bytes (None: no budget)
+    — counting a solver about to be built as the largest one seen, so that the budget holds
+    once it has solved too. At least one solver is kept, whatever the budget.
+
+    To make room it closes the one used longest ago among those not yet used in the current
+    pass (:meth:`new_pass`, one per evaluation of all points); when every live solver was used
+    in this pass — a pass over more solvers than fit, as classic FE² on more than ``capacity``
+    points per rank — it closes the one used last, so all but one stay live across passes
+    instead of each being rebuilt (least-recently-used eviction would miss on every solve of
+    such a cyclic sweep). The warm-start states of an evicted solver (its ``states``) are kept
+    and handed to the solver rebuilt for the same key.
     """
 
     def __init__(self, factory: Callable[[object], FineSolver],
-                 capacity: int = LIVE_SOLVERS) -> None:
+                 capacity: int = LIVE_SOLVERS, memory: int | None = None) -> None:
         if capacity < 1:
             raise InputError(f"cache capacity={capacity}: keep at least one fine solver")
-        self.factory, self.capacity = factory, capacity
+        if memory is not None and not memory > 0:
+            raise InputError(f"cache memory={memory}: give a budget in bytes > 0, or None")
+        self.factory, self.capacity, self.memory = factory, capacity, memory
         self._live: OrderedDict[Hashable, FineSolver] = OrderedDict()
         self._used: dict[Hashable, int] = {}  # pass of each live solver's last use
         self._pass = 0
         self._saved: dict[Hashable, dict] = {}
+        self.largest = 0  # bytes of the largest solver seen
         self.setup_time = 0.0
         self.builds = 0
+        self.evictions = 0
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._live
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def memory_bytes(self) -> int:
+        """Estimated bytes the live solvers hold (the sum of their
+        :meth:`FineSolver.memory_bytes`; 0 for a solver without one, e.g. a duck-typed one)."""
+        sizes = [solver_memory(s) for s in self._live.values()]
+        self.largest = max([self.largest, *sizes])
+        return sum(sizes)
 
     def get(self, key: Hashable, spec: object) -> FineSolver:
         """The solver of ``key``, built from ``spec`` (e.g. a microstructure) if not live."""
@@ -137,6 +171,7 @@ class SolverCache:
         if key in self._live:
             self._live.move_to_end(key)
             return self._live[key]
+        self._make_room()
         t0 = time.perf_counter()
         solver = self.factory(spec)
         self.setup_time += time.perf_counter() - t0
@@ -144,16 +179,26 @@ class SolverCache:
         if key in self._saved:
             solver.states.update(self._saved.pop(key))
         self._live[key] = solver
-        while len(self._live) > self.capacity:
+        return solver
+
+    def _make_room(self) -> None:
+        """Close live solvers until one more fits the count and the memory budget."""
+        def full() -> bool:
+            if len(self._live) >= self.capacity:
+                return True
+            return (self.memory is not None
+                    and self.memory_bytes() + self.largest > self.memory)
+
+        while self._live and full():
             stale = (k for k in self._live if self._used[k] < self._pass)
             old_key = next(stale, None)
             if old_key is None:  # all used in this pass: keep them, drop the one used last
-                old_key = list(self._live)[-2]
+                old_key = next(reversed(self._live))
             old = self._live.pop(old_key)
             del self._used[old_key]
             self._saved[old_key] = dict(old.states)
             close_solver(old)
-        return solver
+            self.evictions += 1
 
     def pop_state(self, key: Hashable, point_id: Hashable) -> object | None:
         """Remove and return the warm-start state of ``point_id`` in the solver of ``key`` (live
@@ -176,11 +221,19 @@ class SolverCache:
         self._pass += 1
 
     def close(self) -> None:
-        """Close every live solver."""
+        """Close every live solver and hand the freed memory back to the system."""
         while self._live:
             close_solver(self._live.popitem()[1])
         self._used.clear()
         self._saved.clear()
+        gc.collect()
+        release_memory()
+
+
+def solver_memory(solver: object) -> int:
+    """:meth:`FineSolver.memory_bytes` of ``solver``; 0 for a solver that does not report it."""
+    memory_bytes = getattr(solver, "memory_bytes", None)
+    return 0 if memory_bytes is None else int(memory_bytes())
 
 
 COLLECT_EVERY = 16
@@ -190,9 +243,36 @@ _closed = 0
 def close_solver(solver: FineSolver) -> None:
     """Close a solver; every ``COLLECT_EVERY``-th close also collects garbage, freeing what
     closed solvers left in reference cycles (MPI communicators among it) at a fraction of a
-    collection per close."""
+    collection per close, and hands freed memory back to the system (:func:`release_memory`)."""
     global _closed
     solver.close()
     _closed += 1
     if _closed % COLLECT_EVERY == 0:
         gc.collect()
+        release_memory()
+
+
+def release_memory() -> None:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim``; nothing elsewhere).
+
+    A closed RVE frees its LU factors and mesh, but the C allocator keeps the pages for reuse,
+    so the process's resident size would stay at its peak; trimming (10–30 ms, measured) makes
+    it follow the live solvers down."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None

@@ -42,6 +42,10 @@ class Phase:
     @classmethod
     def from_config(cls, cfg: dict, name: str) -> Phase:
         """Build from ``{E: ..., nu: ...}``; ``name`` (``matrix``/``fibre``) is used in errors."""
+        from neuroscale_couple.config import check_keys
+
+        if isinstance(cfg, dict):
+            check_keys(cfg, ("E", "nu"), name)
         if not isinstance(cfg, dict) or "E" not in cfg or "nu" not in cfg:
             raise InputError(f"{name} must be a mapping with keys E and nu, got {cfg!r}")
         try:

@@ -23,7 +23,7 @@ def loads_in_ball(n: int, radius: float, rng: np.random.Generator, min_det: floa
     Uniform in the 4D ball (or shell: loads beyond a training ball, for out-of-distribution tests),
     so tension, compression, shear and rotation all occur; det F̄ ≥ min_det. Shape (n, 2, 2).
     """
-    if not radius > 0 or not 0 <= min_radius < radius:
+    if not 0 < radius < np.inf or not 0 <= min_radius < radius:
         raise InputError(f"loads.radius={radius}, loads.min_radius={min_radius}: need "
                          "0 ≤ min_radius < radius (e.g. radius 0.15)")
     out = np.empty((n, 2, 2))

@@ -11,7 +11,7 @@ Layout of a data set (M structures × L loads, S = M·L samples)::
                                   descriptor (M, k), temperature, config (JSON)
     /samples/micro_index (S,)     /samples/F (S, 2, 2)    /samples/P (S, 2, 2)
     /samples/A (S, 2, 2, 2, 2)    /samples/newton_iterations (S,)   /samples/time_s (S,)
-                                  (a crystal's relaxation steps as newton_iterations)
+                                  (the fine solver's ``iterations``: a crystal's relaxations)
     /samples/stress_stderr (S, 2, 2)   standard error of time-averaged P (finite temperature)
     /samples/done (S,)            1 once the sample's results are on disk
     /samples/fields/<name> (S, q, q, ...)   optional micro fields

@@ -70,6 +70,9 @@ class Structure(Protocol):
     kinds : the config ``kind`` names the class answers (a fibre cell has several generators).
     config_schema : key → default (:data:`REQUIRED` where there is none) of the family's config
         mapping, besides :data:`GROUP_KEYS`; the one place its defaults are written.
+    material_keys : the top-level keys of a generate config that the family's material is
+        read from (what :meth:`fine_solver` reads of ``material``; none for a family whose
+        structures carry their whole material).
     default_load_radius : ‖F̄ − I‖ radius of generated loads when ``loads.radius`` is not given.
     hold_out_structures : whether training splits and batches keep each structure's samples
         together (many structures: held-out ones test generalisation) or split by sample (a few
@@ -81,6 +84,7 @@ class Structure(Protocol):
 
     kinds: ClassVar[tuple[str, ...]]
     config_schema: ClassVar[Mapping[str, Any]]
+    material_keys: ClassVar[tuple[str, ...]]
     default_load_radius: ClassVar[float]
     hold_out_structures: ClassVar[bool]
 

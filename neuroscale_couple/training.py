@@ -71,9 +71,7 @@ class TrainConfig:
         "hill_mandel": 0.0, "symmetry": 0.0, "fields": 0.0})
 
     def __post_init__(self) -> None:
-        bad = set(self.weights) - set(LOSS_TERMS)
-        if bad:
-            raise InputError(f"unknown loss weights {sorted(bad)}; known: {', '.join(LOSS_TERMS)}")
+        check_keys(self.weights, LOSS_TERMS, "the loss weights")
         self.weights = {k: float(self.weights.get(k, 0.0)) for k in LOSS_TERMS}
 
     @classmethod

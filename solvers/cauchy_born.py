@@ -158,7 +158,7 @@ class CauchyBorn(FineSolver):
             raise InputError(f"point_ids has {len(point_ids)} entries for {n} gradients F")
         stress = np.empty((n, dim, dim))
         tang = np.empty((n, dim, dim, dim, dim)) if tangent else None
-        info = {"relax_steps": np.zeros(n, dtype=int), "time_s": np.zeros(n),
+        info = {"iterations": np.zeros(n, dtype=int), "time_s": np.zeros(n),
                 "energy_density": np.full(n, np.nan)}
         if self.temperature > 0:
             info["stress_stderr"] = np.zeros((n, dim, dim))
@@ -175,7 +175,7 @@ class CauchyBorn(FineSolver):
                 tang[i] = self._tangent(Fi, scaled, dim)
             if key is not None:
                 self.states[key] = scaled
-            info["relax_steps"][i] = steps
+            info["iterations"][i] = steps
             info["time_s"][i] = time.perf_counter() - t0
         return MicroResult(stress, tang, None, info)
 

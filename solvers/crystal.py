@@ -56,6 +56,8 @@ class Crystal:
 
     kinds: ClassVar[tuple[str, ...]] = ("crystal",)
     config_schema: ClassVar[dict[str, Any]] = CONFIG_SCHEMA
+    material_keys: ClassVar[tuple[str, ...]] = ()
+    """None: a crystal's config is its whole material."""
     default_load_radius: ClassVar[float] = 0.05
     hold_out_structures: ClassVar[bool] = False
     """One crystal per temperature, many loads each: training splits and batches by sample."""

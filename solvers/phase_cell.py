@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 MATRIX = 1
 FIBRE = 2
+#: The keys of an RVE's config mapping that
+#: :func:`~neuroscale_couple.solvers.rve_fenicsx.rve_from_config` reads.
+RVE_CONFIG_KEYS = ("law", "matrix", "fibre", "mesh", "bc", "petsc_options")
 
 
 class PhaseCell(ABC):
@@ -60,6 +63,8 @@ class PhaseCell(ABC):
     config_schema: ClassVar[dict[str, Any]] = {"count": 1, "seed": 0}
     """Keys every cell family accepts: ``count`` (cells of a generate group) and ``seed`` (the
     group's draws); a family adds its own (``{**PhaseCell.config_schema, ...}``)."""
+    material_keys: ClassVar[tuple[str, ...]] = RVE_CONFIG_KEYS
+    """The RVE's keys: law, phases, mesh, boundary conditions, PETSc options."""
     drawn: ClassVar[dict[str, bool]] = {"volume_fraction": False}
     """Keys a generate group may give as a range [low, high], drawn per cell in this order
     (value: whether the draw is an integer)."""

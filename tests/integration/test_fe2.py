@@ -328,7 +328,9 @@ def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain,
     (["--mesh-size", "huge"], "--mesh-size"),
     (["--rve-cache", "200"], "--rve-cache 200: give 1 to 128"),
     (["--stretch", "nan"], "--stretch nan: give a finite"),
+    (["--steps", "0"], "--steps 0: give at least one load step"),
     (["--rve-mesh-size", "-0.1"], "--rve-mesh-size -0.1: give an element size"),
+    (["--rve-memory", "2X"], "--rve-memory 2X: give a memory size > 0 such as 512M"),
 ])
 def test_example_bad_input_fails_before_work(tmp_path, flags, message):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "fe2_composite.py"),
@@ -364,7 +366,7 @@ class _CountingRVE:
 
     def solve(self, F, **kwargs):
         res = self.rve.solve(F, **kwargs)
-        self.iterations.extend(res.info["newton_iterations"].tolist())
+        self.iterations.extend(res.info["iterations"].tolist())
         return res
 
     def close(self) -> None:

@@ -132,6 +132,9 @@ def test_cli_rve_json(tmp_path, capsys):
       "matrix": {"E": -3.0, "nu": 0.3}, "F": [[1, 0], [0, 1]]}, "matrix: Young's modulus"),
     ({"microstructure": {"kind": "single_fibre", "volume_fraction": 0.3}, "law": "plastic",
       "F": [[1, 0], [0, 1]]}, "law='plastic'"),
+    ({"microstructure": {"kind": "single_fibre", "volume_fraction": 0.3},
+      "mesh": {"sise": 0.05}, "F": [[1, 0], [0, 1]]},
+     "unknown key 'sise' in mesh: did you mean 'size'?"),
 ])
 def test_cli_bad_config_exits_with_a_clear_message(tmp_path, capsys, cfg, match):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))

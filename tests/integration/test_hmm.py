@@ -162,6 +162,8 @@ def test_any_ase_calculator_wraps_as_fine_solver_matching_the_config_route(cryst
 @pytest.mark.parametrize("flags, message", [
     (["--calculator", "lammps"], "trained for another crystal"),
     (["--temperature", "-5"], "--temperature -5"),
+    (["--temperature", "nan"], "--temperature nan: give a finite temperature"),
+    (["--md-steps", "0"], "--md-steps 0: give at least one MD production step"),
 ])
 def test_example_bad_input_fails_before_work(tmp_path, flags, message):
     if "lammps" in flags:

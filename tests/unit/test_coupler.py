@@ -120,6 +120,72 @@ def test_solver_cache_keeps_most_solvers_of_a_sweep_larger_than_itself():
     cache.close()
 
 
+class _Sized(_Counting):
+    """A solver that holds 10 bytes once built and 40 once it has solved (its LU factors)."""
+
+    def solve(self, F, *, point_ids=None, tangent=True, fields_resolution=None):
+        self.solved = True
+        return super().solve(F, point_ids=point_ids)
+
+    def memory_bytes(self):
+        return 40 if getattr(self, "solved", False) else 10
+
+
+def test_solver_cache_keeps_live_solvers_within_a_memory_budget():
+    cache = SolverCache(_Sized, capacity=100, memory=100)
+    for k in range(6):  # a pass over six solvers of 40 bytes: two fit in 100 bytes
+        cache.get(k, k).solve(np.eye(2), point_ids=[k])
+        assert cache.memory_bytes() <= 100
+    assert len(cache) == 2 and cache.evictions == 4
+    # a new solver counts as the largest seen (40), so the budget holds once it has solved:
+    # with 80 bytes live, one is closed first
+    cache.new_pass()
+    cache.get("new", "new").solve(np.eye(2), point_ids=[0])
+    assert len(cache) == 2 and cache.memory_bytes() == 80
+    cache.close()
+    # a budget below one solver keeps one live; the count still caps it
+    tight = SolverCache(_Sized, capacity=100, memory=1)
+    for k in range(3):
+        tight.get(k, k).solve(np.eye(2), point_ids=[k])
+        assert len(tight) == 1
+    tight.close()
+    with pytest.raises(InputError, match="memory=0"):
+        SolverCache(_Sized, memory=0)
+
+
+@pytest.mark.parametrize("value, size", [("512M", 512 * 2**20), ("2G", 2 * 2**30),
+                                         ("1.5GiB", 3 * 2**29), ("800 MB", 800 * 2**20),
+                                         ("4096", 4096), (10**9, 10**9), ("none", None),
+                                         (None, None)])
+def test_memory_sizes_with_units(value, size):
+    from neuroscale_couple.config import byte_size
+
+    assert byte_size(value, "cache_memory") == size
+
+
+@pytest.mark.parametrize("value, message", [
+    ("2X", "--rve-memory 2X: give a memory size > 0 such as 512M or 2G"),
+    ("-1G", "--rve-memory -1G"), ("nan", "--rve-memory nan"), ("0", "--rve-memory 0"),
+    (float("inf"), "--rve-memory inf")])
+def test_bad_memory_sizes_are_refused_naming_the_flag(value, message):
+    from neuroscale_couple.config import byte_size
+
+    with pytest.raises(InputError, match=message):
+        byte_size(value, "--rve-memory")
+
+
+def test_coupler_checks_its_cache_settings_before_any_collective():
+    from neuroscale_couple.coupler import Coupler
+
+    with pytest.raises(InputError, match="cache_memory='lots': give a memory size"):
+        Coupler(None, _Sized, policy=Policy(rtol=0), comm=None, cache_memory="lots")
+    with pytest.raises(InputError, match="cache_size=0: give a whole number ≥ 1"):
+        Coupler(None, _Sized, policy=Policy(rtol=0), comm=None, cache_size=0)
+    coupler = Coupler(None, _Sized, policy=Policy(rtol=0), cache_memory="1K")
+    assert coupler.cache.memory == 1024
+    coupler.close()
+
+
 def test_closing_solvers_collects_what_they_left_in_reference_cycles():
     """A closed RVE may leave objects in reference cycles that hold MPI communicators; without
     automatic garbage collection, closing COLLECT_EVERY solvers frees such garbage."""
