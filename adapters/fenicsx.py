@@ -36,8 +36,6 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from mpi4py import MPI
-
 import basix
 import basix.ufl
 import numpy as np
@@ -46,8 +44,9 @@ from dolfinx import fem
 from dolfinx.fem import petsc as fem_petsc
 from petsc4py import PETSc
 
-from neuroscale_couple.coupler import FAILED, Coupler
-from neuroscale_couple.errors import InputError, NeuroScaleError
+from neuroscale_couple.coupler import FAILED, SOURCE_NAMES, Coupler
+from neuroscale_couple.errors import InputError, SolveError
+from neuroscale_couple.parallel import FAULT_TIMEOUT_S, together
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +82,8 @@ class MicroStress:
     point_ids, points : this rank's point ids (n,) and their coordinates (n, d).
     reports : one record per load step ended: the fields of the Coupler's
         :class:`~neuroscale_couple.coupler.StepReport` and ``failed_points``.
+    error : the exception that ended the current Newton solve (None while none did; see
+        :meth:`attach`).
     """
 
     def __init__(self, u: fem.Function, micro, microstructures: Microstructures, *,
@@ -117,6 +118,7 @@ class MicroStress:
         structures = self._structures(microstructures)
         self.n_points = self.comm.allreduce(len(self.point_ids))
         micro.register(self.point_ids, structures)
+        self._agree_comm = self.comm.Dup()  # the callbacks' agreement, apart from their work
 
         def space(shape: tuple[int, ...]) -> fem.FunctionSpace:
             return fem.functionspace(mesh, basix.ufl.quadrature_element(
@@ -154,27 +156,43 @@ class MicroStress:
     # ------------------------------------------------------------------ evaluation
     def update(self) -> None:
         """Evaluate the micro solver at the current ``u`` and fill P, A, bound and source for
-        the owned cells (collective). A non-finite or inverted F̄ on any rank raises
-        :class:`InputError` on every rank before the micro solver is called."""
+        the owned cells (collective).
+
+        The micro solver checks F̄ (the Coupler refuses a non-finite or inverted one on every
+        rank). Whatever it raises on this rank, this rank still takes part in the ghost
+        exchange (its responses NaN) and raises afterwards, as it does for a non-finite stress
+        or tangent; :meth:`attach`'s callbacks agree on it over the ranks."""
         d, n = self.dim, len(self.point_ids)
         F = self._F_expr.eval(self.mesh, self.cells).reshape(-1, d, d)
-        det = np.linalg.det(F) if n else np.ones(0)
-        bad = ~(np.isfinite(F).all(axis=(1, 2)) & (det > 0))
-        if self.comm.allreduce(int(bad.sum())):
-            where = ("" if not bad.any() else f"; on rank {self.comm.rank} point "
-                     f"{int(self.point_ids[bad][0])} has F̄ = {F[bad][0].tolist()}")
-            raise InputError("a Newton iterate has a non-finite or inverted (det F̄ ≤ 0) "
-                             f"deformation gradient{where}: a smaller load increment or a "
-                             "line search (snes_linesearch_type bt) avoids it")
-        r = self.micro.solve(F, point_ids=self.point_ids, tangent=True)
-        self.P.x.array[: d * d * n] = r.stress.reshape(-1)
-        self.A.x.array[: d**4 * n] = r.tangent.reshape(-1)
-        self.bound.x.array[:n] = r.info.get("uncertainty", np.full(n, np.nan))
-        self.source.x.array[:n] = r.info.get("source", np.ones(n))
-        for f in (self.P, self.A, self.bound, self.source):
+        fields, sizes = (self.P, self.A, self.bound, self.source), (d * d, d**4, 1, 1)
+        failure: Exception | None = None
+        try:
+            r = self.micro.solve(F, point_ids=self.point_ids, tangent=True)
+            values = [np.reshape(v, size * n) for v, size in zip(
+                (r.stress, r.tangent, r.info.get("uncertainty", np.full(n, np.nan)),
+                 r.info.get("source", np.ones(n))), sizes, strict=True)]
+        except Exception as err:  # raised below, after the collective ghost exchange
+            failure, values = err, [np.nan] * len(fields)
+        for f, v, size in zip(fields, values, sizes, strict=True):
+            f.x.array[: size * n] = v
             f.x.scatter_forward()
         self.u.x.petsc_vec.copy(self._u_k.x.petsc_vec)
         self._u_k.x.scatter_forward()
+        if failure is not None:
+            raise failure
+        self._check_responses(F)
+
+    def _check_responses(self, F: np.ndarray) -> None:
+        """Raise :class:`SolveError` naming the first of this rank's points (F̄ ``F`` (n, d, d))
+        whose stress or tangent is not finite (local)."""
+        d, n = self.dim, len(self.point_ids)
+        ok = (np.isfinite(self.P.x.array[: d * d * n].reshape(n, -1)).all(axis=1)
+              & np.isfinite(self.A.x.array[: d**4 * n].reshape(n, -1)).all(axis=1))
+        if not ok.all():
+            k = int(np.argmin(ok))
+            source = SOURCE_NAMES.get(int(self.source.x.array[k]), "micro solver")
+            raise SolveError(f"point {int(self.point_ids[k])} got a non-finite stress or tangent "
+                             f"from the {source} at F̄ = {F[k].tolist()}")
 
     # ------------------------------------------------------------------ the user's problem
     def attach(self, problem: fem_petsc.NonlinearProblem) -> None:
@@ -183,30 +201,37 @@ class MicroStress:
         as one load step of the Coupler (its report appended to :attr:`reports`), unless
         :meth:`load_step` brackets it.
 
-        An error in the update (an inverted iterate, fine solves failing beyond the policy's
-        ratio, any exception of a fine solver) is kept in :attr:`error`, agreed over the ranks
-        and turns into a NaN residual on every rank (petsc4py has no domain-error call): the
-        solve ends unconverged (``problem.solver.getConvergedReason() < 0``), and the caller
-        may cut the load increment back."""
+        Both SNES callbacks are fail safe (:meth:`_guarded`): an exception raised while the
+        residual or the Jacobian is evaluated (an inverted iterate, fine solves failing beyond
+        the policy's ratio, any exception of a fine solver, the user's form or the assembly)
+        or a non-finite result is kept in :attr:`error` and agreed over the ranks with one
+        collective flag. Every rank then hands SNES a NaN residual (or an identity Jacobian,
+        whose step ends in a NaN residual; petsc4py has no domain-error call): the solve ends
+        unconverged on every rank (``problem.solver.getConvergedReason() < 0``), and the caller
+        may cut the load increment back (:class:`~.fenicsx_steps.LoadStepper` does)."""
         snes = problem.solver
-        b, (assemble, args, kargs) = snes.getFunction()
+        b, (assemble_residual, f_args, f_kargs) = snes.getFunction()
+        J, P, (assemble_jacobian, j_args, j_kargs) = snes.getJacobian()
 
         def residual(snes: PETSc.SNES, x: PETSc.Vec, F: PETSc.Vec) -> None:
             x.ghostUpdate(PETSc.InsertMode.INSERT, PETSc.ScatterMode.FORWARD)
             fem_petsc.assign(x, self.u)
-            if self.error is None:
-                try:
-                    self.update()
-                except Exception as err:  # any error: handed to the caller as a NaN residual
-                    self.error = err
-                if self.comm.allreduce(self.error is not None, op=MPI.LOR) and not self.error:
-                    self.error = NeuroScaleError("the micro update failed on another rank")
-            if self.error is not None:  # a NaN residual: SNES stops (DIVERGED_FNORM_NAN)
-                F.set(np.nan)
-                return
-            assemble(snes, x, F, *(args or ()), **(kargs or {}))
+            try:
+                self.update()
+            finally:  # failed or not, every rank joins the assembly's ghost exchange
+                assemble_residual(snes, x, F, *(f_args or ()), **(f_kargs or {}))
 
-        snes.setFunction(residual, b)
+        def jacobian(snes: PETSc.SNES, x: PETSc.Vec, J: PETSc.Mat, P: PETSc.Mat) -> None:
+            assemble_jacobian(snes, x, J, P, *(j_args or ()), **(j_kargs or {}))
+
+        if not J.assembled:  # a failed Jacobian needs a matrix with its nonzero pattern
+            x = self.u.x.petsc_vec.copy()  # at u itself (A still 0): u keeps its values
+            with together(self._agree_comm, "the first Jacobian assembly",
+                          timeout_s=FAULT_TIMEOUT_S):
+                jacobian(snes, x, J, P)
+            x.destroy()
+        snes.setFunction(self._guarded("the residual evaluation", residual), b)
+        snes.setJacobian(self._guarded("the Jacobian evaluation", jacobian), J, P)
         solve = problem.solve
 
         def solve_step() -> fem.Function:
@@ -217,6 +242,31 @@ class MicroStress:
             return result
 
         problem.solve = solve_step
+
+    def _guarded(self, what: str, evaluate: Callable) -> Callable:
+        """The SNES callback ``evaluate(snes, x, *out)`` (out: the residual vector, or the
+        Jacobian and preconditioner matrices) made fail safe: an exception or a non-finite
+        entry of ``out`` on any rank sets :attr:`error` on every rank (one collective flag; the
+        other ranks' error names the failing rank and its message), and every rank then fills
+        ``out`` with NaN (a vector) or the identity (matrices). Once :attr:`error` is set,
+        later calls of the solve only fill ``out``.
+
+        Work that fails on one rank inside a collective call (e.g. inside the assembly) leaves
+        the others waiting there: the failed rank then aborts all ranks after
+        ``NEUROSCALE_FAULT_TIMEOUT_S`` seconds (:func:`~neuroscale_couple.parallel.agree`)."""
+
+        def callback(snes: PETSc.SNES, x: PETSc.Vec, *out) -> None:
+            if self.error is None:
+                try:
+                    with together(self._agree_comm, what, timeout_s=FAULT_TIMEOUT_S):
+                        evaluate(snes, x, *out)
+                        _check_finite(out, self.comm.rank)
+                except Exception as err:  # the same on every rank: the solve ends
+                    self.error = err
+            if self.error is not None:
+                _fail(out)
+
+        return callback
 
     def begin(self) -> None:
         """Start a Newton solve: clear the last error and let the Coupler start the load step
@@ -280,3 +330,34 @@ class MicroStress:
         a = f.x.array[: len(self.cells) * self.n_qp * size].reshape(-1, self.n_qp, size)
         return a.max(axis=1) if reduce == "max" else a.mean(axis=1)
 
+
+def _check_finite(out: tuple, rank: int) -> None:
+    """Raise :class:`SolveError` if this rank's entries of a SNES callback's output (a vector,
+    or AIJ matrices) are not all finite (local)."""
+    for obj in _distinct(out):
+        if isinstance(obj, PETSc.Vec):
+            values, what = obj.getArray(readonly=True), "residual"
+        elif obj.getType().endswith("aij"):
+            values, what = obj.getValuesCSR()[2], "Jacobian"
+        else:
+            continue
+        if not np.isfinite(values).all():
+            raise SolveError(f"the {what} has non-finite entries on rank {rank} (a NaN or inf "
+                             "stress or tangent, or a form that divides by zero)")
+
+
+def _fail(out: tuple) -> None:
+    """What SNES gets from a failed callback (collective): a NaN residual, which stops it
+    (DIVERGED_FNORM_NAN), or identity matrices, whose step reaches the NaN residual next."""
+    for obj in _distinct(out):
+        if isinstance(obj, PETSc.Vec):
+            obj.set(np.nan)
+            continue
+        obj.zeroEntries()
+        obj.shift(1.0)
+
+
+def _distinct(out: tuple) -> list:
+    """The PETSc objects of ``out``, each once (the preconditioner matrix may be the Jacobian
+    or None)."""
+    return [o for k, o in enumerate(out) if o is not None and all(o is not p for p in out[:k])]

@@ -125,7 +125,7 @@ class LoadStepper:
                 if cut > self.max_cutbacks:
                     set_load(t_now)
                     error = self.micro.error
-                    why = (f"the micro update failed: {error}" if error is not None else
+                    why = (f"the last solve's evaluation failed: {error}" if error is not None else
                            f"Newton diverged (SNES reason {snes.getConvergedReason()}): take "
                            "smaller load steps")
                     raise SolveError(

@@ -17,6 +17,8 @@ At every call (one per macro residual evaluation, collective over the communicat
    all ranks hold the same weights — or, with ``RetrainConfig.background``, trains a copy in a
    thread while the next load step runs and swaps it in at the boundary after that step
    (the data, the decision and the fine-tuning: :mod:`neuroscale_couple.retraining`).
+   A retraining that fails on any rank keeps the current model on every rank and is flagged
+   in the step's report (``StepReport.retrain_failed``): the run goes on.
 
 ``Policy(rtol=0)`` is classic FE² (every point on the fine solver; no model needed),
 ``Policy(rtol=inf)`` never falls back.
@@ -40,7 +42,7 @@ import torch
 from neuroscale_couple.audit import Auditor
 from neuroscale_couple.calibration import Calibration
 from neuroscale_couple.config import byte_size, whole_number
-from neuroscale_couple.errors import InputError, NeuroScaleError, SolveError
+from neuroscale_couple.errors import InputError, NeuroScaleError, RetrainError, SolveError
 from neuroscale_couple.fine import (
     LIVE_MEMORY,
     LIVE_SOLVERS,
@@ -223,9 +225,11 @@ class StepReport:
     in at this step, max over ranks), ``retrain_skipped`` (a due retraining that would not pay,
     ``RetrainConfig.cost_aware``), ``retrain_estimate_s`` and ``retrain_saving_s`` (that
     decision's estimated training time and the fine-solve time it could save; None without a
-    decision), ``model_version``; ``outside_points``: points outside the model's training
-    region (:class:`Policy` ``outside``), ``non_elliptic_points``: points on the operator whose
-    tangent lost strong ellipticity at the step's converged state
+    decision), ``retrain_failed`` (the message of a retraining that failed in this step, or of
+    a background one that was to be swapped in at it: the model was kept; None if none failed),
+    ``model_version``; ``outside_points``: points outside the model's training region
+    (:class:`Policy` ``outside``), ``non_elliptic_points``: points on the operator whose tangent
+    lost strong ellipticity at the step's converged state
     (:func:`~neuroscale_couple.tensors.acoustic_minimum`);
     ``audit``: the step's :class:`~neuroscale_couple.audit.AuditReport` as a dict (None unless
     the Coupler audits).
@@ -243,6 +247,7 @@ class StepReport:
     retrain_skipped: bool = False
     retrain_estimate_s: float | None = None
     retrain_saving_s: float | None = None
+    retrain_failed: str | None = None
     model_version: int = 0
     outside_points: int = 0
     non_elliptic_points: int = 0
@@ -482,7 +487,7 @@ class Coupler(FineSolver):
             solve = fallback & ~reuse
         self.cache.new_pass()
         t1 = time.perf_counter()
-        done = self._solve_fallback(Fb[solve], ids[solve], rows[solve])
+        done, failed, total = self._solve_fallback(Fb[solve], ids[solve], rows[solve], n)
         self.stats.fine_time_s += time.perf_counter() - t1
         for j, answer in zip(np.flatnonzero(solve), done, strict=True):
             if answer.P is None:
@@ -490,7 +495,7 @@ class Coupler(FineSolver):
                 continue
             stress[j], tangent[j], energy[j] = answer.P, answer.A, answer.W
             self._solved[int(ids[j])] = SolvedPoint(Fb[j].copy(), answer, op_stress[j].copy())
-        self._check_failures(source)
+        self._check_failures(failed, total)
         if self.auditor is not None:
             self.auditor.remember(Fb, ids, [self._micro[r] for r in rows], stress, unc,
                                   source == OPERATOR)
@@ -563,18 +568,21 @@ class Coupler(FineSolver):
                                             self.version)
         return self._cal
 
-    def _solve_fallback(self, F: np.ndarray, ids: np.ndarray,
-                        rows: np.ndarray) -> list[FineAnswer]:
-        """Solve the given points somewhere on the communicator; their answers in the given
-        order."""
+    def _solve_fallback(self, F: np.ndarray, ids: np.ndarray, rows: np.ndarray,
+                        n_points: int) -> tuple[list[FineAnswer], int, int]:
+        """Solve the given points (of this rank's ``n_points`` evaluated) somewhere on the
+        communicator; returns their answers in the given order, and the numbers of failed
+        solves and of evaluated points over all ranks (carried by the exchanges the fallback
+        needs anyway: no collective of their own)."""
         comm = self.comm
         mine = [FallbackRequest(int(i), F[k], self._micro[r], self._cost.get(int(i), np.nan),
                                 self._last_rank.get(int(i), -1))
                 for k, (i, r) in enumerate(zip(ids, rows, strict=True))]
-        every = comm.allgather(mine)
-        flat = [(owner, e) for owner, part in enumerate(every) for e in part]
+        every = comm.allgather((n_points, mine))
+        total = sum(n for n, _ in every)
+        flat = [(owner, e) for owner, (_, part) in enumerate(every) for e in part]
         if not flat:
-            return []
+            return [], 0, total
         known = [e.cost_s for _, e in flat if np.isfinite(e.cost_s)]
         default = float(np.median(known)) if known else 1.0
         build = self.cache.setup_time / self.cache.builds if self.cache.builds else default
@@ -602,11 +610,13 @@ class Coupler(FineSolver):
                 if r == comm.rank:
                     outgoing[owner].append((e.point_id, self._fine_solve(e.point_id, e.F,
                                                                          e.structure)))
-        back = dict(pair for part in comm.alltoall(outgoing) for pair in part)
+        failed_here = sum(answer.P is None for part in outgoing for _, answer in part)
+        received = comm.alltoall([(part, failed_here) for part in outgoing])
+        back = dict(pair for part, _ in received for pair in part)
         answers = [back[pid] for pid in ids.tolist()]
         for pid, answer in zip(ids.tolist(), answers, strict=True):
             self._cost[pid], self._last_rank[pid] = answer.time_s, answer.rank
-        return answers
+        return answers, sum(n for _, n in received), total
 
     def _fine_solve(self, pid: int, F: np.ndarray, micro) -> FineAnswer:
         """The fine solve of one point on this rank."""
@@ -633,9 +643,9 @@ class Coupler(FineSolver):
         return FineAnswer(res.stress[0], res.tangent[0], W, noise, time.perf_counter() - t_solve,
                           self.comm.rank)
 
-    def _check_failures(self, source: np.ndarray) -> None:
-        failed = self.comm.allreduce(int((source == FAILED).sum()))
-        total = self.comm.allreduce(len(source))
+    def _check_failures(self, failed: int, total: int) -> None:
+        """Raise :class:`SolveError` (on every rank: the counts are global) when ``failed`` of
+        ``total`` points' fine solves failed beyond the policy's ratio."""
         if not failed:
             return
         if self.model is None or failed > self.policy.max_failed_fraction * total:
@@ -666,6 +676,11 @@ class Coupler(FineSolver):
         arrives a step later) not after the last but one either; a later run can fine-tune on
         the replay store with ``retrain.replay_from``. A background retraining already running
         is still swapped in.
+
+        A retraining (or background swap) that fails on any rank does not stop the run: every
+        rank keeps the model it had (the fallback still bounds the error), rank 0 logs a
+        warning, the report carries the failing rank's message in ``retrain_failed``, and the
+        data stay counted, so a due retraining is tried again after the next step.
         """
         comm, stats = self.comm, self.stats
         report = StepReport(
@@ -700,22 +715,8 @@ class Coupler(FineSolver):
                             report.non_elliptic_points)
         comm.Barrier()
         t0 = time.perf_counter()
-        r = self.retrainer
-        if r is not None and r.pending is not None:
-            model, n_online, report.retrain_background_s = r.swap()
-            self._adopt(model, n_online)
-        if r is not None:
-            r.new_since += report.fine_solves
-            if r.due(report.fallback_points, comm.allreduce(len(self._ids)), steps_left):
-                job = r.job(self.model, self.step, self.version)
-                if job is not None and r.config.cost_aware:
-                    serves = 1 if steps_left is None else steps_left - (r.steps_needed - 1)
-                    (report.retrain_estimate_s, report.retrain_saving_s,
-                     report.retrain_skipped) = r.weigh(job, self.model, report.fine_time_s,
-                                                       serves)
-                if not report.retrain_skipped:
-                    self._run_job(job)
-                    r.new_since = 0
+        if self.retrainer is not None:
+            self._retrain(report, steps_left)
         report.retrain_time_s = time.perf_counter() - t0
         report.model_version = self.version
         self.stats = StepStats()
@@ -752,16 +753,48 @@ class Coupler(FineSolver):
             self._run_job(r.job(self.model, int(step), self.version), int(step))
 
     # ------------------------------------------------------------------ retraining
+    def _retrain(self, report: StepReport, steps_left: int | None) -> None:
+        """Swap in a background retraining, then retrain if due (collective); a
+        :class:`RetrainError` (raised on every rank alike) keeps the model and is recorded in
+        ``report``."""
+        r, comm = self.retrainer, self.comm
+        failed = []
+        if r.pending is not None:
+            try:
+                model, n_online, report.retrain_background_s = r.swap()
+                self._adopt(model, n_online)
+            except RetrainError as err:
+                failed.append(str(err))
+        r.new_since += report.fine_solves
+        if r.due(report.fallback_points, comm.allreduce(len(self._ids)), steps_left):
+            try:
+                job = r.job(self.model, self.step, self.version)
+                if job is not None and r.config.cost_aware:
+                    serves = 1 if steps_left is None else steps_left - (r.steps_needed - 1)
+                    (report.retrain_estimate_s, report.retrain_saving_s,
+                     report.retrain_skipped) = r.weigh(job, self.model, report.fine_time_s,
+                                                       serves)
+                if not report.retrain_skipped:
+                    self._run_job(job)
+                    r.new_since = 0
+            except RetrainError as err:
+                failed.append(str(err))
+        if failed:
+            report.retrain_failed = "; ".join(failed)
+            if comm.rank == 0:
+                log.warning("step %d: %s; the run goes on with model version %d", self.step,
+                            report.retrain_failed, self.version)
+
     def warm_start(self) -> bool:
         """Fine-tune on the replay stores of earlier runs (``retrain.replay_from``) before the
-        first load step (collective); False if there is nothing to learn from."""
+        first load step (collective); False if there is nothing to learn from. A failure raises
+        :class:`RetrainError` on every rank (no load step is lost; the model is unchanged)."""
         r = self.retrainer
         if r is None or not r.config.replay_from:
             return False
         job = r.job(self.model, None, self.version, r.config.warm_start_epochs)
         if job is not None:  # the earlier runs' data only, in the foreground
-            r.fit(job, self.model)
-            self._adopt(self.model, job.n_online)
+            self._adopt(r.fit(job, self.model), job.n_online)
         return True
 
     def _run_job(self, job: RetrainJob | None, step: int | None = None) -> None:
@@ -772,26 +805,29 @@ class Coupler(FineSolver):
         if self.retrainer.config.background:
             self.retrainer.start(job, self.model, self.step if step is None else step)
         else:
-            self.retrainer.fit(job, self.model)
-            self._adopt(self.model, job.n_online)
+            self._adopt(self.retrainer.fit(job, self.model), job.n_online)
 
     def _adopt(self, model, n_online: int) -> None:
-        """Make ``model`` the run's operator: bump the version, check all ranks agree."""
+        """Make ``model`` (a retrained copy) the run's operator and bump the version, once all
+        ranks hold the same weights (else :class:`RetrainError` on every rank, the model kept).
+        """
+        self.check_same_weights(model, RetrainError)
         self.model = model
         self.version += 1
         self.model.card["online_version"] = self.version
-        self.check_same_weights()
         if self.comm.rank == 0:
             log.info("operator retrained on %d fine solves: version %d, calibration scale %.3g",
                      n_online, self.version, self.model.calibration.get("scale", np.nan))
 
-    def check_same_weights(self) -> None:
-        """Raise on every rank if the ranks' models differ (collective)."""
-        digests = self.comm.allgather(self.model.weights_digest())
+    def check_same_weights(self, model=None, error: type[Exception] = NeuroScaleError) -> None:
+        """Raise ``error`` on every rank if the ranks' copies of ``model`` (default: the run's
+        operator) differ (collective)."""
+        model = self.model if model is None else model
+        digests = self.comm.allgather(model.weights_digest())
         if len(set(digests)) != 1:
-            raise NeuroScaleError(f"model version {self.version} differs between ranks "
-                                  f"({len(set(digests))} distinct weight digests): the "
-                                  "data-parallel update went out of step")
+            what = "model version" if model is self.model else "the model retrained from version"
+            raise error(f"{what} {self.version} differs between ranks ({len(set(digests))} "
+                        "distinct weight digests): the data-parallel update went out of step")
 
     def close(self) -> None:
         """Close the cached fine solvers; a background retraining still running is waited for

@@ -21,3 +21,8 @@ class SolveError(NeuroScaleError, RuntimeError):
 
 class CheckpointError(NeuroScaleError):
     """A model or run checkpoint is missing, corrupt, or of another format or family."""
+
+
+class RetrainError(NeuroScaleError):
+    """An online retraining failed (on any rank; raised on every rank): the model it started
+    from is kept."""

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from mpi4py import MPI
 
@@ -33,32 +36,93 @@ def any_rank(flag: bool, comm: MPI.Comm) -> bool:
     return bool(comm.allreduce(bool(flag), op=MPI.LOR))
 
 
-@contextlib.contextmanager
-def together(comm: MPI.Comm, what: str) -> Iterator[None]:
-    """Run a block of local work (no collective call inside) on every rank, then agree: an
-    exception raised on any rank is raised on every rank (collective).
+FAULT_TIMEOUT_S = float(os.environ.get("NEUROSCALE_FAULT_TIMEOUT_S", "300"))
+"""Seconds a rank that failed inside collective work waits for the other ranks to reach the
+agreement before it aborts them all (:func:`agree`); environment ``NEUROSCALE_FAULT_TIMEOUT_S``."""
 
-    The failing rank re-raises its own exception; the others raise one of the same
-    :class:`~neuroscale_couple.errors.NeuroScaleError` class (other exceptions: the base
-    class) naming the rank and its message, so no rank is left waiting in a later collective.
+
+class Failure(NamedTuple):
+    """The failure agreed by :func:`agree`: the lowest failing rank, its exception's class name
+    and message."""
+
+    rank: int
+    kind: str
+    message: str
+
+    def error(self, what: str) -> Exception:
+        """The exception a rank that did not fail raises: of the failing one's class where that
+        is a :class:`~neuroscale_couple.errors.NeuroScaleError` (else the base class), naming
+        ``what``, the rank and its message."""
+        from neuroscale_couple import errors
+
+        cls = getattr(errors, self.kind, None)
+        if not (isinstance(cls, type) and issubclass(cls, errors.NeuroScaleError)):
+            cls = errors.NeuroScaleError
+        return cls(f"{what} failed on rank {self.rank}: {self.message}")
+
+
+def agree(comm: MPI.Comm, error: BaseException | None, *, what: str = "the work",
+          timeout_s: float | None = None) -> Failure | None:
+    """One collective flag: the first rank whose ``error`` is not None, with its message, on
+    every rank (None if no rank failed). One non-blocking all-reduce; a broadcast of the message
+    only when a rank failed.
+
+    ``timeout_s``: for work that holds collective calls. A rank whose failure made it skip one
+    leaves the others waiting there, never at this agreement: a failed rank that waits longer
+    than ``timeout_s`` writes its message to stderr and aborts all ranks (``MPI_Abort``), so
+    the run ends with a non-zero status instead of hanging. Ranks that did not fail wait
+    without limit (the others may still be busy). Give such work a communicator of its own
+    (``comm.Dup()``), so that the agreement is never matched with a collective of the work.
     """
-    from neuroscale_couple import errors
+    mine = np.array([comm.size if error is None else comm.rank], dtype=np.int64)
+    first = np.empty(1, dtype=np.int64)
+    request = comm.Iallreduce(mine, first, op=MPI.MIN)
+    if error is None or timeout_s is None:
+        request.Wait()
+    else:
+        deadline = time.monotonic() + timeout_s
+        while not request.Test():
+            if time.monotonic() > deadline:
+                sys.stderr.write(f"rank {comm.rank}: {what} failed: {type(error).__name__}: "
+                                 f"{error}; the other ranks did not reach the agreement within "
+                                 f"{timeout_s:g} s (they wait in a collective call this "
+                                 "failure skipped): aborting all ranks\n")
+                sys.stderr.flush()
+                comm.Abort(1)
+            time.sleep(1e-3)
+    rank = int(first[0])
+    if rank == comm.size:
+        return None
+    report = (type(error).__name__, str(error)) if comm.rank == rank else None
+    return Failure(rank, *comm.bcast(report, root=rank))
 
+
+@contextlib.contextmanager
+def together(comm: MPI.Comm, what: str, *, raise_as: type[Exception] | None = None,
+             timeout_s: float | None = None) -> Iterator[None]:
+    """Run a block of work on every rank, then agree (:func:`agree`): an exception raised on
+    any rank is raised on every rank (collective).
+
+    Without ``raise_as`` the failing rank re-raises its own exception; the others raise
+    :meth:`Failure.error` naming the rank and its message. With ``raise_as`` every rank raises
+    ``raise_as("<what> failed on rank r: <class>: <message>")``. The block holds local work
+    only (no collective call), unless ``timeout_s`` is given (see :func:`agree`), so that no
+    rank is left waiting in a later collective.
+    """
     error: Exception | None = None
     try:
         yield
     except Exception as err:  # shared with the other ranks below
         error = err
-    reports = comm.allgather(None if error is None else (type(error).__name__, str(error)))
+    failure = agree(comm, error, what=what, timeout_s=timeout_s)
+    if failure is None:
+        return
+    if raise_as is not None:
+        raise raise_as(f"{what} failed on rank {failure.rank}: {failure.kind}: "
+                       f"{failure.message}") from error
     if error is not None:
         raise error
-    failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
-    if failed:
-        rank, (name, message) = failed[0]
-        cls = getattr(errors, name, None)
-        cls = cls if isinstance(cls, type) and issubclass(cls, errors.NeuroScaleError) else (
-            errors.NeuroScaleError)
-        raise cls(f"{what} failed on rank {rank}: {message}")
+    raise failure.error(what)
 
 
 def device_for_rank(comm: MPI.Comm) -> str:

@@ -7,10 +7,18 @@ all-reduced gradients, and recalibrated; the :class:`~neuroscale_couple.coupler.
 adopts the model (version bump, weights compared across ranks). With
 ``RetrainConfig.background`` a copy trains in a thread while the next step runs on the old
 operator; with ``RetrainConfig.cost_aware`` a due retraining runs only if it is estimated to pay.
+
+A retraining never changes the model it starts from: it trains a copy, which the Coupler adopts
+only once every rank has finished it. A failure on any rank (an exception in the training, the
+recalibration, reading the data or the background thread; weights that differ between ranks)
+raises :class:`~neuroscale_couple.errors.RetrainError` on every rank, with the failing rank's
+message, and the Coupler goes on with the model it has (see
+:meth:`~neuroscale_couple.coupler.Coupler.end_step`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -27,8 +35,9 @@ from mpi4py import MPI
 import numpy as np
 import torch
 
-from neuroscale_couple.errors import InputError, NeuroScaleError
+from neuroscale_couple.errors import InputError, RetrainError
 from neuroscale_couple.operators.base import HEAD_PREFIXES
+from neuroscale_couple.parallel import FAULT_TIMEOUT_S, together
 from neuroscale_couple.store import ReplayStore, load_rve_dataset
 
 if TYPE_CHECKING:
@@ -111,6 +120,7 @@ class Retrainer:
                  model_path: str | Path | None) -> None:
         self.config, self.comm, self.replay_dir = config, comm, Path(replay_dir)
         self._bg_comm: MPI.Comm | None = None
+        self._agree_comm: MPI.Comm | None = comm.Dup()  # agreements after collective training
         if config.background:
             if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
                 raise InputError("background retraining needs MPI initialised with "
@@ -209,7 +219,13 @@ class Retrainer:
             epochs: int | None = None) -> RetrainJob | None:
         """Training data, calibration data and settings of a retraining of ``model`` (at model
         ``version``) on the fine solves up to ``up_to_step`` (None if there are none); reads the
-        replay and anchor files."""
+        replay and anchor files (collective: a file that fails to read on any rank raises
+        :class:`RetrainError` on every rank)."""
+        with self._agreed("reading the retraining data", local=True):
+            return self._job(model, up_to_step, version, epochs)
+
+    def _job(self, model, up_to_step: int | None, version: int,
+             epochs: int | None) -> RetrainJob | None:
         from neuroscale_couple.training import TrainConfig, TrainingData
 
         cfg = self.config
@@ -261,12 +277,26 @@ class Retrainer:
             calibrate_model(model, calibration)
         return history
 
-    def fit(self, job: RetrainJob, model) -> None:
-        """Run a :meth:`job` in the foreground: fine-tune ``model`` in place and recalibrate
-        it (collective)."""
+    def fit(self, job: RetrainJob, model):
+        """Run a :meth:`job` in the foreground: fine-tune and recalibrate a copy of ``model``
+        and return it (collective). A failure on any rank raises :class:`RetrainError` on every
+        rank; ``model`` is left as it was."""
         t0 = time.perf_counter()
-        self._fit(model, job.data, job.calibration, job.config, self.comm)
+        trained = copy.deepcopy(model)
+        with self._agreed("the retraining"):
+            self._fit(trained, job.data, job.calibration, job.config, self.comm)
         self.rate = (time.perf_counter() - t0) / (len(job.data) * job.config.epochs)
+        return trained
+
+    def _agreed(self, what: str, *, local: bool = False) -> contextlib.AbstractContextManager:
+        """Agree on the outcome of a block over the ranks: any exception becomes a
+        :class:`RetrainError` on every rank. A block with collective calls (``local`` False) is
+        agreed on a communicator of its own, and a failed rank that the others never join
+        aborts the run after ``FAULT_TIMEOUT_S`` (:func:`~neuroscale_couple.parallel.agree`)."""
+        if local:
+            return together(self.comm, what, raise_as=RetrainError)
+        return together(self._agree_comm, what, raise_as=RetrainError,
+                        timeout_s=FAULT_TIMEOUT_S)
 
     def start(self, job: RetrainJob, model, step: int) -> None:
         """Start a :meth:`job` of load step ``step`` on a copy of ``model`` in a thread
@@ -278,14 +308,15 @@ class Retrainer:
 
     def swap(self) -> tuple:
         """Wait for the background retraining (collective); returns its model, its number of
-        online samples and its training time (max over ranks)."""
+        online samples and its training time (max over ranks). If it failed on any rank,
+        :class:`RetrainError` is raised on every rank."""
         job, self.pending = self.pending, None
         job.thread.join()
-        errors = [e for e in self.comm.allgather(None if job.error is None else repr(job.error))
-                  if e is not None]
-        if errors:
-            raise NeuroScaleError(f"background retraining after step {job.step} failed: "
-                                  f"{errors[0]}") from job.error
+        # a rank whose thread failed outside the training's agreed steps may have left the
+        # others' threads waiting in a collective: the timeout then aborts the run
+        with self._agreed(f"the background retraining after step {job.step}"):
+            if job.error is not None:
+                raise job.error
         self.rate = job.time_s / job.sample_epochs
         return job.model, job.n_online, self.comm.allreduce(job.time_s, op=MPI.MAX)
 
@@ -309,19 +340,21 @@ class Retrainer:
         if self.rate is None:  # two epochs on a copy: the second one's time (the first pays
             # one-time costs that the rate would multiply by the epochs)
             probe = dataclasses.replace(tcfg, epochs=2, patience=2)
-            history = self._fit(copy.deepcopy(model), data, None, probe, self.comm)
+            with self._agreed("the retraining's timing probe"):
+                history = self._fit(copy.deepcopy(model), data, None, probe, self.comm)
             self.rate = history["epoch_time_s"][-1] / len(data)
         return self.comm.allreduce(self.rate * len(data) * tcfg.epochs, op=MPI.MAX)
 
     def close(self) -> None:
         """Wait for a background retraining still running and drop it (its data are in the
-        replay store); free the duplicate communicator."""
+        replay store); free the duplicate communicators."""
         if self.pending is not None:
             self.pending.thread.join()
             self.pending = None
-        if self._bg_comm is not None:
-            self._bg_comm.Free()
-            self._bg_comm = None
+        for name in ("_bg_comm", "_agree_comm"):
+            if getattr(self, name) is not None:
+                getattr(self, name).Free()
+                setattr(self, name, None)
 
 
 class _Background:

@@ -288,3 +288,34 @@ def test_noisy_fine_solve_is_linearised_within_a_load_step_not_repeated():
     c.evaluate(F0 + 3 * dF, [0])
     assert solver.calls == 3
     c.close()
+
+
+class _FailsAtPoint1(FineSolver):
+    """P = F − I, but point 1 does not converge."""
+
+    def __init__(self, structure):
+        super().__init__()
+
+    def solve(self, F, *, point_ids=None, tangent=True, fields_resolution=None):
+        from neuroscale_couple.errors import SolveError
+
+        if point_ids[0] == 1:
+            raise SolveError("the RVE did not converge")
+        return MicroResult(F - np.eye(2), np.einsum("ik,jl->ijkl", np.eye(2), np.eye(2))[None],
+                           None, {})
+
+
+def test_failed_fine_solves_are_counted_over_the_ranks_and_stop_classic_fe2():
+    from mpi4py import MPI
+
+    from neuroscale_couple.coupler import Coupler
+    from neuroscale_couple.errors import SolveError
+
+    c = Coupler(None, _FailsAtPoint1, policy=Policy(tol=0), comm=MPI.COMM_SELF)
+    c.register([0, 1, 2], [_Structure()] * 3)
+    c.begin_step(0)
+    F = np.tile(np.eye(2), (3, 1, 1))
+    with pytest.raises(SolveError, match=r"^1 of 3 fine solves failed in load step 0 .*classic"):
+        c.evaluate(F, [0, 1, 2])
+    assert c.evaluate(F[[0, 2]], [0, 2]).source.tolist() == [1, 1]  # no failure: no error
+    c.close()

@@ -1,4 +1,5 @@
-"""Atomic writes, round-robin work distribution, and rank → device (threads on the CPU)."""
+"""Atomic writes, round-robin work distribution, rank → device (threads on the CPU), and the
+agreement of failures over the ranks."""
 
 import os
 
@@ -6,7 +7,8 @@ from mpi4py import MPI
 
 import pytest
 
-from neuroscale_couple.parallel import device_for_rank, round_robin
+from neuroscale_couple.errors import InputError, RetrainError
+from neuroscale_couple.parallel import agree, device_for_rank, round_robin, together
 from neuroscale_couple.store import atomic_write
 
 
@@ -64,3 +66,22 @@ def test_ranks_on_a_node_split_its_cores_unless_the_user_set_threads(monkeypatch
                                            else len(os.sched_getaffinity(0)) + 1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_error_on_rank_0_is_raised_on_every_rank_with_its_message():
+    comm = MPI.COMM_WORLD
+    assert agree(comm, None) is None
+    with pytest.raises(InputError) as info:  # the failing class where it is NeuroScale's
+        with together(comm, "the work"):
+            if comm.rank == 0:
+                raise InputError("bad input on rank 0")
+    expected = "bad input on rank 0" if comm.rank == 0 else (
+        "the work failed on rank 0: bad input on rank 0")
+    assert str(info.value) == expected
+    with pytest.raises(RetrainError, match=r"^the work failed on rank 0: KeyError: 'x'$"):
+        with together(comm, "the work", raise_as=RetrainError):
+            if comm.rank == 0:
+                raise KeyError("x")
+    with together(comm, "the work"):  # nothing failed: nothing raised
+        pass
+
