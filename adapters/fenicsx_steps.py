@@ -90,7 +90,7 @@ class LoadStepper:
                 raise CheckpointError(f"the checkpoint in {ckpt} is of another run ({detail}): "
                                       "restart with the same settings, or start afresh")
             history, t_done, first = state["history"], state["load"], state["step"] + 1
-            self.micro.micro.restore_state(state.get("micro_state", {}))
+            self.micro.micro.restore_state(state["micro_states"])
         for k in range(first, len(loads)):
             record = self._step(k, t_done, loads[k], set_load, steps_left=len(loads) - 1 - k)
             history.append(record)
@@ -144,16 +144,19 @@ class LoadStepper:
     def write_checkpoint(self, directory: Path, step: int, load: float, history: list[dict],
                          params: dict, model_saver: Callable[[Path], None] | None = None
                          ) -> None:
-        """Write u (by dof coordinates), the model (``model_saver``), the micro solver's
-        ``checkpoint_state()``, the step history and the run's ``params``, with the SHA-256 of
-        each file; atomic, collective."""
+        """Write u (by dof coordinates), the model (``model_saver``), each rank's micro solver
+        ``checkpoint_state()`` (``micro_step<k>.rank<r>.npz``), the step history and the run's
+        ``params``, with the SHA-256 of each file; atomic, collective."""
         V = self.u.function_space
         d = self.micro.dim
         n_own = V.dofmap.index_map.size_local
         coords = V.tabulate_dof_coordinates()[:n_own, :d]
         vals = self.u.x.array[: d * n_own].reshape(-1, d)
         gathered = self.comm.gather((coords, vals), root=0)
+        micro_file = f"micro_step{step:04d}.rank{self.comm.rank:03d}.npz"
         micro_state = self.micro.micro.checkpoint_state()
+        atomic_write(directory / micro_file, lambda tmp: _save_npz(tmp, **micro_state))
+        micro_files = self.comm.gather((micro_file, _sha256(directory / micro_file)), root=0)
         if self.comm.rank == 0:
             files = {"u_file": f"u_step{step:04d}.npz"}
             if model_saver is not None:
@@ -162,9 +165,11 @@ class LoadStepper:
             atomic_write(directory / files["u_file"], lambda tmp: _save_npz(
                 tmp, x=np.concatenate([g[0] for g in gathered]),
                 u=np.concatenate([g[1] for g in gathered])))
-            state = {"step": step, "load": load, **files, "history": history,
-                     "params": params, "micro_state": micro_state,
-                     "digests": {name: _sha256(directory / name) for name in files.values()}}
+            state = {"step": step, "load": load, **files,
+                     "micro_files": [name for name, _ in micro_files], "history": history,
+                     "params": params,
+                     "digests": {**{name: _sha256(directory / name) for name in files.values()},
+                                 **dict(micro_files)}}
             atomic_write(directory / "state.json",
                          lambda tmp: tmp.write_text(json.dumps(state, indent=1)))
             for old in directory.glob("*_step*"):
@@ -175,8 +180,9 @@ class LoadStepper:
     @staticmethod
     def read_checkpoint(directory: str | Path) -> dict:
         """The state written by :meth:`write_checkpoint`, its files checked against their
-        digests (``u_file`` and ``model_file`` made full paths); a missing, malformed or
-        altered checkpoint raises :class:`CheckpointError` naming the file."""
+        digests (``u_file``, ``model_file`` and the ranks' ``micro_files`` made full paths); a
+        missing, malformed or altered checkpoint raises :class:`CheckpointError` naming the
+        file."""
         directory = Path(directory)
         path = directory / "state.json"
         fix = f"delete {directory} and start the run afresh"
@@ -185,17 +191,19 @@ class LoadStepper:
                                   "restart) to write one")
         try:
             state = json.loads(path.read_text())
-            missing = [k for k in ("step", "load", "u_file", "history", "params", "digests")
-                       if k not in state]
+            missing = [k for k in ("step", "load", "u_file", "micro_files", "history", "params",
+                                   "digests") if k not in state]
             if missing:
                 raise KeyError(f"no {', '.join(missing)}")
+            if not isinstance(state["micro_files"], list) or not state["micro_files"]:
+                raise TypeError(f"micro_files {state['micro_files']!r} is no list of files")
+            if not isinstance(state["digests"], dict):
+                raise TypeError(f"digests {state['digests']!r} is no mapping")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"{path} is not a NeuroScale checkpoint state ({err!r}): "
                                   f"{fix}") from None
-        for key in ("u_file", "model_file"):
-            name = state.get(key)
-            if name is None:
-                continue
+
+        def checked(key: str, name: object) -> str:
             if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
                 raise CheckpointError(f"{path}: {key} {name!r} points outside the checkpoint "
                                       f"folder: {fix}")
@@ -203,22 +211,25 @@ class LoadStepper:
             if not file.is_file() or _sha256(file) != state["digests"].get(name):
                 raise CheckpointError(f"{file} is missing or differs from the file the "
                                       f"checkpoint wrote (SHA-256 mismatch): {fix}")
-            state[key] = str(file)
+            return str(file)
+
+        for key in ("u_file", "model_file"):
+            if state.get(key) is not None:
+                state[key] = checked(key, state[key])
+        state["micro_files"] = [checked("micro_files", name) for name in state["micro_files"]]
         return state
 
     def load_checkpoint(self, directory: Path) -> dict:
-        """Set u from the checkpoint in ``directory``; returns its state."""
+        """Set u from the checkpoint in ``directory``; returns its state with ``micro_states``,
+        the micro solver states to restore (this rank's, if the checkpoint was written on as
+        many ranks, else every rank's)."""
         from scipy.spatial import cKDTree
 
         state = self.read_checkpoint(directory)
-        try:
-            with np.load(state["u_file"]) as data:
-                x, vals = data["x"], data["u"]
-        except (OSError, ValueError, KeyError) as err:
-            raise CheckpointError(f"{state['u_file']} is unreadable ({err!r}): delete "
-                                  f"{directory} and start the run afresh") from None
-        if not np.isfinite(vals).all():
-            raise CheckpointError(f"{state['u_file']} holds non-finite displacements: delete "
+        data = _load_npz(state["u_file"], directory)
+        x, vals = data.get("x"), data.get("u")
+        if x is None or vals is None or not np.isfinite(vals).all():
+            raise CheckpointError(f"{state['u_file']} holds no finite displacements: delete "
                                   f"{directory} and start the run afresh")
         mine = self.u.function_space.tabulate_dof_coordinates()[:, : self.micro.dim]
         dist, idx = cKDTree(x).query(mine)
@@ -226,6 +237,10 @@ class LoadStepper:
             raise CheckpointError(f"the checkpoint in {directory} was written for another mesh")
         self.u.x.array[:] = vals[idx].reshape(-1)
         self.u.x.scatter_forward()
+        files = state["micro_files"]
+        same = len(files) == self.comm.size
+        state["micro_states"] = [_load_npz(f, directory)
+                                 for f in ([files[self.comm.rank]] if same else files)]
         return state
 
 
@@ -243,3 +258,13 @@ def _sha256(path: Path) -> str:
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     with open(path, "wb") as fh:  # a file object: np.savez would append .npz to a path
         np.savez(fh, **arrays)
+
+
+def _load_npz(path: str | Path, directory: Path) -> dict[str, np.ndarray]:
+    """The arrays of a checkpoint's npz file (no pickles)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, KeyError, EOFError) as err:
+        raise CheckpointError(f"{path} is unreadable ({err!r}): delete {directory} and start "
+                              "the run afresh") from None

@@ -104,7 +104,7 @@ def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
     from neuroscale_couple.coupler import Coupler
     from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
 
-    policy, state, model_path, model = prepare(args)
+    policy, model_path, model = prepare(args)
     # The true fine solver: the composite's phases and the RVE mesh; the Coupler refuses a model
     # trained for other phases.
     family = dict(COMPOSITE, mesh={"size": args.rve_mesh_size})
@@ -113,7 +113,7 @@ def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
                       cache_memory=args.rve_memory, retrain=retrain_config(args),
                       model_path=model_path, audit=args.audit)
     problem, set_load, right = quarter_plate(args, coupler, microstructures_at, comm)
-    return CoupledRun(problem, coupler, set_load, right, state, "GPa")
+    return CoupledRun(problem, coupler, set_load, right, "GPa")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -93,7 +93,7 @@ def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
     from neuroscale_couple.coupler import Coupler
     from neuroscale_couple.solvers.cauchy_born import Crystal
 
-    policy, state, model_path, model = prepare(args)
+    policy, model_path, model = prepare(args)
     crystal = Crystal(crystal_config(args))
     coupler = Coupler(model, Crystal.solver, family=crystal.config, policy=policy, comm=comm,
                       replay_dir=Path(args.out) / "replay",
@@ -104,7 +104,7 @@ def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
             "crystal: %s", json.dumps(crystal.config, sort_keys=True))
     problem, set_load, right = quarter_plate(args, coupler, lambda x, ids: [crystal] * len(ids),
                                              comm, petsc_options=NEWTON)
-    return CoupledRun(problem, coupler, set_load, right, state, "GPa")
+    return CoupledRun(problem, coupler, set_load, right, "GPa")
 
 
 def main(argv: list[str] | None = None) -> dict:

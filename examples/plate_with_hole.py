@@ -89,9 +89,9 @@ def mesh_size(value: str) -> float:
 
 
 def prepare(args: argparse.Namespace):
-    """Check the shared flags; return the policy, the checkpoint state to restart from (None
-    for a fresh run), the model file named by ``--model`` (its anchor data sets lie next to it)
-    and the model (None for a reference run; on restart, the checkpoint's model)."""
+    """Check the shared flags; return the policy, the model file named by ``--model`` (its
+    anchor data sets lie next to it) and the model (None for a reference run; on restart, the
+    checkpoint's model)."""
     from neuroscale_couple.adapters.fenicsx_steps import LoadStepper
     from neuroscale_couple.coupler import Policy
     from neuroscale_couple.operators.base import load_operator
@@ -113,7 +113,7 @@ def prepare(args: argparse.Namespace):
     state = LoadStepper.read_checkpoint(Path(args.out) / "checkpoint") if args.restart else None
     weights = (state or {}).get("model_file") or args.model
     model = None if policy.classic else load_operator(weights)
-    return policy, state, args.model, model
+    return policy, args.model, model
 
 
 def retrain_config(args: argparse.Namespace):
@@ -219,7 +219,6 @@ class CoupledRun:
     coupler : its :class:`~neuroscale_couple.coupler.Coupler`.
     set_load : load factor t ∈ (0, 1] → boundary values.
     reaction_dofs : dofs whose reaction force is recorded per step.
-    state : checkpoint to restart from (None: fresh run).
     stress_unit : for plot labels, e.g. "GPa".
     """
 
@@ -227,7 +226,6 @@ class CoupledRun:
     coupler: object
     set_load: object
     reaction_dofs: np.ndarray
-    state: dict | None
     stress_unit: str = "GPa"
 
 
@@ -263,9 +261,6 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
         if not args.restart:
             for old in (out / "replay").glob("*.h5"):
                 old.unlink()
-    comm.Barrier()
-    if run.state is not None and comm.rank == 0:
-        coupler.replay.discard_after(run.state["step"])
     comm.Barrier()
     if not args.restart and coupler.warm_start():
         LOG.info("operator fine-tuned on %s: model version %d", ", ".join(args.replay_from),

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -42,7 +42,14 @@ import torch
 from neuroscale_couple.audit import Auditor
 from neuroscale_couple.calibration import Calibration
 from neuroscale_couple.config import byte_size, whole_number
-from neuroscale_couple.errors import InputError, NeuroScaleError, RetrainError, SolveError
+from neuroscale_couple.coupler_state import CouplerState, FineAnswer, SolvedPoint
+from neuroscale_couple.errors import (
+    CheckpointError,
+    InputError,
+    NeuroScaleError,
+    RetrainError,
+    SolveError,
+)
 from neuroscale_couple.fine import (
     LIVE_MEMORY,
     LIVE_SOLVERS,
@@ -173,31 +180,6 @@ class FallbackRequest(NamedTuple):
     structure: object
     cost_s: float
     last_rank: int
-
-
-class FineAnswer(NamedTuple):
-    """One point's fine solve: stress P (2, 2) and tangent A (2, 2, 2, 2) (None if it failed),
-    energy density W (NaN if not reported), ``noise`` ‖stress standard error‖ (None for a
-    solver that reports none), the solve's seconds without the solver's build, and the rank
-    that solved it."""
-
-    P: np.ndarray | None
-    A: np.ndarray | None
-    W: float
-    noise: float | None
-    time_s: float
-    rank: int
-
-
-@dataclass
-class SolvedPoint:
-    """A point's fine solve of this load step, served linearised to later iterates
-    (:class:`Policy` ``reuse``): at F (2, 2), its answer, and the operator's stress at F
-    (2, 2; zeros without a model)."""
-
-    F: np.ndarray
-    answer: FineAnswer
-    op_stress: np.ndarray
 
 
 @dataclass
@@ -732,25 +714,62 @@ class Coupler(FineSolver):
             return 0
         return int((acoustic_minimum(self._last_operator[1]) <= 0).sum())
 
-    def checkpoint_state(self) -> dict:
-        """What a restart needs besides the model file: the model version, the count of fine
-        solves since the last retraining (so retraining happens at the same steps) and the step
-        whose background retraining is still running (None if none)."""
-        r = self.retrainer
-        return {"version": self.version, "new_since_retrain": 0 if r is None else r.new_since,
-                "background_step": None if r is None or r.pending is None else r.pending.step}
+    def checkpoint_state(self) -> dict[str, np.ndarray]:
+        """This rank's :class:`~neuroscale_couple.coupler_state.CouplerState` as named arrays
+        (call between load steps): the model version, the retraining counters, a background
+        retraining in progress, the fallback points' last solves, solve times and warm-start
+        states. The model itself is the caller's to save.
 
-    def restore_state(self, state: dict) -> None:
-        """Resume from :meth:`checkpoint_state` (the model itself is loaded by the caller;
-        collective: a background retraining that was running is started again)."""
-        self.version = int(state.get("version", self.version))
+        Per rank, not gathered: each rank holds its own points' records and the warm starts of
+        the points it solved last, so a checkpoint costs no communication and no rank holds
+        everyone's states; a restart on another number of ranks reads every rank's file and
+        keeps its points' records (:meth:`restore_state`)."""
+        r = self.retrainer
+        return CouplerState(
+            rank=self.comm.rank, ranks=self.comm.size, step=self.step,
+            evaluations=self.evaluations, version=self.version,
+            new_since_retrain=0 if r is None else r.new_since,
+            retrain_rate=None if r is None else r.rate,
+            background_step=None if r is None or r.pending is None else r.pending.step,
+            solved=dict(self._solved), cost_s=dict(self._cost), last_rank=dict(self._last_rank),
+            warm=self.cache.warm_states()).to_arrays()
+
+    def restore_state(self, states: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """Resume from :meth:`checkpoint_state` after :meth:`register` (collective; the model
+        is loaded by the caller): the replay store loses the segments of later steps (the
+        killed run's, which the restart solves again), and a background retraining that was
+        running is started again.
+
+        ``states``: this rank's own, when the run restarts on the number of ranks it was
+        checkpointed on: it then continues exactly as the uninterrupted run; else every
+        rank's, in rank order: each rank keeps its points' records and takes their warm
+        starts (the run then agrees with the uninterrupted one as runs on different numbers of
+        ranks agree, to the fine solver's tolerance)."""
+        comm = self.comm
+        with together(comm, "restoring the Coupler's checkpoint state"):
+            parsed = [CouplerState.from_arrays(s) for s in states]
+            if not parsed:
+                raise CheckpointError("no Coupler state to restore from: the checkpoint is of "
+                                      "another fine solver; start the run afresh")
+            own = parsed[0]
+            if len(parsed) != 1 or (own.rank, own.ranks) != (comm.rank, comm.size):
+                own = CouplerState.merge(parsed, self._ids.tolist(), comm.rank, comm.size)
+        self.step, self.evaluations, self.version = own.step, own.evaluations, own.version
+        self._solved, self._cost = dict(own.solved), dict(own.cost_s)
+        self._last_rank = dict(own.last_rank)
+        for key, pid, state in own.warm:
+            self.cache.put_state(key, pid, state)
+        if self.replay is not None:
+            if comm.rank == 0:
+                self.replay.discard_after(own.step)
+            comm.Barrier()
         r = self.retrainer
         if r is None:
             return
-        r.new_since = int(state.get("new_since_retrain", 0))
-        step = state.get("background_step")
-        if step is not None:
-            self._run_job(r.job(self.model, int(step), self.version), int(step))
+        r.new_since, r.rate = own.new_since_retrain, own.retrain_rate
+        if own.background_step is not None:
+            self._run_job(r.job(self.model, own.background_step, self.version),
+                          own.background_step)
 
     # ------------------------------------------------------------------ retraining
     def _retrain(self, report: StepReport, steps_left: int | None) -> None:

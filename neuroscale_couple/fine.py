@@ -12,7 +12,7 @@ import gc
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,7 +49,8 @@ class FineSolver(ABC):
     :meth:`register` (structures of the points), :meth:`begin_step` / :meth:`end_step` (load
     step boundaries), :meth:`checkpoint_state` / :meth:`restore_state` (restart) and
     :meth:`close`. ``states`` holds the warm-start state of each point id (empty for a solver
-    that keeps none); a cache of solvers moves them between instances.
+    that keeps none): an array, or a tuple of arrays and None (so that :func:`pack_states` can
+    checkpoint it); a cache of solvers moves them between instances.
     """
 
     implemented_properties: tuple[str, ...] = ("stress", "tangent")
@@ -90,12 +91,16 @@ class FineSolver(ABC):
         (the Coupler's :class:`~neuroscale_couple.coupler.StepReport`), None if none."""
         return None
 
-    def checkpoint_state(self) -> dict:
-        """What a restart needs besides the model file, JSON-serialisable (nothing here)."""
+    def checkpoint_state(self) -> dict[str, np.ndarray]:
+        """What a restart needs besides the model file: this rank's state between load steps
+        as named arrays, which a checkpoint stores bit for bit, one file per rank (nothing
+        here)."""
         return {}
 
-    def restore_state(self, state: dict) -> None:  # noqa: B027  (an optional hook)
-        """Resume from :meth:`checkpoint_state` (collective)."""
+    def restore_state(self, states: Sequence[Mapping[str, np.ndarray]]) -> None:  # noqa: B027  (an optional hook)
+        """Resume from :meth:`checkpoint_state` (collective): ``states`` holds this rank's
+        own when the run restarts on as many ranks as it was checkpointed on, else every
+        rank's, in rank order."""
 
     def close(self) -> None:  # noqa: B027  (an optional hook)
         """Release what the solver holds (PETSc objects, communicators, threads)."""
@@ -216,6 +221,12 @@ class SolverCache:
         else:
             live.states[point_id] = state
 
+    def warm_states(self) -> list[tuple[Hashable, Hashable, object]]:
+        """Every warm-start state held, of live and evicted solvers: (key, point id, state)."""
+        held = [(key, solver.states) for key, solver in self._live.items()]
+        return [(key, pid, state) for key, states in [*held, *self._saved.items()]
+                for pid, state in states.items()]
+
     def new_pass(self) -> None:
         """Start a new pass over the points (the Coupler calls it at every evaluation)."""
         self._pass += 1
@@ -234,6 +245,41 @@ def solver_memory(solver: object) -> int:
     """:meth:`FineSolver.memory_bytes` of ``solver``; 0 for a solver that does not report it."""
     memory_bytes = getattr(solver, "memory_bytes", None)
     return 0 if memory_bytes is None else int(memory_bytes())
+
+
+def pack_states(entries: Sequence[tuple[Hashable, int, object]], prefix: str
+                ) -> dict[str, np.ndarray]:
+    """Warm-start states (structure key, point id, state) as named arrays under ``prefix``,
+    bit-exact through ``np.savez``: ``key`` (n,) str, ``id`` (n,) int64, ``parts`` (n,) (−1: the
+    state is an array, else the length of its tuple) and ``<i>/<j>``, part j of state i (an
+    absent name: None). Another kind of state raises :class:`InputError`."""
+    arrays = {f"{prefix}/key": np.array([str(key) for key, _, _ in entries], dtype=str),
+              f"{prefix}/id": np.array([pid for _, pid, _ in entries], dtype=np.int64)}
+    n_parts = []
+    for i, (key, pid, state) in enumerate(entries):
+        parts = (state,) if isinstance(state, np.ndarray) else state
+        if not isinstance(parts, tuple) or not all(
+                p is None or isinstance(p, np.ndarray) for p in parts):
+            raise InputError(f"the warm-start state of point {pid} ({key}) is a "
+                             f"{type(state).__name__}: a checkpoint stores an array or a tuple "
+                             "of arrays and None")
+        n_parts.append(-1 if isinstance(state, np.ndarray) else len(parts))
+        arrays.update({f"{prefix}/{i}/{j}": p for j, p in enumerate(parts) if p is not None})
+    arrays[f"{prefix}/parts"] = np.array(n_parts, dtype=np.int64)
+    return arrays
+
+
+def unpack_states(arrays: Mapping[str, np.ndarray], prefix: str
+                  ) -> list[tuple[str, int, object]]:
+    """The warm-start states that :func:`pack_states` stored under ``prefix``."""
+    keys, ids = arrays[f"{prefix}/key"].tolist(), arrays[f"{prefix}/id"].tolist()
+    entries = []
+    for i, (key, pid, n) in enumerate(zip(keys, ids, arrays[f"{prefix}/parts"].tolist(),
+                                          strict=True)):
+        state = arrays[f"{prefix}/{i}/0"] if n < 0 else tuple(
+            arrays.get(f"{prefix}/{i}/{j}") for j in range(n))
+        entries.append((key, pid, state))
+    return entries
 
 
 COLLECT_EVERY = 16

@@ -53,6 +53,17 @@ def displacement_by_coordinates(problem):
     return x[order], u[order]
 
 
+def reaction(stepper) -> float:
+    """The reaction force on the loaded edge x = 1 of :func:`macro_problem` (its x-dofs), over
+    all ranks."""
+    from dolfinx import fem, mesh
+
+    V = stepper.u.function_space
+    msh = V.mesh
+    right = mesh.locate_entities_boundary(msh, 1, lambda x: np.isclose(x[0], 1))
+    return stepper.micro.reaction(fem.locate_dofs_topological(V.sub(0), 1, right))
+
+
 def convergence_order(residuals):
     """Largest observed order log(r_{k+1}/r_k) / log(r_k/r_{k-1}) of a Newton history."""
     r = np.asarray(residuals)

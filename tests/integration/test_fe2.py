@@ -37,18 +37,19 @@ def microstructures(x, ids):
 
 
 def coupler(comm, tol, *, model=True, family=COMPOSITE, replay=None, retrain=False, **policy):
-    """``retrain``: False, True or "background"; ``policy``: more Policy settings."""
+    """``model``: True (the example's model), False (none) or a model file; ``retrain``: False,
+    True, "background" or a RetrainConfig; ``policy``: more Policy settings."""
     from neuroscale_couple.coupler import Coupler, Policy
     from neuroscale_couple.operators.sano import SANO
     from neuroscale_couple.retraining import RetrainConfig
     from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
 
-    return Coupler(SANO.from_checkpoint(MODEL) if model else None,
+    return Coupler(SANO.from_checkpoint(MODEL if model is True else model) if model else None,
                    lambda m: rve_from_config(family, m), family=family,
                    policy=Policy(rtol=tol, **policy),
                    comm=comm, replay_dir=replay,
-                   retrain=RetrainConfig(enabled=bool(retrain),
-                                         background=retrain == "background"),
+                   retrain=retrain if isinstance(retrain, RetrainConfig) else RetrainConfig(
+                       enabled=bool(retrain), background=retrain == "background"),
                    model_path=MODEL)
 
 
@@ -280,9 +281,9 @@ def test_cost_aware_retraining_waits_until_it_can_pay(tmp_path):
 @pytest.mark.parametrize(("retrain", "tol"), [("--no-retrain", "0.02"),
                                                ("--background-retrain", "0.015")])
 def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain, tol):
-    """SIGKILL after the checkpoint of step 1, then --restart: the same end state. With
-    background retraining the kill hits while a retraining runs (its tol sends 8 of the 85
-    points back in step 0, so one is due); the restart runs it again."""
+    """SIGKILL after the checkpoint of step 1, then --restart: the same fine solves and end
+    state. With background retraining the kill hits while a retraining runs (its tol sends 8
+    of the 85 points back in step 0, so one is due); the restart runs it again."""
     args = [sys.executable, str(ROOT / "examples" / "fe2_composite.py"), "--mesh-size", "0.3",
             "--rve-mesh-size", "0.05", "--steps", "4", "--stretch", "0.1", "--rtol", tol,
             retrain, "--quiet"]
@@ -299,22 +300,25 @@ def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain,
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (killed / "summary.json").exists()
-    pending = json.loads(state.read_text())["micro_state"].get("background_step")
+    with np.load(killed / "checkpoint" / json.loads(state.read_text())["micro_files"][0]) as c:
+        pending = int(c["background_step"])  # −1: none
     subprocess.run([*args, "--out", str(killed), "--restart"], check=True)
     clean = json.loads((tmp_path / "clean" / "summary.json").read_text())
     again = json.loads((killed / "summary.json").read_text())
     assert len(again["steps"]) == 4
     versions = [h["model_version"] for h in again["steps"]]
     assert versions == [h["model_version"] for h in clean["steps"]]
+    assert [h["fine_solves"] for h in again["steps"]] == [h["fine_solves"] for h in clean["steps"]]
     # encoding the microstructures is micro work, done again by the restarted run
     assert [h["encode_time_s"] > 0 for h in clean["steps"]] == [True, False, False, False]
     assert [h["encode_time_s"] > 0 for h in again["steps"]] == [True, False, True, False]
     assert again["micro_time_s"] == pytest.approx(sum(
         h["fine_time_s"] + h["operator_time_s"] + h["encode_time_s"] for h in again["steps"]))
-    # cold RVE starts after the restart change the retraining data at the RVE solver tolerance
-    rel = 1e-9 if retrain == "--no-retrain" else 1e-6
+    # the fallback points' last solves and warm starts come back with the checkpoint, so the
+    # retraining sees the same data (measured: equal to the bit; 1e-6 was allowed before)
+    rel = 1e-10
     if retrain == "--background-retrain":
-        assert pending is not None and versions[-1] > 0, (pending, versions)
+        assert pending >= 0 and versions[-1] > 0, (pending, versions)
     assert again["displacement_norm"] == pytest.approx(clean["displacement_norm"], rel=rel)
     assert again["reaction_force"] == pytest.approx(clean["reaction_force"], rel=rel)
     with np.load(tmp_path / "clean" / "fields.npz") as a, np.load(killed / "fields.npz") as b:
