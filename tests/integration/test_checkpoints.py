@@ -84,19 +84,19 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage):
         run(tmp_path, [0.5, 1.0], restart=True)
 
 
-TOL, STRETCH, RETRAIN = 0.03, 0.2, {"epochs": 8, "anchor_micro": 4}
+ATOL, STRETCH, RETRAIN = 0.018, 0.2, {"epochs": 8, "anchor_micro": 4}  # atol in GPa
 
 
 def retraining_run(path, loads, restart=False, on_step=None, comm=MPI.COMM_WORLD):
-    """An FE² run on ``comm`` with fallback (tol 0.012 sends 12 of the 18 points back in the
-    first step, all of them later) and foreground retraining after every step but the last
+    """An FE² run on ``comm`` with fallback (an absolute tolerance of 0.018 GPa sends 1 of the
+    18 points back in the first step, 14 and 18 later) and foreground retraining after every step but the last
     (short: 8 epochs, 4 anchor microstructures), checkpointed into ``path``; returns the
     history, the displacement by coordinates and the reaction on the loaded edge."""
     from neuroscale_couple.adapters.fenicsx_steps import LoadStepper
     from neuroscale_couple.retraining import RetrainConfig
 
     model = LoadStepper.read_checkpoint(path / "checkpoint")["model_file"] if restart else True
-    c = coupler(comm, TOL, model=model, replay=path / "replay",
+    c = coupler(comm, 0.0, model=model, replay=path / "replay", atol=ATOL,
                 retrain=RetrainConfig(**RETRAIN))
     stepper, set_load = macro_problem(comm, c, microstructures, n=3, stretch=STRETCH)
     try:
@@ -129,7 +129,7 @@ def test_a_killed_run_with_fallback_and_retraining_restarts_exactly(mpi_tmp_path
 
     def same_run():
         assert [h["model_version"] for h in h_whole] == [0, 1, 1]
-        assert [h["fallback_points"] for h in h_whole] == [1, 10, 15]
+        assert [h["fallback_points"] for h in h_whole] == [1, 14, 18]
         for key in counts:
             assert [h[key] for h in history] == [h[key] for h in h_whole], key
         np.testing.assert_allclose(u, u_whole, rtol=0, atol=1e-10 * np.abs(u_whole).max())
