@@ -89,8 +89,9 @@ ATOL, STRETCH, RETRAIN = 0.018, 0.2, {"epochs": 8, "anchor_micro": 4}  # atol in
 
 def retraining_run(path, loads, restart=False, on_step=None, comm=MPI.COMM_WORLD):
     """An FE² run on ``comm`` with fallback (an absolute tolerance of 0.018 GPa sends 1 of the
-    18 points back in the first step, 14 and 18 later) and foreground retraining after every step but the last
-    (short: 8 epochs, 4 anchor microstructures), checkpointed into ``path``; returns the
+    18 points back in the first step, 14 and 18 later) and foreground retraining after every
+    step but the last (short: 8 epochs, 4 anchor microstructures), checkpointed into ``path``;
+    returns the
     history, the displacement by coordinates and the reaction on the loaded edge."""
     from neuroscale_couple.adapters.fenicsx_steps import LoadStepper
     from neuroscale_couple.retraining import RetrainConfig

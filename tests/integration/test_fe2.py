@@ -37,16 +37,20 @@ def microstructures(x, ids):
 
 
 def coupler(comm, tol, *, model=True, family=COMPOSITE, replay=None, retrain=False, **policy):
-    """``model``: True (the example's model), False (none) or a model file; ``retrain``: False,
-    True, "background" or a RetrainConfig; ``policy``: more Policy settings."""
+    """``tol``: the fallback tolerance as a fraction of the model's stress scale σ_ref (an
+    absolute tolerance, ``Policy(rtol=0, atol=tol·σ_ref)``: the scenarios below were set up
+    with it; 0 = classic); ``model``: True (the example's model), False (none) or a model
+    file; ``retrain``: False, True, "background" or a RetrainConfig; ``policy``: more Policy
+    settings (overriding those)."""
     from neuroscale_couple.coupler import Coupler, Policy
     from neuroscale_couple.operators.sano import SANO
     from neuroscale_couple.retraining import RetrainConfig
     from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
 
-    return Coupler(SANO.from_checkpoint(MODEL if model is True else model) if model else None,
-                   lambda m: rve_from_config(family, m), family=family,
-                   policy=Policy(rtol=tol, **policy),
+    operator = SANO.from_checkpoint(MODEL if model is True else model) if model else None
+    scale = float(operator.sigma_ref) if operator is not None else 1.0
+    return Coupler(operator, lambda m: rve_from_config(family, m), family=family,
+                   policy=Policy(**{"rtol": 0.0, "atol": tol * scale, **policy}),
                    comm=comm, replay_dir=replay,
                    retrain=retrain if isinstance(retrain, RetrainConfig) else RetrainConfig(
                        enabled=bool(retrain), background=retrain == "background"),

@@ -42,8 +42,12 @@ def hmm_coupler(comm, crystal, tol, *, model=True, replay=None, retrain=False):
     from neuroscale_couple.retraining import RetrainConfig
     from neuroscale_couple.solvers.cauchy_born import Crystal
 
-    return Coupler(load_operator(MODEL) if model else None, Crystal.solver,
-                   family=crystal.config, policy=Policy(rtol=tol), comm=comm, replay_dir=replay,
+    # tol: a fraction of the model's stress scale, as an absolute tolerance (0: classic)
+    operator = load_operator(MODEL) if model else None
+    atol = tol * float(operator.sigma_ref) if operator is not None else 0.0
+    return Coupler(operator, Crystal.solver,
+                   family=crystal.config, policy=Policy(rtol=0.0, atol=atol), comm=comm,
+                   replay_dir=replay,
                    # 8 points, each solved about once per step (Policy.reuse): retrain on 4
                    retrain=RetrainConfig(enabled=retrain, min_new=4), model_path=MODEL)
 
