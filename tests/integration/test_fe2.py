@@ -228,7 +228,7 @@ def test_background_retraining_swaps_in_the_same_model_one_step_later(tmp_path):
     versions, weights = {}, {}
     for mode in (True, "background"):
         c = coupler(MPI.COMM_SELF, 0.03, family=family, replay=tmp_path / str(mode),
-                    retrain=mode, outside="warn")
+                    retrain=mode)
         c.register(np.arange(n), structures)
         versions[mode] = []
         for step, e in enumerate((0.35, 0.36, 0.37)):
@@ -263,10 +263,8 @@ def test_cost_aware_retraining_waits_until_it_can_pay(tmp_path):
     n = 12
     structures, F_of = beyond_training_range(n)
     family = dict(COMPOSITE, mesh={"size": 0.05})
-    model = SANO.from_checkpoint(MODEL)
-    c = Coupler(model, lambda m: rve_from_config(family, m), family=family,
-                policy=Policy(rtol=0.0, atol=0.03 * float(model.sigma_ref), outside="warn"),
-                comm=MPI.COMM_SELF, replay_dir=tmp_path,
+    c = Coupler(SANO.from_checkpoint(MODEL), lambda m: rve_from_config(family, m), family=family,
+                policy=Policy(rtol=0.03), comm=MPI.COMM_SELF, replay_dir=tmp_path,
                 retrain=RetrainConfig(cost_aware=True), model_path=MODEL)
     c.register(np.arange(n), structures)
     records = []
