@@ -379,14 +379,18 @@ class Coupler(FineSolver):
         order = np.argsort(ids)
         self._ids = ids[order]
         self._micro = [microstructures[i] for i in order]
+        self._check_structures()
+        self._sticky, self._fell_back, self._noise_limited, self._outside = (
+            np.zeros(len(ids), dtype=bool) for _ in range(4))
+        self._encode()
+
+    def _check_structures(self) -> None:
+        """Mark the registered structures outside the model's training region."""
         reasons = {}
         if self.region is not None:
             reasons = {m.key: self.region.structure_reason(m) for m in self._micro}
         self._micro_outside = [reasons.get(m.key) for m in self._micro]
         self._micro_out = np.array([r is not None for r in self._micro_outside], dtype=bool)
-        self._sticky, self._fell_back, self._noise_limited, self._outside = (
-            np.zeros(len(ids), dtype=bool) for _ in range(4))
-        self._encode()
 
     def _encode(self) -> None:
         """Latents of the registered points' microstructures: one encoding per distinct one
@@ -834,6 +838,9 @@ class Coupler(FineSolver):
         self.model = model
         self.version += 1
         self.model.card["online_version"] = self.version
+        if self.region is not None:  # the retraining's solves widened the region
+            self.region = model.region
+            self._check_structures()
         if self.comm.rank == 0:
             log.info("operator retrained on %d fine solves: version %d, calibration scale %.3g",
                      n_online, self.version, self.model.calibration.get("scale", np.nan))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import logging
 import threading
@@ -38,6 +39,7 @@ import torch
 from neuroscale_couple.errors import InputError, RetrainError
 from neuroscale_couple.operators.base import HEAD_PREFIXES
 from neuroscale_couple.parallel import FAULT_TIMEOUT_S, together
+from neuroscale_couple.region import TrainingRegion
 from neuroscale_couple.store import ReplayStore, load_rve_dataset
 
 if TYPE_CHECKING:
@@ -275,6 +277,12 @@ class Retrainer:
                 p.requires_grad_(True)
         if calibration is not None:
             calibrate_model(model, calibration)
+        # the bound is now earned on the online solves too: the region grows to cover them
+        regions = [r for r in (model.region, data.region,
+                               None if calibration is None else calibration.region)
+                   if r is not None]
+        if model.region is not None and len(regions) > 1:
+            model.card["region"] = functools.reduce(TrainingRegion.union, regions).to_dict()
         return history
 
     def fit(self, job: RetrainJob, model):

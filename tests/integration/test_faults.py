@@ -54,6 +54,12 @@ def matrix():
     return get
 
 
+def each_case(test):
+    """Run ``test`` for each Newton stage of a fault and each rank layout of the matrix."""
+    return pytest.mark.parametrize("stage", NEWTON_STAGES)(
+        pytest.mark.parametrize("n_ranks, ranks", RANKS)(test))
+
+
 def lines(out: str, case: str, outcome: str) -> dict[int, str]:
     """Each rank's line of ``case`` with ``outcome``, by rank (mpiexec may join the lines of
     two ranks)."""
@@ -62,16 +68,14 @@ def lines(out: str, case: str, outcome: str) -> dict[int, str]:
     return {int(rank): rest for rank, rest in found}
 
 
-@pytest.mark.parametrize("stage", NEWTON_STAGES)
-@pytest.mark.parametrize("n_ranks, ranks", RANKS)
+@each_case
 def test_a_passing_fault_cuts_the_step_back_on_every_rank(matrix, stage, n_ranks, ranks):
     out = matrix(n_ranks, ranks)
     got = lines(out, f"{stage}:{ranks}:once", "recovered after 1 cut-backs")
     assert sorted(got) == list(range(n_ranks)), out
 
 
-@pytest.mark.parametrize("stage", NEWTON_STAGES)
-@pytest.mark.parametrize("n_ranks, ranks", RANKS)
+@each_case
 def test_a_persistent_fault_stops_every_rank_with_its_message(matrix, stage, n_ranks, ranks):
     out = matrix(n_ranks, ranks)
     got = lines(out, f"{stage}:{ranks}:always", "stopped: load step 0")
