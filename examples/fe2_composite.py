@@ -86,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 1 <= args.rve_cache <= MAX_LIVE_RVES:
         p.error(f"--rve-cache {args.rve_cache}: give 1 to {MAX_LIVE_RVES} (more live RVEs "
                 "run out of MPICH's communicators: 180 did on one rank)")
+    coupled = [flag for flag in ("reference", "restart", "audit", "compare", "replay_from")
+               if getattr(args, flag)]
+    if args.single_scale and coupled:
+        p.error(f"--single-scale has no micro solver, checkpoints or fields to compare: drop "
+                f"--{coupled[0].replace('_', '-')}")
     try:
         byte_size(args.rve_memory, "--rve-memory")
     except InputError as err:

@@ -96,7 +96,7 @@ def prepare(args: argparse.Namespace):
     from neuroscale_couple.coupler import Policy
     from neuroscale_couple.operators.base import load_operator
 
-    mesh_size(args.mesh_size)
+    check_loading(args)
     policy = Policy(rtol=0.0 if args.reference else args.rtol,
                     atol=None if args.reference else args.atol, confidence=args.confidence,
                     outside=args.outside, exclude_noise=getattr(args, "exclude_noise", False))
@@ -105,15 +105,20 @@ def prepare(args: argparse.Namespace):
     for flag in ("background_retrain", "cost_aware_retrain"):
         if getattr(args, flag) and args.no_retrain:
             raise InputError(f"--{flag.replace('_', '-')} and --no-retrain contradict: drop one")
+    state = LoadStepper.read_checkpoint(Path(args.out) / "checkpoint") if args.restart else None
+    weights = (state or {}).get("model_file") or args.model
+    model = None if policy.classic else load_operator(weights)
+    return policy, args.model, model
+
+
+def check_loading(args: argparse.Namespace) -> None:
+    """Check ``--mesh-size``, ``--steps`` and ``--stretch`` (raises :class:`InputError`)."""
+    mesh_size(args.mesh_size)
     if args.steps < 1:
         raise InputError(f"--steps {args.steps}: give at least one load step")
     if not -1 < args.stretch < 1:  # also catches NaN
         raise InputError(f"--stretch {args.stretch}: give a finite macro stretch in (-1, 1) "
                          "(the loaded edge moves by stretch × the plate's half-width 1)")
-    state = LoadStepper.read_checkpoint(Path(args.out) / "checkpoint") if args.restart else None
-    weights = (state or {}).get("model_file") or args.model
-    model = None if policy.classic else load_operator(weights)
-    return policy, args.model, model
 
 
 def retrain_config(args: argparse.Namespace):

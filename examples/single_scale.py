@@ -102,6 +102,7 @@ def run_single_scale(args: argparse.Namespace, lame_at: LameAt,
     from plate_with_hole import (
         HOLE_RADIUS,
         check,
+        check_loading,
         mesh_size,
         per_rank,
         plate_with_hole,
@@ -110,6 +111,7 @@ def run_single_scale(args: argparse.Namespace, lame_at: LameAt,
 
     from neuroscale_couple.adapters.fenicsx_steps import displacement_norm
 
+    check_loading(args)
     logging.basicConfig(level=logging.WARNING if args.quiet or comm.rank else logging.INFO,
                         format="%(message)s")
     t_start = time.perf_counter()

@@ -366,6 +366,8 @@ def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain,
     (["--steps", "0"], "--steps 0: give at least one load step"),
     (["--rve-mesh-size", "-0.1"], "--rve-mesh-size -0.1: give an element size"),
     (["--rve-memory", "2X"], "--rve-memory 2X: give a memory size > 0 such as 512M"),
+    (["--single-scale", "--restart"], "--single-scale has no micro solver"),
+    (["--single-scale", "--steps", "0"], "--steps 0: give at least one load step"),
 ])
 def test_example_bad_input_fails_before_work(tmp_path, flags, message):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "fe2_composite.py"),
