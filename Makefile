@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut 
 NP     ?= 2
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: venv demo demo-hmm test test-fast test-serial test-mpi lint docs bench model hmm-model clean
+.PHONY: venv demo demo-hmm test test-fast test-serial test-mpi lint docs bench bench-scaling model hmm-model clean
 
 venv: $(STAMP)
 
@@ -51,6 +51,11 @@ bench: $(STAMP)
 	$(PY) bench/fe2_speedup.py --np $(NP)
 	$(PY) bench/encode.py
 	$(PY) bench/hmm_speedup.py --np $(NP)
+
+# Scaling with macro size (to ~1e5 points) and ranks (1-8), and the model for 64 and 1024 ranks:
+# hours on 2 cores; resumable (finished runs in out/bench_scaling are reused).
+bench-scaling: $(STAMP)
+	$(PY) bench/scaling.py
 
 # Regenerate the shipped operator from scratch with the project's own RVE solver and trainer
 # (data sets ≈ 25 min, training ≈ 75 min on 2 cores; a recipe's optional second stage

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -84,6 +85,11 @@ class MicroStress:
         :class:`~neuroscale_couple.coupler.StepReport` and ``failed_points``.
     error : the exception that ended the current Newton solve (None while none did; see
         :meth:`attach`).
+    rank_totals : this rank's own figures summed over the load steps ended (local, not
+        gathered): ``micro_time_s``, the wall seconds of its micro-solver calls, and the
+        per-rank step statistics of a micro solver that keeps them in ``stats`` (a Coupler's
+        :class:`~neuroscale_couple.coupler.StepStats`: operator, encoding, fallback-stage wall
+        and own fine-solve seconds, fine solves).
     """
 
     def __init__(self, u: fem.Function, micro, microstructures: Microstructures, *,
@@ -138,6 +144,7 @@ class MicroStress:
         self._F_expr = fem.Expression(ufl.Identity(d) + ufl.grad(u), rule)
         self._internal = fem.form(ufl.inner(self.P, ufl.grad(ufl.TestFunction(V))) * self.dx)
         self.reports: list[dict] = []
+        self.rank_totals: dict[str, float] = {"micro_time_s": 0.0}
         self.error: BaseException | None = None
         self._step, self._in_step, self._converged = 0, False, False
         self._warned_unloaded = False
@@ -166,6 +173,7 @@ class MicroStress:
         F = self._F_expr.eval(self.mesh, self.cells).reshape(-1, d, d)
         fields, sizes = (self.P, self.A, self.bound, self.source), (d * d, d**4, 1, 1)
         failure: Exception | None = None
+        t0 = time.perf_counter()
         try:
             r = self.micro.solve(F, point_ids=self.point_ids, tangent=True)
             values = [np.reshape(v, size * n) for v, size in zip(
@@ -173,6 +181,7 @@ class MicroStress:
                  r.info.get("source", np.ones(n))), sizes, strict=True)]
         except Exception as err:  # raised below, after the collective ghost exchange
             failure, values = err, [np.nan] * len(fields)
+        self.rank_totals["micro_time_s"] += time.perf_counter() - t0
         for f, v, size in zip(fields, values, sizes, strict=True):
             f.x.array[: size * n] = v
             f.x.scatter_forward()
@@ -286,6 +295,10 @@ class MicroStress:
         finally:
             self._in_step = False
         if self._converged:
+            stats = getattr(self.micro, "stats", None)
+            for k, v in (dataclasses.asdict(stats) if dataclasses.is_dataclass(stats)
+                         else {}).items():
+                self.rank_totals[k] = self.rank_totals.get(k, 0) + v
             report = self.micro.end_step(steps_left=steps_left)
             report = {} if report is None else dataclasses.asdict(report)
             report["failed_points"] = self.comm.allreduce(
@@ -316,10 +329,7 @@ class MicroStress:
         """Sum of the internal force over local dof indices ``dofs`` (e.g. the x-dofs of the
         loaded edge), over all ranks: the reaction force there (stress unit × length^(d−1))."""
         f = self.internal_force()
-        index_map = self.u.function_space.dofmap.index_map
-        n_owned = index_map.size_local * self.u.function_space.dofmap.index_map_bs
-        dofs = np.asarray(dofs)
-        value = self.comm.allreduce(float(f.getArray(readonly=True)[dofs[dofs < n_owned]].sum()))
+        value = owned_sum(f, dofs, self.u.function_space)
         f.destroy()
         return value
 
@@ -329,6 +339,15 @@ class MicroStress:
         size = int(np.prod(shape)) if shape else 1
         a = f.x.array[: len(self.cells) * self.n_qp * size].reshape(-1, self.n_qp, size)
         return a.max(axis=1) if reduce == "max" else a.mean(axis=1)
+
+
+def owned_sum(f: PETSc.Vec, dofs: np.ndarray, V: fem.FunctionSpace) -> float:
+    """Sum of the ghost-updated vector ``f`` of space ``V`` over local dof indices ``dofs``
+    (blocked), each dof counted on its owning rank only, over all ranks (collective): e.g. the
+    reaction force of an assembled internal force on a loaded edge."""
+    n_owned = V.dofmap.index_map.size_local * V.dofmap.index_map_bs
+    dofs = np.asarray(dofs)
+    return V.mesh.comm.allreduce(float(f.getArray(readonly=True)[dofs[dofs < n_owned]].sum()))
 
 
 def _check_finite(out: tuple, rank: int) -> None:

@@ -96,7 +96,7 @@ def prepare(args: argparse.Namespace):
     from neuroscale_couple.coupler import Policy
     from neuroscale_couple.operators.base import load_operator
 
-    mesh_size(args.mesh_size)
+    check_loading(args)
     policy = Policy(rtol=0.0 if args.reference else args.rtol,
                     atol=None if args.reference else args.atol, confidence=args.confidence,
                     outside=args.outside, exclude_noise=getattr(args, "exclude_noise", False))
@@ -105,15 +105,20 @@ def prepare(args: argparse.Namespace):
     for flag in ("background_retrain", "cost_aware_retrain"):
         if getattr(args, flag) and args.no_retrain:
             raise InputError(f"--{flag.replace('_', '-')} and --no-retrain contradict: drop one")
+    state = LoadStepper.read_checkpoint(Path(args.out) / "checkpoint") if args.restart else None
+    weights = (state or {}).get("model_file") or args.model
+    model = None if policy.classic else load_operator(weights)
+    return policy, args.model, model
+
+
+def check_loading(args: argparse.Namespace) -> None:
+    """Check ``--mesh-size``, ``--steps`` and ``--stretch`` (raises :class:`InputError`)."""
+    mesh_size(args.mesh_size)
     if args.steps < 1:
         raise InputError(f"--steps {args.steps}: give at least one load step")
     if not -1 < args.stretch < 1:  # also catches NaN
         raise InputError(f"--stretch {args.stretch}: give a finite macro stretch in (-1, 1) "
                          "(the loaded edge moves by stretch × the plate's half-width 1)")
-    state = LoadStepper.read_checkpoint(Path(args.out) / "checkpoint") if args.restart else None
-    weights = (state or {}).get("model_file") or args.model
-    model = None if policy.classic else load_operator(weights)
-    return policy, args.model, model
 
 
 def retrain_config(args: argparse.Namespace):
@@ -140,13 +145,29 @@ def quarter_plate(args: argparse.Namespace, coupler, structures_at: Callable,
     :class:`~neuroscale_couple.adapters.fenicsx_steps.LoadStepper` of the problem, the load
     function t ↦ boundary values and the dofs of the loaded edge."""
     import ufl
-    from dolfinx import fem, mesh
     from dolfinx.fem.petsc import NonlinearProblem
 
     from neuroscale_couple.adapters.fenicsx import MicroStress
     from neuroscale_couple.adapters.fenicsx_steps import LoadStepper
 
     msh = plate_with_hole(comm, mesh_size(args.mesh_size), HOLE_RADIUS)
+    u, bcs, set_load, right = quarter_loading(msh, args.stretch)
+    # The plug-in: P̄ and its tangent from the Coupler at each quadrature point of u.
+    micro = MicroStress(u, coupler, structures_at)
+    residual = ufl.inner(micro.stress, ufl.grad(ufl.TestFunction(u.function_space))) * micro.dx
+    problem = NonlinearProblem(residual, u, bcs=bcs, petsc_options_prefix="plate_",
+                               petsc_options={**NEWTON, **(petsc_options or {})})
+    micro.attach(problem)
+    return LoadStepper(problem, micro), set_load, right
+
+
+def quarter_loading(msh, stretch: float):
+    """P1 displacement on ``msh`` (a domain in [0, 1]² touching x = 0, y = 0 and x = 1) with the
+    plate's boundary conditions: u_x = 0 on x = 0, u_y = 0 on y = 0, u_x = t · stretch on
+    x = 1. Returns u, the Dirichlet conditions, the load function t ↦ boundary values and the
+    x-dofs of the loaded edge x = 1 (local indices)."""
+    from dolfinx import fem, mesh
+
     V = fem.functionspace(msh, ("Lagrange", 1, (2,)))
     u = fem.Function(V, name="displacement")
     fdim = msh.topology.dim - 1
@@ -161,17 +182,11 @@ def quarter_plate(args: argparse.Namespace, coupler, structures_at: Callable,
     bcs = [fem.dirichletbc(0.0, dofs["left"], V.sub(0)),
            fem.dirichletbc(0.0, dofs["bottom"], V.sub(1)),
            fem.dirichletbc(delta, dofs["right"], V.sub(0))]
-    # The plug-in: P̄ and its tangent from the Coupler at each quadrature point of u.
-    micro = MicroStress(u, coupler, structures_at)
-    residual = ufl.inner(micro.stress, ufl.grad(ufl.TestFunction(V))) * micro.dx
-    problem = NonlinearProblem(residual, u, bcs=bcs, petsc_options_prefix="plate_",
-                               petsc_options={**NEWTON, **(petsc_options or {})})
-    micro.attach(problem)
 
     def set_load(t: float) -> None:
-        delta.value = args.stretch * t
+        delta.value = stretch * t
 
-    return LoadStepper(problem, micro), set_load, dofs["right"]
+    return u, bcs, set_load, dofs["right"]
 
 
 def plate_with_hole(comm: MPI.Comm, h: float, radius: float):
@@ -308,7 +323,7 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
         / (len(history) * micro.n_points),
         "newton_iterations": [h["newton_iterations"] for h in history],
         "displacement_norm": u_norm, "reaction_force": history[-1]["reaction_force"],
-        "model_version": coupler.version,
+        "model_version": coupler.version, "per_rank": per_rank(comm, micro.rank_totals),
     }
     if args.audit:
         summary["audit"] = summarise([h["audit"] for h in history])
@@ -323,6 +338,16 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
         check(summary)
         LOG.info("done in %.1f s: %s", summary["total_time_s"], out / "summary.json")
     return summary
+
+
+def per_rank(comm: MPI.Comm, figures: dict[str, float]) -> dict[str, list[float]]:
+    """This rank's ``figures`` and its peak resident memory ``peak_rss_mb`` (MiB) as lists
+    indexed by rank, on every rank (collective)."""
+    import resource
+
+    mine = {**figures, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    parts = comm.allgather(mine)
+    return {k: [part.get(k, 0.0) for part in parts] for k in mine}
 
 
 def gather_fields(micro) -> dict | None:
@@ -437,7 +462,7 @@ def check(summary: dict) -> None:
     forces = [h["reaction_force"] for h in summary["steps"]]
     if any(b <= a for a, b in itertools.pairwise(forces)):
         raise SystemExit(f"self-check failed: reaction force does not grow with load: {forces}")
-    if summary["steps"][-1]["failed_points"]:
+    if summary["steps"][-1].get("failed_points"):
         LOG.warning("%d points kept the operator's value after failed fine solves",
                     summary["steps"][-1]["failed_points"])
     if "audit" in summary:

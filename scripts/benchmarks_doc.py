@@ -563,6 +563,65 @@ def region_section(record: dict, path: Path, images: dict[str, tuple[str, str]])
     return out
 
 
+def scaling_section(record: dict, path: Path, images: dict[str, tuple[str, str]]) -> list[str]:
+    out = ["## Scaling", "",
+           "The FE² example (`examples/fe2_composite.py`, no retraining) against the size of the "
+           "macro problem and the number of ranks, and the single-scale limit: the same plate, "
+           "mesh and load steps with a closed-form Neo-Hookean law (`--single-scale`, Voigt "
+           "mixture of the phases). `limit_ratio` is the FE² run's total time over that one's. "
+           "Per step: operator, fine work (the busiest rank's own RVE solves), fine wait + "
+           "communication (the fallback stage's wall time beyond a rank's own solves: waiting "
+           "for the busiest rank and the exchanges), macro (the rest: assembly, linear solve, "
+           "checkpoints).", ""]
+    out += provenance(record, path, "", None)
+    out += ["The full sweep (~400 to ~10⁵ points, ranks 1–8) is `make bench-scaling` "
+            "(`.venv/bin/python bench/scaling.py`): resumable, each run's summary is kept in "
+            "`out/bench_scaling/` and reused while its command is unchanged.", ""]
+    if record.get("note"):
+        out += [f"Note: {record['note']}.", ""]
+    out += [f"Fallback runs: `--rtol {record.get('fallback_rtol')}`; fallback-heavy rank runs: "
+            f"`--rtol {record.get('heavy_rtol')}`; {record.get('steps')} load steps.", ""]
+
+    def rows(runs: list[dict]) -> list[tuple]:
+        return [(r["mode"], num(r["ranks"]), num(r["points"]), num(r["dofs"]), num(r["setup_s"]),
+                 num(r["step_s"]), num(r["operator_s_per_step"]), num(r["fine_work_s_per_step"]),
+                 num(r["fine_wait_comm_s_per_step"]), num(r["macro_s_per_step"]),
+                 num(r["fallback_rate"]), num(r["fine_balance"]),
+                 num(max(r["rss_mib_per_rank"]))) for r in runs]
+
+    head = ("run", "ranks", "points", "dofs", "set-up s", "s/step", "operator s", "fine work s",
+            "fine wait + comm. s", "macro s", "fallback rate", "fine max/mean",
+            "peak RSS MiB/rank")
+    out += ["### Size sweep (1 rank)", "", *table(head, rows(record.get("sweep", [])))]
+    limit = record.get("limit_ratio", {})
+    by_points: dict[int, dict] = {}
+    for mode, runs in limit.items():
+        for r in runs:
+            by_points.setdefault(r["points"], {})[mode] = r
+    out += table(("points", "limit_ratio, operator only", "limit_ratio, with fallback",
+                  "per step, operator only", "per step, with fallback"),
+                 [(num(n), ratio(d.get("operator", {}).get("limit_ratio")),
+                   ratio(d.get("fallback", {}).get("limit_ratio")),
+                   ratio(d.get("operator", {}).get("steps_ratio")),
+                   ratio(d.get("fallback", {}).get("steps_ratio")))
+                  for n, d in sorted(by_points.items())])
+    out += [f"Target: limit_ratio ≤ {ratio(record.get('target_limit_ratio'))}.", ""]
+    out += ["### Ranks", "", *table(head, rows(record.get("ranks", [])))]
+    out += [f"Target for the fallback-heavy runs: fine work max/mean over ranks ≤ "
+            f"{record.get('target_balance')}.", ""]
+    out += ["### Model for more ranks", "", "Assumptions:", ""]
+    out += [f"- {a}" for a in record.get("assumptions", [])] + [""]
+    out += table(("points", "ranks", "s/step", "operator s", "fine s", "macro s",
+                  "communication s", "MiB per rank", "GiB all ranks"),
+                 [(num(m["points"]), num(m["ranks"]), num(m["step_s"]), num(m["operator_s"]),
+                   num(m["fine_s"]), num(m["macro_s"]), num(m["communication_s"]),
+                   num(m["rss_mib_per_rank"]), num(m["rss_gib_all_ranks"]))
+                  for m in record.get("model", [])])
+    out += figure("scaling.png", "Time per load step against the macro size, limit_ratio, and "
+                  "the split of a step over ranks", images)
+    return out
+
+
 def generic_section(record: dict, path: Path) -> list[str]:
     """A record of a kind this script does not know: its scalar fields as they are."""
     out = [f"## `{path.stem}`", ""]
@@ -595,7 +654,7 @@ def copy_images(docs: Path) -> dict[str, tuple[str, str]]:
 # ---------------------------------------------------------------------------------- page
 ORDER = ("rve_solve", "operator", "encode", "region", "fe2_speedup", "fe2_speedup_beyond",
          "fe2_speedup_412", "hmm_speedup", "hmm_speedup_300K_202", "hmm_speedup_0K_small",
-         "hmm_speedup_300K")
+         "hmm_speedup_300K", "scaling")
 
 
 def page(docs: Path) -> str:
@@ -626,6 +685,8 @@ def page(docs: Path) -> str:
             lines += encode_section(record, path, images)
         elif name == "region":
             lines += region_section(record, path, images)
+        elif name == "scaling":
+            lines += scaling_section(record, path, images)
         elif "runs" in record and "reference" in record["runs"]:
             lines += coupled_section(record, path, images)
             key = "\n".join(md_noise_rows(record.get("md_noise") or {}))
