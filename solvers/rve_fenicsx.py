@@ -343,7 +343,8 @@ class PeriodicRVE(FineSolver):
         bench/rve_live.py)."""
         if "_snes" not in self.__dict__:
             return 0
-        mumps = self._factored and self._options["pc_factor_mat_solver_type"] == "mumps"
+        lu = self._options["pc_type"], self._options["pc_factor_mat_solver_type"]
+        mumps = self._factored and lu == ("lu", "mumps")
         return (COMMUNICATORS_BUILT + (self.degree > 1) + COMMUNICATORS_MUMPS * mumps
                 + len(self._samplers))
 
