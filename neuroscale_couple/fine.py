@@ -125,11 +125,11 @@ class FineSolver(ABC):
         return False
 
 
-#: Default number of live fine solvers a rank keeps, awake or hibernated (an RVE holds ~15 MPI
-#: communicators awake, so at most ~130 of them are awake; a hibernated one holds none).
+#: Default number of live fine solvers a rank keeps, awake or hibernated (a solved RVE holds 14
+#: MPI communicators awake, so ~127 are awake in a fresh process; a hibernated one holds none).
 LIVE_SOLVERS = 1024
-#: Default memory budget of a rank's live fine solvers, bytes (2 GiB: ~128 awake RVEs of the
-#: default mesh, ~15 MB each, or ~9000 hibernated ones, ~0.23 MB each).
+#: Default memory budget of a rank's live fine solvers, bytes (2 GiB: measured, 113 awake RVEs of
+#: the default mesh, ~15 MB each by their estimate, and 887 hibernated ones, ~0.5 MB each).
 LIVE_MEMORY = 2 * 1024**3
 #: MPI communicators a :class:`SolverCache` leaves to the rest of the process (host code, PETSc,
 #: MPI-IO, and those closed solvers leave in reference cycles until a garbage collection).
@@ -143,7 +143,7 @@ class SolverCache:
 
     Three bounds hold. The awake solvers' :meth:`FineSolver.communicators` stay within
     ``communicators`` (None: what MPI has left when the first solver reports some, less
-    :data:`RESERVED_COMMUNICATORS`; MPICH allows 2048 a process, an awake RVE holds ~15);
+    :data:`RESERVED_COMMUNICATORS`; MPICH allows 2048 a process, a solved RVE holds 14);
     all live solvers' :meth:`FineSolver.memory_bytes` stay within ``memory`` bytes (None: no
     budget); and at most ``capacity`` solvers are live. A solver about to be built or woken
     counts as the largest seen (bytes and communicators), so that the bounds hold once it has

@@ -136,8 +136,8 @@ class PeriodicRVE(FineSolver):
     ``FIBRE`` per owned cell). Solved, it holds 14 MPI communicators
     (:meth:`communicators`) and, at mesh size 0.02, ~14 MB (11 of them MUMPS's LU factors);
     :meth:`hibernate` releases all the communicators and keeps ~0.22 MB of mesh arrays besides
-    the warm-start states (0.26 MB a point), and the next solve resumes it in ~0.03 s
-    (measured, ``python bench/rve_live.py``).
+    the warm-start states (0.26 MB a point), ~0.5 MB resident, and the next solve resumes it
+    in 0.03–0.05 s, half a warm solve (measured, ``python bench/rve_live.py``).
     """
 
     implemented_properties = ("stress", "tangent", "fields")
@@ -357,7 +357,7 @@ class PeriodicRVE(FineSolver):
         the factor's nonzeros), the nonzeros of its matrices K, K_r and 𝒫, its vectors, and
         :data:`MESH_BYTES_PER_CELL` per cell for the mesh, spaces and forms. 0 once closed; the
         factors count from the first solve on. Hibernated: its mesh arrays and
-        ``ASLEEP_BYTES`` (measured at mesh size 0.02: 0.22 MB of arrays, ~0.55 MB resident).
+        ``ASLEEP_BYTES`` (measured at mesh size 0.02: 0.22 MB of arrays, ~0.5 MB resident).
 
         Measured (P1, one rank): at mesh size 0.02 (~6200 cells, ~6500 dofs) 14.4 MB of
         resident memory per solved RVE, of which 11 MB are MUMPS's factors; 2.6 MB at 0.05,

@@ -80,7 +80,7 @@ def test_rve_memory_estimate_matches_the_resident_size_it_adds():
 
 def test_a_rank_keeps_more_rves_live_than_mpi_lets_stay_awake():
     """A classic-FE² sweep over 200 cells (mesh size 0.1) on one rank. Awake, a solved RVE
-    holds 14 communicators, and 146 of them exhausted MPICH's 2048 (bench/rve_live.py); the
+    holds 14 communicators, and 145–146 of them exhausted MPICH's 2048 (bench/rve_live.py); the
     cache keeps all 200 live — awake within the communicators MPI has left, the others
     hibernated — solves each twice without rebuilding one, leaves the reserve free, and a
     woken RVE solves exactly as a fresh one."""
