@@ -342,6 +342,18 @@ def test_a_hibernated_rve_holds_no_communicators_and_resumes_to_the_same_results
     assert again[1].info["iterations"][0] < results[1].info["iterations"][0]  # warm start
 
 
+@pytest.mark.mpi
+def test_only_a_serial_rve_hibernates():
+    """A cell distributed over several ranks keeps its DOLFINx objects (hibernate() is False,
+    nothing released) and solves on; on one rank it hibernates and resumes to the same
+    stress."""
+    with rve(micro.single_fibre(0.3), mesh_size=0.1, comm=MPI.COMM_WORLD) as cell:
+        first = cell.solve(F_TEST, point_ids=[0])
+        assert cell.hibernate() == (MPI.COMM_WORLD.size == 1) == cell.asleep
+        again = cell.solve(F_TEST, point_ids=[0])
+    np.testing.assert_allclose(again.stress, first.stress, rtol=1e-12)
+
+
 def test_a_rebuilt_rve_reads_the_same_mesh_back(monkeypatch):
     """A cell meshed before in the process (an RVE rebuilt after a solver cache eviction) is
     read from its .msh file: the same mesh and stress, bit for bit, and no gmsh meshing."""
