@@ -292,6 +292,7 @@ class PeriodicRVE(FineSolver):
         arrays (no meshing, no file; the same mesh and dofs, bit for bit, so the states fit).
         A serial RVE only: on a communicator of several ranks nothing happens (False).
         """
+        self._check_open()
         if self.comm.size > 1:
             return False
         if not self.asleep:
@@ -318,12 +319,17 @@ class PeriodicRVE(FineSolver):
     def resume(self) -> None:
         """Rebuild a hibernating RVE from its arrays now, as its next solve would (nothing for
         an awake one)."""
+        self._check_open()
         if not self.asleep:
             return
         cells, x, phase, element = self._asleep
         mesh = create_mesh(self.comm, cells, ufl.Mesh(element), x)
         del self._asleep
         self._build(mesh, phase[mesh.topology.original_cell_index])
+
+    def _check_open(self) -> None:
+        if not self.__dict__:
+            raise InputError("this PeriodicRVE was closed: build a new one to solve again")
 
     def _release(self) -> None:
         """Destroy the PETSc objects, remove the RVE's options from PETSc's database and drop

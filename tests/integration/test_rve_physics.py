@@ -340,6 +340,8 @@ def test_a_hibernated_rve_holds_no_communicators_and_resumes_to_the_same_results
         np.testing.assert_array_equal(b.tangent, a.tangent)
         assert b.info["iterations"][0] == a.info["iterations"][0]
     assert again[1].info["iterations"][0] < results[1].info["iterations"][0]  # warm start
+    with pytest.raises(InputError, match="closed: build a new one"):
+        sleeper.solve(F_TEST)
 
 
 @pytest.mark.mpi
