@@ -47,6 +47,7 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/rve_solve.py
+	$(PY) bench/rve_live.py
 	$(PY) bench/operator.py
 	$(PY) bench/fe2_speedup.py --np $(NP)
 	$(PY) bench/encode.py

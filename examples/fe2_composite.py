@@ -62,30 +62,31 @@ COMPOSITE = {"law": "neo_hookean", "matrix": {"E": 3.0, "nu": 0.35},
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from neuroscale_couple.config import byte_size
     from neuroscale_couple.errors import InputError
-    from neuroscale_couple.solvers.rve_fenicsx import MAX_LIVE_RVES
+    from neuroscale_couple.fine import LIVE_SOLVERS
 
     p = coupled_arguments(__doc__.splitlines()[0], out="out/fe2_composite", model=DEFAULT_MODEL,
                           stretch=0.08, rtol=0.05, stress_unit="GPa")
     p.add_argument("--rve-mesh-size", type=float, default=0.02,
                    help="RVE element size in cell lengths (0.02: the shipped model's training "
                    "data)")
-    p.add_argument("--rve-cache", type=int, default=MAX_LIVE_RVES,
-                   help=f"live RVEs per rank, 1 to {MAX_LIVE_RVES} (a solved RVE holds ~14 MPI "
-                   "communicators, of which MPICH allows 2048 per process); a rank with more "
-                   "points rebuilds evicted RVEs (their meshes read back from files)")
+    p.add_argument("--rve-cache", type=int, default=LIVE_SOLVERS,
+                   help="live RVEs per rank: awake ones within the MPI communicators left (a "
+                   "solved RVE holds 14, MPICH allows 2048 per process), the others hibernated "
+                   "(mesh kept as arrays, no communicators); a rank with more points rebuilds "
+                   "closed RVEs (their meshes read back from files)")
     p.add_argument("--single-scale", action="store_true",
                    help="no micro solver: the same plate with a closed-form Neo-Hookean law "
                    "(Voigt mixture of the phases), the single-scale limit of the run's cost")
     p.add_argument("--rve-memory", default="2G",
                    help="memory budget of a rank's live RVEs, e.g. 512M or 2G (powers of 1024; "
-                   "none: --rve-cache only); one RVE of mesh size 0.02 takes ~15 MB")
+                   "none: --rve-cache only); one RVE of mesh size 0.02 takes ~14 MB awake, "
+                   "~1 MB hibernated with its warm-start states")
     args = p.parse_args(argv)
     if not 0 < args.rve_mesh_size <= 0.25:
         p.error(f"--rve-mesh-size {args.rve_mesh_size}: give an element size in (0, 0.25] cell "
                 "lengths")
-    if not 1 <= args.rve_cache <= MAX_LIVE_RVES:
-        p.error(f"--rve-cache {args.rve_cache}: give 1 to {MAX_LIVE_RVES} (more live RVEs "
-                "run out of MPICH's communicators: 180 did on one rank)")
+    if args.rve_cache < 1:
+        p.error(f"--rve-cache {args.rve_cache}: give at least 1 live RVE per rank")
     coupled = [flag for flag in ("reference", "restart", "audit", "compare", "replay_from")
                if getattr(args, flag)]
     if args.single_scale and coupled:

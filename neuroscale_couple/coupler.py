@@ -268,7 +268,8 @@ class Coupler(FineSolver):
     replay_dir : where fine solves are stored (None: not stored, no retraining).
     retrain : online fine-tuning settings (None or ``enabled=False``: none).
     model_path : the model file (to find the anchor data sets next to it).
-    cache_size : live fine solvers per rank (at most; RVEs: at most 128, for MPI's communicators).
+    cache_size : live fine solvers per rank, awake or hibernated (RVEs stay awake only within
+        the MPI communicators left: see :class:`~neuroscale_couple.fine.SolverCache`).
     cache_memory : memory budget of a rank's live fine solvers (their estimated
         :meth:`~neuroscale_couple.fine.FineSolver.memory_bytes`): bytes, or a size such as
         ``"512M"``, ``"2G"`` (powers of 1024); None: the count only. Default 2 GiB.

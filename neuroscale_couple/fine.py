@@ -112,56 +112,86 @@ class FineSolver(ABC):
         it by count only."""
         return 0
 
+    def communicators(self) -> int:
+        """MPI communicators the solver holds now (0, the default, for one that holds none): a
+        :class:`SolverCache` keeps the sum over its awake solvers within what MPI has left."""
+        return 0
 
-#: Default number of live fine solvers a rank keeps (each RVE holds ~14 MPI communicators).
-LIVE_SOLVERS = 128
-#: Default memory budget of a rank's live fine solvers, bytes (2 GiB: 128 RVEs of the default
-#: mesh, ~15 MB each, fit; finer RVE meshes are bounded by it rather than by the count).
+    def hibernate(self) -> bool:
+        """Release what the solver can rebuild from plain arrays it keeps (communicators, PETSc
+        objects, most of its memory), keeping its ``states``; its next :meth:`solve` resumes
+        it. True if it did; False (the default) for a solver that cannot: a
+        :class:`SolverCache` closes that one instead."""
+        return False
+
+
+#: Default number of live fine solvers a rank keeps, awake or hibernated (a solved RVE holds 14
+#: MPI communicators awake, so ~127 are awake in a fresh process; a hibernated one holds none).
+LIVE_SOLVERS = 1024
+#: Default memory budget of a rank's live fine solvers, bytes (2 GiB: measured, 113 awake RVEs of
+#: the default mesh, ~15 MB each by their estimate, and 887 hibernated ones, ~0.5 MB each).
 LIVE_MEMORY = 2 * 1024**3
+#: MPI communicators a :class:`SolverCache` leaves to the rest of the process (host code, PETSc,
+#: MPI-IO, and those closed solvers leave in reference cycles until a garbage collection).
+RESERVED_COMMUNICATORS = 256
 
 
 class SolverCache:
-    """A bounded set of fine solvers, one per microstructure key, evicting the least recently
-    used.
+    """A bounded set of live fine solvers, one per microstructure key: awake ones, and
+    hibernated ones (:meth:`FineSolver.hibernate`) that hold no communicators and little
+    memory and resume at their next solve.
 
-    Each live RVE holds PETSc objects and ~14 MPI communicators (9 its mesh and spaces, 5 MUMPS
-    once it has factorized; MPICH allows 2048 per process), so a rank keeps at most
-    ``capacity``; and its LU factors and mesh take memory (~15 MB at the default RVE mesh, see
-    :meth:`~neuroscale_couple.solvers.rve_fenicsx.PeriodicRVE.memory_bytes`), so the live
-    solvers' :meth:`FineSolver.memory_bytes` stay within ``memory`` bytes (None: no budget)
-    — counting a solver about to be built as the largest one seen, so that the budget holds
-    once it has solved too. At least one solver is kept, whatever the budget.
+    Three bounds hold. The awake solvers' :meth:`FineSolver.communicators` stay within
+    ``communicators`` (None: what MPI has left when the first solver reports some, less
+    :data:`RESERVED_COMMUNICATORS`; MPICH allows 2048 a process, a solved RVE holds 14);
+    all live solvers' :meth:`FineSolver.memory_bytes` stay within ``memory`` bytes (None: no
+    budget); and at most ``capacity`` solvers are live. A solver about to be built or woken
+    counts as the largest seen (bytes and communicators), so that the bounds hold once it has
+    solved too. At least one solver is kept, whatever the budgets.
 
-    To make room it closes the one used longest ago among those not yet used in the current
-    pass (:meth:`new_pass`, one per evaluation of all points); when every live solver was used
-    in this pass — a pass over more solvers than fit, as classic FE² on more than ``capacity``
-    points per rank — it closes the one used last, so all but one stay live across passes
-    instead of each being rebuilt (least-recently-used eviction would miss on every solve of
-    such a cyclic sweep). The warm-start states of an evicted solver (its ``states``) are kept
-    and handed to the solver rebuilt for the same key.
+    To make room for communicators or memory it hibernates an awake solver (closes one that
+    cannot hibernate; closes a hibernated one once none is awake); to make room in the count it
+    closes one. The one chosen is the one used longest ago among those not yet used in the
+    current pass (:meth:`new_pass`, one per evaluation of all points); when every candidate was
+    used in this pass — a pass over more solvers than fit, as classic FE² on more points per
+    rank — the one used last, so all but one stay as they are across passes instead of each
+    being rebuilt (least-recently-used eviction would miss on every solve of such a cyclic
+    sweep). The warm-start states of a closed solver (its ``states``) are kept and handed to
+    the solver rebuilt for the same key; a hibernated one keeps its own.
     """
 
-    def __init__(self, factory: Callable[[object], FineSolver],
-                 capacity: int = LIVE_SOLVERS, memory: int | None = None) -> None:
+    def __init__(self, factory: Callable[[object], FineSolver], capacity: int = LIVE_SOLVERS,
+                 memory: int | None = None, communicators: int | None = None) -> None:
         if capacity < 1:
             raise InputError(f"cache capacity={capacity}: keep at least one fine solver")
         if memory is not None and not memory > 0:
             raise InputError(f"cache memory={memory}: give a budget in bytes > 0, or None")
+        if communicators is not None and not communicators > 0:
+            raise InputError(f"cache communicators={communicators}: give a number > 0, or None "
+                             "(what MPI has left)")
         self.factory, self.capacity, self.memory = factory, capacity, memory
+        self.communicators = communicators
         self._live: OrderedDict[Hashable, FineSolver] = OrderedDict()
+        self._asleep: set[Hashable] = set()
         self._used: dict[Hashable, int] = {}  # pass of each live solver's last use
         self._pass = 0
         self._saved: dict[Hashable, dict] = {}
         self.largest = 0  # bytes of the largest solver seen
+        self.largest_communicators = 0  # communicators of the busiest solver seen
         self.setup_time = 0.0
         self.builds = 0
-        self.evictions = 0
+        self.evictions = 0  # solvers closed to make room
+        self.hibernations = 0
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._live
 
     def __len__(self) -> int:
         return len(self._live)
+
+    def awake(self) -> int:
+        """Number of live solvers not hibernating."""
+        return len(self._live) - len(self._asleep)
 
     def memory_bytes(self) -> int:
         """Estimated bytes the live solvers hold (the sum of their
@@ -170,13 +200,23 @@ class SolverCache:
         self.largest = max([self.largest, *sizes])
         return sum(sizes)
 
+    def communicators_held(self) -> int:
+        """MPI communicators the live solvers hold (the sum of their
+        :meth:`FineSolver.communicators`)."""
+        counts = [solver_communicators(s) for s in self._live.values()]
+        self.largest_communicators = max([self.largest_communicators, *counts])
+        return sum(counts)
+
     def get(self, key: Hashable, spec: object) -> FineSolver:
         """The solver of ``key``, built from ``spec`` (e.g. a microstructure) if not live."""
         self._used[key] = self._pass
         if key in self._live:
             self._live.move_to_end(key)
+            if key in self._asleep:  # it resumes at its next solve
+                self._make_room(key)
+                self._asleep.discard(key)
             return self._live[key]
-        self._make_room()
+        self._make_room(None)
         t0 = time.perf_counter()
         solver = self.factory(spec)
         self.setup_time += time.perf_counter() - t0
@@ -186,24 +226,46 @@ class SolverCache:
         self._live[key] = solver
         return solver
 
-    def _make_room(self) -> None:
-        """Close live solvers until one more fits the count and the memory budget."""
-        def full() -> bool:
-            if len(self._live) >= self.capacity:
-                return True
-            return (self.memory is not None
-                    and self.memory_bytes() + self.largest > self.memory)
-
-        while self._live and full():
-            stale = (k for k in self._live if self._used[k] < self._pass)
-            old_key = next(stale, None)
-            if old_key is None:  # all used in this pass: keep them, drop the one used last
-                old_key = next(reversed(self._live))
-            old = self._live.pop(old_key)
-            del self._used[old_key]
+    def _make_room(self, waking: Hashable | None) -> None:
+        """Hibernate or close live solvers until one more awake solver (``waking``, or a new
+        one if None) fits the bounds."""
+        while True:
+            others = [k for k in self._live if k != waking]
+            awake = [k for k in others if k not in self._asleep]
+            if waking is None and len(self._live) >= self.capacity:
+                candidates, hibernate = others, False
+            elif self._over_budget():
+                candidates, hibernate = awake or others, bool(awake)
+            else:
+                return
+            if not candidates:
+                return
+            stale = (k for k in candidates if self._used[k] < self._pass)
+            old_key = next(stale, candidates[-1])  # all used in this pass: the one used last
+            old = self._live[old_key]
+            if hibernate and hibernate_solver(old):
+                self._asleep.add(old_key)
+                self.hibernations += 1
+                continue
+            del self._live[old_key], self._used[old_key]
+            self._asleep.discard(old_key)
             self._saved[old_key] = dict(old.states)
             close_solver(old)
             self.evictions += 1
+
+    def _over_budget(self) -> bool:
+        """Whether one more awake solver, as large as the largest seen, would exceed the
+        memory or communicator budget."""
+        if self.memory is not None and self.memory_bytes() + self.largest > self.memory:
+            return True
+        held = self.communicators_held()
+        if not self.largest_communicators:
+            return False  # solvers that hold none (or none built yet)
+        if self.communicators is None:
+            from neuroscale_couple.parallel import free_communicators
+
+            self.communicators = held + free_communicators() - RESERVED_COMMUNICATORS
+        return held + self.largest_communicators > self.communicators
 
     def pop_state(self, key: Hashable, point_id: Hashable) -> object | None:
         """Remove and return the warm-start state of ``point_id`` in the solver of ``key`` (live
@@ -235,6 +297,7 @@ class SolverCache:
         """Close every live solver and hand the freed memory back to the system."""
         while self._live:
             close_solver(self._live.popitem()[1])
+        self._asleep.clear()
         self._used.clear()
         self._saved.clear()
         gc.collect()
@@ -245,6 +308,13 @@ def solver_memory(solver: object) -> int:
     """:meth:`FineSolver.memory_bytes` of ``solver``; 0 for a solver that does not report it."""
     memory_bytes = getattr(solver, "memory_bytes", None)
     return 0 if memory_bytes is None else int(memory_bytes())
+
+
+def solver_communicators(solver: object) -> int:
+    """:meth:`FineSolver.communicators` of ``solver``; 0 for a solver that does not report
+    them."""
+    communicators = getattr(solver, "communicators", None)
+    return 0 if communicators is None else int(communicators())
 
 
 def pack_states(entries: Sequence[tuple[Hashable, int, object]], prefix: str
@@ -283,17 +353,32 @@ def unpack_states(arrays: Mapping[str, np.ndarray], prefix: str
 
 
 COLLECT_EVERY = 16
-_closed = 0
+_released = 0
 
 
 def close_solver(solver: FineSolver) -> None:
-    """Close a solver; every ``COLLECT_EVERY``-th close also collects garbage, freeing what
-    closed solvers left in reference cycles (MPI communicators among it) at a fraction of a
-    collection per close, and hands freed memory back to the system (:func:`release_memory`)."""
-    global _closed
+    """Close a solver; every ``COLLECT_EVERY``-th close or hibernation also collects garbage,
+    freeing what released solvers left in reference cycles (MPI communicators among it) at a
+    fraction of a collection each, and hands freed memory back to the system
+    (:func:`release_memory`)."""
     solver.close()
-    _closed += 1
-    if _closed % COLLECT_EVERY == 0:
+    _count_release()
+
+
+def hibernate_solver(solver: FineSolver) -> bool:
+    """Hibernate a solver (:meth:`FineSolver.hibernate`, collecting garbage as
+    :func:`close_solver` does); False for one that cannot (a duck-typed one without it)."""
+    hibernate = getattr(solver, "hibernate", None)
+    if hibernate is None or not hibernate():
+        return False
+    _count_release()
+    return True
+
+
+def _count_release() -> None:
+    global _released
+    _released += 1
+    if _released % COLLECT_EVERY == 0:
         gc.collect()
         release_memory()
 

@@ -54,9 +54,10 @@ COUPLED_INTRO = {
         "The same FE² problem loaded further, so that the points around the hole leave the "
         "operator's training loads."),
     "fe2_speedup_412": (
-        "A bigger FE² macro problem (finer macro mesh). Classic FE² here keeps at most 128 "
-        "live RVEs per rank (MPICH's communicator limit, see Troubleshooting) and rebuilds "
-        "the others, so its reference is slower per point than the 202-point one."),
+        "A bigger FE² macro problem (finer macro mesh). When this record was made, classic FE² "
+        "kept at most 128 live RVEs per rank (MPICH's communicator limit, see "
+        "Troubleshooting) and rebuilt the others, so its reference is slower per point than "
+        "the 202-point one."),
     "hmm_speedup": (
         "HMM of the copper plate with a hole (`examples/hmm_atomistic.py`): a Cauchy–Born "
         "crystal (EMT Cu, 31 atoms, relaxed) at every quadrature point, 0 K."),
@@ -233,6 +234,62 @@ def rve_section(record: dict, path: Path, images: dict[str, tuple[str, str]]) ->
                       for g in gen])
         if "generate_speedup_2_ranks" in record:
             out += [f"Speed-up on 2 ranks: {ratio(record['generate_speedup_2_ranks'])}.", ""]
+    return out
+
+
+def rve_live_section(record: dict, path: Path) -> list[str]:
+    st = record["stages"]
+    out = ["## Live RVEs on one rank", "",
+           f"What a periodic RVE of mesh size {num(st['mesh_size'])} ({num(st['dofs'])} dofs, "
+           "P1, Neo-Hookean) holds through its life on one rank — MPI communicators counted "
+           "with MPI (context ids left before and after, over "
+           f"{num(st['count'])} RVEs) and as the RVE reports them, resident memory (VmRSS "
+           "growth) and its own estimate `memory_bytes()` — and how many RVEs a rank keeps "
+           "live.", ""]
+    out += provenance(record, path, "the fields below", ".venv/bin/python bench/rve_live.py")
+    comms, told = st["communicators_measured"], st["communicators_reported"]
+    rss, est = st["resident_bytes"], st["memory_bytes_estimate"]
+    rows = [(stage.replace("_", " "), num(held), num(told.get(stage)),
+             num(rss[stage] / 1e6) if stage in rss else "–",
+             num(est[stage] / 1e6) if stage in est else "–") for stage, held in comms.items()]
+    out += table(("stage", "communicators (MPI)", "communicators()", "RSS MB per RVE",
+                  "memory_bytes() MB"), rows)
+    parts = record["components"]
+    out += [f"By component, one RVE: mesh and tags {parts['mesh_and_tags']}, function spaces "
+            f"{parts['function_spaces']}, PETSc {parts['petsc']}, MUMPS {parts['mumps']}. "
+            f"Warm-start states: {num(st['warm_states_bytes_per_rve'] / 1e6)} MB per RVE "
+            "(two points; counted in the RSS above, not in `memory_bytes()`).", ""]
+    out += table(("seconds per RVE", "value"),
+                 [(k.removesuffix("_s").replace("_", " "), num(v))
+                  for k, v in st["seconds_per_rve"].items()])
+    lu = {k: v for k, v in record.get("lu_packages", {}).items() if v.get("available")}
+    if lu:
+        out += ["LU packages of this PETSc for a serial RVE (the RVE's communicators in all, "
+                "one of them shared by all RVEs; P̄ and ∂P̄/∂F̄ against MUMPS's, relative to its "
+                "largest entry):", ""]
+        out += table(("LU", "communicators", "cold solve s", "warm solve s", "ΔP̄", "ΔA"),
+                     [(k, num(v["communicators"]), num(v["solve_cold_s"]),
+                       num(v["solve_warm_s"]), err(v["stress_difference"]),
+                       err(v["tangent_difference"])) for k, v in lu.items()])
+    refused = record["max_awake_without_hibernation"]
+    reason = refused["reason"].strip().splitlines()
+    out += [f"Awake RVEs (mesh size 0.1, solved) one process held before MPI failed: "
+            f"{num(refused['awake_rves_solved'])} ({refused['error']}"
+            + (f": `{reason[-1][:120]}`" if reason else "") + ").", ""]
+    cache = record["cache"]
+    out += table(("cache", "value"), [
+        ("live RVEs (capacity)", f"{num(cache['live_rves'])} ({num(cache['capacity'])})"),
+        ("awake at the end", num(cache["awake"])),
+        ("communicator budget / held / left", f"{num(cache['communicator_budget'])} / "
+         f"{num(cache['communicators_held'])} / {num(cache['communicators_left'])}"),
+        ("memory budget / estimate / RSS growth, MB",
+         f"{num(cache['memory_budget_bytes'] / 1e6)} / "
+         f"{num(cache['memory_bytes_estimate'] / 1e6)} / "
+         f"{num(cache['resident_growth_bytes'] / 1e6)}"),
+        *[(f"pass {i + 1}: s per RVE, builds, hibernations, closed",
+           f"{num(p['seconds_per_rve'])}, {num(p['builds'])}, {num(p['hibernations'])}, "
+           f"{num(p['closed'])}") for i, p in enumerate(cache["passes"])],
+        ("results identical to fresh RVEs", num(cache["identical_to_fresh_rves"]))])
     return out
 
 
@@ -652,9 +709,9 @@ def copy_images(docs: Path) -> dict[str, tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------- page
-ORDER = ("rve_solve", "operator", "encode", "region", "fe2_speedup", "fe2_speedup_beyond",
-         "fe2_speedup_412", "hmm_speedup", "hmm_speedup_300K_202", "hmm_speedup_0K_small",
-         "hmm_speedup_300K", "scaling")
+ORDER = ("rve_solve", "rve_live", "operator", "encode", "region", "fe2_speedup",
+         "fe2_speedup_beyond", "fe2_speedup_412", "hmm_speedup", "hmm_speedup_300K_202",
+         "hmm_speedup_0K_small", "hmm_speedup_300K", "scaling")
 
 
 def page(docs: Path) -> str:
@@ -681,6 +738,8 @@ def page(docs: Path) -> str:
         elif name == "operator":
             lines += operator_section(record, path, images)
             lines += model_card_section(images)
+        elif name == "rve_live":
+            lines += rve_live_section(record, path)
         elif name == "encode":
             lines += encode_section(record, path, images)
         elif name == "region":

@@ -33,6 +33,7 @@ import numpy as np
 import ufl
 from dolfinx import fem, geometry
 from dolfinx.fem import petsc as fem_petsc
+from dolfinx.mesh import create_mesh
 from petsc4py import PETSc
 
 from neuroscale_couple.config import check_keys
@@ -60,12 +61,19 @@ log = logging.getLogger(__name__)
 #: Element size per degree that puts the homogenized stiffness within ~1 % of the mesh-converged
 #: value for the composites of the FE² example (see tests/integration/test_rve_convergence.py).
 DEFAULT_MESH_SIZE = {1: 0.02, 2: 0.05}
-# live RVEs one process can hold: a solved RVE holds ~14 MPI communicators (9 its mesh and
-# spaces, 5 MUMPS) of MPICH's 2048 per process; 180 ran out of them
-MAX_LIVE_RVES = 128
+#: MPI communicators a serial RVE holds once built (measured with MPICH, bench/rve_live.py): 4
+#: its mesh (topology and index maps), 2 its function spaces' index maps, 3 PETSc's duplicates
+#: (one more, PETSc's own of COMM_SELF, is shared by all the process's RVEs); a P2 RVE's curved
+#: mesh holds one more, the index map of its geometry's nodes
+COMMUNICATORS_BUILT = 9
+#: ... and more once MUMPS has factorized (MUMPS's and PETSc's duplicates for it)
+COMMUNICATORS_MUMPS = 5
 # memory of an RVE's mesh, function spaces, forms and phase fields per owned cell, fitted to the
 # resident-size growth of building P1 RVEs (sizes 0.05–0.01) less their matrices and vectors
 MESH_BYTES_PER_CELL = 150
+# resident memory of a hibernated RVE besides its arrays and warm-start states (allocator pages
+# its released objects leave partly used), measured: 0.17–0.32 MB at mesh sizes 0.1–0.02
+ASLEEP_BYTES = 250_000
 # largest MUMPS working-space margin ICNTL(14), in %, that a failed factorization grows to
 MAX_MUMPS_MARGIN = 3200
 _ids = itertools.count()
@@ -123,6 +131,13 @@ class PeriodicRVE(FineSolver):
         working space in a factorization (INFOG(1) = -9: pivoting beyond its estimate, e.g. a
         distributed matrix whose summation order varies the pivots), its margin ICNTL(14) is
         doubled (up to ``MAX_MUMPS_MARGIN`` %) and the factorization repeated.
+
+    While awake the RVE has ``mesh`` (DOLFINx) and ``phase`` ((n_cells,) int32, ``MATRIX`` or
+    ``FIBRE`` per owned cell). Solved, it holds 14 MPI communicators
+    (:meth:`communicators`) and, at mesh size 0.02, ~14 MB (11 of them MUMPS's LU factors);
+    :meth:`hibernate` releases all the communicators and keeps ~0.22 MB of mesh arrays besides
+    the warm-start states (0.26 MB a point), ~0.5 MB resident, and the next solve resumes it
+    in 0.03–0.05 s, half a warm solve (measured, ``python bench/rve_live.py``).
     """
 
     implemented_properties = ("stress", "tangent", "fields")
@@ -155,16 +170,35 @@ class PeriodicRVE(FineSolver):
         self.degree, self.bc, self.comm, self.max_substeps = degree, bc, comm, max_substeps
         self.mesh_size = float(mesh_size or DEFAULT_MESH_SIZE[degree])
 
+        self._options = options
+        self._mumps = {k: v for k, v in options.items() if k.startswith("mat_mumps_")}
+        # warm-start state per point id: (F̄, reduced w, ∂w/∂F̄); public so that a solver cache
+        # can carry it over to a rebuilt RVE of the same microstructure
+        self.states: dict[Hashable, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         t0 = time.perf_counter()
         data = microstructure.mesh(comm, self.mesh_size, order=degree)
-        self.mesh, self.cell_tags = data.mesh, data.cell_tags
-        self._lmbda, self._mu = self._phase_fields(matrix, fibre)
+        phase = np.zeros(data.mesh.topology.index_map(2).size_local, dtype=np.int32)
+        owned = data.cell_tags.indices < len(phase)
+        phase[data.cell_tags.indices[owned]] = data.cell_tags.values[owned]
+        self._build(data.mesh, phase)
+        self.setup_time = time.perf_counter() - t0
+        log.debug("RVE %s: %d dofs, set up in %.2f s", microstructure.kind, self.dofs,
+                  self.setup_time)
+
+    def _build(self, mesh, phase: np.ndarray) -> None:
+        """Create the function spaces, forms, PETSc matrices and Newton solver on ``mesh``,
+        whose owned cells have the phase tags ``phase`` (n_cells,); what it creates is what
+        :meth:`hibernate` releases (the names in ``self._built``)."""
+        before = set(self.__dict__)
+        degree, comm = self.degree, self.comm
+        self.mesh, self.phase = mesh, phase
+        self._lmbda, self._mu = self._phase_fields(self.matrix, self.fibre)
         V = fem.functionspace(self.mesh, ("Lagrange", degree, (2,)))
         self.V = V
         self._w = fem.Function(V, name="w")
         self._Fbar = fem.Constant(self.mesh, np.eye(2))
         self._Fmicro = self._Fbar + ufl.grad(self._w)
-        self._Pmicro = first_piola(law, self._Fmicro, self._lmbda, self._mu)
+        self._Pmicro = first_piola(self.law, self._Fmicro, self._lmbda, self._mu)
         quad = {"quadrature_degree": max(2 * (degree - 1), 1)}
         dx = ufl.Measure("dx", domain=self.mesh, metadata=quad)
         v, du = ufl.TestFunction(V), ufl.TrialFunction(V)
@@ -173,24 +207,19 @@ class PeriodicRVE(FineSolver):
         self._J = fem.form(ufl.derivative(residual, self._w, du))
         self.area = comm.allreduce(fem.assemble_scalar(fem.form(1.0 * dx)))
 
-        self._Pr = prolongation(V, bc)
+        self._Pr = prolongation(V, self.bc)
         self._b = fem_petsc.create_vector(V)
         self._K = fem_petsc.create_matrix(self._J)
         self._assemble_jacobian()
         self._Kr = self._K.ptap(self._Pr)
         self._wr, self._fr = self._Pr.createVecRight(), self._Pr.createVecRight()
         self._X = self._affine_fields()
-        self._snes = self._make_snes(max(matrix.E, fibre.E), options)
+        self._snes = self._make_snes(max(self.matrix.E, self.fibre.E), self._options)
         self._factored = False  # whether the LU has a factorization (memory_bytes asks it)
         self._static_bytes: int | None = None
-        # warm-start state per point id: (F̄, reduced w, ∂w/∂F̄); public so that a solver cache
-        # can carry it over to a rebuilt RVE of the same microstructure
-        self.states: dict[Hashable, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         self._samplers: dict[int, tuple] = {}
         self.dofs = V.dofmap.index_map.size_global * V.dofmap.index_map_bs
-        self.setup_time = time.perf_counter() - t0
-        log.debug("RVE %s: %d dofs, set up in %.2f s", microstructure.kind, self.dofs,
-                  self.setup_time)
+        self._built = set(self.__dict__) - before - {"area", "dofs"}  # kept when asleep
 
     # ------------------------------------------------------------------ public API
     def solve(
@@ -216,6 +245,7 @@ class PeriodicRVE(FineSolver):
         n = len(Fb)
         if point_ids is not None and len(point_ids) != n:
             raise InputError(f"point_ids has {len(point_ids)} entries for {n} gradients F")
+        self.resume()
         stress = np.empty((n, 2, 2))
         tang = np.empty((n, 2, 2, 2, 2)) if tangent else None
         info = {k: np.zeros(n, dtype=d) for k, d in
@@ -244,33 +274,103 @@ class PeriodicRVE(FineSolver):
         ``comm``).
 
         PETSc holds the SNES callbacks, so the garbage collector cannot free an RVE by itself;
-        MPICH allows 2048 communicators per process (a solved RVE holds ~14), so code that
-        builds many RVEs closes them (or uses ``with PeriodicRVE(...) as rve:``). Most of an RVE
-        is then freed at once; what sits in reference cycles (after computing fields, measured: 14
-        communicators per 100 RVEs) waits for a garbage collection, which
-        :func:`~neuroscale_couple.fine.close_solver` runs every few closes (a full collection
-        costs ~0.1 s in a process with torch and DOLFINx, as much as building an RVE). The RVE's
-        PETSc options leave the options database with it.
+        MPICH allows 2048 communicators per process (an awake RVE holds up to
+        :data:`COMMUNICATORS_BUILT` + :data:`COMMUNICATORS_MUMPS`), so code that builds many
+        RVEs closes them (or uses ``with PeriodicRVE(...) as rve:``), or lets them
+        :meth:`hibernate`. Most of an RVE is then freed at once; what sits in reference cycles
+        waits for a garbage collection, which :func:`~neuroscale_couple.fine.close_solver` runs
+        every few closes (a full collection costs ~0.1 s in a process with torch and DOLFINx,
+        as much as building an RVE). The RVE's PETSc options leave the options database with it.
         """
+        self._release()
+        self.__dict__.clear()
+
+    def hibernate(self) -> bool:
+        """Release every DOLFINx and PETSc object — all the RVE's MPI communicators and most of
+        its memory — keeping the mesh as plain arrays (:attr:`asleep`), the warm-start
+        ``states`` and the MUMPS settings; the next :meth:`solve` rebuilds the RVE from the
+        arrays (no meshing, no file; the same mesh and dofs, bit for bit, so the states fit).
+        A serial RVE only: on a communicator of several ranks nothing happens (False).
+        """
+        self._check_open()
+        if self.comm.size > 1:
+            return False
+        if not self.asleep:
+            geometry, topology = self.mesh.geometry, self.mesh.topology
+            # the arrays create_mesh was given: nodes and cells in their input order
+            nodes = np.argsort(geometry.input_global_indices)
+            position = np.empty_like(nodes)
+            position[nodes] = np.arange(len(nodes))
+            cells = np.empty(geometry.dofmaps[0].shape, dtype=np.int64)
+            cells[topology.original_cell_index] = position[geometry.dofmaps[0]]
+            phase = np.empty_like(self.phase)
+            phase[topology.original_cell_index] = self.phase
+            x = geometry.x[nodes, :2].copy()
+            element = self.mesh.ufl_domain().ufl_coordinate_element()
+            self._release()
+            self._asleep = (cells, x, phase, element)
+        return True
+
+    @property
+    def asleep(self) -> bool:
+        """Whether the RVE is hibernating (holds its mesh as arrays, no DOLFINx objects)."""
+        return "_asleep" in self.__dict__
+
+    def resume(self) -> None:
+        """Rebuild a hibernating RVE from its arrays now, as its next solve would (nothing for
+        an awake one)."""
+        self._check_open()
+        if not self.asleep:
+            return
+        cells, x, phase, element = self._asleep
+        mesh = create_mesh(self.comm, cells, ufl.Mesh(element), x)
+        del self._asleep
+        self._build(mesh, phase[mesh.topology.original_cell_index])
+
+    def _check_open(self) -> None:
+        if not self.__dict__:
+            raise InputError("this PeriodicRVE was closed: build a new one to solve again")
+
+    def _release(self) -> None:
+        """Destroy the PETSc objects, remove the RVE's options from PETSc's database and drop
+        what :meth:`_build` made (nothing if asleep)."""
+        if "_snes" not in self.__dict__:
+            return
         for obj in (self._snes, self._K, self._Kr, self._Pr, self._b, self._wr, self._fr,
                     *self._X):
             obj.destroy()
         opts = PETSc.Options()
         for key in self._option_keys:
             opts.delValue(key)
-        self.__dict__.clear()  # drop the forms, functions and mesh that hold communicators
+        for name in self._built:  # the forms, functions and mesh that hold communicators
+            del self.__dict__[name]
+
+    def communicators(self) -> int:
+        """MPI communicators this RVE holds now on this rank: :data:`COMMUNICATORS_BUILT` (one
+        more for P2), :data:`COMMUNICATORS_MUMPS` more once MUMPS has factorized, one per field
+        resolution sampled; 0 asleep or closed (measured with MPICH on one rank,
+        bench/rve_live.py)."""
+        if "_snes" not in self.__dict__:
+            return 0
+        lu = self._options["pc_type"], self._options["pc_factor_mat_solver_type"]
+        mumps = self._factored and lu == ("lu", "mumps")
+        return (COMMUNICATORS_BUILT + (self.degree > 1) + COMMUNICATORS_MUMPS * mumps
+                + len(self._samplers))
 
     def memory_bytes(self) -> int:
         """Estimated bytes this RVE holds (what :meth:`close` frees), on this rank: its LU
         factors (MUMPS: the memory it allocated, ``INFO(16)``; another package: PETSc's count of
         the factor's nonzeros), the nonzeros of its matrices K, K_r and 𝒫, its vectors, and
         :data:`MESH_BYTES_PER_CELL` per cell for the mesh, spaces and forms. 0 once closed; the
-        factors count from the first solve on.
+        factors count from the first solve on. Hibernated: its mesh arrays and
+        ``ASLEEP_BYTES`` (measured at mesh size 0.02: 0.22 MB of arrays, ~0.5 MB resident).
 
         Measured (P1, one rank): at mesh size 0.02 (~6200 cells, ~6500 dofs) 14.4 MB of
         resident memory per solved RVE, of which 11 MB are MUMPS's factors; 2.6 MB at 0.05,
         61 MB at 0.01; P2 at 0.05: 12.3 MB. The estimate is within 10 % of these.
         """
+        if self.asleep:
+            return ASLEEP_BYTES + sum(a.nbytes for a in self._asleep[:3])
         if "_snes" not in self.__dict__:
             return 0
         if self._static_bytes is None:  # sizes fixed at the build
@@ -320,6 +420,7 @@ class PeriodicRVE(FineSolver):
         virtual fluctuation at points ``x`` (3, n). For an admissible (periodic) δw Hill–Mandel
         requires this to equal P̄ : δF̄.
         """
+        self.resume()
         test = fem.Function(self.V)
         test.interpolate(dw)
         dFc = fem.Constant(self.mesh, np.asarray(dF, dtype=float))
@@ -332,7 +433,7 @@ class PeriodicRVE(FineSolver):
         Q = fem.functionspace(self.mesh, ("DG", 0))
         lmbda, mu = fem.Function(Q), fem.Function(Q)
         for tag, phase in ((MATRIX, matrix), (FIBRE, fibre)):
-            cells = self.cell_tags.find(tag)
+            cells = np.flatnonzero(self.phase == tag)
             lmbda.x.array[cells], mu.x.array[cells] = phase.lame
         lmbda.x.scatter_forward()
         mu.x.scatter_forward()
@@ -356,7 +457,6 @@ class PeriodicRVE(FineSolver):
         prefix = f"nsrve{next(_ids)}_"
         snes.setOptionsPrefix(prefix)
         opts = PETSc.Options()
-        self._mumps = {k: v for k, v in options.items() if k.startswith("mat_mumps_")}
         # kept in the database until close(): a factorization package reads its options (e.g.
         # mat_superlu_dist_*) when it first factorizes, and again after a reset
         self._option_keys = [prefix + k for k in options if k not in self._mumps]

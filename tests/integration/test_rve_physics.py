@@ -293,16 +293,7 @@ def test_closing_an_rve_frees_its_communicators():
     break; what is left in Python reference cycles goes at the next collection."""
     import gc
 
-    def free_communicators() -> int:
-        comms = []
-        try:
-            while len(comms) < 4000:
-                comms.append(MPI.COMM_SELF.Dup())
-        except MPI.Exception:
-            pass
-        for c in comms:
-            c.Free()
-        return len(comms)
+    from neuroscale_couple.parallel import free_communicators
 
     rve(micro.single_fibre(0.3), mesh_size=0.1).close()  # first use compiles and caches
     before = free_communicators()
@@ -311,6 +302,58 @@ def test_closing_an_rve_frees_its_communicators():
             cell.solve(F_TEST, fields_resolution=8)
     gc.collect()
     assert free_communicators() == before
+
+
+@pytest.mark.skip_in_parallel
+@pytest.mark.parametrize("degree", [1, 2])
+def test_a_hibernated_rve_holds_no_communicators_and_resumes_to_the_same_results(degree):
+    """Hibernating keeps the mesh as arrays and the warm-start states and frees every
+    communicator; the resumed RVE solves exactly as one that stayed awake. Its
+    communicators() is what MPI counts (one more, PETSc's, is shared by all RVEs)."""
+    import gc
+
+    from neuroscale_couple.parallel import free_communicators
+    from neuroscale_couple.solvers.rve_fenicsx import COMMUNICATORS_BUILT, COMMUNICATORS_MUMPS
+
+    ms = micro.random_fibres(0.35, 3, seed=4)
+    F_next = F_TEST + np.array([[0.01, 0.0], [0.005, -0.01]])
+    with rve(ms, mesh_size=0.1, degree=degree) as awake:
+        results = [awake.solve(F_TEST, point_ids=[7])]
+        gc.collect()
+        before = free_communicators()
+        with rve(ms, mesh_size=0.1, degree=degree) as sleeper:
+            built = COMMUNICATORS_BUILT + (degree == 2)  # a curved mesh: one more
+            assert before - free_communicators() == sleeper.communicators() == built
+            results.append(sleeper.solve(F_TEST, point_ids=[7]))
+            assert sleeper.communicators() == built + COMMUNICATORS_MUMPS
+            assert before - free_communicators() == sleeper.communicators()
+            awake_bytes = sleeper.memory_bytes()
+            assert sleeper.hibernate() and sleeper.asleep
+            gc.collect()
+            assert free_communicators() == before and sleeper.communicators() == 0
+            assert sleeper.memory_bytes() < 0.3 * awake_bytes
+            assert 7 in sleeper.states
+            again = [r.solve(F_next, point_ids=[7]) for r in (awake, sleeper)]
+            assert not sleeper.asleep
+    for a, b in (results, again):
+        np.testing.assert_array_equal(b.stress, a.stress)
+        np.testing.assert_array_equal(b.tangent, a.tangent)
+        assert b.info["iterations"][0] == a.info["iterations"][0]
+    assert again[1].info["iterations"][0] < results[1].info["iterations"][0]  # warm start
+    with pytest.raises(InputError, match="closed: build a new one"):
+        sleeper.solve(F_TEST)
+
+
+@pytest.mark.mpi
+def test_only_a_serial_rve_hibernates():
+    """A cell distributed over several ranks keeps its DOLFINx objects (hibernate() is False,
+    nothing released) and solves on; on one rank it hibernates and resumes to the same
+    stress."""
+    with rve(micro.single_fibre(0.3), mesh_size=0.1, comm=MPI.COMM_WORLD) as cell:
+        first = cell.solve(F_TEST, point_ids=[0])
+        assert cell.hibernate() == (MPI.COMM_WORLD.size == 1) == cell.asleep
+        again = cell.solve(F_TEST, point_ids=[0])
+    np.testing.assert_allclose(again.stress, first.stress, rtol=1e-12)
 
 
 def test_a_rebuilt_rve_reads_the_same_mesh_back(monkeypatch):
@@ -323,7 +366,7 @@ def test_a_rebuilt_rve_reads_the_same_mesh_back(monkeypatch):
             monkeypatch.setattr(phase_cell, "_build_gmsh_model", None)  # meshing would fail
         with rve(ms, mesh_size=0.04) as cell:
             res = cell.solve(F_TEST)
-            results.append((cell.mesh.geometry.x.copy(), cell.cell_tags.values.copy(),
+            results.append((cell.mesh.geometry.x.copy(), cell.phase.copy(),
                             res.stress, res.tangent))
     assert (ms.key, 0.04, 1) in phase_cell.MESH_FILES._files
     for first, again in zip(*results, strict=True):

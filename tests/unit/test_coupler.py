@@ -153,6 +153,73 @@ def test_solver_cache_keeps_live_solvers_within_a_memory_budget():
         SolverCache(_Sized, memory=0)
 
 
+class _Sleepy(_Sized):
+    """A solver that holds 5 communicators and 40 bytes awake, none and 1 byte hibernated, and
+    resumes at its next solve."""
+
+    def hibernate(self):
+        self.asleep = True
+        return True
+
+    def solve(self, F, *, point_ids=None, tangent=True, fields_resolution=None):
+        self.asleep = False
+        return super().solve(F, point_ids=point_ids)
+
+    def communicators(self):
+        return 0 if getattr(self, "asleep", False) else 5
+
+    def memory_bytes(self):
+        return 1 if getattr(self, "asleep", False) else super().memory_bytes()
+
+
+def test_solver_cache_hibernates_beyond_its_communicators_and_keeps_solvers_live():
+    """Awake solvers stay within the communicator budget (a new one counts as the busiest
+    seen); the others hibernate — live, not rebuilt, states their own — and one woken makes
+    room by hibernating another."""
+    cache = SolverCache(_Sleepy, capacity=100, communicators=12)
+    for k in range(6):
+        cache.get(k, k).solve(np.eye(2), point_ids=[k])
+        assert cache.communicators_held() <= 12
+    assert len(cache) == 6 and cache.awake() == 2 and cache.hibernations == 4
+    assert cache.builds == 6 and cache.evictions == 0
+    cache.new_pass()
+    woken = cache.get(0, 0)  # asleep: woken, not rebuilt, its state its own
+    np.testing.assert_array_equal(woken.states[0], np.eye(2))
+    woken.solve(np.eye(2), point_ids=[0])
+    assert cache.builds == 6 and cache.awake() == 2 and cache.communicators_held() <= 12
+    # the count closes solvers, asleep or not; states are kept for a rebuild
+    small = SolverCache(_Sleepy, capacity=3, communicators=100)
+    for k in range(4):
+        small.get(k, k).solve(np.eye(2), point_ids=[k])
+    assert len(small) == 3 and small.evictions == 1 and small.hibernations == 0
+    # a memory budget hibernates awake solvers first, then closes hibernated ones
+    # (45 bytes: one awake, 40, and five asleep, 1 each)
+    tight = SolverCache(_Sleepy, capacity=100, memory=45, communicators=100)
+    for k in range(7):
+        tight.get(k, k).solve(np.eye(2), point_ids=[k])
+        assert tight.memory_bytes() <= 45
+    assert tight.awake() == 1 and len(tight) == 6
+    assert tight.hibernations == 6 and tight.evictions == 1
+    for cache_ in (cache, small, tight):
+        cache_.close()
+    with pytest.raises(InputError, match="communicators=0"):
+        SolverCache(_Sleepy, communicators=0)
+
+
+def test_solver_cache_measures_the_communicators_mpi_has_left():
+    """Without a budget the cache asks MPI, once its first solver reports communicators: what
+    its solvers hold (this one claims 5 and holds none) and what is left, less a reserve."""
+    from neuroscale_couple.fine import RESERVED_COMMUNICATORS
+    from neuroscale_couple.parallel import free_communicators
+
+    left = free_communicators()
+    cache = SolverCache(_Sleepy)
+    cache.get(0, 0).solve(np.eye(2), point_ids=[0])
+    cache.get(1, 1)
+    assert cache.communicators == 5 + left - RESERVED_COMMUNICATORS
+    cache.close()
+
+
 @pytest.mark.parametrize("value, size", [("512M", 512 * 2**20), ("2G", 2 * 2**30),
                                          ("1.5GiB", 3 * 2**29), ("800 MB", 800 * 2**20),
                                          ("4096", 4096), (10**9, 10**9), ("none", None),
