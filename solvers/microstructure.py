@@ -123,6 +123,64 @@ class FibreCell(PhaseCell):
             inside |= dy[:, None] ** 2 + dx[None, :] ** 2 < self.radius**2
         return inside
 
+    @classmethod
+    def images(cls, cells: Sequence[FibreCell], resolution: int, supersample: int = 4
+               ) -> np.ndarray:
+        """Images (M, resolution, resolution) of M cells, equal to their :meth:`image`s to the
+        bit, rendered together without a per-pixel test.
+
+        Along a row of sample points a fibre covers one periodic run of columns; its ends come
+        from √(r² − dy²) and are then settled by the pointwise test of :meth:`_fibre_mask` at
+        the neighbouring columns (the same floating-point test, so the same samples). Runs are
+        summed into pixels by a difference array over the pixel columns.
+        """
+        if resolution < 1 or supersample < 1:
+            raise InputError(
+                f"image resolution={resolution}, supersample={supersample}: both must be ≥ 1"
+            )
+        m, n_cells = resolution * supersample, len(cells)
+        n_max = max(1, max((c.n_fibres for c in cells), default=0))
+        centres = np.zeros((n_cells, n_max, 2))
+        r2 = np.full((n_cells, n_max), -1.0)  # padding: no sample has dy² + dx² < −1
+        for i, c in enumerate(cells):
+            centres[i, :c.n_fibres] = c.centres
+            r2[i, :c.n_fibres] = c.radius**2
+        s = (np.arange(m) + 0.5) / m
+        d = s - centres[..., None]  # (M, N, 2, m): offsets along x and along y
+        d -= np.round(d)  # nearest periodic image, as in _fibre_mask
+        dx2, dy2 = d[:, :, 0] ** 2, d[:, :, 1] ** 2
+        crossed = np.flatnonzero(dy2 < r2[..., None])  # (fibre, sample row) pairs with a run
+        fibre, row = np.divmod(crossed, m)  # fibre: cell · N + its index
+        dy2, r2 = dy2.ravel()[crossed], r2.ravel()[fibre]
+        half = np.sqrt(r2 - dy2) * m
+        mid = centres[..., 0].ravel()[fibre] * m - 0.5  # the centre in column-index units
+        lo = np.floor(mid - half).astype(np.int64) + 1
+        hi = np.ceil(mid + half).astype(np.int64) - 1
+        dx2 = np.concatenate([dx2, dx2, dx2], axis=-1).ravel()  # columns over three periods
+        start = fibre * 3 * m + m
+
+        def inside(k: np.ndarray) -> np.ndarray:
+            return dy2 + dx2[start + k] < r2
+
+        lo = np.where(inside(lo - 1), lo - 1, np.where(inside(lo), lo, lo + 1))
+        hi = np.where(inside(hi + 1), hi + 1, np.where(inside(hi), hi, hi - 1))
+        hi = np.maximum(hi, lo - 1)  # empty runs
+        # Samples below column index k in pixel column J: ss·⌊k/m⌋ + clip(k mod m − ss·J, 0, ss),
+        # a step function of J; a run [lo, hi] adds its value at hi + 1 minus that at lo, written
+        # as a difference array over the pixel columns (one spare column) and summed up.
+        c1, k1 = np.divmod(hi + 1, m)
+        c0, k0 = np.divmod(lo, m)
+        q1, r1 = np.divmod(k1, supersample)
+        q0, r0 = np.divmod(k0, supersample)
+        pixel_row = (fibre // n_max) * resolution + row // supersample
+        index = pixel_row * (resolution + 1) + np.stack([np.zeros_like(q1), q1, q1 + 1, q0,
+                                                         q0 + 1])
+        weight = np.stack([(c1 - c0) * supersample, r1 - supersample, -r1, supersample - r0, r0])
+        diff = np.bincount(index.ravel(), weight.ravel(),
+                           minlength=n_cells * resolution * (resolution + 1))
+        counts = np.cumsum(diff.reshape(-1, resolution + 1)[:, :resolution], axis=1)
+        return counts.reshape(n_cells, resolution, resolution) / supersample**2
+
     def _gmsh_fibres(self) -> list[int]:
         """The fibres' disks and their periodic images, clipped to the cell."""
         import gmsh
@@ -164,6 +222,12 @@ class Laminate(FibreCell):
 
     def _fibre_mask(self, s: np.ndarray) -> np.ndarray:
         return np.broadcast_to(np.mod(s, 1.0) < self.volume_fraction, (len(s), len(s)))
+
+    @classmethod
+    def images(cls, cells: Sequence[Laminate], resolution: int, supersample: int = 4
+               ) -> np.ndarray:
+        """The cells' :meth:`image`s one by one (layers, not fibres: no runs to render)."""
+        return PhaseCell.images.__func__(cls, cells, resolution, supersample)
 
     def _gmsh_fibres(self) -> list[int]:
         import gmsh
