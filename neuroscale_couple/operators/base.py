@@ -322,10 +322,11 @@ def load_operator(path: str | Path, map_location: str | torch.device = "cpu"
                   ) -> CoarseGrainingOperator:
     """Any NeuroScale operator from its checkpoint (the class is chosen by the file's format)."""
     from neuroscale_couple.operators.crystal import CrystalOperator
+    from neuroscale_couple.operators.distilled import DistilledSANO
     from neuroscale_couple.operators.sano import SANO
 
     payload = _read_payload(path, map_location)
-    for cls in (SANO, CrystalOperator):
+    for cls in (SANO, DistilledSANO, CrystalOperator):
         if payload["format"] == cls.FORMAT:
             return cls._from_payload(payload, path, map_location)
     raise CheckpointError(f"{path} holds an operator of format {payload['format']!r}, unknown to "
