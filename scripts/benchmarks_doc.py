@@ -540,6 +540,9 @@ def encode_section(record: dict, path: Path, images: dict[str, tuple[str, str]])
         rows += [("total (`latents()`)", num(m.get("latents_s")), num(m.get("ms_per_cell")))]
         out += [f"`{name}` ({clock} clock):", ""]
         out += table(("stage", f"s for {cells} cells", "ms per cell"), rows)
+    if clock == "cpu":
+        out += ["CPU clock: the benchmark's own CPU time, for a machine shared with other jobs "
+                "(wall time there counts waiting for a core).", ""]
     if len(models) > 1:
         first, *others = models
         for other in others:
@@ -571,8 +574,10 @@ def distilled_section(images: dict[str, tuple[str, str]]) -> list[str]:
            f"teacher's data ({num(d.get('epochs'))} epochs, {num(d.get('loads'))} loads per "
            "cell and batch; best epoch by the stress error against the teacher on held-out "
            f"cells: {pct(d.get('best_val_rel_l2_stress', math.nan))}). Its bound is calibrated "
-           f"on {num(card.get('calibration_points'))} fine solves of its own. Both models on "
-           f"the same held-out fine solves (`{test.get('data')}`):", ""]
+           f"on {num(card.get('calibration_points'))} fine solves of its own "
+           "(`fe2_composite_fast.calibration.yaml`). Both models on the same held-out fine "
+           f"solves (`{test.get('data')}`, from `fe2_composite_fast.test.yaml`; `make "
+           "fast-model`):", ""]
     rows = []
     for who in ("teacher", "student"):
         m = test.get(who) or {}

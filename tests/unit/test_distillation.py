@@ -122,3 +122,22 @@ def test_the_distill_command_refuses_bad_input_clearly(args, match, tmp_path, ca
 def test_a_student_config_refuses_channels_the_resolution_does_not_divide():
     with pytest.raises(InputError, match="divisible"):
         DistilledSANO.CONFIG(resolution=32, channels=(8,) * 6)
+
+
+def test_the_shipped_student_is_of_the_shipped_teacher_and_answers_as_it_does(teacher):
+    """examples/models/fe2_composite_fast.pt (`make fast-model`): distilled from this very
+    teacher file, calibrated, and on fresh cells within a few per cent of its teacher."""
+    student = load_operator(MODELS / "fe2_composite_fast.pt")
+    assert isinstance(student, DistilledSANO) and student.calibration
+    assert student.card["distilled_from"]["digest"] == teacher.weights_digest()
+    assert student.card["region"] == teacher.card["region"]
+    cells, shells = distillation_cells(teacher, 24, seed=123)  # not the distillation's cells
+    F = draw_loads(torch.as_tensor(shells, dtype=torch.float32), 4,
+                   torch.Generator().manual_seed(0))
+    z_s, z_t = (m.latents(cells).repeat_interleave(4, 0) for m in (student, teacher))
+    P_s, P_t = (m.predict(z, F, tangent=False)["mean"] for m, z in ((student, z_s),
+                                                                      (teacher, z_t)))
+    assert float((P_s - P_t).norm() / P_t.norm()) < 0.03
+    with torch.no_grad():
+        fresh = student.encode(student.structure_inputs(cells))[0]
+    torch.testing.assert_close(student.latents(cells), fresh, rtol=0, atol=0)
