@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="fine solves (HDF5) to calibrate the student's bound")
     p.add_argument("--test", help="held-out fine solves (HDF5): teacher and student accuracy "
                    "recorded in the card")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch log lines")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.set_defaults(func=cmd_distill)
     p = sub.add_parser("cauchy-born", help="one Cauchy–Born crystal solve (stress, tangent)")
     p.add_argument("config", help="YAML config (element, lattice, a0, supercell, vacancies, "

@@ -169,15 +169,20 @@ class Distillation:
         atomic_write(path, lambda tmp: torch.save(data, tmp))
         return data
 
-    def run(self, progress: bool = True) -> tuple[DistilledSANO, dict]:
-        """Train (or resume) to ``cfg.epochs``; the student of the best validation epoch and
-        the history (per epoch: loss terms, validation stress error against the teacher)."""
+    def run(self, progress: bool = True, stop_after: int | None = None
+            ) -> tuple[DistilledSANO, dict]:
+        """Train (or resume) to ``cfg.epochs``, or pause after epoch ``stop_after`` (a later
+        run goes on from there, as from a killed one); the student of the best validation
+        epoch so far and the history (per epoch: loss terms, validation stress error against
+        the teacher)."""
         cfg, data = self.cfg, self.teacher_data()
         n = len(data["z"])
         n_val = max(1, round(cfg.val_fraction * n))
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
         val, fit = order[:n_val], order[n_val:]
-        student = DistilledSANO.student_of(self.teacher, cfg.channels)
+        with torch.random.fork_rng():  # the initial weights are drawn from the seed
+            torch.manual_seed(cfg.seed)
+            student = DistilledSANO.student_of(self.teacher, cfg.channels)
         params = [p for p in student.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=cfg.lr)
         steps = cfg.epochs * math.ceil(len(fit) / cfg.batch_size)
@@ -192,10 +197,13 @@ class Distillation:
                 sched.load_state_dict(saved["scheduler"])
                 state = saved["state"]
                 log.info("distillation resumed after epoch %d", state["epoch"])
+            else:
+                log.warning("%s holds a distillation with other settings or another teacher: "
+                            "starting afresh (it will be overwritten)", ckpt)
         z_var = float(((data["z"] - data["z"].mean(0)) ** 2).sum(-1).mean())
         g_val = torch.Generator().manual_seed(cfg.seed + 1)
         F_val = draw_loads(data["shells"][val], cfg.loads, g_val)
-        while state["epoch"] < cfg.epochs:
+        while state["epoch"] < min(cfg.epochs, stop_after or cfg.epochs):
             epoch = state["epoch"]
             g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
             t0 = time.perf_counter()
@@ -227,9 +235,8 @@ class Distillation:
                        "scheduler": sched.state_dict(), "state": state}
             atomic_write(ckpt, lambda tmp, p=payload: torch.save(p, tmp))
             if progress:
-                log.warning("epoch %d/%d: %s", epoch + 1, cfg.epochs,
-                            ", ".join(f"{k} {v:.3g}" for k, v in record.items()
-                                      if k != "epoch"))
+                print(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(
+                    f"{k} {v:.3g}" for k, v in record.items() if k != "epoch"), flush=True)
         student.load_state_dict(state["best_state"])
         return student.eval(), {"history": state["history"], "best_val_rel_l2_stress":
                                 state["best"]}

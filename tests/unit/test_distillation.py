@@ -89,9 +89,8 @@ def test_a_short_distillation_lowers_its_loss_and_resumes_without_retraining(tea
         terms = distill_loss(student, z, data["z"], F, z_var)
         return float(sum(cfg.weights[k] * v.detach() for k, v in terms.items()))
 
-    torch.manual_seed(0)
+    torch.manual_seed(cfg.seed)  # the initial student of the run
     before = loss(DistilledSANO.student_of(teacher, cfg.channels))
-    torch.manual_seed(0)
     student, history = run.run(progress=False)
     assert loss(student) < 0.5 * before
     assert [h["epoch"] for h in history["history"]] == list(range(1, 9))
@@ -100,6 +99,13 @@ def test_a_short_distillation_lowers_its_loss_and_resumes_without_retraining(tea
     assert history_again == history
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
                                                  student.state_dict().values(), strict=True))
+    # a run stopped after epoch 3 (as a killed one) goes on to the same student
+    Distillation(teacher, cfg, tmp_path / "paused").run(progress=False, stop_after=3)
+    resumed, history_resumed = Distillation(teacher, cfg, tmp_path / "paused").run(
+        progress=False)
+    assert [h["epoch"] for h in history_resumed["history"]] == list(range(1, 9))
+    for a, b in zip(resumed.state_dict().values(), student.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(("args", "match"), [
