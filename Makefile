@@ -72,17 +72,18 @@ model: $(STAMP)
 	  --ood $(MODEL_DATA)/ood.h5 --plot $(MODEL).reliability.png --card $(MODEL).json
 
 # The shipped distilled encoder: a student of $(MODEL).pt trained on cell images alone
-# (`neuroscale distill`, no fine solves), calibrated and tested on fine solves of its own
-# (≈ 30 min on 2 cores; a killed run resumes from $(MODEL_DATA)/fast.distill).
+# (`neuroscale distill`, no fine solves), calibrated on the teacher's calibration set and tested
+# on its test set (made as in `make model`; a finished set is kept). ≈ 30 min on 2 cores; a
+# killed run resumes from $(MODEL_DATA)/fast.distill.
 FAST ?= $(MODEL)_fast
 fast-model: $(STAMP)
 	mkdir -p $(MODEL_DATA)
 	for set in calibration test; do \
-	  $(MPIRUN) -n $(NP) $(VENV)/bin/neuroscale generate $(FAST).$$set.yaml --out $(MODEL_DATA)/fast_$$set.h5 || exit 1; \
+	  $(MPIRUN) -n $(NP) $(VENV)/bin/neuroscale generate $(MODEL).$$set.yaml --out $(MODEL_DATA)/$$set.h5 || exit 1; \
 	done
 	$(VENV)/bin/neuroscale distill --model $(MODEL).pt --out $(FAST).pt --cells 10000 --epochs 40 \
-	  --work $(MODEL_DATA)/fast.distill --calibration $(MODEL_DATA)/fast_calibration.h5 \
-	  --test $(MODEL_DATA)/fast_test.h5
+	  --work $(MODEL_DATA)/fast.distill --calibration $(MODEL_DATA)/calibration.h5 \
+	  --test $(MODEL_DATA)/test.h5
 
 # Regenerate the shipped crystal operator (EMT Cu with a vacancy) with the Cauchy–Born solver.
 HMM := examples/models/hmm_cu

@@ -574,19 +574,19 @@ def distilled_section(images: dict[str, tuple[str, str]]) -> list[str]:
            f"teacher's data ({num(d.get('epochs'))} epochs, {num(d.get('loads'))} loads per "
            "cell and batch; best epoch by the stress error against the teacher on held-out "
            f"cells: {pct(d.get('best_val_rel_l2_stress', math.nan))}). Its bound is calibrated "
-           f"on {num(card.get('calibration_points'))} fine solves of its own "
-           "(`fe2_composite_fast.calibration.yaml`). Both models on the same held-out fine "
-           f"solves (`{test.get('data')}`, from `fe2_composite_fast.test.yaml`; `make "
-           "fast-model`):", ""]
+           f"afresh on {num(card.get('calibration_points'))} fine solves (the teacher's "
+           "calibration set). Both models on the same held-out fine solves "
+           f"(`{test.get('data')}`, the teacher's test set; `make fast-model`):", ""]
     rows = []
     for who in ("teacher", "student"):
         m = test.get(who) or {}
         rows.append((who, num(m.get("n_samples")), pct(m.get("rel_l2_stress", math.nan)),
                      pct(m.get("rel_l2_tangent", math.nan)),
                      pct((m.get("bound_coverage") or {}).get("0.95", math.nan)),
-                     pct((m.get("coverage") or {}).get("0.95", math.nan))))
+                     pct((m.get("coverage") or {}).get("0.95", math.nan)),
+                     num(m.get("ece"))))
     out += table(("model", "samples", "P̄ error (rel. L2)", "tangent error",
-                  "95 % bound covers", "95 % ellipsoid covers"), rows)
+                  "95 % bound covers", "95 % ellipsoid covers", "ECE"), rows)
     return out
 
 
