@@ -5,8 +5,11 @@ render the cell image, then the SANO encoder in float32, batches of 64), and the
 counts that as micro time. This script times it for one rank's share of the FE² example's points
 (``microstructures_at`` of examples/fe2_composite.py at random points of the plate) on the threads
 a rank gets (default 1: 2 ranks on this 2-core machine), split into rendering and the encoder's
-modules (lift, Fourier blocks, Haar wavelet, token projections, cross-scale attention, scale
-mixer, latent head; "other" is the rest of ``SANO.encode``). Best of ``--repeat`` runs.
+modules (SANO: lift, Fourier blocks, Haar wavelet, token projections, cross-scale attention,
+scale mixer, latent head; a distilled encoder: its strided convolutions and latent head; "other"
+is the rest of ``encode``), for each model of ``--model`` (default: the shipped composite model
+and its distilled encoder, examples/models/fe2_composite_fast.pt). Best of ``--repeat`` runs, on
+the wall clock or (``--clock cpu``, on a machine shared with other jobs) this process's CPU time.
 
 With ``bench/results/fe2_speedup_412.json`` present it also prints the encoding time per cell
 under which that run's micro part would reach 1000×. Writes ``bench/results/encode.json``.
@@ -15,8 +18,9 @@ under which that run's micro part would reach 1000×. Writes ``bench/results/enc
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -27,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 STAGES = ("lift", "fourier", "wavelet", "tokens", "attention", "mixer", "to_latent")
+MODELS = [ROOT / "examples" / "models" / f"fe2_composite{s}.pt" for s in ("", "_fast")]
 
 
 def cells(n: int, seed: int = 0) -> list:
@@ -40,23 +45,23 @@ def cells(n: int, seed: int = 0) -> list:
     return microstructures_at(x, np.arange(n))
 
 
-def timed_stages(encoder: torch.nn.Module) -> dict[str, float]:
-    """Forward hooks on the encoder's stages; the returned dict accumulates each one's wall
-    time (s)."""
-    spent = dict.fromkeys(STAGES, 0.0)
+def timed_stages(encoder: torch.nn.Module, names: list[str], clock) -> dict[str, float]:
+    """Forward hooks on the encoder's stages ``names``; the returned dict accumulates each
+    one's time (s) on ``clock``."""
+    spent = dict.fromkeys(names, 0.0)
 
     def hooks(name: str):
         started = []
 
         def pre(*_) -> None:
-            started.append(time.perf_counter())
+            started.append(clock())
 
         def post(*_) -> None:
-            spent[name] += time.perf_counter() - started.pop()
+            spent[name] += clock() - started.pop()
 
         return pre, post
 
-    for name in STAGES:
+    for name in names:
         stage = getattr(encoder, name)
         for module in stage if isinstance(stage, torch.nn.ModuleList) else [stage]:
             pre, post = hooks(name)
@@ -65,41 +70,60 @@ def timed_stages(encoder: torch.nn.Module) -> dict[str, float]:
     return spent
 
 
+def measure(model, structures: list, batch: int, repeat: int, clock) -> dict:
+    """Best of ``repeat`` runs (by ``latents()``) of rendering, the encoder by stage (SANO's
+    modules of :data:`STAGES`; the convolutions and latent head of a distilled encoder) and
+    ``model.latents`` as a whole, in seconds of ``clock``."""
+    encoder = model.float()  # as latents() encodes
+    names = [n for n in (*STAGES, "convolutions") if hasattr(encoder, n)]
+    spent = timed_stages(encoder, names, clock)
+    runs = []
+    with torch.inference_mode():
+        for _ in range(repeat):
+            for name in names:
+                spent[name] = 0.0
+            t0 = clock()
+            images = encoder.structure_inputs(structures)
+            t1 = clock()
+            for i in range(0, len(images), batch):
+                encoder.encode(images[i:i + batch])
+            t2 = clock()
+            stages = {name: spent[name] for name in names}
+            runs.append({"render_s": t1 - t0, "encode_s": t2 - t1, "stages_s": stages
+                         | {"other": t2 - t1 - sum(stages.values())}})
+            t0 = clock()
+            model.latents(structures, batch=batch)
+            runs[-1]["latents_s"] = clock() - t0
+    best = min(runs, key=lambda r: r["latents_s"])
+    return {**best, "ms_per_cell": 1e3 * best["latents_s"] / len(structures)}
+
+
 def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", type=int, default=206, help="microstructures (one rank's share)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--model", default=str(ROOT / "examples" / "models" / "fe2_composite.pt"))
+    p.add_argument("--model", nargs="+", default=[str(m) for m in MODELS if m.exists()],
+                   help="model files to compare (default: the shipped composite model and its "
+                   "distilled encoder)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or this process's CPU time (on a machine shared with "
+                   "other jobs)")
+    p.add_argument("--out", default=str(RESULTS / "encode.json"))
     args = p.parse_args()
     from neuroscale_couple.operators.base import load_operator
 
     torch.set_num_threads(args.threads)
-    model = load_operator(args.model).eval()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     structures = cells(args.cells)
-    encoder = copy.deepcopy(model).float()
-    spent = timed_stages(encoder)
-    runs = []
-    with torch.inference_mode():
-        for _ in range(args.repeat):
-            for name in STAGES:
-                spent[name] = 0.0
-            t0 = time.perf_counter()
-            images = encoder.structure_inputs(structures)
-            t1 = time.perf_counter()
-            for i in range(0, len(images), args.batch):
-                encoder.encode(images[i:i + args.batch])
-            t2 = time.perf_counter()
-            stages = {name: spent[name] for name in STAGES}
-            runs.append({"render_s": t1 - t0, "encode_s": t2 - t1, "stages_s": stages
-                         | {"other": t2 - t1 - sum(stages.values())}})
-            t0 = time.perf_counter()
-            model.latents(structures, batch=args.batch)
-            runs[-1]["latents_s"] = time.perf_counter() - t0
-    best = min(runs, key=lambda r: r["latents_s"])
-    record = {"cells": args.cells, "threads": args.threads, "batch": args.batch, **best,
-              "ms_per_cell": 1e3 * best["latents_s"] / args.cells}
+    models = {Path(m).stem: load_operator(m).eval() for m in args.model}
+    record = {"cells": args.cells, "threads": args.threads, "batch": args.batch,
+              "clock": args.clock, "command": "python " + " ".join(sys.argv),
+              "date": time.strftime("%Y-%m-%d"),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "models": {name: measure(model, structures, args.batch, args.repeat, clock)
+                         for name, model in models.items()}}
     fe2 = RESULTS / "fe2_speedup_412.json"
     if fe2.exists():
         r = json.loads(fe2.read_text())
@@ -107,15 +131,18 @@ def main() -> dict:
         budget = ref["micro_time_s"] / 1000 - (op["micro_time_s"] - op["encode_time_s"])
         record["ms_per_cell_for_1000x_micro_412"] = 1e3 * budget / (
             r["quadrature_points"] / r["ranks"])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "encode.json").write_text(json.dumps(record, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=1))
 
-    total = best["render_s"] + best["encode_s"]
-    print(f"encoding {args.cells} FE² cells on {args.threads} thread(s), batches of {args.batch}")
-    for name, t in [("render images", best["render_s"]), *best["stages_s"].items()]:
-        print(f"  {name:<14}{t:8.3f} s {100 * t / total:5.1f} %")
-    print(f"  {'total':<14}{total:8.3f} s; latents() {best['latents_s']:.3f} s = "
-          f"{record['ms_per_cell']:.2f} ms a cell")
+    print(f"encoding {args.cells} FE² cells on {args.threads} thread(s), batches of "
+          f"{args.batch}, {args.clock} clock")
+    for name, m in record["models"].items():
+        total = m["render_s"] + m["encode_s"]
+        print(name)
+        for stage, t in [("render images", m["render_s"]), *m["stages_s"].items()]:
+            print(f"  {stage:<14}{t:8.3f} s {100 * t / total:5.1f} %")
+        print(f"  {'total':<14}{total:8.3f} s; latents() {m['latents_s']:.3f} s = "
+              f"{m['ms_per_cell']:.3f} ms a cell")
     if "ms_per_cell_for_1000x_micro_412" in record:
         print(f"1000x micro on the 412-point FE² record needs ≤ "
               f"{record['ms_per_cell_for_1000x_micro_412']:.2f} ms a cell")

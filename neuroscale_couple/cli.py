@@ -6,6 +6,8 @@
                                                          train + calibrate the operator (MPI)
     neuroscale calibrate --model M.pt --data D.h5        split-conformal recalibration
     neuroscale evaluate --model M.pt --data D.h5 [--ood O.h5] [--json] [--plot R.png]
+    neuroscale distill --model M.pt --out M_fast.pt --cells N --epochs E
+                       [--calibration C.h5] [--test T.h5]   a slim encoder trained against M
 """
 
 from __future__ import annotations
@@ -184,6 +186,49 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"{key:>16}: {value}")
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    import torch
+
+    from neuroscale_couple.distillation import Distillation, DistillConfig
+    from neuroscale_couple.evaluation import calibrate_model, evaluate
+    from neuroscale_couple.operators.base import load_operator
+    from neuroscale_couple.training import TrainingData
+
+    out = Path(args.out)
+    if out.suffix != ".pt" or out.resolve() == Path(args.model).resolve():
+        raise InputError(f"--out {args.out}: give a new model file ending in .pt (not --model)")
+    for flag, path in (("--calibration", args.calibration), ("--test", args.test)):
+        if path is not None and not Path(path).is_file():
+            raise InputError(f"{flag} {path} does not exist: make it with `neuroscale generate`")
+    try:
+        channels = tuple(int(c) for c in args.channels.split(","))
+    except ValueError:
+        raise InputError(f"--channels {args.channels}: give widths separated by commas, e.g. "
+                         "32,64,64,64") from None
+    cfg = DistillConfig(cells=args.cells, epochs=args.epochs, loads=args.loads,
+                        batch_size=args.batch, channels=channels, lr=args.lr, seed=args.seed)
+    teacher = load_operator(args.model)
+    digest = teacher.weights_digest()
+    work = Path(args.work) if args.work else out.with_suffix(".distill")
+    student, history = Distillation(teacher, cfg, work).run(progress=not args.quiet)
+    student.card |= {"distilled_from": {"model": str(args.model), "digest": digest},
+                     "distillation": {**Distillation.settings(cfg), **history}}
+    if args.calibration is not None:
+        cal = calibrate_model(student, TrainingData.from_h5(args.calibration,
+                                                            student.input_resolution))
+        student.card["calibration_points"] = cal.n_calibration
+    if args.test is not None:
+        test = TrainingData.from_h5(args.test, student.input_resolution)
+        student.card["test"] = {"data": str(args.test),
+                                "teacher": evaluate(load_operator(args.model), test),
+                                "student": evaluate(student, test)}
+    student.to(torch.float32).save(out)
+    print(json.dumps({"out": str(out), "best_val_rel_l2_stress":
+                      history["best_val_rel_l2_stress"],
+                      **{k: {m: v["rel_l2_stress"] for m, v in student.card["test"].items()
+                             if m != "data"} for k in ("test",) if k in student.card}}, indent=2))
+
+
 def cmd_cauchy_born(args: argparse.Namespace) -> None:
     import time
 
@@ -267,6 +312,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a reliability diagram (PNG) here")
     p.add_argument("--card", help="write the model card (training record + metrics) here")
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("distill", help="train a slim encoder against a SANO model (teacher) "
+                       "through its heads; resumable")
+    p.add_argument("--model", required=True, help="the teacher (a SANO model file)")
+    p.add_argument("--out", required=True, help="the distilled model file to write (.pt)")
+    p.add_argument("--cells", type=int, default=8000, help="cells drawn like the teacher's data")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--loads", type=int, default=4, help="loads F̄ per cell and batch")
+    p.add_argument("--batch", type=int, default=128, help="cells per batch")
+    p.add_argument("--channels", default="32,64,64,64", help="widths of the strided convolutions")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", help="folder of the teacher data and per-epoch checkpoint (default "
+                   "OUT with suffix .distill); a rerun resumes from it")
+    p.add_argument("--calibration", help="fine solves (HDF5) to calibrate the student's bound")
+    p.add_argument("--test", help="held-out fine solves (HDF5): teacher and student accuracy "
+                   "recorded in the card")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    p.set_defaults(func=cmd_distill)
     p = sub.add_parser("cauchy-born", help="one Cauchy–Born crystal solve (stress, tangent)")
     p.add_argument("config", help="YAML config (element, lattice, a0, supercell, vacancies, "
                    "calculator, F, temperature, relax)")

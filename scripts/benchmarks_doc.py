@@ -30,6 +30,8 @@ DOCS = ROOT / "docs"
 IMAGES = "img/bench"  # relative to docs/
 
 # Keys a record may carry to say where it came from (none of today's records do).
+FAST_MODEL = ROOT / "examples" / "models" / "fe2_composite_fast.pt"
+"""The shipped distilled encoder (`make fast-model`), whose card holds its accuracy."""
 PROVENANCE = {"command": ("command", "cmd", "argv"),
               "date": ("date", "timestamp", "time", "created"),
               "machine": ("machine", "host", "hostname", "platform", "cpu")}
@@ -575,23 +577,73 @@ def md_noise_rows(noise: dict) -> list[str]:
 def encode_section(record: dict, path: Path, images: dict[str, tuple[str, str]]) -> list[str]:
     out = ["## The one-off encoding of microstructures", "",
            "The Coupler encodes each point's microstructure once per run (render the cell "
-           "image, run the SANO encoder through a float32 copy in batches) and counts it as "
-           "micro time. This splits it by stage for one rank's share of the FE² example's "
-           "cells.", ""]
+           "image, run the encoder through a float32 copy in batches) and counts it as micro "
+           "time. This splits it by stage for one rank's share of the FE² example's cells, for "
+           "the shipped SANO and for its distilled encoder where the record has it (`neuroscale "
+           "distill`: a few strided convolutions trained against SANO through the same heads"
+           + ("; accuracy [below](#distilled-encoder)" if FAST_MODEL.exists() else "")
+           + ").", ""]
     out += provenance(record, path,
                       f"{record.get('cells')} cells, {record.get('threads')} thread(s), batch "
                       f"{record.get('batch')}", ".venv/bin/python bench/encode.py")
     cells = record.get("cells", 1)
-    stages = record.get("stages_s", {})
-    rows = [("rendering the images", num(record.get("render_s")),
-             num(1e3 * record.get("render_s", math.nan) / cells))]
-    rows += [(f"encoder: {k}", num(v), num(1e3 * v / cells)) for k, v in stages.items()]
-    rows += [("total", num(record.get("latents_s")), num(record.get("ms_per_cell")))]
-    out += table(("stage", f"s for {cells} cells", "ms per cell"), rows)
+    models = record.get("models") or {"fe2_composite": record}  # older records: one model
+    clock = record.get("clock", "wall")
+    for name, m in models.items():
+        rows = [("rendering the images", num(m.get("render_s")),
+                 num(1e3 * m.get("render_s", math.nan) / cells))]
+        rows += [(f"encoder: {k}", num(v), num(1e3 * v / cells))
+                 for k, v in m.get("stages_s", {}).items()]
+        rows += [("total (`latents()`)", num(m.get("latents_s")), num(m.get("ms_per_cell")))]
+        out += [f"`{name}` ({clock} clock):", ""]
+        out += table(("stage", f"s for {cells} cells", "ms per cell"), rows)
+    if clock == "cpu":
+        out += ["CPU clock: the benchmark's own CPU time, for a machine shared with other jobs "
+                "(wall time there counts waiting for a core).", ""]
+    if len(models) > 1:
+        first, *others = models
+        for other in others:
+            ratio = models[first]["ms_per_cell"] / models[other]["ms_per_cell"]
+            out += [f"`{other}` encodes {num(ratio)}× faster than `{first}` (same process, "
+                    "same cells).", ""]
     need = record.get("ms_per_cell_for_1000x_micro_412")
     if need is not None:
+        measured = ", ".join(f"{n} {num(m.get('ms_per_cell'))} ms" for n, m in models.items())
         out += [f"Encoding per cell under which the 412-point FE² run's micro part would reach "
-                f"1000×: {num(need)} ms (measured {num(record.get('ms_per_cell'))} ms).", ""]
+                f"1000×: {num(need)} ms (measured: {measured}).", ""]
+    return out
+
+
+def distilled_section(images: dict[str, tuple[str, str]]) -> list[str]:
+    """The accuracy record in the distilled model's card (teacher and student on the same
+    held-out fine solves), if that model is shipped."""
+    model = FAST_MODEL
+    if not model.exists():
+        return []
+    import torch
+
+    card = json.loads(torch.load(model, weights_only=True)["card"])
+    test, d = card.get("test") or {}, card.get("distillation") or {}
+    out = ["## Distilled encoder", "",
+           f"`{model.relative_to(ROOT)}`: a student of `{card['distilled_from']['model']}` "
+           f"(SHA-256 `{card['distilled_from']['digest'][:16]}…`), convolutions "
+           f"{d.get('channels')}, trained on {num(d.get('cells'))} cells drawn like the "
+           f"teacher's data ({num(d.get('epochs'))} epochs, {num(d.get('loads'))} loads per "
+           "cell and batch; best epoch by the stress error against the teacher on held-out "
+           f"cells: {pct(d.get('best_val_rel_l2_stress', math.nan))}). Its bound is calibrated "
+           f"afresh on {num(card.get('calibration_points'))} fine solves (the teacher's "
+           "calibration set). Both models on the same held-out fine solves "
+           f"(`{test.get('data')}`, the teacher's test set; `make fast-model`):", ""]
+    rows = []
+    for who in ("teacher", "student"):
+        m = test.get(who) or {}
+        rows.append((who, num(m.get("n_samples")), pct(m.get("rel_l2_stress", math.nan)),
+                     pct(m.get("rel_l2_tangent", math.nan)),
+                     pct((m.get("bound_coverage") or {}).get("0.95", math.nan)),
+                     pct((m.get("coverage") or {}).get("0.95", math.nan)),
+                     num(m.get("ece"))))
+    out += table(("model", "samples", "P̄ error (rel. L2)", "tangent error",
+                  "95 % bound covers", "95 % ellipsoid covers", "ECE"), rows)
     return out
 
 
@@ -742,6 +794,7 @@ def page(docs: Path) -> str:
             lines += rve_live_section(record, path)
         elif name == "encode":
             lines += encode_section(record, path, images)
+            lines += distilled_section(images)
         elif name == "region":
             lines += region_section(record, path, images)
         elif name == "scaling":

@@ -123,6 +123,71 @@ class FibreCell(PhaseCell):
             inside |= dy[:, None] ** 2 + dx[None, :] ** 2 < self.radius**2
         return inside
 
+    @classmethod
+    def images(cls, cells: Sequence[FibreCell], resolution: int, supersample: int = 4
+               ) -> np.ndarray:
+        """Images (M, resolution, resolution) of M cells, equal to their :meth:`image`s to the
+        bit, rendered together without a per-pixel test.
+
+        Along a row of sample points a fibre covers one periodic run of columns; its ends come
+        from √(r² − dy²) and are then settled by the pointwise test of :meth:`_fibre_mask` at
+        the neighbouring columns (the same floating-point test, so the same samples). Runs are
+        summed into pixels by a difference array over the pixel columns. Cost: a few numpy
+        passes over the runs (about 2r·m per fibre), none over all pixels of all fibres.
+        """
+        if resolution < 1 or supersample < 1:
+            raise InputError(
+                f"image resolution={resolution}, supersample={supersample}: both must be ≥ 1"
+            )
+        m, n_cells = resolution * supersample, len(cells)
+        if not n_cells:
+            return np.zeros((0, resolution, resolution))
+        per_cell = [c.n_fibres for c in cells]
+        centres = np.concatenate([c.centres for c in cells]).reshape(-1, 2)  # (F, 2) all fibres
+        radius = np.repeat([c.radius for c in cells], per_cell)
+        r2 = np.repeat([c.radius**2 for c in cells], per_cell)  # as _fibre_mask squares it
+        # each fibre's sample rows within its radius, one more on either side: (fibre, row)
+        first = np.floor((centres[:, 1] - radius) * m - 0.5).astype(np.int64)
+        n_rows = np.floor((centres[:, 1] + radius) * m - 0.5).astype(np.int64) + 2 - first
+        fibre = np.repeat(np.arange(len(r2)), n_rows)
+        row = (np.arange(len(fibre)) - np.repeat(np.cumsum(n_rows) - n_rows, n_rows)
+               + first[fibre]) % m
+        s = (np.arange(m) + 0.5) / m
+        cx, r2 = centres[fibre, 0], r2[fibre]
+        dy = s[row] - centres[fibre, 1]
+        dy -= np.round(dy)  # nearest periodic image, as in _fibre_mask
+        dy2 = dy**2
+        half = np.sqrt(np.maximum(r2 - dy2, 0.0)) * m
+        mid = cx * m - 0.5  # the centre in column-index units
+        lo = np.floor(mid - half).astype(np.int64) + 1
+        hi = np.ceil(mid + half).astype(np.int64) - 1
+
+        def inside(k: np.ndarray) -> np.ndarray:  # _fibre_mask's test at column k (mod m)
+            dx = s[k % m] - cx
+            dx -= np.round(dx)
+            return dy2 + dx**2 < r2
+
+        lo = np.where(inside(lo - 1), lo - 1, np.where(inside(lo), lo, lo + 1))
+        hi = np.where(inside(hi + 1), hi + 1, np.where(inside(hi), hi, hi - 1))
+        hi = np.maximum(hi, lo - 1)  # empty runs
+        # Samples below column index k in pixel column J: ss·⌊k/m⌋ + clip(k mod m − ss·J, 0, ss),
+        # a step function of J; a run [lo, hi] adds its value at hi + 1 minus that at lo, written
+        # as a difference array over the pixel columns (one spare column) and summed up.
+        c1, c0 = (hi + 1) // m, lo // m
+        k1, k0 = hi + 1 - c1 * m, lo - c0 * m
+        q1, q0 = k1 // supersample, k0 // supersample
+        r1, r0 = k1 - q1 * supersample, k0 - q0 * supersample
+        cell = np.repeat(np.arange(n_cells), per_cell)[fibre]
+        width = resolution + 1
+        index = (cell * resolution + row // supersample) * width + np.stack(
+            [np.zeros_like(q1), q1, q1 + 1, q0, q0 + 1])
+        weight = np.stack([(c1 - c0) * supersample, r1 - supersample, -r1, supersample - r0, r0])
+        counts = np.bincount(index.ravel(), weight.ravel(), minlength=n_cells * resolution
+                             * width).reshape(-1, width)
+        for j in range(1, resolution):  # the running sum as column adds: 30× np.cumsum's speed
+            np.add(counts[:, j - 1], counts[:, j], out=counts[:, j])
+        return counts[:, :resolution].reshape(n_cells, resolution, resolution) / supersample**2
+
     def _gmsh_fibres(self) -> list[int]:
         """The fibres' disks and their periodic images, clipped to the cell."""
         import gmsh
@@ -164,6 +229,12 @@ class Laminate(FibreCell):
 
     def _fibre_mask(self, s: np.ndarray) -> np.ndarray:
         return np.broadcast_to(np.mod(s, 1.0) < self.volume_fraction, (len(s), len(s)))
+
+    @classmethod
+    def images(cls, cells: Sequence[Laminate], resolution: int, supersample: int = 4
+               ) -> np.ndarray:
+        """The cells' :meth:`image`s one by one (layers, not fibres: no runs to render)."""
+        return PhaseCell.images.__func__(cls, cells, resolution, supersample)
 
     def _gmsh_fibres(self) -> list[int]:
         import gmsh

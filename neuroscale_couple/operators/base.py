@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import pickle
+import weakref
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,10 @@ _PAIRS = list(itertools.product(range(2), range(2)))
 HEAD_PREFIXES = ("energy.", "covariance.")
 """Parameter names of the coarse-graining heads: what online retraining trains; the rest (the
 encoder) stays frozen, so latents do not change (:meth:`CoarseGrainingOperator.encoder_digest`)."""
+
+
+_FLOAT32_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Model → (weights key, its float32 copy) for :meth:`CoarseGrainingOperator.latents`."""
 
 
 class CoarseGrainingOperator(nn.Module):
@@ -104,10 +109,27 @@ class CoarseGrainingOperator(nn.Module):
         by ~1e-7 relative.
         """
         dtype = next(self.parameters()).dtype
-        encoder = self if dtype == torch.float32 else copy.deepcopy(self).float()
+        encoder = self if dtype == torch.float32 else self._float32_encoder()
         inputs = encoder.structure_inputs(structures)
         return torch.cat([encoder.encode(inputs[i:i + batch])[0]
                           for i in range(0, len(inputs), batch)]).to(dtype)
+
+    def _float32_encoder(self) -> CoarseGrainingOperator:
+        """A float32 copy of this model for :meth:`latents`, made once and kept while the
+        encoder's weights stay put: keyed on every non-head tensor's storage and in-place
+        version counter (an optimiser step, ``load_state_dict`` or a dtype or device move makes
+        a new copy) and on the data resolution."""
+        key = (self.data_resolution, *((t.data_ptr(), t._version) for name, t in
+                                       itertools.chain(self.named_parameters(),
+                                                       self.named_buffers())
+                                       if not name.startswith(HEAD_PREFIXES)))
+        cached = _FLOAT32_ENCODERS.get(self)
+        if cached is None or cached[0] != key:
+            encoder = type(self)(self.config).float()
+            encoder.load_state_dict(self.state_dict())
+            encoder.card = copy.deepcopy(self.card)
+            cached = _FLOAT32_ENCODERS[self] = (key, encoder.to(next(self.parameters()).device))
+        return cached[1].train(self.training)
 
     @property
     def input_resolution(self) -> int | None:
@@ -300,10 +322,11 @@ def load_operator(path: str | Path, map_location: str | torch.device = "cpu"
                   ) -> CoarseGrainingOperator:
     """Any NeuroScale operator from its checkpoint (the class is chosen by the file's format)."""
     from neuroscale_couple.operators.crystal import CrystalOperator
+    from neuroscale_couple.operators.distilled import DistilledSANO
     from neuroscale_couple.operators.sano import SANO
 
     payload = _read_payload(path, map_location)
-    for cls in (SANO, CrystalOperator):
+    for cls in (SANO, DistilledSANO, CrystalOperator):
         if payload["format"] == cls.FORMAT:
             return cls._from_payload(payload, path, map_location)
     raise CheckpointError(f"{path} holds an operator of format {payload['format']!r}, unknown to "

@@ -35,17 +35,11 @@ from neuroscale_couple.physics import micro_deformation, micro_stress
 
 
 @dataclass(frozen=True)
-class SANOConfig:
-    """Constructor arguments of :class:`SANO` (all JSON-serialisable)."""
+class CellHeadsConfig:
+    """What every operator of fibre-cell images records besides its encoder: the latent size,
+    the heads (ensemble ``members``, ``hidden`` width, energy basis) and the law and phases
+    (E, ν) of the material it learnt."""
 
-    resolution: int = 32
-    width: int = 32
-    modes: int = 8
-    fourier_layers: int = 2
-    levels: int = 3
-    heads: int = 4
-    attention_blocks: int = 1
-    cross_scale: bool = True
     latent: int = 64
     hidden: int = 64
     members: int = 4
@@ -59,6 +53,24 @@ class SANOConfig:
         check_law(self.law)
         for name in ("matrix", "fibre"):
             Phase(*getattr(self, name))
+
+
+@dataclass(frozen=True)
+class SANOConfig(CellHeadsConfig):
+    """Constructor arguments of :class:`SANO` (all JSON-serialisable): the encoder's, and
+    those of :class:`CellHeadsConfig`."""
+
+    resolution: int = 32
+    width: int = 32
+    modes: int = 8
+    fourier_layers: int = 2
+    levels: int = 3
+    heads: int = 4
+    attention_blocks: int = 1
+    cross_scale: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.resolution % 2**self.levels:
             raise InputError(f"resolution={self.resolution} must be divisible by 2**levels="
                              f"{2**self.levels}")

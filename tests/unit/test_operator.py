@@ -334,3 +334,18 @@ def test_closed_form_response_equals_automatic_differentiation(images, quartic):
     # the mean tangent comes from the mean weights (the mixture is linear in them)
     torch.testing.assert_close(pred["tangent"], graph["tangent"].detach().mean(0), rtol=1e-12,
                                atol=1e-13)
+
+
+def test_the_float32_encoder_copy_is_kept_until_the_encoder_changes():
+    model = SANO(SMALL).double()
+    structures = [random_fibres(0.3, 3, seed=s) for s in range(2)]
+    z = model.latents(structures)
+    copy32 = model._float32_encoder()
+    assert model._float32_encoder() is copy32  # no copy per call
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.startswith("energy.")).add_(1.0)
+    assert model._float32_encoder() is copy32  # heads are not the encoder
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.startswith("lift")).mul_(1.5)
+    assert model._float32_encoder() is not copy32
+    assert not torch.allclose(model.latents(structures), z)
