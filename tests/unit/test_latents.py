@@ -47,7 +47,8 @@ def test_latents_are_encoded_once_and_equal_a_fresh_encoding(mpi_tmp_path):
     with torch.no_grad():
         next(p for n, p in other.named_parameters() if n.startswith("lift")).add_(0.1)
     assert other.encoder_digest() != model.encoder_digest()
-    fresh_store = LatentStore(other, MPI.COMM_SELF, folder)
+    # (each rank on a folder of its own: another rank's store must not have written it first)
+    fresh_store = LatentStore(other, MPI.COMM_SELF, folder / f"rank{comm.rank}")
     fresh_store.latents(mine[:1])
     assert fresh_store.encoded == 1
 
