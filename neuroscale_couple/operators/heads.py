@@ -65,9 +65,25 @@ def lower_triangular(flat: torch.Tensor, n: int, diag_offset: float = 0.0,
     rows, cols = torch.tril_indices(n, n, device=flat.device)
     M = flat.new_zeros((*flat.shape[:-1], n, n))
     M[..., rows, cols] = flat
-    d = nn.functional.softplus(torch.diagonal(M, dim1=-2, dim2=-1) + diag_offset) + min_diag
+    d = _positive_diagonal(torch.diagonal(M, dim1=-2, dim2=-1), diag_offset, min_diag)
     eye = torch.eye(n, dtype=flat.dtype, device=flat.device)
     return d[..., :, None] * (eye + torch.tril(M, -1))
+
+
+def lower_triangular_norm2(flat: torch.Tensor, n: int, diag_offset: float = 0.0,
+                           min_diag: float = 1e-4) -> torch.Tensor:
+    """‖L‖_F² = tr(L Lᵀ) (…) of :func:`lower_triangular`'s L without forming it: row i of
+    L = D (I + O) has the squared norm d_i² (1 + Σ_{j<i} O_ij²)."""
+    rows, cols = torch.tril_indices(n, n, device=flat.device)
+    d = _positive_diagonal(flat[..., rows == cols], diag_offset, min_diag)
+    off = (rows > cols).to(flat.dtype)[:, None] * (rows[:, None] == torch.arange(
+        n, device=flat.device)).to(flat.dtype)  # (n(n+1)/2, n): strictly lower entry → row
+    return (d.square() * (1 + flat.square() @ off)).sum(-1)
+
+
+def _positive_diagonal(x: torch.Tensor, diag_offset: float, min_diag: float) -> torch.Tensor:
+    """The diagonal D of :func:`lower_triangular` from its raw entries x (…, n)."""
+    return nn.functional.softplus(x + diag_offset) + min_diag
 
 
 def basis_energies(C: torch.Tensor, n_directions: int = 6, quartic: bool = False
@@ -153,23 +169,39 @@ def mixture_response(w: torch.Tensor, F: torch.Tensor, n_directions: int = 6, *,
          + torch.einsum("...d,dij->...ij", gamma, N))
     out = {"energy": energy, "stress": 2 * F @ G}
     if tangent:
-        def outer(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-            return torch.einsum("...ij,...kl->...ijkl", X, Y)
-
-        def scalar(x: torch.Tensor) -> torch.Tensor:
-            return x[..., None, None, None, None]
-
         eta = (w3 * (1 - lnI4) + w4) / I4**2
-        S = 0.5 * (torch.einsum("...ik,...jl->...ijkl", Ci, Ci)
-                   + torch.einsum("...il,...jk->...ijkl", Ci, Ci))
-        H = (scalar(0.5 * f_p - f_L) * S + scalar(f_LL) * outer(Ci, Ci)
-             + torch.einsum("...d,dij,dkl->...ijkl", eta, N, N))
-        if quartic:  # f_ψψ = 2w₅, f_ψL = w₆L/2
-            H = (H + scalar(2 * w5) * outer(B, B)
-                 + scalar(0.5 * w6 * L) * (outer(B, Ci) + outer(Ci, B)))
-        out["tangent"] = (2 * torch.einsum("ik,...jl->...ijkl", eye, G)
-                          + 4 * torch.einsum("...iI,...kK,...IJKL->...iJkL", F, F, H))
+        out["tangent"] = _mixture_tangent(
+            F, G, Ci, B, N, eta, 0.5 * f_p - f_L, f_LL,
+            (2 * w[..., -3], 0.5 * w[..., -2] * L) if quartic else None)
     return out
+
+
+def _mixture_tangent(F: torch.Tensor, G: torch.Tensor, Ci: torch.Tensor, B: torch.Tensor,
+                     N: torch.Tensor, eta: torch.Tensor, c_S: torch.Tensor, f_LL: torch.Tensor,
+                     quartic: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """A_iJkL = 2 δ_ik G_JL + 4 F̄_iI F̄_kK H_IJKL of :func:`mixture_response` for
+    H = c_S S + f_LL C̄⁻¹⊗C̄⁻¹ + Σ η_a N_a⊗N_a [+ f_ψψ B⊗B + f_ψL (B⊗C̄⁻¹ + C̄⁻¹⊗B)]
+    (``quartic`` = (f_ψψ, f_ψL)), contracting F̄ into the 2×2 factors of H (X = F̄C̄⁻¹,
+    F̄C̄⁻¹F̄ᵀ = I): F̄F̄[S]_iJkL = ½(δ_ik C̄⁻¹_JL + X_iL X_kJ), F̄F̄[P⊗Q] = (F̄P)⊗(F̄Q) —
+    products of 2×2 arrays instead of four-index contractions."""
+    def outer(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return X[..., :, :, None, None] * Y[..., None, None, :, :]
+
+    def scalar(x: torch.Tensor) -> torch.Tensor:
+        return x[..., None, None, None, None]
+
+    X = F @ Ci
+    FN = (F[..., None, :, :] @ N).flatten(-2)  # (..., n_directions, 4)
+    stretch = ((eta[..., None] * FN)[..., :, None] * FN[..., None, :]).sum(-3)
+    FFH = scalar(f_LL) * outer(X, X) + stretch.reshape(*stretch.shape[:-2], 2, 2, 2, 2)
+    if quartic is not None:
+        f_pp, f_pL = quartic
+        FB = F @ B
+        FFH = FFH + scalar(f_pp) * outer(FB, FB) + scalar(f_pL) * (outer(FB, X) + outer(X, FB))
+    eye = torch.eye(2, dtype=F.dtype, device=F.device)
+    M = 2 * G + 2 * c_S[..., None, None] * Ci
+    return (eye[:, None, :, None] * M[..., None, :, None, :]
+            + 2 * scalar(c_S) * outer(X, X).transpose(-3, -1) + 4 * FFH)
 
 
 class EnergyHead(nn.Module):
@@ -208,6 +240,10 @@ class EnergyHead(nn.Module):
         return W
 
 
+DIAG_OFFSET = -3.0
+"""Offset of the covariance factor's raw diagonal: an untrained head starts with small Σ."""
+
+
 class CovarianceHead(nn.Module):
     """Per-member Cholesky factor (M, B, 4, 4) of the normalised aleatoric stress covariance."""
 
@@ -216,7 +252,17 @@ class CovarianceHead(nn.Module):
         self.net = ensemble_mlp(members, latent + 3, hidden, 10)
 
     def forward(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return lower_triangular(self.net(torch.cat([z, e], dim=-1)), 4, diag_offset=-3.0)
+        return self.factor(self.net(torch.cat([z, e], dim=-1)))
+
+    @staticmethod
+    def factor(raw: torch.Tensor) -> torch.Tensor:
+        """The Cholesky factor L (…, 4, 4) from the network's 10 outputs (…, 10)."""
+        return lower_triangular(raw, 4, diag_offset=DIAG_OFFSET)
+
+    @staticmethod
+    def factor_norm2(raw: torch.Tensor) -> torch.Tensor:
+        """tr(L Lᵀ) (…) of :meth:`factor`'s L, without forming it."""
+        return lower_triangular_norm2(raw, 4, diag_offset=DIAG_OFFSET)
 
 
 class FineDecoder(nn.Module):
