@@ -341,7 +341,7 @@ class Coupler(FineSolver):
         self._structure_of = np.zeros(0, dtype=np.int32)
         self._micro_outside: list[str | None] = []  # why each structure is outside
         self._micro_out = np.zeros(0, dtype=bool)
-        self._z: torch.Tensor | None = None  # latents of the distinct structures
+        self._z: torch.Tensor | None = None  # latents of the distinct structures, float32
         self._inference: Inference | None = None  # the operator at them, this model version
         self._cost: dict[int, float] = {}
         self._last_rank: dict[int, int] = {}
@@ -410,7 +410,8 @@ class Coupler(FineSolver):
             self.latent_store = LatentStore(
                 self.model, self.comm, None if self.replay is None else self.replay.directory
                 / "latents")
-        self._z = self.latent_store.latents(self._structures)
+        # float32: the encoder's precision (Inference casts chunk by chunk), half the memory
+        self._z = self.latent_store.latents(self._structures).float()
         self._inference = None
         self.stats.encode_time_s += time.perf_counter() - t0
 

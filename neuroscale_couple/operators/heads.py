@@ -169,39 +169,23 @@ def mixture_response(w: torch.Tensor, F: torch.Tensor, n_directions: int = 6, *,
          + torch.einsum("...d,dij->...ij", gamma, N))
     out = {"energy": energy, "stress": 2 * F @ G}
     if tangent:
+        def outer(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("...ij,...kl->...ijkl", X, Y)
+
+        def scalar(x: torch.Tensor) -> torch.Tensor:
+            return x[..., None, None, None, None]
+
         eta = (w3 * (1 - lnI4) + w4) / I4**2
-        out["tangent"] = _mixture_tangent(
-            F, G, Ci, B, N, eta, 0.5 * f_p - f_L, f_LL,
-            (2 * w[..., -3], 0.5 * w[..., -2] * L) if quartic else None)
+        S = 0.5 * (torch.einsum("...ik,...jl->...ijkl", Ci, Ci)
+                   + torch.einsum("...il,...jk->...ijkl", Ci, Ci))
+        H = (scalar(0.5 * f_p - f_L) * S + scalar(f_LL) * outer(Ci, Ci)
+             + torch.einsum("...d,dij,dkl->...ijkl", eta, N, N))
+        if quartic:  # f_ψψ = 2w₅, f_ψL = w₆L/2
+            H = (H + scalar(2 * w5) * outer(B, B)
+                 + scalar(0.5 * w6 * L) * (outer(B, Ci) + outer(Ci, B)))
+        out["tangent"] = (2 * torch.einsum("ik,...jl->...ijkl", eye, G)
+                          + 4 * torch.einsum("...iI,...kK,...IJKL->...iJkL", F, F, H))
     return out
-
-
-def _mixture_tangent(F: torch.Tensor, G: torch.Tensor, Ci: torch.Tensor, B: torch.Tensor,
-                     N: torch.Tensor, eta: torch.Tensor, c_S: torch.Tensor, f_LL: torch.Tensor,
-                     quartic: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """A_iJkL = 2 δ_ik G_JL + 4 F̄_iI F̄_kK H_IJKL of :func:`mixture_response` for
-    H = c_S S + f_LL C̄⁻¹⊗C̄⁻¹ + Σ η_a N_a⊗N_a [+ f_ψψ B⊗B + f_ψL (B⊗C̄⁻¹ + C̄⁻¹⊗B)]
-    (``quartic`` = (f_ψψ, f_ψL)), contracting F̄ into the 2×2 factors of H (X = F̄C̄⁻¹,
-    F̄C̄⁻¹F̄ᵀ = I): F̄F̄[S]_iJkL = ½(δ_ik C̄⁻¹_JL + X_iL X_kJ), F̄F̄[P⊗Q] = (F̄P)⊗(F̄Q) —
-    products of 2×2 arrays instead of four-index contractions."""
-    def outer(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-        return X[..., :, :, None, None] * Y[..., None, None, :, :]
-
-    def scalar(x: torch.Tensor) -> torch.Tensor:
-        return x[..., None, None, None, None]
-
-    X = F @ Ci
-    FN = (F[..., None, :, :] @ N).flatten(-2)  # (..., n_directions, 4)
-    stretch = ((eta[..., None] * FN)[..., :, None] * FN[..., None, :]).sum(-3)
-    FFH = scalar(f_LL) * outer(X, X) + stretch.reshape(*stretch.shape[:-2], 2, 2, 2, 2)
-    if quartic is not None:
-        f_pp, f_pL = quartic
-        FB = F @ B
-        FFH = FFH + scalar(f_pp) * outer(FB, FB) + scalar(f_pL) * (outer(FB, X) + outer(X, FB))
-    eye = torch.eye(2, dtype=F.dtype, device=F.device)
-    M = 2 * G + 2 * c_S[..., None, None] * Ci
-    return (eye[:, None, :, None] * M[..., None, :, None, :]
-            + 2 * scalar(c_S) * outer(X, X).transpose(-3, -1) + 4 * FFH)
 
 
 class EnergyHead(nn.Module):

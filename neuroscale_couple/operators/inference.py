@@ -48,8 +48,9 @@ class Response(NamedTuple):
 
 
 class Inference:
-    """The response of ``model`` at points whose latents are rows of ``z`` (u, latent), for one
-    model version (build a new one after retraining); see the module docstring.
+    """The response of ``model`` at points whose latents are rows of ``z`` (u, latent; float32,
+    the encoder's precision, or the model's dtype), for one model version (build a new one
+    after retraining); see the module docstring.
 
     Memory per latent row: M·K float32 weight differences, K float64 mean weights and M·hidden
     float32 first-layer activations (1.5 KB for the shipped composite model)."""
@@ -58,7 +59,7 @@ class Inference:
         self.model, self.chunk = model, chunk
         self.closed = bool(model.energy.closed_form)
         p = next(model.parameters())
-        self.z = z.to(p.device, p.dtype)
+        self.dtype, self.z = p.dtype, z.to(p.device)  # z kept as given (float32: exact)
         self.sigma2 = float(model.sigma_ref) ** 2
         if not self.closed:
             return
@@ -71,7 +72,7 @@ class Inference:
         w_mean, w_dev, hidden = [], [], []
         with torch.no_grad():
             for i in range(0, max(len(z), 1), chunk):  # one (empty) chunk without points
-                zc = self.z[i:i + chunk]
+                zc = self.z[i:i + chunk].to(self.dtype)
                 w = model._mixture_weights(zc, torch.float64).double()  # (M, b, K)
                 w_mean.append(w.mean(0))
                 w_dev.append((w - w_mean[-1]).float())
@@ -111,7 +112,7 @@ class Inference:
 
     def _generic(self, rows: torch.Tensor, F: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One chunk of any operator, through its ``predict`` in its own dtype."""
-        pred = self.model.predict(self.z[rows], F.to(self.z.dtype))
+        pred = self.model.predict(self.z[rows].to(self.dtype), F.to(self.dtype))
         alea = torch.diagonal(pred["aleatoric"], dim1=-2, dim2=-1).sum(-1)
         total = torch.diagonal(pred["cov"], dim1=-2, dim2=-1).sum(-1)
         return pred["mean"], pred["tangent"], pred["energy"], alea, total - alea
