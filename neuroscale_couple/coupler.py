@@ -451,10 +451,11 @@ class Coupler(FineSolver):
             n = len(Fb)
             self.evaluations += 1
             t0 = time.perf_counter()
-            stress, tangent = np.zeros((n, 2, 2)), np.zeros((n, 2, 2, 2, 2))
-            unc, energy, noise = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)
             if self.model is not None and n:
                 stress, tangent, unc, noise, energy = self._predict(rows, Fb)
+            else:
+                stress, tangent = np.zeros((n, 2, 2)), np.zeros((n, 2, 2, 2, 2))
+                unc, energy, noise = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)
             if self.policy.classic or self.model is None:
                 fallback = np.ones(n, dtype=bool)
             else:

@@ -51,6 +51,10 @@ class LatentStore:
         if self.directory is not None:
             self._read()
 
+    def __len__(self) -> int:
+        """The number of distinct structures whose latents the store holds."""
+        return len(self._row)
+
     def _pattern(self) -> str:
         return f"latents-{self.digest[:16]}-*.npz"
 

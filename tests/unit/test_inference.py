@@ -69,3 +69,27 @@ def test_the_norm_of_the_covariance_factor_needs_no_factor():
     L = lower_triangular(raw, 4, diag_offset=-3.0)
     torch.testing.assert_close(lower_triangular_norm2(raw, 4, diag_offset=-3.0),
                                L.square().sum((-1, -2)), rtol=1e-14, atol=0)
+
+
+def test_coupler_answers_each_point_with_its_own_structure_and_holds_one_latent_per_structure():
+    from mpi4py import MPI
+
+    from neuroscale_couple.coupler import Coupler, Policy
+
+    model = load_operator(MODELS / "fe2_composite.pt")
+    cells = [random_fibres(0.2 + 0.05 * s, 1 + s, seed=s) for s in range(3)]
+    ids = np.random.default_rng(0).permutation(60) * 7  # not in order: rows are sorted by id
+    structures = [cells[i % 3] for i in range(60)]
+    coupler = Coupler(model, lambda m: None, policy=Policy(rtol=1e9, atol=1e9),
+                      comm=MPI.COMM_SELF)
+    coupler.register(ids, structures)
+    assert len(coupler.latent_store) == 3  # 60 points, 3 latents
+    _, F = _points(60, 1)
+    coupler.begin_step(0)
+    r = coupler.evaluate(F, ids)
+    z = coupler.latent_store.latents(structures)  # each point's latent, in the model's dtype
+    with torch.no_grad():
+        ref = model.predict(z, torch.as_tensor(F))
+    np.testing.assert_allclose(r.stress, ref["mean"].numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(r.tangent, ref["tangent"].numpy(), rtol=0, atol=1e-10)
+    assert (r.uncertainty > 0).all() and (r.source == 0).all()
