@@ -59,7 +59,7 @@ from neuroscale_couple.fine import (
 )
 from neuroscale_couple.latents import LatentStore
 from neuroscale_couple.operators.inference import Inference
-from neuroscale_couple.parallel import balance, device_for_rank, together
+from neuroscale_couple.parallel import balance, device_for_rank, return_free_memory, together
 from neuroscale_couple.retraining import RetrainConfig, Retrainer, RetrainJob
 from neuroscale_couple.store import ReplayStore
 from neuroscale_couple.tensors import acoustic_minimum, as_deformation_batch
@@ -413,6 +413,7 @@ class Coupler(FineSolver):
         # float32: the encoder's precision (Inference casts chunk by chunk), half the memory
         self._z = self.latent_store.latents(self._structures).float()
         self._inference = None
+        return_free_memory()  # the images and activations of the encoding
         self.stats.encode_time_s += time.perf_counter() - t0
 
     def _rows(self, point_ids) -> np.ndarray:
@@ -724,6 +725,7 @@ class Coupler(FineSolver):
         for counted in (self._fell_back, self._noise_limited, self._outside):
             counted[:] = False
         self._last_operator = None
+        return_free_memory()  # the step's transients: resident memory stays what points hold
         return report
 
     def _non_elliptic(self) -> int:
