@@ -296,9 +296,11 @@ class Calibration:
         ndarray, shape (n,)
             The bound, in stress units (+∞ if q_level is +∞).
         """
-        q = self.norm_radius(level)
-        trace = np.trace(_as_covariances(Sigma), axis1=1, axis2=2)
-        return q * self.scale * np.sqrt(np.maximum(trace, 0.0))
+        return self.trace_bound(np.trace(_as_covariances(Sigma), axis1=1, axis2=2), level)
+
+    def trace_bound(self, trace: np.ndarray, level: float) -> np.ndarray:
+        """:meth:`error_bound` from the traces tr Σ (n,) (stress units squared) alone."""
+        return self.norm_radius(level) * self.scale * np.sqrt(np.maximum(trace, 0.0))
 
     def norm_radius(self, level: float) -> float:
         """Conformal quantile q^e of the Euclidean score |y − μ| / (s √tr Σ) at ``level``.

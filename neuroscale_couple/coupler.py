@@ -58,7 +58,8 @@ from neuroscale_couple.fine import (
     SolverCache,
 )
 from neuroscale_couple.latents import LatentStore
-from neuroscale_couple.parallel import balance, device_for_rank, together
+from neuroscale_couple.operators.inference import Inference
+from neuroscale_couple.parallel import balance, device_for_rank, return_free_memory, together
 from neuroscale_couple.retraining import RetrainConfig, Retrainer, RetrainJob
 from neuroscale_couple.store import ReplayStore
 from neuroscale_couple.tensors import acoustic_minimum, as_deformation_batch
@@ -336,10 +337,13 @@ class Coupler(FineSolver):
             replay_dir, comm.rank, self.family, self.image_resolution)
         self._ids = np.zeros(0, dtype=np.int64)
         self.latent_store: LatentStore | None = None
-        self._micro: list = []
-        self._micro_outside: list[str | None] = []  # why each point's structure is outside
+        # the distinct structures (by key) of this rank's points, and each point's (row's) one
+        self._structures: list = []
+        self._structure_of = np.zeros(0, dtype=np.int32)
+        self._micro_outside: list[str | None] = []  # why each structure is outside
         self._micro_out = np.zeros(0, dtype=bool)
-        self._z = None
+        self._z: torch.Tensor | None = None  # latents of the distinct structures, float32
+        self._inference: Inference | None = None  # the operator at them, this model version
         self._cost: dict[int, float] = {}
         self._last_rank: dict[int, int] = {}
         # per registered point (row): this step's marks
@@ -379,18 +383,24 @@ class Coupler(FineSolver):
             raise InputError("point ids must be unique")
         order = np.argsort(ids)
         self._ids = ids[order]
-        self._micro = [microstructures[i] for i in order]
+        distinct: dict = {}  # key → index into self._structures
+        self._structures = []
+        self._structure_of = np.empty(len(ids), dtype=np.int32)
+        for row, i in enumerate(order):
+            m = microstructures[i]
+            k = distinct.setdefault(m.key, len(distinct))
+            if k == len(self._structures):
+                self._structures.append(m)
+            self._structure_of[row] = k
         self._check_structures()
         self._sticky, self._fell_back, self._noise_limited, self._outside = (
             np.zeros(len(ids), dtype=bool) for _ in range(4))
         self._encode()
 
     def _check_structures(self) -> None:
-        """Mark the registered structures outside the model's training region."""
-        reasons = {}
-        if self.region is not None:
-            reasons = {m.key: self.region.structure_reason(m) for m in self._micro}
-        self._micro_outside = [reasons.get(m.key) for m in self._micro]
+        """Mark the registered (distinct) structures outside the model's training region."""
+        self._micro_outside = [None if self.region is None else self.region.structure_reason(m)
+                               for m in self._structures]
         self._micro_out = np.array([r is not None for r in self._micro_outside], dtype=bool)
 
     def _encode(self) -> None:
@@ -405,7 +415,10 @@ class Coupler(FineSolver):
             self.latent_store = LatentStore(
                 self.model, self.comm, None if self.replay is None else self.replay.directory
                 / "latents")
-        self._z = self.latent_store.latents(self._micro)
+        # float32: the encoder's precision (Inference casts chunk by chunk), half the memory
+        self._z = self.latent_store.latents(self._structures).float()
+        self._inference = None
+        return_free_memory()  # the images and activations of the encoding
         self.stats.encode_time_s += time.perf_counter() - t0
 
     def _rows(self, point_ids) -> np.ndarray:
@@ -444,10 +457,11 @@ class Coupler(FineSolver):
             n = len(Fb)
             self.evaluations += 1
             t0 = time.perf_counter()
-            stress, tangent = np.zeros((n, 2, 2)), np.zeros((n, 2, 2, 2, 2))
-            unc, energy, noise = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)
             if self.model is not None and n:
                 stress, tangent, unc, noise, energy = self._predict(rows, Fb)
+            else:
+                stress, tangent = np.zeros((n, 2, 2)), np.zeros((n, 2, 2, 2, 2))
+                unc, energy, noise = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)
             if self.policy.classic or self.model is None:
                 fallback = np.ones(n, dtype=bool)
             else:
@@ -484,7 +498,7 @@ class Coupler(FineSolver):
             self._solved[int(ids[j])] = SolvedPoint(Fb[j].copy(), answer, op_stress[j].copy())
         self._check_failures(failed, total)
         if self.auditor is not None:
-            self.auditor.remember(Fb, ids, [self._micro[r] for r in rows], stress, unc,
+            self.auditor.remember(Fb, ids, [self._structure(r) for r in rows], stress, unc,
                                   source == OPERATOR)
         return CouplerResult(stress, tangent, unc, source, energy)
 
@@ -494,14 +508,15 @@ class Coupler(FineSolver):
         if self.region is None:
             return np.zeros(len(F), dtype=bool)
         outside = self.region.load_outside(F)
-        outside |= self._micro_out[rows]
+        outside |= self._micro_out[self._structure_of[rows]]
         if not outside.any():
             return outside
         self._outside[rows[outside]] = True
         rule = "warn" if self.policy.never else self.policy.outside
         if rule == "refuse":
             j = int(np.flatnonzero(outside)[0])
-            reason = self._micro_outside[rows[j]] or self.region.load_reason(F[j])
+            reason = (self._micro_outside[self._structure_of[rows[j]]]
+                      or self.region.load_reason(F[j]))
             raise InputError(f"point {int(ids[j])} is outside the model's training region "
                              f"({reason}) and the policy says outside=refuse: use "
                              "outside=fallback to solve such points with the fine solver")
@@ -531,22 +546,27 @@ class Coupler(FineSolver):
             near[j] = radius > 0 and np.abs(dF).max() <= radius
         return near
 
+    def _structure(self, row: int):
+        """The structure of the point in ``row``."""
+        return self._structures[self._structure_of[row]]
+
     def _predict(self, rows: np.ndarray, F: np.ndarray) -> tuple[np.ndarray, ...]:
         """Stress, tangent, error bound, noise bound (0 unless ``exclude_noise``; both stress
-        units, Frobenius norm) and energy of the operator at ``F``."""
-        p = next(self.model.parameters())
-        Ft = torch.as_tensor(F, dtype=p.dtype, device=p.device)
-        pred = {k: v.cpu().double().numpy()
-                for k, v in self.model.predict(self._z[torch.as_tensor(rows)], Ft).items()}
+        units, Frobenius norm) and energy of the operator at ``F``
+        (:class:`~neuroscale_couple.operators.inference.Inference`: what depends on the latents
+        alone is computed once per model version)."""
+        if self._inference is None:
+            self._inference = Inference(self.model, self._z)
+        r = self._inference.response(self._structure_of[rows], F)
         unc, noise = np.zeros(len(F)), np.zeros(len(F))
         if not self.policy.never:
             cal, level = self._calibration(), self.policy.confidence
             if self.policy.exclude_noise:
-                unc = cal.error_bound(pred["cov"] - pred["aleatoric"], level)
-                noise = cal.error_bound(pred["aleatoric"], level)
+                unc = cal.trace_bound(r.trace_epistemic, level)
+                noise = cal.trace_bound(r.trace_aleatoric, level)
             else:
-                unc = cal.error_bound(pred["cov"], level)
-        return pred["mean"], pred["tangent"], unc, noise, pred["energy"]
+                unc = cal.trace_bound(r.trace_aleatoric + r.trace_epistemic, level)
+        return r.stress, r.tangent, unc, noise, r.energy
 
     def _calibration(self) -> Calibration:
         """The model's calibration, parsed once per model version."""
@@ -562,7 +582,7 @@ class Coupler(FineSolver):
         solves and of evaluated points over all ranks (carried by the exchanges the fallback
         needs anyway: no collective of their own)."""
         comm = self.comm
-        mine = [FallbackRequest(int(i), F[k], self._micro[r], self._cost.get(int(i), np.nan),
+        mine = [FallbackRequest(int(i), F[k], self._structure(r), self._cost.get(int(i), np.nan),
                                 self._last_rank.get(int(i), -1))
                 for k, (i, r) in enumerate(zip(ids, rows, strict=True))]
         every = comm.allgather((n_points, mine))
@@ -710,6 +730,7 @@ class Coupler(FineSolver):
         for counted in (self._fell_back, self._noise_limited, self._outside):
             counted[:] = False
         self._last_operator = None
+        return_free_memory()  # the step's transients: resident memory stays what points hold
         return report
 
     def _non_elliptic(self) -> int:
@@ -837,6 +858,7 @@ class Coupler(FineSolver):
         """
         self.check_same_weights(model, RetrainError)
         self.model = model
+        self._inference = None
         self.version += 1
         self.model.card["online_version"] = self.version
         if self.region is not None:  # the retraining's solves widened the region

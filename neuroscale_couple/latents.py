@@ -13,6 +13,9 @@ online retraining), so that
 - with a ``directory`` (the Coupler puts it beside its replay store) every encoded latent is
   written to ``latents-<encoder digest>-<rank>-<n>.npz`` (atomically) and a later run, on any
   number of ranks, reads them back and encodes nothing it has seen.
+
+Latents are held in one float32 table (a row per structure, 256 B at latent size 64; the
+encoder runs in float32, so nothing is rounded), not as one array object per structure.
 """
 
 from __future__ import annotations
@@ -41,11 +44,16 @@ class LatentStore:
         self.model, self.comm = model, comm
         self.digest = model.encoder_digest()
         self.directory = None if directory is None else Path(directory)
-        self._z: dict[Hashable, np.ndarray] = {}
+        self._row: dict[Hashable, int] = {}  # structure key → row of the table
+        self._table = np.zeros((64, model.config.latent), dtype=np.float32)
         self._files = 0
         self.encoded = 0  # structures this rank encoded itself
         if self.directory is not None:
             self._read()
+
+    def __len__(self) -> int:
+        """The number of distinct structures whose latents the store holds."""
+        return len(self._row)
 
     def _pattern(self) -> str:
         return f"latents-{self.digest[:16]}-*.npz"
@@ -53,8 +61,20 @@ class LatentStore:
     def _read(self) -> None:
         for path in sorted(self.directory.glob(self._pattern())):
             with np.load(path, allow_pickle=False) as f:
-                for key, z in zip(f["keys"].tolist(), f["z"], strict=True):
-                    self._z[key] = z
+                self._add(f["keys"].tolist(), f["z"])
+
+    def _add(self, keys: list, z: np.ndarray) -> None:
+        """Rows ``z`` (k, latent) for ``keys`` not held yet (the table grows by doubling)."""
+        fresh = [(k, row) for k, row in zip(keys, z, strict=True) if k not in self._row]
+        need = len(self._row) + len(fresh)
+        if need > len(self._table):
+            table = np.zeros((max(need, 2 * len(self._table)), self._table.shape[1]),
+                             dtype=np.float32)
+            table[:len(self._row)] = self._table[:len(self._row)]
+            self._table = table
+        for k, row in fresh:
+            self._table[len(self._row)] = row
+            self._row[k] = len(self._row)
 
     def latents(self, structures: Sequence) -> torch.Tensor:
         """Latents (n, latent) of this rank's ``structures``, in the model's dtype, encoding
@@ -63,7 +83,7 @@ class LatentStore:
         first = {}
         for key, s in zip(keys, structures, strict=True):
             first.setdefault(key, s)
-        missing = sorted(k for k in first if k not in self._z)
+        missing = sorted(k for k in first if k not in self._row)
         wanted = self.comm.allgather(missing)
         owner = {}  # the first rank that asked for a key hands over its structure
         for rank, part in enumerate(wanted):
@@ -80,7 +100,7 @@ class LatentStore:
         new = {}
         if mine:
             z = self.model.latents([received[k] for k in mine])
-            new = dict(zip(mine, z.detach().cpu().double().numpy(), strict=True))
+            new = dict(zip(mine, z.detach().cpu().float().numpy(), strict=True))
             self.encoded += len(mine)
             self._write(new)
         # each encoded latent goes to every rank that wants it
@@ -88,10 +108,10 @@ class LatentStore:
         for rank, part in enumerate(wanted):
             out[rank] = [(k, new[k]) for k in part if k in new]
         for part in self.comm.alltoall(out):
-            self._z.update(part)
+            self._add([k for k, _ in part], np.array([z for _, z in part]))
         p = next(self.model.parameters())
-        return torch.as_tensor(np.stack([self._z[k] for k in keys]) if keys else
-                               np.zeros((0, 0)), dtype=p.dtype, device=p.device)
+        rows = np.array([self._row[k] for k in keys], dtype=np.int64)
+        return torch.as_tensor(self._table[rows], dtype=p.dtype, device=p.device)
 
     def _write(self, latents: dict[str, np.ndarray]) -> None:
         if self.directory is None or not latents:

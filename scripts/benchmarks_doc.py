@@ -731,6 +731,50 @@ def scaling_section(record: dict, path: Path, images: dict[str, tuple[str, str]]
     return out
 
 
+def memory_section(record: dict, path: Path) -> list[str]:
+    """bench/memory.py: a rank's memory per stage and per point, its growth over a long run,
+    and the operator stage in the loop; the record's ``baseline`` side by side."""
+    out = ["## Memory of a rank and the operator in the loop", "",
+           "One rank of the FE² plate (`examples/plate_with_hole.py`, its own random fibre cell "
+           "per point as in `examples/fe2_composite.py`) with every point on the operator "
+           "(`rtol = inf`, no RVE built), in a fresh process per macro mesh: resident memory "
+           "after each stage; a point's cost is the slope between the smallest and largest "
+           "run. The in-loop rate is `Coupler.evaluate` (stress, tangent, calibrated bound, "
+           "policy) per CPU second of one thread, beside the bare model's `predict` on the "
+           "same points.", ""]
+    out += provenance(record, path, "the fields below", ".venv/bin/python bench/memory.py")
+    mb = 2**20
+    out += table(("points", "imports MB", "+ operator MB", "+ macro problem, latents MB",
+                  "after the steps MB", "peak MB"),
+                 [(num(r["points"]), num(r["stages"]["imports"] / mb),
+                   num(r["stages"]["operator"] / mb), num(r["stages"]["registered"] / mb),
+                   num(r["after_step"][-1] / mb), num(r["peak"] / mb))
+                  for r in record.get("runs", [])])
+    base = record.get("baseline")
+    cols = [("this record", record)] + ([(base["label"], base)] if base else [])
+    long = {name: r.get("long_run", {}) for name, r in cols}
+    speed = {name: r.get("in_loop_points_per_cpu_s", {}) for name, r in cols}
+    rows = [("KB per point, registered", *(num(r.get("kb_per_point_registered")) for _, r in cols)),
+            ("KB per point, after the steps",
+             *(num(r.get("kb_per_point_after_steps")) for _, r in cols)),
+            ("KB per point, peak", *(num(r.get("kb_per_point_peak")) for _, r in cols)),
+            ("RSS growth, step 10 → last", *(pct(v["growth"]) if "growth" in v else "–"
+                                              for v in long.values())),
+            ("live RVE (mesh 0.02), MB", *(num(r.get("rve_mb")) for _, r in cols)),
+            ("`Coupler.evaluate`, points per CPU s",
+             *(sci(v["coupler_evaluate"]) for v in speed.values())),
+            ("model `predict` float64, points per CPU s",
+             *(sci(v["model_predict_float64"]) for v in speed.values())),
+            ("model `predict` float32, points per CPU s",
+             *(sci(v["model_predict_float32"]) for v in speed.values()))]
+    out += table(("", *(name for name, _ in cols)), rows)
+    steps = record.get("long_run", {})
+    out += [f"Growth run: {num(steps.get('steps'))} load steps on {num(steps.get('points'))} "
+            f"points; targets: a few KB per point, growth ≤ 5 %, ≥ 1e6 points/s per core "
+            "in the loop.", ""]
+    return out
+
+
 def generic_section(record: dict, path: Path) -> list[str]:
     """A record of a kind this script does not know: its scalar fields as they are."""
     out = [f"## `{path.stem}`", ""]
@@ -761,7 +805,7 @@ def copy_images(docs: Path) -> dict[str, tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------- page
-ORDER = ("rve_solve", "rve_live", "operator", "encode", "region", "fe2_speedup",
+ORDER = ("rve_solve", "rve_live", "operator", "encode", "memory", "region", "fe2_speedup",
          "fe2_speedup_beyond", "fe2_speedup_412", "hmm_speedup", "hmm_speedup_300K_202",
          "hmm_speedup_0K_small", "hmm_speedup_300K", "scaling")
 
@@ -799,6 +843,8 @@ def page(docs: Path) -> str:
             lines += region_section(record, path, images)
         elif name == "scaling":
             lines += scaling_section(record, path, images)
+        elif name == "memory":
+            lines += memory_section(record, path)
         elif "runs" in record and "reference" in record["runs"]:
             lines += coupled_section(record, path, images)
             key = "\n".join(md_noise_rows(record.get("md_noise") or {}))

@@ -106,13 +106,17 @@ class CoarseGrainingOperator(nn.Module):
 
         Encoded in float32, the precision the encoder is trained in (online retraining leaves it
         frozen): a float64 model encodes through a float32 copy, about twice as fast, changing z
-        by ~1e-7 relative.
+        by ~1e-7 relative. Structures are rendered ``batch`` at a time, so the images (16 KB a
+        structure at resolution 64) never exist for all of them at once.
         """
-        dtype = next(self.parameters()).dtype
+        p = next(self.parameters())
+        dtype = p.dtype
+        structures = list(structures)
+        if not structures:
+            return torch.zeros((0, self.config.latent), dtype=dtype, device=p.device)
         encoder = self if dtype == torch.float32 else self._float32_encoder()
-        inputs = encoder.structure_inputs(structures)
-        return torch.cat([encoder.encode(inputs[i:i + batch])[0]
-                          for i in range(0, len(inputs), batch)]).to(dtype)
+        return torch.cat([encoder.encode(encoder.structure_inputs(structures[i:i + batch]))[0]
+                          for i in range(0, len(structures), batch)]).to(dtype)
 
     def _float32_encoder(self) -> CoarseGrainingOperator:
         """A float32 copy of this model for :meth:`latents`, made once and kept while the

@@ -65,9 +65,25 @@ def lower_triangular(flat: torch.Tensor, n: int, diag_offset: float = 0.0,
     rows, cols = torch.tril_indices(n, n, device=flat.device)
     M = flat.new_zeros((*flat.shape[:-1], n, n))
     M[..., rows, cols] = flat
-    d = nn.functional.softplus(torch.diagonal(M, dim1=-2, dim2=-1) + diag_offset) + min_diag
+    d = _positive_diagonal(torch.diagonal(M, dim1=-2, dim2=-1), diag_offset, min_diag)
     eye = torch.eye(n, dtype=flat.dtype, device=flat.device)
     return d[..., :, None] * (eye + torch.tril(M, -1))
+
+
+def lower_triangular_norm2(flat: torch.Tensor, n: int, diag_offset: float = 0.0,
+                           min_diag: float = 1e-4) -> torch.Tensor:
+    """‖L‖_F² = tr(L Lᵀ) (…) of :func:`lower_triangular`'s L without forming it: row i of
+    L = D (I + O) has the squared norm d_i² (1 + Σ_{j<i} O_ij²)."""
+    rows, cols = torch.tril_indices(n, n, device=flat.device)
+    d = _positive_diagonal(flat[..., rows == cols], diag_offset, min_diag)
+    off = (rows > cols).to(flat.dtype)[:, None] * (rows[:, None] == torch.arange(
+        n, device=flat.device)).to(flat.dtype)  # (n(n+1)/2, n): strictly lower entry → row
+    return (d.square() * (1 + flat.square() @ off)).sum(-1)
+
+
+def _positive_diagonal(x: torch.Tensor, diag_offset: float, min_diag: float) -> torch.Tensor:
+    """The diagonal D of :func:`lower_triangular` from its raw entries x (…, n)."""
+    return nn.functional.softplus(x + diag_offset) + min_diag
 
 
 def basis_energies(C: torch.Tensor, n_directions: int = 6, quartic: bool = False
@@ -208,6 +224,10 @@ class EnergyHead(nn.Module):
         return W
 
 
+DIAG_OFFSET = -3.0
+"""Offset of the covariance factor's raw diagonal: an untrained head starts with small Σ."""
+
+
 class CovarianceHead(nn.Module):
     """Per-member Cholesky factor (M, B, 4, 4) of the normalised aleatoric stress covariance."""
 
@@ -216,7 +236,17 @@ class CovarianceHead(nn.Module):
         self.net = ensemble_mlp(members, latent + 3, hidden, 10)
 
     def forward(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return lower_triangular(self.net(torch.cat([z, e], dim=-1)), 4, diag_offset=-3.0)
+        return self.factor(self.net(torch.cat([z, e], dim=-1)))
+
+    @staticmethod
+    def factor(raw: torch.Tensor) -> torch.Tensor:
+        """The Cholesky factor L (…, 4, 4) from the network's 10 outputs (…, 10)."""
+        return lower_triangular(raw, 4, diag_offset=DIAG_OFFSET)
+
+    @staticmethod
+    def factor_norm2(raw: torch.Tensor) -> torch.Tensor:
+        """tr(L Lᵀ) (…) of :meth:`factor`'s L, without forming it."""
+        return lower_triangular_norm2(raw, 4, diag_offset=DIAG_OFFSET)
 
 
 class FineDecoder(nn.Module):

@@ -1,0 +1,95 @@
+"""The operator in the loop (Inference): the same response as the model's own predict, the
+bound's float32 round-off far below the bound."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neuroscale_couple.calibration import Calibration
+from neuroscale_couple.operators.base import load_operator
+from neuroscale_couple.operators.heads import lower_triangular, lower_triangular_norm2
+from neuroscale_couple.operators.inference import Inference
+from neuroscale_couple.sampling import loads_in_ball, rng_for
+from neuroscale_couple.solvers.microstructure import random_fibres
+
+MODELS = Path(__file__).resolve().parents[2] / "examples" / "models"
+
+pytestmark = pytest.mark.skip_in_parallel
+
+
+def _points(n: int, distinct: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each of n points' row into ``distinct`` latents and its F̄ (n, 2, 2), loads up to
+    |F̄ − I| = 0.3 (the training range)."""
+    return np.arange(n) % distinct, loads_in_ball(n, 0.3, rng_for(7, 0)).reshape(n, 2, 2)
+
+
+def test_closed_form_response_equals_predict_and_its_float32_bound_is_far_below_the_bound():
+    model = load_operator(MODELS / "fe2_composite.pt").double()
+    z = model.latents([random_fibres(0.3, 1 + s % 8, seed=s) for s in range(40)])
+    rows, F = _points(3000, 40)
+    # chunks smaller than the points: the chunking must not show
+    r = Inference(model, z, chunk=1000).response(rows, F)
+    with torch.no_grad():
+        ref = {k: v.numpy() for k, v in model.predict(z[rows], torch.as_tensor(F)).items()}
+    # stress, tangent, energy: float64 closed form of the mean weights (the mean of the members'
+    # responses, by linearity in the weights): round-off only
+    for got, want in ((r.stress, ref["mean"]), (r.tangent, ref["tangent"]),
+                      (r.energy, ref["energy"])):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-13 * np.abs(want).max())
+    # the bound from the float32 covariance head agrees with float64 to 1e-5 of the bound
+    cal = Calibration.from_dict(model.calibration)
+    bound = cal.error_bound(ref["cov"], 0.95)
+    fast = cal.trace_bound(r.trace_aleatoric + r.trace_epistemic, 0.95)
+    assert (np.abs(fast - bound) <= 1e-5 * bound).all()
+    # its epistemic part alone (exclude_noise) to 1e-4 of itself: the members' spread is a small
+    # difference of large basis terms, which float32 resolves to ~3e-5 of it
+    epistemic = cal.error_bound(ref["cov"] - ref["aleatoric"], 0.95)
+    np.testing.assert_allclose(cal.trace_bound(r.trace_epistemic, 0.95), epistemic, rtol=1e-4)
+
+
+def test_an_operator_without_closed_form_answers_through_its_predict():
+    model = load_operator(MODELS / "hmm_cu_thermal.pt").double()
+    assert not model.energy.closed_form
+    z = torch.randn(3, model.config.latent, dtype=torch.float64)  # any latents will do
+    rows, F = _points(50, 3)
+    r = Inference(model, z, chunk=16).response(rows, F)
+    with torch.no_grad():
+        ref = {k: v.numpy() for k, v in model.predict(z[rows], torch.as_tensor(F)).items()}
+    np.testing.assert_allclose(r.stress, ref["mean"], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(r.trace_aleatoric + r.trace_epistemic,
+                               np.trace(ref["cov"], axis1=1, axis2=2), rtol=1e-12)
+
+
+def test_the_norm_of_the_covariance_factor_needs_no_factor():
+    raw = torch.randn(3, 5, 10, dtype=torch.float64)
+    L = lower_triangular(raw, 4, diag_offset=-3.0)
+    torch.testing.assert_close(lower_triangular_norm2(raw, 4, diag_offset=-3.0),
+                               L.square().sum((-1, -2)), rtol=1e-14, atol=0)
+
+
+def test_coupler_answers_each_point_with_its_own_structure_and_holds_one_latent_per_structure():
+    from mpi4py import MPI
+
+    from neuroscale_couple.coupler import Coupler, Policy
+
+    model = load_operator(MODELS / "fe2_composite.pt")
+    cells = [random_fibres(0.2 + 0.05 * s, 1 + s, seed=s) for s in range(3)]
+    ids = np.random.default_rng(0).permutation(60) * 7  # not in order: rows are sorted by id
+    structures = [cells[i % 3] for i in range(60)]
+    coupler = Coupler(model, lambda m: None, policy=Policy(rtol=1e9, atol=1e9),
+                      comm=MPI.COMM_SELF)
+    coupler.register(ids, structures)
+    assert len(coupler.latent_store) == 3  # 60 points, 3 latents
+    _, F = _points(60, 1)
+    coupler.begin_step(0)
+    r = coupler.evaluate(F, ids)
+    z = coupler.latent_store.latents(structures)  # each point's latent, in the model's dtype
+    with torch.no_grad():
+        ref = model.predict(z, torch.as_tensor(F))
+    np.testing.assert_allclose(r.stress, ref["mean"].numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(r.tangent, ref["tangent"].numpy(), rtol=0, atol=1e-10)
+    assert (r.uncertainty > 0).all() and (r.source == 0).all()
