@@ -52,6 +52,8 @@ def run_case(mode: str, size: str, ranks: int, args: argparse.Namespace) -> dict
     cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks), sys.executable,
            str(ROOT / "examples" / "fe2_composite.py"), "--mesh-size", size, "--steps",
            str(args.steps), "--quiet", *MODES[mode], "--out", str(out)]
+    if args.model and mode != "single":
+        cmd += ["--model", str(Path(args.model).resolve())]
     stamp, summary = out / "bench_command.json", out / "summary.json"
     if summary.exists() and stamp.exists() and json.loads(stamp.read_text()) == cmd[1:]:
         print(f"[{out.name}] reused", flush=True)
@@ -172,6 +174,8 @@ def main() -> dict:
     p.add_argument("--rank-size", help="macro element size of the rank sweep")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--model", help="the operator file (default: the example's; e.g. "
+                   "examples/models/fe2_composite_fast.pt, the distilled encoder)")
     p.add_argument("--out", default="out/bench_scaling")
     p.add_argument("--note", default="", help="recorded with the figures (e.g. machine load)")
     args = p.parse_args()
@@ -194,7 +198,8 @@ def main() -> dict:
         "name": "scaling", "command": " ".join(["python bench/scaling.py", *sys.argv[1:]]),
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "cores": os.cpu_count(),
-        "note": args.note, "steps": args.steps, "fallback_rtol": float(FALLBACK_RTOL),
+        "note": args.note, "operator": args.model or "the example's default",
+        "steps": args.steps, "fallback_rtol": float(FALLBACK_RTOL),
         "heavy_rtol": float(HEAVY_RTOL), "target_limit_ratio": 2.0, "target_balance": 1.1,
         "sweep": sweep, "limit_ratio": limit, "ranks": ranks, "costs": costs,
         "collectives": sizes_b, "model": model, "assumptions": scaling_model.ASSUMPTIONS,

@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from neuroscale_couple.coupler import BALANCE_RANKS
+
 ALPHA_S = 5e-6
 """Assumed latency of one message between nodes (s): a typical InfiniBand MPI figure."""
 BETA_S_PER_BYTE = 1 / 5e9
@@ -26,10 +28,12 @@ ASSUMPTIONS = [
     "rank (assumed, not measured: this machine is one node)",
     "allgather and allreduce cost latency · ⌈log₂ P⌉ + bytes received / bandwidth; alltoall "
     "latency · (P − 1) + bytes / bandwidth",
-    "per evaluation the Coupler allgathers every fallback request (id, F̄, structure, cost, "
-    "rank) and one 'holds a solver' flag per request and rank (P × requests flags on every "
-    "rank), runs the load balancing on every rank, and alltoalls the answers; decoding "
-    "gathered Python objects costs the measured seconds per object",
+    "per evaluation the Coupler allreduces the request and point counts over all P ranks, "
+    "then, within its group of G = min(P, balance_ranks = 64) ranks, allgathers the group's "
+    "fallback requests (id, F̄, structure, cost, rank) and one 'holds a solver' flag per "
+    "request and group rank, runs the load balancing over G ranks, alltoalls the answers, "
+    "and allreduces the failed count over all P; decoding gathered Python objects costs the "
+    "measured seconds per object",
     f"{COLLECTIVES_PER_STEP} scalar allreduces per load step besides the evaluations",
     "operator and fine work per point as measured on one rank; points and fallback points "
     "spread evenly, fine work with the largest measured max/mean imbalance",
@@ -102,16 +106,19 @@ def predict(costs: dict, sizes: dict, n_points: int, n_ranks: int) -> dict:
             * costs["imbalance"])
     a, b = costs["macro_fit"]
     macro = a * (N * costs["dofs_per_point"]) ** b / P * costs["newton_per_step"]
-    gathered = n_fb * sizes["request_bytes"] + n_fb * P * sizes["flag_bytes"]
-    decode = n_fb * sizes["request_decode_s"] + n_fb * P * sizes["flag_decode_s"]
+    G = min(P, BALANCE_RANKS)  # the balancing group
+    log_g = math.ceil(math.log2(G)) if G > 1 else 0
+    n_group = n_fb * G / P  # fallback points of one group
+    gathered = n_group * sizes["request_bytes"] + n_group * G * sizes["flag_bytes"]
+    decode = n_group * sizes["request_decode_s"] + n_group * G * sizes["flag_decode_s"]
     answers = n_fb / P * sizes["answer_bytes"]
-    per_eval = (2 * ALPHA_S * log_p + ALPHA_S * (P - 1) + BETA_S_PER_BYTE * (gathered + answers)
-                + decode + balance_time(int(min(n_fb, 20000)), P)) if n_fb else (
-        ALPHA_S * log_p)
+    per_eval = (3 * ALPHA_S * log_p + 3 * ALPHA_S * log_g + ALPHA_S * (G - 1)
+                + BETA_S_PER_BYTE * (gathered + answers) + decode
+                + balance_time(int(min(n_group, 20000)), G)) if n_fb else ALPHA_S * log_p
     comm = E * per_eval + COLLECTIVES_PER_STEP * ALPHA_S * log_p
     base, per_point = costs["rss_fit"]
     live = min(math.ceil(n_fb / P) * costs["rve_mib"], costs["rve_budget_mib"])
-    balance_mib = 3 * 8 * n_fb * P / 2**20  # cost, extra and trial matrices of float64
+    balance_mib = 3 * 8 * n_group * G / 2**20  # cost, extra and trial matrices of float64
     rss = base + per_point * N / P + live + (gathered + balance_mib * 2**20) / 2**20
     return {"points": N, "ranks": P, "points_per_rank": N / P, "operator_s": operator,
             "fine_s": fine, "macro_s": macro, "communication_s": comm,

@@ -90,7 +90,7 @@ def byte_size(value: object, name: str) -> int | None:
 
 
 COUPLER_KEYS = ("model", "fine", "policy", "retrain", "replay_dir", "cache_size",
-                "cache_memory", "dtype", "audit")
+                "cache_memory", "dtype", "audit", "balance_ranks")
 
 
 def fine_solver_family(fine: dict, where: str = "fine") -> tuple[Any, dict]:
@@ -152,7 +152,7 @@ def coupler_from_config(config: str | Path | dict, comm) -> Any:
     dtype = {"float64": torch.float64, "float32": torch.float32}.get(cfg.get("dtype", "float64"))
     if dtype is None:
         raise InputError(f"dtype={cfg['dtype']!r} in {where}: use float64 or float32")
-    extra = {k: cfg[k] for k in ("cache_size", "cache_memory") if k in cfg}
+    extra = {k: cfg[k] for k in ("cache_size", "cache_memory", "balance_ranks") if k in cfg}
     if "audit" in cfg:
         extra["audit"] = bool(cfg["audit"])
     return Coupler(model, factory, family=family, policy=policy, comm=comm,

@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 
 OPERATOR, FINE, FAILED = 0, 1, 2
 SOURCE_NAMES = {OPERATOR: "operator", FINE: "fine", FAILED: "failed"}
+BALANCE_RANKS = 64
+"""Default size of the rank groups within which fallback points are balanced (a node or two:
+the requests gathered and the (requests × ranks) balancing stay bounded at any rank count)."""
 
 
 @dataclass(frozen=True)
@@ -277,6 +280,10 @@ class Coupler(FineSolver):
     audit : check every load step against the fine solver at every point
         (:mod:`neuroscale_couple.audit`; a benchmark tool costing a classic FE² solve): the
         step's :class:`StepReport` ``audit``.
+    balance_ranks : the fallback points of a rank are solved within its group of this many
+        consecutive ranks, balanced there by measured cost (:func:`balance`): each rank gathers
+        its group's requests only, so the exchange stays bounded on thousands of ranks; the
+        results do not depend on the grouping (a point's warm-start state travels with it).
     """
 
     implemented_properties = ("stress", "tangent", "uncertainty")
@@ -286,10 +293,12 @@ class Coupler(FineSolver):
                  comm: MPI.Comm = MPI.COMM_WORLD, replay_dir: str | Path | None = None,
                  retrain: RetrainConfig | None = None, model_path: str | Path | None = None,
                  cache_size: int = LIVE_SOLVERS, cache_memory: int | str | None = LIVE_MEMORY,
-                 dtype: torch.dtype = torch.float64, audit: bool = False) -> None:
+                 dtype: torch.dtype = torch.float64, audit: bool = False,
+                 balance_ranks: int = BALANCE_RANKS) -> None:
         super().__init__()
         self.policy = policy or Policy()
         cache_size = whole_number(cache_size, "cache_size")
+        balance_ranks = whole_number(balance_ranks, "balance_ranks")
         cache_memory = byte_size(cache_memory, "cache_memory")
         self.comm = comm
         if model is None and not self.policy.classic:
@@ -320,6 +329,11 @@ class Coupler(FineSolver):
                         "training data are not recognised (python scripts/model_region.py "
                         "MODEL adds it)")
         self.device = device_for_rank(comm)
+        # fallback points are shared out within groups of consecutive ranks (one group up to
+        # balance_ranks ranks): what a rank gathers and balances stays bounded at any scale
+        self._group_start = comm.rank // balance_ranks * balance_ranks
+        self._group = (comm if balance_ranks >= comm.size
+                       else comm.Split(comm.rank // balance_ranks, comm.rank))
         if model is not None:
             self.model = model.to(self.device, dtype).eval()
             self.version = int(model.card.get("online_version", 0))
@@ -366,7 +380,8 @@ class Coupler(FineSolver):
         keys), ``policy`` (:class:`Policy` fields; ``rtol`` 0 without a model: classic FE²),
         ``retrain`` (:class:`~neuroscale_couple.retraining.RetrainConfig` fields),
         ``replay_dir``, ``cache_size``, ``cache_memory`` (e.g. ``2G``), ``dtype`` (float64 or
-        float32), ``audit`` (bool). Unknown keys are refused with the nearest known one named."""
+        float32), ``audit`` (bool), ``balance_ranks``. Unknown keys are refused with the
+        nearest known one named."""
         from neuroscale_couple.config import coupler_from_config
 
         return coupler_from_config(config, comm)
@@ -577,53 +592,58 @@ class Coupler(FineSolver):
 
     def _solve_fallback(self, F: np.ndarray, ids: np.ndarray, rows: np.ndarray,
                         n_points: int) -> tuple[list[FineAnswer], int, int]:
-        """Solve the given points (of this rank's ``n_points`` evaluated) somewhere on the
-        communicator; returns their answers in the given order, and the numbers of failed
-        solves and of evaluated points over all ranks (carried by the exchanges the fallback
-        needs anyway: no collective of their own)."""
-        comm = self.comm
+        """Solve the given points (of this rank's ``n_points`` evaluated) somewhere in this
+        rank's balancing group (``balance_ranks``); returns their answers in the given order,
+        and the numbers of failed solves and of evaluated points over all ranks (collective)."""
+        comm, group = self.comm, self._group
+        requested, total = (int(v) for v in comm.allreduce(np.array([len(ids), n_points])))
+        if not requested:
+            return [], 0, total
         mine = [FallbackRequest(int(i), F[k], self._structure(r), self._cost.get(int(i), np.nan),
                                 self._last_rank.get(int(i), -1))
                 for k, (i, r) in enumerate(zip(ids, rows, strict=True))]
-        every = comm.allgather((n_points, mine))
-        total = sum(n for n, _ in every)
-        flat = [(owner, e) for owner, (_, part) in enumerate(every) for e in part]
-        if not flat:
-            return [], 0, total
-        known = [e.cost_s for _, e in flat if np.isfinite(e.cost_s)]
-        default = float(np.median(known)) if known else 1.0
-        build = self.cache.setup_time / self.cache.builds if self.cache.builds else default
-        build = comm.allreduce(build, op=MPI.MAX)
-        # a solved point costs its last solve (build excluded), a new one the median solve; on
-        # a rank that holds no solver of its microstructure a build comes on top (a new point
-        # has no preferred rank; a solved one prefers the rank holding its warm-start state)
-        held = np.array(comm.allgather([e.structure.key in self.cache for _, e in flat])).T
-        costs = np.array([e.cost_s if np.isfinite(e.cost_s) else default for _, e in flat])
-        preferred = np.array([e.last_rank for _, e in flat])
-        assign = balance(costs, preferred, comm.size, np.where(held, 0.0, build))
-        # a point leaving the rank that holds its warm-start state takes the state along: only
-        # the solver's build is lost, and results do not depend on where a point is solved
-        moving: list[list] = [[] for _ in range(comm.size)]
-        for (_, e), r in zip(flat, assign, strict=True):
-            if e.last_rank == comm.rank != r:
-                key = e.structure.key
-                moving[r].append((e.point_id, key, self.cache.pop_state(key, e.point_id)))
-        for pid, key, state in (e for part in comm.alltoall(moving) for e in part):
-            if state is not None:
-                self.cache.put_state(key, pid, state)
-        outgoing: list[list] = [[] for _ in range(comm.size)]
+        flat = [(owner, e) for owner, part in enumerate(group.allgather(mine)) for e in part]
+        assign = self._assign(flat) if flat else []  # alike on the group's ranks
+        outgoing: list[list] = [[] for _ in range(group.size)]
         with together(comm, "a fine solve"):  # a SolveError is a failed point, not an error
             for (owner, e), r in zip(flat, assign, strict=True):
-                if r == comm.rank:
+                if r == group.rank:
                     outgoing[owner].append((e.point_id, self._fine_solve(e.point_id, e.F,
                                                                          e.structure)))
-        failed_here = sum(answer.P is None for part in outgoing for _, answer in part)
-        received = comm.alltoall([(part, failed_here) for part in outgoing])
-        back = dict(pair for part, _ in received for pair in part)
+        back = dict(pair for part in group.alltoall(outgoing) for pair in part)
+        failed = comm.allreduce(sum(answer.P is None for part in outgoing for _, answer in part))
         answers = [back[pid] for pid in ids.tolist()]
         for pid, answer in zip(ids.tolist(), answers, strict=True):
             self._cost[pid], self._last_rank[pid] = answer.time_s, answer.rank
-        return answers, sum(n for _, n in received), total
+        return answers, failed, total
+
+    def _assign(self, flat: list[tuple[int, FallbackRequest]]) -> np.ndarray:
+        """The group rank that solves each gathered request ``(owner, request)`` (collective
+        over the group), moving warm-start states to where their points go."""
+        group, start = self._group, self._group_start
+        known = [e.cost_s for _, e in flat if np.isfinite(e.cost_s)]
+        default = float(np.median(known)) if known else 1.0
+        build = self.cache.setup_time / self.cache.builds if self.cache.builds else default
+        build = group.allreduce(build, op=MPI.MAX)
+        # a solved point costs its last solve (build excluded), a new one the median solve; on
+        # a rank that holds no solver of its microstructure a build comes on top (a new point
+        # has no preferred rank; a solved one prefers the rank holding its warm-start state)
+        held = np.array(group.allgather([e.structure.key in self.cache for _, e in flat])).T
+        costs = np.array([e.cost_s if np.isfinite(e.cost_s) else default for _, e in flat])
+        preferred = np.array([e.last_rank - start if start <= e.last_rank < start + group.size
+                              else -1 for _, e in flat])
+        assign = balance(costs, preferred, group.size, np.where(held, 0.0, build))
+        # a point leaving the rank that holds its warm-start state takes the state along: only
+        # the solver's build is lost, and results do not depend on where a point is solved
+        moving: list[list] = [[] for _ in range(group.size)]
+        for (_, e), r in zip(flat, assign, strict=True):
+            if e.last_rank == start + group.rank != start + r:
+                key = e.structure.key
+                moving[r].append((e.point_id, key, self.cache.pop_state(key, e.point_id)))
+        for pid, key, state in (e for part in group.alltoall(moving) for e in part):
+            if state is not None:
+                self.cache.put_state(key, pid, state)
+        return assign
 
     def _fine_solve(self, pid: int, F: np.ndarray, micro) -> FineAnswer:
         """The fine solve of one point on this rank."""
@@ -884,4 +904,7 @@ class Coupler(FineSolver):
         if self.retrainer is not None:
             self.retrainer.close()
         self.cache.close()
+        if self._group is not self.comm:
+            self._group.Free()
+            self._group = self.comm
 
