@@ -103,3 +103,28 @@ def test_batched_rendering_equals_the_pointwise_image_to_the_bit(resolution, sup
     if supersample == 4:  # the stored arrays: each family renders its own cells, order kept
         np.testing.assert_array_equal(cell_images(cells, resolution),
                                       pointwise.astype(np.float32))
+
+
+def test_batched_sequential_addition_draws_as_one_candidate_at_a_time():
+    def one_by_one(n, r, gap, rng, attempts=5000):
+        centres = np.empty((0, 2))
+        for _ in range(n):
+            for _ in range(attempts):
+                c = rng.random(2)
+                far = np.all(micro._distances(c, centres) >= 2 * r + gap)
+                if micro._edge_ok(c, r, gap) and far:
+                    centres = np.vstack([centres, c])
+                    break
+            else:
+                return None
+        return centres
+
+    for seed, (n, r) in enumerate([(1, 0.2), (4, 0.15), (8, 0.1), (6, 0.14), (3, 0.3)]):
+        for batch in (1, 7, 64):
+            a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+            got = micro._sequential_addition(n, r, 0.01, a, attempts=300, batch=batch)
+            want = one_by_one(n, r, 0.01, b, attempts=300)
+            assert (got is None) == (want is None)
+            if want is not None:
+                np.testing.assert_array_equal(got, want)
+            assert a.random() == b.random()  # the generator left where one by one leaves it
