@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -195,7 +196,7 @@ def main() -> dict:
     points = sorted({max(r["points"] for r in sweep), MODEL_POINTS})
     model = [scaling_model.predict(costs, sizes_b, n, P) for n in points for P in MODEL_RANKS]
     record = {
-        "name": "scaling", "command": " ".join(["python bench/scaling.py", *sys.argv[1:]]),
+        "name": "scaling", "command": shlex.join(["python", "bench/scaling.py", *sys.argv[1:]]),
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "cores": os.cpu_count(),
         "note": args.note, "operator": args.model or "the example's default",
