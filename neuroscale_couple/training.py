@@ -90,7 +90,10 @@ class TrainingData:
     reports one (finite-temperature MD; 0 for static solves, NaN where unknown), else None;
     ``structure`` the structures' family (a :class:`~neuroscale_couple.structures.Structure`
     class; None: unknown, its structures are whole units as those of cells); ``region`` the
-    loads and structures the data cover (recorded in the card of a model trained on them)."""
+    loads and structures the data cover (recorded in the card of a model trained on them).
+    Cells that drew their phases (:mod:`neuroscale_couple.phases`) carry their phase
+    descriptors as image channels, and their P, A, noise are divided by each cell's matrix
+    modulus: a family operator learns P̄/E_m."""
 
     images: torch.Tensor
     micro_index: torch.Tensor
@@ -122,13 +125,18 @@ class TrainingData:
         family = data_family(d)
         micro = {k.split("/", 1)[1]: v for k, v in d.items() if k.startswith("micro/")}
         inputs = family.operator_inputs(micro, resolution, dtype, source)
-        index, F_, P_, A_ = (torch.as_tensor(d["samples/micro_index"], dtype=torch.long),
-                             *(torch.as_tensor(d[f"samples/{k}"], dtype=dtype)
-                               for k in ("F", "P", "A")))
+        units = getattr(family, "stress_units", lambda _: None)(micro)
+        scale = (np.ones(len(d["samples/F"])) if units is None  # stresses in each cell's unit
+                 else 1.0 / np.asarray(units, dtype=float)[d["samples/micro_index"]])
+        index, F_ = (torch.as_tensor(d["samples/micro_index"], dtype=torch.long),
+                     torch.as_tensor(d["samples/F"], dtype=dtype))
+        P_ = torch.as_tensor(d["samples/P"] * scale[:, None, None], dtype=dtype)
+        A_ = torch.as_tensor(d["samples/A"] * scale[:, None, None, None, None], dtype=dtype)
         w = d.get("samples/fields/w")
         w = (torch.as_tensor(w, dtype=dtype).permute(0, 3, 1, 2)
              if w is not None and w.shape[1] == resolution else None)
         noise = d.get("samples/stress_stderr")
+        noise = None if noise is None else noise * scale[:, None, None]
         kinds = micro.get("kind", np.array([family.kinds[0]] * len(inputs)))  # older data
         region = TrainingRegion.from_data(d["samples/F"], kinds, micro)
         return cls(inputs, index, F_, P_, A_, w, d["config"],
