@@ -108,22 +108,29 @@ class TrainingData:
 
     @classmethod
     def from_h5(cls, path: str | Path, resolution: int | None,
-                dtype: torch.dtype = torch.float32) -> TrainingData:
+                dtype: torch.dtype = torch.float32, material_inputs: bool = False
+                ) -> TrainingData:
         """Load a `neuroscale generate` file; ``resolution``: the model's input images (cell
-        images are average-pooled to it; None for operators without images)."""
+        images are average-pooled to it; None for operators without images);
+        ``material_inputs``: for an operator that takes the phases (:meth:`from_arrays`)."""
         from neuroscale_couple.store import load_rve_dataset
 
-        return cls.from_arrays(load_rve_dataset(path), resolution, dtype, str(path))
+        return cls.from_arrays(load_rve_dataset(path), resolution, dtype, str(path),
+                               material_inputs)
 
     @classmethod
     def from_arrays(cls, d: dict, resolution: int | None, dtype: torch.dtype = torch.float32,
-                    source: str = "data set") -> TrainingData:
+                    source: str = "data set", material_inputs: bool = False) -> TrainingData:
         """From the arrays of :func:`~neuroscale_couple.store.load_rve_dataset`; the family of
-        the structures (:func:`~neuroscale_couple.structures.data_family`) makes their inputs."""
+        the structures (:func:`~neuroscale_couple.structures.data_family`) makes their inputs.
+        ``material_inputs``: inputs for a family operator also from a data set of one material
+        (its config's phases join each cell's arrays)."""
         from neuroscale_couple.structures import data_family
 
         family = data_family(d)
         micro = {k.split("/", 1)[1]: v for k, v in d.items() if k.startswith("micro/")}
+        if material_inputs:
+            micro = family.with_material(micro, d["config"])
         inputs = family.operator_inputs(micro, resolution, dtype, source)
         units = getattr(family, "stress_units", lambda _: None)(micro)
         scale = (np.ones(len(d["samples/F"])) if units is None  # stresses in each cell's unit

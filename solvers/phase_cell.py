@@ -31,7 +31,13 @@ import numpy as np
 
 from neuroscale_couple.errors import InputError
 from neuroscale_couple.materials import DEFAULT_LAW, TwoPhaseMaterial, check_law
-from neuroscale_couple.phases import PHASE_ARRAYS, PhaseRanges, cell_material, descriptors
+from neuroscale_couple.phases import (
+    PHASE_ARRAYS,
+    PhaseRanges,
+    cell_material,
+    descriptors,
+    material_arrays,
+)
 from neuroscale_couple.sampling import draw_parameter, rng_for
 from neuroscale_couple.structures import settings
 
@@ -236,6 +242,15 @@ class PhaseCell(ABC):
         """Each cell's matrix modulus E_m (M,), the unit a family operator learns stresses in
         (:mod:`neuroscale_couple.phases`); None for cells of one material."""
         return micro.get("matrix_E")
+
+    @classmethod
+    def with_material(cls, micro: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
+        """``micro`` with phase arrays: its own (drawn per cell), else those of the one
+        material of ``config`` (a data set of one material fed to a family operator)."""
+        if all(k in micro for k in PHASE_ARRAYS):
+            return micro
+        return {**micro, **material_arrays(TwoPhaseMaterial.from_config(config),
+                                           len(micro["image"]))}
 
     @classmethod
     def materials(cls, config: dict, count: int) -> tuple[dict[str, np.ndarray], list[dict]]:
