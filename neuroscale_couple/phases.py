@@ -102,7 +102,7 @@ class PhaseRanges:
         out = {k: np.empty(count) for k in PHASE_ARRAYS}
         for m in range(count):
             rng = rng_for(self.seed, m)
-            E_m, c = (math.exp(rng.uniform(math.log(lo), math.log(hi)))
+            E_m, c = (lo if lo == hi else math.exp(rng.uniform(math.log(lo), math.log(hi)))
                       for lo, hi in (self.matrix_E, self.contrast))
             out["matrix_E"][m], out["fibre_E"][m] = E_m, c * E_m
             out["matrix_nu"][m] = rng.uniform(*self.matrix_nu)
