@@ -99,11 +99,12 @@ class TrainingRegion:
     def from_config(cls, config: dict) -> TrainingRegion:
         """The region of the data set a generate config makes (drawn as `neuroscale generate`
         draws it, without solving): for models whose data sets are not at hand."""
-        from neuroscale_couple.datagen import plan
+        from neuroscale_couple.datagen import plan, structure_materials
 
         structures, F = plan(config)
         keys = {key for s in structures for key in descriptor_keys(type(s))}
         micro = {key: np.array([getattr(s, key, np.nan) for s in structures]) for key in keys}
+        micro.update(structure_materials(config, structures)[0])  # drawn phases, if any
         return cls.from_data(F, [s.kind for s in structures], micro)
 
     def union(self, other: TrainingRegion) -> TrainingRegion:

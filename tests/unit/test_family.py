@@ -11,6 +11,7 @@ from neuroscale_couple.errors import InputError, MaterialOutsideError
 from neuroscale_couple.operators.base import load_operator
 from neuroscale_couple.operators.sano import SANO, SANOConfig
 from neuroscale_couple.phases import PhaseRanges
+from neuroscale_couple.region import TrainingRegion
 from neuroscale_couple.solvers.microstructure import fibre_chain, random_fibres
 
 RANGES = {"contrast": [1.0, 100.0], "matrix_nu": [0.2, 0.45], "fibre_nu": [0.2, 0.45]}
@@ -49,6 +50,19 @@ def test_phase_ranges_are_read_strictly_and_drawn_reproducibly():
                          ({"fibre": {"E": {"contrast": [10, 1]}, "nu": 0.2}}, "low ≤ high")):
         with pytest.raises(InputError, match=message):
             PhaseRanges.from_config({**CONFIG, **bad})
+
+
+def test_the_training_region_records_the_drawn_phases():
+    config = {**CONFIG, "microstructure": {"kind": "random_fibres", "volume_fraction": [0.1, 0.5],
+                                           "n_fibres": [1, 4], "count": 40, "seed": 0},
+              "loads": {"per_microstructure": 2, "radius": 0.1}}
+    region = TrainingRegion.from_config(config)
+    assert set(region.phases) == set(RANGES)
+    for key, (lo, hi) in region.phases.items():
+        assert RANGES[key][0] <= lo < hi <= RANGES[key][1]
+    assert TrainingRegion.from_dict(region.to_dict()) == region
+    fixed = TrainingRegion.from_config({**config, **material(3.0, 0.35, 70.0, 0.2)})
+    assert not fixed.phases and "phases" not in fixed.to_dict()  # a fixed card as before
 
 
 def test_family_operator_scales_exactly_with_the_matrix_modulus(family_model):
