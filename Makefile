@@ -94,7 +94,8 @@ fast-model: $(STAMP)
 # The family operator: phases drawn per cell over ranges (contrast 1–100, ν 0.2–0.45) are its
 # inputs, so phases inside them need no training (neuroscale_couple.phases). FAMILY names the
 # recipe's configs ($(FAMILY).{data,calibration,test,train}.yaml): examples/configs/family (the
-# full size: ≈ 1.5 h of data sets and ≈ 3 h of training on 2 cores) or family_smoke (a minute).
+# full size: estimated ≈ 1 h of data sets and ≈ 2.5 h of training on 2 cores) or family_smoke
+# (≈ 15 s).
 # Where the fixed model's test set $(MODEL_DATA)/test.h5 exists, the family model is evaluated on
 # it too ($(FAMILY_OUT).fixed.json): the issue asks ≤ 1.2× the fixed model's error there.
 FAMILY      ?= examples/configs/family
