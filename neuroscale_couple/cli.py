@@ -66,13 +66,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     generate(load_yaml(args.config), args.out, MPI.COMM_WORLD, progress=not args.quiet)
 
 
-def training_data(paths: list[str], resolution: int | None):
+def training_data(paths: list[str], resolution: int | None, material_inputs: bool = False):
     """One :class:`TrainingData` of the data sets at ``paths``, which must share their material
     family (their structure family's ``family_config``: for cells every generate key but
-    ``microstructure`` and ``loads``); the first one's config stands for all."""
+    ``microstructure`` and ``loads``); the first one's config stands for all.
+    ``material_inputs``: for a family operator (:meth:`TrainingData.from_arrays`)."""
     from neuroscale_couple.training import TrainingData
 
-    parts = [TrainingData.from_h5(path, resolution) for path in paths]
+    parts = [TrainingData.from_h5(path, resolution, material_inputs=material_inputs)
+             for path in paths]
     family = parts[0].structure.family_config(parts[0].config)
     for path, part in zip(paths[1:], parts[1:], strict=True):
         other = part.structure.family_config(part.config)
@@ -113,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                    **{k: v for k, v in init.card.items() if k in kept}}
     resolution = init.input_resolution if init is not None else int(
         mcfg.get("resolution", SANOConfig.resolution))
-    data = training_data(args.data, resolution)
+    data = training_data(args.data, resolution, init is not None and init.takes_material)
     import torch
 
     from neuroscale_couple.parallel import device_for_rank
@@ -161,7 +163,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     model = load_operator(args.model)
     dtype = next(model.parameters()).dtype
-    cal = calibrate_model(model, TrainingData.from_h5(args.data, model.input_resolution))
+    cal = calibrate_model(model, TrainingData.from_h5(args.data, model.input_resolution,
+                                                      material_inputs=model.takes_material))
     model.to(dtype).save(args.out or args.model)
     print(json.dumps(cal.to_dict(), indent=2))
 
@@ -172,9 +175,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from neuroscale_couple.training import TrainingData
 
     model = load_operator(args.model)
-    n = model.input_resolution
-    ood = TrainingData.from_h5(args.ood, n) if args.ood else None
-    metrics = evaluate(model, TrainingData.from_h5(args.data, n), ood=ood, plot=args.plot)
+    n, phases = model.input_resolution, model.takes_material
+    ood = TrainingData.from_h5(args.ood, n, material_inputs=phases) if args.ood else None
+    metrics = evaluate(model, TrainingData.from_h5(args.data, n, material_inputs=phases),
+                       ood=ood, plot=args.plot)
     if args.card:
         card = {"model": str(args.model), **model.card, "test_data": str(args.data),
                 "ood_data": args.ood, "test_metrics": metrics}
@@ -208,6 +212,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
     cfg = DistillConfig(cells=args.cells, epochs=args.epochs, loads=args.loads,
                         batch_size=args.batch, channels=channels, lr=args.lr, seed=args.seed)
     teacher = load_operator(args.model)
+    if teacher.takes_material:
+        raise InputError(f"--model {args.model} is a family operator (phases as inputs): "
+                         "distilling one is not built yet; distil a model of one material")
     digest = teacher.weights_digest()
     work = Path(args.work) if args.work else out.with_suffix(".distill")
     student, history = Distillation(teacher, cfg, work).run(progress=not args.quiet)

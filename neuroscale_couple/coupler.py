@@ -46,6 +46,7 @@ from neuroscale_couple.coupler_state import CouplerState, FineAnswer, SolvedPoin
 from neuroscale_couple.errors import (
     CheckpointError,
     InputError,
+    MaterialOutsideError,
     NeuroScaleError,
     RetrainError,
     SolveError,
@@ -95,6 +96,11 @@ class Policy:
     whatever the bound), ``refuse`` (stop the run naming the point) or ``warn`` (keep the
     bound's decision and count such points per step).
 
+    ``outside_material``: a family operator (phases as inputs, :mod:`neuroscale_couple.phases`)
+    given a fine solver whose phases lie outside its phase ranges: ``refuse`` (the default:
+    the Coupler is not built, the error names the ranges) or ``fallback``, the user's consent
+    to run anyway with every point on the fine solver (counted as outside points).
+
     ``max_failed_fraction``: a fine solve that fails even with load substeps keeps the operator's
     value and is flagged; the run aborts when more than this fraction of all points failed.
 
@@ -135,6 +141,7 @@ class Policy:
     atol: float | None = None
     confidence: float = 0.95
     outside: str = "fallback"
+    outside_material: str = "refuse"
     max_failed_fraction: float = 0.01
     reuse: float = 2e-3
     noisy_reuse: float = 2e-3
@@ -152,6 +159,9 @@ class Policy:
             raise InputError(f"confidence={self.confidence}: give a probability such as 0.95")
         if self.outside not in OUTSIDE:
             raise InputError(f"outside={self.outside!r}: one of {', '.join(OUTSIDE)}")
+        if self.outside_material not in OUTSIDE_MATERIAL:
+            raise InputError(f"outside_material={self.outside_material!r}: one of "
+                             f"{', '.join(OUTSIDE_MATERIAL)}")
         if not 0 <= self.max_failed_fraction <= 1:
             raise InputError(f"max_failed_fraction={self.max_failed_fraction}: must be in [0, 1]")
         for name, what in (("reuse", "0: always re-solve"),
@@ -173,6 +183,8 @@ class Policy:
 
 OUTSIDE = ("fallback", "refuse", "warn")
 """What :class:`Policy` ``outside`` may say."""
+OUTSIDE_MATERIAL = ("refuse", "fallback")
+"""What :class:`Policy` ``outside_material`` may say."""
 
 
 class FallbackRequest(NamedTuple):
@@ -305,6 +317,7 @@ class Coupler(FineSolver):
             raise InputError(f"rtol={self.policy.rtol} with atol={self.policy.atol} needs a "
                              "trained model: give a calibrated operator, or use rtol=0 without "
                              "atol (classic FE²)")
+        self.material_outside: str | None = None  # why a family operator's phases are out
         if model is not None:  # all checks before the first collective call
             if not self.policy.classic and not self.policy.never:
                 if not model.calibration:
@@ -312,7 +325,15 @@ class Coupler(FineSolver):
                                      "before using it with a finite tol")
                 Calibration.from_dict(model.calibration).norm_radius(self.policy.confidence)
             if family is not None:
-                model.check_family(family)
+                self.material_outside = self._check_material(model, family)
+            elif model.takes_material:
+                raise InputError("a family operator takes the phases as inputs: give the "
+                                 "Coupler the fine solver's material, family={'matrix': {E, "
+                                 "nu}, 'fibre': {E, nu}} (from_config passes its `fine` keys)")
+            if model.takes_material and retrain is not None and retrain.enabled and replay_dir:
+                raise InputError("online retraining of a family operator is not built yet "
+                                 "(its replay data would lack the phases): run it with "
+                                 "retrain disabled")
             weights = (model.card.get("training") or {}).get("weights") or {}
             if self.policy.exclude_noise and not weights.get("noise", 0) > 0:
                 raise InputError("exclude_noise needs a model whose covariance head learned the "
@@ -322,7 +343,7 @@ class Coupler(FineSolver):
         self.version = 0
         # the absolute tolerance in stress units (Policy.atol None: 1 % of the stress scale)
         self.atol = (self.policy.atol if self.policy.atol is not None
-                     else 0.01 * float(model.sigma_ref) if model is not None else 0.0)
+                     else 0.01 * float(model.stress_scale) if model is not None else 0.0)
         self.region = None if model is None or self.policy.classic else model.region
         if self.region is None and model is not None and not self.policy.classic:
             log.warning("the model's card records no training region: points outside its "
@@ -368,6 +389,22 @@ class Coupler(FineSolver):
         self._cal: Calibration | None = None
         self._cal_version = -1
         self.stats = StepStats()
+
+    def _check_material(self, model, family: dict) -> str | None:
+        """Check the fine solver's material ``family`` against the model and bind it
+        (:meth:`~neuroscale_couple.operators.base.CoarseGrainingOperator.bind_material`);
+        returns why its phases lie outside a family operator's ranges where the policy's
+        ``outside_material: fallback`` consents to run anyway (None: inside)."""
+        reason = None
+        try:
+            model.check_family(family)
+        except MaterialOutsideError as err:
+            if self.policy.outside_material != "fallback":
+                raise
+            reason = str(err)
+            log.warning("outside_material=fallback: every point falls back (%s)", reason)
+        model.bind_material(family)
+        return reason
 
     @classmethod
     def from_config(cls, config: str | Path | dict, *, comm: MPI.Comm = MPI.COMM_WORLD
@@ -519,7 +556,11 @@ class Coupler(FineSolver):
 
     def _outside_region(self, ids: np.ndarray, rows: np.ndarray, F: np.ndarray) -> np.ndarray:
         """Points outside the model's training region that :class:`Policy` ``outside`` sends
-        to the fine solver (n,) bool; counts them for the step, raises for ``refuse``."""
+        to the fine solver (n,) bool — all of them where the run's phases lie outside a family
+        operator's ranges — counts them for the step, raises for ``refuse``."""
+        if self.material_outside is not None:
+            self._outside[rows] = True
+            return np.ones(len(F), dtype=bool)
         if self.region is None:
             return np.zeros(len(F), dtype=bool)
         outside = self.region.load_outside(F)

@@ -12,7 +12,7 @@ Config (YAML)::
     loads: {per_microstructure: 8, radius: 0.15, seed: 1}   # min_radius: a shell (OOD)
     law: neo_hookean
     matrix: {E: 3.0, nu: 0.35}
-    fibre: {E: 70.0, nu: 0.2}
+    fibre: {E: 70.0, nu: 0.2}            # or ranges, drawn per cell: neuroscale_couple.phases
     mesh: {size: 0.02, degree: 1}        # optional
     bc: periodic
     image_resolution: 64
@@ -49,6 +49,7 @@ from neuroscale_couple.sampling import loads_in_ball, rng_for
 from neuroscale_couple.structures import (
     BUILTIN,
     check_group,
+    common_family,
     config_groups,
     family,
     stored_arrays,
@@ -122,6 +123,15 @@ def plan(config: dict) -> tuple[list, np.ndarray]:
     return structures, np.concatenate(loads)
 
 
+def structure_materials(config: dict, structures: list) -> tuple[dict[str, np.ndarray],
+                                                                  list[dict]]:
+    """Per-structure arrays of drawn material constants (stored under ``/micro``) and each
+    structure's material config, from its family's optional ``materials`` (two-phase cells
+    with phase ranges, :mod:`neuroscale_couple.phases`); else none and ``config`` for all."""
+    draw = getattr(common_family(structures), "materials", None)
+    return draw(config, len(structures)) if draw else ({}, [config] * len(structures))
+
+
 def _top_keys(config: dict, classes: list[type]) -> set[str]:
     """The top-level keys a generate config of structure families ``classes`` may hold."""
     older = "crystal" in config and "microstructure" not in config
@@ -146,10 +156,12 @@ def generate(config: dict, out: str | Path, comm: MPI.Comm = MPI.COMM_WORLD,
     per = int(config["loads"].get("per_microstructure", 1))
     q = int(config.get("fields_resolution", 0) or 0)  # both checked by plan
     fields = {"w": (q, q, 2), "F": (q, q, 2, 2), "P": (q, q, 2, 2)} if q else {}
+    phases, materials = structure_materials(config, structures)
     store, error = None, None
     if comm.rank == 0:
         try:
-            arrays = stored_arrays(structures, int(config.get("image_resolution", 64)))
+            arrays = {**stored_arrays(structures, int(config.get("image_resolution", 64))),
+                      **phases}
             noisy = any(s.noisy for s in structures)
             store = RVEDataset.create_or_resume(out, config, arrays, F, per, fields, noisy)
         except InputError as err:
@@ -169,7 +181,7 @@ def generate(config: dict, out: str | Path, comm: MPI.Comm = MPI.COMM_WORLD,
         if m is not None:
             try:
                 idx = np.arange(m * per, (m + 1) * per)
-                solver = structures[m].fine_solver(config)
+                solver = structures[m].fine_solver(materials[m])
                 try:
                     res = solver.solve(F[idx], fields_resolution=q or None)
                 finally:

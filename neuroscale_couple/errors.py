@@ -26,3 +26,8 @@ class CheckpointError(NeuroScaleError):
 class RetrainError(NeuroScaleError):
     """An online retraining failed (on any rank; raised on every rank): the model it started
     from is kept."""
+
+
+class MaterialOutsideError(InputError):
+    """The fine solver's phases lie outside the phase ranges a family operator was trained over
+    (run anyway with the policy's ``outside_material: fallback``)."""

@@ -36,8 +36,7 @@ class Phase:
     @property
     def lame(self) -> tuple[float, float]:
         """Lamé constants (λ, μ) in the unit of E."""
-        lmbda = self.E * self.nu / ((1 + self.nu) * (1 - 2 * self.nu))
-        return lmbda, self.E / (2 * (1 + self.nu))
+        return lame(self.E, self.nu)
 
     @classmethod
     def from_config(cls, cfg: dict, name: str) -> Phase:
@@ -52,6 +51,12 @@ class Phase:
             return cls(float(cfg["E"]), float(cfg["nu"]))
         except InputError as err:
             raise InputError(f"{name}: {err}") from None
+
+
+def lame(E, nu):
+    """Lamé constants (λ, μ) of Young's modulus E and Poisson ratio ν (numbers or arrays of
+    one shape; unit of E)."""
+    return E * nu / ((1 + nu) * (1 - 2 * nu)), E / (2 * (1 + nu))
 
 
 #: Phases of the composite family of the FE² example (consistent units).

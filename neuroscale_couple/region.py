@@ -11,7 +11,10 @@ its :class:`TrainingRegion`, computed from its training data:
   its ``descriptor_keys`` (a fibre cell's ``volume_fraction`` and ``n_fibres``, a crystal's
   ``temperature``).
 
-Material constants are not ranges here: the operator's ``check_family`` refuses other phases.
+- phases: for cells that drew their phases, the range of each scale-free phase descriptor
+  (contrast E_f/E_m, ν_m, ν_f; :mod:`neuroscale_couple.phases`). A run has one material, which
+  the operator's ``check_family`` checks against the ranges its config states; a fixed-material
+  model refuses any other phases.
 The Coupler asks :meth:`TrainingRegion.outside` at every evaluation and applies the policy's
 ``outside`` rule (:class:`~neuroscale_couple.coupler.Policy`).
 """
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from neuroscale_couple.errors import InputError
+from neuroscale_couple.phases import PHASE_ARRAYS, descriptors
 from neuroscale_couple.structures import family
 
 SLACK = 1e-9
@@ -44,6 +48,16 @@ def stretch_distance(F: np.ndarray) -> np.ndarray:
     return np.linalg.norm(stretches - 1.0, axis=1)
 
 
+def _widen(ranges: dict[str, tuple[float, float]], other: dict[str, tuple[float, float]]
+           ) -> dict[str, tuple[float, float]]:
+    """Key → (low, high) covering both ``ranges`` and ``other``."""
+    out = dict(ranges)
+    for key, (lo, hi) in other.items():
+        a, b = out.get(key, (lo, hi))
+        out[key] = (min(a, lo), max(b, hi))
+    return out
+
+
 def descriptor_keys(cls: type) -> tuple[str, ...]:
     """The descriptors a structure family names (none if it names none)."""
     return tuple(getattr(cls, "descriptor_keys", ()))
@@ -54,11 +68,13 @@ class TrainingRegion:
     """Loads and structures a model was trained on (see the module docstring).
 
     ``stretch``: largest ‖U − I‖ of the training loads; ``min_det``: smallest det F̄;
-    ``structures``: kind → descriptor → (low, high)."""
+    ``structures``: kind → descriptor → (low, high); ``phases``: phase descriptor → (low, high)
+    (empty for one material)."""
 
     stretch: float
     min_det: float
     structures: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    phases: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
     def from_data(cls, F: np.ndarray, kinds: Sequence[str], micro: dict[str, np.ndarray]
@@ -74,41 +90,46 @@ class TrainingRegion:
             structures[kind] = {key: (float(np.min(micro[key][mine])),
                                       float(np.max(micro[key][mine])))
                                 for key in descriptor_keys(family(kind)) if key in micro}
-        return cls(float(stretch_distance(F).max()), float(np.linalg.det(F).min()), structures)
+        phases = ({k: (float(v.min()), float(v.max())) for k, v in descriptors(micro).items()}
+                  if all(k in micro for k in PHASE_ARRAYS) else {})
+        return cls(float(stretch_distance(F).max()), float(np.linalg.det(F).min()), structures,
+                   phases)
 
     @classmethod
     def from_config(cls, config: dict) -> TrainingRegion:
         """The region of the data set a generate config makes (drawn as `neuroscale generate`
         draws it, without solving): for models whose data sets are not at hand."""
-        from neuroscale_couple.datagen import plan
+        from neuroscale_couple.datagen import plan, structure_materials
 
         structures, F = plan(config)
         keys = {key for s in structures for key in descriptor_keys(type(s))}
         micro = {key: np.array([getattr(s, key, np.nan) for s in structures]) for key in keys}
+        micro.update(structure_materials(config, structures)[0])  # drawn phases, if any
         return cls.from_data(F, [s.kind for s in structures], micro)
 
     def union(self, other: TrainingRegion) -> TrainingRegion:
         """The region of two data sets trained together."""
         structures = {k: dict(v) for k, v in self.structures.items()}
         for kind, ranges in other.structures.items():
-            mine = structures.setdefault(kind, dict(ranges))
-            for key, (lo, hi) in ranges.items():
-                a, b = mine.get(key, (lo, hi))
-                mine[key] = (min(a, lo), max(b, hi))
+            structures[kind] = _widen(structures.get(kind, {}), ranges)
         return TrainingRegion(max(self.stretch, other.stretch), min(self.min_det, other.min_det),
-                              structures)
+                              structures, _widen(self.phases, other.phases))
 
     def to_dict(self) -> dict:
-        return {"stretch": self.stretch, "min_det": self.min_det,
-                "structures": {k: {d: list(r) for d, r in v.items()}
-                               for k, v in self.structures.items()}}
+        out = {"stretch": self.stretch, "min_det": self.min_det,
+               "structures": {k: {d: list(r) for d, r in v.items()}
+                              for k, v in self.structures.items()}}
+        if self.phases:  # a fixed-material card keeps its earlier form (and digest)
+            out["phases"] = {k: list(r) for k, r in self.phases.items()}
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainingRegion:
         try:
             return cls(float(d["stretch"]), float(d["min_det"]),
                        {k: {key: (float(r[0]), float(r[1])) for key, r in v.items()}
-                        for k, v in d.get("structures", {}).items()})
+                        for k, v in d.get("structures", {}).items()},
+                       {k: (float(r[0]), float(r[1])) for k, r in d.get("phases", {}).items()})
         except (KeyError, TypeError, IndexError, ValueError) as err:
             raise InputError(f"the model card's region {d!r} is malformed ({err}): re-save the "
                              "model with scripts/model_region.py") from None

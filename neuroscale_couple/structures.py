@@ -80,6 +80,12 @@ class Structure(Protocol):
     descriptor_keys : scalar attributes of a structure, stored under the same names in its
         ``arrays``, whose trained ranges bound a model's training region
         (:mod:`neuroscale_couple.region`; optional: without them only the kind is checked).
+
+    Optional class methods of a family whose structures draw material constants per structure
+    (two-phase cells with phase ranges, :mod:`neuroscale_couple.phases`):
+    ``materials(config, count) -> (arrays, material configs)``, the drawn constants stored under
+    ``/micro`` and each structure's fine-solver material; ``stress_units(micro) -> (M,) | None``,
+    the stress unit of each structure, in which a model learns its stresses.
     """
 
     kinds: ClassVar[tuple[str, ...]]

@@ -90,7 +90,10 @@ class TrainingData:
     reports one (finite-temperature MD; 0 for static solves, NaN where unknown), else None;
     ``structure`` the structures' family (a :class:`~neuroscale_couple.structures.Structure`
     class; None: unknown, its structures are whole units as those of cells); ``region`` the
-    loads and structures the data cover (recorded in the card of a model trained on them)."""
+    loads and structures the data cover (recorded in the card of a model trained on them).
+    Cells that drew their phases (:mod:`neuroscale_couple.phases`) carry their phase
+    descriptors as image channels, and their P, A, noise are divided by each cell's matrix
+    modulus: a family operator learns P̄/E_m."""
 
     images: torch.Tensor
     micro_index: torch.Tensor
@@ -105,30 +108,42 @@ class TrainingData:
 
     @classmethod
     def from_h5(cls, path: str | Path, resolution: int | None,
-                dtype: torch.dtype = torch.float32) -> TrainingData:
+                dtype: torch.dtype = torch.float32, material_inputs: bool = False
+                ) -> TrainingData:
         """Load a `neuroscale generate` file; ``resolution``: the model's input images (cell
-        images are average-pooled to it; None for operators without images)."""
+        images are average-pooled to it; None for operators without images);
+        ``material_inputs``: for an operator that takes the phases (:meth:`from_arrays`)."""
         from neuroscale_couple.store import load_rve_dataset
 
-        return cls.from_arrays(load_rve_dataset(path), resolution, dtype, str(path))
+        return cls.from_arrays(load_rve_dataset(path), resolution, dtype, str(path),
+                               material_inputs)
 
     @classmethod
     def from_arrays(cls, d: dict, resolution: int | None, dtype: torch.dtype = torch.float32,
-                    source: str = "data set") -> TrainingData:
+                    source: str = "data set", material_inputs: bool = False) -> TrainingData:
         """From the arrays of :func:`~neuroscale_couple.store.load_rve_dataset`; the family of
-        the structures (:func:`~neuroscale_couple.structures.data_family`) makes their inputs."""
+        the structures (:func:`~neuroscale_couple.structures.data_family`) makes their inputs.
+        ``material_inputs``: inputs for a family operator also from a data set of one material
+        (its config's phases join each cell's arrays)."""
         from neuroscale_couple.structures import data_family
 
         family = data_family(d)
         micro = {k.split("/", 1)[1]: v for k, v in d.items() if k.startswith("micro/")}
+        if material_inputs:
+            micro = family.with_material(micro, d["config"])
         inputs = family.operator_inputs(micro, resolution, dtype, source)
-        index, F_, P_, A_ = (torch.as_tensor(d["samples/micro_index"], dtype=torch.long),
-                             *(torch.as_tensor(d[f"samples/{k}"], dtype=dtype)
-                               for k in ("F", "P", "A")))
+        units = getattr(family, "stress_units", lambda _: None)(micro)
+        scale = (np.ones(len(d["samples/F"])) if units is None  # stresses in each cell's unit
+                 else 1.0 / np.asarray(units, dtype=float)[d["samples/micro_index"]])
+        index, F_ = (torch.as_tensor(d["samples/micro_index"], dtype=torch.long),
+                     torch.as_tensor(d["samples/F"], dtype=dtype))
+        P_ = torch.as_tensor(d["samples/P"] * scale[:, None, None], dtype=dtype)
+        A_ = torch.as_tensor(d["samples/A"] * scale[:, None, None, None, None], dtype=dtype)
         w = d.get("samples/fields/w")
         w = (torch.as_tensor(w, dtype=dtype).permute(0, 3, 1, 2)
              if w is not None and w.shape[1] == resolution else None)
         noise = d.get("samples/stress_stderr")
+        noise = None if noise is None else noise * scale[:, None, None]
         kinds = micro.get("kind", np.array([family.kinds[0]] * len(inputs)))  # older data
         region = TrainingRegion.from_data(d["samples/F"], kinds, micro)
         return cls(inputs, index, F_, P_, A_, w, d["config"],

@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from neuroscale_couple.errors import InputError
-from neuroscale_couple.materials import TwoPhaseMaterial
+from neuroscale_couple.materials import DEFAULT_LAW, TwoPhaseMaterial, check_law
+from neuroscale_couple.phases import (
+    PHASE_ARRAYS,
+    PhaseRanges,
+    cell_material,
+    descriptors,
+    material_arrays,
+)
 from neuroscale_couple.sampling import draw_parameter, rng_for
 from neuroscale_couple.structures import settings
 
@@ -63,8 +70,9 @@ class PhaseCell(ABC):
     config_schema: ClassVar[dict[str, Any]] = {"count": 1, "seed": 0}
     """Keys every cell family accepts: ``count`` (cells of a generate group) and ``seed`` (the
     group's draws); a family adds its own (``{**PhaseCell.config_schema, ...}``)."""
-    material_keys: ClassVar[tuple[str, ...]] = RVE_CONFIG_KEYS
-    """The RVE's keys: law, phases, mesh, boundary conditions, PETSc options."""
+    material_keys: ClassVar[tuple[str, ...]] = (*RVE_CONFIG_KEYS, "phase_seed")
+    """The RVE's keys: law, phases, mesh, boundary conditions, PETSc options; and the seed of
+    phases drawn per cell (:mod:`neuroscale_couple.phases`)."""
     drawn: ClassVar[dict[str, bool]] = {"volume_fraction": False}
     """Keys a generate group may give as a range [low, high], drawn per cell in this order
     (value: whether the draw is an integer)."""
@@ -209,7 +217,8 @@ class PhaseCell(ABC):
     def operator_inputs(cls, micro: dict[str, np.ndarray], resolution: int | None,
                         dtype: torch.dtype, source: str) -> torch.Tensor:
         """Images (M, 1, n, n) at the model's resolution n: the stored ``image`` average-pooled
-        (its resolution must be a multiple of n)."""
+        (its resolution must be a multiple of n); cells with drawn phases add three constant
+        channels (M, 4, n, n), their :data:`~neuroscale_couple.phases.DESCRIPTORS`."""
         import torch
         from torch.nn import functional as F
 
@@ -221,20 +230,60 @@ class PhaseCell(ABC):
             raise InputError(f"{source}: image_resolution {n} is not a multiple of the model "
                              f"resolution {resolution}; regenerate with image_resolution = "
                              f"k·{resolution}")
-        return F.avg_pool2d(images, n // resolution) if n != resolution else images
+        images = F.avg_pool2d(images, n // resolution) if n != resolution else images
+        if not all(k in micro for k in PHASE_ARRAYS):
+            return images
+        d = torch.as_tensor(np.stack(list(descriptors(micro).values()), axis=1), dtype=dtype)
+        return torch.cat([images, d[:, :, None, None].expand(-1, -1, resolution, resolution)],
+                         dim=1)
+
+    @classmethod
+    def stress_units(cls, micro: dict[str, np.ndarray]) -> np.ndarray | None:
+        """Each cell's matrix modulus E_m (M,), the unit a family operator learns stresses in
+        (:mod:`neuroscale_couple.phases`); None for cells of one material."""
+        return micro.get("matrix_E")
+
+    @classmethod
+    def with_material(cls, micro: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
+        """``micro`` with phase arrays: its own (drawn per cell), else those of the one
+        material of ``config`` (a data set of one material fed to a family operator)."""
+        if all(k in micro for k in PHASE_ARRAYS):
+            return micro
+        return {**micro, **material_arrays(TwoPhaseMaterial.from_config(config),
+                                           len(micro["image"]))}
+
+    @classmethod
+    def materials(cls, config: dict, count: int) -> tuple[dict[str, np.ndarray], list[dict]]:
+        """The phases of ``count`` cells of a generate config: the arrays to store
+        (:data:`~neuroscale_couple.phases.PHASE_ARRAYS`, none for one material) and each
+        cell's material config (its fine solver's)."""
+        ranges = PhaseRanges.from_config(config)
+        if ranges is None:
+            return {}, [config] * count
+        phases = ranges.draw(count)
+        return phases, [cell_material(config, phases, m) for m in range(count)]
 
     @classmethod
     def family_config(cls, config: dict) -> dict:
         """Every key but ``microstructure`` and ``loads`` (law, phases, mesh, bc, resolutions);
-        the phases and law are checked."""
-        TwoPhaseMaterial.from_config(config)
+        the phases (numbers or ranges, :mod:`neuroscale_couple.phases`) and law are checked."""
+        if PhaseRanges.from_config(config) is None:
+            TwoPhaseMaterial.from_config(config)
+        else:
+            check_law(config.get("law", DEFAULT_LAW))
         return {k: v for k, v in config.items() if k not in ("microstructure", "loads")}
 
     @classmethod
     def new_operator(cls, model_config: dict, data: TrainingData) -> tuple[Any, dict]:
-        """A :class:`~neuroscale_couple.operators.sano.SANO` with the data's law and phases."""
+        """A :class:`~neuroscale_couple.operators.sano.SANO` with the data's law and phases,
+        or, for data whose cells drew their phases, a family SANO over their ranges."""
         from neuroscale_couple.operators.sano import SANO, SANOConfig
 
+        ranges = PhaseRanges.from_config(data.config)
+        if ranges is not None:
+            law = check_law(data.config.get("law", DEFAULT_LAW))
+            mcfg = dict(model_config, law=law, phase_ranges=ranges.descriptor_ranges())
+            return SANO(SANOConfig.from_dict(mcfg)), mcfg
         m = TwoPhaseMaterial.from_config(data.config)
         mcfg = dict(model_config, law=m.law, matrix=(m.matrix.E, m.matrix.nu),
                     fibre=(m.fibre.E, m.fibre.nu))

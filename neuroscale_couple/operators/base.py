@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,6 +43,17 @@ _PAIRS = list(itertools.product(range(2), range(2)))
 HEAD_PREFIXES = ("energy.", "covariance.")
 """Parameter names of the coarse-graining heads: what online retraining trains; the rest (the
 encoder) stays frozen, so latents do not change (:meth:`CoarseGrainingOperator.encoder_digest`)."""
+
+
+RECORDED_WHEN_SET = ("phase_ranges",)
+"""Config fields added after models were shipped: recorded (and digested) only when set, so
+that the files saved before them keep their digest."""
+
+
+def config_record(config) -> dict:
+    """The config dataclass as recorded in a checkpoint and its digests."""
+    return {k: v for k, v in dataclasses.asdict(config).items()
+            if not (k in RECORDED_WHEN_SET and not v)}
 
 
 _FLOAT32_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -75,6 +87,8 @@ class CoarseGrainingOperator(nn.Module):
         self.register_buffer("tangent_ref", torch.tensor(1.0, dtype=torch.float64))
         self.calibration: dict = {}
         self.card: dict = {}
+        self.bound: dict | None = None  # the run's material family (bind_material)
+        self.stress_unit = 1.0  # the bound material's stress unit (a family operator's E_m)
 
     # ------------------------------------------------------------------ subclass interface
     def encode(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -91,7 +105,8 @@ class CoarseGrainingOperator(nn.Module):
 
         p = next(self.parameters())
         family = common_family(structures)
-        micro = family.arrays(structures, self.data_resolution)
+        micro = {**family.arrays(structures, self.data_resolution),
+                 **self.material_arrays(len(structures))}
         return family.operator_inputs(micro, self.input_resolution, p.dtype,
                                       "structures").to(p.device)
 
@@ -99,6 +114,29 @@ class CoarseGrainingOperator(nn.Module):
         """Raise :class:`InputError` if the fine solver's material ``family`` config is not the
         one the model was trained for."""
         raise NotImplementedError
+
+    def bind_material(self, family: dict) -> None:
+        """Take the fine solver's material ``family`` config as the material of the structures
+        to encode and predict: what an operator with material inputs needs (a family
+        operator); an operator of one material has nothing to take (:meth:`check_family`
+        checks it)."""
+
+    @property
+    def takes_material(self) -> bool:
+        """Whether the operator takes the phases as inputs (a family operator), so that it must
+        be bound to a material (:meth:`bind_material`) before it encodes or predicts."""
+        return False
+
+    def material_arrays(self, count: int) -> dict[str, np.ndarray]:
+        """The bound material's arrays (name → (count,)) that join ``count`` structures' stored
+        arrays to make their inputs; none for an operator of one material."""
+        return {}
+
+    @property
+    def stress_scale(self) -> torch.Tensor:
+        """σ_ref in the unit of the predicted stresses: the normalisation times the bound
+        material's :attr:`stress_unit`."""
+        return self.sigma_ref * self.stress_unit
 
     @torch.no_grad()
     def latents(self, structures: Sequence, batch: int = 64) -> torch.Tensor:
@@ -133,6 +171,7 @@ class CoarseGrainingOperator(nn.Module):
             encoder.load_state_dict(self.state_dict())
             encoder.card = copy.deepcopy(self.card)
             cached = _FLOAT32_ENCODERS[self] = (key, encoder.to(next(self.parameters()).device))
+        cached[1].bound, cached[1].stress_unit = self.bound, self.stress_unit
         return cached[1].train(self.training)
 
     @property
@@ -171,7 +210,7 @@ class CoarseGrainingOperator(nn.Module):
             e = green_lagrange_mandel(Fm) / e_ref
             zm = z.unsqueeze(0).expand(M, -1, -1)
             C = Fm.transpose(-1, -2) @ Fm
-            W = self.energy(zm, C, e, e_ref) * (self.sigma_ref.to(F.dtype) * e_ref)
+            W = self.energy(zm, C, e, e_ref) * (self.stress_scale.to(F.dtype) * e_ref)
             P = torch.autograd.grad(W.sum(), Fm, create_graph=create_graph or tangent)[0]
             out = {"stress": P, "chol": self.covariance(zm, e.detach() if not create_graph else e),
                    "energy": W}
@@ -185,9 +224,10 @@ class CoarseGrainingOperator(nn.Module):
 
     def _mixture_weights(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Physical weights (M, B, K) of a basis-mixture energy head: W = σ_ref e_ref Σ_k w_k
-        Ψ_k / e_ref², so the weights of the Ψ_k are w σ_ref / e_ref."""
+        Ψ_k / e_ref², so the weights of the Ψ_k are w σ_ref / e_ref (σ_ref:
+        :attr:`stress_scale`)."""
         w = self.energy.weights(z.unsqueeze(0).expand(self.config.members, -1, -1))
-        return w * (self.sigma_ref / self.e_ref).to(dtype)
+        return w * (self.stress_scale / self.e_ref).to(dtype)
 
     @torch.no_grad()
     def _closed_form_response(self, z: torch.Tensor, F: torch.Tensor, tangent: bool
@@ -216,7 +256,7 @@ class CoarseGrainingOperator(nn.Module):
         P = r["stress"]
         mean = P.mean(0)
         dev = (P - mean).flatten(-2)
-        sigma2 = (self.sigma_ref**2).to(F.dtype)
+        sigma2 = (self.stress_scale**2).to(F.dtype)
         alea = sigma2 * (r["chol"] @ r["chol"].transpose(-1, -2)).mean(0)
         cov = alea + torch.einsum("mbi,mbj->bij", dev, dev) / P.shape[0]
         out = {"mean": mean, "cov": cov, "aleatoric": alea, "energy": r["energy"].mean(0)}
@@ -233,7 +273,7 @@ class CoarseGrainingOperator(nn.Module):
         """SHA-256 of the config, the weights and buffers (names, dtypes, values), the
         calibration and the training region: what a model file's digest covers (the rest of
         the card is a record, not covered)."""
-        h = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
+        h = hashlib.sha256(json.dumps(config_record(self.config), sort_keys=True).encode())
         for name, t in self.state_dict().items():
             h.update(f"{name}:{t.dtype}".encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -245,9 +285,12 @@ class CoarseGrainingOperator(nn.Module):
     def encoder_digest(self) -> str:
         """SHA-256 of the config and every weight but the coarse-graining heads' (names
         starting with :data:`HEAD_PREFIXES`): what a structure's latent depends on, so latents
-        cached under it stay valid through online retraining, which trains the heads only."""
-        h = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
+        cached under it stay valid through online retraining, which trains the heads only; and
+        the bound material, where the operator takes it as input."""
+        h = hashlib.sha256(json.dumps(config_record(self.config), sort_keys=True).encode())
         h.update(f"resolution:{self.data_resolution}".encode())
+        if self.takes_material:
+            h.update(json.dumps(self.bound, sort_keys=True, default=str).encode())
         for name, t in self.state_dict().items():
             if not name.startswith(HEAD_PREFIXES):  # in float32, the encoding's precision
                 h.update(name.encode())
@@ -265,7 +308,7 @@ class CoarseGrainingOperator(nn.Module):
         """Write weights, config, normalisation, calibration, card and the weights' digest
         (:meth:`weights_digest`, checked at load) atomically."""
         payload = {"format": self.FORMAT, "version": __version__,
-                   "config": json.dumps(dataclasses.asdict(self.config)),
+                   "config": json.dumps(config_record(self.config)),
                    "state_dict": self.state_dict(),
                    "calibration": json.dumps(self.calibration), "card": json.dumps(self.card),
                    "digest": self.weights_digest()}

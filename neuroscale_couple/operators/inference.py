@@ -60,7 +60,7 @@ class Inference:
         self.closed = bool(model.energy.closed_form)
         p = next(model.parameters())
         self.dtype, self.z = p.dtype, z.to(p.device)  # z kept as given (float32: exact)
-        self.sigma2 = float(model.sigma_ref) ** 2
+        self.sigma2 = float(model.stress_scale) ** 2
         if not self.closed:
             return
         net = model.covariance.net

@@ -11,26 +11,29 @@ and its normalisation, so :meth:`SANO.from_checkpoint` rebuilds it from the file
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
 from neuroscale_couple.config import dataclass_from_dict
-from neuroscale_couple.errors import InputError
+from neuroscale_couple.errors import InputError, MaterialOutsideError
 from neuroscale_couple.materials import (
     DEFAULT_LAW,
     EPOXY_LIKE_MATRIX,
     GLASS_LIKE_FIBRE,
     Phase,
+    TwoPhaseMaterial,
     check_law,
+    lame,
 )
 from neuroscale_couple.operators.attention import CrossScaleAttention, ScaleMixer
 from neuroscale_couple.operators.base import CoarseGrainingOperator
 from neuroscale_couple.operators.heads import FineDecoder, green_lagrange_mandel
 from neuroscale_couple.operators.spectral import FourierBlock
 from neuroscale_couple.operators.wavelet import WaveletDecomposition
+from neuroscale_couple.phases import DESCRIPTORS, material_arrays, outside_reason
 from neuroscale_couple.physics import micro_deformation, micro_stress
 
 
@@ -38,7 +41,9 @@ from neuroscale_couple.physics import micro_deformation, micro_stress
 class CellHeadsConfig:
     """What every operator of fibre-cell images records besides its encoder: the latent size,
     the heads (ensemble ``members``, ``hidden`` width, energy basis) and the law and phases
-    (E, ν) of the material it learnt."""
+    (E, ν) of the material it learnt — or, for a family operator, ``phase_ranges``: the
+    ranges of the phase descriptors it takes as inputs (contrast E_f/E_m, ν_m, ν_f →
+    [low, high]; :mod:`neuroscale_couple.phases`), ``matrix`` and ``fibre`` then unused."""
 
     latent: int = 64
     hidden: int = 64
@@ -48,11 +53,17 @@ class CellHeadsConfig:
     law: str = DEFAULT_LAW
     matrix: tuple[float, float] = astuple(EPOXY_LIKE_MATRIX)
     fibre: tuple[float, float] = astuple(GLASS_LIKE_FIBRE)
+    phase_ranges: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_law(self.law)
         for name in ("matrix", "fibre"):
             Phase(*getattr(self, name))
+        ranges = self.phase_ranges
+        if ranges and (set(ranges) != set(DESCRIPTORS) or not all(
+                len(r) == 2 and r[0] <= r[1] for r in ranges.values())):
+            raise InputError(f"phase_ranges={ranges!r}: give [low, high] for each of "
+                             f"{', '.join(DESCRIPTORS)}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,8 @@ class SANO(CoarseGrainingOperator):
         self.attention = nn.ModuleList(CrossScaleAttention(n_scales, d, c.heads, c.cross_scale)
                                        for _ in range(c.attention_blocks))
         self.mixer = ScaleMixer(n_scales)
-        self.to_latent = nn.Sequential(nn.Linear(d + 1, c.latent), nn.SiLU(),
+        n_phase = len(DESCRIPTORS) if c.phase_ranges else 0
+        self.to_latent = nn.Sequential(nn.Linear(d + 1 + n_phase, c.latent), nn.SiLU(),
                                        nn.Linear(c.latent, c.latent))
         self._build_heads(c.members, c.latent, c.hidden, c.energy_correction,
                           quartic=c.quartic_basis)
@@ -108,32 +120,52 @@ class SANO(CoarseGrainingOperator):
         self._build_buffers()
 
     # ------------------------------------------------------------------ encoder
+    def _phases(self, images: torch.Tensor) -> tuple:
+        """(E_m, E_f, ν_m, ν_f) of inputs (B, C, n, n): the config's numbers, or for a family
+        operator each structure's descriptors (B, 1, 1) with E_m = 1, E_f = contrast."""
+        if not self.takes_material:
+            return (self.config.matrix[0], self.config.fibre[0], self.config.matrix[1],
+                    self.config.fibre[1])
+        c, nu_m, nu_f = images[:, 1:, :1, :1].unbind(1)
+        return torch.ones_like(c), c, nu_m, nu_f
+
     def moduli(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-pixel Lamé fields (λ, μ) (B, n, n) of fibre-fraction images (B, 1, n, n).
+        """Per-pixel Lamé fields (λ, μ) (B, n, n) of inputs (B, C, n, n) (a family operator's
+        in units of E_m).
 
         Each pixel takes the phase at its centre (fibre where the fraction exceeds ½), which is
         where the RVE solver samples its micro fields.
         """
         phi = (images[:, 0] > 0.5).to(images.dtype)
-        (lm, mm), (lf, mf) = Phase(*self.config.matrix).lame, Phase(*self.config.fibre).lame
+        E_m, E_f, nu_m, nu_f = self._phases(images)
+        (lm, mm), (lf, mf) = lame(E_m, nu_m), lame(E_f, nu_f)
         return phi * lf + (1 - phi) * lm, phi * mf + (1 - phi) * mm
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent z (B, latent) and feature map h (B, width, n, n) of images (B, 1, n, n)."""
-        if images.ndim != 4 or images.shape[1] != 1 or images.shape[-1] != self.config.resolution:
+        """Latent z (B, latent) and feature map h (B, width, n, n) of inputs (B, C, n, n): the
+        fibre-fraction image (C = 1), and for a family operator its phase descriptors as
+        constant channels (C = 4; :meth:`PhaseCell.operator_inputs
+        <neuroscale_couple.solvers.phase_cell.PhaseCell.operator_inputs>`)."""
+        n, channels = self.config.resolution, 1 + len(DESCRIPTORS) * self.takes_material
+        if images.ndim != 4 or images.shape[1] != channels or images.shape[-1] != n:
             raise InputError(f"microstructure images have shape {tuple(images.shape)}: expected "
-                             f"(B, 1, {self.config.resolution}, {self.config.resolution})")
-        E_max = max(self.config.matrix[0], self.config.fibre[0])
+                             f"(B, {channels}, {n}, {n})" + (
+                                 " — a family operator takes cells with their phases"
+                                 if self.takes_material else ""))
+        E_m, E_f, nu_m, nu_f = self._phases(images)
+        E_max = torch.maximum(E_m, E_f) if self.takes_material else max(E_m, E_f)
         phi = images[:, 0]
-        E = (phi * self.config.fibre[0] + (1 - phi) * self.config.matrix[0]) / E_max
-        nu = phi * self.config.fibre[1] + (1 - phi) * self.config.matrix[1]
+        E = (phi * E_f + (1 - phi) * E_m) / E_max
+        nu = phi * nu_f + (1 - phi) * nu_m
         h = self.fourier(self.lift(torch.stack([phi, E, nu], dim=1)))
         tokens = [proj(s.flatten(2).transpose(1, 2))
                   for proj, s in zip(self.tokens, self.wavelet(h), strict=True)]
         for block in self.attention:
             tokens = block(tokens)
-        pooled = torch.cat([self.mixer(tokens), phi.mean(dim=(-2, -1))[:, None]], dim=-1)
-        return self.to_latent(pooled), h
+        pooled = [self.mixer(tokens), phi.mean(dim=(-2, -1))[:, None]]
+        if self.takes_material:  # log contrast: 0–4.6 over contrasts 1–100
+            pooled.append(torch.cat([torch.log(E_f), nu_m, nu_f], dim=-1)[:, 0])
+        return self.to_latent(torch.cat(pooled, dim=-1)), h
 
     @property
     def input_resolution(self) -> int:
@@ -146,14 +178,54 @@ class SANO(CoarseGrainingOperator):
         return int((self.card.get("data_config") or {}).get("image_resolution",
                                                              self.config.resolution))
 
+    @property
+    def takes_material(self) -> bool:
+        """Whether this is a family operator (phases as inputs, ``phase_ranges`` set)."""
+        return bool(self.config.phase_ranges)
+
+    def bind_material(self, family: dict) -> None:
+        """A family operator takes the phases of the fine solver's ``family`` config (RVE keys
+        ``law``, ``matrix``, ``fibre``) as its inputs and E_m as its stress unit; one of one
+        material has nothing to take."""
+        if not self.takes_material:
+            return
+        m = TwoPhaseMaterial.from_config(family)
+        self.bound = {"law": m.law, "matrix": astuple(m.matrix), "fibre": astuple(m.fibre)}
+        self.stress_unit = m.matrix.E
+
+    def material_arrays(self, count: int) -> dict[str, np.ndarray]:
+        """The bound phases (:data:`~neuroscale_couple.phases.PHASE_ARRAYS`, (count,)) of a
+        family operator; none for one of one material."""
+        if not self.takes_material:
+            return {}
+        if self.bound is None:
+            raise InputError("this family operator takes the phases as inputs: bind the run's "
+                             "material first (Coupler(..., family=fine config), or "
+                             "model.bind_material({'matrix': {E, nu}, 'fibre': {E, nu}}))")
+        b = self.bound
+        return material_arrays(TwoPhaseMaterial(b["law"], Phase(*b["matrix"]),
+                                                Phase(*b["fibre"])), count)
+
     def check_family(self, family: dict) -> None:
-        """Raise :class:`InputError` if the model was trained for other phases or another law
-        than the fine solver's ``family`` config (keys ``law``, ``matrix``, ``fibre`` as in the
-        RVE config)."""
+        """Raise :class:`InputError` if the model was trained for another law than the fine
+        solver's ``family`` config (keys ``law``, ``matrix``, ``fibre`` as in the RVE config)
+        or for other phases; a family operator raises :class:`MaterialOutsideError` for phases
+        outside its ``phase_ranges``."""
         c = self.config
         if family.get("law", c.law) != c.law:
             raise InputError(f"the model was trained for law={c.law!r} but the fine solver uses "
                              f"law={family['law']!r}: use a model trained for this material")
+        if self.takes_material:
+            reason = outside_reason(TwoPhaseMaterial.from_config(family), c.phase_ranges)
+            if reason is not None:
+                ranges = ", ".join(f"{k} [{lo:.4g}, {hi:.4g}]"
+                                   for k, (lo, hi) in c.phase_ranges.items())
+                raise MaterialOutsideError(
+                    f"the fine solver's phases lie outside the family model's phase ranges "
+                    f"({reason}; trained: {ranges}, any matrix E): use a model trained for "
+                    "these phases, or run anyway with the policy's outside_material: fallback "
+                    "(every point then falls back to the fine solver)")
+            return
         for name in ("matrix", "fibre"):
             if name in family:
                 phase = Phase.from_config(family[name], name)

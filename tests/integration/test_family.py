@@ -1,0 +1,102 @@
+"""The family operator end to end at the smoke size of `make family-model`: data whose cells draw
+their phases, solved by the RVE, a few epochs of training, calibration; then the model in a
+Coupler for materials inside and outside its ranges."""
+
+from __future__ import annotations
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+
+from neuroscale_couple.cli import main
+from neuroscale_couple.config import load_yaml
+from neuroscale_couple.coupler import FINE, OPERATOR, Coupler, Policy
+from neuroscale_couple.datagen import generate, plan
+from neuroscale_couple.errors import MaterialOutsideError
+from neuroscale_couple.operators.base import load_operator
+from neuroscale_couple.phases import PHASE_ARRAYS, cell_material
+from neuroscale_couple.solvers.microstructure import random_fibres
+from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
+from neuroscale_couple.store import load_rve_dataset
+
+pytestmark = [pytest.mark.dolfinx, pytest.mark.slow, pytest.mark.skip_in_parallel]
+
+SMOKE = "examples/configs/family_smoke"
+F = np.array([[[1.06, 0.02], [0.0, 0.97]], [[0.97, -0.03], [0.04, 1.05]]])
+
+
+def material(E_m: float, nu_m: float, E_f: float, nu_f: float) -> dict:
+    return {"law": "neo_hookean", "matrix": {"E": E_m, "nu": nu_m},
+            "fibre": {"E": E_f, "nu": nu_f}, "mesh": {"size": 0.06}}
+
+
+@pytest.fixture(scope="module")
+def family_model(tmp_path_factory):
+    """The smoke recipe (`make family-model FAMILY=examples/configs/family_smoke`), in process."""
+    out = tmp_path_factory.mktemp("family")
+    for part in ("data", "calibration"):
+        generate(load_yaml(f"{SMOKE}.{part}.yaml"), out / f"{part}.h5", MPI.COMM_SELF,
+                 progress=False)
+    assert main(["train", f"{SMOKE}.train.yaml", "--data", str(out / "data.h5"), "--out",
+                 str(out / "model.pt"), "--quiet"]) == 0
+    assert main(["calibrate", "--model", str(out / "model.pt"), "--data",
+                 str(out / "calibration.h5")]) == 0
+    return out
+
+
+def test_generated_cells_carry_their_drawn_phases(family_model):
+    config = load_yaml(f"{SMOKE}.data.yaml")
+    d = load_rve_dataset(family_model / "data.h5")
+    contrast = d["micro/fibre_E"] / d["micro/matrix_E"]
+    assert len(np.unique(contrast)) == len(contrast)
+    assert 1 <= contrast.min() and contrast.max() <= 100
+    # each cell was solved with its own phases: the stiffest one re-solved with them agrees
+    structures, loads = plan(config)
+    m, per = int(np.argmax(contrast)), config["loads"]["per_microstructure"]
+    own = cell_material(config, {k: d[f"micro/{k}"] for k in PHASE_ARRAYS}, m)
+    res = rve_from_config(own, structures[m]).solve(loads[m * per:(m + 1) * per])
+    np.testing.assert_allclose(d["samples/P"][m * per:(m + 1) * per], res.stress, rtol=1e-8,
+                               atol=1e-10)
+
+
+def test_family_model_takes_materials_in_its_ranges_and_refuses_others(family_model):
+    model = load_operator(family_model / "model.pt").double()
+    card_ranges = model.config.phase_ranges
+    assert card_ranges["contrast"] == [1.0, 100.0] and model.region.phases
+    cells = [random_fibres(0.3, 3, seed=5), random_fibres(0.4, 2, seed=6)]
+    stresses = {}
+    for name, fam in (("a", material(3.0, 0.35, 70.0, 0.2)), ("b", material(1.0, 0.3, 8.0, 0.4)),
+                      ("a_x1000", material(3000.0, 0.35, 70000.0, 0.2))):
+        c = Coupler(model, lambda s, fam=fam: rve_from_config(fam, s), family=fam,
+                    policy=Policy(rtol=float("inf")), comm=MPI.COMM_SELF)
+        c.register([0, 1], cells)
+        r = c.evaluate(F, [0, 1])
+        assert np.all(r.source == OPERATOR)
+        stresses[name] = r.stress
+        c.close()
+    np.testing.assert_allclose(stresses["a_x1000"], 1000 * stresses["a"], rtol=1e-6)
+    assert not np.allclose(stresses["a"] / 3.0, stresses["b"] / 1.0, rtol=1e-3)
+    outside = material(3.0, 0.35, 600.0, 0.2)  # contrast 200
+    with pytest.raises(MaterialOutsideError, match="contrast 200 outside"):
+        Coupler(model, lambda s: rve_from_config(outside, s), family=outside,
+                comm=MPI.COMM_SELF)
+    # with the user's consent every point runs on the fine solver
+    c = Coupler(model, lambda s: rve_from_config(outside, s), family=outside,
+                policy=Policy(outside_material="fallback"), comm=MPI.COMM_SELF)
+    c.register([0, 1], cells)
+    r = c.evaluate(F, [0, 1])
+    assert np.all(r.source == FINE)
+    for j, cell in enumerate(cells):
+        truth = rve_from_config(outside, cell).solve(F[j:j + 1]).stress[0]
+        np.testing.assert_allclose(r.stress[j], truth, rtol=1e-8)
+    c.close()
+
+
+def test_family_model_is_evaluated_on_data_of_one_material(family_model, tmp_path):
+    fixed = load_yaml(f"{SMOKE}.test.yaml")
+    fixed.update(material(3.0, 0.35, 70.0, 0.2))
+    fixed.pop("phase_seed")
+    generate(fixed, tmp_path / "fixed.h5", MPI.COMM_SELF, progress=False)
+    assert main(["evaluate", "--model", str(family_model / "model.pt"), "--data",
+                 str(tmp_path / "fixed.h5"), "--json"]) == 0
