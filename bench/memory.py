@@ -116,9 +116,10 @@ def run_child(*argv: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def in_loop(n: int, repeat: int = 3) -> dict:
-    """Points per CPU second (one torch thread) of Coupler.evaluate on n points and of the bare
-    model's predict on the same points."""
+def in_loop(n: int, repeat: int = 3, own: int = 8192) -> dict:
+    """Points per CPU second (one torch thread) of Coupler.evaluate on n points sharing 64
+    structures, on ``own`` points with a structure each (as in FE²: latents read in place),
+    and of the bare model's predict on the n points."""
     from mpi4py import MPI
 
     import torch
@@ -139,16 +140,22 @@ def in_loop(n: int, repeat: int = 3) -> dict:
     F = loads_in_ball(n, 0.2, rng_for(11, 0)).reshape(n, 2, 2)
     coupler.begin_step(0)
 
-    def rate(fn) -> float:
+    def rate(fn, count: int = n) -> float:
         fn()  # warm-up (the Coupler's per-version set-up included)
         t0 = time.process_time()
         for _ in range(repeat):
             fn()
-        return n * repeat / (time.process_time() - t0)
+        return count * repeat / (time.process_time() - t0)
 
     z = coupler.latent_store.latents([cells[i % len(cells)] for i in ids])
     Ft = torch.as_tensor(F)
     out = {"points": n, "coupler_evaluate": rate(lambda: coupler.evaluate(F, ids))}
+    each = Coupler(model, lambda m: None, policy=Policy(rtol=1e9, atol=1e9), comm=MPI.COMM_SELF)
+    each.register(ids[:own], [random_fibres(0.15 + 0.3 * (s % 64) / 64, 1 + s % 8, s)
+                              for s in range(own)])
+    each.begin_step(0)
+    out["own_structures"] = own
+    out["coupler_evaluate_own_structures"] = rate(lambda: each.evaluate(F[:own], ids[:own]), own)
     for dtype in (torch.float64, torch.float32):
         m = load_operator(MODEL).to(dtype)
         with torch.no_grad():
@@ -173,7 +180,17 @@ def main() -> None:
                         "change) to keep in the record under `baseline`, labelled; with "
                         "--attach, added to the record --out without running anything")
     parser.add_argument("--attach", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--in-loop-only", action="store_true",
+                        help="rerun only the in-loop rates and update them in the record --out")
     args = parser.parse_args()
+    if args.in_loop_only:
+        record = json.loads(Path(args.out).read_text())
+        record["in_loop_points_per_cpu_s"] = in_loop(args.points)
+        record["in_loop_command"] = shlex.join(["python", "bench/memory.py", *sys.argv[1:]])
+        record["in_loop_date"] = date.today().isoformat()
+        write(record, args)
+        print(json.dumps(record["in_loop_points_per_cpu_s"], indent=1))
+        return
     if args.attach:
         if not args.baseline:
             parser.error("--attach adds a --baseline RECORD LABEL to the record: give one")
@@ -231,7 +248,7 @@ def main() -> None:
           f"{100 * record['long_run']['growth']:.2f} %   (target ≤ 5 %)")
     print(f"live RVE (mesh 0.02): {record['rve_mb']:.1f} MB each")
     for name, value in speed.items():
-        if name != "points":
+        if name not in ("points", "own_structures"):
             print(f"{name:>22}: {value:10.3g} points per CPU second, one thread "
                   f"({speed['points']} points)")
 

@@ -773,11 +773,17 @@ def memory_section(record: dict, path: Path) -> list[str]:
             ("live RVE (mesh 0.02), MB", *(num(r.get("rve_mb")) for _, r in cols)),
             ("`Coupler.evaluate`, points per CPU s",
              *(sci(v["coupler_evaluate"]) for v in speed.values())),
+            ("the same, a structure per point",
+             *(sci(v["coupler_evaluate_own_structures"]) if "own_structures" in v else "–"
+               for v in speed.values())),
             ("model `predict` float64, points per CPU s",
              *(sci(v["model_predict_float64"]) for v in speed.values())),
             ("model `predict` float32, points per CPU s",
              *(sci(v["model_predict_float32"]) for v in speed.values()))]
     out += table(("", *(name for name, _ in cols)), rows)
+    if "in_loop_command" in record:
+        out += [f"The in-loop rates of this record were rerun on {record['in_loop_date']} "
+                f"(`{record['in_loop_command']}`); the rest is from its first run.", ""]
     steps = record.get("long_run", {})
     out += [f"Growth run: {num(steps.get('steps'))} load steps on {num(steps.get('points'))} "
             f"points; targets: a few KB per point, growth ≤ 5 %, ≥ 1e6 points/s per core "

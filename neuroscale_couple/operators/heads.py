@@ -108,10 +108,23 @@ def _invariants(C: torch.Tensor, n_directions: int) -> tuple[torch.Tensor, ...]:
     directions a at angles kπ/n_directions, and those directions (n_directions, 2)."""
     C00, C11, C01 = C[..., 0, 0], C[..., 1, 1], 0.5 * (C[..., 0, 1] + C[..., 1, 0])
     D = C00 * C11 - C01 * C01  # explicit 2×2 algebra: no batched LU
-    angles = torch.arange(n_directions, dtype=C.dtype, device=C.device) * torch.pi / n_directions
-    c, s = torch.cos(angles), torch.sin(angles)
+    c, s = _directions(n_directions, C)
     I4 = c * c * C00[..., None] + 2 * c * s * C01[..., None] + s * s * C11[..., None]
     return C00, C11, C01, D, I4, torch.stack([c, s], -1)
+
+
+def _directions(n_directions: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (n_directions,) of the basis directions' angles kπ/n_directions, in the
+    dtype and on the device of ``like``."""
+    angles = (torch.arange(n_directions, dtype=like.dtype, device=like.device)
+              * torch.pi / n_directions)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def _matrix(a00: torch.Tensor, a01: torch.Tensor, a10: torch.Tensor, a11: torch.Tensor
+            ) -> torch.Tensor:
+    """The 2×2 matrices (…, 2, 2) of the components (…)."""
+    return torch.stack([torch.stack([a00, a01], -1), torch.stack([a10, a11], -1)], -2)
 
 
 def _basis_of(C00: torch.Tensor, C11: torch.Tensor, D: torch.Tensor, I4: torch.Tensor,
@@ -145,46 +158,77 @@ def mixture_response(w: torch.Tensor, F: torch.Tensor, n_directions: int = 6, *,
     if K not in (2 + 2 * n_directions, 5 + 2 * n_directions):
         raise ValueError(f"{K} mixture weights fit no basis of {n_directions} directions")
     quartic = K == 5 + 2 * n_directions
-    C00, C11, C01, D, I4, a = _invariants(F.transpose(-1, -2) @ F, n_directions)
+    # Component form: every quantity is a (...)-shaped tensor, symmetric 2×2 tensors are their
+    # (00, 11, 01) components and H is a symmetric 3×3 matrix over those pairs (Voigt order
+    # without factors); no 2×2×2×2 intermediates and no einsum, as in a fused kernel.
+    F00, F01, F10, F11 = F[..., 0, 0], F[..., 0, 1], F[..., 1, 0], F[..., 1, 1]
+    C00, C11, C01 = F00 * F00 + F10 * F10, F01 * F01 + F11 * F11, F00 * F01 + F10 * F11
+    D = C00 * C11 - C01 * C01
     L = torch.log(D)
-    Ci = torch.stack([torch.stack([C11, -C01], -1), torch.stack([-C01, C00], -1)], -2)
-    Ci = Ci / D[..., None, None]
-    N = a[:, :, None] * a[:, None, :]  # (n_directions, 2, 2)
+    c, s = _directions(n_directions, F)
+    cc, ss, cs = c * c, s * s, c * s  # N_a = a⊗a in components, (n_directions,)
+    I4 = C00[..., None] * cc + C11[..., None] * ss + (2 * C01)[..., None] * cs
     lnI4 = torch.log(I4)
     w1, w2 = w[..., 0], w[..., 1]
     w3, w4 = w[..., 2:2 + n_directions], w[..., 2 + n_directions:2 + 2 * n_directions]
-    energy = (w * _basis_of(C00, C11, D, I4, quartic)).sum(-1)
+    psi = 0.5 * (C00 + C11 - 2 - L)
+    energy = (w1 * psi + 0.125 * w2 * L * L
+              + (w3 * (0.5 * lnI4 * lnI4) + w4 * (I4 - 1 - lnI4)).sum(-1))
     # derivatives of f = w₁ψ + w₂L²/8 [+ w₅ψ² + w₆ψL²/4 + w₇L⁴/16]
     f_p, f_L, f_LL = w1, 0.25 * w2 * L, 0.25 * w2
     if quartic:
-        psi = 0.5 * (C00 + C11 - 2) - 0.5 * L
         w5, w6, w7 = w[..., -3], w[..., -2], w[..., -1]
-        f_p = f_p + 2 * w5 * psi + 0.25 * w6 * L**2
+        energy = energy + w5 * psi * psi + 0.25 * w6 * psi * L * L + 0.0625 * w7 * L**4
+        f_p = f_p + 2 * w5 * psi + 0.25 * w6 * L * L
         f_L = f_L + 0.5 * w6 * psi * L + 0.25 * w7 * L**3
-        f_LL = f_LL + 0.5 * w6 * psi + 0.75 * w7 * L**2
-    eye = torch.eye(2, dtype=F.dtype, device=F.device)
-    B = 0.5 * (eye - Ci)
+        f_LL = f_LL + 0.5 * w6 * psi + 0.75 * w7 * L * L
+    i00, i11, i01 = C11 / D, C00 / D, -C01 / D  # C̄⁻¹
+    b00, b11, b01 = 0.5 * (1 - i00), 0.5 * (1 - i11), -0.5 * i01  # B = ½(I − C̄⁻¹)
     gamma = w3 * lnI4 / I4 + w4 * (1 - 1 / I4)
-    G = (f_p[..., None, None] * B + f_L[..., None, None] * Ci
-         + torch.einsum("...d,dij->...ij", gamma, N))
-    out = {"energy": energy, "stress": 2 * F @ G}
-    if tangent:
-        def outer(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-            return torch.einsum("...ij,...kl->...ijkl", X, Y)
+    G00 = f_p * b00 + f_L * i00 + gamma @ cc
+    G11 = f_p * b11 + f_L * i11 + gamma @ ss
+    G01 = f_p * b01 + f_L * i01 + gamma @ cs
+    X00, X01 = F00 * G00 + F01 * G01, F00 * G01 + F01 * G11  # F̄ G
+    X10, X11 = F10 * G00 + F11 * G01, F10 * G01 + F11 * G11
+    out = {"energy": energy, "stress": 2 * _matrix(X00, X01, X10, X11)}
+    if not tangent:
+        return out
+    eta = (w3 * (1 - lnI4) + w4) / (I4 * I4)
+    s_, f = 0.5 * f_p - f_L, f_LL  # H = s_ S + f C̄⁻¹⊗C̄⁻¹ + Σ η N⊗N [+ quartic terms]
+    H = {(0, 0): s_ * i00 * i00 + f * i00 * i00 + eta @ (cc * cc),
+         (1, 1): s_ * i11 * i11 + f * i11 * i11 + eta @ (ss * ss),
+         (2, 2): s_ * 0.5 * (i00 * i11 + i01 * i01) + f * i01 * i01 + eta @ (cs * cs),
+         (0, 1): s_ * i01 * i01 + f * i00 * i11 + eta @ (cc * ss),
+         (0, 2): s_ * i00 * i01 + f * i00 * i01 + eta @ (cc * cs),
+         (1, 2): s_ * i11 * i01 + f * i11 * i01 + eta @ (ss * cs)}
+    if quartic:  # + f_ψψ B⊗B + f_ψL (B⊗C̄⁻¹ + C̄⁻¹⊗B), f_ψψ = 2w₅, f_ψL = w₆L/2
+        bb, bi = 2 * w5, 0.5 * w6 * L
+        b, i = (b00, b11, b01), (i00, i11, i01)
+        for (p, q) in H:
+            H[p, q] = H[p, q] + bb * b[p] * b[q] + bi * (b[p] * i[q] + i[p] * b[q])
 
-        def scalar(x: torch.Tensor) -> torch.Tensor:
-            return x[..., None, None, None, None]
+    def h(p: int, q: int) -> torch.Tensor:  # H is symmetric: its upper triangle is stored
+        return H[min(p, q), max(p, q)]
 
-        eta = (w3 * (1 - lnI4) + w4) / I4**2
-        S = 0.5 * (torch.einsum("...ik,...jl->...ijkl", Ci, Ci)
-                   + torch.einsum("...il,...jk->...ijkl", Ci, Ci))
-        H = (scalar(0.5 * f_p - f_L) * S + scalar(f_LL) * outer(Ci, Ci)
-             + torch.einsum("...d,dij,dkl->...ijkl", eta, N, N))
-        if quartic:  # f_ψψ = 2w₅, f_ψL = w₆L/2
-            H = (H + scalar(2 * w5) * outer(B, B)
-                 + scalar(0.5 * w6 * L) * (outer(B, Ci) + outer(Ci, B)))
-        out["tangent"] = (2 * torch.einsum("ik,...jl->...ijkl", eye, G)
-                          + 4 * torch.einsum("...iI,...kK,...IJKL->...iJkL", F, F, H))
+    # A_iJkL = 2 δ_ik G_JL + 4 (F̄ h^{JL} F̄ᵀ)_ik with h^{JL}_IK = H_IJKL; Voigt index of (I, J):
+    # (0,0) → 0, (1,1) → 1, (0,1) and (1,0) → 2
+    v = ((0, 2), (2, 1))
+    G = ((G00, G01), (G01, G11))
+    blocks = {}
+    for J, L_ in ((0, 0), (1, 1), (0, 1)):
+        h00, h01 = h(v[0][J], v[0][L_]), h(v[0][J], v[1][L_])
+        h10, h11 = h(v[1][J], v[0][L_]), h(v[1][J], v[1][L_])
+        Y00, Y01 = F00 * h00 + F01 * h10, F00 * h01 + F01 * h11  # F̄ h
+        Y10, Y11 = F10 * h00 + F11 * h10, F10 * h01 + F11 * h11
+        T = [[4 * (Y00 * F00 + Y01 * F01), 4 * (Y00 * F10 + Y01 * F11)],  # (F̄ h F̄ᵀ)_ik
+             [4 * (Y10 * F00 + Y11 * F01), 4 * (Y10 * F10 + Y11 * F11)]]
+        T[0][0] = T[0][0] + 2 * G[J][L_]
+        T[1][1] = T[1][1] + 2 * G[J][L_]
+        blocks[J, L_] = T
+    blocks[1, 0] = [[blocks[0, 1][k][i] for k in range(2)] for i in range(2)]  # major symmetry
+    out["tangent"] = torch.stack([torch.stack([torch.stack(
+        [torch.stack([blocks[J, L_][i][k] for L_ in range(2)], -1) for k in range(2)], -2)
+        for J in range(2)], -3) for i in range(2)], -4)
     return out
 
 
