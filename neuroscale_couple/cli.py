@@ -340,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                    ".train); a rerun of the same command resumes from it")
     p.add_argument("--fresh", action="store_true", help="start over: discard the checkpoint "
                    "in the work folder")
-    p.add_argument("--keep-work", action="store_true", help="keep the work folder after "
-                   "success (default: removed once OUT is written)")
+    p.add_argument("--keep-work", action="store_true", help="keep the checkpoint after "
+                   "success (default: deleted once OUT is written, with the folder if empty)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("calibrate", help="split-conformal calibration on held-out data")

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -120,15 +119,19 @@ class WorkCheckpoint:
             return None
         import torch
 
-        saved = torch.load(self.path, map_location=map_location, weights_only=True)
-        if saved.get("digest") != self.digest:
-            old = saved.get("key") or {}
+        fix = (f"rerun with --fresh to start over (the checkpoint is discarded), or delete "
+               f"{self.work}, or give another --work")
+        try:
+            saved = torch.load(self.path, map_location=map_location, weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"the work folder {self.work} holds an unreadable checkpoint "
+                                  f"({type(err).__name__}): {fix}") from err
+        if not isinstance(saved, dict) or saved.get("digest") != self.digest:
+            old = (saved.get("key") or {}) if isinstance(saved, dict) else {}
             differ = sorted(k for k in old.keys() | self.key.keys()
                             if old.get(k) != self.key.get(k))
-            raise CheckpointError(
-                f"the work folder {self.work} holds an unfinished run with other "
-                f"{', '.join(differ) or 'settings'}: rerun with --fresh to start over (the "
-                f"folder is overwritten), or delete {self.work}, or give another --work")
+            raise CheckpointError(f"the work folder {self.work} holds the checkpoint of another "
+                                  f"run (other {', '.join(differ) or 'settings'}): {fix}")
         return saved["state"]
 
     def save(self, state: dict) -> None:
@@ -139,8 +142,12 @@ class WorkCheckpoint:
         atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
 
     def remove(self) -> None:
-        """Delete the work folder and all it holds."""
-        shutil.rmtree(self.work, ignore_errors=True)
+        """Delete the checkpoint (and temporary files of a write cut short), then the work
+        folder if nothing else is in it: a folder given by the user may hold other files."""
+        for path in (self.path, *self.work.glob(f".{self.path.name}.*.tmp")):
+            path.unlink(missing_ok=True)
+        if self.work.is_dir() and not any(self.work.iterdir()):
+            self.work.rmdir()
 
 
 class RVEDataset:

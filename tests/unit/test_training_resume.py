@@ -129,3 +129,24 @@ def _saved(obj: object):
     torch.save(obj, buf)
     buf.seek(0)
     return buf
+
+
+def test_a_work_folder_given_by_the_user_loses_only_the_checkpoint(tmp_path):
+    (tmp_path / "data.h5").write_bytes(b"kept")
+    work = WorkCheckpoint(tmp_path, {"a": 1})
+    work.save({"epoch": 1})
+    assert work.load() == {"epoch": 1}
+    work.remove()
+    assert [p.name for p in tmp_path.iterdir()] == ["data.h5"]
+    alone = WorkCheckpoint(tmp_path / "w", {"a": 1})
+    alone.save({"epoch": 1})
+    alone.remove()
+    assert not alone.work.exists()
+
+
+def test_an_unreadable_checkpoint_is_refused_with_the_fix(tmp_path):
+    from neuroscale_couple.errors import CheckpointError
+
+    (tmp_path / "checkpoint.pt").write_text("cut short")
+    with pytest.raises(CheckpointError, match=f"{tmp_path} holds an unreadable .*--fresh"):
+        WorkCheckpoint(tmp_path, {"a": 1}).load()
