@@ -384,8 +384,11 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
         history, best, since_best = saved["history"], saved["best"], saved["since_best"]
         best_state = {k: v.to(param.device) for k, v in saved["best_state"].items()}
         start, stopped, elapsed = saved["epoch"], saved["stopped"], saved["elapsed_s"]
-        log.info("resuming at epoch %d of %d from %s%s", start + 1, cfg.epochs, checkpoint.work,
-                 ": training is done" if stopped or start == cfg.epochs else "")
+        if comm.rank == 0 and (stopped or start == cfg.epochs):
+            log.info("resuming after the last epoch (%d of %d) from %s: training is done",
+                     start, cfg.epochs, checkpoint.work)
+        elif comm.rank == 0:
+            log.info("resuming at epoch %d of %d from %s", start + 1, cfg.epochs, checkpoint.work)
     t0 = time.perf_counter() - elapsed
     bar = _progress(cfg.epochs, progress and comm.rank == 0, start)
     for epoch in range(start, cfg.epochs):
