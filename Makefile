@@ -60,7 +60,10 @@ bench-scaling: $(STAMP)
 
 # Regenerate the shipped operator from scratch with the project's own RVE solver and trainer
 # (data sets ≈ 25 min, training ≈ 75 min on 2 cores; a recipe's optional second stage
-# $(MODEL).finetune.yaml goes on from the first stage's checkpoint).
+# $(MODEL).finetune.yaml goes on from the first stage's checkpoint). Rerun after a kill: data
+# sets resume where they stopped, the killed training stage at its last epoch (each stage has its
+# work folder in $(MODEL_DATA); a finished first stage is trained again, and its second stage
+# resumes if that gives the same weights, as a rerun on the same machine does).
 MODEL      ?= examples/models/fe2_composite
 MODEL_DATA ?= out/model
 model: $(STAMP)
@@ -68,9 +71,11 @@ model: $(STAMP)
 	for set in data calibration test ood; do \
 	  $(MPIRUN) -n $(NP) $(VENV)/bin/neuroscale generate $(MODEL).$$set.yaml --out $(MODEL_DATA)/$$set.h5 || exit 1; \
 	done
-	$(VENV)/bin/neuroscale train $(MODEL).train.yaml --data $(MODEL_DATA)/data.h5 --out $(MODEL).pt
+	$(VENV)/bin/neuroscale train $(MODEL).train.yaml --data $(MODEL_DATA)/data.h5 --out $(MODEL).pt \
+	  --work $(MODEL_DATA)/stage1.train
 	if [ -f $(MODEL).finetune.yaml ]; then $(VENV)/bin/neuroscale train $(MODEL).finetune.yaml \
-	  --init $(MODEL).pt --data $(MODEL_DATA)/data.h5 --out $(MODEL).pt || exit 1; fi
+	  --init $(MODEL).pt --data $(MODEL_DATA)/data.h5 --out $(MODEL).pt \
+	  --work $(MODEL_DATA)/finetune.train || exit 1; fi
 	$(VENV)/bin/neuroscale calibrate --model $(MODEL).pt --data $(MODEL_DATA)/calibration.h5
 	$(VENV)/bin/neuroscale subset $(MODEL_DATA)/data.h5 --micro 96 --out $(MODEL).anchor.h5
 	$(VENV)/bin/neuroscale subset $(MODEL_DATA)/calibration.h5 --micro 48 --out $(MODEL).anchor_calibration.h5
@@ -106,7 +111,8 @@ family-model: $(STAMP)
 	for set in data calibration test; do \
 	  $(MPIRUN) -n $(NP) $(VENV)/bin/neuroscale generate $(FAMILY).$$set.yaml --out $(FAMILY_DATA)/$$set.h5 || exit 1; \
 	done
-	$(VENV)/bin/neuroscale train $(FAMILY).train.yaml --data $(FAMILY_DATA)/data.h5 --out $(FAMILY_OUT).pt
+	$(VENV)/bin/neuroscale train $(FAMILY).train.yaml --data $(FAMILY_DATA)/data.h5 --out $(FAMILY_OUT).pt \
+	  --work $(FAMILY_DATA)/model.train
 	$(VENV)/bin/neuroscale calibrate --model $(FAMILY_OUT).pt --data $(FAMILY_DATA)/calibration.h5
 	$(VENV)/bin/neuroscale evaluate --model $(FAMILY_OUT).pt --data $(FAMILY_DATA)/test.h5 \
 	  --card $(FAMILY_OUT).json
@@ -120,13 +126,15 @@ hmm-model: $(STAMP)
 	for set in data calibration; do \
 	  $(MPIRUN) -n 1 $(VENV)/bin/neuroscale generate $(HMM).$$set.yaml --out out/hmm_model/$$set.h5 || exit 1; \
 	done
-	$(VENV)/bin/neuroscale train $(HMM).train.yaml --data out/hmm_model/data.h5 --out $(HMM).pt
+	$(VENV)/bin/neuroscale train $(HMM).train.yaml --data out/hmm_model/data.h5 --out $(HMM).pt \
+	  --work out/hmm_model/model.train
 	$(VENV)/bin/neuroscale calibrate --model $(HMM).pt --data out/hmm_model/calibration.h5
 	$(VENV)/bin/neuroscale subset out/hmm_model/data.h5 --micro 1 --out $(HMM).anchor.h5
 	$(VENV)/bin/neuroscale subset out/hmm_model/calibration.h5 --micro 1 --out $(HMM).anchor_calibration.h5
 	$(MPIRUN) -n 2 $(VENV)/bin/neuroscale generate $(HMM)_thermal.data.yaml --out out/hmm_model/thermal.h5
 	$(MPIRUN) -n 2 $(VENV)/bin/neuroscale generate $(HMM)_thermal.calibration.yaml --out out/hmm_model/thermal_calibration.h5
-	$(VENV)/bin/neuroscale train $(HMM)_thermal.train.yaml --data out/hmm_model/thermal.h5 --out $(HMM)_thermal.pt
+	$(VENV)/bin/neuroscale train $(HMM)_thermal.train.yaml --data out/hmm_model/thermal.h5 --out $(HMM)_thermal.pt \
+	  --work out/hmm_model/thermal.train
 	$(VENV)/bin/neuroscale calibrate --model $(HMM)_thermal.pt --data out/hmm_model/thermal_calibration.h5
 	$(VENV)/bin/neuroscale subset out/hmm_model/thermal.h5 --micro 2 --out $(HMM)_thermal.anchor.h5
 	$(VENV)/bin/neuroscale subset out/hmm_model/thermal_calibration.h5 --micro 2 --out $(HMM)_thermal.anchor_calibration.h5

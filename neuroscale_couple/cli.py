@@ -3,7 +3,9 @@
     neuroscale rve CONFIG.yaml [--json]                  one RVE solve: homogenized P̄ and tangent A
     neuroscale generate CONFIG.yaml --out D.h5           RVE/crystal training data (MPI, resumable)
     neuroscale train CONFIG.yaml --data D.h5 [D2.h5 …] --out M.pt [--init M0.pt]
-                                                         train + calibrate the operator (MPI)
+                     [--work DIR] [--fresh] [--keep-work]
+                                                         train + calibrate the operator (MPI,
+                                                         resumable after every epoch)
     neuroscale calibrate --model M.pt --data D.h5        split-conformal recalibration
     neuroscale evaluate --model M.pt --data D.h5 [--ood O.h5] [--json] [--plot R.png]
     neuroscale distill --model M.pt --out M_fast.pt --cells N --epochs E
@@ -17,11 +19,15 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from neuroscale_couple.config import check_keys, load_yaml
 from neuroscale_couple.errors import InputError, NeuroScaleError
+
+if TYPE_CHECKING:
+    from neuroscale_couple.store import WorkCheckpoint
 
 
 def cmd_rve(args: argparse.Namespace) -> None:
@@ -133,9 +139,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not len(held_out):
         raise InputError(f"training.val_fraction={tcfg.val_fraction} holds out no data: the "
                          "held-out part validates and calibrates the model; use e.g. 0.1")
+    work = train_checkpoint(args, cfg, None if init is None else init.weights_digest())
+    if args.fresh and comm.rank == 0:
+        work.remove()
+    comm.barrier()
     history = train(model, fit, tcfg, comm=comm, validation=held_out, normalise=init is None,
-                    progress=not args.quiet)
-    cal = calibrate_model(model, held_out)
+                    progress=not args.quiet, checkpoint=work)
+    cal = calibrate_model(model, held_out)  # redone by a run resumed after the last epoch
     model.card = {"data": ", ".join(args.data), "data_config": data.config,
                   "model_config": mcfg,
                   "training": cfg.get("training") or {}, "seed": tcfg.seed,
@@ -151,9 +161,30 @@ def cmd_train(args: argparse.Namespace) -> None:
         model.card["init"] = earlier
     if comm.rank == 0:
         model.float().cpu().save(args.out)  # trained in float32: store it so (half the size)
+        if not args.keep_work:
+            work.remove()
         print(json.dumps({"out": str(args.out), **model.card["validation"],
                           "best_epoch": history["best_epoch"],
                           "time_s": round(history["time_s"], 1)}, indent=2))
+
+
+def train_checkpoint(args: argparse.Namespace, cfg: dict, init_digest: str | None
+                     ) -> WorkCheckpoint:
+    """The work folder of a `neuroscale train` run (``--work``, default OUT with suffix
+    .train) and the key a rerun must match to resume from it: the parsed config, the data files
+    and the --init model.
+
+    Data files are known by path, size and modification time, not by a hash of their content:
+    data sets run to gigabytes (hashing them would cost minutes at every start) and `neuroscale
+    generate` writes and extends them in place or by rename, which changes size or mtime. The
+    --init model is known by its weights digest (it is loaded anyway): a first stage retrained
+    to the same weights lets its second stage resume.
+    """
+    from neuroscale_couple.store import WorkCheckpoint, file_identity
+
+    work = Path(args.work) if args.work else Path(args.out).with_suffix(".train")
+    key = {"config": cfg, "data": [file_identity(p) for p in args.data], "init": init_digest}
+    return WorkCheckpoint(work, key)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -297,13 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output HDF5 file; an unfinished one is resumed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("train", help="train the operator on a data set, then calibrate it")
+    p = sub.add_parser("train", help="train the operator on a data set, then calibrate it; "
+                       "resumable")
     p.add_argument("config", help="YAML config with `model:` and `training:` mappings")
     p.add_argument("--data", required=True, nargs="+", help="HDF5 data set(s) from `neuroscale "
                    "generate` (several: of one material family, trained on together)")
     p.add_argument("--out", required=True, help="model checkpoint to write (.pt)")
     p.add_argument("--init", help="checkpoint to go on training (fine-tuning: config without "
                    "`model:`)")
+    p.add_argument("--work", help="folder of the per-epoch checkpoint (default OUT with suffix "
+                   ".train); a rerun of the same command resumes from it")
+    p.add_argument("--fresh", action="store_true", help="start over: discard the checkpoint "
+                   "in the work folder")
+    p.add_argument("--keep-work", action="store_true", help="keep the checkpoint after "
+                   "success (default: deleted once OUT is written, with the folder if empty)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("calibrate", help="split-conformal calibration on held-out data")

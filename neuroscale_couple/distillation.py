@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from neuroscale_couple.config import check_keys
-from neuroscale_couple.errors import InputError
+from neuroscale_couple.errors import CheckpointError, InputError
 from neuroscale_couple.operators.distilled import DistilledSANO
 from neuroscale_couple.operators.sano import SANO
-from neuroscale_couple.store import atomic_write
+from neuroscale_couple.store import WorkCheckpoint, atomic_write
 from neuroscale_couple.structures import config_groups, family
 
 log = logging.getLogger(__name__)
@@ -188,18 +188,19 @@ class Distillation:
         steps = cfg.epochs * math.ceil(len(fit) / cfg.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=cfg.lr_final)
         state = {"epoch": 0, "history": [], "best": math.inf, "best_state": None}
-        ckpt = self.work / "checkpoint.pt"
-        if ckpt.is_file():
-            saved = torch.load(ckpt, weights_only=True)
-            if saved["key"] == self.key and saved["config"] == self.settings(cfg):
-                student.load_state_dict(saved["student"])
-                opt.load_state_dict(saved["optimizer"])
-                sched.load_state_dict(saved["scheduler"])
-                state = saved["state"]
-                log.info("distillation resumed after epoch %d", state["epoch"])
-            else:
-                log.warning("%s holds a distillation with other settings or another teacher: "
-                            "starting afresh (it will be overwritten)", ckpt)
+        ckpt = WorkCheckpoint(self.work, {**self.key, "config": self.settings(cfg)})
+        try:
+            saved = ckpt.load()
+        except CheckpointError:
+            log.warning("%s holds a distillation with other settings or another teacher: "
+                        "starting afresh (it will be overwritten)", ckpt.path)
+            saved = None
+        if saved is not None:
+            student.load_state_dict(saved["student"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            state = saved["state"]
+            log.info("distillation resumed after epoch %d", state["epoch"])
         z_var = float(((data["z"] - data["z"].mean(0)) ** 2).sum(-1).mean())
         g_val = torch.Generator().manual_seed(cfg.seed + 1)
         F_val = draw_loads(data["shells"][val], cfg.loads, g_val)
@@ -230,10 +231,8 @@ class Distillation:
                 state["best"] = error
                 state["best_state"] = {k: v.clone() for k, v in student.state_dict().items()}
             state["epoch"] = epoch + 1
-            payload = {"key": self.key, "config": self.settings(cfg), "student":
-                       student.state_dict(), "optimizer": opt.state_dict(),
-                       "scheduler": sched.state_dict(), "state": state}
-            atomic_write(ckpt, lambda tmp, p=payload: torch.save(p, tmp))
+            ckpt.save({"student": student.state_dict(), "optimizer": opt.state_dict(),
+                       "scheduler": sched.state_dict(), "state": state})
             if progress:
                 print(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(
                     f"{k} {v:.3g}" for k, v in record.items() if k != "epoch"), flush=True)

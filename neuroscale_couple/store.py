@@ -24,8 +24,10 @@ writer's flag) and solves only what is not flagged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +36,7 @@ import h5py
 import numpy as np
 
 from neuroscale_couple import __version__
-from neuroscale_couple.errors import InputError
+from neuroscale_couple.errors import CheckpointError, InputError
 from neuroscale_couple.structures import Structure, stored_arrays
 
 
@@ -56,6 +58,96 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_identity(path: str | Path) -> dict:
+    """Resolved path, size (bytes) and modification time (ns) of a file: what a resumable run
+    compares to tell whether an input file is still the one it started on."""
+    st = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def rng_states() -> dict:
+    """The states of every random number generator a run may draw from: torch (CPU, and CUDA
+    where it is in use), NumPy's global one and Python's ``random``, in a form that
+    ``torch.load(weights_only=True)`` reads back."""
+    import torch
+
+    # the legacy global generator is the one to record: code that calls np.random.* draws it
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002
+    states = {"torch": torch.get_rng_state(),
+              "numpy": {"kind": kind, "keys": torch.as_tensor(keys.astype(np.int64)),
+                        "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+              "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore the generators recorded by :func:`rng_states`."""
+    import torch
+
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    legacy = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    np.random.set_state(legacy)  # noqa: NPY002
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class WorkCheckpoint:
+    """The per-epoch checkpoint of a resumable run (``neuroscale train``, ``neuroscale
+    distill``) in its work folder ``work``.
+
+    ``key`` (a JSON-ready dict: settings and the identity of the inputs) is stored with the
+    state as a SHA-256 digest; a rerun reads the state back only under the same key.
+    """
+
+    def __init__(self, work: str | Path, key: dict, name: str = "checkpoint.pt") -> None:
+        self.work, self.key = Path(work), key
+        self.path = self.work / name
+        self.digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()
+                                     ).hexdigest()
+
+    def load(self, map_location: object = None) -> dict | None:
+        """The saved state, None where the folder holds none; raises :class:`CheckpointError`
+        (naming what differs, the folder and the fix) where it holds another run's."""
+        if not self.path.is_file():
+            return None
+        import torch
+
+        fix = (f"rerun with --fresh to start over (the checkpoint is discarded), or delete "
+               f"{self.work}, or give another --work")
+        try:
+            saved = torch.load(self.path, map_location=map_location, weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"the work folder {self.work} holds an unreadable checkpoint "
+                                  f"({type(err).__name__}): {fix}") from err
+        if not isinstance(saved, dict) or saved.get("digest") != self.digest:
+            old = (saved.get("key") or {}) if isinstance(saved, dict) else {}
+            differ = sorted(k for k in old.keys() | self.key.keys()
+                            if old.get(k) != self.key.get(k))
+            raise CheckpointError(f"the work folder {self.work} holds the checkpoint of another "
+                                  f"run (other {', '.join(differ) or 'settings'}): {fix}")
+        return saved["state"]
+
+    def save(self, state: dict) -> None:
+        """Write ``state`` (tensors, numbers, lists, dicts) atomically with the key."""
+        import torch
+
+        payload = {"key": self.key, "digest": self.digest, "state": state}
+        atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
+
+    def remove(self) -> None:
+        """Delete the checkpoint (and temporary files of a write cut short), then the work
+        folder if nothing else is in it: a folder given by the user may hold other files."""
+        for path in (self.path, *self.work.glob(f".{self.path.name}.*.tmp")):
+            path.unlink(missing_ok=True)
+        if self.work.is_dir() and not any(self.work.iterdir()):
+            self.work.rmdir()
 
 
 class RVEDataset:

@@ -44,6 +44,7 @@ from neuroscale_couple.physics import (
     transform_sample,
 )
 from neuroscale_couple.region import TrainingRegion
+from neuroscale_couple.store import WorkCheckpoint, rng_states, set_rng_states
 
 log = logging.getLogger(__name__)
 
@@ -336,17 +337,26 @@ def _batch_loss_sum(comm: MPI.Comm, loss: float, failure: Exception | None,
 
 def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *,
           comm: MPI.Comm = MPI.COMM_WORLD, validation: TrainingData | None = None,
-          normalise: bool = True, progress: bool = True) -> dict:
+          normalise: bool = True, progress: bool = True,
+          checkpoint: WorkCheckpoint | None = None, stop_after_epoch: int | None = None
+          ) -> dict:
     """Fit ``model`` in place; returns the history (per-epoch losses and wall times, best
     epoch, total time).
 
     With ``validation`` None, ``cfg.val_fraction`` of the data are held out for early stopping
     (:meth:`TrainingData.split`). ``normalise`` (offline training) sets the model's scales from
     ``data``; online fine-tuning keeps them.
+
+    With ``checkpoint`` (offline training), the whole state of the run (weights, optimiser,
+    scheduler, best epoch, history, every random generator) is written there after every epoch
+    (rank 0), and a run that finds one resumes from it: it ends with the weights and history
+    of an uninterrupted run, bit for bit. ``stop_after_epoch`` (for tests) returns after that
+    epoch's checkpoint as a killed run would have stopped there.
     """
     if cfg.augment and data.noise is not None and cfg.weights["noise"] > 0:
         raise InputError("augment rotates the samples but not their measured noise: train with "
                          "augment: false, or without the noise term")
+    saved = None if checkpoint is None else checkpoint.load(map_location="cpu")
     distributed = init_torch_distributed(comm)
     torch.manual_seed(cfg.seed)
     if validation is None:
@@ -364,9 +374,26 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
     weights = {k: float(v) for k, v in cfg.weights.items()}
     history: dict = {"train": [], "val": [], "epoch_time_s": [], "best_epoch": 0}
     best, best_state, since_best = np.inf, copy.deepcopy(model.state_dict()), 0
-    t0 = time.perf_counter()
-    bar = _progress(cfg.epochs, progress and comm.rank == 0)
-    for epoch in range(cfg.epochs):
+    start, stopped, elapsed = 0, False, 0.0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        gen.set_state(saved["generator"])
+        set_rng_states(saved["rng"])
+        history, best, since_best = saved["history"], saved["best"], saved["since_best"]
+        best_state = {k: v.to(param.device) for k, v in saved["best_state"].items()}
+        start, stopped, elapsed = saved["epoch"], saved["stopped"], saved["elapsed_s"]
+        if comm.rank == 0 and (stopped or start == cfg.epochs):
+            log.info("resuming after the last epoch (%d of %d) from %s: training is done",
+                     start, cfg.epochs, checkpoint.work)
+        elif comm.rank == 0:
+            log.info("resuming at epoch %d of %d from %s", start + 1, cfg.epochs, checkpoint.work)
+    t0 = time.perf_counter() - elapsed
+    bar = _progress(cfg.epochs, progress and comm.rank == 0, start)
+    for epoch in range(start, cfg.epochs):
+        if stopped or epoch == stop_after_epoch:
+            break
         t_epoch = time.perf_counter()
         model.train()
         epoch_loss = 0.0
@@ -406,9 +433,16 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
             history["best_epoch"] = epoch
         else:
             since_best += 1
-            if since_best > cfg.patience:
+            stopped = since_best > cfg.patience
+            if stopped:
                 log.info("early stopping at epoch %d (best %d)", epoch, history["best_epoch"])
-                break
+        if checkpoint is not None and comm.rank == 0:
+            checkpoint.save({
+                "epoch": epoch + 1, "stopped": stopped, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "generator": gen.get_state(), "rng": rng_states(), "history": history,
+                "best": float(best), "best_state": best_state, "since_best": since_best,
+                "elapsed_s": time.perf_counter() - t0})
     bar.close()
     if len(validation):
         model.load_state_dict(best_state)
@@ -437,7 +471,8 @@ def relative_errors(model: CoarseGrainingOperator, data: TrainingData) -> dict[s
                                     / torch.linalg.norm(A))}
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="training", unit="epoch", disable=not enabled)
+    return tqdm(total=total, initial=initial, desc="training", unit="epoch",
+                disable=not enabled)
