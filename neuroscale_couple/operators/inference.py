@@ -20,14 +20,17 @@ Other operators (an energy correction or a residual stress: no closed form) run 
 
 from __future__ import annotations
 
-import copy
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from neuroscale_couple.operators.heads import green_lagrange_mandel, mixture_response
+from neuroscale_couple.operators.heads import (
+    EnsembleLinear,
+    green_lagrange_mandel,
+    mixture_response,
+)
 
 CHUNK = 4096
 """Points per chunk (measured fastest of 1024–16384 on one core: the elementwise closed form
@@ -67,8 +70,8 @@ class Inference:
         first = net[0]  # b₁ + W₁ [z, ê]: the latent's part is computed here, once
         latent, M = z.shape[1], len(first.weight)
         self.e_ref = float(model.e_ref)
-        self.first_e = first.weight[:, latent:].detach().float()
-        self.rest: nn.Module = copy.deepcopy(net[1:]).float()
+        self.first_e = first.weight[:, latent:].detach().float().transpose(1, 2)  # (M, h, 3)
+        self.rest = _columns(net[1:])
         w_mean, w_dev, hidden = [], [], []
         with torch.no_grad():
             for i in range(0, max(len(z), 1), chunk):  # one (empty) chunk without points
@@ -104,9 +107,11 @@ class Inference:
         dev = mixture_response(self.w_dev[:, rows], F32.unsqueeze(0),
                                self.model.energy.n_directions, tangent=False)["stress"]
         M = dev.shape[0]
-        e = (green_lagrange_mandel(F32) / self.e_ref).unsqueeze(0).expand(M, -1, -1)
-        h = torch.baddbmm(self.hidden[:, rows], e, self.first_e)
-        alea = self.sigma2 * self.model.covariance.factor_norm2(self.rest(h)).mean(0)
+        e = (green_lagrange_mandel(F32) / self.e_ref).T.unsqueeze(0).expand(M, -1, -1)
+        x = torch.baddbmm(self.hidden[:, rows].transpose(1, 2), self.first_e, e)  # (M, h, n)
+        for weight, bias in self.rest:  # points along the columns: long rows for the GEMMs
+            x = torch.baddbmm(bias, weight, nn.functional.silu(x, inplace=True))
+        alea = self.sigma2 * self.model.covariance.factor_norm2(x.transpose(1, 2)).mean(0)
         epi = dev.square().sum((-1, -2)).mean(0)
         return mean["stress"], mean["tangent"], mean["energy"], alea, epi
 
@@ -116,6 +121,17 @@ class Inference:
         alea = torch.diagonal(pred["aleatoric"], dim1=-2, dim2=-1).sum(-1)
         total = torch.diagonal(pred["cov"], dim1=-2, dim2=-1).sum(-1)
         return pred["mean"], pred["tangent"], pred["energy"], alea, total - alea
+
+
+def _columns(layers: nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The hidden layers of an ensemble MLP after its first layer — (SiLU, EnsembleLinear)
+    pairs — as float32 (weightᵀ (M, out, in), biasᵀ (M, out, 1)) acting on columns of points."""
+    mods = list(layers)
+    if len(mods) % 2 or not all(isinstance(a, nn.SiLU) and isinstance(b, EnsembleLinear)
+                                for a, b in zip(mods[::2], mods[1::2], strict=True)):
+        raise TypeError(f"expected (SiLU, EnsembleLinear) pairs, got {layers}")
+    return [(b.weight.detach().float().transpose(1, 2).contiguous(),
+             b.bias.detach().float().transpose(1, 2).contiguous()) for b in mods[1::2]]
 
 
 def _selection(rows: np.ndarray, device: torch.device) -> torch.Tensor | slice:
