@@ -20,6 +20,14 @@ bars with a finite-sample guarantee. On a held-out calibration set of n points w
    ≥ p in the same finite-sample sense. Bounding the ellipsoid by its circumscribed ball
    (q_p · s · √λ_max) would also be valid, but ~1.2–1.4× wider on the shipped operators.
 
+Group-wise (Mondrian) calibration. A macro problem draws cells and loads in other proportions
+than the calibration set; one global s and q then over-cover some groups and under-cover
+others. With groups — each point's cell family and load band (:func:`group_labels`) — the
+scale and both quantiles are fitted per group on that group's calibration points alone, so the
+guarantee P(error ≤ bound) ≥ p holds within every group, whatever the mix. A group with fewer
+than :data:`MIN_GROUP_POINTS` calibration points (or none) gets the largest bound of the fitted
+groups and the global one.
+
 Metrics:
 
 - :func:`coverage`: observed fraction of points inside the conformal ellipsoid, per level; it
@@ -51,6 +59,15 @@ LEVELS: tuple[float, ...] = (0.5, 0.9, 0.95)
 
 MIN_CALIBRATION_POINTS = 10
 """Fewest calibration points :func:`fit_conformal` accepts."""
+
+LOAD_BANDS: tuple[float, ...] = (0.1, 0.2)
+"""Default edges of the load bands of a group-wise calibration, in ‖U − I‖ (Frobenius, U the
+right stretch of F̄): the bands [0, 0.1), [0.1, 0.2) and [0.2, ∞)."""
+
+MIN_GROUP_POINTS = 40
+"""Fewest calibration points of a group that gets a calibration of its own (with 40, the 95 %
+quantile is the 39th smallest score); a group with fewer, or none, gets the conservative
+calibration of :meth:`Calibration.group`."""
 
 # Coefficients of Acklam's rational approximation of the inverse normal CDF.
 _A = (
@@ -234,22 +251,37 @@ class Calibration:
         |y − μ| / (s √tr Σ) (dimensionless, +∞ likewise); used by :meth:`error_bound`.
     n_calibration : int
         Number of calibration points the fit used.
+    bands : tuple of float or None
+        Load band edges in ‖U − I‖ of a group-wise calibration (:func:`group_labels`); None
+        for a global one.
+    groups : dict[str, Calibration]
+        Group label → the calibration fitted on that group's points alone (groups with at
+        least :data:`MIN_GROUP_POINTS` points).
     """
 
     scale: float
     quantiles: dict[float, float] = field(default_factory=dict)
     norm_quantiles: dict[float, float] = field(default_factory=dict)
     n_calibration: int = 0
+    bands: tuple[float, ...] | None = None
+    groups: dict[str, Calibration] = field(default_factory=dict)
+    _conservative: Calibration | None = field(default=None, init=False, repr=False,
+                                              compare=False)
 
     def to_dict(self) -> dict:
-        """JSON-safe form: plain floats, level keys as strings ("0.9"), +∞ as the string "inf"."""
-        return {
+        """JSON-safe form: plain floats, level keys as strings ("0.9"), +∞ as the string "inf";
+        a group-wise calibration adds ``bands`` and ``groups`` (label → the group's form)."""
+        out = {
             "scale": float(self.scale),
             **{key: {repr(float(p)): float(q) if math.isfinite(q) else "inf"
                      for p, q in getattr(self, key).items()}
                for key in ("quantiles", "norm_quantiles")},
             "n_calibration": int(self.n_calibration),
         }
+        if self.grouped:
+            out["bands"] = [float(b) for b in self.bands]
+            out["groups"] = {label: cal.to_dict() for label, cal in self.groups.items()}
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
@@ -261,7 +293,41 @@ class Calibration:
             norm_quantiles={float(p): float(q)
                             for p, q in (d.get("norm_quantiles") or {}).items()},
             n_calibration=int(d["n_calibration"]),
+            bands=None if d.get("bands") is None else tuple(float(b) for b in d["bands"]),
+            groups={label: cls.from_dict(g) for label, g in (d.get("groups") or {}).items()},
         )
+
+    @property
+    def grouped(self) -> bool:
+        """Whether this is a group-wise calibration (even one whose groups were all too small)."""
+        return self.bands is not None
+
+    def group(self, label: str) -> Calibration:
+        """The calibration of the group ``label`` (see :func:`group_labels`): its own where it
+        was fitted, else a conservative one — the global scale with, per level, the largest
+        radius q·s of the global calibration and of every fitted group."""
+        if label in self.groups:
+            return self.groups[label]
+        if self._conservative is None:
+            cals = [self, *self.groups.values()]
+
+            def widest(key: str) -> dict[float, float]:
+                return {p: max(_lookup(getattr(c, key), p, math.inf) * c.scale
+                               for c in cals) / self.scale for p in getattr(self, key)}
+
+            self._conservative = Calibration(self.scale, widest("quantiles"),
+                                             widest("norm_quantiles"), 0)
+        return self._conservative
+
+    def per_point(self, labels: np.ndarray | None) -> list[tuple[np.ndarray, Calibration]]:
+        """(indices, calibration) pairs covering the n points with group ``labels`` (n,):
+        one pair with this calibration where it is global or no labels are given."""
+        if not self.grouped or labels is None:
+            n = 0 if labels is None else len(labels)
+            return [(np.arange(n) if labels is not None else slice(None), self)]
+        uniq, inverse = np.unique(np.asarray(labels), return_inverse=True)
+        return [(np.flatnonzero(inverse == k), self.group(str(label)))
+                for k, label in enumerate(uniq)]
 
     def covariance(self, Sigma: np.ndarray) -> np.ndarray:
         """Calibrated covariance s²Σ, same shape as ``Sigma`` (stress units squared)."""
@@ -272,15 +338,16 @@ class Calibration:
 
         Raises :class:`InputError` when the calibration was not fitted for ``level``.
         """
-        for p, q in self.quantiles.items():
-            if math.isclose(p, level, rel_tol=0.0, abs_tol=1e-12):
-                return q
+        q = _lookup(self.quantiles, level, math.nan)
+        if not math.isnan(q):
+            return q
         raise InputError(
             f"level={level} is not calibrated: available levels are {sorted(self.quantiles)}; "
             "refit with fit_conformal(..., levels=...) including it"
         )
 
-    def error_bound(self, Sigma: np.ndarray, level: float) -> np.ndarray:
+    def error_bound(self, Sigma: np.ndarray, level: float,
+                    labels: np.ndarray | None = None) -> np.ndarray:
         """Upper bound q^e · s · √tr Σ on the Euclidean error |y − μ| holding with
         probability ≥ ``level`` (split conformal on the Euclidean score).
 
@@ -290,26 +357,42 @@ class Calibration:
             Predicted (uncalibrated) covariance, stress units squared.
         level : float
             A calibrated coverage level.
+        labels : ndarray of str, shape (n,), optional
+            The points' groups (:func:`group_labels`), for a group-wise calibration.
 
         Returns
         -------
         ndarray, shape (n,)
             The bound, in stress units (+∞ if q_level is +∞).
         """
-        return self.trace_bound(np.trace(_as_covariances(Sigma), axis1=1, axis2=2), level)
+        return self.trace_bound(np.trace(_as_covariances(Sigma), axis1=1, axis2=2), level,
+                                labels)
 
-    def trace_bound(self, trace: np.ndarray, level: float) -> np.ndarray:
+    def trace_bound(self, trace: np.ndarray, level: float,
+                    labels: np.ndarray | None = None) -> np.ndarray:
         """:meth:`error_bound` from the traces tr Σ (n,) (stress units squared) alone."""
-        return self.norm_radius(level) * self.scale * np.sqrt(np.maximum(trace, 0.0))
+        root = np.sqrt(np.maximum(np.asarray(trace, dtype=np.float64), 0.0))
+        if not self.grouped or labels is None:
+            return self.norm_radius(level) * self.scale * root
+        out = np.empty_like(root)
+        for idx, cal in self.per_point(labels):
+            out[idx] = cal.norm_radius(level) * cal.scale * root[idx]
+        return out
+
+    def bound_factors(self, level: float, labels: Iterable[str]) -> np.ndarray:
+        """q^e · s (dimensionless) of each group label at ``level``: the factor of √tr Σ in
+        :meth:`trace_bound` (a table for callers that group points by integer codes)."""
+        return np.array([self.group(label).norm_radius(level) * self.group(label).scale
+                         for label in labels])
 
     def norm_radius(self, level: float) -> float:
         """Conformal quantile q^e of the Euclidean score |y − μ| / (s √tr Σ) at ``level``.
 
         Raises :class:`InputError` when it was not fitted for ``level``.
         """
-        for p, q in self.norm_quantiles.items():
-            if math.isclose(p, level, rel_tol=0.0, abs_tol=1e-12):
-                return q
+        q = _lookup(self.norm_quantiles, level, math.nan)
+        if not math.isnan(q):
+            return q
         raise InputError(
             f"level={level}: the calibration has no Euclidean error quantile for it (levels "
             f"{sorted(self.norm_quantiles)}; an empty list means it was written by an older "
@@ -317,8 +400,36 @@ class Calibration:
         )
 
 
+def _lookup(table: dict[float, float], level: float, default: float) -> float:
+    """The value of ``table`` at ``level`` (to 1e-12), else ``default``."""
+    for p, q in table.items():
+        if math.isclose(p, level, rel_tol=0.0, abs_tol=1e-12):
+            return q
+    return default
+
+
+def group_labels(kinds: Iterable[str], stretch: np.ndarray,
+                 bands: Iterable[float] = LOAD_BANDS) -> np.ndarray:
+    """Group label per point, ``"kind|b"`` (n,) str: the point's structure kind (n,) and the
+    index b of its load band, from its ‖U − I‖ ``stretch`` (n,) and the band edges ``bands``
+    (:func:`band_name` spells a band out)."""
+    band = np.searchsorted(np.asarray(tuple(bands), dtype=float), np.asarray(stretch),
+                           side="right")
+    return np.char.add(np.char.add(np.asarray(list(kinds), dtype=str), "|"),
+                       band.astype(str))
+
+
+def band_name(label: str, bands: Iterable[float]) -> str:
+    """A group label of :func:`group_labels` in words: ``"random_fibres, 0.1 ≤ ‖U − I‖ < 0.2"``."""
+    kind, b = label.rsplit("|", 1)
+    edges = (0.0, *bands, math.inf)
+    lo, hi = edges[int(b)], edges[int(b) + 1]
+    return f"{kind}, {lo:g} ≤ ‖U − I‖" + (f" < {hi:g}" if math.isfinite(hi) else "")
+
+
 def fit_conformal(
-    y: np.ndarray, mu: np.ndarray, Sigma: np.ndarray, levels: Iterable[float] = LEVELS
+    y: np.ndarray, mu: np.ndarray, Sigma: np.ndarray, levels: Iterable[float] = LEVELS,
+    labels: np.ndarray | None = None, bands: Iterable[float] = LOAD_BANDS,
 ) -> Calibration:
     """Fit the scale and the split-conformal quantiles on a calibration set.
 
@@ -332,13 +443,30 @@ def fit_conformal(
         Predicted covariances, stress units squared.
     levels : iterable of float
         Coverage levels p in (0, 1).
+    labels : ndarray of str, shape (n,), optional
+        Each point's group (:func:`group_labels` with ``bands``): also fit every group with
+        at least :data:`MIN_GROUP_POINTS` points on its own points (group-wise calibration).
+    bands : iterable of float
+        The load band edges the labels were made with (recorded).
 
     Returns
     -------
     Calibration
         s² = mean(d²)/m, q_p = the ⌈(n + 1)p⌉-th smallest score d/s (+∞ if that exceeds n),
-        and q^e_p likewise for |y − μ| / (s √tr Σ).
+        and q^e_p likewise for |y − μ| / (s √tr Σ); per group the same on its points.
     """
+    if labels is not None:
+        labels = np.asarray(labels, dtype=str)
+        if labels.shape != (len(y),):
+            raise InputError(f"fit_conformal: labels has shape {labels.shape}, give one group "
+                             f"label per point ({len(y)},)")
+        cal = fit_conformal(y, mu, Sigma, levels)
+        cal.bands = tuple(float(b) for b in bands)
+        for label in np.unique(labels):
+            mine = labels == label
+            if mine.sum() >= MIN_GROUP_POINTS:
+                cal.groups[str(label)] = fit_conformal(y[mine], mu[mine], Sigma[mine], levels)
+        return cal
     levels = _levels(levels)
     d = mahalanobis(y, mu, Sigma)
     n, m = np.shape(mu)
@@ -376,6 +504,7 @@ def coverage(
     calibration: Calibration,
     levels: Iterable[float] = LEVELS,
     bound: bool = False,
+    labels: np.ndarray | None = None,
 ) -> dict[float, float]:
     """Observed coverage of the conformal ellipsoids {d/s ≤ q_p}, or with ``bound`` of the
     Euclidean error bounds the fallback policy uses (:meth:`Calibration.error_bound`).
@@ -392,6 +521,8 @@ def coverage(
         Coverage levels.
     bound : bool
         Score the Euclidean bound instead of the ellipsoid.
+    labels : ndarray of str, shape (n,), optional
+        The points' groups, for a group-wise calibration (each scored by its group's).
 
     Returns
     -------
@@ -401,10 +532,14 @@ def coverage(
     if bound:
         y, mu, Sigma = _as_batch(y, mu, Sigma)
         err = np.linalg.norm(y - mu, axis=1)
-        return {p: float(np.mean(err <= calibration.error_bound(Sigma, p)))
+        return {p: float(np.mean(err <= calibration.error_bound(Sigma, p, labels)))
                 for p in _levels(levels)}
-    r = mahalanobis(y, mu, Sigma) / calibration.scale
-    return {p: float(np.mean(r <= calibration.radius(p))) for p in _levels(levels)}
+    d = mahalanobis(y, mu, Sigma)
+    inside = {p: np.zeros(len(d), dtype=bool) for p in _levels(levels)}
+    for idx, cal in calibration.per_point(labels):
+        for p in inside:
+            inside[p][idx] = d[idx] / cal.scale <= cal.radius(p)
+    return {p: float(np.mean(v)) for p, v in inside.items()}
 
 
 def interval_coverage(
@@ -413,6 +548,7 @@ def interval_coverage(
     Sigma: np.ndarray,
     calibration: Calibration,
     levels: Iterable[float] = LEVELS,
+    labels: np.ndarray | None = None,
 ) -> dict[float, float]:
     """Observed coverage of the per-component central intervals μᵢ ± z_p s √Σᵢᵢ.
 
@@ -428,6 +564,8 @@ def interval_coverage(
         Supplies the scale s.
     levels : iterable of float
         Nominal levels p in (0, 1).
+    labels : ndarray of str, shape (n,), optional
+        The points' groups, for a group-wise calibration (each its group's s).
 
     Returns
     -------
@@ -436,7 +574,9 @@ def interval_coverage(
     """
     y, mu, Sigma = _as_batch(y, mu, Sigma)
     err = np.abs(y - mu)
-    sd = calibration.scale * np.sqrt(np.maximum(np.diagonal(Sigma, axis1=1, axis2=2), 0.0))
+    sd = np.sqrt(np.maximum(np.diagonal(Sigma, axis1=1, axis2=2), 0.0))
+    for idx, cal in calibration.per_point(labels if len(y) else None):
+        sd[idx] *= cal.scale
     return {
         p: float(np.mean(err <= normal_quantile(0.5 * (1.0 + p)) * sd)) for p in _levels(levels)
     }
@@ -455,6 +595,7 @@ def expected_calibration_error(
     Sigma: np.ndarray,
     calibration: Calibration,
     n_levels: int = 19,
+    labels: np.ndarray | None = None,
 ) -> float:
     """Expected calibration error of the scaled per-component Gaussian intervals.
 
@@ -468,13 +609,15 @@ def expected_calibration_error(
         Supplies the scale s (use ``Calibration(scale=1.0)`` for the raw model).
     n_levels : int
         Number of evenly spaced levels k/(n_levels + 1); 19 gives 0.05, 0.10, …, 0.95.
+    labels : ndarray of str, shape (n,), optional
+        The points' groups, for a group-wise calibration.
 
     Returns
     -------
     float
         mean over levels p of |observed interval coverage(p) − p|, in [0, 1].
     """
-    observed = interval_coverage(y, mu, Sigma, calibration, _ece_levels(n_levels))
+    observed = interval_coverage(y, mu, Sigma, calibration, _ece_levels(n_levels), labels)
     return float(np.mean([abs(c - p) for p, c in observed.items()]))
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from neuroscale_couple.calibration import LOAD_BANDS
 from neuroscale_couple.config import check_keys, load_yaml
 from neuroscale_couple.errors import InputError, NeuroScaleError
 
@@ -192,10 +193,21 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from neuroscale_couple.operators.base import load_operator
     from neuroscale_couple.training import TrainingData
 
+    bands = None
+    if args.groups:
+        try:
+            bands = tuple(sorted(float(b) for b in args.load_bands.split(",") if b.strip()))
+        except ValueError:
+            raise InputError(f"--load-bands {args.load_bands}: give band edges in ‖U − I‖ "
+                             "separated by commas, e.g. 0.1,0.2") from None
+        if not all(0 < b < np.inf for b in bands):
+            raise InputError(f"--load-bands {args.load_bands}: edges must be positive and "
+                             "finite")
     model = load_operator(args.model)
     dtype = next(model.parameters()).dtype
     cal = calibrate_model(model, TrainingData.from_h5(args.data, model.input_resolution,
-                                                      material_inputs=model.takes_material))
+                                                      material_inputs=model.takes_material),
+                          bands=bands)
     model.to(dtype).save(args.out or args.model)
     print(json.dumps(cal.to_dict(), indent=2))
 
@@ -348,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="held-out calibration data (HDF5)")
     p.add_argument("--out", help="write the calibrated model here (default: in place)")
+    p.add_argument("--groups", action="store_true", help="group-wise (Mondrian) calibration: "
+                   "scale and quantiles per structure kind and load band, so the bound holds "
+                   "in each group whatever a macro problem's mix")
+    p.add_argument("--load-bands", default=",".join(f"{b:g}" for b in LOAD_BANDS),
+                   help="band edges in ‖U − I‖ for --groups, comma-separated (default "
+                   "%(default)s)")
     p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("evaluate", help="accuracy, coverage, ECE, OOD AUROC of a model")
     p.add_argument("--model", required=True)

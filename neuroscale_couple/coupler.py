@@ -61,6 +61,7 @@ from neuroscale_couple.fine import (
 from neuroscale_couple.latents import LatentStore
 from neuroscale_couple.operators.inference import Inference
 from neuroscale_couple.parallel import balance, device_for_rank, return_free_memory, together
+from neuroscale_couple.region import stretch_distance
 from neuroscale_couple.retraining import RetrainConfig, Retrainer, RetrainJob
 from neuroscale_couple.store import ReplayStore
 from neuroscale_couple.tensors import acoustic_minimum, as_deformation_batch
@@ -379,6 +380,8 @@ class Coupler(FineSolver):
         self._micro_out = np.zeros(0, dtype=bool)
         self._z: torch.Tensor | None = None  # latents of the distinct structures, float32
         self._inference: Inference | None = None  # the operator at them, this model version
+        self._factor_key: tuple | None = None  # what the bound factors below were made for
+        self._kind_code, self._factor_table = np.zeros(0, dtype=int), np.zeros((0, 0))
         self._cost: dict[int, float] = {}
         self._last_rank: dict[int, int] = {}
         # per registered point (row): this step's marks
@@ -616,13 +619,31 @@ class Coupler(FineSolver):
         r = self._inference.response(self._structure_of[rows], F)
         unc, noise = np.zeros(len(F)), np.zeros(len(F))
         if not self.policy.never:
-            cal, level = self._calibration(), self.policy.confidence
+            factor = self._bound_factor(rows, F)
             if self.policy.exclude_noise:
-                unc = cal.trace_bound(r.trace_epistemic, level)
-                noise = cal.trace_bound(r.trace_aleatoric, level)
+                unc = factor * np.sqrt(np.maximum(r.trace_epistemic, 0.0))
+                noise = factor * np.sqrt(np.maximum(r.trace_aleatoric, 0.0))
             else:
-                unc = cal.trace_bound(r.trace_aleatoric + r.trace_epistemic, level)
+                unc = factor * np.sqrt(np.maximum(r.trace_aleatoric + r.trace_epistemic, 0.0))
         return r.stress, r.tangent, unc, noise, r.energy
+
+    def _bound_factor(self, rows: np.ndarray, F: np.ndarray) -> float | np.ndarray:
+        """q^e·s of the calibrated bound q^e·s·√tr Σ at the policy's confidence: one number,
+        or per point (n,) from its structure kind and load band for a group-wise calibration
+        (:class:`~neuroscale_couple.calibration.Calibration`)."""
+        cal, level = self._calibration(), self.policy.confidence
+        if not cal.grouped:
+            return cal.norm_radius(level) * cal.scale
+        key = (self.version, id(self._structures), len(self._structures))
+        if self._factor_key != key:  # a new model version or new registrations
+            kinds = sorted({m.kind for m in self._structures})
+            code = {k: i for i, k in enumerate(kinds)}
+            self._kind_code = np.array([code[m.kind] for m in self._structures])
+            self._factor_table = np.array([cal.bound_factors(
+                level, [f"{k}|{b}" for b in range(len(cal.bands) + 1)]) for k in kinds])
+            self._factor_key = key
+        band = np.searchsorted(np.asarray(cal.bands), stretch_distance(F), side="right")
+        return self._factor_table[self._kind_code[self._structure_of[rows]], band]
 
     def _calibration(self) -> Calibration:
         """The model's calibration, parsed once per model version."""

@@ -8,16 +8,20 @@ import numpy as np
 
 from neuroscale_couple.calibration import (
     LEVELS,
+    LOAD_BANDS,
     Calibration,
     auroc,
+    band_name,
     coverage,
     expected_calibration_error,
     fit_conformal,
+    group_labels,
     reliability_diagram,
     uncertainty_score,
 )
 from neuroscale_couple.errors import InputError
 from neuroscale_couple.operators.base import CoarseGrainingOperator
+from neuroscale_couple.region import stretch_distance
 from neuroscale_couple.training import TrainingData, predict_dataset
 
 
@@ -29,11 +33,26 @@ def _numpy_predictions(model: CoarseGrainingOperator, data: TrainingData) -> tup
             pred["cov"], data.A.double().numpy(), pred["tangent"])
 
 
-def calibrate_model(model: CoarseGrainingOperator, data: TrainingData, levels=LEVELS
-                    ) -> Calibration:
-    """Split-conformal calibration on held-out ``data``; stored in ``model.calibration``."""
+def sample_labels(data: TrainingData, bands=LOAD_BANDS) -> np.ndarray:
+    """Each sample's calibration group (n,) str: its structure's kind and its load band
+    (:func:`~neuroscale_couple.calibration.group_labels`)."""
+    kinds = data.kinds if data.kinds is not None else np.array(["unknown"] * len(data.images))
+    return group_labels(kinds[data.micro_index.numpy()], stretch_distance(data.F.double().numpy()),
+                        bands)
+
+
+def calibrate_model(model: CoarseGrainingOperator, data: TrainingData, levels=LEVELS,
+                    bands: tuple[float, ...] | str | None = "as before") -> Calibration:
+    """Split-conformal calibration on held-out ``data``; stored in ``model.calibration``.
+    ``bands``: load band edges of a group-wise calibration (per structure kind and band),
+    None for a global one, "as before" to keep the model's current choice (global if it has
+    none: what a retraining's recalibration does)."""
+    if isinstance(bands, str):
+        old = Calibration.from_dict(model.calibration) if model.calibration else None
+        bands = old.bands if old is not None else None
     y, mu, Sigma, _, _ = _numpy_predictions(model, data)
-    cal = fit_conformal(y, mu, Sigma, levels)
+    labels = None if bands is None else sample_labels(data, bands)
+    cal = fit_conformal(y, mu, Sigma, levels, labels=labels, bands=bands or ())
     model.calibration = cal.to_dict()
     return cal
 
@@ -44,20 +63,38 @@ def evaluate(model: CoarseGrainingOperator, data: TrainingData, *, ood: Training
 
     Keys: ``rel_l2_stress``, ``rel_l2_tangent``, ``coverage`` (level → observed fraction in the
     calibrated ellipsoid), ``bound_coverage`` (level → fraction within the fallback policy's
-    error bound), ``ece``, ``n_samples``, and ``ood_auroc`` when ``ood`` is given.
+    error bound), ``ece``, ``n_samples``, ``groups`` (per structure kind and load band, the
+    model's bands or the default ones: ``n_samples``, ``rel_l2_stress``, ``bound_coverage``,
+    ``ece``), and ``ood_auroc`` when ``ood`` is given.
     """
     if not model.calibration:
         raise InputError("the model is not calibrated: run `neuroscale calibrate` first")
     cal = Calibration.from_dict(model.calibration)
     y, mu, Sigma, A, A_pred = _numpy_predictions(model, data)
+    bands = cal.bands if cal.grouped else LOAD_BANDS
+    labels = sample_labels(data, bands)
+
+    def metrics(m: np.ndarray) -> dict:
+        return {"rel_l2_stress": float(np.linalg.norm(mu[m] - y[m]) / np.linalg.norm(y[m])),
+                "coverage": {str(k): v for k, v in coverage(
+                    y[m], mu[m], Sigma[m], cal, cal.quantiles, labels=labels[m]).items()},
+                "bound_coverage": {str(k): v for k, v in coverage(
+                    y[m], mu[m], Sigma[m], cal, cal.norm_quantiles, bound=True,
+                    labels=labels[m]).items()},
+                "ece": expected_calibration_error(y[m], mu[m], Sigma[m], cal,
+                                                  labels=labels[m])}
+
+    everything = metrics(np.ones(len(y), dtype=bool))
     out = {
         "n_samples": len(y),
-        "rel_l2_stress": float(np.linalg.norm(mu - y) / np.linalg.norm(y)),
+        "rel_l2_stress": everything["rel_l2_stress"],
         "rel_l2_tangent": float(np.linalg.norm(A_pred - A) / np.linalg.norm(A)),
-        "coverage": {str(k): v for k, v in coverage(y, mu, Sigma, cal, cal.quantiles).items()},
-        "bound_coverage": {str(k): v for k, v in
-                           coverage(y, mu, Sigma, cal, cal.norm_quantiles, bound=True).items()},
-        "ece": expected_calibration_error(y, mu, Sigma, cal),
+        "coverage": everything["coverage"], "bound_coverage": everything["bound_coverage"],
+        "ece": everything["ece"],
+        "calibration": "group-wise" if cal.grouped else "global",
+        "groups": {band_name(str(g), bands): {"n_samples": int((labels == g).sum()),
+                                              **metrics(labels == g)}
+                   for g in np.unique(labels)},
     }
     if ood is not None:
         _, _, Sigma_ood, _, _ = _numpy_predictions(model, ood)

@@ -91,7 +91,8 @@ class TrainingData:
     reports one (finite-temperature MD; 0 for static solves, NaN where unknown), else None;
     ``structure`` the structures' family (a :class:`~neuroscale_couple.structures.Structure`
     class; None: unknown, its structures are whole units as those of cells); ``region`` the
-    loads and structures the data cover (recorded in the card of a model trained on them).
+    loads and structures the data cover (recorded in the card of a model trained on them);
+    ``kinds`` (M,) each structure's kind (group-wise calibration), None where unknown.
     Cells that drew their phases (:mod:`neuroscale_couple.phases`) carry their phase
     descriptors as image channels, and their P, A, noise are divided by each cell's matrix
     modulus: a family operator learns P̄/E_m."""
@@ -106,6 +107,7 @@ class TrainingData:
     noise: torch.Tensor | None = None
     structure: type | None = None
     region: TrainingRegion | None = None
+    kinds: np.ndarray | None = None  # (M,) str: each structure's kind, where known
 
     @classmethod
     def from_h5(cls, path: str | Path, resolution: int | None,
@@ -148,7 +150,8 @@ class TrainingData:
         kinds = micro.get("kind", np.array([family.kinds[0]] * len(inputs)))  # older data
         region = TrainingRegion.from_data(d["samples/F"], kinds, micro)
         return cls(inputs, index, F_, P_, A_, w, d["config"],
-                   None if noise is None else torch.as_tensor(noise, dtype=dtype), family, region)
+                   None if noise is None else torch.as_tensor(noise, dtype=dtype), family, region,
+                   np.array([k.decode() if isinstance(k, bytes) else str(k) for k in kinds]))
 
     @classmethod
     def concat(cls, parts: list[TrainingData]) -> TrainingData:
@@ -167,7 +170,9 @@ class TrainingData:
                    torch.cat([p.F for p in parts]), torch.cat([p.P for p in parts]),
                    torch.cat([p.A for p in parts]),
                    torch.cat([p.w for p in parts]) if has_w else None, parts[0].config, noise,
-                   parts[0].structure, _union([p.region for p in parts]))
+                   parts[0].structure, _union([p.region for p in parts]),
+                   np.concatenate([p.kinds for p in parts])
+                   if all(p.kinds is not None for p in parts) else None)
 
     def __len__(self) -> int:
         return len(self.F)

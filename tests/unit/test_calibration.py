@@ -8,11 +8,14 @@ import pytest
 
 from neuroscale_couple.calibration import (
     LEVELS,
+    MIN_GROUP_POINTS,
     Calibration,
     auroc,
+    band_name,
     coverage,
     expected_calibration_error,
     fit_conformal,
+    group_labels,
     interval_coverage,
     mahalanobis,
     normal_quantile,
@@ -226,3 +229,62 @@ def test_reliability_diagram_writes_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 5000
+
+
+def _two_groups(n: int, share_a: float, seed: int):
+    """Points of two groups whose predicted Σ = I is wrong in opposite ways: the true error
+    is 2× too large in group a and 2× too small in group b (band 0 of each kind)."""
+    rng = np.random.default_rng(seed)
+    labels = np.where(rng.random(n) < share_a, "a|0", "b|0")
+    true_sd = np.where(labels == "a|0", 2.0, 0.5)
+    y = rng.standard_normal((n, 4)) * true_sd[:, None]
+    return y, np.zeros((n, 4)), np.broadcast_to(np.eye(4), (n, 4, 4)).copy(), labels
+
+
+def test_group_wise_calibration_holds_in_every_group_of_a_shifted_mix():
+    """Calibrated on a 50/50 mix, tested on 90/10: one global s and q under-cover group a
+    (its errors are 2× the predicted ones) and over-cover b; fitted per group (Mondrian), the
+    95 % bound covers 95 ± 2 % of each group and each group's ECE is ≤ 1 %."""
+    y, mu, S, labels = _two_groups(2000, 0.5, seed=1)
+    global_cal = fit_conformal(y, mu, S)
+    grouped = fit_conformal(y, mu, S, labels=labels, bands=())
+    assert grouped.grouped and set(grouped.groups) == {"a|0", "b|0"}
+    yt, mut, St, lt = _two_groups(20000, 0.9, seed=2)
+    for group in ("a|0", "b|0"):
+        m = lt == group
+        naive = coverage(yt[m], mut[m], St[m], global_cal, bound=True)[0.95]
+        fitted = coverage(yt[m], mut[m], St[m], grouped, bound=True, labels=lt[m])[0.95]
+        assert abs(naive - 0.95) > 0.04, (group, naive)
+        assert abs(fitted - 0.95) <= 0.02, (group, fitted)
+        assert expected_calibration_error(yt[m], mut[m], St[m], grouped, labels=lt[m]) <= 0.01
+    mixed = coverage(yt, mut, St, grouped, bound=True, labels=lt)[0.95]
+    assert abs(mixed - 0.95) <= 0.02
+
+
+def test_a_group_without_its_own_calibration_gets_the_widest_bound():
+    """A group too small to fit (or absent from the calibration set) gets, per level, the
+    largest radius q·s of the global fit and every fitted group; the form survives JSON."""
+    y, mu, S, labels = _two_groups(400, 0.5, seed=3)
+    labels[:MIN_GROUP_POINTS - 1] = "c|1"  # too few to fit a group of its own
+    cal = Calibration.from_dict(json.loads(json.dumps(
+        fit_conformal(y, mu, S, labels=labels, bands=(0.1,)).to_dict())))
+    assert cal.bands == (0.1,) and "c|1" not in cal.groups and len(cal.groups) == 2
+    widest = max(c.norm_radius(0.95) * c.scale for c in (cal, *cal.groups.values()))
+    for label in ("c|1", "never seen|0"):
+        g = cal.group(label)
+        assert math.isclose(g.norm_radius(0.95) * g.scale, widest, rel_tol=1e-12)
+    trace = np.full(3, 4.0)
+    bound = cal.trace_bound(trace, 0.95, np.array(["a|0", "b|0", "c|1"]))
+    assert np.allclose(bound, 2.0 * cal.bound_factors(0.95, ["a|0", "b|0", "c|1"]))
+    assert bound[0] > bound[1]  # a's errors are 4× b's
+
+
+def test_group_labels_and_their_names():
+    labels = group_labels(["random_fibres", "fibre_chain", "random_fibres"],
+                          np.array([0.05, 0.1, 0.35]), (0.1, 0.2))
+    assert labels.tolist() == ["random_fibres|0", "fibre_chain|1", "random_fibres|2"]
+    assert band_name("fibre_chain|1", (0.1, 0.2)) == "fibre_chain, 0.1 ≤ ‖U − I‖ < 0.2"
+    assert band_name("random_fibres|2", (0.1, 0.2)) == "random_fibres, 0.2 ≤ ‖U − I‖"
+    with pytest.raises(InputError, match="one group label per point"):
+        fit_conformal(np.zeros((20, 4)) + 1, np.zeros((20, 4)),
+                      np.broadcast_to(np.eye(4), (20, 4, 4)), labels=np.array(["a|0"] * 3))

@@ -457,3 +457,38 @@ def test_warm_start_states_pack_into_arrays_and_back():
     np.testing.assert_array_equal(s1[1], rve[1])
     with pytest.raises(InputError, match="point 9"):
         pack_states([("x", 9, {"w": cell})], "warm")
+
+
+def test_a_group_wise_calibration_bounds_each_point_by_its_kind_and_load_band():
+    """With a group-wise calibration the Coupler's bound of a point is its group's q^e·s
+    times √tr Σ: the same points under a global calibration give the same √tr Σ, so the ratio
+    of the two bounds is each point's group factor over the global one."""
+    from mpi4py import MPI
+
+    from neuroscale_couple.calibration import Calibration
+    from neuroscale_couple.coupler import Coupler
+    from neuroscale_couple.operators.base import load_operator
+    from neuroscale_couple.region import stretch_distance
+    from neuroscale_couple.solvers.microstructure import fibre_chain, random_fibres
+
+    model = load_operator("examples/models/fe2_composite.pt")
+    base = Calibration.from_dict(model.calibration)
+    factors = {"fibre_chain|0": 1.0, "fibre_chain|1": 2.0, "random_fibres|0": 3.0}
+    groups = {label: Calibration(base.scale * f, dict(base.quantiles),
+                                 dict(base.norm_quantiles), 100)
+              for label, f in factors.items()}
+    cells = [random_fibres(0.3, 3, 1), fibre_chain(0.3, 2, 2)]
+    F = np.eye(2) + np.array([[[0.05, 0], [0, 0]], [[0.15, 0], [0, 0]]])[[0, 1, 0, 1]]
+    assert np.allclose(stretch_distance(F), [0.05, 0.15, 0.05, 0.15])
+    ids = np.arange(4)
+    bounds = []
+    for cal in (base, Calibration(base.scale, base.quantiles, base.norm_quantiles, 100,
+                                  bands=(0.1,), groups=groups)):
+        model.calibration = cal.to_dict()
+        c = Coupler(model, lambda m: None, policy=Policy(rtol=1e9, atol=1e9),
+                    comm=MPI.COMM_SELF)
+        c.register(ids, [cells[0], cells[0], cells[1], cells[1]])
+        c.begin_step(0)
+        bounds.append(c.evaluate(F, ids).uncertainty)
+    widest = max(factors.values())  # random_fibres|1 was not fitted: the widest group
+    np.testing.assert_allclose(bounds[1] / bounds[0], [3.0, widest, 1.0, 2.0], rtol=1e-12)
