@@ -6,10 +6,11 @@
                      [--work DIR] [--fresh] [--keep-work]
                                                          train + calibrate the operator (MPI,
                                                          resumable after every epoch)
-    neuroscale calibrate --model M.pt --data D.h5        split-conformal recalibration
+    neuroscale calibrate --model M.pt --data D.h5 [--groups]   split-conformal recalibration
     neuroscale evaluate --model M.pt --data D.h5 [--ood O.h5] [--json] [--plot R.png]
     neuroscale distill --model M.pt --out M_fast.pt --cells N --epochs E
                        [--calibration C.h5] [--test T.h5]   a slim encoder trained against M
+    neuroscale explain --model M.pt --config CELLS.yaml --out DIR   scales and attention as PNGs
 """
 
 from __future__ import annotations
@@ -233,6 +234,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"{key:>16}: {value}")
 
 
+def cmd_explain(args: argparse.Namespace) -> None:
+    from neuroscale_couple.explain import run
+
+    record = run(args.model, load_yaml(args.config), args.out)
+    for cell in record["cells"]:
+        shares = " ".join(f"{e:.0%}" for e in cell["energy_share"])
+        print(f"{args.out}/{cell['png']}: {cell['name']}, fibre fraction "
+              f"{cell['fibre_fraction']:.2f}, energy per scale {shares}")
+
+
 def cmd_distill(args: argparse.Namespace) -> None:
     import torch
 
@@ -393,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "recorded in the card")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.set_defaults(func=cmd_distill)
+    p = sub.add_parser("explain", help="pictures of what a SANO model's encoder sees of cells: "
+                       "wavelet scales, cross-scale attention, scale weights")
+    p.add_argument("--model", required=True, help="a SANO model file")
+    p.add_argument("--config", required=True, help="YAML with `microstructure` groups as in a "
+                   "generate config (and `matrix`, `fibre` for a family operator)")
+    p.add_argument("--out", required=True, help="folder for cell_NNN.png and explain.json")
+    p.set_defaults(func=cmd_explain)
     p = sub.add_parser("cauchy-born", help="one Cauchy–Born crystal solve (stress, tangent)")
     p.add_argument("config", help="YAML config (element, lattice, a0, supercell, vacancies, "
                    "calculator, F, temperature, relax)")

@@ -33,8 +33,9 @@ class CrossScaleAttention(nn.Module):
         B, N, D = t.shape
         return t.view(B, N, self.heads, D // self.heads).transpose(1, 2)
 
-    def forward(self, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
-        """tokens: list of S tensors (B, N_s, d) → the same shapes."""
+    def _project(self, tokens: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+        """Per scale s: its queries (B, heads, N_s, d/heads) and the keys and values it
+        attends to (all scales' with ``cross``, else its own)."""
         q, k, v = [], [], []
         for s, t in enumerate(tokens):
             qs, ks, vs = self.qkv[s](self.norm[s](t)).chunk(3, dim=-1)
@@ -43,10 +44,20 @@ class CrossScaleAttention(nn.Module):
             v.append(self._split(vs))
         if self.cross:
             keys, values = torch.cat(k, dim=2), torch.cat(v, dim=2)
+            return [(qs, keys, values) for qs in q]
+        return list(zip(q, k, v, strict=True))
+
+    def attention_weights(self, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The attention weights of each query scale s, (B, heads, N_s, N_keys), rows summing
+        to one; the keys are all scales' tokens in order with ``cross``, else scale s's."""
+        return [torch.softmax(qs @ ks.transpose(-1, -2) / qs.shape[-1] ** 0.5, dim=-1)
+                for qs, ks, _ in self._project(tokens)]
+
+    def forward(self, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """tokens: list of S tensors (B, N_s, d) → the same shapes."""
         out = []
-        for s, t in enumerate(tokens):
-            ks, vs = (keys, values) if self.cross else (k[s], v[s])
-            a = F.scaled_dot_product_attention(q[s], ks, vs)
+        for s, (t, (qs, ks, vs)) in enumerate(zip(tokens, self._project(tokens), strict=True)):
+            a = F.scaled_dot_product_attention(qs, ks, vs)
             a = a.transpose(1, 2).reshape(t.shape)
             t = t + self.out[s](a)
             out.append(t + self.mlp[s](t))

@@ -146,6 +146,18 @@ class SANO(CoarseGrainingOperator):
         fibre-fraction image (C = 1), and for a family operator its phase descriptors as
         constant channels (C = 4; :meth:`PhaseCell.operator_inputs
         <neuroscale_couple.solvers.phase_cell.PhaseCell.operator_inputs>`)."""
+        phi, h, (E_f, nu_m, nu_f) = self._feature_map(images)
+        tokens = self._tokens(self.wavelet(h))
+        for block in self.attention:
+            tokens = block(tokens)
+        pooled = [self.mixer(tokens), phi.mean(dim=(-2, -1))[:, None]]
+        if self.takes_material:  # log contrast: 0–4.6 over contrasts 1–100
+            pooled.append(torch.cat([torch.log(E_f), nu_m, nu_f], dim=-1)[:, 0])
+        return self.to_latent(torch.cat(pooled, dim=-1)), h
+
+    def _feature_map(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """The fibre fraction φ (B, n, n), the feature map h (B, width, n, n) and the phases
+        (E_f, ν_m, ν_f) of inputs (B, C, n, n), checked (see :meth:`encode`)."""
         n, channels = self.config.resolution, 1 + len(DESCRIPTORS) * self.takes_material
         if images.ndim != 4 or images.shape[1] != channels or images.shape[-1] != n:
             raise InputError(f"microstructure images have shape {tuple(images.shape)}: expected "
@@ -157,15 +169,45 @@ class SANO(CoarseGrainingOperator):
         phi = images[:, 0]
         E = (phi * E_f + (1 - phi) * E_m) / E_max
         nu = phi * nu_f + (1 - phi) * nu_m
-        h = self.fourier(self.lift(torch.stack([phi, E, nu], dim=1)))
-        tokens = [proj(s.flatten(2).transpose(1, 2))
-                  for proj, s in zip(self.tokens, self.wavelet(h), strict=True)]
+        return phi, self.fourier(self.lift(torch.stack([phi, E, nu], dim=1))), (E_f, nu_m, nu_f)
+
+    def _tokens(self, scales: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The wavelet scales (B, c_s, n_s, n_s) of h as tokens (B, n_s², d), one per pixel."""
+        return [proj(s.flatten(2).transpose(1, 2))
+                for proj, s in zip(self.tokens, scales, strict=True)]
+
+    @torch.no_grad()
+    def explain(self, images: torch.Tensor) -> dict[str, object]:
+        """What the encoder sees of inputs (B, C, n, n) (see :meth:`encode`), for plots:
+
+        - ``fraction`` (B, n, n): the fibre fraction image;
+        - ``scale_energy``: per wavelet scale s (finest detail first, approximation last) the
+          energy Σ_c h_s,c² (B, n_s, n_s) of the feature map's Haar coefficients — by Parseval
+          they add up to ‖h‖²;
+        - ``attention``: per attention block, per query scale s, the share of each token's
+          attention (mean over heads) on each key scale (B, n_s, n_s, S), summing to one;
+        - ``scale_weights`` (S,): the learned weights with which the scales are pooled.
+        """
+        phi, h, _ = self._feature_map(images)
+        scales = self.wavelet(h)
+        tokens = self._tokens(scales)
+        sizes = [t.shape[1] for t in tokens]
+        maps = []
         for block in self.attention:
+            shares = []
+            for s, w in enumerate(block.attention_weights(tokens)):
+                mass = w.mean(1)  # (B, N_s, N_keys)
+                if block.cross:
+                    mass = torch.stack([part.sum(-1) for part in mass.split(sizes, -1)], -1)
+                else:  # all of it on its own scale
+                    mass = nn.functional.one_hot(torch.full(mass.shape[:2], s),
+                                                 len(sizes)).to(mass)
+                n_s = scales[s].shape[-1]
+                shares.append(mass.reshape(len(phi), n_s, n_s, len(sizes)))
+            maps.append(shares)
             tokens = block(tokens)
-        pooled = [self.mixer(tokens), phi.mean(dim=(-2, -1))[:, None]]
-        if self.takes_material:  # log contrast: 0–4.6 over contrasts 1–100
-            pooled.append(torch.cat([torch.log(E_f), nu_m, nu_f], dim=-1)[:, 0])
-        return self.to_latent(torch.cat(pooled, dim=-1)), h
+        return {"fraction": phi, "scale_energy": [c.square().sum(1) for c in scales],
+                "attention": maps, "scale_weights": self.scale_weights}
 
     @property
     def input_resolution(self) -> int:

@@ -1,0 +1,73 @@
+"""Global against group-wise (Mondrian) calibration of an operator, group by group.
+
+Calibrates the model both ways on one held-out calibration set and evaluates each on a test
+set, per structure kind and load band (``neuroscale evaluate``'s ``groups``): coverage of the
+policy's 95 % bound and the ECE of the per-component intervals. Needs the data sets of
+`make model` (``out/model/calibration.h5``, ``out/model/test.h5``; made by `neuroscale generate
+examples/models/fe2_composite.{calibration,test}.yaml`).
+
+    python bench/calibration_groups.py [--model M.pt] [--calibration C.h5] [--test T.h5]
+
+Writes ``bench/results/calibration_groups.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shlex
+import sys
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(ROOT / "examples" / "models" / "fe2_composite.pt"))
+    p.add_argument("--calibration", default=str(ROOT / "out" / "model" / "calibration.h5"))
+    p.add_argument("--test", default=str(ROOT / "out" / "model" / "test.h5"))
+    p.add_argument("--out", default=str(RESULTS / "calibration_groups.json"))
+    args = p.parse_args()
+    for flag, path in (("--calibration", args.calibration), ("--test", args.test)):
+        if not Path(path).is_file():
+            sys.exit(f"{flag} {path} does not exist: make it with `neuroscale generate "
+                     "examples/models/fe2_composite.<set>.yaml --out <file>`")
+
+    from neuroscale_couple.calibration import LOAD_BANDS
+    from neuroscale_couple.evaluation import calibrate_model, evaluate
+    from neuroscale_couple.operators.base import load_operator
+    from neuroscale_couple.training import TrainingData
+
+    model = load_operator(args.model)
+    n, phases = model.input_resolution, model.takes_material
+    cal = TrainingData.from_h5(args.calibration, n, material_inputs=phases)
+    test = TrainingData.from_h5(args.test, n, material_inputs=phases)
+    runs = {}
+    for name, bands in (("global", None), ("group-wise", LOAD_BANDS)):
+        m = copy.deepcopy(model)
+        calibrate_model(m, cal, bands=bands)
+        runs[name] = evaluate(m, test)
+        print(f"{name:>10}: bound coverage {runs[name]['bound_coverage']['0.95']:.3f}, "
+              f"ECE {runs[name]['ece']:.4f}")
+        for group, g in runs[name]["groups"].items():
+            print(f"{'':>12}{group:<42} n={g['n_samples']:4d} coverage "
+                  f"{g['bound_coverage']['0.95']:.3f} ECE {g['ece']:.4f}")
+    record = {"command": shlex.join(["python", "bench/calibration_groups.py", *sys.argv[1:]]),
+              "date": date.today().isoformat(),
+              "machine": f"{platform.node()} ({os.cpu_count()} cores)",
+              "model": os.path.relpath(args.model, ROOT),
+              "calibration_data": os.path.relpath(args.calibration, ROOT),
+              "test_data": os.path.relpath(args.test, ROOT), "load_bands": list(LOAD_BANDS),
+              "n_calibration": len(cal), "runs": runs}
+    Path(args.out).write_text(json.dumps(record, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
