@@ -1,0 +1,101 @@
+"""The C ABI (include/neuroscale.h, libneuroscale.so): the C demo on 1 and 2 ranks gives the
+Python API's answers on the same points; bad input returns codes and messages, the host runs on.
+
+The library and the host programs are built into build/capi by the tests when missing or older
+than their sources (``make capi`` builds the library alone).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.dolfinx, pytest.mark.capi, pytest.mark.skip_in_parallel]
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD = ROOT / "build" / "capi"
+CONFIG = ROOT / "examples" / "c" / "coupler.yaml"
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+@pytest.fixture(scope="module")
+def library() -> Path:
+    from neuroscale_couple.capi.build import ensure_library
+
+    return ensure_library(BUILD)
+
+
+def host(library: Path, name: str, *sources: Path) -> Path:
+    """The host program ``name`` compiled from ``sources`` against ``library``."""
+    from neuroscale_couple.capi.build import compile_host
+
+    try:
+        return compile_host(list(sources), BUILD / "bin" / name, library)
+    except subprocess.CalledProcessError as err:
+        raise AssertionError(f"compiling {name} failed:\n{err.stderr}") from None
+
+
+def run(exe: str | Path, *args: object, ranks: int = 1, timeout: float = 600) -> str:
+    """Run ``exe`` on ``ranks`` MPI ranks with the repository's package importable; its
+    output (the test fails, showing it, on a non-zero exit)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(MPIEXEC), "-n", str(ranks), str(exe), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, f"{Path(exe).name} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def read_answers(path: Path) -> dict[str, np.ndarray]:
+    """The calls and answers the demo wrote: point ids (n,), F̄ (n, 2, 2), source (n,), bound
+    (n,), P̄ (n, 2, 2), A (n, 2, 2, 2, 2)."""
+    v = np.loadtxt(path, ndmin=2)
+    return {"id": v[:, 2], "F": v[:, 4:8].reshape(-1, 2, 2), "source": v[:, 8],
+            "bound": v[:, 9], "P": v[:, 10:14].reshape(-1, 2, 2),
+            "A": v[:, 14:30].reshape(-1, 2, 2, 2, 2)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_c_demo_matches_python_api(library, tmp_path, ranks):
+    exe = host(library, "coupler_demo", ROOT / "examples" / "c" / "coupler_demo.c")
+    out = run(exe, CONFIG, tmp_path / "answers", ranks=ranks)
+    assert "step 1:" in out
+    # the same calls through the Python API on as many ranks (replay.py)
+    run(sys.executable, Path(__file__).parent / "capi" / "replay.py", CONFIG,
+        tmp_path / "answers", 2, ranks=ranks)
+    sources = set()
+    for rank in range(ranks):
+        c = read_answers(tmp_path / f"answers.rank{rank}.txt")
+        py = np.load(tmp_path / f"answers.python.rank{rank}.npz")
+        np.testing.assert_array_equal(c["source"], py["source"])
+        np.testing.assert_allclose(c["P"], py["P"], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(c["A"], py["A"], rtol=0, atol=1e-10)
+        np.testing.assert_allclose(c["bound"], py["bound"], rtol=0, atol=1e-12)
+        sources |= set(c["source"].astype(int).tolist())
+    assert sources == {0, 1}, "the demo's points should use both the operator and the RVE"
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_bad_input_returns_codes_and_the_host_runs_on(library, tmp_path, ranks):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: {ROOT / 'examples/models/fe2_composite.pt'}\nfine: {{kind: rve}}\n"
+                   "polcy: {rtol: 0.1}\nmicrostructures: {kind: random_fibres, "
+                   "volume_fraction: 0.3}\n")
+    exe = host(library, "bad_input", ROOT / "tests" / "integration" / "capi" / "bad_input.c")
+    out = run(exe, CONFIG, bad, ranks=ranks)
+    assert out.count("ALL PASSED") == ranks and "FAIL " not in out, out
+
+
+def test_python_start_failure_is_an_error_code(library, tmp_path):
+    """An interpreter that cannot start is reported through ns_last_error, not an exit."""
+    exe = host(library, "bad_input", ROOT / "tests" / "integration" / "capi" / "bad_input.c")
+    env = {**os.environ, "NEUROSCALE_PYTHON": str(tmp_path / "no-python")}
+    proc = subprocess.run([str(MPIEXEC), "-n", "1", str(exe), CONFIG, CONFIG],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "code 5" in proc.stdout, proc.stdout
