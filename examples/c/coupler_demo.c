@@ -8,7 +8,8 @@
  * and the source (operator or fine RVE solve). Rank r writes every answer to
  * OUT_PREFIX.rank<r>.txt, one line per point and evaluation (what the tests replay through the
  * Python API):
- *   step iterate point_id micro_id F̄(4) source bound P̄(4) A(16)      (row-major)
+ *   call step point_id micro_id F̄(4) source bound P̄(4) A(16)      (row-major)
+ * (call: the number of the ns_evaluate call, from 0).
  */
 #include <mpi.h>
 #include <stdio.h>
@@ -71,7 +72,8 @@ int main(int argc, char **argv) {
       for (int64_t i = 0; i < n; ++i) load(ids[i], t, F + 4 * i);
       rc = check(ns_evaluate(handle, n, ids, F, P, A, bound, source), "ns_evaluate");
       for (int64_t i = 0; !rc && i < n; ++i) {
-        fprintf(out, "%d %d %lld %lld", step, it, (long long)ids[i], (long long)micro[i]);
+        fprintf(out, "%d %d %lld %lld", 2 * step + it, step, (long long)ids[i],
+                (long long)micro[i]);
         for (int c = 0; c < 4; ++c) fprintf(out, " %.17g", F[4 * i + c]);
         fprintf(out, " %d %.17g", source[i], bound[i]);
         for (int c = 0; c < 4; ++c) fprintf(out, " %.17g", P[4 * i + c]);

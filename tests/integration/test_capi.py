@@ -1,5 +1,6 @@
-"""The C ABI (include/neuroscale.h, libneuroscale.so): the C demo on 1 and 2 ranks gives the
-Python API's answers on the same points; bad input returns codes and messages, the host runs on.
+"""The C ABI (include/neuroscale.h, libneuroscale.so) and its Fortran module: the C demo and the
+Fortran UMAT demo on 1 and 2 ranks give the Python API's answers on the same points; bad input
+returns codes and messages, the host runs on.
 
 The library and the host programs are built into build/capi by the tests when missing or older
 than their sources (``make capi`` builds the library alone).
@@ -8,6 +9,7 @@ than their sources (``make capi`` builds the library alone).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,11 +61,25 @@ def read_answers(path: Path) -> dict[str, np.ndarray]:
             "A": v[:, 14:30].reshape(-1, 2, 2, 2, 2)}
 
 
+DEMOS = {"c": ["examples/c/coupler_demo.c"],
+         "fortran_umat": ["examples/fortran/mpi_c.f90", "examples/fortran/umat_demo.f90"]}
+
+
+def demo(library: Path, name: str) -> Path:
+    """The demo ``name`` of :data:`DEMOS`, compiled (a Fortran one needs gfortran)."""
+    sources = [ROOT / s for s in DEMOS[name]]
+    if sources[0].suffix == ".f90" and shutil.which("gfortran") is None:
+        pytest.skip("gfortran is missing: `make system-packages` installs it")
+    return host(library, name, *sources)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_c_demo_matches_python_api(library, tmp_path, ranks):
-    exe = host(library, "coupler_demo", ROOT / "examples" / "c" / "coupler_demo.c")
-    out = run(exe, CONFIG, tmp_path / "answers", ranks=ranks)
+@pytest.mark.parametrize("name", list(DEMOS))
+def test_demo_matches_python_api(library, tmp_path, name, ranks):
+    """The C demo (ns_evaluate) and the Fortran UMAT demo (ns_umat point by point, then
+    ns_umat_batch) give the Python API's answers to the same calls on as many ranks."""
+    out = run(demo(library, name), CONFIG, tmp_path / "answers", ranks=ranks)
     assert "step 1:" in out
     # the same calls through the Python API on as many ranks (replay.py)
     run(sys.executable, Path(__file__).parent / "capi" / "replay.py", CONFIG,
