@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mpi4py import MPI
+
 import numpy as np
 import pytest
 
@@ -115,3 +117,75 @@ def test_python_start_failure_is_an_error_code(library, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 1, proc.stderr
     assert "code 5" in proc.stdout, proc.stdout
+
+
+def bar(library: Path) -> Path:
+    """The Fortran FE program examples/fortran/bar_fe.f90, compiled."""
+    if shutil.which("gfortran") is None:
+        pytest.skip("gfortran is missing: `make system-packages` installs it")
+    return host(library, "bar_fe", ROOT / "examples" / "fortran" / "mpi_c.f90",
+                ROOT / "examples" / "fortran" / "bar_fe.f90")
+
+
+def dolfinx_bar(n: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same bar as bar_fe.f90 by the DOLFINx adapter (coupled_helpers.macro_problem: the
+    same mesh, clamp and pull, one point per cell) with the same coupler config and the same
+    microstructure per centroid; (node coordinates, u) sorted by coordinates."""
+    from coupled_helpers import displacement_by_coordinates, macro_problem
+
+    from neuroscale_couple.capi.session import Session
+
+    s = Session(CONFIG, MPI.COMM_SELF)
+
+    def structures(x, ids):  # bar_fe's micro id: the column third of the centroid
+        return [s.structure(min(2, int(3 * xi[0]))) for xi in x]
+
+    stepper, set_load = macro_problem(MPI.COMM_SELF, s.coupler, structures, n=n, stretch=0.06)
+    stepper.run([(k + 1) / steps for k in range(steps)], set_load)
+    x, u = displacement_by_coordinates(stepper)
+    s.close()
+    return x, u
+
+
+def by_coordinates(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    v = np.loadtxt(path)
+    order = np.lexsort(np.round(v[:, :2], 9).T[::-1])
+    return v[order, :2], v[order, 2:]
+
+
+@pytest.mark.slow
+def test_fortran_fe_bar_matches_dolfinx_fe2_on_1_and_2_ranks(library, tmp_path):
+    """bar_fe.f90 (UMAT-style batches, its own assembly and Newton) on 1 and 2 ranks gives the
+    displacement of the DOLFINx FE² run of the same mesh and Newton path (same points on the
+    fine solver) to the Newton tolerance (measured: 2e-14 of max |u| with the operator alone,
+    1e-10 classic, 1e-9 with fallback: the 2-rank run's latents are encoded in float32 split
+    over the ranks, rounded differently)."""
+    exe = bar(library)
+    x_ref, u_ref = dolfinx_bar(n=4, steps=2)
+    scale = np.abs(u_ref).max()
+    assert scale > 0.05
+    for ranks in (1, 2):
+        out = run(exe, CONFIG, tmp_path / f"u{ranks}.txt", 4, 2, ranks=ranks)
+        assert "step 1:" in out and "fallback points" in out
+        x, u = by_coordinates(tmp_path / f"u{ranks}.txt")
+        np.testing.assert_allclose(x, x_ref, atol=1e-12)
+        np.testing.assert_allclose(u, u_ref, rtol=0, atol=1e-8 * scale)
+
+
+@pytest.mark.slow
+def test_fortran_fe_bar_restarts_from_an_abi_checkpoint(library, tmp_path):
+    """Stopped after step 1 of 2 with ns_checkpoint on 2 ranks and restarted with ns_restore,
+    the bar ends where the uninterrupted run does: exactly on 2 ranks, to the float32 rounding
+    of the latents (encoded over another split) on 1."""
+    exe = bar(library)
+    run(exe, CONFIG, tmp_path / "full.txt", 2, 2, ranks=2)
+    ckpt = tmp_path / "checkpoint"
+    run(exe, CONFIG, tmp_path / "half.txt", 2, 2, ckpt, 1, ranks=2)
+    assert (ckpt / "coupler.json").is_file()
+    _, u_full = by_coordinates(tmp_path / "full.txt")
+    _, u_half = by_coordinates(tmp_path / "half.txt")
+    assert np.abs(u_full - u_half).max() > 1e-3  # the stopped run ended a step early
+    for ranks, tol in ((2, 1e-14), (1, 1e-8)):
+        run(exe, CONFIG, tmp_path / "restarted.txt", 2, 2, ckpt, ranks=ranks)
+        _, u_restart = by_coordinates(tmp_path / "restarted.txt")
+        np.testing.assert_allclose(u_restart, u_full, rtol=0, atol=tol * np.abs(u_full).max())
