@@ -19,6 +19,7 @@ program bar_fe
   use, intrinsic :: iso_c_binding
   use mpi_c
   use neuroscale
+  use demo_support
   implicit none
   real(c_double), parameter :: stretch = 0.06_c_double
   integer(c_int) :: handle, ierr
@@ -227,15 +228,5 @@ contains
     close (unit)
     call check(ns_restore(handle, ckpt), "ns_restore")
   end subroutine restart
-
-  subroutine check(code, what)
-    integer(c_int), intent(in) :: code
-    character(*), intent(in) :: what
-    if (code /= NS_OK) then
-       print '(a, " failed (code ", i0, "): ", a)', what, code, ns_last_error()
-       call mpi_stop()
-       stop 1
-    end if
-  end subroutine check
 
 end program bar_fe

@@ -1,4 +1,5 @@
-!> The few MPI calls the Fortran demos make, bound to MPI's C functions. The `mpich` wheel of
+!> The few MPI calls the Fortran demos make, bound to MPI's C functions (and, below, what
+!> the demos share). The `mpich` wheel of
 !> the venv ships no Fortran bindings (no mpif.h, mpi.mod or mpifort): a host with a full MPI
 !> writes `use mpi` instead and drops this module. Handles are MPICH's (an MPI_Comm is an int
 !> equal to its Fortran handle); the values are those of the venv's include/mpi.h.
@@ -72,3 +73,26 @@ contains
   end subroutine mpi_sum_doubles
 
 end module mpi_c
+
+!> What the Fortran demos share: stop all ranks on a failed NeuroScale call, with its message.
+module demo_support
+  use, intrinsic :: iso_c_binding
+  use mpi_c
+  use neuroscale
+  implicit none
+  private
+  public :: check
+
+contains
+
+  subroutine check(code, what)
+    integer(c_int), intent(in) :: code
+    character(*), intent(in) :: what
+    if (code /= NS_OK) then
+       print '(a, " failed (code ", i0, "): ", a)', what, code, ns_last_error()
+       call mpi_stop()
+       stop 1
+    end if
+  end subroutine check
+
+end module demo_support

@@ -11,6 +11,7 @@ program umat_demo
   use, intrinsic :: iso_c_binding
   use mpi_c
   use neuroscale
+  use demo_support
   implicit none
   integer, parameter :: n_points = 8, n_steps = 2
   integer(c_int) :: handle, ierr
@@ -96,15 +97,5 @@ contains
             ((((ddsdde(a, b, c, d, j), d=1, 2), c=1, 2), b=1, 2), a=1, 2)
     end do
   end subroutine record
-
-  subroutine check(code, what)
-    integer(c_int), intent(in) :: code
-    character(*), intent(in) :: what
-    if (code /= NS_OK) then
-       print '(a, " failed (code ", i0, "): ", a)', what, code, ns_last_error()
-       call mpi_stop()
-       stop 1
-    end if
-  end subroutine check
 
 end program umat_demo
