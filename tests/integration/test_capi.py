@@ -63,16 +63,20 @@ def read_answers(path: Path) -> dict[str, np.ndarray]:
             "A": v[:, 14:30].reshape(-1, 2, 2, 2, 2)}
 
 
-DEMOS = {"c": ["examples/c/coupler_demo.c"],
-         "fortran_umat": ["examples/fortran/mpi_c.f90", "examples/fortran/umat_demo.f90"]}
+def fortran_host(library: Path, name: str, *sources: Path) -> Path:
+    """A Fortran host program (with the demos' MPI module) compiled; skipped without gfortran."""
+    if shutil.which("gfortran") is None:
+        pytest.skip("gfortran is missing: `make system-packages` installs it")
+    return host(library, name, ROOT / "examples" / "fortran" / "mpi_c.f90", *sources)
+
+
+DEMOS = {"c": "examples/c/coupler_demo.c", "fortran_umat": "examples/fortran/umat_demo.f90"}
 
 
 def demo(library: Path, name: str) -> Path:
-    """The demo ``name`` of :data:`DEMOS`, compiled (a Fortran one needs gfortran)."""
-    sources = [ROOT / s for s in DEMOS[name]]
-    if sources[0].suffix == ".f90" and shutil.which("gfortran") is None:
-        pytest.skip("gfortran is missing: `make system-packages` installs it")
-    return host(library, name, *sources)
+    """The demo ``name`` of :data:`DEMOS`, compiled."""
+    source = ROOT / DEMOS[name]
+    return (host if source.suffix == ".c" else fortran_host)(library, name, source)
 
 
 @pytest.mark.slow
@@ -109,6 +113,16 @@ def test_bad_input_returns_codes_and_the_host_runs_on(library, tmp_path, ranks):
     assert out.count("ALL PASSED") == ranks and "FAIL " not in out, out
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_fortran_bad_input_returns_codes(library, ranks):
+    """Through the Fortran module: wrong shapes (on rank 0 only) and a DFGRD1 that is not plane
+    strain return NS_ERR_INPUT on every rank; the host runs on."""
+    exe = fortran_host(library, "bad_input_f",
+                       ROOT / "tests" / "integration" / "capi" / "bad_input.f90")
+    out = run(exe, CONFIG, ranks=ranks)
+    assert out.count("ALL PASSED") == ranks and "FAIL " not in out, out
+
+
 def test_python_start_failure_is_an_error_code(library, tmp_path):
     """An interpreter that cannot start is reported through ns_last_error, not an exit."""
     exe = host(library, "bad_input", ROOT / "tests" / "integration" / "capi" / "bad_input.c")
@@ -121,10 +135,7 @@ def test_python_start_failure_is_an_error_code(library, tmp_path):
 
 def bar(library: Path) -> Path:
     """The Fortran FE program examples/fortran/bar_fe.f90, compiled."""
-    if shutil.which("gfortran") is None:
-        pytest.skip("gfortran is missing: `make system-packages` installs it")
-    return host(library, "bar_fe", ROOT / "examples" / "fortran" / "mpi_c.f90",
-                ROOT / "examples" / "fortran" / "bar_fe.f90")
+    return fortran_host(library, "bar_fe", ROOT / "examples" / "fortran" / "bar_fe.f90")
 
 
 def dolfinx_bar(n: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
