@@ -4,12 +4,12 @@ the Python Coupler in an embedded interpreter) against the same call from Python
 For batches of N points (operator only: the policy never falls back, so the fine solver does
 not blur the call's cost) it measures the best of REPEATS
 
-- ``Coupler.evaluate`` from Python (in this process);
-- ``ns_evaluate`` from a C host (bench/c_api_host.c, one MPI rank): one call of N points, and N
-  calls of one point (what a UMAT-style host calling point by point pays);
+- ``ns_evaluate`` from a C host (bench/c_api_host.c, one MPI rank) and the Coupler's
+  ``evaluate`` from Python (in this process), each as one call of N points and as N calls of
+  one point (what a UMAT-style host calling point by point pays);
 
 prints a table and writes ``bench/results/c_api.json``. ``python bench/c_api.py [--points 1 16
-256 4096] [--repeats 5]``.
+256 1024] [--repeats 10]``.
 """
 
 from __future__ import annotations
@@ -45,29 +45,35 @@ def loads(n: int) -> np.ndarray:
     return F
 
 
-def python_call_s(config: Path, n: int, repeats: int) -> float:
-    """Best seconds of one ``evaluate`` of n points through the Python API."""
+def python_calls_s(config: Path, n: int, repeats: int) -> tuple[float, float]:
+    """Best seconds of one ``evaluate`` of n points and of one one-point ``evaluate`` through
+    the Python API, measured as c_api_host.c measures them (each repeat: the batch, then the n
+    points one by one)."""
     from neuroscale_couple.capi.session import Session
 
     s = Session(config, MPI.COMM_SELF)
     ids = np.arange(n)
     s.register(ids, ids % 3)
     s.begin_step(0)
-    F, best = loads(n), np.inf
+    F, batch, single = loads(n), np.inf, np.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
         s.evaluate(ids, F)
-        best = min(best, time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        for k in range(n):
+            s.evaluate(ids[k:k + 1], F[k:k + 1])
+        t2 = time.perf_counter()
+        batch, single = min(batch, t1 - t0), min(single, (t2 - t1) / n)
     s.close()
-    return best
+    return batch, single
 
 
 def main(argv: list[str] | None = None) -> None:
     from neuroscale_couple.capi.build import compile_host, ensure_library
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--points", type=int, nargs="+", default=[1, 16, 256, 4096])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--points", type=int, nargs="+", default=[1, 16, 256, 1024])
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench_c_api")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -82,17 +88,19 @@ def main(argv: list[str] | None = None) -> None:
             [str(Path(sys.executable).parent / "mpiexec"), "-n", "1", str(exe), str(config),
              str(n), str(args.repeats)], check=True, capture_output=True, text=True,
             env=env).stdout.splitlines()[-1])
-        py = python_call_s(config, n, args.repeats)
+        py, py_point = python_calls_s(config, n, args.repeats)
         rows.append({"points": n, "python_call_s": py, "c_call_s": c["batch_call_s"],
                      "c_over_python": c["batch_call_s"] / py,
-                     "c_point_call_s": c["point_call_s"],
+                     "python_point_call_s": py_point, "c_point_call_s": c["point_call_s"],
+                     "c_over_python_point": c["point_call_s"] / py_point,
                      "c_point_by_point_over_batch": c["point_call_s"] * n / c["batch_call_s"]})
     print(f"{'points':>7} {'Python call':>12} {'C call':>10} {'C/Python':>9} "
-          f"{'C 1-point call':>15} {'point-by-point/batch':>21}")
+          f"{'Python 1-point':>15} {'C 1-point':>10} {'C/Python':>9} {'1-point calls/batch':>20}")
     for r in rows:
         print(f"{r['points']:7d} {r['python_call_s'] * 1e3:10.3f}ms {r['c_call_s'] * 1e3:8.3f}ms "
-              f"{r['c_over_python']:9.2f} {r['c_point_call_s'] * 1e3:13.3f}ms "
-              f"{r['c_point_by_point_over_batch']:21.1f}")
+              f"{r['c_over_python']:9.2f} {r['python_point_call_s'] * 1e3:13.3f}ms "
+              f"{r['c_point_call_s'] * 1e3:8.3f}ms {r['c_over_python_point']:9.2f} "
+              f"{r['c_point_by_point_over_batch']:20.1f}")
     record = {"command": shlex.join([sys.executable, *sys.argv]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": platform.node(), "cpu_count": os.cpu_count(),

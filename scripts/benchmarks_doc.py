@@ -790,15 +790,18 @@ def c_api_section(record: dict, path: Path) -> list[str]:
     out = ["## The cost of a call from C", "",
            "`ns_evaluate` from a C host (libneuroscale.so runs the Python Coupler in an embedded "
            "interpreter) against `Coupler.evaluate` from Python, on the same points with the "
-           "operator alone (no fallback), best of the repeats; and the C host's N one-point "
-           "calls against its one call of N points (what a UMAT-style host calling point by "
+           "operator alone (no fallback), best of the repeats, as one call of N points and as N "
+           "calls of one point; and the C host's N one-point calls against its one call of N "
+           "points (what a UMAT-style host calling point by "
            "point pays). See [From C, C++ and Fortran](c_api.md).", ""]
     out += provenance(record, path, "the rows below", None)
     rows = [(str(r["points"]), num(r["python_call_s"] * 1e3), num(r["c_call_s"] * 1e3),
-             ratio(r["c_over_python"]), num(r["c_point_call_s"] * 1e3),
+             ratio(r["c_over_python"]), num(r["python_point_call_s"] * 1e3),
+             num(r["c_point_call_s"] * 1e3), ratio(r["c_over_python_point"]),
              ratio(r["c_point_by_point_over_batch"])) for r in record["rows"]]
     return out + table(("points N", "Python call (ms)", "C call (ms)", "C / Python",
-                        "C one-point call (ms)", "N one-point calls / one call"), rows)
+                        "Python one-point call (ms)", "C one-point call (ms)", "C / Python",
+                        "N one-point calls / one call (C)"), rows)
 
 
 def generic_section(record: dict, path: Path) -> list[str]:

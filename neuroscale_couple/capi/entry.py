@@ -96,10 +96,12 @@ def bind(ffi, lib) -> None:
     def create(config, comm, handle) -> None:
         from neuroscale_couple.capi.session import Session
 
-        if handle == ffi.NULL:
-            raise InputError("handle is NULL: give the address of an int to receive it")
-        path = text(config, "config_path")
-        s = Session(path, MPI.Comm.f2py(comm))
+        host_comm = MPI.Comm.f2py(comm)
+        with together(host_comm, "ns_create's arguments"):
+            if handle == ffi.NULL:
+                raise InputError("handle is NULL: give the address of an int to receive it")
+            path = text(config, "config_path")
+        s = Session(path, host_comm)
         _sessions[_next_handle[0]] = s
         handle[0], _next_handle[0] = _next_handle[0], _next_handle[0] + 1
 
