@@ -16,6 +16,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[all]"
 	@# DOLFINx needs the venv's MPICH loaded first: this lets a script start with `import dolfinx`
 	cp scripts/neuroscale-libmpi.pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+	@# the C ABI's library (include/neuroscale.h), embedding this venv's python
+	$(PY) -m neuroscale_couple.capi.build --out build/capi
 	@rm -f $(VENV)/.installed-* && touch $@
 
 # System packages the venv cannot hold: gfortran, for the Fortran hosts of the C ABI (.ci/run
@@ -24,8 +26,9 @@ system-packages:
 	@command -v gfortran >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update && $$SUDO apt-get install -y gfortran; }
 
-# The C ABI: build/capi/libneuroscale.so (include/neuroscale.h; docs/c_api.md). The tests build
-# it themselves when missing or stale, and the C and Fortran host demos next to it.
+# The C ABI: build/capi/libneuroscale.so (include/neuroscale.h; docs/c_api.md), built again.
+# `make venv` builds it; the tests rebuild it when missing or stale, and build the C and Fortran
+# host demos next to it.
 capi: $(STAMP)
 	$(PY) -m neuroscale_couple.capi.build --out build/capi
 
