@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut 
 NP     ?= 2
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: venv demo demo-hmm test test-fast test-serial test-mpi lint docs bench bench-scaling model fast-model family-model hmm-model clean
+.PHONY: system-packages capi venv demo demo-hmm test test-fast test-serial test-mpi lint docs bench bench-scaling model fast-model family-model hmm-model clean
 
 venv: $(STAMP)
 
@@ -16,7 +16,21 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[all]"
 	@# DOLFINx needs the venv's MPICH loaded first: this lets a script start with `import dolfinx`
 	cp scripts/neuroscale-libmpi.pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+	@# the C ABI's library (include/neuroscale.h), embedding this venv's python
+	$(PY) -m neuroscale_couple.capi.build --out build/capi
 	@rm -f $(VENV)/.installed-* && touch $@
+
+# System packages the venv cannot hold: gfortran, for the Fortran hosts of the C ABI (.ci/run
+# calls this first; root or sudo).
+system-packages:
+	@command -v gfortran >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y gfortran; }
+
+# The C ABI: build/capi/libneuroscale.so (include/neuroscale.h; docs/c_api.md), built again.
+# `make venv` builds it; the tests rebuild it when missing or stale, and build the C and Fortran
+# host demos next to it.
+capi: $(STAMP)
+	$(PY) -m neuroscale_couple.capi.build --out build/capi
 
 demo: $(STAMP)
 	$(PY) examples/rve_demo.py --out out/rve_demo

@@ -122,16 +122,18 @@ def _fine_keys(kind: object, where: str) -> tuple[str, ...]:
     return kinds[kind]
 
 
-def coupler_from_config(config: str | Path | dict, comm) -> Any:
+def coupler_from_config(config: str | Path | dict, comm, *, base: Path | None = None) -> Any:
     """A :class:`~neuroscale_couple.coupler.Coupler` from a YAML file or mapping; see
-    :meth:`~neuroscale_couple.coupler.Coupler.from_config`."""
+    :meth:`~neuroscale_couple.coupler.Coupler.from_config`. ``base``: the folder a mapping's
+    relative paths start from (default: the YAML's folder, or the working directory)."""
     import torch
 
     from neuroscale_couple.coupler import Coupler, Policy
     from neuroscale_couple.operators.base import load_operator
     from neuroscale_couple.retraining import RetrainConfig
 
-    base = Path(config).parent if isinstance(config, str | Path) else Path.cwd()
+    if base is None:
+        base = Path(config).parent if isinstance(config, str | Path) else Path.cwd()
     cfg = load_yaml(config) if isinstance(config, str | Path) else dict(config)
     where = f"the coupler config {config}" if isinstance(config, str | Path) else "the config"
     check_keys(cfg, COUPLER_KEYS, where)

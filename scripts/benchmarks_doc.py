@@ -813,6 +813,25 @@ def calibration_groups_section(record: dict, path: Path) -> list[str]:
     return out
 
 
+def c_api_section(record: dict, path: Path) -> list[str]:
+    """bench/c_api.py: an evaluation called from C against the same call from Python."""
+    out = ["## The cost of a call from C", "",
+           "`ns_evaluate` from a C host (libneuroscale.so runs the Python Coupler in an embedded "
+           "interpreter) against `Coupler.evaluate` from Python, on the same points with the "
+           "operator alone (no fallback), best of the repeats, as one call of N points and as N "
+           "calls of one point; and the C host's N one-point calls against its one call of N "
+           "points (what a UMAT-style host calling point by "
+           "point pays). See [From C, C++ and Fortran](c_api.md).", ""]
+    out += provenance(record, path, "the rows below", None)
+    rows = [(str(r["points"]), num(r["python_call_s"] * 1e3), num(r["c_call_s"] * 1e3),
+             ratio(r["c_over_python"]), num(r["python_point_call_s"] * 1e3),
+             num(r["c_point_call_s"] * 1e3), ratio(r["c_over_python_point"]),
+             ratio(r["c_point_by_point_over_batch"])) for r in record["rows"]]
+    return out + table(("points N", "Python call (ms)", "C call (ms)", "C / Python",
+                        "Python one-point call (ms)", "C one-point call (ms)", "C / Python",
+                        "N one-point calls / one call (C)"), rows)
+
+
 def generic_section(record: dict, path: Path) -> list[str]:
     """A record of a kind this script does not know: its scalar fields as they are."""
     out = [f"## `{path.stem}`", ""]
@@ -846,7 +865,7 @@ def copy_images(docs: Path) -> dict[str, tuple[str, str]]:
 ORDER = ("rve_solve", "rve_live", "operator", "calibration_groups", "encode", "memory",
          "region", "fe2_speedup",
          "fe2_speedup_rtol002", "fe2_speedup_beyond", "fe2_speedup_412", "hmm_speedup",
-         "hmm_speedup_300K_202", "hmm_speedup_0K_small", "hmm_speedup_300K", "scaling")
+         "hmm_speedup_300K_202", "hmm_speedup_0K_small", "hmm_speedup_300K", "scaling", "c_api")
 
 
 def page(docs: Path) -> str:
@@ -886,6 +905,8 @@ def page(docs: Path) -> str:
             lines += memory_section(record, path)
         elif name == "calibration_groups":
             lines += calibration_groups_section(record, path)
+        elif name == "c_api":
+            lines += c_api_section(record, path)
         elif "runs" in record and "reference" in record["runs"]:
             lines += coupled_section(record, path, images)
             key = "\n".join(md_noise_rows(record.get("md_noise") or {}))
