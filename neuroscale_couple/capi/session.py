@@ -29,6 +29,8 @@ from neuroscale_couple.store import atomic_write
 from neuroscale_couple.structures import Structure
 from neuroscale_couple.structures import from_config as structure_from_config
 
+CAPI_KEYS = (*COUPLER_KEYS, "microstructures")
+"""Keys of a C ABI coupler config: the Coupler's and the host's microstructure ids."""
 MANIFEST = "coupler.json"
 
 
@@ -87,8 +89,7 @@ class Session:
             start_petsc()
             with together(self.comm, f"reading the coupler config {config}"):
                 cfg = load_yaml(config)
-                check_keys(cfg, (*COUPLER_KEYS, "microstructures"),
-                           f"the coupler config {config}")
+                check_keys(cfg, CAPI_KEYS, f"the coupler config {config}")
                 if "microstructures" not in cfg:
                     raise InputError(f"the coupler config {config} has no microstructures: map "
                                      "the host's microstructure ids to structures, e.g. "

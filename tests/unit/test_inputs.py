@@ -183,6 +183,11 @@ def test_every_shipped_yaml_passes_its_strict_reader():
             if "model" in cfg:
                 config = CrystalConfig if path.name.startswith("hmm") else SANOConfig
                 dataclass_from_dict(config, cfg["model"], "model")
+        elif "microstructures" in cfg:  # a C ABI coupler config (ns_create)
+            from neuroscale_couple.capi.session import CAPI_KEYS
+
+            check_keys(cfg, CAPI_KEYS, path.name)
+            fine_solver_family(cfg["fine"])
         elif "fine" in cfg:  # a Coupler config
             check_keys(cfg, COUPLER_KEYS, path.name)
             fine_solver_family(cfg["fine"])
