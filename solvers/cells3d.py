@@ -22,6 +22,7 @@ Config (``neuroscale rve`` / ``neuroscale generate``)::
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -39,6 +40,7 @@ from neuroscale_couple.solvers.phase_cell import (
     InclusionCell,
     PhaseCell,
     fragment_cell,
+    inclusion_arrays,
     periodic_images,
 )
 from neuroscale_couple.structures import REQUIRED, register, settings
@@ -86,6 +88,13 @@ class SphereCell(SolidCell, InclusionCell):
     @property
     def n_spheres(self) -> int:
         return len(self.centres)
+
+    @classmethod
+    def arrays(cls, structures: Sequence[SphereCell], resolution: int | None
+               ) -> dict[str, np.ndarray]:
+        """``volume_fraction``, ``n_spheres``, ``seed`` (−1: none), ``radius`` (M,),
+        ``centres`` (M, N_max, 3) NaN-padded and ``image`` (M, r, r, r) float32."""
+        return inclusion_arrays(structures, resolution, "n_spheres")
 
     @classmethod
     def from_config(cls, cfg: dict, *, seed: int | None = None) -> SphereCell:
@@ -194,7 +203,6 @@ class UDFibreCell(SolidCell):
     """The keys of the 2D fibre cell (:class:`FibreCell`) of the cross-section, whose kind is
     ``section``."""
     drawn: ClassVar[dict[str, bool]] = FibreCell.drawn
-    descriptor_keys: ClassVar[tuple[str, ...]] = ("volume_fraction", "n_fibres")
 
     kind: str
     section: FibreCell

@@ -23,8 +23,8 @@ from neuroscale_couple.solvers.phase_cell import (
     MESH_FILES,
     InclusionCell,
     PhaseCell,
-    cell_images,
     fragment_cell,
+    inclusion_arrays,
     periodic_images,
 )
 from neuroscale_couple.structures import REQUIRED, register, settings
@@ -60,6 +60,13 @@ class FibreCell(InclusionCell):
         return len(self.centres)
 
     @classmethod
+    def arrays(cls, structures: Sequence[FibreCell], resolution: int | None
+               ) -> dict[str, np.ndarray]:
+        """``volume_fraction``, ``n_fibres``, ``seed`` (−1: none), ``radius`` (M,),
+        ``centres`` (M, N_max, 2) NaN-padded and ``image`` (M, r, r) float32."""
+        return inclusion_arrays(structures, resolution, "n_fibres")
+
+    @classmethod
     def from_config(cls, cfg: dict, *, seed: int | None = None) -> FibreCell:
         """Keys: ``kind``, ``volume_fraction``, ``n_fibres``, ``seed`` (overridden by the
         ``seed`` argument), ``min_gap``, for a chain also ``misalignment``."""
@@ -76,24 +83,6 @@ class FibreCell(InclusionCell):
         if kind == "fibre_chain":
             return fibre_chain(v, n, s, min_gap=gap, misalignment=float(o["misalignment"]))
         return random_fibres(v, n, s, min_gap=gap)
-
-    @classmethod
-    def arrays(cls, structures: Sequence[FibreCell], resolution: int | None
-               ) -> dict[str, np.ndarray]:
-        """``volume_fraction``, ``n_fibres``, ``seed`` (−1: none), ``radius`` (M,),
-        ``centres`` (M, N_max, 2) NaN-padded and ``image`` (M, r, r) float32."""
-        n_max = max(1, max(s.n_fibres for s in structures))
-        centres = np.full((len(structures), n_max, 2), np.nan)
-        for i, s in enumerate(structures):
-            centres[i, : s.n_fibres] = s.centres
-        return {
-            "volume_fraction": np.array([s.volume_fraction for s in structures]),
-            "n_fibres": np.array([s.n_fibres for s in structures]),
-            "seed": np.array([-1 if s.seed is None else s.seed for s in structures]),
-            "radius": np.array([s.radius for s in structures]),
-            "centres": centres,
-            "image": cell_images(structures, resolution),
-        }
 
     def _fibre_mask(self, s: np.ndarray) -> np.ndarray:
         """Distances are separable, so no (m, m, 2) array is formed."""

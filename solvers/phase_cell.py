@@ -340,6 +340,27 @@ class InclusionCell(PhaseCell):
         return h.hexdigest()[:16]
 
 
+
+def inclusion_arrays(structures: Sequence[InclusionCell], resolution: int | None,
+                     count_key: str) -> dict[str, np.ndarray]:
+    """The stored arrays of inclusion cells of one dimension d: ``volume_fraction``, the
+    count (named ``count_key``: ``n_fibres``, ``n_spheres``), ``seed`` (−1: none), ``radius``
+    (M,), ``centres`` (M, N_max, d) NaN-padded and ``image`` (M, r, ...) float32."""
+    image = cell_images(structures, resolution)  # refuses cells of mixed dimensions
+    n_max = max(1, max(len(s.centres) for s in structures))
+    centres = np.full((len(structures), n_max, structures[0].dim), np.nan)
+    for i, s in enumerate(structures):
+        centres[i, : len(s.centres)] = s.centres
+    return {
+        "volume_fraction": np.array([s.volume_fraction for s in structures]),
+        count_key: np.array([len(s.centres) for s in structures]),
+        "seed": np.array([-1 if s.seed is None else s.seed for s in structures]),
+        "radius": np.array([s.radius for s in structures]),
+        "centres": centres,
+        "image": image,
+    }
+
+
 def cell_images(structures: Sequence[PhaseCell], resolution: int | None) -> np.ndarray:
     """(M, r, ...) float32 images (r^d pixels) of cells of one dimension d at ``resolution`` r
     (the ``image`` array of a data set)."""
