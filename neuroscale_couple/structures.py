@@ -23,7 +23,8 @@ sets written before structures stored their kind are read by :func:`config_group
 
 The built-in kinds: ``single_fibre``, ``random_fibres``, ``fibre_chain`` (``FibreCell``) and
 ``laminate`` (``Laminate``) in :mod:`neuroscale_couple.solvers.microstructure`; the 3D cells
-``single_sphere``, ``random_spheres`` (``SphereCell``) and ``ud_fibres`` (``UDFibreCell``) in
+``single_sphere``, ``random_spheres`` (``SphereCell``), ``random_ellipsoids``
+(``EllipsoidCell``) and ``ud_fibres`` (``UDFibreCell``) in
 :mod:`neuroscale_couple.solvers.cells3d`; ``crystal``
 (``Crystal``) in :mod:`neuroscale_couple.solvers.crystal`.
 """
@@ -168,6 +169,7 @@ BUILTIN = {"single_fibre": "neuroscale_couple.solvers.microstructure",
            "single_sphere": "neuroscale_couple.solvers.cells3d",
            "random_spheres": "neuroscale_couple.solvers.cells3d",
            "ud_fibres": "neuroscale_couple.solvers.cells3d",
+           "random_ellipsoids": "neuroscale_couple.solvers.cells3d",
            "crystal": "neuroscale_couple.solvers.crystal"}
 """Kind → module of the built-in families (imported on first use, so the core needs neither
 DOLFINx nor ASE)."""

@@ -6,6 +6,9 @@ solves them with F̄ 3×3 (:class:`~neuroscale_couple.solvers.rve_fenicsx.Period
   (one centred sphere: the simple-cubic array, :func:`single_sphere`) and ``random_spheres``
   (N spheres, non-overlapping with each other and their periodic images, a minimum gap,
   :func:`random_spheres`).
+- :class:`EllipsoidCell`: kind ``random_ellipsoids``, N equal spheroids aligned with x₃ of
+  aspect ratio c/a (``aspect_ratio``: > 1 short-fibre-like, < 1 platelets), placed at random
+  (:func:`random_ellipsoids`).
 - :class:`UDFibreCell`: kind ``ud_fibres``, unidirectional cylindrical fibres along x₃ through
   the cell; its cross-section (x₁, x₂) is a 2D
   :class:`~neuroscale_couple.solvers.microstructure.FibreCell` (``section``: ``single_fibre``,
@@ -50,8 +53,8 @@ if TYPE_CHECKING:
 
     from neuroscale_couple.training import TrainingData
 
-__all__ = ["DENSEST_PACKING", "SolidCell", "SphereCell", "UDFibreCell", "random_spheres",
-           "single_sphere", "ud_fibres"]
+__all__ = ["DENSEST_PACKING", "EllipsoidCell", "SolidCell", "SphereCell", "UDFibreCell",
+           "random_ellipsoids", "random_spheres", "single_sphere", "ud_fibres"]
 
 DENSEST_PACKING = np.pi / np.sqrt(18.0)
 """Volume fraction of the densest packing of equal spheres (Kepler, ≈ 0.7405)."""
@@ -174,7 +177,7 @@ def random_spheres(volume_fraction: float, n_spheres: int, seed: int, *,
     r = _sphere_radius(volume_fraction, n_spheres, min_gap)
     n = int(n_spheres)
     rng = np.random.default_rng(seed)
-    centres = _sequential_addition(n, r, min_gap, rng, dim=3)
+    centres = _sequential_addition(n, r, min_gap, rng, box=(1.0, 1.0, 1.0))
     if centres is None:
         centres = _compress(rng.random((n, 3)), r, min_gap, rng, max_sweeps)
     if centres is None:
@@ -183,6 +186,126 @@ def random_spheres(volume_fraction: float, n_spheres: int, seed: int, *,
             f"min_gap={min_gap} (seed={seed}; bound {largest_sphere_fraction(n, min_gap):.3f}, "
             "random placement jams well below it): lower volume_fraction or min_gap")
     return SphereCell("random_spheres", float(volume_fraction), centres, r, seed)
+
+
+@register
+@dataclass(frozen=True)
+class EllipsoidCell(SolidCell, InclusionCell):
+    """A periodic unit cube of matrix with N equal spheroids aligned with x₃ (kind
+    ``random_ellipsoids``): semi-axes a, a (``radius``) and c = α·a (α = ``aspect_ratio``;
+    α > 1 prolate, short-fibre-like; α < 1 oblate, platelet-like), volume fraction
+    v = N·4πα a³/3; other attributes as :class:`InclusionCell`."""
+
+    kinds: ClassVar[tuple[str, ...]] = ("random_ellipsoids",)
+    config_schema: ClassVar[dict[str, Any]] = {
+        **PhaseCell.config_schema, "volume_fraction": REQUIRED, "n_ellipsoids": 1,
+        "aspect_ratio": 3.0, "min_gap": MIN_GAP}
+    drawn: ClassVar[dict[str, bool]] = {"volume_fraction": False, "n_ellipsoids": True,
+                                        "aspect_ratio": False}
+    descriptor_keys: ClassVar[tuple[str, ...]] = ("volume_fraction", "n_ellipsoids",
+                                                  "aspect_ratio")
+
+    aspect_ratio: float = 1.0
+
+    @property
+    def n_ellipsoids(self) -> int:
+        return len(self.centres)
+
+    @property
+    def key(self) -> str:
+        """A short digest of the geometry (the inclusion cell's and the aspect ratio)."""
+        return hashlib.sha1(f"{InclusionCell.key.fget(self)}|{self.aspect_ratio!r}".encode()
+                            ).hexdigest()[:16]
+
+    @classmethod
+    def arrays(cls, structures: Sequence[EllipsoidCell], resolution: int | None
+               ) -> dict[str, np.ndarray]:
+        """Those of :class:`SphereCell` (``n_ellipsoids`` the count, ``radius`` the semi-axis
+        a) and ``aspect_ratio`` (M,)."""
+        return {**inclusion_arrays(structures, resolution, "n_ellipsoids"),
+                "aspect_ratio": np.array([s.aspect_ratio for s in structures])}
+
+    @classmethod
+    def from_config(cls, cfg: dict, *, seed: int | None = None) -> EllipsoidCell:
+        """Keys: ``volume_fraction``, ``n_ellipsoids``, ``aspect_ratio``, ``min_gap``,
+        ``seed`` (overridden by the ``seed`` argument)."""
+        o = settings(cls, cfg)
+        return random_ellipsoids(float(o["volume_fraction"]), int(o["n_ellipsoids"]),
+                                 int(o["seed"] if seed is None else seed),
+                                 aspect_ratio=float(o["aspect_ratio"]),
+                                 min_gap=float(o["min_gap"]))
+
+    def _fibre_mask(self, s: np.ndarray) -> np.ndarray:
+        """Mask (m, m, m), [k, i, j] = (x, y, z) = (s[j], s[i], s[k])."""
+        inside = np.zeros((len(s),) * 3, dtype=bool)
+        a, c = self.radius, self.aspect_ratio * self.radius
+        for centre in self.centres:
+            dx, dy, dz = (s - x - np.round(s - x) for x in centre)  # nearest periodic image
+            inside |= ((dz[:, None, None] / c) ** 2 + (dy[None, :, None] / a) ** 2
+                       + (dx[None, None, :] / a) ** 2) < 1.0
+        return inside
+
+    def _gmsh_fibres(self) -> list[int]:
+        """The spheroids (unit spheres scaled by a, a, c) and their periodic images, clipped
+        to the cube."""
+        import gmsh
+
+        occ = gmsh.model.occ
+        a, c = self.radius, self.aspect_ratio * self.radius
+
+        def spheroid(x: np.ndarray) -> tuple[int, int]:
+            tag = occ.addSphere(*x, 1.0)
+            occ.dilate([(3, tag)], *x, a, a, c)
+            return 3, tag
+
+        return fragment_cell(3, lambda: [spheroid(x) for centre in self.centres
+                                         for x in periodic_images(centre, max(a, c))])
+
+
+def largest_ellipsoid_fraction(n: int, aspect_ratio: float, min_gap: float) -> float:
+    """An upper bound of the volume fraction of N equal spheroids of aspect ratio α with the
+    gap ``min_gap``, from :func:`largest_sphere_fraction` in the frame z' = z/α, where they
+    are spheres in a box of height 1/α (the gap counted in that frame)."""
+    a_own = (min(1.0, 1.0 / aspect_ratio) - min_gap) / 2
+    a_packed = (3 * DENSEST_PACKING / (4 * np.pi * n * aspect_ratio)) ** (1 / 3) - min_gap / 2
+    return float(n * 4 * np.pi / 3 * aspect_ratio * max(min(a_own, a_packed), 0.0) ** 3)
+
+
+def random_ellipsoids(volume_fraction: float, n_ellipsoids: int, seed: int, *,
+                      aspect_ratio: float = 3.0, min_gap: float = MIN_GAP) -> EllipsoidCell:
+    """N equal spheroids aligned with x₃ placed at random, clear of each other and their
+    periodic images: random sequential addition of spheres of radius a in the frame
+    z' = z/α (box 1 × 1 × 1/α), which maps the spheroids to those spheres; the gap
+    ``min_gap`` is kept in that frame.
+
+    Raises
+    ------
+    InputError
+        If v ∉ (0, 1), N < 1, α ≤ 0, v exceeds :func:`largest_ellipsoid_fraction` (named),
+        or random addition finds no arrangement.
+    """
+    _check_fraction(volume_fraction)
+    if int(n_ellipsoids) != n_ellipsoids or n_ellipsoids < 1:
+        raise InputError(f"n_ellipsoids={n_ellipsoids}: must be a positive integer")
+    if not 0.05 <= aspect_ratio <= 20:
+        raise InputError(f"aspect_ratio={aspect_ratio}: give c/a in [0.05, 20] (> 1 prolate)")
+    n, alpha = int(n_ellipsoids), float(aspect_ratio)
+    vmax = largest_ellipsoid_fraction(n, alpha, min_gap)
+    if volume_fraction > vmax:
+        raise InputError(
+            f"{n} ellipsoid(s) of aspect_ratio={alpha} and volume_fraction={volume_fraction} "
+            f"cannot keep min_gap={min_gap} from each other and their periodic images: the "
+            f"largest feasible volume_fraction is {vmax:.3f}; lower it or min_gap")
+    a = float((3 * volume_fraction / (4 * np.pi * n * alpha)) ** (1 / 3))
+    rng = np.random.default_rng(seed)
+    mapped = _sequential_addition(n, a, min_gap, rng, box=(1.0, 1.0, 1.0 / alpha))
+    if mapped is None:
+        raise InputError(
+            f"could not place {n} ellipsoids of volume_fraction={volume_fraction} and "
+            f"aspect_ratio={alpha} with min_gap={min_gap} (seed={seed}; bound {vmax:.3f}, "
+            "random addition jams well below it): lower volume_fraction or min_gap")
+    centres = mapped * np.array([1.0, 1.0, alpha])
+    return EllipsoidCell("random_ellipsoids", float(volume_fraction), centres, a, seed, alpha)
 
 
 @register

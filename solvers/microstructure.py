@@ -342,25 +342,28 @@ def _check_fraction(v: float) -> None:
 
 
 def _sequential_addition(n: int, r: float, gap: float, rng: np.random.Generator,
-                         attempts: int = 5000, batch: int = 64, dim: int = 2
-                         ) -> np.ndarray | None:
-    """Random sequential addition of n disks (``dim`` 2) or spheres (3) of radius r in the
-    periodic unit cell; their centres (n, dim), or None if one finds no place.
+                         attempts: int = 5000, batch: int = 64,
+                         box: tuple[float, ...] = (1.0, 1.0)) -> np.ndarray | None:
+    """Random sequential addition of n disks (a 2D ``box``) or spheres (3D) of radius r in the
+    periodic box [0, box_0) × [0, box_1) (× [0, box_2)), the unit cell by default; their
+    centres (n, d), or None if one finds no place.
 
-    Each one tries up to ``attempts`` uniform candidates ``rng.random(dim)`` in turn and takes
-    the first admissible one. The candidates are drawn and checked ``batch`` at a time, and the
-    generator is then rewound to just after the one taken: the same centres and generator
-    state as drawing one candidate at a time, without a Python loop per candidate."""
+    Each one tries up to ``attempts`` uniform candidates ``rng.random(d) · box`` in turn and
+    takes the first admissible one. The candidates are drawn and checked ``batch`` at a time,
+    and the generator is then rewound to just after the one taken: the same centres and
+    generator state as drawing one candidate at a time, without a Python loop per candidate."""
+    size = np.array(box, dtype=float)
+    dim = len(size)
     centres = np.empty((0, dim))
     for _ in range(n):
         left = attempts
         while left:
             state = rng.bit_generator.state
-            trials = rng.random((min(batch, left), dim))
-            edge = np.minimum(trials, 1.0 - trials)
+            trials = rng.random((min(batch, left), dim)) * size
+            edge = np.minimum(trials, size - trials)
             ok = np.all(np.abs(edge - r) >= gap / 2, axis=1)
             d = centres[None] - trials[:, None]
-            d -= np.round(d)
+            d -= np.round(d / size) * size
             ok &= np.all(np.hypot.reduce(d, axis=-1) >= 2 * r + gap, axis=1)
             if ok.any():
                 first = int(np.argmax(ok))

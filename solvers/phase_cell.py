@@ -471,18 +471,12 @@ def _set_periodic(axis: int, dim: int) -> None:
     x_axis = 1 periodic images of those on the near side x_axis = 0."""
     import gmsh
 
-    eps = 1e-6  # OCC's bounding boxes carry its tolerance, 1e-7
-
     def side_entities(value: float) -> dict[tuple, int]:
-        lo = [-eps, -eps, -eps]
-        hi = [1 + eps, 1 + eps, 1 + eps if dim == 3 else eps]
-        lo[axis], hi[axis] = value - eps, value + eps
-        entities = gmsh.model.getEntitiesInBoundingBox(*lo, *hi, dim=dim - 1)
         out = {}
-        for _, tag in entities:  # known by the centre of mass on the side (OCC's bounding
-            # boxes of curved faces are loose, and not alike on the two sides)
-            centre = np.array(gmsh.model.occ.getCenterOfMass(dim - 1, tag))
-            out[tuple(np.round(np.delete(centre, axis), 6))] = tag
+        for _, tag in gmsh.model.getEntities(dim - 1):
+            if _on_plane(dim - 1, tag, axis, value):  # known by the centre of mass on the side
+                centre = np.array(gmsh.model.occ.getCenterOfMass(dim - 1, tag))
+                out[tuple(np.round(np.delete(centre, axis), 6))] = tag
         return out
 
     near, far = side_entities(0.0), side_entities(1.0)
@@ -494,6 +488,19 @@ def _set_periodic(axis: int, dim: int) -> None:
     affine = [1, 0, 0, shift[0], 0, 1, 0, shift[1], 0, 0, 1, shift[2], 0, 0, 0, 1]
     keys = sorted(near)
     gmsh.model.mesh.setPeriodic(dim - 1, [far[k] for k in keys], [near[k] for k in keys], affine)
+
+
+def _on_plane(dim: int, tag: int, axis: int, value: float) -> bool:
+    """Whether the gmsh entity (dim, tag) lies in the plane x_axis = value: its underlying
+    curve or surface, sampled on a 5^dim grid of its parameter range, stays on it (OCC's
+    bounding boxes are loose for curved and scaled shapes, so they cannot tell)."""
+    import gmsh
+
+    lo, hi = gmsh.model.getParametrizationBounds(dim, tag)
+    grid = np.meshgrid(*(np.linspace(a, b, 5) for a, b in zip(lo, hi, strict=True)),
+                       indexing="ij")
+    points = gmsh.model.getValue(dim, tag, np.stack([g.ravel() for g in grid], axis=1).ravel())
+    return bool(np.all(np.abs(np.reshape(points, (-1, 3))[:, axis] - value) < 1e-7))
 
 
 def periodic_images(centre: np.ndarray, reach: float, axes: int | None = None
