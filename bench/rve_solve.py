@@ -8,8 +8,8 @@ Prints a table and writes ``bench/results/rve_solve.json``:
 - samples per second of ``neuroscale generate`` on 1 and 2 MPI ranks (whole command, imports
   included, on a config of 16 microstructures × 8 loads);
 - with ``--3d``, instead: the same solve times for typical 3D cells (simple-cubic sphere,
-  random spheres, unidirectional fibres; P1 at sizes 0.15–0.07, P2 at 0.25), written to
-  ``bench/results/rve_solve_3d.json``.
+  random spheres, unidirectional fibres, aligned ellipsoids; P1 at sizes 0.15–0.07, P2 at
+  0.25), written to ``bench/results/rve_solve_3d.json``.
 
 Target (issue): a Neo-Hookean RVE of ~10k dofs solved with tangent in under 0.25 s on one core.
 Timings on these 2-core machines vary by ±40 % between runs: compare ratios within one run.
@@ -39,6 +39,8 @@ SPHERE = {"kind": "single_sphere", "volume_fraction": 0.2}
 CASES_3D = [(SPHERE, 1, h) for h in (0.15, 0.1, 0.07)] + [
     ({"kind": "random_spheres", "volume_fraction": 0.25, "n_spheres": 6, "seed": 1}, 1, 0.1),
     ({"kind": "ud_fibres", "volume_fraction": 0.4, "n_fibres": 3, "seed": 1}, 1, 0.1),
+    ({"kind": "random_ellipsoids", "volume_fraction": 0.1, "n_ellipsoids": 3,
+      "aspect_ratio": 3.0, "seed": 1}, 1, 0.1),
     (SPHERE, 2, 0.25)]
 GENERATE = {
     "microstructure": {"kind": "random_fibres", "volume_fraction": [0.1, 0.5],
