@@ -1,6 +1,7 @@
 """The ``neuroscale`` command line.
 
-    neuroscale rve CONFIG.yaml [--json]                  one RVE solve: homogenized P̄ and tangent A
+    neuroscale rve CONFIG.yaml [--json]                  one RVE solve (2D or 3D cell):
+                                                         homogenized P̄ and tangent A
     neuroscale generate CONFIG.yaml --out D.h5           RVE/crystal training data (MPI, resumable)
     neuroscale train CONFIG.yaml --data D.h5 [D2.h5 …] --out M.pt [--init M0.pt]
                      [--work DIR] [--fresh] [--keep-work]
@@ -42,7 +43,8 @@ def cmd_rve(args: argparse.Namespace) -> None:
     cfg = load_yaml(args.config)
     check_keys(cfg, (*RVE_CONFIG_KEYS, "microstructure", "F"), str(args.config))
     if "F" not in cfg:
-        raise InputError(f"{args.config}: key F (the 2×2 macro deformation gradient) is missing")
+        raise InputError(f"{args.config}: key F (the macro deformation gradient: 2×2 for a 2D "
+                         "cell, 3×3 for a 3D one) is missing")
     rve = rve_from_config(cfg, from_config(cfg.get("microstructure") or {}), MPI.COMM_WORLD)
     res = rve.solve(np.asarray(cfg["F"], dtype=float))
     out = {
@@ -62,8 +64,9 @@ def cmd_rve(args: argparse.Namespace) -> None:
           f"law {rve.law}, {rve.bc} bc, P{rve.degree}, {rve.dofs} dofs")
     print(f"Newton iterations {out['newton_iterations']}, solve + tangent {out['time_s']:.3f} s")
     print("homogenized first Piola–Kirchhoff stress P̄:\n", res.stress[0])
-    print("homogenized tangent A = ∂P̄/∂F̄ as a 4×4 matrix (rows ij, columns kl):\n",
-          res.tangent[0].reshape(4, 4))
+    dd = rve.dim**2
+    print(f"homogenized tangent A = ∂P̄/∂F̄ as a {dd}×{dd} matrix (rows ij, columns kl):\n",
+          res.tangent[0].reshape(dd, dd))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -106,12 +106,17 @@ def check_config(config: dict) -> tuple[list[dict], list[type], list[str]]:
 
 
 def plan(config: dict) -> tuple[list, np.ndarray]:
-    """Validate a generate config; return the structures and the (M·L, 2, 2) loads."""
+    """Validate a generate config; return the structures and the (M·L, d, d) loads (d: the
+    families' ``dim``, one for the whole config)."""
     groups, classes, names = check_config(config)
     lcfg = config["loads"]
     per = int(lcfg.get("per_microstructure", 1))
     for cls in dict.fromkeys(classes):
         cls.family_config(config)  # the material keys, checked before any structure is drawn
+    dims = {cls.dim for cls in classes}
+    if len(dims) > 1:
+        raise InputError(f"{', '.join(names)} mix 2D and 3D structures: keep each dimension "
+                         "in its own generate config")
     structures, loads = [], []
     for group, cls, name in zip(groups, classes, names, strict=True):
         ball = dict(lcfg, **group.get("loads", {}))
@@ -119,7 +124,8 @@ def plan(config: dict) -> tuple[list, np.ndarray]:
             structures.append(structure)
             loads.append(loads_in_ball(per, float(ball.get("radius", cls.default_load_radius)),
                                        rng_for(int(ball.get("seed", 1)), len(loads)),
-                                       min_radius=float(ball.get("min_radius", 0.0))))
+                                       min_radius=float(ball.get("min_radius", 0.0)),
+                                       dim=cls.dim))
     return structures, np.concatenate(loads)
 
 
@@ -155,7 +161,9 @@ def generate(config: dict, out: str | Path, comm: MPI.Comm = MPI.COMM_WORLD,
     structures, F = plan(config)  # every rank validates the same config before any collective
     per = int(config["loads"].get("per_microstructure", 1))
     q = int(config.get("fields_resolution", 0) or 0)  # both checked by plan
-    fields = {"w": (q, q, 2), "F": (q, q, 2, 2), "P": (q, q, 2, 2)} if q else {}
+    d = F.shape[1]
+    grid = (q,) * d
+    fields = {"w": (*grid, d), "F": (*grid, d, d), "P": (*grid, d, d)} if q else {}
     phases, materials = structure_materials(config, structures)
     store, error = None, None
     if comm.rank == 0:

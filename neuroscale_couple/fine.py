@@ -26,10 +26,12 @@ class MicroResult:
 
     Attributes
     ----------
-    stress : (n, 2, 2) first Piola–Kirchhoff stress P̄, float64.
-    tangent : (n, 2, 2, 2, 2) consistent tangent ∂P̄/∂F̄, or None when not asked for.
-    fields : micro fields sampled on a regular r×r grid of the unit cell, each (n, r, r, ...),
-        e.g. ``w`` (n, r, r, 2) fluctuation, ``F`` and ``P`` (n, r, r, 2, 2); None if not asked for.
+    stress : (n, d, d) first Piola–Kirchhoff stress P̄, float64 (d = 2 plane strain; 3 for 3D
+        cells).
+    tangent : (n, d, d, d, d) consistent tangent ∂P̄/∂F̄, or None when not asked for.
+    fields : micro fields sampled on a regular r^d grid of the unit cell, each (n, r, ..., ...),
+        e.g. ``w`` (n, r, r, 2) fluctuation, ``F`` and ``P`` (n, r, r, 2, 2) in 2D; None if not
+        asked for.
     info : per-point solver information, each array of length n: ``iterations`` (of the
         solver's nonlinear solve: the RVE's Newton iterations, a crystal's relaxation steps) and
         ``time_s`` from every fine solver; ``substeps``, ``energy_density``,
@@ -72,11 +74,12 @@ class FineSolver(ABC):
 
         Parameters
         ----------
-        F : (2, 2) or (n, 2, 2) macro deformation gradients.
+        F : (d, d) or (n, d, d) macro deformation gradients (d = 2 plane strain, 3 for 3D
+            cells).
         point_ids : one key per F̄ (e.g. a quadrature point); a solver may warm-start a point from
             its last converged state under the same key.
         tangent : whether to compute the consistent tangent.
-        fields_resolution : if given, sample micro fields on an r×r grid.
+        fields_resolution : if given, sample micro fields on an r^d grid.
         """
 
     def register(self, point_ids: Sequence[Hashable], structures: Sequence) -> None:  # noqa: B027  (an optional hook)

@@ -17,21 +17,22 @@ def rng_for(seed: int, index: int) -> np.random.Generator:
 
 
 def loads_in_ball(n: int, radius: float, rng: np.random.Generator, min_det: float = 0.2,
-                  min_radius: float = 0.0) -> np.ndarray:
+                  min_radius: float = 0.0, dim: int = 2) -> np.ndarray:
     """n deformation gradients uniform in the shell min_radius ≤ ‖F̄ − I‖_Frobenius ≤ radius.
 
-    Uniform in the 4D ball (or shell: loads beyond a training ball, for out-of-distribution tests),
-    so tension, compression, shear and rotation all occur; det F̄ ≥ min_det. Shape (n, 2, 2).
+    Uniform in the d²-dimensional ball (or shell: loads beyond a training ball, for
+    out-of-distribution tests), so tension, compression, shear and rotation all occur;
+    det F̄ ≥ min_det. Shape (n, d, d), d = ``dim`` (2: plane strain, 3).
     """
     if not 0 < radius < np.inf or not 0 <= min_radius < radius:
         raise InputError(f"loads.radius={radius}, loads.min_radius={min_radius}: need "
                          "0 ≤ min_radius < radius (e.g. radius 0.15)")
-    out = np.empty((n, 2, 2))
-    k = 0
+    out = np.empty((n, dim, dim))
+    k, m = 0, dim * dim
     while k < n:
-        d = rng.standard_normal(4)
-        r = (min_radius**4 + rng.random() * (radius**4 - min_radius**4)) ** 0.25
-        F = np.eye(2) + (d / np.linalg.norm(d) * r).reshape(2, 2)
+        d = rng.standard_normal(m)
+        r = (min_radius**m + rng.random() * (radius**m - min_radius**m)) ** (1 / m)
+        F = np.eye(dim) + (d / np.linalg.norm(d) * r).reshape(dim, dim)
         if np.linalg.det(F) >= min_det:
             out[k] = F
             k += 1

@@ -9,10 +9,11 @@ Layout of a data set (M structures × L loads, S = M·L samples)::
                                   radius, centres (M, N_max, 2) NaN-padded and image (M, r, r)
                                   (fibre fraction per pixel, row index = y); a crystal's
                                   descriptor (M, k), temperature, config (JSON)
-    /samples/micro_index (S,)     /samples/F (S, 2, 2)    /samples/P (S, 2, 2)
-    /samples/A (S, 2, 2, 2, 2)    /samples/newton_iterations (S,)   /samples/time_s (S,)
-                                  (the fine solver's ``iterations``: a crystal's relaxations)
-    /samples/stress_stderr (S, 2, 2)   standard error of time-averaged P (finite temperature)
+    /samples/micro_index (S,)     /samples/F (S, d, d)    /samples/P (S, d, d)
+    /samples/A (S, d, d, d, d)    /samples/newton_iterations (S,)   /samples/time_s (S,)
+                                  (d = 2: plane strain; d = 3: 3D cells; the fine solver's
+                                  ``iterations``: a crystal's relaxations)
+    /samples/stress_stderr (S, d, d)   standard error of time-averaged P (finite temperature)
     /samples/done (S,)            1 once the sample's results are on disk
     /samples/fields/<name> (S, q, q, ...)   optional micro fields
     attrs: config (JSON), version, law, kind = "rve"
@@ -167,9 +168,9 @@ class RVEDataset:
         ----------
         micro : per-structure arrays
             (:func:`~neuroscale_couple.structures.stored_arrays`).
-        F : (S, 2, 2) loads of all samples, sample s = m·L + j.
+        F : (S, d, d) loads of all samples, sample s = m·L + j.
         fields : name → per-sample shape of the micro fields to store (empty for none).
-        stderr : store ``stress_stderr`` (S, 2, 2), the statistical error of time-averaged
+        stderr : store ``stress_stderr`` (S, d, d), the statistical error of time-averaged
             stresses (finite-temperature crystals).
         """
         path = Path(path)
@@ -192,17 +193,17 @@ class RVEDataset:
                         kind="rve")
         for name, arr in micro.items():
             h5.create_dataset(f"micro/{name}", data=arr)
-        S = len(F)
+        S, d = len(F), F.shape[1]
         s = h5.create_group("samples")
         s.create_dataset("micro_index", data=np.arange(S) // loads_per_micro)
         s.create_dataset("F", data=F)
-        s.create_dataset("P", shape=(S, 2, 2), dtype="f8", fillvalue=np.nan)
-        s.create_dataset("A", shape=(S, 2, 2, 2, 2), dtype="f8", fillvalue=np.nan)
+        s.create_dataset("P", shape=(S, d, d), dtype="f8", fillvalue=np.nan)
+        s.create_dataset("A", shape=(S, d, d, d, d), dtype="f8", fillvalue=np.nan)
         s.create_dataset("newton_iterations", shape=(S,), dtype="i4")
         s.create_dataset("time_s", shape=(S,), dtype="f8")
         s.create_dataset("done", shape=(S,), dtype="u1")
         if stderr:
-            s.create_dataset("stress_stderr", shape=(S, 2, 2), dtype="f8", fillvalue=np.nan)
+            s.create_dataset("stress_stderr", shape=(S, d, d), dtype="f8", fillvalue=np.nan)
         for name, shape in fields.items():
             s.create_dataset(f"fields/{name}", shape=(S, *shape), dtype="f4",
                              chunks=(1, *shape), compression="gzip")

@@ -22,7 +22,10 @@ sets written before structures stored their kind are read by :func:`config_group
 :func:`data_family`, the only places that know them.
 
 The built-in kinds: ``single_fibre``, ``random_fibres``, ``fibre_chain`` (``FibreCell``) and
-``laminate`` (``Laminate``) in :mod:`neuroscale_couple.solvers.microstructure`, ``crystal``
+``laminate`` (``Laminate``) in :mod:`neuroscale_couple.solvers.microstructure`; the 3D cells
+``single_sphere``, ``random_spheres`` (``SphereCell``), ``random_ellipsoids``
+(``EllipsoidCell``) and ``ud_fibres`` (``UDFibreCell``) in
+:mod:`neuroscale_couple.solvers.cells3d`; ``crystal``
 (``Crystal``) in :mod:`neuroscale_couple.solvers.crystal`.
 """
 
@@ -68,6 +71,8 @@ class Structure(Protocol):
     Class attributes
     ----------------
     kinds : the config ``kind`` names the class answers (a fibre cell has several generators).
+    dim : d of the macro deformation gradients F̄ (d×d) its fine solver takes and its data sets
+        store: 2 (plane strain) or 3.
     config_schema : key → default (:data:`REQUIRED` where there is none) of the family's config
         mapping, besides :data:`GROUP_KEYS`; the one place its defaults are written.
     material_keys : the top-level keys of a generate config that the family's material is
@@ -89,6 +94,7 @@ class Structure(Protocol):
     """
 
     kinds: ClassVar[tuple[str, ...]]
+    dim: ClassVar[int]
     config_schema: ClassVar[Mapping[str, Any]]
     material_keys: ClassVar[tuple[str, ...]]
     default_load_radius: ClassVar[float]
@@ -160,6 +166,10 @@ BUILTIN = {"single_fibre": "neuroscale_couple.solvers.microstructure",
            "random_fibres": "neuroscale_couple.solvers.microstructure",
            "fibre_chain": "neuroscale_couple.solvers.microstructure",
            "laminate": "neuroscale_couple.solvers.microstructure",
+           "single_sphere": "neuroscale_couple.solvers.cells3d",
+           "random_spheres": "neuroscale_couple.solvers.cells3d",
+           "ud_fibres": "neuroscale_couple.solvers.cells3d",
+           "random_ellipsoids": "neuroscale_couple.solvers.cells3d",
            "crystal": "neuroscale_couple.solvers.crystal"}
 """Kind → module of the built-in families (imported on first use, so the core needs neither
 DOLFINx nor ASE)."""

@@ -1,6 +1,7 @@
 """Tensor conventions at the host boundary.
 
-- Kinematics are 2D plane strain: the deformation gradient F̄ is a 2×2 array (F₃₃ = 1 implied).
+- Kinematics are 2D plane strain: the deformation gradient F̄ is a 2×2 array (F₃₃ = 1 implied);
+  3D cells (:mod:`neuroscale_couple.solvers.cells3d`) take F̄ 3×3 and give P 3×3, A 3×3×3×3.
 - Stress is the first Piola–Kirchhoff stress P (2×2), tangent A = ∂P/∂F (2×2×2×2, ``A[i,j,k,l]
   = ∂P_ij/∂F_kl``), both float64, in the units of the elastic moduli given by the user.
 - Batches carry the point index first: F (n, 2, 2), P (n, 2, 2), A (n, 2, 2, 2, 2).

@@ -55,6 +55,7 @@ class Crystal:
     config: dict
 
     kinds: ClassVar[tuple[str, ...]] = ("crystal",)
+    dim: ClassVar[int] = 2  # plane-strain loads, as the 2D cells
     config_schema: ClassVar[dict[str, Any]] = CONFIG_SCHEMA
     material_keys: ClassVar[tuple[str, ...]] = ()
     """None: a crystal's config is its whole material."""

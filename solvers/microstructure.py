@@ -10,7 +10,6 @@ mapping, :func:`from_config`.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -22,8 +21,11 @@ from neuroscale_couple.solvers.phase_cell import (
     FIBRE,
     MATRIX,
     MESH_FILES,
+    InclusionCell,
     PhaseCell,
-    cell_images,
+    fragment_cell,
+    inclusion_arrays,
+    periodic_images,
 )
 from neuroscale_couple.structures import REQUIRED, register, settings
 
@@ -39,17 +41,10 @@ N_FIBRES = {"single_fibre": 1, "random_fibres": 1, "fibre_chain": 2}
 
 @register
 @dataclass(frozen=True)
-class FibreCell(PhaseCell):
-    """A periodic unit cell [0, 1)² of matrix with N equal circular fibres.
-
-    Attributes
-    ----------
-    kind : ``single_fibre``, ``random_fibres`` or ``fibre_chain`` (the generator that made it).
-    volume_fraction : fibre area fraction v in (0, 1).
-    centres : (N, 2) fibre centres in [0, 1)².
-    radius : fibre radius, cell lengths.
-    seed : random seed the arrangement was drawn with (None when deterministic).
-    """
+class FibreCell(InclusionCell):
+    """A periodic unit cell [0, 1)² of matrix with N equal circular fibres (the attributes of
+    :class:`InclusionCell`: ``kind`` ``single_fibre``, ``random_fibres`` or ``fibre_chain``,
+    the fibre area fraction, the (N, 2) centres, the radius and the seed)."""
 
     kinds: ClassVar[tuple[str, ...]] = ("single_fibre", "random_fibres", "fibre_chain")
     config_schema: ClassVar[dict[str, Any]] = {
@@ -60,22 +55,16 @@ class FibreCell(PhaseCell):
     drawn: ClassVar[dict[str, bool]] = {"volume_fraction": False, "n_fibres": True}
     descriptor_keys: ClassVar[tuple[str, ...]] = ("volume_fraction", "n_fibres")
 
-    kind: str
-    volume_fraction: float
-    centres: np.ndarray
-    radius: float
-    seed: int | None = None
-
     @property
     def n_fibres(self) -> int:
         return len(self.centres)
 
-    @property
-    def key(self) -> str:
-        """A short digest identifying the geometry (equal cells share one RVE in a cache)."""
-        h = hashlib.sha1(f"{self.kind}|{self.volume_fraction!r}|{self.radius!r}".encode())
-        h.update(np.ascontiguousarray(self.centres, dtype=np.float64).tobytes())
-        return h.hexdigest()[:16]
+    @classmethod
+    def arrays(cls, structures: Sequence[FibreCell], resolution: int | None
+               ) -> dict[str, np.ndarray]:
+        """``volume_fraction``, ``n_fibres``, ``seed`` (−1: none), ``radius`` (M,),
+        ``centres`` (M, N_max, 2) NaN-padded and ``image`` (M, r, r) float32."""
+        return inclusion_arrays(structures, resolution, "n_fibres")
 
     @classmethod
     def from_config(cls, cfg: dict, *, seed: int | None = None) -> FibreCell:
@@ -94,24 +83,6 @@ class FibreCell(PhaseCell):
         if kind == "fibre_chain":
             return fibre_chain(v, n, s, min_gap=gap, misalignment=float(o["misalignment"]))
         return random_fibres(v, n, s, min_gap=gap)
-
-    @classmethod
-    def arrays(cls, structures: Sequence[FibreCell], resolution: int | None
-               ) -> dict[str, np.ndarray]:
-        """``volume_fraction``, ``n_fibres``, ``seed`` (−1: none), ``radius`` (M,),
-        ``centres`` (M, N_max, 2) NaN-padded and ``image`` (M, r, r) float32."""
-        n_max = max(1, max(s.n_fibres for s in structures))
-        centres = np.full((len(structures), n_max, 2), np.nan)
-        for i, s in enumerate(structures):
-            centres[i, : s.n_fibres] = s.centres
-        return {
-            "volume_fraction": np.array([s.volume_fraction for s in structures]),
-            "n_fibres": np.array([s.n_fibres for s in structures]),
-            "seed": np.array([-1 if s.seed is None else s.seed for s in structures]),
-            "radius": np.array([s.radius for s in structures]),
-            "centres": centres,
-            "image": cell_images(structures, resolution),
-        }
 
     def _fibre_mask(self, s: np.ndarray) -> np.ndarray:
         """Distances are separable, so no (m, m, 2) array is formed."""
@@ -192,19 +163,10 @@ class FibreCell(PhaseCell):
         """The fibres' disks and their periodic images, clipped to the cell."""
         import gmsh
 
-        occ = gmsh.model.occ
-        cell = occ.addRectangle(0, 0, 0, 1, 1)
-        disks = []
-        for c in self.centres:
-            for sx in (-1, 0, 1):
-                for sy in (-1, 0, 1):
-                    x, y = c[0] + sx, c[1] + sy
-                    if -self.radius < x < 1 + self.radius and -self.radius < y < 1 + self.radius:
-                        disks.append((2, occ.addDisk(x, y, 0, self.radius, self.radius)))
-        clip = occ.addRectangle(0, 0, 0, 1, 1)
-        pieces, _ = occ.intersect(disks, [(2, clip)])
-        _, children = occ.fragment([(2, cell)], pieces)
-        return sorted({t for child in children[1:] for _, t in child})
+        r = self.radius
+        return fragment_cell(2, lambda: [
+            (2, gmsh.model.occ.addDisk(x, y, 0, r, r))
+            for c in self.centres for x, y in periodic_images(c, r)])
 
 
 Microstructure = FibreCell
@@ -380,28 +342,33 @@ def _check_fraction(v: float) -> None:
 
 
 def _sequential_addition(n: int, r: float, gap: float, rng: np.random.Generator,
-                         attempts: int = 5000, batch: int = 64) -> np.ndarray | None:
-    """Random sequential addition at radius r; None if some fibre finds no place.
+                         attempts: int = 5000, batch: int = 64,
+                         box: tuple[float, ...] = (1.0, 1.0)) -> np.ndarray | None:
+    """Random sequential addition of n disks (a 2D ``box``) or spheres (3D) of radius r in the
+    periodic box [0, box_0) × [0, box_1) (× [0, box_2)), the unit cell by default; their
+    centres (n, d), or None if one finds no place.
 
-    Each fibre tries up to ``attempts`` uniform candidates ``rng.random(2)`` in turn and takes
-    the first admissible one. The candidates are drawn and checked ``batch`` at a time, and the
-    generator is then rewound to just after the one taken: the same centres and generator
-    state as drawing one candidate at a time, without a Python loop per candidate."""
-    centres = np.empty((0, 2))
+    Each one tries up to ``attempts`` uniform candidates ``rng.random(d) · box`` in turn and
+    takes the first admissible one. The candidates are drawn and checked ``batch`` at a time,
+    and the generator is then rewound to just after the one taken: the same centres and
+    generator state as drawing one candidate at a time, without a Python loop per candidate."""
+    size = np.array(box, dtype=float)
+    dim = len(size)
+    centres = np.empty((0, dim))
     for _ in range(n):
         left = attempts
         while left:
             state = rng.bit_generator.state
-            trials = rng.random((min(batch, left), 2))
-            edge = np.minimum(trials, 1.0 - trials)
+            trials = rng.random((min(batch, left), dim)) * size
+            edge = np.minimum(trials, size - trials)
             ok = np.all(np.abs(edge - r) >= gap / 2, axis=1)
             d = centres[None] - trials[:, None]
-            d -= np.round(d)
-            ok &= np.all(np.hypot(d[..., 0], d[..., 1]) >= 2 * r + gap, axis=1)
+            d -= np.round(d / size) * size
+            ok &= np.all(np.hypot.reduce(d, axis=-1) >= 2 * r + gap, axis=1)
             if ok.any():
                 first = int(np.argmax(ok))
                 rng.bit_generator.state = state
-                rng.random((first + 1, 2))  # the draws up to the one taken, as one by one
+                rng.random((first + 1, dim))  # the draws up to the one taken, as one by one
                 centres = np.vstack([centres, trials[first]])
                 break
             left -= len(trials)
@@ -412,7 +379,8 @@ def _sequential_addition(n: int, r: float, gap: float, rng: np.random.Generator,
 
 def _compress(centres: np.ndarray, r: float, gap: float, rng: np.random.Generator,
               max_sweeps: int) -> np.ndarray | None:
-    """Hard-disk Monte Carlo, the radius ρ grown to min(r, largest admissible) after each sweep."""
+    """Hard-disk (hard-sphere) Monte Carlo on centres (n, d), the radius ρ grown to min(r,
+    largest admissible) after each sweep."""
     n = len(centres)
     for _ in range(max_sweeps):
         pair = _closest_pair(centres)
@@ -421,7 +389,7 @@ def _compress(centres: np.ndarray, r: float, gap: float, rng: np.random.Generato
             return centres
         step = max(0.5 * (r - rho), 0.05 * r)
         for i in rng.permutation(n):
-            trial = np.mod(centres[i] + rng.normal(0.0, step, 2), 1.0)
+            trial = np.mod(centres[i] + rng.normal(0.0, step, centres.shape[1]), 1.0)
             others = np.delete(centres, i, 0)
             if np.all(_distances(trial, others) >= 2 * rho + gap - 1e-12) and (
                     rho < r or _edge_ok(trial, r, gap)):
@@ -430,20 +398,21 @@ def _compress(centres: np.ndarray, r: float, gap: float, rng: np.random.Generato
 
 
 def _closest_pair(centres: np.ndarray) -> float:
-    """Smallest periodic centre distance between two of the points centres (n, 2); ∞ if n < 2."""
+    """Smallest periodic centre distance between two of the points centres (n, d); ∞ if n < 2."""
     return min((_distances(c, np.delete(centres, i, 0)).min(initial=np.inf)
                 for i, c in enumerate(centres)), default=np.inf)
 
 
 def _distances(c: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """Periodic distances from point c (2,) to points others (m, 2)."""
+    """Periodic distances from point c (d,) to points others (m, d)."""
     d = others - c
     d -= np.round(d)
-    return np.hypot(d[:, 0], d[:, 1])
+    return np.hypot.reduce(d, axis=-1)
 
 
 def _edge_ok(c: np.ndarray, r: float, gap: float) -> bool:
-    """Whether a fibre at c stays at least gap/2 away from being tangent to a cell edge."""
+    """Whether a fibre (sphere) at c stays at least gap/2 away from being tangent to a cell edge
+    (face)."""
     edge = np.minimum(c, 1.0 - c)
     return bool(np.all(np.abs(edge - r) >= gap / 2))
 

@@ -3,12 +3,14 @@
 A constraint is a PETSc matrix P (rows: all displacement dofs, columns: the reduced dofs) with
 w = P w_r. The reduced system is Pᵀ K P w_r = −Pᵀ R, formed with ``K.ptap(P)``.
 
-- ``periodic``: nodes on x = 1 (y = 1) copy their images on x = 0 (y = 0); the four corners collapse
-  onto the node at the origin, which is then dropped (w = 0 there removes rigid translations).
+- ``periodic``: nodes on x = 1 (y = 1, z = 1) copy their images on x = 0 (y = 0, z = 0); the
+  corners collapse onto the node at the origin, which is then dropped (w = 0 there removes rigid
+  translations).
 - ``affine``: w = 0 on the whole cell boundary (kinematic, Voigt-type boundary conditions).
 
-Works on any communicator: a slave whose master node lives on another rank finds it through one
-allgather of the masters on the x = 0 and y = 0 edges.
+The cell is the unit square or cube of the mesh's geometric dimension. Works on any communicator:
+a slave whose master node lives on another rank finds it through one allgather of the masters on
+the x = 0, y = 0 (and z = 0) faces.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ _TOL = 1e-8
 
 
 def prolongation(V, bc: str) -> PETSc.Mat:
-    """Build the prolongation P for a blocked (vector) Lagrange space V on the unit cell.
+    """Build the prolongation P for a blocked (vector) Lagrange space V on the unit cell
+    [0, 1]^d, d the mesh's geometric dimension (2 or 3).
 
     Returns a PETSc AIJ matrix of global size (n_dofs, n_reduced_dofs) with one unit entry per
     unconstrained row and empty rows for the dofs fixed to zero.
@@ -31,7 +34,7 @@ def prolongation(V, bc: str) -> PETSc.Mat:
     comm = V.mesh.comm
     imap, bs = V.dofmap.index_map, V.dofmap.index_map_bs
     n_own = imap.size_local
-    x = V.tabulate_dof_coordinates()[:n_own, :2]
+    x = V.tabulate_dof_coordinates()[:n_own, : V.mesh.geometry.dim]
     on_far = (np.abs(x - 1.0) < _TOL).any(axis=1)
     on_near = (np.abs(x) < _TOL).any(axis=1)
     at_origin = (np.abs(x) < _TOL).all(axis=1)
@@ -65,7 +68,8 @@ def prolongation(V, bc: str) -> PETSc.Mat:
 
 
 def _map_slaves(comm, x, is_slave, is_edge_master, reduced) -> None:
-    """Give each slave node the reduced index of its image on the x = 0 / y = 0 edges (in place)."""
+    """Give each slave node the reduced index of its image on the near faces x_i = 0 (in
+    place)."""
     images = np.where(np.abs(x[is_slave] - 1.0) < _TOL, 0.0, x[is_slave])
     masters_x = np.concatenate(comm.allgather(x[is_edge_master]))
     masters_r = np.concatenate(comm.allgather(reduced[is_edge_master]))

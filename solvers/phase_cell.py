@@ -1,29 +1,34 @@
-"""The base of periodic 2D two-phase unit cells: pixel images, gmsh meshes, and the
-:class:`~neuroscale_couple.structures.Structure` protocol for every cell family.
+"""The base of periodic two-phase unit cells, 2D and 3D: pixel (voxel) images, gmsh meshes, and
+the :class:`~neuroscale_couple.structures.Structure` protocol for every cell family.
 
-The unit cell is Y = [0, 1)² (lengths in units of the cell size). Phase 1 is the matrix, phase 2
-the fibres. A :class:`PhaseCell` gives
+The unit cell is Y = [0, 1)^d, d = :attr:`PhaseCell.dim` (2: plane strain, 3: solid), lengths in
+units of the cell size. Phase 1 is the matrix, phase 2 the inclusions (fibres, spheres). A
+:class:`PhaseCell` gives
 
-- a conforming triangle mesh with periodic boundary nodes and phase tags (:meth:`PhaseCell.mesh`),
-  which the periodic RVE solver uses,
-- a pixel image of the fibre fraction at any resolution (:meth:`PhaseCell.image`), which is
-  what the neural operator (SANO) sees,
+- a conforming triangle (d = 2) or tetrahedron (d = 3) mesh with periodic boundary nodes and
+  phase tags (:meth:`PhaseCell.mesh`), which the periodic RVE solver uses,
+- a pixel (voxel) image of the fibre fraction at any resolution (:meth:`PhaseCell.image`), which
+  is what the neural operator (SANO) sees,
 
 and the rest of the protocol: images as stored arrays and operator inputs, draws of a generate
 group, the two-phase material (law, matrix, fibre) of its config, the RVE as fine solver.
-A family of cells (e.g. :class:`~neuroscale_couple.solvers.microstructure.FibreCell`) subclasses
-it with its geometry (:meth:`PhaseCell._fibre_mask`, :meth:`PhaseCell._gmsh_fibres`), ``key``,
-``kinds``, ``config_schema`` and ``from_config``, decorated with
+A family of cells (e.g. :class:`~neuroscale_couple.solvers.microstructure.FibreCell`, the 3D
+families of :mod:`~neuroscale_couple.solvers.cells3d`) subclasses it with its ``dim`` and
+geometry (:meth:`PhaseCell._fibre_mask`, :meth:`PhaseCell._gmsh_fibres`), ``key``, ``kinds``,
+``config_schema`` and ``from_config``, decorated with
 :func:`~neuroscale_couple.structures.register`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import shutil
 import tempfile
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -57,7 +62,7 @@ RVE_CONFIG_KEYS = ("law", "matrix", "fibre", "mesh", "bc", "petsc_options")
 
 
 class PhaseCell(ABC):
-    """A periodic two-phase unit cell [0, 1)², seen by the operator as its fibre-fraction image
+    """A periodic two-phase unit cell [0, 1)^d, seen by the operator as its fibre-fraction image
     and solved by the periodic RVE (see the module docstring).
 
     Subclasses set ``kinds`` and ``config_schema``, implement :meth:`from_config`, ``key``,
@@ -67,6 +72,8 @@ class PhaseCell(ABC):
     """
 
     kinds: ClassVar[tuple[str, ...]]
+    dim: ClassVar[int] = 2
+    """Space dimension d of the cell: 2 (plane strain, F̄ 2×2) or 3 (F̄ 3×3)."""
     config_schema: ClassVar[dict[str, Any]] = {"count": 1, "seed": 0}
     """Keys every cell family accepts: ``count`` (cells of a generate group) and ``seed`` (the
     group's draws); a family adds its own (``{**PhaseCell.config_schema, ...}``)."""
@@ -99,21 +106,22 @@ class PhaseCell(ABC):
 
     @abstractmethod
     def _fibre_mask(self, s: np.ndarray) -> np.ndarray:
-        """Boolean mask (m, m) of the grid points (x, y) = (s[j], s[i]) lying in the fibre
-        phase (row index is y)."""
+        """Boolean mask (m,)*d of the grid points lying in the fibre phase: in 2D [i, j] is
+        (x, y) = (s[j], s[i]) (row index is y), in 3D [k, i, j] is (s[j], s[i], s[k])."""
 
     @abstractmethod
     def _gmsh_fibres(self) -> list[int]:
-        """Create the cell's geometry in the current gmsh OCC model: the unit square cut into
-        its phases (fragmented, so that the phases share their boundary); return the tags of
-        the fibre-phase surfaces."""
+        """Create the cell's geometry in the current gmsh OCC model: the unit square (cube) cut
+        into its phases (fragmented, so that the phases share their boundary; see
+        :func:`fragment_cell`); return the tags of the fibre-phase surfaces (volumes)."""
 
     # ------------------------------------------------------------------ geometry
     def image(self, resolution: int, supersample: int = 4) -> np.ndarray:
-        """Fibre fraction per pixel, shape (resolution, resolution), values in [0, 1].
+        """Fibre fraction per pixel, shape (resolution,)*d, values in [0, 1].
 
-        Pixel ``[i, j]`` covers x ∈ [j, j+1)/n, y ∈ [i, i+1)/n (row index is y). Each pixel is
-        sampled at ``supersample``² points, so the image's mean approaches the volume fraction.
+        Pixel ``[i, j]`` covers x ∈ [j, j+1)/n, y ∈ [i, i+1)/n (row index is y); voxel
+        ``[k, i, j]`` also z ∈ [k, k+1)/n. Each pixel is sampled at ``supersample``^d points,
+        so the image's mean approaches the volume fraction.
         """
         if resolution < 1 or supersample < 1:
             raise InputError(
@@ -121,12 +129,13 @@ class PhaseCell(ABC):
             )
         m = resolution * supersample
         inside = self._fibre_mask((np.arange(m) + 0.5) / m)
-        return inside.reshape(resolution, supersample, resolution, supersample).mean(axis=(1, 3))
+        d = self.dim
+        return inside.reshape((resolution, supersample) * d).mean(axis=tuple(range(1, 2 * d, 2)))
 
     @classmethod
     def images(cls, cells: Sequence[PhaseCell], resolution: int, supersample: int = 4
                ) -> np.ndarray:
-        """Images (M, resolution, resolution) of M cells of this class, each equal to its
+        """Images (M, resolution, ...) of M cells of this class, each equal to its
         :meth:`image`; a family with a faster batched rendering overrides this."""
         return np.stack([c.image(resolution, supersample) for c in cells])
 
@@ -136,14 +145,15 @@ class PhaseCell(ABC):
         Parameters
         ----------
         comm : communicator the mesh is distributed over (``MPI.COMM_SELF`` for a serial RVE).
-        size : target element size, in units of the cell length (e.g. 0.02).
+        size : target element size, in units of the cell length (e.g. 0.02 in 2D, 0.1 in 3D).
         order : geometric order of the cells; 2 gives curved fibre boundaries (use with P2).
 
-        Cell tags are ``MATRIX`` (1) and ``FIBRE`` (2); nodes on x = 1 (y = 1) are exact periodic
-        images of nodes on x = 0 (y = 0). On one process (``comm.size == 1``, the solver cache's
-        RVEs) a cell meshed before is read back from its .msh file (:data:`MESH_FILES`) instead
-        of meshed again, the first time as well: the same mesh, bit for bit, however often an
-        RVE is rebuilt.
+        Triangles in 2D, tetrahedra in 3D. Cell tags are ``MATRIX`` (1) and ``FIBRE`` (2); nodes
+        on x = 1 (y = 1, z = 1) are exact periodic images of nodes on x = 0 (y = 0, z = 0): gmsh
+        meshes the far edges (faces) as copies of the near ones (``setPeriodic``). On one
+        process (``comm.size == 1``, the solver cache's RVEs) a cell meshed before is read
+        back from its .msh file (:data:`MESH_FILES`) instead of meshed again, the first time
+        as well: the same mesh, bit for bit, however often an RVE is rebuilt.
         """
         import gmsh
         from dolfinx.io import gmsh as gmshio
@@ -173,7 +183,7 @@ class PhaseCell(ABC):
                     gmsh.finalize()
                 raise
         try:
-            return gmshio.model_to_mesh(gmsh.model, comm, rank, gdim=2)
+            return gmshio.model_to_mesh(gmsh.model, comm, rank, gdim=self.dim)
         finally:
             if comm.rank == rank:
                 gmsh.model.remove()
@@ -208,17 +218,18 @@ class PhaseCell(ABC):
     @classmethod
     def arrays(cls, structures: Sequence[PhaseCell], resolution: int | None
                ) -> dict[str, np.ndarray]:
-        """``volume_fraction`` (M,) and ``image`` (M, r, r) float32, the fibre fraction per
-        pixel (row index = y) at ``resolution`` r."""
+        """``volume_fraction`` (M,) and ``image`` (M, r, ...) float32 (r^d pixels), the fibre
+        fraction per pixel (row index = y) at ``resolution`` r."""
         return {"volume_fraction": np.array([s.volume_fraction for s in structures]),
                 "image": cell_images(structures, resolution)}
 
     @classmethod
     def operator_inputs(cls, micro: dict[str, np.ndarray], resolution: int | None,
                         dtype: torch.dtype, source: str) -> torch.Tensor:
-        """Images (M, 1, n, n) at the model's resolution n: the stored ``image`` average-pooled
-        (its resolution must be a multiple of n); cells with drawn phases add three constant
-        channels (M, 4, n, n), their :data:`~neuroscale_couple.phases.DESCRIPTORS`."""
+        """Images (M, 1, n, ...) (n^d pixels) at the model's resolution n: the stored ``image``
+        average-pooled (its resolution must be a multiple of n); cells with drawn phases add
+        three constant channels (M, 4, n, ...), their
+        :data:`~neuroscale_couple.phases.DESCRIPTORS`."""
         import torch
         from torch.nn import functional as F
 
@@ -230,12 +241,14 @@ class PhaseCell(ABC):
             raise InputError(f"{source}: image_resolution {n} is not a multiple of the model "
                              f"resolution {resolution}; regenerate with image_resolution = "
                              f"k·{resolution}")
-        images = F.avg_pool2d(images, n // resolution) if n != resolution else images
+        dim = images.ndim - 2
+        pool = getattr(F, f"avg_pool{dim}d")
+        images = pool(images, n // resolution) if n != resolution else images
         if not all(k in micro for k in PHASE_ARRAYS):
             return images
         d = torch.as_tensor(np.stack(list(descriptors(micro).values()), axis=1), dtype=dtype)
-        return torch.cat([images, d[:, :, None, None].expand(-1, -1, resolution, resolution)],
-                         dim=1)
+        d = d.reshape(*d.shape, *(1,) * dim).expand(-1, -1, *(resolution,) * dim)
+        return torch.cat([images, d], dim=1)
 
     @classmethod
     def stress_units(cls, micro: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -300,12 +313,65 @@ class PhaseCell(ABC):
         return rve_from_config(material, self, MPI.COMM_SELF if comm is None else comm)
 
 
+@dataclass(frozen=True)
+class InclusionCell(PhaseCell):
+    """A cell of N equal inclusions of one radius in the matrix: disks (2D fibres) or spheres.
+
+    Attributes
+    ----------
+    kind : the generator that made it (one of the family's ``kinds``).
+    volume_fraction : inclusion area (volume) fraction v in (0, 1).
+    centres : (N, d) inclusion centres in [0, 1)^d.
+    radius : inclusion radius, cell lengths.
+    seed : random seed the arrangement was drawn with (None when deterministic).
+    """
+
+    kind: str
+    volume_fraction: float
+    centres: np.ndarray
+    radius: float
+    seed: int | None = None
+
+    @property
+    def key(self) -> str:
+        """A short digest identifying the geometry (equal cells share one RVE in a cache)."""
+        h = hashlib.sha1(f"{self.kind}|{self.volume_fraction!r}|{self.radius!r}".encode())
+        h.update(np.ascontiguousarray(self.centres, dtype=np.float64).tobytes())
+        return h.hexdigest()[:16]
+
+
+
+def inclusion_arrays(structures: Sequence[InclusionCell], resolution: int | None,
+                     count_key: str) -> dict[str, np.ndarray]:
+    """The stored arrays of inclusion cells of one dimension d: ``volume_fraction``, the
+    count (named ``count_key``: ``n_fibres``, ``n_spheres``), ``seed`` (−1: none), ``radius``
+    (M,), ``centres`` (M, N_max, d) NaN-padded and ``image`` (M, r, ...) float32."""
+    image = cell_images(structures, resolution)  # refuses cells of mixed dimensions
+    n_max = max(1, max(len(s.centres) for s in structures))
+    centres = np.full((len(structures), n_max, structures[0].dim), np.nan)
+    for i, s in enumerate(structures):
+        centres[i, : len(s.centres)] = s.centres
+    return {
+        "volume_fraction": np.array([s.volume_fraction for s in structures]),
+        count_key: np.array([len(s.centres) for s in structures]),
+        "seed": np.array([-1 if s.seed is None else s.seed for s in structures]),
+        "radius": np.array([s.radius for s in structures]),
+        "centres": centres,
+        "image": image,
+    }
+
+
 def cell_images(structures: Sequence[PhaseCell], resolution: int | None) -> np.ndarray:
-    """(M, r, r) float32 images of cells at ``resolution`` r (the ``image`` array of a data
-    set)."""
+    """(M, r, ...) float32 images (r^d pixels) of cells of one dimension d at ``resolution`` r
+    (the ``image`` array of a data set)."""
     if resolution is None:
         raise InputError("cell images need a resolution: give image_resolution, e.g. 64")
-    out = np.empty((len(structures), resolution, resolution), dtype=np.float32)
+    dims = {s.dim for s in structures}
+    if len(dims) > 1:
+        raise InputError("2D and 3D cells in one data set: keep each dimension in its own "
+                         "data set and model")
+    dim = dims.pop() if dims else 2
+    out = np.empty((len(structures), *(resolution,) * dim), dtype=np.float32)
     groups: dict[type, list[int]] = {}
     for i, s in enumerate(structures):
         groups.setdefault(type(s), []).append(i)
@@ -382,47 +448,92 @@ def _build_gmsh_model(ms: PhaseCell, size: float, order: int) -> None:
     """Create the current gmsh model's geometry, physical groups, periodicity and mesh."""
     import gmsh
 
+    d = ms.dim
     fibre = ms._gmsh_fibres()
     gmsh.model.occ.synchronize()
-    everything = [t for _, t in gmsh.model.getEntities(2)]
+    everything = [t for _, t in gmsh.model.getEntities(d)]
     matrix = [t for t in everything if t not in fibre]
-    gmsh.model.addPhysicalGroup(2, matrix, MATRIX, name="matrix")
-    gmsh.model.addPhysicalGroup(2, fibre, FIBRE, name="fibre")
-    _set_periodic(axis=0)
-    _set_periodic(axis=1)
+    gmsh.model.addPhysicalGroup(d, matrix, MATRIX, name="matrix")
+    gmsh.model.addPhysicalGroup(d, fibre, FIBRE, name="fibre")
+    for axis in range(d):
+        _set_periodic(axis, d)
     gmsh.option.setNumber("Mesh.MeshSizeMax", size)
     gmsh.option.setNumber("Mesh.MeshSizeMin", 0.25 * size)
     gmsh.option.setNumber("Mesh.MeshSizeFromCurvature", 12)
     gmsh.option.setNumber("Mesh.Algorithm", 6)
-    gmsh.model.mesh.generate(2)
+    gmsh.model.mesh.generate(d)
     if order > 1:
         gmsh.model.mesh.setOrder(order)
 
 
-def _set_periodic(axis: int) -> None:
-    """Declare curves on the far cell edge (x=1 or y=1) periodic images of those on the near one."""
+def _set_periodic(axis: int, dim: int) -> None:
+    """Declare the boundary entities (curves in 2D, surfaces in 3D) on the far cell side
+    x_axis = 1 periodic images of those on the near side x_axis = 0."""
     import gmsh
 
-    eps = 1e-7
-
-    def edge_curves(value: float) -> dict[tuple, int]:
-        lo = [-eps, -eps, -eps]
-        hi = [1 + eps, 1 + eps, eps]
-        lo[axis], hi[axis] = value - eps, value + eps
-        curves = gmsh.model.getEntitiesInBoundingBox(*lo, *hi, dim=1)
+    def side_entities(value: float) -> dict[tuple, int]:
         out = {}
-        for _, tag in curves:
-            box = np.array(gmsh.model.getBoundingBox(1, tag))
-            key = tuple(np.round(np.delete(box, [axis, axis + 3]), 6))
-            out[key] = tag
+        for _, tag in gmsh.model.getEntities(dim - 1):
+            if _on_plane(dim - 1, tag, axis, value):  # known by the centre of mass on the side
+                centre = np.array(gmsh.model.occ.getCenterOfMass(dim - 1, tag))
+                out[tuple(np.round(np.delete(centre, axis), 6))] = tag
         return out
 
-    near, far = edge_curves(0.0), edge_curves(1.0)
+    near, far = side_entities(0.0), side_entities(1.0)
     if near.keys() != far.keys():
-        raise RuntimeError("gmsh produced non-matching boundary curves; report this microstructure")
+        raise RuntimeError("gmsh produced non-matching boundary entities; report this "
+                           "microstructure")
     shift = [0.0, 0.0, 0.0]
     shift[axis] = 1.0
     affine = [1, 0, 0, shift[0], 0, 1, 0, shift[1], 0, 0, 1, shift[2], 0, 0, 0, 1]
     keys = sorted(near)
-    gmsh.model.mesh.setPeriodic(1, [far[k] for k in keys], [near[k] for k in keys], affine)
+    gmsh.model.mesh.setPeriodic(dim - 1, [far[k] for k in keys], [near[k] for k in keys], affine)
 
+
+def _on_plane(dim: int, tag: int, axis: int, value: float) -> bool:
+    """Whether the gmsh entity (dim, tag) lies in the plane x_axis = value: its underlying
+    curve or surface, sampled on a 5^dim grid of its parameter range, stays on it (OCC's
+    bounding boxes are loose for curved and scaled shapes, so they cannot tell)."""
+    import gmsh
+
+    lo, hi = gmsh.model.getParametrizationBounds(dim, tag)
+    grid = np.meshgrid(*(np.linspace(a, b, 5) for a, b in zip(lo, hi, strict=True)),
+                       indexing="ij")
+    points = gmsh.model.getValue(dim, tag, np.stack([g.ravel() for g in grid], axis=1).ravel())
+    return bool(np.all(np.abs(np.reshape(points, (-1, 3))[:, axis] - value) < 1e-7))
+
+
+def periodic_images(centre: np.ndarray, reach: float, axes: int | None = None
+                    ) -> list[np.ndarray]:
+    """The periodic images centre + s (s ∈ {−1, 0, 1}^k on the first k = ``axes`` coordinates,
+    all by default) of an inclusion that reaches ``reach`` cell lengths from its centre and
+    meets the open cell (−reach, 1 + reach)^k."""
+    centre = np.asarray(centre, dtype=float)
+    k = len(centre) if axes is None else axes
+    images = []
+    for shift in itertools.product((-1, 0, 1), repeat=k):
+        x = centre.copy()
+        x[:k] += shift
+        if np.all((-reach < x[:k]) & (x[:k] < 1 + reach)):
+            images.append(x)
+    return images
+
+
+def fragment_cell(dim: int, inclusions: Callable[[], list[tuple[int, int]]]) -> list[int]:
+    """Cut the unit square (dim 2) or cube (dim 3) of the current gmsh OCC model by the shapes
+    that ``inclusions()`` creates (OCC dim tags; they may reach beyond the cell): the shapes
+    are clipped to the cell and fragmented with it, so the phases share their boundary.
+    Returns the tags of the clipped inclusions (the fibre phase)."""
+    import gmsh
+
+    occ = gmsh.model.occ
+
+    def unit_cell() -> int:
+        return occ.addRectangle(0, 0, 0, 1, 1) if dim == 2 else occ.addBox(0, 0, 0, 1, 1, 1)
+
+    cell = unit_cell()
+    shapes = inclusions()
+    clip = unit_cell()
+    pieces, _ = occ.intersect(shapes, [(dim, clip)])
+    _, children = occ.fragment([(dim, cell)], pieces)
+    return sorted({t for child in children[1:] for _, t in child})

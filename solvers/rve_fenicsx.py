@@ -1,6 +1,7 @@
 """The true fine solver of FE²: a periodic RVE homogenization in DOLFINx 0.11.
 
-For a macro deformation gradient F̄ the micro deformation on the unit cell Y is
+For a macro deformation gradient F̄ (d×d: d = 2 plane strain, d = 3 solid cells, the cell's
+``dim``) the micro deformation on the unit cell Y = [0, 1)^d is
 F(y) = F̄ + ∇w(y) with a fluctuation w that is periodic (or zero on ∂Y for affine conditions).
 Equilibrium, in weak form, is
 
@@ -15,8 +16,8 @@ unconstrained Jacobian at the solution:
     A_ijkl = ∂P̄_ij/∂F̄_kl = (K X_ij) · (X_kl + ∂w/∂F̄_kl) / |Y|,   ∂w_r/∂F̄_kl = −K_r⁻¹ 𝒫ᵀ K X_kl
 
 i.e. the consistent tangent by static condensation: one factorization of K_r = 𝒫ᵀ K 𝒫 at the
-converged state and four solves. The sensitivities ∂w/∂F̄ also give a first-order predictor when a
-point is warm-started at a new F̄.
+converged state and d² solves (4 in 2D, 9 in 3D). The sensitivities ∂w/∂F̄ also give a
+first-order predictor when a point is warm-started at a new F̄.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 #: Element size per degree that puts the homogenized stiffness within ~1 % of the mesh-converged
 #: value for the composites of the FE² example (see tests/integration/test_rve_convergence.py).
 DEFAULT_MESH_SIZE = {1: 0.02, 2: 0.05}
+#: ... times this factor per cell dimension: a 3D cell at the 2D sizes would have ~10⁶ dofs
+MESH_SIZE_SCALE = {2: 1.0, 3: 5.0}
 #: MPI communicators a serial RVE holds once built (measured with MPICH, bench/rve_live.py): 4
 #: its mesh (topology and index maps), 2 its function spaces' index maps, 3 PETSc's duplicates
 #: (one more, PETSc's own of COMM_SELF, is shared by all the process's RVEs); a P2 RVE's curved
@@ -103,8 +106,9 @@ def solver_options(petsc_options: dict) -> dict:
 
 
 def first_piola(law: str, F, lmbda, mu):
-    """UFL first Piola–Kirchhoff stress of a plane-strain phase law (see :mod:`..materials`)."""
-    eye = ufl.Identity(2)
+    """UFL first Piola–Kirchhoff stress of a phase law (see :mod:`..materials`) for a d×d UFL
+    deformation gradient F (d = 2: plane strain, d = 3)."""
+    eye = ufl.Identity(ufl.shape(F)[0])
     if law == "linear":
         eps = ufl.sym(F - eye)
         return lmbda * ufl.tr(eps) * eye + 2 * mu * eps
@@ -113,15 +117,17 @@ def first_piola(law: str, F, lmbda, mu):
 
 
 class PeriodicRVE(FineSolver):
-    """A plane-strain RVE of one microstructure, built once and solved for many F̄.
+    """A periodic RVE of one microstructure, built once and solved for many F̄: plane strain
+    for a 2D cell, F̄ 2×2; a solid for a 3D cell (:mod:`..cells3d`), F̄ 3×3.
 
     Parameters
     ----------
     microstructure : the unit cell: a two-phase cell
-        (:class:`~neuroscale_couple.solvers.phase_cell.PhaseCell`) of any family.
+        (:class:`~neuroscale_couple.solvers.phase_cell.PhaseCell`) of any family, 2D or 3D.
     law : ``linear`` or ``neo_hookean`` (both phases).
     matrix, fibre : phase moduli; stresses come out in the unit of E.
-    mesh_size : element size in cell lengths (default: ``DEFAULT_MESH_SIZE[degree]``).
+    mesh_size : element size in cell lengths (default: ``DEFAULT_MESH_SIZE[degree]`` ×
+        ``MESH_SIZE_SCALE[dim]``: 0.02 (P1) and 0.05 (P2) in 2D, 0.1 and 0.25 in 3D).
     degree : Lagrange degree of the fluctuation, 1 or 2.
     bc : ``periodic`` fluctuations or ``affine`` (w = 0 on ∂Y).
     comm : communicator; the intended use is one serial RVE per rank (``MPI.COMM_SELF``).
@@ -133,8 +139,9 @@ class PeriodicRVE(FineSolver):
         doubled (up to ``MAX_MUMPS_MARGIN`` %) and the factorization repeated.
 
     While awake the RVE has ``mesh`` (DOLFINx) and ``phase`` ((n_cells,) int32, ``MATRIX`` or
-    ``FIBRE`` per owned cell). Solved, it holds 14 MPI communicators
-    (:meth:`communicators`) and, at mesh size 0.02, ~14 MB (11 of them MUMPS's LU factors);
+    ``FIBRE`` per owned cell); ``dim`` is the cell's d and ``area`` its measure |Y| (= 1).
+    Solved, a 2D RVE holds 14 MPI communicators (:meth:`communicators`) and, at mesh size
+    0.02, ~14 MB (11 of them MUMPS's LU factors);
     :meth:`hibernate` releases all the communicators and keeps ~0.22 MB of mesh arrays besides
     the warm-start states (0.26 MB a point), ~0.5 MB resident, and the next solve resumes it
     in 0.03–0.05 s, half a warm solve (measured, ``python bench/rve_live.py``).
@@ -168,7 +175,8 @@ class PeriodicRVE(FineSolver):
             raise InputError(f"degree={degree}: the RVE solver supports P1 and P2 (1 or 2)")
         self.microstructure, self.matrix, self.fibre = microstructure, matrix, fibre
         self.degree, self.bc, self.comm, self.max_substeps = degree, bc, comm, max_substeps
-        self.mesh_size = float(mesh_size or DEFAULT_MESH_SIZE[degree])
+        self.dim = microstructure.dim
+        self.mesh_size = float(mesh_size or DEFAULT_MESH_SIZE[degree] * MESH_SIZE_SCALE[self.dim])
 
         self._options = options
         self._mumps = {k: v for k, v in options.items() if k.startswith("mat_mumps_")}
@@ -177,7 +185,7 @@ class PeriodicRVE(FineSolver):
         self.states: dict[Hashable, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         t0 = time.perf_counter()
         data = microstructure.mesh(comm, self.mesh_size, order=degree)
-        phase = np.zeros(data.mesh.topology.index_map(2).size_local, dtype=np.int32)
+        phase = np.zeros(data.mesh.topology.index_map(self.dim).size_local, dtype=np.int32)
         owned = data.cell_tags.indices < len(phase)
         phase[data.cell_tags.indices[owned]] = data.cell_tags.values[owned]
         self._build(data.mesh, phase)
@@ -190,13 +198,13 @@ class PeriodicRVE(FineSolver):
         whose owned cells have the phase tags ``phase`` (n_cells,); what it creates is what
         :meth:`hibernate` releases (the names in ``self._built``)."""
         before = set(self.__dict__)
-        degree, comm = self.degree, self.comm
+        degree, comm, d = self.degree, self.comm, self.dim
         self.mesh, self.phase = mesh, phase
         self._lmbda, self._mu = self._phase_fields(self.matrix, self.fibre)
-        V = fem.functionspace(self.mesh, ("Lagrange", degree, (2,)))
+        V = fem.functionspace(self.mesh, ("Lagrange", degree, (d,)))
         self.V = V
         self._w = fem.Function(V, name="w")
-        self._Fbar = fem.Constant(self.mesh, np.eye(2))
+        self._Fbar = fem.Constant(self.mesh, np.eye(d))
         self._Fmicro = self._Fbar + ufl.grad(self._w)
         self._Pmicro = first_piola(self.law, self._Fmicro, self._lmbda, self._mu)
         quad = {"quadrature_degree": max(2 * (degree - 1), 1)}
@@ -241,13 +249,15 @@ class PeriodicRVE(FineSolver):
         SolveError : Newton failed even with ``max_substeps`` load substeps, or the tangent's
             linear solve failed.
         """
-        Fb = as_deformation_batch(F)
+        self._check_open()
+        d = self.dim
+        Fb = as_deformation_batch(F, f"F (for the {d}D {self.microstructure.kind} cell)", (d,))
         n = len(Fb)
         if point_ids is not None and len(point_ids) != n:
             raise InputError(f"point_ids has {len(point_ids)} entries for {n} gradients F")
         self.resume()
-        stress = np.empty((n, 2, 2))
-        tang = np.empty((n, 2, 2, 2, 2)) if tangent else None
+        stress = np.empty((n, d, d))
+        tang = np.empty((n, d, d, d, d)) if tangent else None
         info = {k: np.zeros(n, dtype=d) for k, d in
                 (("iterations", int), ("substeps", int), ("time_s", float))}
         fields: dict[str, list] | None = {} if fields_resolution else None
@@ -305,7 +315,7 @@ class PeriodicRVE(FineSolver):
             cells[topology.original_cell_index] = position[geometry.dofmaps[0]]
             phase = np.empty_like(self.phase)
             phase[topology.original_cell_index] = self.phase
-            x = geometry.x[nodes, :2].copy()
+            x = geometry.x[nodes, : self.dim].copy()
             element = self.mesh.ufl_domain().ufl_coordinate_element()
             self._release()
             self._asleep = (cells, x, phase, element)
@@ -376,12 +386,13 @@ class PeriodicRVE(FineSolver):
         if self._static_bytes is None:  # sizes fixed at the build
             scalar = np.dtype(PETSc.ScalarType).itemsize
             index = np.dtype(PETSc.IntType).itemsize
-            total = MESH_BYTES_PER_CELL * self.mesh.topology.index_map(2).size_local
+            total = MESH_BYTES_PER_CELL * self.mesh.topology.index_map(self.dim).size_local
             for mat in (self._K, self._Kr, self._Pr):
                 total += (int(mat.getInfo()["nz_allocated"]) * (scalar + index)
                           + (mat.getLocalSize()[0] + 1) * index)
-            # b, w, the four affine fields; reduced w, residual and the SNES's work vectors
-            total += scalar * (6 * self._b.getLocalSize() + 8 * self._wr.getLocalSize())
+            # b, w, the d² affine fields; reduced w, residual and the SNES's work vectors
+            total += scalar * ((2 + self.dim**2) * self._b.getLocalSize()
+                               + 8 * self._wr.getLocalSize())
             self._static_bytes = total
         return self._static_bytes + self._factor_bytes()
 
@@ -416,8 +427,8 @@ class PeriodicRVE(FineSolver):
     def virtual_work(self, dF: np.ndarray, dw) -> float:
         """⟨P : δF⟩ = (1/|Y|) ∫_Y P : (δF̄ + ∇δw) dy at the last solved state.
 
-        ``dF`` is a (2, 2) virtual macro gradient δF̄ and ``dw`` a callable ``x -> (2, n)`` giving a
-        virtual fluctuation at points ``x`` (3, n). For an admissible (periodic) δw Hill–Mandel
+        ``dF`` is a (d, d) virtual macro gradient δF̄ and ``dw`` a callable ``x -> (d, n)`` giving
+        a virtual fluctuation at points ``x`` (3, n). For an admissible (periodic) δw Hill–Mandel
         requires this to equal P̄ : δF̄.
         """
         self.resume()
@@ -441,14 +452,14 @@ class PeriodicRVE(FineSolver):
 
     def _affine_fields(self) -> list[PETSc.Vec]:
         """PETSc vectors of the affine displacement fields y ↦ E_kl y, kl in row-major order."""
-        n_own = self.V.dofmap.index_map.size_local
-        y = self.V.tabulate_dof_coordinates()[:n_own, :2]
+        n_own, d = self.V.dofmap.index_map.size_local, self.dim
+        y = self.V.tabulate_dof_coordinates()[:n_own, :d]
         fields = []
-        for k, l in itertools.product(range(2), range(2)):
-            u = np.zeros((n_own, 2))
+        for k, l in itertools.product(range(d), range(d)):
+            u = np.zeros((n_own, d))
             u[:, k] = y[:, l]
             vec = self._b.duplicate()
-            vec.getArray()[: 2 * n_own] = u.ravel()
+            vec.getArray()[: d * n_own] = u.ravel()
             fields.append(vec)
         return fields
 
@@ -519,9 +530,10 @@ class PeriodicRVE(FineSolver):
     # ------------------------------------------------------------------ solve steps
     def _equilibrate(self, F: np.ndarray, key: Hashable | None) -> tuple[int, int]:
         """Converge w for F̄ = F into ``self._wr``; returns (Newton iterations, substeps used)."""
-        F_start, w_start, dw_start = self.states.get(key, (np.eye(2), None, None))
+        eye = np.eye(self.dim)
+        F_start, w_start, dw_start = self.states.get(key, (eye, None, None))
         if w_start is not None and len(w_start) != self._wr.getLocalSize():
-            F_start, w_start, dw_start = np.eye(2), None, None  # a state from another mesh
+            F_start, w_start, dw_start = eye, None, None  # a state from another mesh
         guess = np.zeros(self._wr.getLocalSize()) if w_start is None else w_start.copy()
         if dw_start is not None:
             guess += np.tensordot((F - F_start).ravel(), dw_start, axes=1)
@@ -589,21 +601,23 @@ class PeriodicRVE(FineSolver):
     def _stress(self) -> np.ndarray:
         self._set_fluctuation(self._wr)
         self._assemble_residual()
-        return np.array([self._b.dot(x) for x in self._X]).reshape(2, 2) / self.area
+        d = self.dim
+        return np.array([self._b.dot(x) for x in self._X]).reshape(d, d) / self.area
 
     def _tangent(self) -> tuple[np.ndarray, np.ndarray]:
-        """Consistent tangent (2,2,2,2) and reduced sensitivities ∂w_r/∂F̄ (4, n_reduced_local)."""
+        """Consistent tangent (d,d,d,d) and reduced sensitivities ∂w_r/∂F̄ (d², n_reduced_local)."""
         self._assemble_jacobian()
         self._K.ptap(self._Pr, result=self._Kr)
         ksp = self._snes.getKSP()
         ksp.setOperators(self._Kr)
-        KX = [self._K.createVecLeft() for _ in range(4)]
+        d, dd = self.dim, self.dim**2
+        KX = [self._K.createVecLeft() for _ in range(dd)]
         rhs, dwr, dw = self._Pr.createVecRight(), self._Pr.createVecRight(), self._b.duplicate()
-        A = np.empty((4, 4))
-        sens = np.empty((4, self._wr.getLocalSize()))
+        A = np.empty((dd, dd))
+        sens = np.empty((dd, self._wr.getLocalSize()))
         for kl, x in enumerate(self._X):
             self._K.mult(x, KX[kl])
-        for kl in range(4):
+        for kl in range(dd):
             self._Pr.multTranspose(KX[kl], rhs)
             rhs.scale(-1.0)
             ksp.solve(rhs, dwr)
@@ -619,12 +633,13 @@ class PeriodicRVE(FineSolver):
             sens[kl] = dwr.getArray()
             self._Pr.mult(dwr, dw)
             dw.axpy(1.0, self._X[kl])
-            A[:, kl] = [KX[ij].dot(dw) for ij in range(4)]
-        return A.reshape(2, 2, 2, 2) / self.area, sens
+            A[:, kl] = [KX[ij].dot(dw) for ij in range(dd)]
+        return A.reshape(d, d, d, d) / self.area, sens
 
     # ------------------------------------------------------------------ micro fields
     def _sample_fields(self, resolution: int) -> dict[str, np.ndarray]:
-        """Micro fields at the r×r pixel centres (row index = y), gathered over the communicator."""
+        """Micro fields at the r^d pixel centres (row index = y), gathered over the
+        communicator: ``w`` (r, ..., d), ``F`` and ``P`` (r, ..., d, d)."""
         if resolution not in self._samplers:
             self._samplers[resolution] = self._make_sampler(resolution)
         points, cells, found, T, exprs = self._samplers[resolution]
@@ -633,25 +648,28 @@ class PeriodicRVE(FineSolver):
             fn = fem.Function(T)
             fn.interpolate(expr)
             out[name] = fn
-        r = resolution
+        grid, d = (resolution,) * self.dim, self.dim
         result = {}
         for name, fn in out.items():
-            vals = np.zeros((r * r, fn.function_space.dofmap.index_map_bs))
+            vals = np.zeros((resolution**d, fn.function_space.dofmap.index_map_bs))
             if len(cells):
                 vals[found] = fn.eval(points[found], cells)
             self.comm.Allreduce(MPI.IN_PLACE, vals)
-            shape = (r, r, 2) if name == "w" else (r, r, 2, 2)
+            shape = (*grid, d) if name == "w" else (*grid, d, d)
             result[name] = vals.reshape(shape)
         return result
 
     def _make_sampler(self, r: int):
+        d = self.dim
         s = (np.arange(r) + 0.5) / r
-        x, y = np.meshgrid(s, s)
-        points = np.stack([x.ravel(), y.ravel(), np.zeros(r * r)], axis=1)
-        tree = geometry.bb_tree(self.mesh, 2)
+        axes = np.meshgrid(*(s,) * d, indexing="ij")  # array axis 0 is the last coordinate
+        points = np.zeros((r**d, 3))
+        for c in range(d):
+            points[:, c] = axes[d - 1 - c].ravel()
+        tree = geometry.bb_tree(self.mesh, d)
         colliding = geometry.compute_colliding_cells(
             self.mesh, geometry.compute_collisions_points(tree, points), points)
-        n_owned = self.mesh.topology.index_map(2).size_local
+        n_owned = self.mesh.topology.index_map(d).size_local
         found, cells = [], []
         for i in range(len(points)):
             links = colliding.links(i)
@@ -667,7 +685,7 @@ class PeriodicRVE(FineSolver):
         keep = owner[found] == self.comm.rank
         found = np.asarray(found, dtype=np.int64)[keep]
         cells = np.asarray(cells, dtype=np.int32)[keep]
-        T = fem.functionspace(self.mesh, ("DG", self.degree - 1, (2, 2)))
+        T = fem.functionspace(self.mesh, ("DG", self.degree - 1, (d, d)))
         ipts = T.element.interpolation_points
         exprs = {"F": fem.Expression(self._Fmicro, ipts), "P": fem.Expression(self._Pmicro, ipts)}
         return points, cells, found, T, exprs

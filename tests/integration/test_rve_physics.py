@@ -32,9 +32,9 @@ def rve(ms, **kw):
 
 # ----------------------------------------------------------------- analytic phase responses
 def stress_tangent(law: str, phase: Phase, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Closed-form P and ∂P/∂F of a homogeneous plane-strain phase."""
+    """Closed-form P and ∂P/∂F of a homogeneous phase: plane strain for F 2×2, 3D for 3×3."""
     lmbda, mu = phase.lame
-    d = np.eye(2)
+    d = np.eye(len(F))
     if law == "linear":
         eps = 0.5 * (F + F.T) - d
         C = (lmbda * np.einsum("ij,kl->ijkl", d, d)
