@@ -442,8 +442,9 @@ class Coupler(FineSolver):
         keys), ``policy`` (:class:`Policy` fields; ``rtol`` 0 without a model: classic FE²),
         ``retrain`` (:class:`~neuroscale_couple.retraining.RetrainConfig` fields),
         ``replay_dir``, ``cache_size``, ``cache_memory`` (e.g. ``2G``), ``dtype`` (float64 or
-        float32), ``audit`` (bool), ``balance_ranks``. Unknown keys are refused with the
-        nearest known one named."""
+        float32), ``audit`` (bool), ``balance_ranks``, ``cold_start`` (with ``model: none``:
+        :class:`~neuroscale_couple.cold_start.ColdStart` fields, ``encoder`` relative to the
+        YAML's folder). Unknown keys are refused with the nearest known one named."""
         from neuroscale_couple.config import coupler_from_config
 
         return coupler_from_config(config, comm)

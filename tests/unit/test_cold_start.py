@@ -106,3 +106,20 @@ def test_coupler_refuses_a_cold_start_it_cannot_run(tmp_path, kwargs, message):
     model = args.pop("model")
     with pytest.raises(InputError, match=message):
         Coupler(model, lambda m: None, comm=MPI.COMM_SELF, cold_start=ColdStart(MODEL), **args)
+
+
+def test_coupler_config_with_model_none_and_cold_start(tmp_path):
+    config = {"model": "none", "fine": {"kind": "rve", **ALUMINIUM_SIC},
+              "cold_start": {"encoder": str(MODEL), "held_out": 0.2},
+              "policy": {"rtol": 0.02}, "retrain": {"background": True},
+              "replay_dir": str(tmp_path / "replay")}
+    c = Coupler.from_config(config, comm=MPI.COMM_SELF)
+    try:
+        assert c.cold_start.held_out == 0.2 and not c.serving
+        assert c.model.config.matrix == (70.0, 0.33)
+    finally:
+        c.close()
+    with pytest.raises(InputError, match="needs a mapping with the encoder"):
+        Coupler.from_config({**config, "cold_start": {"held_out": 0.2}}, comm=MPI.COMM_SELF)
+    with pytest.raises(InputError, match="set model: none"):
+        Coupler.from_config({**config, "model": str(MODEL)}, comm=MPI.COMM_SELF)
