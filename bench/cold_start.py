@@ -49,8 +49,8 @@ def main() -> dict:
     p.add_argument("--matrix", type=float, nargs=2, default=(70.0, 0.33), metavar=("E", "NU"))
     p.add_argument("--fibre", type=float, nargs=2, default=(410.0, 0.14), metavar=("E", "NU"))
     p.add_argument("--cold-flags", default="",
-                   help="further flags of the cold-start run, one string (e.g. "
-                   "'--cold-encoder examples/models/fe2_composite_fast.pt')")
+                   help="further flags of the cold-start run, one string given with = (e.g. "
+                   "--cold-flags=--cost-aware-retrain)")
     p.add_argument("--out", default="out/bench_cold_start")
     p.add_argument("--name", default="cold_start", help="record name in bench/results")
     p.add_argument("--reuse-reference", action="store_true",

@@ -28,6 +28,14 @@ Run: ``mpiexec -n 4 python examples/fe2_composite.py --out out/fe2``. Output in 
 later run from it). The script ends by checking itself (every step converged, reaction force
 grows with the load, and, with --compare, the errors against a reference run).
 
+``--matrix E NU`` and ``--fibre E NU`` give other phases. The shipped model knows only its own;
+for others ``--model none`` runs a cold start (:mod:`neuroscale_couple.cold_start`): classic FE²
+at first, an operator trained in the background from the run's own RVE solves (the shipped
+model's encoder, frozen, with fresh heads), and each point handed over as soon as its bound,
+calibrated on held-out points' solves after every step, allows, e.g.
+``mpiexec -n 2 python examples/fe2_composite.py --model none --matrix 70 0.33 --fibre 410 0.14
+--rtol 0.02``.
+
 ``--single-scale`` solves the same plate, mesh and load steps with a closed-form Neo-Hookean law
 instead (``single_scale.py``): Lamé constants of the graded composite by the Voigt rule of
 mixtures of the phases' (λ, μ) at each cell's fibre fraction — an upper bound of the stiffness,
