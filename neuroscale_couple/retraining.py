@@ -344,9 +344,19 @@ class Retrainer:
         t0 = time.perf_counter()
         trained = copy.deepcopy(model)
         with self._agreed("the retraining"):
-            self._fit(trained, job.data, job.calibration, job.config, self.comm, job.normalise)
+            self._fit(trained, job.data, job.calibration, job.config, self._training_comm(),
+                      job.normalise)
         self.rate = (time.perf_counter() - t0) / (len(job.data) * job.config.epochs)
         return trained
+
+    def _training_comm(self, background: bool = False) -> MPI.Comm:
+        """The communicator a training runs on: data-parallel over the ranks (a duplicate one
+        in the background); a cold start's on ``COMM_SELF``: every rank trains the same copy on
+        all the data (its few hundred solves), so the weights do not depend on the number of
+        ranks, bit for bit, and a background thread makes no MPI calls beside the run's."""
+        if self.cold_start is not None:
+            return MPI.COMM_SELF
+        return self._bg_comm if background else self.comm
 
     def _agreed(self, what: str, *, local: bool = False) -> contextlib.AbstractContextManager:
         """Agree on the outcome of a block over the ranks: any exception becomes a
@@ -363,8 +373,8 @@ class Retrainer:
         (collectives on a duplicate communicator); :meth:`swap` returns the result."""
         copied = copy.deepcopy(model)
         self.pending = _Background(
-            lambda: self._fit(copied, job.data, job.calibration, job.config, self._bg_comm,
-                              job.normalise),
+            lambda: self._fit(copied, job.data, job.calibration, job.config,
+                              self._training_comm(background=True), job.normalise),
             copied, step, job.n_online, len(job.data) * job.config.epochs)
 
     def swap(self) -> tuple:
@@ -402,7 +412,8 @@ class Retrainer:
             # one-time costs that the rate would multiply by the epochs)
             probe = dataclasses.replace(tcfg, epochs=2, patience=2)
             with self._agreed("the retraining's timing probe"):
-                history = self._fit(copy.deepcopy(model), data, None, probe, self.comm)
+                history = self._fit(copy.deepcopy(model), data, None, probe,
+                                    self._training_comm())
             self.rate = history["epoch_time_s"][-1] / len(data)
         return self.comm.allreduce(self.rate * len(data) * tcfg.epochs, op=MPI.MAX)
 
