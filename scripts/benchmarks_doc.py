@@ -820,6 +820,13 @@ def cold_start_section(record: dict, path: Path) -> list[str]:
     out += [f"{num(record['quadrature_points'])} points, {num(record['steps'])} load steps to "
             f"stretch {record['stretch']}, rtol {record['rtol']}, atol {num(record['atol'])} "
             f"GPa, {record['ranks']} ranks. Per step:", ""]
+    c, r = t["cold_start"], t["reference"]
+    out += [f"Where the time goes: the cold start's fine solves took {num(c['fine'])} s "
+            f"against classic FE²'s {num(r['fine'])} s, and its steps waited "
+            f"{num(c['waiting_for_training'])} s for background trainings of {num(c['training_background'])} s wall time in all. A "
+            "background training is swapped in at a fixed step, so the run waits for one that "
+            "has not finished; on CPU cores shared with the fine solves its wall time, not its "
+            "CPU time, is what the steps wait for.", ""]
     out += table(("step", "on the operator", "model version", "fine s", "classic fine s",
                   "training s", "waited s"),
                  [(str(i), pct(h["operator_share"]), str(h["model_version"]),
