@@ -823,7 +823,8 @@ def cold_start_section(record: dict, path: Path) -> list[str]:
     c, r = t["cold_start"], t["reference"]
     out += [f"Where the time goes: the cold start's fine solves took {num(c['fine'])} s "
             f"against classic FE²'s {num(r['fine'])} s, and its steps waited "
-            f"{num(c['waiting_for_training'])} s for background trainings of {num(c['training_background'])} s wall time in all. A "
+            f"{num(c['waiting_for_training'])} s for background trainings of "
+            f"{num(c['training_background'])} s wall time in all. A "
             "background training is swapped in at a fixed step, so the run waits for one that "
             "has not finished; on CPU cores shared with the fine solves its wall time, not its "
             "CPU time, is what the steps wait for.", ""]

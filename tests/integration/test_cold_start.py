@@ -15,12 +15,12 @@ pytestmark = [pytest.mark.dolfinx, pytest.mark.skip_in_parallel]
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = str(ROOT / "examples" / "fe2_composite.py")
-# the coarsest plate (49 points), coarse RVEs, an aluminium-like matrix with SiC-like fibres
-PROBLEM = ["--mesh-size", "0.5", "--steps", "5", "--rve-mesh-size", "0.05", "--matrix", "70",
-           "0.33", "--fibre", "410", "0.14", "--quiet"]
-# a quarter of the 49 points held out: the 19 calibration solves a 95 % bound needs within
-# two steps, so the first operator (trained after step 0, swapped in after step 1) serves
-COLD = ["--model", "none", "--rtol", "0.02", "--held-out", "0.25"]
+# the coarsest plate (49 points), an aluminium-like matrix with SiC-like fibres
+PROBLEM = ["--mesh-size", "0.5", "--steps", "6", "--matrix", "70", "0.33", "--fibre", "410",
+           "0.14", "--quiet"]
+# the first operator is trained after step 0 and swapped in after step 1; its bound needs 19
+# held-out solves (5 points of 49 a step): it serves from step 3 on
+COLD = ["--model", "none", "--rtol", "0.02"]
 
 
 def run(out: Path, *flags: str, ranks: int = 1) -> dict:
@@ -43,8 +43,8 @@ def test_cold_start_ends_at_classic_fe2_hands_points_over_and_agrees_on_two_rank
         assert s["rel_l2_stress"] <= 0.01, s["rel_l2_stress"]
     share = [h["operator_share"] for h in one["steps"]]
     versions = [h["model_version"] for h in one["steps"]]
-    # classic FE² while no operator is calibrated, then points handed over, more at the end
-    assert share[0] == 0 and share[-1] > share[1] and share[-1] >= 0.3, share
+    # classic FE² while no operator is calibrated, then points handed over
+    assert share[0] == share[1] == 0 < share[-1], share
     assert versions[0] == 0 and versions[-1] >= 1 and versions == sorted(versions), versions
     assert one["training_time_s"] > 0
     # 2 ranks: the same models and decisions (training is data-parallel over the ranks with
