@@ -320,7 +320,8 @@ class Retrainer:
         dtype = next(model.parameters()).dtype
         model.float().train()
         try:
-            history = train(model, data, tcfg, comm=comm,
+            learner, data = _on_latents(model, data, tcfg)
+            history = train(learner, data, tcfg, comm=comm,
                             validation=data.subset(np.zeros(0, np.int64)), normalise=normalise,
                             progress=False)
         finally:
@@ -427,6 +428,51 @@ class Retrainer:
             if getattr(self, name) is not None:
                 getattr(self, name).Free()
                 setattr(self, name, None)
+
+
+class _FrozenEncoder(torch.nn.Module):
+    """What training sees of a model whose encoder is frozen: its heads on latents computed
+    once (the training data's ``images`` replaced by them, :func:`_on_latents`), instead of
+    the encoder run again on every batch of every epoch."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def encode(self, z: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """The latents (B, latent) themselves; no feature map."""
+        return z, None
+
+    def members_response(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """The model's per-member response (``members_response``)."""
+        return self.model.members_response(*args, **kwargs)
+
+    def set_normalisation(self, *args) -> None:
+        """The model's scales from the data."""
+        self.model.set_normalisation(*args)
+
+    def __getattr__(self, name: str):
+        if name in ("sigma_ref", "e_ref", "tangent_ref"):
+            return getattr(self.model, name)
+        return super().__getattr__(name)
+
+
+IMAGE_TERMS = ("equilibrium", "consistency", "hill_mandel", "symmetry", "fields")
+"""Loss terms that need the encoder's inputs (micro fields, symmetry images): a retraining
+with any of them trains on the images, not on latents."""
+
+
+@torch.no_grad()
+def _on_latents(model, data: TrainingData, tcfg: TrainConfig) -> tuple:
+    """The module and data to train ``model``'s heads on (its encoder frozen): the heads on
+    the structures' latents, encoded once in the model's training mode, where nothing needs
+    the images (no augmentation, no image terms); else the model and the data as given."""
+    if tcfg.augment or any(tcfg.weights.get(k, 0) > 0 for k in IMAGE_TERMS):
+        return model, data
+    param = next(model.parameters())
+    images = data.images.to(param.device, param.dtype)
+    z = torch.cat([model.encode(images[i:i + 64])[0] for i in range(0, len(images), 64)])
+    return _FrozenEncoder(model), dataclasses.replace(data, images=z, w=None)
 
 
 class _Background:

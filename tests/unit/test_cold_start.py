@@ -14,7 +14,8 @@ from neuroscale_couple.cold_start import ColdStart
 from neuroscale_couple.coupler import Coupler, Policy
 from neuroscale_couple.errors import InputError
 from neuroscale_couple.operators.base import HEAD_PREFIXES, load_operator
-from neuroscale_couple.retraining import RetrainConfig
+from neuroscale_couple.retraining import RetrainConfig, _on_latents
+from neuroscale_couple.training import TrainConfig
 
 pytestmark = pytest.mark.skip_in_parallel
 
@@ -68,6 +69,28 @@ def test_initial_model_keeps_the_encoder_and_starts_fresh_heads():
     # the same seed draws the same heads on every rank
     again = ColdStart(MODEL).initial_model(ALUMINIUM_SIC)
     assert again.weights_digest() == model.weights_digest()
+
+
+def test_heads_train_on_latents_as_on_images():
+    """The frozen-encoder shortcut gives the loss the images give (the encoder runs once)."""
+    from neuroscale_couple.training import TrainingData, batch_loss
+
+    model = ColdStart(MODEL).initial_model(ALUMINIUM_SIC).float()
+    n_micro, n = 3, model.input_resolution
+    images = (torch.rand(n_micro, 1, n, n, generator=torch.Generator().manual_seed(0)) > 0.7)
+    F = torch.eye(2).repeat(6, 1, 1) + 0.02 * torch.randn(6, 2, 2)
+    data = TrainingData(images.float(), torch.tensor([0, 0, 1, 1, 2, 2]), F,
+                        torch.randn(6, 2, 2), torch.randn(6, 2, 2, 2, 2))
+    cfg = TrainConfig(weights={"stress": 1.0, "tangent": 0.2, "nll": 0.05})
+    learner, on_latents = _on_latents(model, data, cfg)
+    assert on_latents.images.shape == (n_micro, model.config.latent)
+    idx = torch.arange(6)
+    terms = batch_loss(model, data, idx, cfg.weights, torch.Generator())
+    shortcut = batch_loss(learner, on_latents, idx, cfg.weights, torch.Generator())
+    for k, v in terms.items():
+        torch.testing.assert_close(shortcut[k], v, rtol=1e-5, atol=1e-6)
+    # an image term keeps the images
+    assert _on_latents(model, data, TrainConfig(weights={"symmetry": 0.1}))[0] is model
 
 
 @pytest.mark.parametrize("kwargs, message", [
