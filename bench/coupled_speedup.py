@@ -38,7 +38,10 @@ RUNS = {"reference": ["--reference"], "operator": [], "background": ["--backgrou
         "operator_only": ["--rtol", "inf"], "audit": ["--audit"]}
 
 
-def run(name: str, args: argparse.Namespace, out: Path, example: str) -> dict:
+def run(name: str, args: argparse.Namespace, out: Path, example: str,
+        flags: list[str] | None = None) -> dict:
+    """Run ``examples/<example>.py`` as run ``name`` (its flags: ``flags``, default
+    ``RUNS[name]``) into ``out/name`` and return its summary."""
     mpiexec = Path(sys.executable).parent / "mpiexec"
     # tolerances mean nothing to the reference: its run serves every tolerance (--reuse-reference)
     tolerances = [] if name == "reference" else [
@@ -46,7 +49,8 @@ def run(name: str, args: argparse.Namespace, out: Path, example: str) -> dict:
     cmd = [str(mpiexec), "-n", str(args.np), sys.executable,
            str(ROOT / "examples" / f"{example}.py"), "--mesh-size", str(args.mesh_size),
            "--steps", str(args.steps), "--stretch", str(args.stretch), *tolerances,
-           "--out", str(out / name), "--quiet", *args.example_flags, *RUNS[name]]
+           "--out", str(out / name), "--quiet", *args.example_flags,
+           *(RUNS[name] if flags is None else flags)]
     if name != "reference":
         cmd += ["--compare", str(out / "reference")]
     stamp, summary = out / name / "bench_command.json", out / name / "summary.json"

@@ -28,6 +28,14 @@ Run: ``mpiexec -n 4 python examples/fe2_composite.py --out out/fe2``. Output in 
 later run from it). The script ends by checking itself (every step converged, reaction force
 grows with the load, and, with --compare, the errors against a reference run).
 
+``--matrix E NU`` and ``--fibre E NU`` give other phases. The shipped model knows only its own;
+for others ``--model none`` runs a cold start (:mod:`neuroscale_couple.cold_start`): classic FE²
+at first, an operator trained in the background from the run's own RVE solves (the shipped
+model's encoder, frozen, with fresh heads), and each point handed over as soon as its bound,
+calibrated on held-out points' solves after every step, allows, e.g.
+``mpiexec -n 2 python examples/fe2_composite.py --model none --matrix 70 0.33 --fibre 410 0.14
+--rtol 0.02``.
+
 ``--single-scale`` solves the same plate, mesh and load steps with a closed-form Neo-Hookean law
 instead (``single_scale.py``): Lamé constants of the graded composite by the Voigt rule of
 mixtures of the phases' (λ, μ) at each cell's fibre fraction — an upper bound of the stiffness,
@@ -37,6 +45,7 @@ the cost limit an FE² run is measured against, not its answer.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from mpi4py import MPI
@@ -45,6 +54,7 @@ import numpy as np
 from plate_with_hole import (
     HOLE_RADIUS,
     CoupledRun,
+    cold_start,
     coupled_arguments,
     main_guard,
     prepare,
@@ -54,6 +64,7 @@ from plate_with_hole import (
 )
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "fe2_composite.pt"
+# a cold start (--model none) takes the encoder of this model and trains fresh heads
 # Neo-Hookean epoxy-like matrix and glass-like fibres (E in GPa), the phases of the shipped model
 COMPOSITE = {"law": "neo_hookean", "matrix": {"E": 3.0, "nu": 0.35},
              "fibre": {"E": 70.0, "nu": 0.2}}
@@ -77,6 +88,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--single-scale", action="store_true",
                    help="no micro solver: the same plate with a closed-form Neo-Hookean law "
                    "(Voigt mixture of the phases), the single-scale limit of the run's cost")
+    for phase in ("matrix", "fibre"):
+        shipped = COMPOSITE[phase]
+        p.add_argument(f"--{phase}", type=float, nargs=2, metavar=("E", "NU"),
+                       default=(shipped["E"], shipped["nu"]),
+                       help=f"the {phase}'s Neo-Hookean Young's modulus (GPa) and Poisson ratio "
+                       f"(default {shipped['E']} {shipped['nu']}: the shipped model's; another "
+                       "material needs a model trained for it, or --model none)")
+    p.add_argument("--cold-encoder", default=str(DEFAULT_MODEL),
+                   help="--model none: the model whose (frozen) encoder the cold start takes; "
+                   "its heads are trained afresh from the run's fine solves (e.g. "
+                   "examples/models/fe2_composite_fast.pt, the distilled encoder)")
+    p.add_argument("--held-out", type=float, default=0.1,
+                   help="--model none: share of the points kept on the fine solver for the "
+                   "conformal calibration, never trained on")
+    p.add_argument("--probe", type=float, default=0.02,
+                   help="--model none: share of the points solved besides each step for "
+                   "training data (largest bound first, one per microstructure)")
     p.add_argument("--rve-memory", default="2G",
                    help="memory budget of a rank's live RVEs, e.g. 512M or 2G (powers of 1024; "
                    "none: --rve-cache only); one RVE of mesh size 0.02 takes ~14 MB awake, "
@@ -94,9 +122,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"--{coupled[0].replace('_', '-')}")
     try:
         byte_size(args.rve_memory, "--rve-memory")
+        composite(args)
     except InputError as err:
         p.error(str(err))
     return args
+
+
+def composite(args: argparse.Namespace) -> dict:
+    """The fine solver's material config of ``--matrix`` and ``--fibre`` (E in GPa)."""
+    from neuroscale_couple.materials import TwoPhaseMaterial
+
+    config = {"law": COMPOSITE["law"], **{phase: dict(zip(("E", "nu"), getattr(args, phase),
+                                                          strict=True))
+                                          for phase in ("matrix", "fibre")}}
+    TwoPhaseMaterial.from_config(config)  # E > 0, −1 < ν < ½, else InputError naming the phase
+    return config
 
 
 def graded_fraction(x: np.ndarray) -> np.ndarray:
@@ -105,13 +145,13 @@ def graded_fraction(x: np.ndarray) -> np.ndarray:
     return 0.15 + 0.3 * np.clip(0.5 * r + 0.5 * x[:, 0], 0.0, 1.0)
 
 
-def voigt_lame(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def voigt_lame(x: np.ndarray, material: dict = COMPOSITE) -> tuple[np.ndarray, np.ndarray]:
     """Lamé constants (λ (n,), μ (n,), GPa) at macro points x (n, 2): the Voigt rule of mixtures
-    v·(λ, μ)_fibre + (1 − v)·(λ, μ)_matrix at the graded fibre fraction v."""
+    v·(λ, μ)_fibre + (1 − v)·(λ, μ)_matrix at the graded fibre fraction v of ``material``."""
     from neuroscale_couple.materials import Phase
 
     v = graded_fraction(x)
-    fibre, matrix = (np.array(Phase(**COMPOSITE[name]).lame) for name in ("fibre", "matrix"))
+    fibre, matrix = (np.array(Phase(**material[name]).lame) for name in ("fibre", "matrix"))
     lmbda, mu = np.outer(fibre, v) + np.outer(matrix, 1 - v)
     return lmbda, mu
 
@@ -126,17 +166,23 @@ def microstructures_at(x: np.ndarray, ids: np.ndarray) -> list:
 
 def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
     """Macro problem and Coupler; all input is checked before collective work."""
+    from neuroscale_couple.cold_start import ColdStart
     from neuroscale_couple.coupler import Coupler
     from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
 
     policy, model_path, model = prepare(args)
+    retrain = retrain_config(args)
+    cold = None
+    if cold_start(args, policy):  # trains in the background: the run never waits for it
+        cold = ColdStart(args.cold_encoder, held_out=args.held_out, probe=args.probe)
+        retrain = dataclasses.replace(retrain, background=True)
     # The true fine solver: the composite's phases and the RVE mesh; the Coupler refuses a model
     # trained for other phases.
-    family = dict(COMPOSITE, mesh={"size": args.rve_mesh_size})
+    family = dict(composite(args), mesh={"size": args.rve_mesh_size})
     coupler = Coupler(model, lambda m: rve_from_config(family, m), family=family, policy=policy,
                       comm=comm, replay_dir=Path(args.out) / "replay", cache_size=args.rve_cache,
-                      cache_memory=args.rve_memory, retrain=retrain_config(args),
-                      model_path=model_path, audit=args.audit)
+                      cache_memory=args.rve_memory, retrain=retrain, model_path=model_path,
+                      audit=args.audit, cold_start=cold)
     problem, set_load, right = quarter_plate(args, coupler, microstructures_at, comm)
     return CoupledRun(problem, coupler, set_load, right, "GPa")
 
@@ -146,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.single_scale:
         from single_scale import run_single_scale
 
-        return run_single_scale(args, voigt_lame)
+        return run_single_scale(args, lambda x: voigt_lame(x, composite(args)))
     return run_example(args, build)
 
 

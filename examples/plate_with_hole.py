@@ -54,7 +54,9 @@ def coupled_arguments(description: str, *, out: str, model: Path | None, stretch
     p.add_argument("--outside", choices=OUTSIDE, default="fallback",
                    help="points outside the model's training region: fine solver (fallback), "
                    "stop (refuse) or keep the bound's decision with a warning (warn)")
-    p.add_argument("--model", default=None if model is None else str(model))
+    p.add_argument("--model", default=None if model is None else str(model),
+                   help="the trained operator's file; none: a cold start where the example "
+                   "offers one (an operator trained during the run)")
     p.add_argument("--reference", action="store_true",
                    help="the true fine solver at every point (same as --rtol 0)")
     p.add_argument("--no-retrain", action="store_true", help="no online retraining")
@@ -90,8 +92,8 @@ def mesh_size(value: str) -> float:
 
 def prepare(args: argparse.Namespace):
     """Check the shared flags; return the policy, the model file named by ``--model`` (its
-    anchor data sets lie next to it) and the model (None for a reference run; on restart, the
-    checkpoint's model)."""
+    anchor data sets lie next to it) and the model (None for a reference run or a cold start,
+    ``--model none``; on restart, the checkpoint's model)."""
     from neuroscale_couple.adapters.fenicsx_steps import LoadStepper
     from neuroscale_couple.coupler import Policy
     from neuroscale_couple.operators.base import load_operator
@@ -105,10 +107,23 @@ def prepare(args: argparse.Namespace):
     for flag in ("background_retrain", "cost_aware_retrain"):
         if getattr(args, flag) and args.no_retrain:
             raise InputError(f"--{flag.replace('_', '-')} and --no-retrain contradict: drop one")
+    if cold_start(args, policy):
+        given = [flag for flag in ("no_retrain", "restart", "replay_from") if getattr(args, flag)]
+        if given:
+            raise InputError(f"--model none (a cold start) and --{given[0].replace('_', '-')} "
+                             "contradict: a cold start trains its operator from this run's own "
+                             "fine solves from the first step (restarts are not built yet)")
+        return policy, None, None
     state = LoadStepper.read_checkpoint(Path(args.out) / "checkpoint") if args.restart else None
     weights = (state or {}).get("model_file") or args.model
     model = None if policy.classic else load_operator(weights)
     return policy, args.model, model
+
+
+def cold_start(args: argparse.Namespace, policy=None) -> bool:
+    """Whether the command line asks for a cold start (``--model none`` with a tolerance)."""
+    return str(args.model).lower() == "none" and not (args.reference if policy is None
+                                                      else policy.classic)
 
 
 def check_loading(args: argparse.Namespace) -> None:
@@ -287,13 +302,13 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
     def on_step(record: dict) -> None:
         record["reaction_force"] = micro.reaction(run.reaction_dofs)
         record["n_points"] = micro.n_points
-        LOG.info("step %d  load %.3f  Newton %d (|R| %s)  fallback %d/%d  fine %.1f s  "
-                 "operator %.3f s  retrain %.1f s  model v%d  reaction %.5g", record["step"],
-                 record["load"], record["newton_iterations"],
+        LOG.info("step %d  load %.3f  Newton %d (|R| %s)  fallback %d/%d (on operator %.0f %%)  "
+                 "fine %.1f s  operator %.3f s  retrain %.1f s (training %.1f s)  model v%d  "
+                 "reaction %.5g", record["step"], record["load"], record["newton_iterations"],
                  " ".join(f"{r:.1e}" for r in record["residuals"][-1]),
-                 record["fallback_points"], micro.n_points, record["fine_time_s"],
-                 record["operator_time_s"], record["retrain_time_s"], record["model_version"],
-                 record["reaction_force"])
+                 record["fallback_points"], micro.n_points, 100 * record["operator_share"],
+                 record["fine_time_s"], record["operator_time_s"], record["retrain_time_s"],
+                 record["training_s"], record["model_version"], record["reaction_force"])
 
     loads = np.linspace(0, 1, args.steps + 1)[1:]
     # the Coupler may swap in another model object (background retraining): save the current one
@@ -315,6 +330,8 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
         "rtol": coupler.policy.rtol, "atol": coupler.atol, "stress_unit": run.stress_unit,
         "confidence": coupler.policy.confidence, "outside": coupler.policy.outside,
         "reference": coupler.policy.classic, "retrain": not args.no_retrain,
+        "cold_start": coupler.cold_start is not None,
+        "training_time_s": sum(h.get("training_s", 0.0) for h in history),
         "steps": history, "total_time_s": time.perf_counter() - t_start,
         "setup_time_s": t_steps - t_start, "steps_time_s": t_output - t_steps,
         "micro_time_s": sum(h["fine_time_s"] + h["operator_time_s"] + h.get("encode_time_s", 0.0)

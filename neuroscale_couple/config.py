@@ -90,7 +90,7 @@ def byte_size(value: object, name: str) -> int | None:
 
 
 COUPLER_KEYS = ("model", "fine", "policy", "retrain", "replay_dir", "cache_size",
-                "cache_memory", "dtype", "audit", "balance_ranks")
+                "cache_memory", "dtype", "audit", "balance_ranks", "cold_start")
 
 
 def fine_solver_family(fine: dict, where: str = "fine") -> tuple[Any, dict]:
@@ -147,7 +147,20 @@ def coupler_from_config(config: str | Path | dict, comm, *, base: Path | None = 
     else:
         model_path = base / Path(model_path).expanduser()
         model = load_operator(model_path)
-    policy = dataclass_from_dict(Policy, {"rtol": 0.0 if model is None else Policy.rtol,
+    cold = cfg.get("cold_start")
+    if cold is not None:
+        from neuroscale_couple.cold_start import ColdStart
+
+        if model is not None:
+            raise InputError(f"{where}: cold_start trains its own operator: set model: none, "
+                             "or drop cold_start to run the model")
+        if not isinstance(cold, dict) or "encoder" not in cold:
+            raise InputError(f"{where}: cold_start needs a mapping with the encoder's model "
+                             "file, e.g. cold_start: {encoder: models/fe2_composite.pt}")
+        cold = ColdStart.from_dict({**cold, "encoder": base / Path(cold["encoder"])
+                                    .expanduser()})
+    classic = model is None and cold is None
+    policy = dataclass_from_dict(Policy, {"rtol": 0.0 if classic else Policy.rtol,
                                           **(cfg.get("policy") or {})}, "policy")
     retrain = dataclass_from_dict(RetrainConfig, cfg.get("retrain") or {}, "retrain")
     replay = cfg.get("replay_dir")
@@ -159,4 +172,4 @@ def coupler_from_config(config: str | Path | dict, comm, *, base: Path | None = 
         extra["audit"] = bool(cfg["audit"])
     return Coupler(model, factory, family=family, policy=policy, comm=comm,
                    replay_dir=None if replay is None else base / replay, retrain=retrain,
-                   model_path=model_path, dtype=dtype, **extra)
+                   model_path=model_path, dtype=dtype, cold_start=cold, **extra)

@@ -20,6 +20,11 @@ At every call (one per macro residual evaluation, collective over the communicat
    A retraining that fails on any rank keeps the current model on every rank and is flagged
    in the step's report (``StepReport.retrain_failed``): the run goes on.
 
+With ``cold_start`` (:class:`~neuroscale_couple.cold_start.ColdStart`) and no model the Coupler
+learns its operator during the run: every point on the fine solver until a first operator is
+trained and calibrated, then each point on it wherever its bound allows, a held-out share of
+the points on the fine solver throughout for the calibration (:mod:`neuroscale_couple.cold_start`).
+
 ``Policy(rtol=0)`` is classic FE² (every point on the fine solver; no model needed),
 ``Policy(rtol=inf)`` never falls back.
 """
@@ -41,6 +46,7 @@ import torch
 
 from neuroscale_couple.audit import Auditor
 from neuroscale_couple.calibration import Calibration
+from neuroscale_couple.cold_start import ColdStart
 from neuroscale_couple.config import byte_size, whole_number
 from neuroscale_couple.coupler_state import CouplerState, FineAnswer, SolvedPoint
 from neuroscale_couple.errors import (
@@ -226,7 +232,11 @@ class StepReport:
     decision's estimated training time and the fine-solve time it could save; None without a
     decision), ``retrain_failed`` (the message of a retraining that failed in this step, or of
     a background one that was to be swapped in at it: the model was kept; None if none failed),
-    ``model_version``; ``outside_points``: points outside the model's training region
+    ``model_version``; ``operator_share`` (fraction of the points that stayed on the operator
+    all step), ``training_s`` (training time of the model adopted at this step: the
+    background training's, or the foreground retraining's; 0 if none), ``probe_points`` and
+    ``held_out_points`` (a cold start's extra solves: the points solved for training data and
+    for calibration); ``outside_points``: points outside the model's training region
     (:class:`Policy` ``outside``), ``non_elliptic_points``: points on the operator whose tangent
     lost strong ellipticity at the step's converged state
     (:func:`~neuroscale_couple.tensors.acoustic_minimum`);
@@ -248,6 +258,10 @@ class StepReport:
     retrain_saving_s: float | None = None
     retrain_failed: str | None = None
     model_version: int = 0
+    operator_share: float = 0.0
+    training_s: float = 0.0
+    probe_points: int = 0
+    held_out_points: int = 0
     outside_points: int = 0
     non_elliptic_points: int = 0
     audit: dict | None = None
@@ -275,7 +289,7 @@ class Coupler(FineSolver):
     ----------
     model : the trained, calibrated operator (a :class:`~neuroscale_couple.operators.sano.SANO`,
         a :class:`~neuroscale_couple.operators.crystal.CrystalOperator`, ...);
-        None only for classic FE² (``policy.rtol = 0``).
+        None for classic FE² (``policy.rtol = 0``) or a cold start.
     fine_factory : builds the fine solver of one structure on ``MPI.COMM_SELF`` (e.g.
         ``lambda m: rve_from_config(cfg, m)``, ``Crystal.solver``).
     family : the fine solver's material config, checked against the model.
@@ -290,6 +304,9 @@ class Coupler(FineSolver):
     cache_memory : memory budget of a rank's live fine solvers (their estimated
         :meth:`~neuroscale_couple.fine.FineSolver.memory_bytes`): bytes, or a size such as
         ``"512M"``, ``"2G"`` (powers of 1024); None: the count only. Default 2 GiB.
+    cold_start : learn the operator during the run (model None, the fine solver's material
+        ``family`` given, retraining enabled with a ``replay_dir``; background retraining
+        recommended: :class:`~neuroscale_couple.cold_start.ColdStart`).
     audit : check every load step against the fine solver at every point
         (:mod:`neuroscale_couple.audit`; a benchmark tool costing a classic FE² solve): the
         step's :class:`StepReport` ``audit``.
@@ -307,20 +324,25 @@ class Coupler(FineSolver):
                  retrain: RetrainConfig | None = None, model_path: str | Path | None = None,
                  cache_size: int = LIVE_SOLVERS, cache_memory: int | str | None = LIVE_MEMORY,
                  dtype: torch.dtype = torch.float64, audit: bool = False,
-                 balance_ranks: int = BALANCE_RANKS) -> None:
+                 balance_ranks: int = BALANCE_RANKS, cold_start: ColdStart | None = None
+                 ) -> None:
         super().__init__()
         self.policy = policy or Policy()
         cache_size = whole_number(cache_size, "cache_size")
         balance_ranks = whole_number(balance_ranks, "balance_ranks")
         cache_memory = byte_size(cache_memory, "cache_memory")
         self.comm = comm
+        self.cold_start = cold_start
+        if cold_start is not None:
+            _check_cold_start(model, family, self.policy, retrain, replay_dir)
+            model = cold_start.initial_model(family)
         if model is None and not self.policy.classic:
             raise InputError(f"rtol={self.policy.rtol} with atol={self.policy.atol} needs a "
                              "trained model: give a calibrated operator, or use rtol=0 without "
                              "atol (classic FE²)")
         self.material_outside: str | None = None  # why a family operator's phases are out
         if model is not None:  # all checks before the first collective call
-            if not self.policy.classic and not self.policy.never:
+            if not self.policy.classic and not self.policy.never and cold_start is None:
                 if not model.calibration:
                     raise InputError("the model is not calibrated: run `neuroscale calibrate` "
                                      "before using it with a finite tol")
@@ -346,7 +368,8 @@ class Coupler(FineSolver):
         self.atol = (self.policy.atol if self.policy.atol is not None
                      else 0.01 * float(model.stress_scale) if model is not None else 0.0)
         self.region = None if model is None or self.policy.classic else model.region
-        if self.region is None and model is not None and not self.policy.classic:
+        if (self.region is None and model is not None and not self.policy.classic
+                and cold_start is None):
             log.warning("the model's card records no training region: points outside its "
                         "training data are not recognised (python scripts/model_region.py "
                         "MODEL adds it)")
@@ -362,8 +385,8 @@ class Coupler(FineSolver):
             log.info("rank %d: operator on %s (%d torch threads)", comm.rank, self.device,
                      torch.get_num_threads())
         use = retrain is not None and retrain.enabled and replay_dir and model is not None
-        self.retrainer = Retrainer(retrain, comm, replay_dir=replay_dir,
-                                   model_path=model_path) if use else None
+        self.retrainer = Retrainer(retrain, comm, replay_dir=replay_dir, model_path=model_path,
+                                   cold_start=cold_start) if use else None
         # replay segments render microstructure images as the model's training data did
         self.image_resolution = model.data_resolution if model is not None else 32
         self.family = dict(family or {})
@@ -386,6 +409,8 @@ class Coupler(FineSolver):
         self._last_rank: dict[int, int] = {}
         # per registered point (row): this step's marks
         self._sticky = self._fell_back = self._noise_limited = self._outside = np.zeros(0, bool)
+        self._held_out = self._probed = np.zeros(0, bool)  # a cold start's extra solves
+        self._probe_step: int | None = None
         self._last_operator: tuple[np.ndarray, np.ndarray] | None = None
         self._solved: dict[int, SolvedPoint] = {}  # this load step's fine solve per id
         self.step, self.evaluations = 0, 0
@@ -420,8 +445,9 @@ class Coupler(FineSolver):
         keys), ``policy`` (:class:`Policy` fields; ``rtol`` 0 without a model: classic FE²),
         ``retrain`` (:class:`~neuroscale_couple.retraining.RetrainConfig` fields),
         ``replay_dir``, ``cache_size``, ``cache_memory`` (e.g. ``2G``), ``dtype`` (float64 or
-        float32), ``audit`` (bool), ``balance_ranks``. Unknown keys are refused with the
-        nearest known one named."""
+        float32), ``audit`` (bool), ``balance_ranks``, ``cold_start`` (with ``model: none``:
+        :class:`~neuroscale_couple.cold_start.ColdStart` fields, ``encoder`` relative to the
+        YAML's folder). Unknown keys are refused with the nearest known one named."""
         from neuroscale_couple.config import coupler_from_config
 
         return coupler_from_config(config, comm)
@@ -448,8 +474,10 @@ class Coupler(FineSolver):
                 self._structures.append(m)
             self._structure_of[row] = k
         self._check_structures()
-        self._sticky, self._fell_back, self._noise_limited, self._outside = (
-            np.zeros(len(ids), dtype=bool) for _ in range(4))
+        self._sticky, self._fell_back, self._noise_limited, self._outside, self._probed = (
+            np.zeros(len(ids), dtype=bool) for _ in range(5))
+        self._held_out = (np.zeros(len(ids), dtype=bool) if self.cold_start is None
+                          else self.cold_start.is_held_out(self._ids))
         self._encode()
 
     def _check_structures(self) -> None:
@@ -512,19 +540,22 @@ class Coupler(FineSolver):
             n = len(Fb)
             self.evaluations += 1
             t0 = time.perf_counter()
-            if self.model is not None and n:
+            if self.serving and n:
                 stress, tangent, unc, noise, energy = self._predict(rows, Fb)
             else:
                 stress, tangent = np.zeros((n, 2, 2)), np.zeros((n, 2, 2, 2, 2))
                 unc, energy, noise = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)
-            if self.policy.classic or self.model is None:
+            if self.policy.classic or not self.serving:
                 fallback = np.ones(n, dtype=bool)
             else:
                 limit = self.atol + self.policy.rtol * np.linalg.norm(stress, axis=(1, 2))
                 fallback = unc > np.maximum(limit, noise)
                 fallback |= self._outside_region(ids, rows, Fb)
-                fallback |= self._sticky[rows]
+                fallback |= self._sticky[rows] | self._held_out[rows]
                 self._noise_limited[rows[noise > limit]] = True
+        if self.cold_start is not None and self.serving and self._probe_step != self.step:
+            fallback |= self._probe(ids, rows, fallback, unc / limit)
+        with together(self.comm, "the operator stage of a Coupler evaluation"):
             # the step's last evaluation (its converged state) is checked at end_step
             self._last_operator = (ids[~fallback], tangent[~fallback])
             self._sticky[rows[fallback]] = True
@@ -556,6 +587,27 @@ class Coupler(FineSolver):
             self.auditor.remember(Fb, ids, [self._structure(r) for r in rows], stress, unc,
                                   source == OPERATOR)
         return CouplerResult(stress, tangent, unc, source, energy)
+
+    @property
+    def serving(self) -> bool:
+        """Whether an operator answers (a cold start's only once trained and calibrated)."""
+        return self.model is not None and (self.cold_start is None or bool(self.model.calibration))
+
+    def _probe(self, ids: np.ndarray, rows: np.ndarray, fallback: np.ndarray,
+               ratio: np.ndarray) -> np.ndarray:
+        """A cold start's probes, chosen at the first evaluation of a load step among all
+        ranks' operator points (collective; :meth:`ColdStart.probes
+        <neuroscale_couple.cold_start.ColdStart.probes>`): this rank's as a mask (n,)."""
+        self._probe_step = self.step
+        candidates = np.flatnonzero(~fallback)
+        mine = [(int(ids[j]), float(ratio[j]), self._structure(rows[j]).key) for j in candidates]
+        gathered = sorted(e for part in self.comm.allgather(mine) for e in part)
+        chosen = set() if not gathered else {gathered[k][0] for k in self.cold_start.probes(
+            np.array([e[1] for e in gathered]), [e[2] for e in gathered],
+            self.comm.allreduce(len(self._ids)))}
+        probe = np.isin(ids, list(chosen))
+        self._probed[rows[probe]] = True
+        return probe
 
     def _outside_region(self, ids: np.ndarray, rows: np.ndarray, F: np.ndarray) -> np.ndarray:
         """Points outside the model's training region that :class:`Policy` ``outside`` sends
@@ -737,13 +789,13 @@ class Coupler(FineSolver):
         ``total`` points' fine solves failed beyond the policy's ratio."""
         if not failed:
             return
-        if self.model is None or failed > self.policy.max_failed_fraction * total:
+        if not self.serving or failed > self.policy.max_failed_fraction * total:
             if self.replay is not None:
                 self.replay.flush(self.step)
             raise SolveError(
                 f"{failed} of {total} fine solves failed in load step {self.step} (limit "
                 f"{self.policy.max_failed_fraction:.1%}"
-                + (", and classic FE² has no operator value to keep" if self.model is None
+                + (", and classic FE² has no operator value to keep" if not self.serving
                    else "") + "): reduce the load increment; the last checkpoint is intact")
 
     # ------------------------------------------------------------------ load steps
@@ -781,7 +833,11 @@ class Coupler(FineSolver):
             operator_time_s=comm.allreduce(stats.operator_time_s, op=MPI.MAX),
             encode_time_s=comm.allreduce(stats.encode_time_s, op=MPI.MAX),
             outside_points=comm.allreduce(int(self._outside.sum())),
-            non_elliptic_points=comm.allreduce(self._non_elliptic()))
+            non_elliptic_points=comm.allreduce(self._non_elliptic()),
+            probe_points=comm.allreduce(int(self._probed.sum())),
+            held_out_points=comm.allreduce(int(self._held_out.sum())))
+        n_points = comm.allreduce(len(self._ids))
+        report.operator_share = 1 - report.fallback_points / max(n_points, 1)
         if self.replay is not None:
             self.replay.flush(self.step)
         if self.auditor is not None:
@@ -806,10 +862,12 @@ class Coupler(FineSolver):
         t0 = time.perf_counter()
         if self.retrainer is not None:
             self._retrain(report, steps_left)
+            if self.cold_start is not None:
+                self._recalibrate(report)
         report.retrain_time_s = time.perf_counter() - t0
         report.model_version = self.version
         self.stats = StepStats()
-        for counted in (self._fell_back, self._noise_limited, self._outside):
+        for counted in (self._fell_back, self._noise_limited, self._outside, self._probed):
             counted[:] = False
         self._last_operator = None
         return_free_memory()  # the step's transients: resident memory stays what points hold
@@ -818,7 +876,7 @@ class Coupler(FineSolver):
     def _non_elliptic(self) -> int:
         """Points of the step's last evaluation whose operator tangent lost strong ellipticity
         (checked once per step, at its converged state, not at every Newton iterate)."""
-        if self._last_operator is None or self.model is None:
+        if self._last_operator is None or not self.serving:
             return 0
         return int((acoustic_minimum(self._last_operator[1]) <= 0).sum())
 
@@ -889,11 +947,16 @@ class Coupler(FineSolver):
         if r.pending is not None:
             try:
                 model, n_online, report.retrain_background_s = r.swap()
+                report.training_s = report.retrain_background_s
                 self._adopt(model, n_online)
             except RetrainError as err:
                 failed.append(str(err))
         r.new_since += report.fine_solves
-        if r.due(report.fallback_points, comm.allreduce(len(self._ids)), steps_left):
+        # a cold start's held-out points and probes fall back by design, not for want of a model
+        evidence = report.fallback_points - (
+            0 if self.cold_start is None or not self.serving
+            else report.held_out_points + report.probe_points)
+        if r.due(evidence, comm.allreduce(len(self._ids)), steps_left):
             try:
                 job = r.job(self.model, self.step, self.version)
                 if job is not None and r.config.cost_aware:
@@ -902,7 +965,10 @@ class Coupler(FineSolver):
                      report.retrain_skipped) = r.weigh(job, self.model, report.fine_time_s,
                                                        serves)
                 if not report.retrain_skipped:
+                    t0 = time.perf_counter()
                     self._run_job(job)
+                    if not r.config.background:
+                        report.training_s = time.perf_counter() - t0
                     r.new_since = 0
             except RetrainError as err:
                 failed.append(str(err))
@@ -911,6 +977,25 @@ class Coupler(FineSolver):
             if comm.rank == 0:
                 log.warning("step %d: %s; the run goes on with model version %d", self.step,
                             report.retrain_failed, self.version)
+
+    def _recalibrate(self, report: StepReport) -> None:
+        """A cold start's conformal recalibration of the serving operator on the held-out
+        points' solves of the step just ended (collective); sets ``atol`` from the operator's
+        stress scale where the policy leaves it to the model. A failure keeps the calibration
+        and is recorded in ``report``."""
+        if not self.model.card.get("trained_on"):
+            return
+        try:
+            n = self.retrainer.recalibrate(self.model, self.step, self.policy.confidence)
+        except RetrainError as err:
+            report.retrain_failed = "; ".join(filter(None, (report.retrain_failed, str(err))))
+            return
+        self._cal = None
+        if self.policy.atol is None:
+            self.atol = 0.01 * float(self.model.stress_scale)
+        if self.comm.rank == 0 and n:
+            log.info("step %d: operator v%d recalibrated on %d held-out solves (scale %.3g)",
+                     self.step, self.version, n, self.model.calibration.get("scale", np.nan))
 
     def warm_start(self) -> bool:
         """Fine-tune on the replay stores of earlier runs (``retrain.replay_from``) before the
@@ -943,12 +1028,14 @@ class Coupler(FineSolver):
         self._inference = None
         self.version += 1
         self.model.card["online_version"] = self.version
+        self.model.card["trained_on"] = n_online
         if self.region is not None:  # the retraining's solves widened the region
             self.region = model.region
             self._check_structures()
         if self.comm.rank == 0:
-            log.info("operator retrained on %d fine solves: version %d, calibration scale %.3g",
-                     n_online, self.version, self.model.calibration.get("scale", np.nan))
+            log.info("operator retrained on %d fine solves: version %d%s", n_online,
+                     self.version, "" if not self.model.calibration else
+                     f", calibration scale {self.model.calibration['scale']:.3g}")
 
     def check_same_weights(self, model=None, error: type[Exception] = NeuroScaleError) -> None:
         """Raise ``error`` on every rank if the ranks' copies of ``model`` (default: the run's
@@ -970,3 +1057,20 @@ class Coupler(FineSolver):
             self._group.Free()
             self._group = self.comm
 
+
+def _check_cold_start(model, family: dict | None, policy: Policy,
+                      retrain: RetrainConfig | None, replay_dir) -> None:
+    """Refuse a cold start the Coupler cannot run (before any collective call)."""
+    if model is not None:
+        raise InputError("cold_start trains its own operator: give model=None (or drop "
+                         "cold_start to run the trained model)")
+    if policy.classic:
+        raise InputError("cold_start with rtol=0 is classic FE² and trains nothing: give a "
+                         "tolerance (e.g. rtol=0.02) or drop cold_start")
+    if family is None:
+        raise InputError("cold_start needs the fine solver's material: give family={'law': "
+                         "..., 'matrix': {E, nu}, 'fibre': {E, nu}}")
+    if retrain is None or not retrain.enabled or replay_dir is None:
+        raise InputError("cold_start learns from the run's fine solves: give replay_dir and an "
+                         "enabled retrain config (RetrainConfig(background=True); on the "
+                         "command line drop --no-retrain)")

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from neuroscale_couple.region import TrainingRegion
 from neuroscale_couple.store import ReplayStore, load_rve_dataset
 
 if TYPE_CHECKING:
+    from neuroscale_couple.cold_start import ColdStart
     from neuroscale_couple.training import TrainConfig, TrainingData
 
 log = logging.getLogger(__name__)
@@ -98,12 +100,14 @@ class RetrainConfig:
 
 class RetrainJob(NamedTuple):
     """One retraining: training data, calibration data (None: keep the calibration), the
-    optimisation settings, and how many of the samples are the runs' fine solves."""
+    optimisation settings, how many of the samples are the runs' fine solves, and whether the
+    normalisation is set from the data (a cold start's first training)."""
 
     data: TrainingData
     calibration: TrainingData | None
     config: TrainConfig
     n_online: int
+    normalise: bool = False
 
 
 class Retrainer:
@@ -116,11 +120,18 @@ class Retrainer:
     comm : the macro problem's communicator.
     replay_dir : this run's replay store (the fine solves to learn from).
     model_path : the model file, to find the anchor data sets next to it.
+    cold_start : a cold start's settings (:mod:`neuroscale_couple.cold_start`): no anchors (the
+        run's material is not the encoder model's), the held-out points' solves kept out of
+        training and used by :meth:`recalibrate`, the first training longer and normalising.
     """
 
     def __init__(self, config: RetrainConfig, comm: MPI.Comm, *, replay_dir: str | Path,
-                 model_path: str | Path | None) -> None:
+                 model_path: str | Path | None, cold_start: ColdStart | None = None) -> None:
         self.config, self.comm, self.replay_dir = config, comm, Path(replay_dir)
+        self.cold_start = cold_start
+        if cold_start is not None and config.replay_from:
+            raise InputError("a cold start learns from its own run only: drop replay_from "
+                             "(--replay-from), or fine-tune a trained model on it")
         self._bg_comm: MPI.Comm | None = None
         self._agree_comm: MPI.Comm | None = comm.Dup()  # agreements after collective training
         if config.background:
@@ -129,7 +140,7 @@ class Retrainer:
                                  "MPI_THREAD_MULTIPLE (mpi4py's default): drop "
                                  "mpi4py.rc.thread_level, or retrain in the foreground")
             self._bg_comm = comm.Dup()
-        self._anchor = self._anchor_paths(model_path)
+        self._anchor = (None, None) if cold_start else self._anchor_paths(model_path)
         for d in config.replay_from:
             if not ReplayStore.segments(d):
                 raise InputError(f"replay directory {d} holds no segments (step*.rank*.h5) of "
@@ -171,11 +182,12 @@ class Retrainer:
         """Load steps that must remain after a retraining for its model to serve one."""
         return 2 if self.config.background else 1
 
-    def replay_data(self, resolution: int, up_to_step: int | None):
-        """The fine solves of earlier runs (``replay_from``) and of this run up to
-        ``up_to_step`` (None: none of this run) as
+    def replay_data(self, resolution: int, up_to_step: int | None, from_step: int = 0):
+        """The fine solves of earlier runs (``replay_from``) and of this run from
+        ``from_step`` up to ``up_to_step`` (None: none of this run) as
         :class:`~neuroscale_couple.training.TrainingData` with images at ``resolution``, in a
-        rank-count independent order (run, step, evaluation, point id); None if there are none.
+        rank-count independent order (run, step, evaluation, point id), and their point ids
+        (S,); None if there are none.
         """
         from neuroscale_couple.training import TrainingData
 
@@ -183,7 +195,8 @@ class Retrainer:
                    for p in ReplayStore.segments(d)]
         if up_to_step is not None:
             run = len(self.config.replay_from)
-            sources += [(run, p) for p in ReplayStore.segments(self.replay_dir, up_to_step)]
+            sources += [(run, p) for p in ReplayStore.segments(self.replay_dir, up_to_step)
+                        if ReplayStore.segment_step(p) >= from_step]
         parts, keys = [], []
         for run, path in sources:
             d = load_rve_dataset(path)
@@ -194,7 +207,8 @@ class Retrainer:
             return None
         data = TrainingData.concat(parts)
         k = np.concatenate(keys)
-        data = data.subset(np.lexsort(k.T[::-1]))
+        order = np.lexsort(k.T[::-1])
+        data = data.subset(order)
         # one image per microstructure, numbered by first appearance: the grouping into training
         # batches must not depend on which rank happened to solve a point
         digests = [hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in data.images]
@@ -202,7 +216,8 @@ class Retrainer:
         index = [first.setdefault(digests[m], (len(first), m))[0]
                  for m in data.micro_index.tolist()]
         return dataclasses.replace(data, images=data.images[[m for _, m in first.values()]],
-                                   micro_index=torch.as_tensor(index, dtype=torch.long))
+                                   micro_index=torch.as_tensor(index, dtype=torch.long)
+                                   ), k[order, 3]
 
     def _anchor_data(self, path: Path | None, resolution: int, seed: int):
         from neuroscale_couple.training import TrainingData
@@ -233,29 +248,66 @@ class Retrainer:
         cfg = self.config
         seed = 1000 + version
         resolution = model.input_resolution
-        online = self.replay_data(resolution, up_to_step)
-        if online is None:
+        replayed = self.replay_data(resolution, up_to_step)
+        if replayed is None:
             return None
-        # hold out samples, not microstructures: the coupler predicts new loads of microstructures
-        # it has seen, which is what the recalibration must measure
-        order = np.random.default_rng(seed).permutation(len(online))
-        n_held = round(cfg.calibration_fraction * len(online))
-        fit, held = online.subset(np.sort(order[n_held:])), online.subset(np.sort(order[:n_held]))
+        online, point_ids = replayed
+        cold = self.cold_start
+        if cold is not None:  # the held-out points calibrate (recalibrate), never train
+            fit = online.subset(np.flatnonzero(~cold.is_held_out(point_ids)))
+            held = None
+            if not len(fit):
+                return None
+        else:
+            # hold out samples, not microstructures: the coupler predicts new loads of
+            # microstructures it has seen, which is what the recalibration must measure
+            order = np.random.default_rng(seed).permutation(len(online))
+            n_held = round(cfg.calibration_fraction * len(online))
+            fit = online.subset(np.sort(order[n_held:]))
+            held = online.subset(np.sort(order[:n_held]))
         anchor = self._anchor_data(self._anchor[0], resolution, seed)
         anchor_cal = self._anchor_data(self._anchor[1], resolution, seed)
         data = TrainingData.concat([p for p in (fit, anchor) if p is not None])
         cal_parts = [p for p in (held, anchor_cal) if p is not None and len(p)]
         calibration = TrainingData.concat(cal_parts) if cal_parts else None
-        n_epochs = epochs or cfg.epochs
-        tcfg = TrainConfig(epochs=n_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                           lr_final=cfg.lr_final, val_fraction=0.0, patience=n_epochs, seed=seed,
+        # fresh heads (never trained: no Coupler adopted the model): train them longer
+        first = cold is not None and not model.card.get("trained_on")
+        n_epochs = epochs or (cold.epochs if first else cfg.epochs)
+        # a cold start trains the whole heads, not a correction: larger batches, larger steps
+        batch, lr = (cfg.batch_size, cfg.lr) if cold is None else (cold.batch_size, cold.lr)
+        tcfg = TrainConfig(epochs=n_epochs, batch_size=batch, lr=lr, lr_final=cfg.lr_final,
+                           val_fraction=0.0, patience=n_epochs, seed=seed,
                            weights=dict(cfg.weights))
-        return RetrainJob(data, calibration, tcfg, len(online))
+        return RetrainJob(data, calibration, tcfg, len(online), normalise=first)
+
+    def recalibrate(self, model, step: int, confidence: float) -> int:
+        """Calibrate ``model`` in place (split conformal, at ``confidence`` and the default
+        levels) on the held-out points' fine solves of load step ``step`` — of earlier steps
+        too where that step has fewer than a finite quantile at ``confidence`` needs (19 at
+        0.95) — (a cold start's; every rank reads the same files: collective). Returns the
+        number of samples used, 0 if too few (the calibration is then left as it was)."""
+        from neuroscale_couple.calibration import LEVELS, MIN_CALIBRATION_POINTS
+        from neuroscale_couple.evaluation import calibrate_model
+
+        # the k-th smallest score with k = ⌈(n + 1)p⌉ exists (is finite) once n ≥ p / (1 − p)
+        needed = max(MIN_CALIBRATION_POINTS, math.ceil(confidence / (1 - confidence) - 1e-9))
+        with self._agreed("the cold start's recalibration", local=True):
+            for first in range(step, -1, -1):
+                replayed = self.replay_data(model.input_resolution, step, first)
+                if replayed is None:
+                    continue
+                data, point_ids = replayed
+                held = data.subset(np.flatnonzero(self.cold_start.is_held_out(point_ids)))
+                if len(held) >= needed:
+                    calibrate_model(model, held, tuple(sorted({*LEVELS, confidence})))
+                    return len(held)
+            return 0
 
     @staticmethod
-    def _fit(model, data, calibration, tcfg, comm: MPI.Comm) -> dict:
-        """Fine-tune ``model``'s coarse-graining heads in place and recalibrate it (collective
-        over ``comm``); returns the training history."""
+    def _fit(model, data, calibration, tcfg, comm: MPI.Comm, normalise: bool = False) -> dict:
+        """Fine-tune ``model``'s coarse-graining heads in place (``normalise``: its scales set
+        from ``data`` first) and recalibrate it (collective over ``comm``); returns the training
+        history."""
         from neuroscale_couple.evaluation import calibrate_model
         from neuroscale_couple.training import train
 
@@ -268,8 +320,9 @@ class Retrainer:
         dtype = next(model.parameters()).dtype
         model.float().train()
         try:
-            history = train(model, data, tcfg, comm=comm,
-                            validation=data.subset(np.zeros(0, np.int64)), normalise=False,
+            learner, data = _on_latents(model, data, tcfg)
+            history = train(learner, data, tcfg, comm=comm,
+                            validation=data.subset(np.zeros(0, np.int64)), normalise=normalise,
                             progress=False)
         finally:
             model.to(dtype).eval()
@@ -292,9 +345,19 @@ class Retrainer:
         t0 = time.perf_counter()
         trained = copy.deepcopy(model)
         with self._agreed("the retraining"):
-            self._fit(trained, job.data, job.calibration, job.config, self.comm)
+            self._fit(trained, job.data, job.calibration, job.config, self._training_comm(),
+                      job.normalise)
         self.rate = (time.perf_counter() - t0) / (len(job.data) * job.config.epochs)
         return trained
+
+    def _training_comm(self, background: bool = False) -> MPI.Comm:
+        """The communicator a training runs on: data-parallel over the ranks (a duplicate one
+        in the background); a cold start's on ``COMM_SELF``: every rank trains the same copy on
+        all the data (its few hundred solves), so the weights do not depend on the number of
+        ranks, bit for bit, and a background thread makes no MPI calls beside the run's."""
+        if self.cold_start is not None:
+            return MPI.COMM_SELF
+        return self._bg_comm if background else self.comm
 
     def _agreed(self, what: str, *, local: bool = False) -> contextlib.AbstractContextManager:
         """Agree on the outcome of a block over the ranks: any exception becomes a
@@ -311,7 +374,8 @@ class Retrainer:
         (collectives on a duplicate communicator); :meth:`swap` returns the result."""
         copied = copy.deepcopy(model)
         self.pending = _Background(
-            lambda: self._fit(copied, job.data, job.calibration, job.config, self._bg_comm),
+            lambda: self._fit(copied, job.data, job.calibration, job.config,
+                              self._training_comm(background=True), job.normalise),
             copied, step, job.n_online, len(job.data) * job.config.epochs)
 
     def swap(self) -> tuple:
@@ -349,7 +413,8 @@ class Retrainer:
             # one-time costs that the rate would multiply by the epochs)
             probe = dataclasses.replace(tcfg, epochs=2, patience=2)
             with self._agreed("the retraining's timing probe"):
-                history = self._fit(copy.deepcopy(model), data, None, probe, self.comm)
+                history = self._fit(copy.deepcopy(model), data, None, probe,
+                                    self._training_comm())
             self.rate = history["epoch_time_s"][-1] / len(data)
         return self.comm.allreduce(self.rate * len(data) * tcfg.epochs, op=MPI.MAX)
 
@@ -363,6 +428,51 @@ class Retrainer:
             if getattr(self, name) is not None:
                 getattr(self, name).Free()
                 setattr(self, name, None)
+
+
+class _FrozenEncoder(torch.nn.Module):
+    """What training sees of a model whose encoder is frozen: its heads on latents computed
+    once (the training data's ``images`` replaced by them, :func:`_on_latents`), instead of
+    the encoder run again on every batch of every epoch."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def encode(self, z: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """The latents (B, latent) themselves; no feature map."""
+        return z, None
+
+    def members_response(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """The model's per-member response (``members_response``)."""
+        return self.model.members_response(*args, **kwargs)
+
+    def set_normalisation(self, *args) -> None:
+        """The model's scales from the data."""
+        self.model.set_normalisation(*args)
+
+    def __getattr__(self, name: str):
+        if name in ("sigma_ref", "e_ref", "tangent_ref"):
+            return getattr(self.model, name)
+        return super().__getattr__(name)
+
+
+IMAGE_TERMS = ("equilibrium", "consistency", "hill_mandel", "symmetry", "fields")
+"""Loss terms that need the encoder's inputs (micro fields, symmetry images): a retraining
+with any of them trains on the images, not on latents."""
+
+
+@torch.no_grad()
+def _on_latents(model, data: TrainingData, tcfg: TrainConfig) -> tuple:
+    """The module and data to train ``model``'s heads on (its encoder frozen): the heads on
+    the structures' latents, encoded once in the model's training mode, where nothing needs
+    the images (no augmentation, no image terms); else the model and the data as given."""
+    if tcfg.augment or any(tcfg.weights.get(k, 0) > 0 for k in IMAGE_TERMS):
+        return model, data
+    param = next(model.parameters())
+    images = data.images.to(param.device, param.dtype)
+    z = torch.cat([model.encode(images[i:i + 64])[0] for i in range(0, len(images), 64)])
+    return _FrozenEncoder(model), dataclasses.replace(data, images=z, w=None)
 
 
 class _Background:

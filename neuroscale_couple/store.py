@@ -387,6 +387,11 @@ class ReplayStore:
         paths = sorted(Path(directory).glob("step*.rank*.h5"))
         return [p for p in paths if up_to_step is None or _segment_step(p) <= up_to_step]
 
+    @staticmethod
+    def segment_step(path: Path) -> int:
+        """The load step of a segment file."""
+        return _segment_step(path)
+
 
 def _segment_step(path: Path) -> int:
     return int(path.name[4:8])
