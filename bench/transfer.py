@@ -110,6 +110,7 @@ def make_data(case: Case, work: Path, ranks: int) -> dict:
             subprocess.run(cmd, check=True)
             wall = time.perf_counter() - t0
         d = load_rve_dataset(path)
+        out["material"] = {k: d["config"][k] for k in ("law", "matrix", "fibre")}
         out[name] = {"path": str(path), "config": str(case.configs[name]),
                      "samples": len(d["samples/F"]), "solve_s": float(d["samples/time_s"].sum()),
                      "generate_wall_s": wall, "ranks": ranks if wall is not None else None}
@@ -283,12 +284,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--np", type=int, default=2, help="MPI ranks that generate the data sets")
     p.add_argument("--work", default=str(ROOT / "out" / "transfer"))
     p.add_argument("--out", default=str(RESULTS / "transfer.json"))
+    p.add_argument("--report", action="store_true", help="only print the table and draw the "
+                   "plot of the record as it is (e.g. a partial one while a run goes on)")
     args = p.parse_args(argv)
-    command = "python bench/transfer.py " + " ".join(shlex.quote(a) for a in (
-        sys.argv[1:] if argv is None else argv))
-    record = run([Case.named(c) for c in args.cases], args.sizes, args.seeds,
-                 Budget(args.passes, args.min_epochs, args.batch), Path(args.work), Path(args.out),
-                 command.strip(), args.np)
+    if args.report:
+        record = json.loads(Path(args.out).read_text())
+    else:
+        command = "python bench/transfer.py " + " ".join(shlex.quote(a) for a in (
+            sys.argv[1:] if argv is None else argv))
+        record = run([Case.named(c) for c in args.cases], args.sizes, args.seeds,
+                     Budget(args.passes, args.min_epochs, args.batch), Path(args.work),
+                     Path(args.out), command.strip(), args.np)
     print_table(record)
     plot(record, Path(args.out).with_suffix(".png"))
     print(f"→ {args.out}{' (partial)' if record['partial'] else ''}")

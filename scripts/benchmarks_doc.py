@@ -682,6 +682,61 @@ def region_section(record: dict, path: Path, images: dict[str, tuple[str, str]])
     return out
 
 
+def transfer_section(record: dict, path: Path, images: dict[str, tuple[str, str]]) -> list[str]:
+    budget = record.get("budget", {})
+    out = ["## Few-shot transfer", "",
+           "The shipped operator fine-tuned to a material outside its training "
+           "(`neuroscale train --init … --new-material`) against the same architecture trained "
+           "from scratch, on the same N fine solves of the new material (nested subsets of one "
+           "pool), each calibrated on a held-out calibration set of that material and tested "
+           "on its test set. Errors are relative L2 over the test set; coverage is the share "
+           "of test points inside the calibrated 95 % bound. Fine solves: the RVE solver's "
+           "time for the N samples (meshing excluded); training: the training loop. Both modes "
+           f"see about {num(budget.get('passes'))} samples per run (at least "
+           f"{num(budget.get('min_epochs'))} epochs, batches of {num(budget.get('batch_size'))}); "
+           "mean over seeds, range in brackets.", ""]
+    if MODEL_CARD.exists():  # what the same model reaches on its own material, for scale
+        card = json.loads(MODEL_CARD.read_text())
+        data = card.get("data_config", {})
+        solves = (sum(g.get("count", 0) for g in data.get("microstructure", []))
+                  * data.get("loads", {}).get("per_microstructure", 0))
+        out += [f"For scale: the shipped model, trained on {num(solves)} fine solves of its own "
+                f"material, has a test error of P̄ of "
+                f"{pct(card.get('test_metrics', {}).get('rel_l2_stress', math.nan))} there.", ""]
+    if record.get("partial"):
+        out += ["!!! warning \"Partial record\"",
+                "    Not every (N, mode, seed) run has finished: rerun the command to complete "
+                "it (finished runs are kept).", ""]
+    out += provenance(record, path, "the runs below", None)
+
+    def cell(s: dict, key: str, fmt: Callable[[float], str]) -> str:
+        v = s[key]
+        spread = f" [{fmt(v['min'])}–{fmt(v['max'])}]" if s["seeds"] > 1 else ""
+        return fmt(v["mean"]) + spread
+
+    for case, modes in record.get("summary", {}).items():
+        sets = record.get("cases", {}).get(case, {})
+        cfg = sets.get("pool", {}).get("config", "")
+        m = sets.get("material")
+        phases = "" if m is None else (f"matrix (E, ν) = ({num(m['matrix']['E'])}, "
+                                       f"{num(m['matrix']['nu'])}), fibre "
+                                       f"({num(m['fibre']['E'])}, {num(m['fibre']['nu'])}); ")
+        out += [f"Case `{case}` (`{Path(cfg).name}`: {phases}test set "
+                f"{num(sets.get('test', {}).get('samples'))} samples, calibration set "
+                f"{num(sets.get('calibration', {}).get('samples'))}):", ""]
+        rows = [(num(int(n)), mode, num(s["seeds"]), cell(s, "rel_l2_stress", pct),
+                 cell(s, "rel_l2_tangent", pct), cell(s, "coverage_95", pct),
+                 cell(s, "ece", lambda x: f"{x:.3f}"), num(s["solve_s"]["mean"]),
+                 num(s["train_s"]["mean"]))
+                for mode, by_n in modes.items() for n, s in by_n.items()]
+        rows.sort(key=lambda r: (int(r[0].replace(" ", "")), r[1]))
+        out += table(("N", "mode", "seeds", "P̄ error", "tangent error", "95 % bound covers",
+                      "ECE", "fine solves (s)", "training (s)"), rows)
+    out += figure("transfer.png", "Test error of P̄ and coverage of the calibrated 95 % bound "
+                  "against N, fine-tuned and from scratch (bars: range over seeds)", images)
+    return out
+
+
 def scaling_section(record: dict, path: Path, images: dict[str, tuple[str, str]]) -> list[str]:
     out = ["## Scaling", "",
            "The FE² example (`examples/fe2_composite.py`, no retraining) against the size of the "
@@ -815,7 +870,8 @@ def copy_images(docs: Path) -> dict[str, tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------- page
-ORDER = ("rve_solve", "rve_live", "operator", "encode", "memory", "region", "fe2_speedup",
+ORDER = ("rve_solve", "rve_live", "operator", "encode", "memory", "region", "transfer",
+         "fe2_speedup",
          "fe2_speedup_rtol002", "fe2_speedup_beyond", "fe2_speedup_412", "hmm_speedup",
          "hmm_speedup_300K_202", "hmm_speedup_0K_small", "hmm_speedup_300K", "scaling")
 
@@ -851,6 +907,8 @@ def page(docs: Path) -> str:
             lines += distilled_section(images)
         elif name == "region":
             lines += region_section(record, path, images)
+        elif name == "transfer":
+            lines += transfer_section(record, path, images)
         elif name == "scaling":
             lines += scaling_section(record, path, images)
         elif name == "memory":
