@@ -8,16 +8,16 @@ pool is cut into nested subsets of N samples (``neuroscale subset --samples N --
 smaller lie inside the larger), and on each subset two models are trained with the commands a
 user runs:
 
-    finetune   neuroscale train FT.yaml --init fe2_composite.pt --new-material --data D_N.h5
-    scratch    neuroscale train SCRATCH.yaml --data D_N.h5      (the shipped architecture)
+    finetune   neuroscale train transfer.finetune.yaml --init fe2_composite.pt --new-material …
+    scratch    neuroscale train fe2_composite.train.yaml --data D_N.h5   (the shipped architecture)
 
 then calibrated on the calibration set (``neuroscale calibrate``) and evaluated on the test set
 (``neuroscale evaluate --json``): relative L2 error of P̄ and of the tangent, coverage of the
 calibrated 95 % bound, ECE. Costs: the fine solves of the N samples (the solver's own time per
 sample, meshing excluded; the pool's generate wall time is recorded too) and the training loop.
-Both modes take the shipped recipe's settings (fe2_composite.finetune.yaml, fe2_composite.train
-.yaml) with the epochs set so that every run sees about ``--passes`` samples (at least
-``--min-epochs`` epochs).
+Both modes take the same optimisation settings, the shipped recipe's first stage
+(examples/configs/transfer.finetune.yaml, examples/models/fe2_composite.train.yaml), with the
+epochs set so that every run sees about ``--passes`` samples (at least ``--min-epochs`` epochs).
 
 Resumable: each (case, mode, N, seed) result is written to the record as it finishes, and a
 rerun skips the ones the record has. Prints a table; writes ``bench/results/transfer.json`` and
@@ -45,7 +45,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "models" / "fe2_composite.pt"
-RECIPE = ROOT / "examples" / "models" / "fe2_composite"
+CONFIGS = {"finetune": ROOT / "examples" / "configs" / "transfer.finetune.yaml",
+           "scratch": ROOT / "examples" / "models" / "fe2_composite.train.yaml"}
+"""Training configs of the two modes: the same optimisation settings (the shipped recipe's
+first stage), from the shipped model or, with the recipe's architecture, from scratch."""
 RESULTS = ROOT / "bench" / "results"
 MODES = ("finetune", "scratch")
 SETS = ("pool", "calibration", "test")
@@ -111,10 +114,16 @@ def make_data(case: Case, work: Path, ranks: int) -> dict:
             wall = time.perf_counter() - t0
         d = load_rve_dataset(path)
         out["material"] = {k: d["config"][k] for k in ("law", "matrix", "fibre")}
-        out[name] = {"path": str(path), "config": str(case.configs[name]),
+        out[name] = {"path": shown(path), "config": shown(case.configs[name]),
                      "samples": len(d["samples/F"]), "solve_s": float(d["samples/time_s"].sum()),
                      "generate_wall_s": wall, "ranks": ranks if wall is not None else None}
     return out
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository where it lies inside it (as the record shows it)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def nested_subsets(pool: Path, sizes: list[int], seed: int, work: Path) -> dict[int, Path]:
@@ -129,11 +138,9 @@ def nested_subsets(pool: Path, sizes: list[int], seed: int, work: Path) -> dict[
 
 
 def train_config(mode: str, epochs: int, batch_size: int, seed: int, path: Path) -> Path:
-    """The shipped recipe's config of ``mode`` (fine-tune: its second stage; scratch: its first,
-    with the architecture) with ``epochs`` (patience as many), ``batch_size`` and ``seed``,
-    written to ``path``."""
-    recipe = yaml.safe_load(Path(f"{RECIPE}.{'finetune' if mode == 'finetune' else 'train'}"
-                                 ".yaml").read_text())
+    """The config of ``mode`` (:data:`CONFIGS`) with ``epochs`` (patience as many),
+    ``batch_size`` and ``seed``, written to ``path``."""
+    recipe = yaml.safe_load(CONFIGS[mode].read_text())
     recipe["training"].update(epochs=epochs, patience=epochs, batch_size=batch_size, seed=seed)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -156,9 +163,9 @@ def run_one(mode: str, data: Path, seed: int, budget: Budget, sets: dict, work: 
     t0 = time.perf_counter()
     cli("train", str(config), "--data", str(data), "--out", str(out), "--quiet", *init)
     wall = time.perf_counter() - t0
-    cli("calibrate", "--model", str(out), "--data", sets["calibration"]["path"])
-    metrics = json.loads(cli("evaluate", "--model", str(out), "--data", sets["test"]["path"],
-                             "--json"))
+    calibration, test = (str(ROOT / sets[k]["path"]) for k in ("calibration", "test"))
+    cli("calibrate", "--model", str(out), "--data", calibration)
+    metrics = json.loads(cli("evaluate", "--model", str(out), "--data", test, "--json"))
     card = load_operator(out).card
     return {"mode": mode, "n": n, "seed": seed, "epochs": epochs,
             "best_epoch": card["history"]["best_epoch"],
@@ -193,9 +200,8 @@ def run(cases: list[Case], sizes: list[int], seeds: list[int], budget: Budget, w
     each one; returns the record (``partial`` until all are done)."""
     work.mkdir(parents=True, exist_ok=True)
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    name = str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model)
-    configs = {"finetune": f"{RECIPE.name}.finetune.yaml", "scratch": f"{RECIPE.name}.train.yaml"}
-    record.update(command=command, model=name, sizes=sizes, seeds=seeds,
+    configs = {mode: shown(path) for mode, path in CONFIGS.items()}
+    record.update(command=command, model=shown(model), sizes=sizes, seeds=seeds,
                   budget={"passes": budget.passes, "min_epochs": budget.min_epochs,
                           "batch_size": budget.batch_size, "configs": configs})
     record.setdefault("runs", {})
@@ -203,10 +209,14 @@ def run(cases: list[Case], sizes: list[int], seeds: list[int], budget: Budget, w
     todo = [(c, m, n, s) for c in cases for s in seeds for n in sizes for m in MODES
             if f"{c.name}/{m}/N{n}/seed{s}" not in record["runs"]]
     for case in cases:
-        record["cases"][case.name] = make_data(case, work, ranks)
+        earlier, made = record["cases"].get(case.name, {}), make_data(case, work, ranks)
+        for name in SETS:  # a set made by an earlier run keeps its generate time
+            if made[name]["generate_wall_s"] is None and name in earlier:
+                made[name].update({k: earlier[name][k] for k in ("generate_wall_s", "ranks")})
+        record["cases"][case.name] = made
     for case, mode, n, seed in todo:
         sets = record["cases"][case.name]
-        subset = nested_subsets(Path(sets["pool"]["path"]), sizes, seed, work)[n]
+        subset = nested_subsets(ROOT / sets["pool"]["path"], sizes, seed, work)[n]
         t0 = time.perf_counter()
         result = run_one(mode, subset, seed, budget, sets, work, model)
         record["runs"][f"{case.name}/{mode}/N{n}/seed{seed}"] = result
