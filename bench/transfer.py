@@ -178,6 +178,29 @@ def run_one(mode: str, data: Path, seed: int, budget: Budget, sets: dict, work: 
             "solve_s": float(d["samples/time_s"].sum())}
 
 
+def zero_shot(sets: dict, work: Path, model: Path = MODEL) -> dict | None:
+    """The model as shipped, calibrated on the case's calibration set and evaluated on its test
+    set, where the case is of the model's own material (a new cell family); None where it is
+    not (the model would answer for its own phases)."""
+    import shutil
+
+    from neuroscale_couple.operators.base import load_operator
+    from neuroscale_couple.store import load_rve_dataset
+    from neuroscale_couple.structures import data_family
+
+    d = load_rve_dataset(ROOT / sets["pool"]["path"])
+    if load_operator(model).adopt_material(data_family(d).family_config(d["config"])) is not None:
+        return None
+    copy = work / f"{Path(sets['pool']['path']).stem}.shipped.pt"
+    shutil.copyfile(model, copy)
+    calibration, test = (str(ROOT / sets[k]["path"]) for k in ("calibration", "test"))
+    cli("calibrate", "--model", str(copy), "--data", calibration)
+    metrics = json.loads(cli("evaluate", "--model", str(copy), "--data", test, "--json"))
+    return {"rel_l2_stress": metrics["rel_l2_stress"],
+            "rel_l2_tangent": metrics["rel_l2_tangent"],
+            "coverage_95": metrics["bound_coverage"][LEVEL], "ece": metrics["ece"]}
+
+
 def summarise(runs: dict) -> dict:
     """Per case, mode and N: mean, min and max over seeds of each metric and cost."""
     keys = ("rel_l2_stress", "rel_l2_tangent", "coverage_95", "ece", "train_s", "solve_s")
@@ -213,6 +236,8 @@ def run(cases: list[Case], sizes: list[int], seeds: list[int], budget: Budget, w
         for name in SETS:  # a set made by an earlier run keeps its generate time
             if made[name]["generate_wall_s"] is None and name in earlier:
                 made[name].update({k: earlier[name][k] for k in ("generate_wall_s", "ranks")})
+        made["zero_shot"] = (earlier["zero_shot"] if "zero_shot" in earlier
+                             else zero_shot(made, work, model))
         record["cases"][case.name] = made
     for case, mode, n, seed in todo:
         sets = record["cases"][case.name]
@@ -220,7 +245,7 @@ def run(cases: list[Case], sizes: list[int], seeds: list[int], budget: Budget, w
         t0 = time.perf_counter()
         result = run_one(mode, subset, seed, budget, sets, work, model)
         record["runs"][f"{case.name}/{mode}/N{n}/seed{seed}"] = result
-        print(f"{case.name:<8}{mode:<10}N={n:<5}seed {seed}: error {result['rel_l2_stress']:.4f}, "
+        print(f"{case.name:<10}{mode:<10}N={n:<5}seed {seed}: error {result['rel_l2_stress']:.4f}, "
               f"coverage {result['coverage_95']:.3f}, ECE {result['ece']:.3f}, train "
               f"{result['train_s']:.0f} s ({time.perf_counter() - t0:.0f} s in all)", flush=True)
         save(record, record_path, cases, sizes, seeds)
@@ -241,12 +266,12 @@ def save(record: dict, path: Path, cases: list[Case], sizes: list[int], seeds: l
 
 
 def print_table(record: dict) -> None:
-    print(f"\n{'case':<8}{'mode':<10}{'N':>5}{'seeds':>6}{'P̄ error':>10}{'A error':>9}"
+    print(f"\n{'case':<10}{'mode':<10}{'N':>5}{'seeds':>6}{'P̄ error':>10}{'A error':>9}"
           f"{'cov 95%':>9}{'ECE':>7}{'solve s':>9}{'train s':>9}")
     for case, modes in record["summary"].items():
         for mode, by_n in modes.items():
             for n, s in by_n.items():
-                print(f"{case:<8}{mode:<10}{n:>5}{s['seeds']:>6}"
+                print(f"{case:<10}{mode:<10}{n:>5}{s['seeds']:>6}"
                       f"{s['rel_l2_stress']['mean']:>10.4f}{s['rel_l2_tangent']['mean']:>9.4f}"
                       f"{s['coverage_95']['mean']:>9.3f}{s['ece']['mean']:>7.3f}"
                       f"{s['solve_s']['mean']:>9.1f}{s['train_s']['mean']:>9.0f}")

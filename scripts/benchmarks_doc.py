@@ -684,14 +684,16 @@ def region_section(record: dict, path: Path, images: dict[str, tuple[str, str]])
 
 def transfer_section(record: dict, path: Path, images: dict[str, tuple[str, str]]) -> list[str]:
     budget = record.get("budget", {})
-    out = ["## Few-shot transfer", "",
-           "The shipped operator fine-tuned to a material outside its training "
-           "(`neuroscale train --init … --new-material`) against the same architecture trained "
-           "from scratch, on the same N fine solves of the new material (nested subsets of one "
-           "pool), each calibrated on a held-out calibration set of that material and tested "
-           "on its test set. Errors are relative L2 over the test set; coverage is the share "
-           "of test points inside the calibrated 95 % bound. Fine solves: the RVE solver's "
-           "time for the N samples (meshing excluded); training: the training loop. Both modes "
+    title = "Few-shot transfer" + ("" if path.stem == "transfer" else f": `{path.stem}`")
+    out = [f"## {title}", "",
+           "The shipped operator fine-tuned to a material or a cell family outside its "
+           "training (`neuroscale train --init … --new-material`) against the same "
+           "architecture trained from scratch with the same settings, on the same N fine "
+           "solves of the new case (nested subsets of one pool), each calibrated on a held-out "
+           "calibration set of that case and tested on its test set. Errors are relative L2 "
+           "over the test set; coverage is the share of test points inside the calibrated 95 % "
+           "bound. Fine solves: the RVE solver's time for the N samples (meshing excluded); "
+           "training: the training loop. Both modes "
            f"see about {num(budget.get('passes'))} samples per run (at least "
            f"{num(budget.get('min_epochs'))} epochs, batches of {num(budget.get('batch_size'))}); "
            "mean over seeds, range in brackets.", ""]
@@ -716,23 +718,32 @@ def transfer_section(record: dict, path: Path, images: dict[str, tuple[str, str]
 
     for case, modes in record.get("summary", {}).items():
         sets = record.get("cases", {}).get(case, {})
-        cfg = sets.get("pool", {}).get("config", "")
         m = sets.get("material")
         phases = "" if m is None else (f"matrix (E, ν) = ({num(m['matrix']['E'])}, "
                                        f"{num(m['matrix']['nu'])}), fibre "
                                        f"({num(m['fibre']['E'])}, {num(m['fibre']['nu'])}); ")
-        out += [f"Case `{case}` (`{Path(cfg).name}`: {phases}test set "
+        pool = sets.get("pool", {})
+        made = ("" if pool.get("generate_wall_s") is None else
+                f"; `neuroscale generate` made its pool of {num(pool.get('samples'))} solves in "
+                f"{num(pool['generate_wall_s'])} s on {num(pool.get('ranks'))} ranks, meshing "
+                "included")
+        out += [f"Case `{case}` (`{Path(pool.get('config', '')).name}`: {phases}test set "
                 f"{num(sets.get('test', {}).get('samples'))} samples, calibration set "
-                f"{num(sets.get('calibration', {}).get('samples'))}):", ""]
+                f"{num(sets.get('calibration', {}).get('samples'))}{made}):", ""]
         rows = [(num(int(n)), mode, num(s["seeds"]), cell(s, "rel_l2_stress", pct),
                  cell(s, "rel_l2_tangent", pct), cell(s, "coverage_95", pct),
                  cell(s, "ece", lambda x: f"{x:.3f}"), num(s["solve_s"]["mean"]),
                  num(s["train_s"]["mean"]))
                 for mode, by_n in modes.items() for n, s in by_n.items()]
         rows.sort(key=lambda r: (int(r[0].replace(" ", "")), r[1]))
+        shot = sets.get("zero_shot")
+        if shot:  # a case of the model's own material: the model as shipped, calibrated anew
+            rows.insert(0, ("0", "shipped model", "–", pct(shot["rel_l2_stress"]),
+                            pct(shot["rel_l2_tangent"]), pct(shot["coverage_95"]),
+                            f"{shot['ece']:.3f}", "0", "0"))
         out += table(("N", "mode", "seeds", "P̄ error", "tangent error", "95 % bound covers",
                       "ECE", "fine solves (s)", "training (s)"), rows)
-    out += figure("transfer.png", "Test error of P̄ and coverage of the calibrated 95 % bound "
+    out += figure(f"{path.stem}.png", "Test error of P̄ and coverage of the calibrated 95 % bound "
                   "against N, fine-tuned and from scratch (bars: range over seeds)", images)
     return out
 
@@ -871,7 +882,7 @@ def copy_images(docs: Path) -> dict[str, tuple[str, str]]:
 
 # ---------------------------------------------------------------------------------- page
 ORDER = ("rve_solve", "rve_live", "operator", "encode", "memory", "region", "transfer",
-         "fe2_speedup",
+         "transfer_laminate", "fe2_speedup",
          "fe2_speedup_rtol002", "fe2_speedup_beyond", "fe2_speedup_412", "hmm_speedup",
          "hmm_speedup_300K_202", "hmm_speedup_0K_small", "hmm_speedup_300K", "scaling")
 
@@ -907,7 +918,7 @@ def page(docs: Path) -> str:
             lines += distilled_section(images)
         elif name == "region":
             lines += region_section(record, path, images)
-        elif name == "transfer":
+        elif name.startswith("transfer"):
             lines += transfer_section(record, path, images)
         elif name == "scaling":
             lines += scaling_section(record, path, images)

@@ -69,6 +69,7 @@ def test_transfer_bench_trains_both_modes_on_nested_subsets_and_resumes(case, tm
     assert set(record["runs"]) == {f"toy/{m}/N{n}/seed0" for m in ("finetune", "scratch")
                                    for n in (2, 4)}
     assert record["cases"]["toy"]["material"]["matrix"] == {"E": 3.0 * STIFFER, "nu": 0.3}
+    assert record["cases"]["toy"]["zero_shot"] is None  # the shipped model knows other phases
     n_test = record["cases"]["toy"]["test"]["samples"]
     for key, r in record["runs"].items():
         assert r["test_samples"] == n_test, key  # every model evaluated on the whole test set
