@@ -17,7 +17,8 @@ calibrated 95 % bound, ECE. Costs: the fine solves of the N samples (the solver'
 sample, meshing excluded; the pool's generate wall time is recorded too) and the training loop.
 Both modes take the same optimisation settings, the shipped recipe's first stage
 (examples/configs/transfer.finetune.yaml, examples/models/fe2_composite.train.yaml), with the
-epochs set so that every run sees about ``--passes`` samples (at least ``--min-epochs`` epochs).
+epochs set so that every run sees about ``--passes`` samples, or with ``--steps`` takes about
+that many optimiser steps (at least ``--min-epochs`` epochs).
 
 Resumable: each (case, mode, N, seed) result is written to the record as it finishes, and a
 rerun skips the ones the record has. Prints a table; writes ``bench/results/transfer.json`` and
@@ -71,15 +72,19 @@ class Case:
 
 @dataclass(frozen=True)
 class Budget:
-    """Training settings of both modes: about ``passes`` samples seen per run, at least
-    ``min_epochs`` epochs, batches of ``batch_size`` samples (the recipe's 96 would leave a
-    run on 300 samples a few dozen steps)."""
+    """Training settings of both modes: about ``passes`` samples seen per run, or with
+    ``steps`` about that many optimiser steps (a fixed count of samples gives a larger N
+    fewer steps), at least ``min_epochs`` epochs, batches of ``batch_size`` samples (the
+    recipe's 96 would leave a run on 300 samples a few dozen steps)."""
 
     passes: int = 2000
     min_epochs: int = 10
     batch_size: int = 32
+    steps: int | None = None
 
     def epochs(self, n: int) -> int:
+        if self.steps is not None:
+            return max(self.min_epochs, math.ceil(self.steps / math.ceil(n / self.batch_size)))
         return max(self.min_epochs, math.ceil(self.passes / n))
 
 
@@ -226,7 +231,8 @@ def run(cases: list[Case], sizes: list[int], seeds: list[int], budget: Budget, w
     configs = {mode: shown(path) for mode, path in CONFIGS.items()}
     record.update(command=command, model=shown(model), sizes=sizes, seeds=seeds,
                   budget={"passes": budget.passes, "min_epochs": budget.min_epochs,
-                          "batch_size": budget.batch_size, "configs": configs})
+                          "batch_size": budget.batch_size, "steps": budget.steps,
+                          "configs": configs})
     record.setdefault("runs", {})
     record.setdefault("cases", {})
     todo = [(c, m, n, s) for c in cases for s in seeds for n in sizes for m in MODES
@@ -316,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--passes", type=int, default=Budget.passes)
     p.add_argument("--min-epochs", type=int, default=Budget.min_epochs)
     p.add_argument("--batch", type=int, default=Budget.batch_size)
+    p.add_argument("--steps", type=int, help="budget optimiser steps instead of --passes")
     p.add_argument("--np", type=int, default=2, help="MPI ranks that generate the data sets")
     p.add_argument("--work", default=str(ROOT / "out" / "transfer"))
     p.add_argument("--out", default=str(RESULTS / "transfer.json"))
@@ -328,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         command = "python bench/transfer.py " + " ".join(shlex.quote(a) for a in (
             sys.argv[1:] if argv is None else argv))
         record = run([Case.named(c) for c in args.cases], args.sizes, args.seeds,
-                     Budget(args.passes, args.min_epochs, args.batch), Path(args.work),
+                     Budget(args.passes, args.min_epochs, args.batch, args.steps), Path(args.work),
                      Path(args.out), command.strip(), args.np)
     print_table(record)
     plot(record, Path(args.out).with_suffix(".png"))

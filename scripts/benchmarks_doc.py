@@ -685,6 +685,9 @@ def region_section(record: dict, path: Path, images: dict[str, tuple[str, str]])
 def transfer_section(record: dict, path: Path, images: dict[str, tuple[str, str]]) -> list[str]:
     budget = record.get("budget", {})
     title = "Few-shot transfer" + ("" if path.stem == "transfer" else f": `{path.stem}`")
+    seen = (f"take about {num(budget['steps'])} optimiser steps per run" if budget.get("steps")
+            else f"see about {num(budget.get('passes'))} samples per run (so a larger N gets "
+            "fewer optimiser steps)")
     out = [f"## {title}", "",
            "The shipped operator fine-tuned to a material or a cell family outside its "
            "training (`neuroscale train --init … --new-material`) against the same "
@@ -693,8 +696,7 @@ def transfer_section(record: dict, path: Path, images: dict[str, tuple[str, str]
            "calibration set of that case and tested on its test set. Errors are relative L2 "
            "over the test set; coverage is the share of test points inside the calibrated 95 % "
            "bound. Fine solves: the RVE solver's time for the N samples (meshing excluded); "
-           "training: the training loop. Both modes "
-           f"see about {num(budget.get('passes'))} samples per run (at least "
+           f"training: the training loop. Both modes {seen} (at least "
            f"{num(budget.get('min_epochs'))} epochs, batches of {num(budget.get('batch_size'))}); "
            "mean over seeds, range in brackets.", ""]
     if MODEL_CARD.exists():  # what the same model reaches on its own material, for scale

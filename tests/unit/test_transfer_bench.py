@@ -97,6 +97,9 @@ def test_transfer_bench_trains_both_modes_on_nested_subsets_and_resumes(case, tm
 
 def test_fine_tuning_to_another_material_asks_for_the_flag(case, tmp_path, capsys):
     bench, _, work = case
+    steps = bench.Budget(min_epochs=1, batch_size=32, steps=150)
+    assert (steps.epochs(10), steps.epochs(300)) == (150, 15)  # ~150 steps at any N
+    assert bench.Budget(passes=2000, min_epochs=10).epochs(300) == 10
     config = bench.train_config("finetune", 1, 4, 0, tmp_path / "ft.yaml")
     argv = ["train", str(config), "--data", str(work / "toy.pool.h5"), "--out",
             str(tmp_path / "m.pt"), "--init", str(bench.MODEL), "--quiet"]
