@@ -682,6 +682,16 @@ def region_section(record: dict, path: Path, images: dict[str, tuple[str, str]])
     return out
 
 
+# How to read a transfer record's figures (no numbers: those come from the record).
+TRANSFER_NOTES = {
+    "transfer_laminate": (
+        "The pool holds six laminates with 50 loads each, and batches hold whole structures: "
+        "from N = 100 on a batch is one laminate, and validation on the one held-out laminate "
+        "picks an early epoch (`best_epoch` in the record), so the error rises with N. A "
+        "cell-family case wants many cells with a few loads each, as the stiff pool has."),
+}
+
+
 def transfer_section(record: dict, path: Path, images: dict[str, tuple[str, str]]) -> list[str]:
     budget = record.get("budget", {})
     title = "Few-shot transfer" + ("" if path.stem == "transfer" else f": `{path.stem}`")
@@ -745,6 +755,8 @@ def transfer_section(record: dict, path: Path, images: dict[str, tuple[str, str]
                             f"{shot['ece']:.3f}", "0", "0"))
         out += table(("N", "mode", "seeds", "P̄ error", "tangent error", "95 % bound covers",
                       "ECE", "fine solves (s)", "training (s)"), rows)
+    if path.stem in TRANSFER_NOTES:
+        out += [TRANSFER_NOTES[path.stem], ""]
     out += figure(f"{path.stem}.png", "Test error of P̄ and coverage of the calibrated 95 % bound "
                   "against N, fine-tuned and from scratch (bars: range over seeds)", images)
     return out
