@@ -686,9 +686,9 @@ def region_section(record: dict, path: Path, images: dict[str, tuple[str, str]])
 TRANSFER_NOTES = {
     "transfer": (
         "Both modes validate on a tenth of the N solves and keep the best epoch: at N = 10 that "
-        "is one solve, and a run can keep an early epoch (`best_epoch` in the record) — the "
-        "spread between seeds there. Fine-tuning pays most from N = 30 on, where it reaches "
-        "with N solves what training from scratch needs several times more for."),
+        "is one solve, and a run can keep an early epoch (`best_epoch` in the record), so the "
+        "spread between seeds is large at N ≤ 30 — compare the ranges, not the means, there. "
+        "At N = 100 and 300 (one seed) the fine-tuned model is the more accurate one."),
     "transfer_laminate": (
         "The pool holds six laminates with 50 loads each, and batches hold whole structures: "
         "from N = 100 on a batch is one laminate, and validation on the one held-out laminate "
