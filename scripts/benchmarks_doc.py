@@ -688,7 +688,7 @@ TRANSFER_NOTES = {
         "Both modes validate on a tenth of the N solves and keep the best epoch: at N = 10 that "
         "is one solve, and a run can keep an early epoch (`best_epoch` in the record), so the "
         "spread between seeds is large at N ≤ 30 — compare the ranges, not the means, there. "
-        "At N = 100 and 300 (one seed) the fine-tuned model is the more accurate one."),
+        "From N = 100 on, the fine-tuned model is the more accurate one in every run."),
     "transfer_laminate": (
         "The pool holds six laminates with 50 loads each, and batches hold whole structures: "
         "from N = 100 on a batch is one laminate, and validation on the one held-out laminate "
