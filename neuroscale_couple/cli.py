@@ -3,12 +3,13 @@
     neuroscale rve CONFIG.yaml [--json]                  one RVE solve (2D or 3D cell):
                                                          homogenized P̄ and tangent A
     neuroscale generate CONFIG.yaml --out D.h5           RVE/crystal training data (MPI, resumable)
-    neuroscale train CONFIG.yaml --data D.h5 [D2.h5 …] --out M.pt [--init M0.pt]
+    neuroscale train CONFIG.yaml --data D.h5 [D2.h5 …] --out M.pt [--init M0.pt [--new-material]]
                      [--work DIR] [--fresh] [--keep-work]
                                                          train + calibrate the operator (MPI,
                                                          resumable after every epoch)
     neuroscale calibrate --model M.pt --data D.h5 [--groups]   split-conformal recalibration
     neuroscale evaluate --model M.pt --data D.h5 [--ood O.h5] [--json] [--plot R.png]
+    neuroscale subset D.h5 (--micro M | --samples N) [--seed S] --out D_part.h5
     neuroscale distill --model M.pt --out M_fast.pt --cells N --epochs E
                        [--calibration C.h5] [--test T.h5]   a slim encoder trained against M
     neuroscale explain --model M.pt --config CELLS.yaml --out DIR   scales and attention as PNGs
@@ -104,6 +105,7 @@ TRAIN_KEYS = ("model", "training")
 def cmd_train(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
+    from neuroscale_couple.calibration import MIN_CALIBRATION_POINTS
     from neuroscale_couple.evaluation import calibrate_model
     from neuroscale_couple.operators.base import load_operator
     from neuroscale_couple.operators.sano import SANOConfig
@@ -114,7 +116,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     comm = MPI.COMM_WORLD
     tcfg = TrainConfig.from_dict(cfg.get("training") or {})
     mcfg = dict(cfg.get("model") or {})
-    init = earlier = None
+    init = earlier = transfer = None
+    if args.new_material and args.init is None:
+        raise InputError("--new-material fine-tunes a checkpoint: give it with --init M.pt")
     if args.init is not None:  # fine-tuning: the checkpoint's architecture and scales stay
         if mcfg:
             raise InputError(f"{args.config}: a `model:` mapping with --init {args.init}; the "
@@ -134,8 +138,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     torch.manual_seed(tcfg.seed)
     device = device_for_rank(comm)
     logging.getLogger(__name__).info("rank %d trains on %s", comm.rank, device)
-    if init is not None:  # the data must be of the family the checkpoint learnt
-        init.check_family(data.structure.family_config(data.config))
+    if init is not None:  # the data must be of the family the checkpoint learnt, or adopted
+        family = data.structure.family_config(data.config)
+        transfer = init.adopt_material(family) if args.new_material else None
+        try:
+            init.check_family(family)
+        except InputError as err:
+            raise InputError(f"{err} (to fine-tune the model to the data's material, add "
+                             "--new-material)") from None
+        if transfer is not None:  # its stresses are of another size: rescale, keep the rest
+            mcfg.update({k: list(getattr(init.config, k)) for k in transfer})
+            earlier["transfer_from"] = transfer
         model = init.to(device)
     else:  # the structures' family picks the operator (cell images: SANO; crystals: descriptors)
         model, mcfg = data.structure.new_operator(mcfg, data)
@@ -144,19 +157,29 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not len(held_out):
         raise InputError(f"training.val_fraction={tcfg.val_fraction} holds out no data: the "
                          "held-out part validates and calibrates the model; use e.g. 0.1")
+    if transfer is not None:
+        model.set_stress_scales(fit.P, fit.A)
     work = train_checkpoint(args, cfg, None if init is None else init.weights_digest())
     if args.fresh and comm.rank == 0:
         work.remove()
     comm.barrier()
     history = train(model, fit, tcfg, comm=comm, validation=held_out, normalise=init is None,
                     progress=not args.quiet, checkpoint=work)
-    cal = calibrate_model(model, held_out)  # redone by a run resumed after the last epoch
+    n_cal = 0  # calibration redone by a run resumed after the last epoch
+    if len(held_out) >= MIN_CALIBRATION_POINTS:
+        n_cal = calibrate_model(model, held_out).n_calibration
+    else:  # few-shot data: an earlier stage's calibration would not hold for the new model
+        model.calibration = {}
+        logging.getLogger(__name__).warning(
+            "%d held-out samples are too few to calibrate the bound (at least %d): calibrate "
+            "on held-out fine solves with `neuroscale calibrate --model %s --data C.h5`",
+            len(held_out), MIN_CALIBRATION_POINTS, args.out)
     model.card = {"data": ", ".join(args.data), "data_config": data.config,
                   "model_config": mcfg,
                   "training": cfg.get("training") or {}, "seed": tcfg.seed,
                   "history": {k: history[k] for k in ("best_epoch", "time_s")},
                   "validation": relative_errors(model, held_out),
-                  "calibration_points": cal.n_calibration}
+                  "calibration_points": n_cal}
     region = data.region  # a fine-tuned model keeps the region of its first stage too
     if region is not None and init is not None and init.region is not None:
         region = region.union(init.region)
@@ -330,13 +353,16 @@ def cmd_cauchy_born(args: argparse.Namespace) -> None:
 def cmd_subset(args: argparse.Namespace) -> None:
     from neuroscale_couple.store import subset_dataset
 
-    if args.micro < 1:
-        raise InputError(f"--micro {args.micro}: give the number of microstructures to copy, "
-                         "at least 1")
+    for flag, value in (("--micro", args.micro), ("--samples", args.samples)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} {value}: give the number of "
+                             f"{'microstructures' if flag == '--micro' else 'samples'} to copy, "
+                             "at least 1")
     if args.seed < 0:
         raise InputError(f"--seed {args.seed}: give a seed ≥ 0")
-    n = subset_dataset(args.data, args.out, args.micro, args.seed)
-    print(f"{args.out}: {args.micro} microstructures, {n} samples")
+    n = subset_dataset(args.data, args.out, args.micro, args.seed, n_samples=args.samples)
+    what = f"{args.micro} microstructures" if args.micro is not None else "nested subset"
+    print(f"{args.out}: {what}, {n} samples")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model checkpoint to write (.pt)")
     p.add_argument("--init", help="checkpoint to go on training (fine-tuning: config without "
                    "`model:`)")
+    p.add_argument("--new-material", action="store_true", help="with --init: fine-tune a "
+                   "model of one material to the data's other phases (few-shot transfer; the "
+                   "model takes them and rescales its stresses)")
     p.add_argument("--work", help="folder of the per-epoch checkpoint (default OUT with suffix "
                    ".train); a rerun of the same command resumes from it")
     p.add_argument("--fresh", action="store_true", help="start over: discard the checkpoint "
@@ -419,10 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "calculator, F, temperature, relax)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_cauchy_born)
-    p = sub.add_parser("subset", help="copy N random microstructures of a data set (e.g. the "
-                       "anchor data that online retraining mixes in)")
+    p = sub.add_parser("subset", help="copy N random microstructures or samples of a data set "
+                       "(e.g. the anchor data that online retraining mixes in, few-shot sets)")
     p.add_argument("data", help="HDF5 data set from `neuroscale generate`")
-    p.add_argument("--micro", type=int, required=True, help="number of microstructures")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--micro", type=int, help="number of microstructures (all their samples)")
+    size.add_argument("--samples", type=int, help="number of samples (fine solves); nested: "
+                      "for one --seed a smaller subset lies inside a larger one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_subset)

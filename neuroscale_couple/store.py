@@ -302,22 +302,43 @@ def write_dataset(path: str | Path, config: dict, micro: dict[str, np.ndarray],
     atomic_write(path, write)
 
 
-def subset_dataset(src: str | Path, dst: str | Path, n_micro: int, seed: int = 0) -> int:
-    """Copy ``n_micro`` randomly chosen microstructures (all their samples, no micro fields) of
-    the data set ``src`` into ``dst``; returns the number of samples written."""
+def subset_dataset(src: str | Path, dst: str | Path, n_micro: int | None = None, seed: int = 0,
+                   *, n_samples: int | None = None) -> int:
+    """Copy a random part of the data set ``src`` into ``dst`` (no micro fields); returns the
+    number of samples written.
+
+    Give one of ``n_micro`` (that many microstructures, all their samples) or ``n_samples``
+    (that many samples, i.e. fine solves, and the microstructures they use). Subsets by samples
+    are nested: for one ``seed``, the samples of a smaller ``n_samples`` are among those of a
+    larger one (a seeded permutation's first ``n_samples``), so runs on growing subsets are
+    comparable (e.g. a learning curve).
+    """
+    if (n_micro is None) == (n_samples is None):
+        raise InputError("subset_dataset: give one of n_micro and n_samples")
     d = load_rve_dataset(src)
-    m_total = int(d["samples/micro_index"].max()) + 1
-    if not 0 < n_micro <= m_total:
-        raise InputError(f"n_micro={n_micro}: {src} has {m_total} microstructures")
-    keep = np.sort(np.random.default_rng(seed).choice(m_total, n_micro, replace=False))
+    index = d["samples/micro_index"]
+    m_total = int(index.max()) + 1
+    rng = np.random.default_rng(seed)
+    if n_samples is not None:
+        if not 0 < n_samples <= len(index):
+            raise InputError(f"n_samples={n_samples}: {src} has {len(index)} samples")
+        mask = np.zeros(len(index), dtype=bool)
+        mask[rng.permutation(len(index))[:n_samples]] = True
+        keep = np.unique(index[mask])
+    else:
+        if not 0 < n_micro <= m_total:
+            raise InputError(f"n_micro={n_micro}: {src} has {m_total} microstructures")
+        keep = np.sort(rng.choice(m_total, n_micro, replace=False))
     new_index = np.full(m_total, -1)
-    new_index[keep] = np.arange(n_micro)
-    mask = new_index[d["samples/micro_index"]] >= 0
+    new_index[keep] = np.arange(len(keep))
+    if n_samples is None:
+        mask = new_index[index] >= 0
     micro = {k.split("/", 1)[1]: v[keep] for k, v in d.items() if k.startswith("micro/")}
     samples = {k.split("/", 1)[1]: v[mask] for k, v in d.items()
                if k.startswith("samples/") and not k.startswith("samples/fields/")}
-    samples["micro_index"] = new_index[d["samples/micro_index"][mask]]
-    config = dict(d["config"], subset={"source": str(src), "n_micro": n_micro, "seed": seed},
+    samples["micro_index"] = new_index[index[mask]]
+    chosen = {"n_micro": n_micro} if n_samples is None else {"n_samples": n_samples}
+    config = dict(d["config"], subset={"source": str(src), **chosen, "seed": seed},
                   fields_resolution=0)
     write_dataset(dst, config, micro, samples)
     return int(mask.sum())

@@ -682,6 +682,91 @@ def region_section(record: dict, path: Path, images: dict[str, tuple[str, str]])
     return out
 
 
+# How to read a transfer record's figures (no numbers: those come from the record).
+TRANSFER_NOTES = {
+    "transfer": (
+        "Both modes validate on a tenth of the N solves and keep the best epoch: at N = 10 that "
+        "is one solve, and a run can keep an early epoch (`best_epoch` in the record), so the "
+        "spread between seeds is large at N ≤ 30 — compare the ranges, not the means, there. "
+        "From N = 100 on, the fine-tuned model is the more accurate one in every run."),
+    "transfer_laminate": (
+        "The pool holds six laminates with 50 loads each, and batches hold whole structures: "
+        "from N = 100 on a batch is one laminate, and validation on the one held-out laminate "
+        "picks an early epoch (`best_epoch` in the record), so the error rises with N. A "
+        "cell-family case wants many cells with a few loads each, as the stiff pool has."),
+}
+
+
+def transfer_section(record: dict, path: Path, images: dict[str, tuple[str, str]]) -> list[str]:
+    budget = record.get("budget", {})
+    title = "Few-shot transfer" + ("" if path.stem == "transfer" else f": `{path.stem}`")
+    seen = (f"take about {num(budget['steps'])} optimiser steps per run" if budget.get("steps")
+            else f"see about {num(budget.get('passes'))} samples per run (so a larger N gets "
+            "fewer optimiser steps)")
+    out = [f"## {title}", "",
+           "The shipped operator fine-tuned to a material or a cell family outside its "
+           "training (`neuroscale train --init … --new-material`) against the same "
+           "architecture trained from scratch with the same settings, on the same N fine "
+           "solves of the new case (nested subsets of one pool), each calibrated on a held-out "
+           "calibration set of that case and tested on its test set. Errors are relative L2 "
+           "over the test set; coverage is the share of test points inside the calibrated 95 % "
+           "bound. Fine solves: the RVE solver's time for the N samples (meshing excluded); "
+           f"training: the training loop. Both modes {seen} (at least "
+           f"{num(budget.get('min_epochs'))} epochs, batches of {num(budget.get('batch_size'))}); "
+           "mean over seeds, range in brackets.", ""]
+    if MODEL_CARD.exists():  # what the same model reaches on its own material, for scale
+        card = json.loads(MODEL_CARD.read_text())
+        data = card.get("data_config", {})
+        solves = (sum(g.get("count", 0) for g in data.get("microstructure", []))
+                  * data.get("loads", {}).get("per_microstructure", 0))
+        out += [f"For scale: the shipped model, trained on {num(solves)} fine solves of its own "
+                f"material, has a test error of P̄ of "
+                f"{pct(card.get('test_metrics', {}).get('rel_l2_stress', math.nan))} there.", ""]
+    if record.get("partial"):
+        out += ["!!! warning \"Partial record\"",
+                "    Not every (N, mode, seed) run has finished: rerun the command to complete "
+                "it (finished runs are kept).", ""]
+    out += provenance(record, path, "the runs below", None)
+
+    def cell(s: dict, key: str, fmt: Callable[[float], str]) -> str:
+        v = s[key]
+        spread = f" [{fmt(v['min'])}–{fmt(v['max'])}]" if s["seeds"] > 1 else ""
+        return fmt(v["mean"]) + spread
+
+    for case, modes in record.get("summary", {}).items():
+        sets = record.get("cases", {}).get(case, {})
+        m = sets.get("material")
+        phases = "" if m is None else (f"matrix (E, ν) = ({num(m['matrix']['E'])}, "
+                                       f"{num(m['matrix']['nu'])}), fibre "
+                                       f"({num(m['fibre']['E'])}, {num(m['fibre']['nu'])}); ")
+        pool = sets.get("pool", {})
+        made = ("" if pool.get("generate_wall_s") is None else
+                f"; `neuroscale generate` made its pool of {num(pool.get('samples'))} solves in "
+                f"{num(pool['generate_wall_s'])} s on {num(pool.get('ranks'))} ranks, meshing "
+                "included")
+        out += [f"Case `{case}` (`{Path(pool.get('config', '')).name}`: {phases}test set "
+                f"{num(sets.get('test', {}).get('samples'))} samples, calibration set "
+                f"{num(sets.get('calibration', {}).get('samples'))}{made}):", ""]
+        rows = [(num(int(n)), mode, num(s["seeds"]), cell(s, "rel_l2_stress", pct),
+                 cell(s, "rel_l2_tangent", pct), cell(s, "coverage_95", pct),
+                 cell(s, "ece", lambda x: f"{x:.3f}"), num(s["solve_s"]["mean"]),
+                 num(s["train_s"]["mean"]))
+                for mode, by_n in modes.items() for n, s in by_n.items()]
+        rows.sort(key=lambda r: (int(r[0].replace(" ", "")), r[1]))
+        shot = sets.get("zero_shot")
+        if shot:  # a case of the model's own material: the model as shipped, calibrated anew
+            rows.insert(0, ("0", "shipped model", "–", pct(shot["rel_l2_stress"]),
+                            pct(shot["rel_l2_tangent"]), pct(shot["coverage_95"]),
+                            f"{shot['ece']:.3f}", "0", "0"))
+        out += table(("N", "mode", "seeds", "P̄ error", "tangent error", "95 % bound covers",
+                      "ECE", "fine solves (s)", "training (s)"), rows)
+    if path.stem in TRANSFER_NOTES:
+        out += [TRANSFER_NOTES[path.stem], ""]
+    out += figure(f"{path.stem}.png", "Test error of P̄ and coverage of the calibrated 95 % bound "
+                  "against N, fine-tuned and from scratch (bars: range over seeds)", images)
+    return out
+
+
 def scaling_section(record: dict, path: Path, images: dict[str, tuple[str, str]]) -> list[str]:
     out = ["## Scaling", "",
            "The FE² example (`examples/fe2_composite.py`, no retraining) against the size of the "
@@ -915,8 +1000,8 @@ def copy_images(docs: Path) -> dict[str, tuple[str, str]]:
 
 # ---------------------------------------------------------------------------------- page
 ORDER = ("rve_solve", "rve_live", "operator", "calibration_groups", "encode", "memory",
-         "region", "fe2_speedup",
-         "fe2_speedup_rtol002", "fe2_speedup_beyond", "fe2_speedup_412", "hmm_speedup",
+         "region", "transfer", "transfer_laminate", "fe2_speedup", "fe2_speedup_rtol002",
+         "fe2_speedup_beyond", "fe2_speedup_412", "cold_start", "hmm_speedup",
          "hmm_speedup_300K_202", "hmm_speedup_0K_small", "hmm_speedup_300K", "scaling", "c_api")
 
 
@@ -951,6 +1036,8 @@ def page(docs: Path) -> str:
             lines += distilled_section(images)
         elif name == "region":
             lines += region_section(record, path, images)
+        elif name.startswith("transfer"):
+            lines += transfer_section(record, path, images)
         elif name == "scaling":
             lines += scaling_section(record, path, images)
         elif name == "memory":

@@ -115,6 +115,15 @@ class CoarseGrainingOperator(nn.Module):
         one the model was trained for."""
         raise NotImplementedError
 
+    def adopt_material(self, family: dict) -> dict | None:
+        """Take the material of the ``family`` config as the model's own, to fine-tune it on
+        data of that material (few-shot transfer: ``neuroscale train --init M.pt
+        --new-material``); returns what it learnt before (config fields → values), or None if
+        that is the same material. This base raises :class:`InputError` for another material
+        (:meth:`check_family`): an operator that can change it overrides this."""
+        self.check_family(family)
+        return None
+
     def bind_material(self, family: dict) -> None:
         """Take the fine solver's material ``family`` config as the material of the structures
         to encode and predict: what an operator with material inputs needs (a family
@@ -188,8 +197,14 @@ class CoarseGrainingOperator(nn.Module):
     # ------------------------------------------------------------------ normalisation
     def set_normalisation(self, F: torch.Tensor, P: torch.Tensor, A: torch.Tensor) -> None:
         """Scales from training data: F (S, 2, 2), P (S, 2, 2), A (S, 2, 2, 2, 2)."""
-        self.sigma_ref.fill_(float(P.std()))
         self.e_ref.fill_(float(green_lagrange_mandel(F.double()).std()))
+        self.set_stress_scales(P, A)
+
+    def set_stress_scales(self, P: torch.Tensor, A: torch.Tensor) -> None:
+        """σ_ref and A_ref from training data P (S, 2, 2), A (S, 2, 2, 2, 2), the strain scale
+        kept: what a model fine-tuned to another material (:meth:`adopt_material`) needs, its
+        stresses being of another size."""
+        self.sigma_ref.fill_(float(P.std()))
         self.tangent_ref.fill_(float(A.std()))
 
     # ------------------------------------------------------------------ coarse-graining

@@ -11,7 +11,7 @@ and its normalisation, so :meth:`SANO.from_checkpoint` rebuilds it from the file
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -277,6 +277,25 @@ class SANO(CoarseGrainingOperator):
                         f"but the fine solver's {name} is ({phase.E}, {phase.nu}): the model "
                         "and the microstructure family do not match; train a model for these "
                         "phases")
+
+    def adopt_material(self, family: dict) -> dict | None:
+        """A model of one material takes the phases (E, ν) of the ``family`` config (same law)
+        as its own, for fine-tuning on their data: the encoder then sees the new phases'
+        moduli, and a coupled run of that material accepts the model. Returns the phases it
+        learnt before (``matrix``, ``fibre`` → [E, ν]) or None if they are the same. A family
+        operator does not change (:meth:`check_family`)."""
+        if self.takes_material:
+            return super().adopt_material(family)
+        c, m = self.config, TwoPhaseMaterial.from_config(family)
+        if m.law != c.law:
+            raise InputError(f"the model was trained for law={c.law!r}, the data use "
+                             f"law={m.law!r}: fine-tuning changes phases, not the law; train "
+                             "a model from scratch")
+        new = {"matrix": astuple(m.matrix), "fibre": astuple(m.fibre)}
+        if all(np.allclose(v, getattr(c, k), rtol=1e-9) for k, v in new.items()):
+            return None
+        self.config = replace(c, **new)
+        return {k: list(getattr(c, k)) for k in new}
 
     @property
     def scale_weights(self) -> torch.Tensor:
