@@ -43,7 +43,7 @@ from mpi4py import MPI
 import numpy as np
 
 from neuroscale_couple.config import check_keys, whole_number
-from neuroscale_couple.errors import InputError, NeuroScaleError
+from neuroscale_couple.errors import InputError, NeuroScaleError, SolveError
 from neuroscale_couple.parallel import any_rank, round_robin
 from neuroscale_couple.sampling import loads_in_ball, rng_for
 from neuroscale_couple.structures import (
@@ -184,8 +184,9 @@ def generate(config: dict, out: str | Path, comm: MPI.Comm = MPI.COMM_WORLD,
                  len(structures), per, len(pending), comm.size)
     bar = _progress(len(pending), progress and comm.rank == 0)
     t0 = time.perf_counter()
+    failed: list[str] = []  # structures whose fine solve did not converge: skipped, recorded
     for m in round_robin(pending, comm):
-        result, failure = None, None
+        result, failure, unsolved = None, None, None
         if m is not None:
             try:
                 idx = np.arange(m * per, (m + 1) * per)
@@ -199,14 +200,20 @@ def generate(config: dict, out: str | Path, comm: MPI.Comm = MPI.COMM_WORLD,
                         "stress_stderr": res.info.get("stress_stderr",  # 0 for static solves
                                                       np.zeros_like(res.stress))}
                 result = (idx, res.stress, res.tangent, info, res.fields)
+            except SolveError as err:  # the solver's own failure: this structure is left out
+                unsolved = (np.arange(m * per, (m + 1) * per), f"microstructure {m}: {err}")
             except Exception as err:  # reported on every rank below, never lost in one rank
                 failure = f"microstructure {m}: {err}"
-        gathered = comm.gather(result, root=0)
+        gathered, lost = comm.gather(result, root=0), comm.gather(unsolved, root=0)
         if comm.rank == 0:
             for item in gathered:
                 if item is not None:
                     store.write(*item)
-            bar.update(sum(item is not None for item in gathered))
+            for idx, why in (u for u in lost if u is not None):
+                store.fail(idx)
+                failed.append(why)
+                log.warning("generate: %s — left out of the data set", why)
+            bar.update(sum(item is not None for item in gathered + lost))
         if any_rank(failure is not None, comm):
             messages = [f for f in comm.allgather(failure) if f]
             if store is not None:
@@ -217,6 +224,9 @@ def generate(config: dict, out: str | Path, comm: MPI.Comm = MPI.COMM_WORLD,
     if store is not None:
         store.close()
         log.info("generate: wrote %s in %.1f s", out, time.perf_counter() - t0)
+        if failed:
+            log.warning("generate: %d microstructures failed in the fine solver and are left "
+                        "out (flagged in /samples/done): %s", len(failed), "; ".join(failed))
     return Path(out)
 
 

@@ -14,7 +14,8 @@ Layout of a data set (M structures × L loads, S = M·L samples)::
                                   (d = 2: plane strain; d = 3: 3D cells; the fine solver's
                                   ``iterations``: a crystal's relaxations)
     /samples/stress_stderr (S, d, d)   standard error of time-averaged P (finite temperature)
-    /samples/done (S,)            1 once the sample's results are on disk
+    /samples/done (S,)            1 once the sample's results are on disk, 2 if its fine solve
+                                  failed (:data:`FAILED`: kept out of the data as read)
     /samples/fields/<name> (S, q, q, ...)   optional micro fields
     attrs: config (JSON), version, law, kind = "rve"
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import tempfile
@@ -39,6 +41,12 @@ import numpy as np
 from neuroscale_couple import __version__
 from neuroscale_couple.errors import CheckpointError, InputError
 from neuroscale_couple.structures import Structure, stored_arrays
+
+log = logging.getLogger(__name__)
+
+
+FAILED = 2
+"""``/samples/done`` of a sample whose fine solve failed (`neuroscale generate` goes on)."""
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -216,6 +224,11 @@ class RVEDataset:
         """(S,) bool: which samples are finished."""
         return self.h5["samples/done"][:].astype(bool)
 
+    def fail(self, index: np.ndarray) -> None:
+        """Flag samples ``index`` as failed (:data:`FAILED`): finished, but without results."""
+        self.h5["samples"]["done"][np.sort(index)] = FAILED
+        self.h5.flush()
+
     def write(self, index: np.ndarray, P: np.ndarray, A: np.ndarray, info: dict[str, np.ndarray],
               fields: dict[str, np.ndarray] | None = None) -> None:
         """Store the results of samples ``index`` (sorted), then flag them done and flush."""
@@ -268,10 +281,18 @@ def load_rve_dataset(path: str | Path) -> dict[str, np.ndarray]:
         h5.visititems(lambda name, obj: out.__setitem__(name, obj[()])
                       if isinstance(obj, h5py.Dataset) else None)
         out["config"] = json.loads(h5.attrs["config"])
-    if not out["samples/done"].all():
-        n = int((~out["samples/done"].astype(bool)).sum())
+    done = out["samples/done"]
+    if not done.all():
+        n = int((~done.astype(bool)).sum())
         raise InputError(f"{path} is unfinished ({n} samples missing): rerun `neuroscale generate` "
                          "with the same config and --out to complete it")
+    failed = done == FAILED
+    if failed.any():  # the samples whose fine solve failed are not data
+        log.warning("%s: %d of %d samples failed in the fine solver and are left out", path,
+                    int(failed.sum()), len(done))
+        for key, arr in list(out.items()):
+            if key.startswith("samples/") and len(arr) == len(done):
+                out[key] = arr[~failed]
     return out
 
 

@@ -70,6 +70,43 @@ def test_resume_solves_only_what_is_missing(tmp_path):
     assert resolved.tolist() == [i in (3, 4, 5, 9, 10, 11) for i in range(15)]
 
 
+@pytest.mark.skip_in_parallel
+def test_a_structure_whose_solve_fails_is_left_out_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A SolveError of one structure (a Newton solve that does not converge) flags its
+    samples failed and generate finishes the others; the data set as read leaves them out, a
+    rerun solves nothing again; any other error still stops the run."""
+    from neuroscale_couple.errors import NeuroScaleError, SolveError
+    from neuroscale_couple.solvers.rve_fenicsx import PeriodicRVE
+    from neuroscale_couple.store import FAILED
+
+    solve, calls = PeriodicRVE.solve, []
+
+    def second_fails(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SolveError("Newton did not converge (injected)")
+        return solve(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeriodicRVE, "solve", second_fails)
+    cfg = dict(CONFIG, fields_resolution=0)
+    out = tmp_path / "d.h5"
+    generate(cfg, out, MPI.COMM_SELF, progress=False)
+    with h5py.File(out, "r") as h5:
+        assert h5["samples/done"][:].tolist() == [1] * 3 + [FAILED] * 3 + [1] * 9
+    data = load_rve_dataset(out)
+    assert data["samples/P"].shape == (12, 2, 2) and len(data["micro/image"]) == 5
+    assert 1 not in data["samples/micro_index"] and np.isfinite(data["samples/P"]).all()
+    generate(cfg, out, MPI.COMM_SELF, progress=False)
+    assert len(calls) == 5  # the rerun found nothing left to solve
+
+    def breaks(self, *args, **kwargs):
+        raise ValueError("a bug, not a failed solve")
+
+    monkeypatch.setattr(PeriodicRVE, "solve", breaks)
+    with pytest.raises(NeuroScaleError, match="generate stopped.*a bug"):
+        generate(cfg, tmp_path / "e.h5", MPI.COMM_SELF, progress=False)
+
+
 @pytest.mark.slow
 @pytest.mark.skip_in_parallel
 def test_killed_run_restarts_and_ends_with_the_same_data(tmp_path):
