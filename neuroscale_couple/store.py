@@ -170,7 +170,9 @@ class RVEDataset:
                          F: np.ndarray, loads_per_micro: int,
                          fields: dict[str, tuple[int, ...]], stderr: bool = False
                          ) -> RVEDataset:
-        """Open ``path`` to resume it if it holds the same config, else create it.
+        """Open ``path`` to resume it if it holds the same config, else create it. A finished
+        data set is opened read-only, so that a rerun leaves the file (and its modification
+        time, which resumable trainings on it compare) as it was.
 
         Parameters
         ----------
@@ -184,6 +186,9 @@ class RVEDataset:
         path = Path(path)
         cfg_json = json.dumps(config, sort_keys=True)
         if path.exists():
+            finished = _finished(path, cfg_json)
+            if finished is not None:
+                return cls(finished)
             try:
                 h5 = h5py.File(path, "a", libver="latest")
             except OSError:  # a killed SWMR writer leaves its flag set: copy out what it saved
@@ -246,6 +251,19 @@ class RVEDataset:
 
     def close(self) -> None:
         self.h5.close()
+
+
+def _finished(path: Path, cfg_json: str) -> h5py.File | None:
+    """``path`` opened read-only where it is a finished data set of config ``cfg_json`` (every
+    sample flagged), else None (unreadable, another config or unfinished: the caller decides)."""
+    try:
+        h5 = h5py.File(path, "r", libver="latest", swmr=True)
+    except OSError:
+        return None
+    if h5.attrs.get("config") == cfg_json and h5["samples/done"][:].all():
+        return h5
+    h5.close()
+    return None
 
 
 def _recover(path: Path) -> None:

@@ -96,8 +96,10 @@ def test_a_structure_whose_solve_fails_is_left_out_and_the_run_goes_on(tmp_path,
     data = load_rve_dataset(out)
     assert data["samples/P"].shape == (12, 2, 2) and len(data["micro/image"]) == 5
     assert 1 not in data["samples/micro_index"] and np.isfinite(data["samples/P"]).all()
+    stamp = os.stat(out).st_mtime_ns
     generate(cfg, out, MPI.COMM_SELF, progress=False)
     assert len(calls) == 5  # the rerun found nothing left to solve
+    assert os.stat(out).st_mtime_ns == stamp  # nor wrote to it: a training on it still resumes
 
     def breaks(self, *args, **kwargs):
         raise ValueError("a bug, not a failed solve")
