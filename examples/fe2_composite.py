@@ -173,7 +173,7 @@ def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
     policy, model_path, model = prepare(args)
     retrain = retrain_config(args)
     cold = None
-    if cold_start(args, policy):  # trains in the background: the run never waits for it
+    if cold_start(args, policy):  # trains in the background (--swap-when-ready: never waits for it)
         cold = ColdStart(args.cold_encoder, held_out=args.held_out, probe=args.probe)
         retrain = dataclasses.replace(retrain, background=True)
     # The true fine solver: the composite's phases and the RVE mesh; the Coupler refuses a model

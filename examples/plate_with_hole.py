@@ -62,6 +62,10 @@ def coupled_arguments(description: str, *, out: str, model: Path | None, stretch
     p.add_argument("--no-retrain", action="store_true", help="no online retraining")
     p.add_argument("--background-retrain", action="store_true",
                    help="retrain in a thread while the next load step runs (swapped in after it)")
+    p.add_argument("--swap-when-ready", action="store_true",
+                   help="with --background-retrain (or a cold start): never wait for a "
+                   "retraining, swap it in at the first step end at which it has finished (which "
+                   "step gets it then depends on timing)")
     p.add_argument("--cost-aware-retrain", action="store_true",
                    help="retrain only when the estimated training time is below the fine-solve "
                    "time it could save (the retraining steps then depend on measured times)")
@@ -104,9 +108,12 @@ def prepare(args: argparse.Namespace):
                     outside=args.outside, exclude_noise=getattr(args, "exclude_noise", False))
     if args.replay_from and (args.no_retrain or policy.classic):
         raise InputError("--replay-from fine-tunes the operator: drop --no-retrain/--reference")
-    for flag in ("background_retrain", "cost_aware_retrain"):
+    for flag in ("background_retrain", "cost_aware_retrain", "swap_when_ready"):
         if getattr(args, flag) and args.no_retrain:
             raise InputError(f"--{flag.replace('_', '-')} and --no-retrain contradict: drop one")
+    if args.swap_when_ready and not (args.background_retrain or cold_start(args, policy)):
+        raise InputError("--swap-when-ready swaps in a background retraining: add "
+                         "--background-retrain")
     if cold_start(args, policy):
         given = [flag for flag in ("no_retrain", "restart", "replay_from") if getattr(args, flag)]
         if given:
@@ -141,7 +148,9 @@ def retrain_config(args: argparse.Namespace):
     from neuroscale_couple.retraining import RetrainConfig
 
     return RetrainConfig(enabled=not args.no_retrain, background=args.background_retrain,
-                         cost_aware=args.cost_aware_retrain, replay_from=tuple(args.replay_from))
+                         cost_aware=args.cost_aware_retrain,
+                         swap_when_ready=args.swap_when_ready,
+                         replay_from=tuple(args.replay_from))
 
 
 NEWTON = {"snes_type": "newtonls", "snes_linesearch_type": "basic", "snes_rtol": 1e-9,

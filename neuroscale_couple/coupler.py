@@ -939,12 +939,14 @@ class Coupler(FineSolver):
 
     # ------------------------------------------------------------------ retraining
     def _retrain(self, report: StepReport, steps_left: int | None) -> None:
-        """Swap in a background retraining, then retrain if due (collective); a
+        """Swap in a background retraining (with ``swap_when_ready``: one finished on every
+        rank; else none starts), then retrain if due (collective); a
         :class:`RetrainError` (raised on every rank alike) keeps the model and is recorded in
         ``report``."""
         r, comm = self.retrainer, self.comm
         failed = []
-        if r.pending is not None:
+        waiting = r.pending is not None and r.config.swap_when_ready and not r.ready()
+        if r.pending is not None and not waiting:
             try:
                 model, n_online, report.retrain_background_s = r.swap()
                 report.training_s = report.retrain_background_s
@@ -956,7 +958,7 @@ class Coupler(FineSolver):
         evidence = report.fallback_points - (
             0 if self.cold_start is None or not self.serving
             else report.held_out_points + report.probe_points)
-        if r.due(evidence, comm.allreduce(len(self._ids)), steps_left):
+        if not waiting and r.due(evidence, comm.allreduce(len(self._ids)), steps_left):
             try:
                 job = r.job(self.model, self.step, self.version)
                 if job is not None and r.config.cost_aware:

@@ -77,11 +77,17 @@ class RetrainConfig:
     retraining, or before the first one by two epochs on a copy of the operator. Skipped data
     stay counted for the next step's decision. The retraining steps then depend on measured
     times: off by default, so runs are reproducible.
+    ``swap_when_ready`` (with ``background``): the run never waits for a retraining: it is
+    swapped in at the first step boundary at which it has finished on every rank, the steps
+    until then run on the old operator (and no other retraining starts); at the end of the run
+    a cold start's unfinished retraining is cancelled, not waited for. Which step gets the new
+    model then depends on timing: off by default, so runs are reproducible.
     """
 
     enabled: bool = True
     background: bool = False
     cost_aware: bool = False
+    swap_when_ready: bool = False
     min_new: int = 8
     min_fallback_fraction: float = 0.05
     epochs: int = 40
@@ -140,6 +146,9 @@ class Retrainer:
                                  "MPI_THREAD_MULTIPLE (mpi4py's default): drop "
                                  "mpi4py.rc.thread_level, or retrain in the foreground")
             self._bg_comm = comm.Dup()
+        elif config.swap_when_ready:
+            raise InputError("swap_when_ready swaps in a background retraining: set background "
+                             "too (--background-retrain)")
         self._anchor = (None, None) if cold_start else self._anchor_paths(model_path)
         for d in config.replay_from:
             if not ReplayStore.segments(d):
@@ -304,10 +313,12 @@ class Retrainer:
             return 0
 
     @staticmethod
-    def _fit(model, data, calibration, tcfg, comm: MPI.Comm, normalise: bool = False) -> dict:
+    def _fit(model, data, calibration, tcfg, comm: MPI.Comm, normalise: bool = False,
+             cancel: threading.Event | None = None) -> dict:
         """Fine-tune ``model``'s coarse-graining heads in place (``normalise``: its scales set
         from ``data`` first) and recalibrate it (collective over ``comm``); returns the training
-        history."""
+        history. ``cancel`` (a training on one process): see :func:`~neuroscale_couple.training.
+        train`."""
         from neuroscale_couple.evaluation import calibrate_model
         from neuroscale_couple.training import train
 
@@ -323,7 +334,7 @@ class Retrainer:
             learner, data = _on_latents(model, data, tcfg)
             history = train(learner, data, tcfg, comm=comm,
                             validation=data.subset(np.zeros(0, np.int64)), normalise=normalise,
-                            progress=False)
+                            progress=False, cancel=cancel)
         finally:
             model.to(dtype).eval()
             for p in frozen:
@@ -373,10 +384,15 @@ class Retrainer:
         """Start a :meth:`job` of load step ``step`` on a copy of ``model`` in a thread
         (collectives on a duplicate communicator); :meth:`swap` returns the result."""
         copied = copy.deepcopy(model)
+        comm = self._training_comm(background=True)
         self.pending = _Background(
-            lambda: self._fit(copied, job.data, job.calibration, job.config,
-                              self._training_comm(background=True), job.normalise),
+            lambda cancel: self._fit(copied, job.data, job.calibration, job.config, comm,
+                                     job.normalise, cancel if comm.size == 1 else None),
             copied, step, job.n_online, len(job.data) * job.config.epochs)
+
+    def ready(self) -> bool:
+        """Whether the background retraining has finished on every rank (collective)."""
+        return bool(self.comm.allreduce(not self.pending.thread.is_alive(), op=MPI.LAND))
 
     def swap(self) -> tuple:
         """Wait for the background retraining (collective); returns its model, its number of
@@ -420,8 +436,11 @@ class Retrainer:
 
     def close(self) -> None:
         """Wait for a background retraining still running and drop it (its data are in the
-        replay store); free the duplicate communicators."""
+        replay store; with ``swap_when_ready``, one on a single process is cancelled at its
+        next epoch); free the duplicate communicators."""
         if self.pending is not None:
+            if self.config.swap_when_ready:
+                self.pending.cancel.set()
             self.pending.thread.join()
             self.pending = None
         for name in ("_bg_comm", "_agree_comm"):
@@ -478,10 +497,11 @@ def _on_latents(model, data: TrainingData, tcfg: TrainConfig) -> tuple:
 class _Background:
     """A retraining running in a daemon thread; ``error`` holds what it raised."""
 
-    def __init__(self, fit: Callable[[], None], model, step: int, n_online: int,
+    def __init__(self, fit: Callable[[threading.Event], None], model, step: int, n_online: int,
                  sample_epochs: int) -> None:
         self.model, self.step, self.n_online = model, step, n_online
         self.sample_epochs = sample_epochs
+        self.cancel = threading.Event()  # honoured by a training on one process
         self.error: BaseException | None = None
         self.time_s = 0.0
         # a new thread starts with the OpenMP default thread count, not the caller's: the same
@@ -490,11 +510,11 @@ class _Background:
                                        daemon=True, name=f"neuroscale-retrain-{step}")
         self.thread.start()
 
-    def _run(self, fit: Callable[[], None], threads: int) -> None:
+    def _run(self, fit: Callable[[threading.Event], None], threads: int) -> None:
         t0 = time.perf_counter()
         try:
             torch.set_num_threads(threads)
-            fit()
+            fit(self.cancel)
         except BaseException as err:  # re-raised on every rank at the swap
             self.error = err
         self.time_s = time.perf_counter() - t0

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,8 +344,8 @@ def _batch_loss_sum(comm: MPI.Comm, loss: float, failure: Exception | None,
 def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *,
           comm: MPI.Comm = MPI.COMM_WORLD, validation: TrainingData | None = None,
           normalise: bool = True, progress: bool = True,
-          checkpoint: WorkCheckpoint | None = None, stop_after_epoch: int | None = None
-          ) -> dict:
+          checkpoint: WorkCheckpoint | None = None, stop_after_epoch: int | None = None,
+          cancel: threading.Event | None = None) -> dict:
     """Fit ``model`` in place; returns the history (per-epoch losses and wall times, best
     epoch, total time).
 
@@ -357,7 +358,15 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
     (rank 0), and a run that finds one resumes from it: it ends with the weights and history
     of an uninterrupted run, bit for bit. ``stop_after_epoch`` (for tests) returns after that
     epoch's checkpoint as a killed run would have stopped there.
+
+    ``cancel``, checked before each epoch: once set, the training returns there (``history
+    ["cancelled"]`` True). Only for a training on one process: the ranks of a data-parallel
+    training would see it at different epochs and leave each other in a collective.
     """
+    if cancel is not None and comm.size > 1:
+        raise InputError("cancel stops a training on one process only: the ranks of a "
+                         f"data-parallel training on {comm.size} ranks would stop at different "
+                         "epochs")
     if cfg.augment and data.noise is not None and cfg.weights["noise"] > 0:
         raise InputError("augment rotates the samples but not their measured noise: train with "
                          "augment: false, or without the noise term")
@@ -377,7 +386,8 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs, eta_min=cfg.lr_final)
     gen = torch.Generator().manual_seed(cfg.seed)
     weights = {k: float(v) for k, v in cfg.weights.items()}
-    history: dict = {"train": [], "val": [], "epoch_time_s": [], "best_epoch": 0}
+    history: dict = {"train": [], "val": [], "epoch_time_s": [], "best_epoch": 0,
+                     "cancelled": False}
     best, best_state, since_best = np.inf, copy.deepcopy(model.state_dict()), 0
     start, stopped, elapsed = 0, False, 0.0
     if saved is not None:
@@ -398,6 +408,9 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
     bar = _progress(cfg.epochs, progress and comm.rank == 0, start)
     for epoch in range(start, cfg.epochs):
         if stopped or epoch == stop_after_epoch:
+            break
+        if cancel is not None and cancel.is_set():
+            history["cancelled"] = True
             break
         t_epoch = time.perf_counter()
         model.train()

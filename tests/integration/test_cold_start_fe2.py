@@ -64,6 +64,8 @@ def test_cold_start_ends_at_classic_fe2_hands_points_over_and_agrees_on_two_rank
     (["--model", "none", "--cold-encoder", "no/such.pt"], "no such model file"),
     (["--matrix", "70", "0.5"], "Poisson ratio nu=0.5"),
     (["--matrix", "70", "0.33"], "the model was trained for matrix"),
+    (["--swap-when-ready"], "--swap-when-ready swaps in a background retraining"),
+    (["--swap-when-ready", "--no-retrain"], "--swap-when-ready and --no-retrain contradict"),
 ])
 def test_cold_start_bad_input_is_refused_before_work(tmp_path, flags, message):
     proc = subprocess.run([sys.executable, EXAMPLE, *PROBLEM, "--out", str(tmp_path), *flags],

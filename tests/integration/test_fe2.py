@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -282,6 +283,40 @@ def test_background_retraining_swaps_in_the_same_model_one_step_later(tmp_path):
         np.testing.assert_allclose(w_bg[k].numpy(), v.numpy(), rtol=0, atol=1e-12, err_msg=k)
     assert cal_bg.keys() == cal_fg.keys()
     np.testing.assert_allclose(cal_bg["scale"], cal_fg["scale"], rtol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.skip_in_parallel
+def test_a_retraining_swapped_when_ready_never_stalls_the_run(tmp_path, monkeypatch):
+    """RetrainConfig.swap_when_ready: a step that ends while the background retraining still
+    trains keeps the old operator and starts no other retraining (where the default swap
+    would wait for it); the first step end after it finished swaps it in."""
+    from neuroscale_couple.retraining import RetrainConfig, Retrainer
+
+    release, fit = threading.Event(), Retrainer._fit
+
+    def held(*args, **kwargs):  # the training of step 0 goes on until the test releases it
+        assert release.wait(300)
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(Retrainer, "_fit", staticmethod(held))
+    n = 12
+    structures, F_of = beyond_training_range(n)
+    c = coupler(MPI.COMM_SELF, 0.03, family=dict(COMPOSITE, mesh={"size": 0.05}),
+                replay=tmp_path, retrain=RetrainConfig(background=True, swap_when_ready=True))
+    c.register(np.arange(n), structures)
+    versions, training = [], []
+    for step, e in enumerate((0.35, 0.36, 0.37, 0.38)):
+        c.begin_step(step)
+        c.evaluate(F_of(e), np.arange(n))
+        if step == 2:
+            release.set()
+            c.retrainer.pending.thread.join()
+        versions.append(c.end_step(steps_left=3 - step).model_version)
+        training.append(None if c.retrainer.pending is None else c.retrainer.pending.step)
+    c.close()
+    assert versions == [0, 0, 1, 1], versions
+    assert training == [0, 0, None, None], training  # step 1 started none beside it
 
 
 @pytest.mark.slow

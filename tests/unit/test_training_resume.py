@@ -3,6 +3,8 @@ an uninterrupted run, bit for bit; `neuroscale train` refuses a work folder of a
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from pathlib import Path
 
 from mpi4py import MPI
@@ -13,6 +15,7 @@ import torch
 import yaml
 
 from neuroscale_couple.cli import main
+from neuroscale_couple.errors import InputError
 from neuroscale_couple.operators.base import load_operator
 from neuroscale_couple.operators.sano import SANO, SANOConfig
 from neuroscale_couple.store import WorkCheckpoint
@@ -67,6 +70,29 @@ def test_a_finished_training_found_again_only_restores_its_best_model(cells, tmp
     again, history_again = run(cells, tmp_path / "w", seed=3)
     assert same_weights(again.state_dict(), whole.state_dict())
     assert history_again["train"] == history["train"]
+
+
+def test_a_cancelled_training_returns_before_its_next_epoch(cells):
+    """``cancel`` (a cold start's background training at the end of the run) stops a training
+    on one process at the next epoch; a data-parallel one is refused the flag."""
+    cancel = threading.Event()
+    cancel.set()
+    torch.manual_seed(0)
+    model = SANO(SMALL)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    history = train(model, cells, CFG, comm=MPI.COMM_SELF, progress=False, cancel=cancel)
+    assert history["cancelled"] and history["train"] == []
+    assert same_weights(dict(model.named_parameters()), before)  # scales set, nothing learnt
+    assert not train(SANO(SMALL), cells, dataclasses.replace(CFG, epochs=1), comm=MPI.COMM_SELF,
+                     progress=False, cancel=threading.Event())["cancelled"]
+    with pytest.raises(InputError, match="one process"):
+        train(model, cells, CFG, comm=FakeComm(), progress=False, cancel=cancel)
+
+
+class FakeComm:
+    """What ``train`` asks of a communicator before its first collective: its size."""
+
+    size, rank = 2, 0
 
 
 def write_config(path: Path, **training) -> Path:
