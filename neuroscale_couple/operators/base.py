@@ -192,7 +192,6 @@ class CoarseGrainingOperator(nn.Module):
         they are pooled to :attr:`input_resolution` (None: an operator without images)."""
         return None
 
-    # ------------------------------------------------------------------ normalisation
     @property
     def dim(self) -> int:
         """d of the F̄ (d×d) the operator takes: 2 (plane strain) or 3."""
@@ -204,8 +203,10 @@ class CoarseGrainingOperator(nn.Module):
         if F.ndim != 3 or F.shape[-2:] != (d, d):
             kind = "plane-strain (2D) operator" if d == 2 else "3D operator"
             raise InputError(f"F has shape {tuple(F.shape)}: this {kind} takes F̄ batches "
-                             f"(B, {d}, {d}); use a model trained on {d}D cells for these loads")
+                             f"(B, {d}, {d}); loads of another dimension need a model trained "
+                             "on cells of that dimension")
 
+    # ------------------------------------------------------------------ normalisation
     def set_normalisation(self, F: torch.Tensor, P: torch.Tensor, A: torch.Tensor) -> None:
         """Scales from training data: F (S, d, d), P (S, d, d), A (S, d, d, d, d)."""
         self.check_loads(F)
