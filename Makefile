@@ -109,8 +109,8 @@ define data_train_calibrate
 endef
 
 # The 3D operator: SANO on voxel images (16³) of 3D sphere cells, F̄ 3×3, trained on data of the
-# project's 3D RVE solver (P1 tetrahedra, h = 0.1; docs/rve3d.md). Data sets ≈ 25 + 6 + 5 min on
-# 2 ranks at a load of 10 on the 2 cores.
+# project's 3D RVE solver (P1 tetrahedra, h = 0.1; docs/rve3d.md). Measured on 2 shared cores:
+# data sets 18 + 2.5 + 2 min on 2 ranks, training 7 min.
 MODEL3D      ?= examples/models/fe2_composite_3d
 MODEL3D_DATA ?= out/model3d
 model-3d: $(STAMP)
