@@ -26,10 +26,12 @@ from neuroscale_couple.training import TrainingData, predict_dataset
 
 
 def _numpy_predictions(model: CoarseGrainingOperator, data: TrainingData) -> tuple[np.ndarray, ...]:
-    """(y, mu, Sigma, A_true, A_pred) as float64 arrays (n, 4), (n, 4), (n, 4, 4), ..."""
+    """(y, mu, Sigma, A_true, A_pred) as float64 arrays (n, d²), (n, d²), (n, d², d²), ...
+    (d²: 4 in 2D, 9 in 3D)."""
     model = model.double()
     pred = {k: v.cpu().numpy() for k, v in predict_dataset(model, data).items()}
-    return (data.P.double().reshape(-1, 4).numpy(), pred["mean"].reshape(-1, 4),
+    n = len(data.P)
+    return (data.P.double().reshape(n, -1).numpy(), pred["mean"].reshape(n, -1),
             pred["cov"], data.A.double().numpy(), pred["tangent"])
 
 

@@ -53,6 +53,9 @@ def explain_cells(model, structures: list, names: list[str], out: str | Path) ->
         raise InputError(f"{type(model).__name__} has no wavelet scales or attention to show: "
                          "`neuroscale explain` takes a SANO model (not a distilled or crystal "
                          "operator)")
+    if model.dim != 2:
+        raise InputError("`neuroscale explain` draws 2D cells: a 3D operator's scales and "
+                         "attention are returned by model.explain(inputs), not pictured")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()

@@ -86,8 +86,9 @@ class TrainConfig:
 @dataclass
 class TrainingData:
     """Fine-solve samples as tensors: ``images`` the operator inputs of the M structures (made
-    by their family: cell images (M, 1, n, n), crystal descriptors (M, k)), micro_index (S,),
-    F, P (S, 2, 2), A (S, 2, 2, 2, 2), optional fields w (S, 2, n, n); ``config`` is the
+    by their family: cell images (M, 1, n, n) or (M, 1, n, n, n), crystal descriptors (M, k)),
+    micro_index (S,), F, P (S, d, d), A (S, d, d, d, d) (d = 2, or 3 for 3D cells), optional
+    fields w (S, 2, n, n); ``config`` is the
     generate config; ``noise`` (S, 2, 2) the measured standard error of P where the fine solver
     reports one (finite-temperature MD; 0 for static solves, NaN where unknown), else None;
     ``structure`` the structures' family (a :class:`~neuroscale_couple.structures.Structure`
@@ -367,6 +368,9 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
         raise InputError("cancel stops a training on one process only: the ranks of a "
                          f"data-parallel training on {comm.size} ranks would stop at different "
                          "epochs")
+    if cfg.augment and data.images.ndim != 4:
+        raise InputError("augment draws symmetries of 2D cells (square turns, flips, shifts): "
+                         "train 3D cells with augment: false")
     if cfg.augment and data.noise is not None and cfg.weights["noise"] > 0:
         raise InputError("augment rotates the samples but not their measured noise: train with "
                          "augment: false, or without the noise term")

@@ -51,8 +51,6 @@ from neuroscale_couple.structures import REQUIRED, register, settings
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-    from neuroscale_couple.training import TrainingData
-
 __all__ = ["DENSEST_PACKING", "EllipsoidCell", "SolidCell", "SphereCell", "UDFibreCell",
            "random_ellipsoids", "random_spheres", "single_sphere", "ud_fibres"]
 
@@ -61,17 +59,11 @@ DENSEST_PACKING = np.pi / np.sqrt(18.0)
 
 
 class SolidCell(PhaseCell):
-    """Base of the 3D cell families: ``dim = 3`` (F̄ 3×3, tetrahedral meshes, voxel images)."""
+    """Base of the 3D cell families: ``dim = 3`` (F̄ 3×3, tetrahedral meshes, voxel images,
+    learnt by a 3D SANO)."""
 
     dim: ClassVar[int] = 3
     default_load_radius: ClassVar[float] = 0.1
-
-    @classmethod
-    def new_operator(cls, model_config: dict, data: TrainingData) -> tuple[Any, dict]:
-        """No operator learns 3D cells yet: refused with a clear error."""
-        raise InputError(f"{data.config.get('microstructure')!r}: 3D cells have no neural "
-                         "operator yet (issue 28, item 2); solve them with `neuroscale rve` "
-                         "or generate data for a later 3D model")
 
 
 @register

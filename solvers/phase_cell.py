@@ -288,10 +288,15 @@ class PhaseCell(ABC):
 
     @classmethod
     def new_operator(cls, model_config: dict, data: TrainingData) -> tuple[Any, dict]:
-        """A :class:`~neuroscale_couple.operators.sano.SANO` with the data's law and phases,
-        or, for data whose cells drew their phases, a family SANO over their ranges."""
+        """A :class:`~neuroscale_couple.operators.sano.SANO` of the cells' dimension
+        (``dim``; set here, a ``model.dim`` that differs is refused) with the data's law and
+        phases, or, for data whose cells drew their phases, a family SANO over their ranges."""
         from neuroscale_couple.operators.sano import SANO, SANOConfig
 
+        if model_config.get("dim", cls.dim) != cls.dim:
+            raise InputError(f"model.dim={model_config['dim']!r} but the data hold {cls.dim}D "
+                             f"cells: remove model.dim (it is taken from the data)")
+        model_config = dict(model_config, dim=cls.dim) if cls.dim != 2 else model_config
         ranges = PhaseRanges.from_config(data.config)
         if ranges is not None:
             law = check_law(data.config.get("law", DEFAULT_LAW))

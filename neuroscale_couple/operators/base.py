@@ -37,23 +37,20 @@ from neuroscale_couple.operators.heads import (
 from neuroscale_couple.region import TrainingRegion
 from neuroscale_couple.store import atomic_write
 
-_PAIRS = list(itertools.product(range(2), range(2)))
-
-
 HEAD_PREFIXES = ("energy.", "covariance.")
 """Parameter names of the coarse-graining heads: what online retraining trains; the rest (the
 encoder) stays frozen, so latents do not change (:meth:`CoarseGrainingOperator.encoder_digest`)."""
 
 
-RECORDED_WHEN_SET = ("phase_ranges",)
-"""Config fields added after models were shipped: recorded (and digested) only when set, so
-that the files saved before them keep their digest."""
+RECORDED_WHEN_SET = {"phase_ranges": {}, "dim": 2}
+"""Config fields added after models were shipped → their value when unset: recorded (and
+digested) only when set otherwise, so that the files saved before them keep their digest."""
 
 
 def config_record(config) -> dict:
     """The config dataclass as recorded in a checkpoint and its digests."""
     return {k: v for k, v in dataclasses.asdict(config).items()
-            if not (k in RECORDED_WHEN_SET and not v)}
+            if not (k in RECORDED_WHEN_SET and v == RECORDED_WHEN_SET[k])}
 
 
 _FLOAT32_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -74,10 +71,11 @@ class CoarseGrainingOperator(nn.Module):
     CONFIG: ClassVar[type]
 
     def _build_heads(self, members: int, latent: int, hidden: int, correction: bool,
-                     residual: bool = False, quartic: bool = False) -> None:
-        """The probabilistic coarse-graining heads (energy ensemble, aleatoric covariance)."""
-        self.energy = EnergyHead(members, latent, hidden, correction, residual, quartic)
-        self.covariance = CovarianceHead(members, latent, hidden)
+                     residual: bool = False, quartic: bool = False, dim: int = 2) -> None:
+        """The probabilistic coarse-graining heads (energy ensemble, aleatoric covariance) of
+        F̄ d×d, d = ``dim`` (2: plane strain, 3)."""
+        self.energy = EnergyHead(members, latent, hidden, correction, residual, quartic, dim)
+        self.covariance = CovarianceHead(members, latent, hidden, dim)
 
     def _build_buffers(self) -> None:
         """Normalisation buffers (σ_ref, e_ref, A_ref), calibration and model card."""
@@ -194,14 +192,29 @@ class CoarseGrainingOperator(nn.Module):
         they are pooled to :attr:`input_resolution` (None: an operator without images)."""
         return None
 
+    @property
+    def dim(self) -> int:
+        """d of the F̄ (d×d) the operator takes: 2 (plane strain) or 3."""
+        return self.energy.dim
+
+    def check_loads(self, F: torch.Tensor) -> None:
+        """Raise :class:`InputError` unless F has shape (B, d, d) with the operator's d."""
+        d = self.dim
+        if F.ndim != 3 or F.shape[-2:] != (d, d):
+            kind = "plane-strain (2D) operator" if d == 2 else "3D operator"
+            raise InputError(f"F has shape {tuple(F.shape)}: this {kind} takes F̄ batches "
+                             f"(B, {d}, {d}); loads of another dimension need a model trained "
+                             "on cells of that dimension")
+
     # ------------------------------------------------------------------ normalisation
     def set_normalisation(self, F: torch.Tensor, P: torch.Tensor, A: torch.Tensor) -> None:
-        """Scales from training data: F (S, 2, 2), P (S, 2, 2), A (S, 2, 2, 2, 2)."""
+        """Scales from training data: F (S, d, d), P (S, d, d), A (S, d, d, d, d)."""
+        self.check_loads(F)
         self.e_ref.fill_(float(green_lagrange_mandel(F.double()).std()))
         self.set_stress_scales(P, A)
 
     def set_stress_scales(self, P: torch.Tensor, A: torch.Tensor) -> None:
-        """σ_ref and A_ref from training data P (S, 2, 2), A (S, 2, 2, 2, 2), the strain scale
+        """σ_ref and A_ref from training data P (S, d, d), A (S, d, d, d, d), the strain scale
         kept: what a model fine-tuned to another material (:meth:`adopt_material`) needs, its
         stresses being of another size."""
         self.sigma_ref.fill_(float(P.std()))
@@ -210,13 +223,15 @@ class CoarseGrainingOperator(nn.Module):
     # ------------------------------------------------------------------ coarse-graining
     def members_response(self, z: torch.Tensor, F: torch.Tensor, *, tangent: bool = True,
                          create_graph: bool = False) -> dict[str, torch.Tensor]:
-        """Per-member stress P_m (M, B, 2, 2), tangent A_m (M, B, 2, 2, 2, 2) and Cholesky
-        factor L_m (M, B, 4, 4) of Σ_m = σ_ref² L_m L_mᵀ, for latents z (B, latent), F (B, 2, 2).
+        """Per-member stress P_m (M, B, d, d), tangent A_m (M, B, d, d, d, d) and Cholesky
+        factor L_m (M, B, d², d²) of Σ_m = σ_ref² L_m L_mᵀ, for latents z (B, latent),
+        F (B, d, d) (d: :attr:`dim`).
 
         ``create_graph`` keeps the graph for training through P and A (Sobolev loss); without
         it a basis-mixture energy head answers in closed form (:func:`mixture_response`).
         """
         M = self.config.members
+        self.check_loads(F)
         if not create_graph and self.energy.closed_form:
             return self._closed_form_response(z, F, tangent)
         with torch.enable_grad():
@@ -230,9 +245,11 @@ class CoarseGrainingOperator(nn.Module):
             out = {"stress": P, "chol": self.covariance(zm, e.detach() if not create_graph else e),
                    "energy": W}
             if tangent:
+                d = self.dim
                 rows = [torch.autograd.grad(P[..., i, j].sum(), Fm, create_graph=create_graph,
-                                            retain_graph=True)[0] for i, j in _PAIRS]
-                out["tangent"] = torch.stack(rows, dim=-3).reshape(*P.shape, 2, 2)
+                                            retain_graph=True)[0]
+                        for i, j in itertools.product(range(d), range(d))]
+                out["tangent"] = torch.stack(rows, dim=-3).reshape(*P.shape, d, d)
         if not create_graph:
             out = {k: v.detach() for k, v in out.items()}
         return out
@@ -260,10 +277,10 @@ class CoarseGrainingOperator(nn.Module):
 
     def predict(self, z: torch.Tensor, F: torch.Tensor, *, tangent: bool = True
                 ) -> dict[str, torch.Tensor]:
-        """Ensemble prediction: ``mean`` (B, 2, 2), ``cov`` (B, 4, 4) = aleatoric + epistemic,
-        ``aleatoric`` (B, 4, 4) its first part (the covariance head), ``energy`` (B,) strain
-        energy density W̄ (stress unit) with mean = ∂W̄/∂F̄, ``tangent`` (B, 2, 2, 2, 2) =
-        ∂mean/∂F̄ (if asked), all without a graph."""
+        """Ensemble prediction for F (B, d, d): ``mean`` (B, d, d), ``cov`` (B, d², d²) =
+        aleatoric + epistemic, ``aleatoric`` (B, d², d²) its first part (the covariance head),
+        ``energy`` (B,) strain energy density W̄ (stress unit) with mean = ∂W̄/∂F̄, ``tangent``
+        (B, d, d, d, d) = ∂mean/∂F̄ (if asked), all without a graph."""
         # a basis mixture is linear in its weights: its mean tangent is the tangent of the mean
         # weights, one member's work instead of M
         closed = self.energy.closed_form

@@ -49,7 +49,11 @@ class DistilledConfig(CellHeadsConfig):
 
     @classmethod
     def of_teacher(cls, teacher: SANO, channels: tuple[int, ...]) -> DistilledConfig:
-        """The config of a student of ``teacher``: its resolution, heads and material."""
+        """The config of a student of ``teacher``: its resolution, heads and material (a 2D
+        teacher: the student's convolutions are 2D)."""
+        if teacher.config.dim != 2:
+            raise InputError(f"the teacher is a {teacher.config.dim}D operator: distillation "
+                             "makes 2D students only; use the 3D SANO itself")
         shared = {f.name: getattr(teacher.config, f.name) for f in fields(CellHeadsConfig)}
         return cls(resolution=teacher.config.resolution, channels=tuple(channels), **shared)
 

@@ -4,12 +4,13 @@ Coarse-graining. Each of M ensemble members predicts a homogenized strain energy
 
     W̄(z, C̄) = σ_ref e_ref [ Σ_k w_k(z) Ψ_k(C̄)/e_ref² + 0.1 |ê|² φ(z, ê) ],  ê = e(Ē)/e_ref,
 
-a learned mixture of hyperelastic basis energies Ψ_k (:func:`basis_energies`) plus a free
-correction, with Ē = (C̄ − I)/2 in Mandel form e = (E₁₁, E₂₂, √2 E₁₂). Then P̄ = ∂W̄/∂F̄ and
+a learned mixture of hyperelastic basis energies Ψ_k (:func:`basis_energies`, in 3D
+:func:`basis_energies_3d`) plus a free correction, with Ē = (C̄ − I)/2 in Mandel form
+e = (E₁₁, E₂₂, √2 E₁₂) (3D: (E₁₁, E₂₂, E₃₃, √2 E₂₃, √2 E₁₃, √2 E₁₂)). Then P̄ = ∂W̄/∂F̄ and
 A = ∂P̄/∂F̄ by automatic differentiation: W̄ depends on F̄ only through C̄ = F̄ᵀF̄ (objectivity),
 P̄F̄ᵀ is symmetric (balance of angular momentum), A is major-symmetric, and W̄ and P̄ vanish at
-F̄ = I. A second
-network gives an aleatoric covariance Σ = σ_ref² L_Σ L_Σᵀ of the 4 stress components.
+F̄ = I. A second network gives an aleatoric covariance Σ = σ_ref² L_Σ L_Σᵀ of the d² stress
+components (4 in 2D, 9 in 3D).
 
 Members run vectorised: every layer holds weights (M, in, out) and acts on (M, B, in).
 """
@@ -51,10 +52,20 @@ def ensemble_mlp(members: int, n_in: int, hidden: int, n_out: int, depth: int = 
 
 
 def green_lagrange_mandel(F: torch.Tensor) -> torch.Tensor:
-    """Mandel vector (E₁₁, E₂₂, √2 E₁₂) of Ē = (FᵀF − I)/2; F (..., 2, 2) → (..., 3)."""
+    """Mandel vector of Ē = (FᵀF − I)/2: F (..., 2, 2) → (E₁₁, E₂₂, √2 E₁₂) (..., 3);
+    F (..., 3, 3) → (E₁₁, E₂₂, E₃₃, √2 E₂₃, √2 E₁₃, √2 E₁₂) (..., 6)."""
     C = F.transpose(-1, -2) @ F
+    if F.shape[-1] == 3:
+        return torch.stack([(C[..., 0, 0] - 1) / 2, (C[..., 1, 1] - 1) / 2,
+                            (C[..., 2, 2] - 1) / 2, C[..., 1, 2] / _SQRT2, C[..., 0, 2] / _SQRT2,
+                            C[..., 0, 1] / _SQRT2], dim=-1)
     return torch.stack([(C[..., 0, 0] - 1) / 2, (C[..., 1, 1] - 1) / 2, C[..., 0, 1] / _SQRT2],
                        dim=-1)
+
+
+def mandel_size(dim: int) -> int:
+    """Components of a symmetric d×d tensor in Mandel form: 3 (d = 2), 6 (d = 3)."""
+    return dim * (dim + 1) // 2
 
 
 def lower_triangular(flat: torch.Tensor, n: int, diag_offset: float = 0.0,
@@ -133,6 +144,42 @@ def _basis_of(C00: torch.Tensor, C11: torch.Tensor, D: torch.Tensor, I4: torch.T
     lnJ, lnI4 = 0.5 * torch.log(D), torch.log(I4)
     psi1 = 0.5 * (C00 + C11 - 2) - lnJ
     parts = [torch.stack([psi1, 0.5 * lnJ**2], dim=-1), 0.5 * lnI4**2, I4 - 1 - lnI4]
+    if quartic:
+        parts.append(torch.stack([psi1**2, psi1 * lnJ**2, lnJ**4], dim=-1))
+    return torch.cat(parts, dim=-1)
+
+
+CUBIC_DIRECTIONS = torch.tensor(
+    [[1, 0, 0], [0, 1, 0], [0, 0, 1],
+     [1, 1, 0], [1, -1, 0], [1, 0, 1], [1, 0, -1], [0, 1, 1], [0, 1, -1],
+     [1, 1, 1], [1, 1, -1], [1, -1, 1], [-1, 1, 1]], dtype=torch.float64)
+"""The 13 directions of the 3D stretch energies (unnormalised): the cube's 3 axes, 6 face
+diagonals and 4 body diagonals, a set the cube's rotations map onto itself."""
+
+
+def basis_energies_3d(C: torch.Tensor, quartic: bool = False) -> torch.Tensor:
+    """Hyperelastic basis energies Ψ_k(C̄) (…, K) for C̄ (…, 3, 3); K = 3 + 2·13, plus 3 with
+    ``quartic``.
+
+    The invariants I₁ = tr C̄, I₂ = ½(I₁² − tr C̄²), J = √det C̄ and, for the unit vectors a of
+    :data:`CUBIC_DIRECTIONS`, I₄ = aᵀC̄a: Ψ₁ = ½(I₁ − 3) − ln J, Ψ₂ = ½(ln J)²,
+    Ψ₃ = ½(I₂ − 3) − 2 ln J (Mooney–Rivlin-like), and per direction ½(ln I₄)² and
+    I₄ − 1 − ln I₄; ``quartic`` appends Ψ₁², Ψ₁(ln J)², (ln J)⁴ as in :func:`basis_energies`.
+    Each is objective, vanishes with zero stress at C̄ = I and is of order |Ē|².
+    """
+    C = 0.5 * (C + C.transpose(-1, -2))
+    I1 = torch.diagonal(C, dim1=-2, dim2=-1).sum(-1)
+    I2 = 0.5 * (I1 * I1 - (C * C).sum((-1, -2)))
+    D = (C[..., 0, 0] * (C[..., 1, 1] * C[..., 2, 2] - C[..., 1, 2] * C[..., 2, 1])
+         - C[..., 0, 1] * (C[..., 1, 0] * C[..., 2, 2] - C[..., 1, 2] * C[..., 2, 0])
+         + C[..., 0, 2] * (C[..., 1, 0] * C[..., 2, 1] - C[..., 1, 1] * C[..., 2, 0]))
+    a = CUBIC_DIRECTIONS.to(C)
+    a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+    I4 = torch.einsum("...ij,ki,kj->...k", C, a, a)
+    lnJ, lnI4 = 0.5 * torch.log(D), torch.log(I4)
+    psi1 = 0.5 * (I1 - 3) - lnJ
+    parts = [torch.stack([psi1, 0.5 * lnJ**2, 0.5 * (I2 - 3) - 2 * lnJ], dim=-1),
+             0.5 * lnI4**2, I4 - 1 - lnI4]
     if quartic:
         parts.append(torch.stack([psi1**2, psi1 * lnJ**2, lnJ**4], dim=-1))
     return torch.cat(parts, dim=-1)
@@ -238,28 +285,33 @@ class EnergyHead(nn.Module):
     order |Ē|⁴ too: :func:`basis_energies`) plus (``correction``) a free higher-order term
     and (``residual``) a stress at F̄ = I, S̄₀ = σ_ref s(z) in Mandel form (e.g. the thermal
     pressure of a crystal held at its 0 K lattice constant; without it P̄(I) = 0).
-    Inputs z (M, B, latent), C̄ (M, B, 2, 2), ê (M, B, 3); output (M, B)."""
+    Inputs z (M, B, latent), C̄ (M, B, d, d), ê (M, B, 3 or 6) (Mandel form); output (M, B).
+    ``dim`` d = 2 (plane strain, :func:`basis_energies`) or 3 (:func:`basis_energies_3d`)."""
 
     n_directions = 6
 
     def __init__(self, members: int, latent: int, hidden: int, correction: bool = True,
-                 residual: bool = False, quartic: bool = False) -> None:
+                 residual: bool = False, quartic: bool = False, dim: int = 2) -> None:
         super().__init__()
-        self.quartic = quartic
-        n_basis = 2 + 2 * self.n_directions + (3 if quartic else 0)
+        self.quartic, self.dim = quartic, dim
+        n_basis = (2 + 2 * self.n_directions if dim == 2 else 3 + 2 * len(CUBIC_DIRECTIONS)
+                   ) + (3 if quartic else 0)
+        n_e = mandel_size(dim)
         self.weights = ensemble_mlp(members, latent, hidden, n_basis, depth=1)
-        self.higher = ensemble_mlp(members, latent + 3, hidden, 1) if correction else None
-        self.residual = ensemble_mlp(members, latent, hidden, 3, depth=1) if residual else None
+        self.higher = ensemble_mlp(members, latent + n_e, hidden, 1) if correction else None
+        self.residual = (ensemble_mlp(members, latent, hidden, n_e, depth=1) if residual
+                         else None)
 
     @property
     def closed_form(self) -> bool:
-        """True when W is the basis mixture alone (no correction, no residual stress), so that
-        stress and tangent follow from :func:`mixture_response` without autograd."""
-        return self.higher is None and self.residual is None
+        """True when W is the 2D basis mixture alone (no correction, no residual stress), so
+        that stress and tangent follow from :func:`mixture_response` without autograd."""
+        return self.dim == 2 and self.higher is None and self.residual is None
 
     def forward(self, z: torch.Tensor, C: torch.Tensor, e: torch.Tensor,
                 e_ref: torch.Tensor) -> torch.Tensor:
-        psi = basis_energies(C, self.n_directions, self.quartic) / e_ref**2
+        psi = (basis_energies(C, self.n_directions, self.quartic) if self.dim == 2
+               else basis_energies_3d(C, self.quartic)) / e_ref**2
         W = (self.weights(z) * psi).sum(-1)
         if self.higher is not None:  # None: basis only, ~4× faster predictions
             W = W + 0.1 * (e * e).sum(-1) * self.higher(torch.cat([z, e], dim=-1))[..., 0]
@@ -273,24 +325,25 @@ DIAG_OFFSET = -3.0
 
 
 class CovarianceHead(nn.Module):
-    """Per-member Cholesky factor (M, B, 4, 4) of the normalised aleatoric stress covariance."""
+    """Per-member Cholesky factor (M, B, d², d²) of the normalised aleatoric covariance of the
+    d² stress components (d = ``dim``: 4×4 in 2D, 9×9 in 3D), from z and the Mandel strain."""
 
-    def __init__(self, members: int, latent: int, hidden: int) -> None:
+    def __init__(self, members: int, latent: int, hidden: int, dim: int = 2) -> None:
         super().__init__()
-        self.net = ensemble_mlp(members, latent + 3, hidden, 10)
+        self.n = dim * dim
+        self.net = ensemble_mlp(members, latent + mandel_size(dim), hidden,
+                                self.n * (self.n + 1) // 2)
 
     def forward(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return self.factor(self.net(torch.cat([z, e], dim=-1)))
 
-    @staticmethod
-    def factor(raw: torch.Tensor) -> torch.Tensor:
-        """The Cholesky factor L (…, 4, 4) from the network's 10 outputs (…, 10)."""
-        return lower_triangular(raw, 4, diag_offset=DIAG_OFFSET)
+    def factor(self, raw: torch.Tensor) -> torch.Tensor:
+        """The Cholesky factor L (…, d², d²) from the network's d²(d² + 1)/2 outputs."""
+        return lower_triangular(raw, self.n, diag_offset=DIAG_OFFSET)
 
-    @staticmethod
-    def factor_norm2(raw: torch.Tensor) -> torch.Tensor:
+    def factor_norm2(self, raw: torch.Tensor) -> torch.Tensor:
         """tr(L Lᵀ) (…) of :meth:`factor`'s L, without forming it."""
-        return lower_triangular_norm2(raw, 4, diag_offset=DIAG_OFFSET)
+        return lower_triangular_norm2(raw, self.n, diag_offset=DIAG_OFFSET)
 
 
 class FineDecoder(nn.Module):

@@ -1,8 +1,13 @@
 """SANO, the scale-adaptive neural operator: microstructure image + F̄ → N(P̄, Σ), ∂P̄/∂F̄, fields.
 
-    image (B,1,n,n) → pixel moduli → lift → Fourier blocks → h (B,d,n,n) → decoder(z, F̄) → w(y)
+    image (B,1,n,n) → pixel moduli → lift → Fourier blocks → h (B,c,n,n) → decoder(z, F̄) → w(y)
     h → Haar DWT → S scales → tokens → cross-scale attention → scale weights → z (B, latent)
     z, F̄ → ensemble energy heads W̄_m → autograd → P̄_m, A_m;  covariance heads → Σ_m
+
+The same architecture learns 3D cells (``dim: 3``): voxel images (B,1,n,n,n), 3D Fourier layers
+and Haar scales (7 detail bands a level), F̄ 3×3 and an energy of 3D invariants
+(:func:`~neuroscale_couple.operators.heads.basis_energies_3d`); a 3D model has no fine-graining
+decoder (its micro fields come from the fine solver).
 
 The latent z of a microstructure is computed once (:meth:`SANO.encode`) and cached by the caller;
 per Newton iteration only :meth:`SANO.predict` runs. The model records its constructor arguments
@@ -31,7 +36,7 @@ from neuroscale_couple.materials import (
 from neuroscale_couple.operators.attention import CrossScaleAttention, ScaleMixer
 from neuroscale_couple.operators.base import CoarseGrainingOperator
 from neuroscale_couple.operators.heads import FineDecoder, green_lagrange_mandel
-from neuroscale_couple.operators.spectral import FourierBlock
+from neuroscale_couple.operators.spectral import FourierBlock, pointwise_conv
 from neuroscale_couple.operators.wavelet import WaveletDecomposition
 from neuroscale_couple.phases import DESCRIPTORS, material_arrays, outside_reason
 from neuroscale_couple.physics import micro_deformation, micro_stress
@@ -79,9 +84,14 @@ class SANOConfig(CellHeadsConfig):
     heads: int = 4
     attention_blocks: int = 1
     cross_scale: bool = True
+    dim: int = 2
+    """Space dimension of the cells: 2 (pixel images, F̄ 2×2) or 3 (voxel images, F̄ 3×3);
+    set from the data's structure family by ``neuroscale train``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dim not in (2, 3):
+            raise InputError(f"dim={self.dim!r}: SANO learns 2D or 3D cells, give 2 or 3")
         if self.resolution % 2**self.levels:
             raise InputError(f"resolution={self.resolution} must be divisible by 2**levels="
                              f"{2**self.levels}")
@@ -102,11 +112,12 @@ class SANO(CoarseGrainingOperator):
         super().__init__()
         c = self.config = config or SANOConfig()
         d = c.width
-        self.lift = nn.Conv2d(3, d, 1)
-        self.fourier = nn.Sequential(*(FourierBlock(d, c.modes) for _ in range(c.fourier_layers)))
-        self.wavelet = WaveletDecomposition(c.levels)
-        n_scales = c.levels + 1
-        self.tokens = nn.ModuleList([nn.Linear(3 * d, d) for _ in range(c.levels)]
+        self.lift = pointwise_conv(3, d, c.dim)
+        self.fourier = nn.Sequential(*(FourierBlock(d, c.modes, dim=c.dim)
+                                       for _ in range(c.fourier_layers)))
+        self.wavelet = WaveletDecomposition(c.levels, c.dim)
+        n_scales, bands = c.levels + 1, 2**c.dim - 1
+        self.tokens = nn.ModuleList([nn.Linear(bands * d, d) for _ in range(c.levels)]
                                     + [nn.Linear(d, d)])
         self.attention = nn.ModuleList(CrossScaleAttention(n_scales, d, c.heads, c.cross_scale)
                                        for _ in range(c.attention_blocks))
@@ -115,22 +126,23 @@ class SANO(CoarseGrainingOperator):
         self.to_latent = nn.Sequential(nn.Linear(d + 1 + n_phase, c.latent), nn.SiLU(),
                                        nn.Linear(c.latent, c.latent))
         self._build_heads(c.members, c.latent, c.hidden, c.energy_correction,
-                          quartic=c.quartic_basis)
-        self.decoder = FineDecoder(d, c.latent, c.modes)
+                          quartic=c.quartic_basis, dim=c.dim)
+        self.decoder = FineDecoder(d, c.latent, c.modes) if c.dim == 2 else None
         self._build_buffers()
 
     # ------------------------------------------------------------------ encoder
     def _phases(self, images: torch.Tensor) -> tuple:
-        """(E_m, E_f, ν_m, ν_f) of inputs (B, C, n, n): the config's numbers, or for a family
-        operator each structure's descriptors (B, 1, 1) with E_m = 1, E_f = contrast."""
+        """(E_m, E_f, ν_m, ν_f) of inputs (B, C, n, …): the config's numbers, or for a family
+        operator each structure's descriptors (B, 1, …) with E_m = 1, E_f = contrast."""
         if not self.takes_material:
             return (self.config.matrix[0], self.config.fibre[0], self.config.matrix[1],
                     self.config.fibre[1])
-        c, nu_m, nu_f = images[:, 1:, :1, :1].unbind(1)
+        c, nu_m, nu_f = images[(slice(None), slice(1, None))
+                               + (slice(None, 1),) * self.config.dim].unbind(1)
         return torch.ones_like(c), c, nu_m, nu_f
 
     def moduli(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-pixel Lamé fields (λ, μ) (B, n, n) of inputs (B, C, n, n) (a family operator's
+        """Per-pixel Lamé fields (λ, μ) (B, n, …) of inputs (B, C, n, …) (a family operator's
         in units of E_m).
 
         Each pixel takes the phase at its centre (fibre where the fraction exceeds ½), which is
@@ -142,26 +154,32 @@ class SANO(CoarseGrainingOperator):
         return phi * lf + (1 - phi) * lm, phi * mf + (1 - phi) * mm
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent z (B, latent) and feature map h (B, width, n, n) of inputs (B, C, n, n): the
-        fibre-fraction image (C = 1), and for a family operator its phase descriptors as
-        constant channels (C = 4; :meth:`PhaseCell.operator_inputs
+        """Latent z (B, latent) and feature map h (B, width, n, …) of inputs (B, C, n, …)
+        (n² pixels, or n³ voxels for a 3D model): the fibre-fraction image (C = 1), and for a
+        family operator its phase descriptors as constant channels (C = 4;
+        :meth:`PhaseCell.operator_inputs
         <neuroscale_couple.solvers.phase_cell.PhaseCell.operator_inputs>`)."""
         phi, h, (E_f, nu_m, nu_f) = self._feature_map(images)
         tokens = self._tokens(self.wavelet(h))
         for block in self.attention:
             tokens = block(tokens)
-        pooled = [self.mixer(tokens), phi.mean(dim=(-2, -1))[:, None]]
+        pooled = [self.mixer(tokens), phi.flatten(1).mean(-1)[:, None]]
         if self.takes_material:  # log contrast: 0–4.6 over contrasts 1–100
             pooled.append(torch.cat([torch.log(E_f), nu_m, nu_f], dim=-1)[:, 0])
         return self.to_latent(torch.cat(pooled, dim=-1)), h
 
     def _feature_map(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-        """The fibre fraction φ (B, n, n), the feature map h (B, width, n, n) and the phases
-        (E_f, ν_m, ν_f) of inputs (B, C, n, n), checked (see :meth:`encode`)."""
+        """The fibre fraction φ (B, n, …), the feature map h (B, width, n, …) and the phases
+        (E_f, ν_m, ν_f) of inputs (B, C, n, …), checked (see :meth:`encode`)."""
         n, channels = self.config.resolution, 1 + len(DESCRIPTORS) * self.takes_material
-        if images.ndim != 4 or images.shape[1] != channels or images.shape[-1] != n:
+        d = self.config.dim
+        if images.ndim != 2 + d or images.shape[1] != channels or images.shape[-1] != n:
+            other = ({2 + 3: " — 3D (voxel) images: this operator learnt 2D cells; use a 3D "
+                             "model (trained on 3D cells)",
+                      2 + 2: " — 2D (pixel) images: this operator learnt 3D cells; use a 2D "
+                             "model"}.get(images.ndim, "") if images.ndim != 2 + d else "")
             raise InputError(f"microstructure images have shape {tuple(images.shape)}: expected "
-                             f"(B, {channels}, {n}, {n})" + (
+                             f"({', '.join(['B', str(channels)] + [str(n)] * d)})" + other + (
                                  " — a family operator takes cells with their phases"
                                  if self.takes_material else ""))
         E_m, E_f, nu_m, nu_f = self._phases(images)
@@ -172,7 +190,8 @@ class SANO(CoarseGrainingOperator):
         return phi, self.fourier(self.lift(torch.stack([phi, E, nu], dim=1))), (E_f, nu_m, nu_f)
 
     def _tokens(self, scales: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The wavelet scales (B, c_s, n_s, n_s) of h as tokens (B, n_s², d), one per pixel."""
+        """The wavelet scales (B, c_s, n_s, …) of h as tokens (B, n_s^dim, width), one per
+        pixel (voxel)."""
         return [proj(s.flatten(2).transpose(1, 2))
                 for proj, s in zip(self.tokens, scales, strict=True)]
 
@@ -182,10 +201,10 @@ class SANO(CoarseGrainingOperator):
 
         - ``fraction`` (B, n, n): the fibre fraction image;
         - ``scale_energy``: per wavelet scale s (finest detail first, approximation last) the
-          energy Σ_c h_s,c² (B, n_s, n_s) of the feature map's Haar coefficients — by Parseval
+          energy Σ_c h_s,c² (B, n_s, …) of the feature map's Haar coefficients — by Parseval
           they add up to ‖h‖²;
         - ``attention``: per attention block, per query scale s, the share of each token's
-          attention (mean over heads) on each key scale (B, n_s, n_s, S), summing to one;
+          attention (mean over heads) on each key scale (B, n_s, …, S), summing to one;
         - ``scale_weights`` (S,): the learned weights with which the scales are pooled.
         """
         phi, h, _ = self._feature_map(images)
@@ -203,7 +222,7 @@ class SANO(CoarseGrainingOperator):
                     mass = nn.functional.one_hot(torch.full(mass.shape[:2], s),
                                                  len(sizes)).to(mass)
                 n_s = scales[s].shape[-1]
-                shares.append(mass.reshape(len(phi), n_s, n_s, len(sizes)))
+                shares.append(mass.reshape(len(phi), *(n_s,) * self.config.dim, len(sizes)))
             maps.append(shares)
             tokens = block(tokens)
         return {"fraction": phi, "scale_energy": [c.square().sum(1) for c in scales],
@@ -305,7 +324,11 @@ class SANO(CoarseGrainingOperator):
     # ------------------------------------------------------------------ fine-graining
     def decode(self, images: torch.Tensor, z: torch.Tensor, h: torch.Tensor, F: torch.Tensor,
                noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Micro fields for F̄ (B, 2, 2): ``w`` (B, 2, n, n), ``F`` and ``P`` (B, n, n, 2, 2)."""
+        """Micro fields for F̄ (B, 2, 2): ``w`` (B, 2, n, n), ``F`` and ``P`` (B, n, n, 2, 2)
+        (2D operators; a 3D one raises :class:`InputError`)."""
+        if self.decoder is None:
+            raise InputError("a 3D operator has no fine-graining decoder: take micro fields of "
+                             "3D cells from the fine solver (the RVE)")
         e = green_lagrange_mandel(F) / self.e_ref.to(F.dtype)
         w = self.decoder(h, z, e, noise) * self.e_ref.to(F.dtype)
         F_field = micro_deformation(F, w)

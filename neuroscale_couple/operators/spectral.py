@@ -1,12 +1,14 @@
 """Fourier kernel-integral layers and spectral calculus on the periodic unit cell.
 
 Conventions. A field is a tensor (..., n, n) sampled on the periodic unit cell [0, 1)², grid
-spacing 1/n, row index = y, column = x; (B, C, n, n) for the layers. Derivative components are
+spacing 1/n, row index = y, column = x; (B, C, n, n) for the layers, (B, C, n, n, n) on the
+unit cube [0, 1)³ (axes z, y, x) for the 3D layers. Derivative components are
 ordered (x, y): index 0 is ∂/∂x (along columns), index 1 is ∂/∂y (along rows).
 
-:class:`SpectralConv2d` is the FNO kernel integral (K v)(y) = ∫ κ(y − y') v(y') dy' with κ
-parametrised by its lowest Fourier coefficients. rfft2 is unnormalised and irfft2 divides by the
-number of points, so the layer acts on band-limited inputs independently of the grid resolution.
+:class:`SpectralConv` is the FNO kernel integral (K v)(y) = ∫ κ(y − y') v(y') dy' with κ
+parametrised by its lowest Fourier coefficients, in 2D or 3D. rfftn is unnormalised and irfftn
+divides by the number of points, so the layer acts on band-limited inputs independently of the
+grid resolution.
 """
 
 from __future__ import annotations
@@ -20,81 +22,109 @@ from torch.nn import functional as F
 from neuroscale_couple.errors import InputError
 
 
-class SpectralConv2d(nn.Module):
-    """FNO Fourier layer: multiply the lowest Fourier modes by learned complex matrices.
+class SpectralConv(nn.Module):
+    """FNO Fourier layer: multiply the lowest Fourier modes by learned complex matrices, on a
+    grid of ``dim`` = 2 or 3 axes.
 
-    Keeps rows ``[:modes]`` and ``[-modes:]`` (non-negative and negative frequencies along y) and
-    columns ``[:modes]`` of the rfft axis (x); all other modes are set to zero. On a grid too coarse
-    for ``modes`` (n < 2 modes) only the modes the grid resolves are used, each with the same
-    weight as on a fine grid.
+    Keeps, along every axis but the last, the indices ``[:modes]`` and ``[-modes:]``
+    (non-negative and negative frequencies), and ``[:modes]`` of the last (rfft) axis; all other
+    modes are set to zero. On a grid too coarse for ``modes`` (n < 2 modes) only the modes the
+    grid resolves are used, each with the same weight as on a fine grid.
 
     The complex weights are stored as a real parameter ``weight`` of shape
-    (2, in, out, modes, modes, 2): ``weight[0, :, :, r, c]`` multiplies frequency (ky, kx) = (r, c),
-    ``weight[1, :, :, r, c]`` frequency (r − modes, c); the last axis is (real, imaginary).
-    They are cast to the dtype and device of the input, so the layer accepts float32 and float64
-    input (B, in, n, m) and returns (B, out, n, m).
+    (2^(dim−1), in, out, modes, …, modes, 2) (``dim`` mode axes): corner c holds the
+    frequencies whose index along axis a < dim − 1 is non-negative where bit a of c is 0 and
+    negative (k − modes) where it is 1; in 2D ``weight[0, :, :, r, c]`` multiplies frequency
+    (ky, kx) = (r, c) and ``weight[1, :, :, r, c]`` frequency (r − modes, c). The last axis is
+    (real, imaginary). They are cast to the dtype and device of the input, so the layer accepts
+    float32 and float64 input (B, in, n, …) and returns (B, out, n, …).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, modes: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, modes: int, dim: int = 2) -> None:
         super().__init__()
-        if min(in_channels, out_channels, modes) < 1:
+        if min(in_channels, out_channels, modes) < 1 or dim not in (2, 3):
             raise InputError(
-                f"SpectralConv2d(in_channels={in_channels}, out_channels={out_channels}, "
-                f"modes={modes}): all three must be positive integers"
+                f"SpectralConv(in_channels={in_channels}, out_channels={out_channels}, "
+                f"modes={modes}, dim={dim}): channels and modes must be positive integers, "
+                "dim 2 or 3"
             )
         self.in_channels, self.out_channels, self.modes = in_channels, out_channels, modes
+        self.dim = dim
         scale = 1.0 / (in_channels * out_channels)
         self.weight = nn.Parameter(
-            scale * torch.rand(2, in_channels, out_channels, modes, modes, 2)
+            scale * torch.rand(2 ** (dim - 1), in_channels, out_channels, *(modes,) * dim, 2)
         )
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, modes={self.modes}"
+        return (f"{self.in_channels}, {self.out_channels}, modes={self.modes}"
+                + (f", dim={self.dim}" if self.dim != 2 else ""))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, in, n, m) → (B, out, n, m)."""
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
+        """x (B, in, n, …) → (B, out, n, …)."""
+        d = self.dim
+        if x.ndim != 2 + d or x.shape[1] != self.in_channels:
+            grid = ", ".join(["n"] * d)
             raise InputError(
-                f"SpectralConv2d({self.in_channels} → {self.out_channels}) got a tensor of shape "
-                f"{tuple(x.shape)}: give (B, {self.in_channels}, n, n)"
+                f"SpectralConv({self.in_channels} → {self.out_channels}, dim={d}) got a tensor "
+                f"of shape {tuple(x.shape)}: give (B, {self.in_channels}, {grid})"
             )
         if x.dtype not in (torch.float32, torch.float64):
             raise InputError(
-                f"SpectralConv2d got {x.dtype} input: give float32 or float64 (e.g. x.float())"
+                f"SpectralConv got {x.dtype} input: give float32 or float64 (e.g. x.float())"
             )
-        n, m = x.shape[-2:]
-        my, mx = min(self.modes, n // 2), min(self.modes, m // 2 + 1)
+        sizes = x.shape[2:]
+        kept = [min(self.modes, n // 2) for n in sizes[:-1]] + [min(self.modes, sizes[-1] // 2 + 1)]
         w = torch.view_as_complex(self.weight.to(device=x.device, dtype=x.dtype).contiguous())
-        x_ft = torch.fft.rfft2(x)
-        out_ft = x_ft.new_zeros(x.shape[0], self.out_channels, n, m // 2 + 1)
-        out_ft[..., :my, :mx] = torch.einsum(
-            "bixy,ioxy->boxy", x_ft[..., :my, :mx], w[0, ..., :my, :mx]
-        )
-        out_ft[..., n - my :, :mx] = torch.einsum(
-            "bixy,ioxy->boxy", x_ft[..., n - my :, :mx], w[1, ..., self.modes - my :, :mx]
-        )
-        return torch.fft.irfft2(out_ft, s=(n, m))
+        axes = tuple(range(-d, 0))
+        x_ft = torch.fft.rfftn(x, dim=axes)
+        out_ft = x_ft.new_zeros(x.shape[0], self.out_channels, *sizes[:-1], sizes[-1] // 2 + 1)
+        letters = "xyz"[:d]
+        rule = f"bi{letters},io{letters}->bo{letters}"
+        for corner in range(2 ** (d - 1)):
+            data, weight = [slice(None)] * 2, [corner, slice(None), slice(None)]
+            for a, (n, m) in enumerate(zip(sizes[:-1], kept, strict=False)):
+                negative = (corner >> a) & 1
+                data.append(slice(n - m, None) if negative else slice(None, m))
+                weight.append(slice(self.modes - m, None) if negative else slice(None, m))
+            data.append(slice(None, kept[-1]))
+            weight.append(slice(None, kept[-1]))
+            out_ft[tuple(data)] = torch.einsum(rule, x_ft[tuple(data)], w[tuple(weight)])
+        return torch.fft.irfftn(out_ft, s=sizes, dim=axes)
+
+
+class SpectralConv2d(SpectralConv):
+    """:class:`SpectralConv` on 2D grids (B, in, n, m) → (B, out, n, m)."""
+
+    def __init__(self, in_channels: int, out_channels: int, modes: int) -> None:
+        super().__init__(in_channels, out_channels, modes, dim=2)
 
 
 class FourierBlock(nn.Module):
-    """Standard FNO block y = GELU(K x + W x): spectral conv plus a pointwise (1×1) linear map.
+    """Standard FNO block y = GELU(K x + W x): spectral conv plus a pointwise (1×1) linear map,
+    on grids of ``dim`` = 2 or 3 axes.
 
-    ``activation=False`` omits the GELU (for the last block). Shapes (B, channels, n, n) →
-    (B, channels, n, n); like :class:`SpectralConv2d` it accepts float32 and float64 input.
+    ``activation=False`` omits the GELU (for the last block). Shapes (B, channels, n, …) →
+    (B, channels, n, …); like :class:`SpectralConv` it accepts float32 and float64 input.
     """
 
-    def __init__(self, channels: int, modes: int, activation: bool = True) -> None:
+    def __init__(self, channels: int, modes: int, activation: bool = True, dim: int = 2) -> None:
         super().__init__()
-        self.spectral = SpectralConv2d(channels, channels, modes)
-        self.pointwise = nn.Conv2d(channels, channels, kernel_size=1)
+        self.spectral = SpectralConv(channels, channels, modes, dim)
+        self.pointwise = pointwise_conv(channels, channels, dim)
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, channels, n, n) → (B, channels, n, n)."""
+        """x (B, channels, n, …) → (B, channels, n, …)."""
         weight = self.pointwise.weight.to(device=x.device, dtype=x.dtype)
         bias = self.pointwise.bias.to(device=x.device, dtype=x.dtype)
-        y = self.spectral(x) + F.conv2d(x, weight, bias)
+        conv = F.conv2d if self.spectral.dim == 2 else F.conv3d
+        y = self.spectral(x) + conv(x, weight, bias)
         return F.gelu(y) if self.activation else y
+
+
+def pointwise_conv(in_channels: int, out_channels: int, dim: int) -> nn.Module:
+    """A 1×1 (×1) convolution on grids of ``dim`` = 2 or 3 axes: a per-pixel linear map."""
+    return (nn.Conv2d if dim == 2 else nn.Conv3d)(in_channels, out_channels, kernel_size=1)
 
 
 def _wavenumbers(n: int, m: int, dtype: torch.dtype, device: torch.device

@@ -1,16 +1,23 @@
-"""Exactly invertible multiscale decomposition of periodic fields: the orthonormal 2D Haar DWT.
+"""Exactly invertible multiscale decomposition of periodic fields: the orthonormal Haar DWT in
+d = 2 or 3 dimensions.
 
-Conventions. Fields are tensors (B, C, n, n) on a periodic grid, row index = y, column = x. One
-Haar level groups the pixels in disjoint 2×2 blocks, so it needs no boundary treatment and is
-exactly periodic: with a = x[2i, 2j], b = x[2i, 2j+1], c = x[2i+1, 2j], d = x[2i+1, 2j+1],
+Conventions. Fields are tensors (B, C, n, n) (d = 2) or (B, C, n, n, n) (d = 3) on a periodic
+grid; in 2D the row index is y and the column x, in 3D the axes are (z, y, x). One Haar level
+groups the pixels (voxels) in disjoint 2^d blocks, so it needs no boundary treatment and is
+exactly periodic. In 2D, with a = x[2i, 2j], b = x[2i, 2j+1], c = x[2i+1, 2j], d = x[2i+1, 2j+1],
 
     approx     = (a + b + c + d) / 2
     horizontal = (a + b - c - d) / 2   (difference along y: responds to horizontal edges)
     vertical   = (a - b + c - d) / 2   (difference along x: responds to vertical edges)
     diagonal   = (a - b - c + d) / 2
 
-The 4×4 matrix of this map is orthogonal, so the transform preserves the sum of squares (Parseval)
-and its inverse is its transpose. A translation by 2^L pixels commutes with L levels.
+and in general each band is a choice of sum or difference along each of the d axes, divided by
+2^(d/2): 2^d − 1 detail bands. Band k (k = 1 … 2^d − 1) takes the difference along the spatial
+axis a (a = 0 the first, e.g. y in 2D, z in 3D) where bit a of k is set, the sum elsewhere; the
+details are stored in the order k = 1, 2, …, so in 2D (horizontal, vertical, diagonal).
+
+The 2^d × 2^d matrix of this map is orthogonal, so the transform preserves the sum of squares
+(Parseval) and its inverse is its transpose. A translation by 2^L pixels commutes with L levels.
 """
 
 from __future__ import annotations
@@ -21,51 +28,84 @@ from torch import nn
 from neuroscale_couple.errors import InputError
 
 BANDS = ("horizontal", "vertical", "diagonal")
-"""Order of the three detail bands along the band axis of :func:`haar_dwt2`."""
+"""Order of the three 2D detail bands along the band axis of :func:`haar_dwt2`."""
 
 
-def haar_dwt2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One level of the orthonormal 2D Haar transform on a periodic grid.
+def haar_dwt(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One level of the orthonormal Haar transform over the last ``dim`` axes, periodic grid.
 
     Parameters
     ----------
-    x : Tensor (..., n, m), n and m even (normally (B, C, n, n)).
+    x : Tensor (..., n_1, …, n_dim), every n_a even (normally (B, C, n, n[, n])).
+    dim : number of spatial axes, 2 or 3.
 
     Returns
     -------
-    approx : Tensor (..., n/2, m/2)
-    details : Tensor (..., 3, n/2, m/2), bands in the order of :data:`BANDS`
-        (horizontal, vertical, diagonal).
+    approx : Tensor (..., n_1/2, …, n_dim/2)
+    details : Tensor (..., 2^dim − 1, n_1/2, …, n_dim/2), bands in the order of the module
+        docstring ((horizontal, vertical, diagonal) in 2D).
     """
-    if x.ndim < 2 or x.shape[-2] % 2 or x.shape[-1] % 2:
+    if dim not in (2, 3) or x.ndim < dim or any(n % 2 for n in x.shape[x.ndim - dim:]):
         raise InputError(
-            f"haar_dwt2 got a tensor of shape {tuple(x.shape)}: the last two (spatial) axes must "
-            "both have even size; crop or resample the field to an even grid"
+            f"haar_dwt(dim={dim}) got a tensor of shape {tuple(x.shape)}: dim must be 2 or 3 "
+            f"and the last {dim} (spatial) axes must all have even size; crop or resample the "
+            "field to an even grid"
         )
-    # Rows first, then columns: row sums (a + c, b + d) and row differences (a - c, b - d),
-    # interleaved along x. Twice as fast as combining the four strided quarter views directly.
-    sums, diffs = x[..., 0::2, :] + x[..., 1::2, :], x[..., 0::2, :] - x[..., 1::2, :]
-    s0, s1, d0, d1 = sums[..., 0::2], sums[..., 1::2], diffs[..., 0::2], diffs[..., 1::2]
-    return (s0 + s1) / 2, torch.stack([d0 + d1, s0 - s1, d0 - d1], dim=-3) / 2
+    # Axis by axis (first spatial axis first): sums and differences of the even and odd slices,
+    # unnormalised. In 2D: row sums and differences, then their column sums and differences —
+    # twice as fast as combining the four strided quarter views directly.
+    bands = [x]
+    for a in range(dim):
+        axis = x.ndim - dim + a
+        even, odd = _halves(bands, axis, 0), _halves(bands, axis, 1)
+        bands = ([e + o for e, o in zip(even, odd, strict=True)]
+                 + [e - o for e, o in zip(even, odd, strict=True)])
+    # the sums come first at every step: bit a of a band's position is the difference along
+    # axis a, the order of the module docstring
+    norm = 2.0 ** (dim / 2)
+    return bands[0] / norm, torch.stack(bands[1:], dim=-dim - 1) / norm
+
+
+def _halves(bands: list[torch.Tensor], axis: int, parity: int) -> list[torch.Tensor]:
+    """The even (``parity`` 0) or odd (1) slices along ``axis`` of each tensor (strided
+    views, no copy)."""
+    index = [slice(None)] * bands[0].ndim
+    index[axis] = slice(parity, None, 2)
+    return [b[tuple(index)] for b in bands]
+
+
+def haar_idwt(approx: torch.Tensor, details: torch.Tensor, dim: int) -> torch.Tensor:
+    """Exact inverse of :func:`haar_dwt`: (..., m_1, …, m_dim) and (..., 2^dim − 1, m_1, …)
+    → (..., 2m_1, …, 2m_dim)."""
+    spatial = approx.shape[approx.ndim - dim:]
+    if dim not in (2, 3) or details.shape != (*approx.shape[:-dim], 2**dim - 1, *spatial):
+        raise InputError(
+            f"haar_idwt(dim={dim}) got approx of shape {tuple(approx.shape)} and details of "
+            f"shape {tuple(details.shape)}: details must have shape (..., {2**dim - 1}, "
+            "m, ...) for approx (..., m, ...), as returned by haar_dwt"
+        )
+    bands = [approx, *details.unbind(dim=-dim - 1)]
+    norm = 2.0 ** (dim / 2)
+    # the transform matrix is orthogonal and symmetric: x_p = Σ_k (−1)^{popcount(k & p)} b_k / norm,
+    # with p the parity bits of the voxel within its block (bit a: odd along axis a)
+    out = approx.new_empty((*approx.shape[:-dim], *(2 * m for m in spatial)))
+    for p in range(2**dim):
+        value = sum(b if bin(k & p).count("1") % 2 == 0 else -b for k, b in enumerate(bands))
+        index = [slice(None)] * (approx.ndim - dim) + [
+            slice((p >> a) & 1, None, 2) for a in range(dim)]
+        out[tuple(index)] = value / norm
+    return out
+
+
+def haar_dwt2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One level of the 2D Haar transform (:func:`haar_dwt` with dim 2): x (..., n, m) →
+    approx (..., n/2, m/2), details (..., 3, n/2, m/2) in the order of :data:`BANDS`."""
+    return haar_dwt(x, 2)
 
 
 def haar_idwt2(approx: torch.Tensor, details: torch.Tensor) -> torch.Tensor:
     """Exact inverse of :func:`haar_dwt2`: (..., n, m) and (..., 3, n, m) → (..., 2n, 2m)."""
-    if details.shape != (*approx.shape[:-2], 3, *approx.shape[-2:]):
-        raise InputError(
-            f"haar_idwt2 got approx of shape {tuple(approx.shape)} and details of shape "
-            f"{tuple(details.shape)}: details must have shape (..., 3, n, m) for approx "
-            "(..., n, m), as returned by haar_dwt2"
-        )
-    h, v, g = details.unbind(dim=-3)
-    a = (approx + h + v + g) / 2
-    b = (approx + h - v - g) / 2
-    c = (approx - h + v - g) / 2
-    d = (approx - h - v + g) / 2
-    # (..., n, 2, m, 2): row parity before the column axis, column parity last.
-    blocks = torch.stack([torch.stack([a, b], dim=-1), torch.stack([c, d], dim=-1)], dim=-3)
-    n, m = approx.shape[-2:]
-    return blocks.reshape(*approx.shape[:-2], 2 * n, 2 * m)
+    return haar_idwt(approx, details, 2)
 
 
 def scale_sizes(n: int, levels: int) -> list[int]:
@@ -91,53 +131,59 @@ def _check_levels(levels: int) -> None:
 class WaveletDecomposition(nn.Module):
     """Split a periodic field into ``levels + 1`` scales with the Haar DWT, exactly invertibly.
 
-    ``forward(x)`` with x (B, C, n, n) returns S = levels + 1 tensors, finest first:
+    ``forward(x)`` with x (B, C, n, n) (``dim`` 2) or (B, C, n, n, n) (``dim`` 3) returns
+    S = levels + 1 tensors, finest first (K = 2^dim − 1 bands: 3 in 2D, 7 in 3D):
 
-    - for j = 1..levels, the details of level j as (B, 3C, n/2^j, n/2^j), the bands folded into
-      the channels channel-major: channel 3c + k is band k (:data:`BANDS`) of input channel c;
-    - the final approximation (B, C, n/2^levels, n/2^levels).
+    - for j = 1..levels, the details of level j as (B, KC, n/2^j, …), the bands folded into
+      the channels channel-major: channel Kc + k is band k (:data:`BANDS` in 2D) of input
+      channel c;
+    - the final approximation (B, C, n/2^levels, …).
 
     ``inverse(scales)`` reconstructs x up to round-off. The module has no parameters.
     """
 
-    def __init__(self, levels: int) -> None:
+    def __init__(self, levels: int, dim: int = 2) -> None:
         super().__init__()
         _check_levels(levels)
-        self.levels = levels
+        if dim not in (2, 3):
+            raise InputError(f"WaveletDecomposition(dim={dim!r}): give 2 or 3 spatial axes")
+        self.levels, self.dim = levels, dim
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}"
+        return f"levels={self.levels}" + (f", dim={self.dim}" if self.dim != 2 else "")
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x (B, C, n, n) → list of S = levels + 1 scale tensors (see the class docstring)."""
-        factor = 2**self.levels
-        if x.ndim != 4 or x.shape[-2] % factor or x.shape[-1] % factor:
+        """x (B, C, n, …) → list of S = levels + 1 scale tensors (see the class docstring)."""
+        factor, d = 2**self.levels, self.dim
+        if x.ndim != 2 + d or any(n % factor for n in x.shape[2:]):
+            grid = ", ".join(["n"] * d)
             raise InputError(
                 f"WaveletDecomposition(levels={self.levels}) got a tensor of shape "
-                f"{tuple(x.shape)}: give a 4-D batch (B, C, n, n) with n divisible by "
+                f"{tuple(x.shape)}: give a {2 + d}-D batch (B, C, {grid}) with n divisible by "
                 f"2^levels = {factor}; pad or resample the grid, or use fewer levels"
             )
         scales = []
         approx = x
         for _ in range(self.levels):
-            approx, details = haar_dwt2(approx)
+            approx, details = haar_dwt(approx, d)
             scales.append(details.flatten(1, 2))
         scales.append(approx)
         return scales
 
     def inverse(self, scales: list[torch.Tensor]) -> torch.Tensor:
-        """Reconstruct x (B, C, n, n) from the output of :meth:`forward`."""
+        """Reconstruct x (B, C, n, …) from the output of :meth:`forward`."""
         if len(scales) != self.levels + 1:
             raise InputError(
                 f"WaveletDecomposition(levels={self.levels}).inverse got {len(scales)} scales: "
                 f"pass the list of {self.levels + 1} tensors returned by forward"
             )
-        approx = scales[-1]
+        approx, d = scales[-1], self.dim
+        k = 2**d - 1
         for details in reversed(scales[:-1]):
-            if details.ndim != 4 or details.shape[1] % 3:
+            if details.ndim != 2 + d or details.shape[1] % k:
                 raise InputError(
-                    f"detail scale of shape {tuple(details.shape)}: expected (B, 3C, m, m), three "
-                    "bands per input channel, as returned by forward"
+                    f"detail scale of shape {tuple(details.shape)}: expected (B, {k}C, m, ...), "
+                    f"{k} bands per input channel, as returned by forward"
                 )
-            approx = haar_idwt2(approx, details.unflatten(1, (details.shape[1] // 3, 3)))
+            approx = haar_idwt(approx, details.unflatten(1, (details.shape[1] // k, k)), d)
         return approx
