@@ -956,10 +956,15 @@ def cold_start_section(record: dict, path: Path) -> list[str]:
     out += [f"Where the time goes: the cold start's fine solves took {num(c['fine'])} s "
             f"against classic FE²'s {num(r['fine'])} s, and its steps waited "
             f"{num(c['waiting_for_training'])} s for background trainings of "
-            f"{num(c['training_background'])} s wall time in all. A "
-            "background training is swapped in at a fixed step, so the run waits for one that "
-            "has not finished; on CPU cores shared with the fine solves its wall time, not its "
-            "CPU time, is what the steps wait for.", ""]
+            f"{num(c['training_background'])} s wall time in all. "
+            + ("With `--swap-when-ready` a background training is swapped in at the first step "
+               "end after it finished, so the steps do not wait for it; what they wait for is "
+               "the cost-aware timing probe and the end-of-step agreement. "
+               if "--swap-when-ready" in record.get("cold_flags", "") else
+               "A background training is swapped in at a fixed step, so the run waits for one "
+               "that has not finished (`--swap-when-ready` does not wait). ")
+            + "On CPU cores shared with the fine solves a training's wall time, not its CPU "
+            "time, is what counts.", ""]
     out += table(("step", "on the operator", "model version", "fine s", "classic fine s",
                   "training s", "waited s"),
                  [(str(i), pct(h["operator_share"]), str(h["model_version"]),
