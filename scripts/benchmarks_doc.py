@@ -951,20 +951,30 @@ def cold_start_section(record: dict, path: Path) -> list[str]:
         ("share of point-steps on the operator", "", pct(record["operator_share"]))])
     out += [f"{num(record['quadrature_points'])} points, {num(record['steps'])} load steps to "
             f"stretch {record['stretch']}, rtol {record['rtol']}, atol {num(record['atol'])} "
-            f"GPa, {record['ranks']} ranks. Per step:", ""]
+            f"GPa, {record['ranks']} ranks.", ""]
     c, r = t["cold_start"], t["reference"]
+    flags = record.get("cold_flags", "")
+    per_point = {k: record["fine_solves"][k] / (record["quadrature_points"] * record["steps"])
+                 for k in ("reference", "cold_start")}
+    waits = ("the cost-aware timing probe and the end-of-step agreement"
+             if "--cost-aware-retrain" in flags else "the end-of-step agreement")
     out += [f"Where the time goes: the cold start's fine solves took {num(c['fine'])} s "
             f"against classic FE²'s {num(r['fine'])} s, and its steps waited "
             f"{num(c['waiting_for_training'])} s for background trainings of "
             f"{num(c['training_background'])} s wall time in all. "
+            f"Classic FE² solves every point at every Newton iterate "
+            f"({per_point['reference']:.2g} solves a point and step); a run with a surrogate "
+            f"serves a point's later iterates from its fine solve of the step, linearised while "
+            f"F̄ stays within `Policy.reuse` of it ({per_point['cold_start']:.2g} solves a point "
+            f"and step): while few points are on the operator, that reuse, not the operator, "
+            f"is most of the speed-up. "
             + ("With `--swap-when-ready` a background training is swapped in at the first step "
-               "end after it finished, so the steps do not wait for it; what they wait for is "
-               "the cost-aware timing probe and the end-of-step agreement. "
-               if "--swap-when-ready" in record.get("cold_flags", "") else
+               f"end after it finished, so the steps do not wait for it; what they wait for is "
+               f"{waits}. " if "--swap-when-ready" in flags else
                "A background training is swapped in at a fixed step, so the run waits for one "
                "that has not finished (`--swap-when-ready` does not wait). ")
             + "On CPU cores shared with the fine solves a training's wall time, not its CPU "
-            "time, is what counts.", ""]
+            "time, is what counts.", "", "Per step:", ""]
     out += table(("step", "on the operator", "model version", "fine s", "classic fine s",
                   "training s", "waited s"),
                  [(str(i), pct(h["operator_share"]), str(h["model_version"]),
