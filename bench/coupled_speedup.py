@@ -1,7 +1,8 @@
 """Speed-up of a coupled example: the same macro problem with the true fine solver at every point
 (``--reference``) and with the operator.
 
-Runs ``examples/<example>.py`` under ``mpiexec -n NP`` seven times on one mesh:
+Runs ``examples/<example>.py`` under ``mpiexec -n NP`` on one mesh, seven times (an entry point
+may pick fewer runs; ``reference`` and ``operator`` always run):
 
 - ``reference``: the true fine solver at every quadrature point, every Newton iteration
   (``--reuse-reference``: taken from an earlier run of the same settings in ``--out``);
@@ -16,6 +17,10 @@ Runs ``examples/<example>.py`` under ``mpiexec -n NP`` seven times on one mesh:
   negatives at the run's tolerances (points whose true error exceeded atol + rtol·‖P̄‖, and
   rtol·‖P̄‖ alone, but stayed on the operator) — timings of this run are not used.
 
+The record carries ``reference_config_hash``, the SHA-256 of the reference's settings (ranks,
+example, flags): a reused reference is one whose hash matched, and its ``total_time_s`` in
+``runs`` says how long it took when it ran.
+
 Prints a table and writes ``bench/results/<name>.json`` (``speedup_total`` and ``speedup_micro``
 of the ``operator`` run against the reference, ``rel_l2_displacement``, ``rel_l2_stress``,
 ``fallback_rate``, ``newton_iterations``, ``ranks``, and every run's figures) plus
@@ -26,6 +31,7 @@ The entry points are fe2_speedup.py and hmm_speedup.py.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -41,7 +47,9 @@ RUNS = {"reference": ["--reference"], "operator": [], "background": ["--backgrou
 def run(name: str, args: argparse.Namespace, out: Path, example: str,
         flags: list[str] | None = None) -> dict:
     """Run ``examples/<example>.py`` as run ``name`` (its flags: ``flags``, default
-    ``RUNS[name]``) into ``out/name`` and return its summary."""
+    ``RUNS[name]``) into ``out/name`` and return its summary, with ``config_hash`` (the
+    SHA-256 of the run's settings) and, for a reference taken from an earlier run, ``reused``.
+    """
     mpiexec = Path(sys.executable).parent / "mpiexec"
     # tolerances mean nothing to the reference: its run serves every tolerance (--reuse-reference)
     tolerances = [] if name == "reference" else [
@@ -55,25 +63,28 @@ def run(name: str, args: argparse.Namespace, out: Path, example: str,
         cmd += ["--compare", str(out / "reference")]
     stamp, summary = out / name / "bench_command.json", out / name / "summary.json"
     settings = [c for c in cmd[1:] if c != str(out / name)]  # ranks, example, flags
+    digest = hashlib.sha256(json.dumps(settings).encode()).hexdigest()
     if (name == "reference" and args.reuse_reference and summary.exists() and stamp.exists()
             and json.loads(stamp.read_text()) == settings):
-        print(f"[{name}] reused {summary}", flush=True)
-        return dict(json.loads(summary.read_text()), reused=True)
+        print(f"[{name}] reused {summary} (settings {digest[:12]})", flush=True)
+        return dict(json.loads(summary.read_text()), reused=True, config_hash=digest)
     print(f"[{name}] {' '.join(cmd[3:])}", flush=True)
     subprocess.run(cmd, check=True)
     stamp.write_text(json.dumps(settings))
-    return json.loads(summary.read_text())
+    return dict(json.loads(summary.read_text()), config_hash=digest)
 
 
 def main(example: str, name: str, title: str, description: str, *, mesh_size: str,
-         stretch: float, rtol: float = 0.05, options: dict[str, type] | None = None) -> dict:
+         stretch: float, rtol: float = 0.05, options: dict[str, type] | None = None,
+         runs: tuple[str, ...] = tuple(RUNS), steps: int = 5) -> dict:
     """Run ``examples/<example>.py`` as described in the module docstring; returns the record
     (also written to bench/results/<name>.json). ``options``: flags of the example the
-    benchmark passes on when given (e.g. ``{"--temperature": float}``)."""
+    benchmark passes on when given (e.g. ``{"--temperature": float}``); ``runs``: which of
+    :data:`RUNS` to run; ``steps``: the default number of load steps."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--np", type=int, default=2, help="MPI ranks")
     p.add_argument("--mesh-size", default=mesh_size)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--stretch", type=float, default=stretch)
     p.add_argument("--rtol", type=float, default=rtol, help="relative stress tolerance")
     p.add_argument("--atol", type=float, default=None,
@@ -90,7 +101,7 @@ def main(example: str, name: str, title: str, description: str, *, mesh_size: st
     args.example_flags = [str(v) for flag, value in given.items() if value is not None
                           for v in (flag, value)]
     out = Path(args.out)
-    s = {name: run(name, args, out, example) for name in RUNS}
+    s = {name: run(name, args, out, example) for name in RUNS if name in runs}
     ref, op = s["reference"], s["operator"]
     newton_ref = ref["newton_iterations"]
     record = {
@@ -121,13 +132,14 @@ def main(example: str, name: str, title: str, description: str, *, mesh_size: st
                  for name in s},
     }
     record["reference_reused"] = bool(ref.get("reused"))
-    record["audit"] = s["audit"]["audit"]
-    for name in ("background", "cost_aware"):
-        record[f"speedup_total_{name}"] = ref["total_time_s"] / s[name]["total_time_s"]
-    record["speedup_total_operator_only"] = (ref["total_time_s"]
-                                             / s["operator_only"]["total_time_s"])
-    record["speedup_micro_operator_only"] = (ref["micro_time_s"]
-                                             / s["operator_only"]["micro_time_s"])
+    record["reference_config_hash"] = ref["config_hash"]
+    record["audit"] = s["audit"]["audit"] if "audit" in s else None
+    for name in ("background", "cost_aware", "operator_only"):
+        if name in s:
+            record[f"speedup_total_{name}"] = ref["total_time_s"] / s[name]["total_time_s"]
+    if "operator_only" in s:
+        record["speedup_micro_operator_only"] = (ref["micro_time_s"]
+                                                 / s["operator_only"]["micro_time_s"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=1))
     plot(record, RESULTS / f"{args.name}_fallback.png", title)
@@ -143,10 +155,13 @@ def main(example: str, name: str, title: str, description: str, *, mesh_size: st
               f"{'' if eu is None else f'{eu:9.2e}':>9}{'' if es is None else f'{es:9.2e}':>9}"
               f"  {r['newton_iterations']}")
     print(f"speed-up total {record['speedup_total']:.1f}× (operator only "
-          f"{record['speedup_total_operator_only']:.1f}×), micro part "
+          f"{record.get('speedup_total_operator_only', float('nan')):.1f}×), micro part "
           f"{record['speedup_micro']:.1f}× (operator only "
-          f"{record['speedup_micro_operator_only']:.0f}×) → bench/results/{args.name}.json")
+          f"{record.get('speedup_micro_operator_only', float('nan')):.0f}×) → "
+          f"bench/results/{args.name}.json")
     a = record["audit"]
+    if a is None:
+        return record
     print(f"audit at rtol {args.rtol}, atol {op['atol']:.3g} {op['stress_unit']}: bound covered "
           f"{a['coverage']:.1%} of {a['operator_point_steps']} operator point-steps; false "
           f"negatives {a['false_negative_rate']:.2%} of {a['point_steps']} point-steps "
@@ -164,6 +179,8 @@ def plot(record: dict, path: Path, title: str) -> None:
     labels = {"operator": "online retraining", "background": "background retraining",
               "cost_aware": "retraining when it pays", "no_retrain": "frozen operator"}
     for name, label in labels.items():
+        if name not in record["fallback_per_step"]:
+            continue
         rates = record["fallback_per_step"][name]
         ax.plot(range(1, len(rates) + 1), rates, "o-", label=label)
     ax.set_xlabel("load step")

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 from mpi4py import MPI
@@ -71,15 +72,32 @@ COMPOSITE = {"law": "neo_hookean", "matrix": {"E": 3.0, "nu": 0.35},
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from neuroscale_couple.config import byte_size
-    from neuroscale_couple.errors import InputError
+    p = composite_arguments(__doc__.splitlines()[0], out="out/fe2_composite",
+                            model=DEFAULT_MODEL, stretch=0.08, rtol=0.05, rve_mesh_size=0.02)
+    p.add_argument("--cold-encoder", default=str(DEFAULT_MODEL),
+                   help="--model none: the model whose (frozen) encoder the cold start takes; "
+                   "its heads are trained afresh from the run's fine solves (e.g. "
+                   "examples/models/fe2_composite_fast.pt, the distilled encoder)")
+    p.add_argument("--held-out", type=float, default=0.1,
+                   help="--model none: share of the points kept on the fine solver for the "
+                   "conformal calibration, never trained on")
+    p.add_argument("--probe", type=float, default=0.02,
+                   help="--model none: share of the points solved besides each step for "
+                   "training data (largest bound first, one per microstructure)")
+    return check_composite_arguments(p, p.parse_args(argv))
+
+
+def composite_arguments(description: str, *, out: str, model: Path, stretch: float,
+                        rtol: float, rve_mesh_size: float) -> argparse.ArgumentParser:
+    """The command line of the composite examples (2D plate, 3D coupon): the coupled flags,
+    the RVE's and the phases' (defaults given by the example)."""
     from neuroscale_couple.fine import LIVE_SOLVERS
 
-    p = coupled_arguments(__doc__.splitlines()[0], out="out/fe2_composite", model=DEFAULT_MODEL,
-                          stretch=0.08, rtol=0.05, stress_unit="GPa")
-    p.add_argument("--rve-mesh-size", type=float, default=0.02,
-                   help="RVE element size in cell lengths (0.02: the shipped model's training "
-                   "data)")
+    p = coupled_arguments(description, out=out, model=model, stretch=stretch, rtol=rtol,
+                          stress_unit="GPa")
+    p.add_argument("--rve-mesh-size", type=float, default=rve_mesh_size,
+                   help=f"RVE element size in cell lengths ({rve_mesh_size}: the shipped "
+                   "model's training data)")
     p.add_argument("--rve-cache", type=int, default=LIVE_SOLVERS,
                    help="live RVEs per rank: awake ones within the MPI communicators left (a "
                    "solved RVE holds 14, MPICH allows 2048 per process), the others hibernated "
@@ -94,22 +112,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        default=(shipped["E"], shipped["nu"]),
                        help=f"the {phase}'s Neo-Hookean Young's modulus (GPa) and Poisson ratio "
                        f"(default {shipped['E']} {shipped['nu']}: the shipped model's; another "
-                       "material needs a model trained for it, or --model none)")
-    p.add_argument("--cold-encoder", default=str(DEFAULT_MODEL),
-                   help="--model none: the model whose (frozen) encoder the cold start takes; "
-                   "its heads are trained afresh from the run's fine solves (e.g. "
-                   "examples/models/fe2_composite_fast.pt, the distilled encoder)")
-    p.add_argument("--held-out", type=float, default=0.1,
-                   help="--model none: share of the points kept on the fine solver for the "
-                   "conformal calibration, never trained on")
-    p.add_argument("--probe", type=float, default=0.02,
-                   help="--model none: share of the points solved besides each step for "
-                   "training data (largest bound first, one per microstructure)")
+                       "material needs a model trained for it, --reference or, in 2D, "
+                       "--model none)")
     p.add_argument("--rve-memory", default="2G",
                    help="memory budget of a rank's live RVEs, e.g. 512M or 2G (powers of 1024; "
                    "none: --rve-cache only); one RVE of mesh size 0.02 takes ~14 MB awake, "
                    "~1 MB hibernated with its warm-start states")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_composite_arguments(p: argparse.ArgumentParser, args: argparse.Namespace
+                              ) -> argparse.Namespace:
+    """``args`` of :func:`composite_arguments` checked (``p.error`` on bad input)."""
+    from neuroscale_couple.config import byte_size
+    from neuroscale_couple.errors import InputError
+
     if not 0 < args.rve_mesh_size <= 0.25:
         p.error(f"--rve-mesh-size {args.rve_mesh_size}: give an element size in (0, 0.25] cell "
                 "lengths")
@@ -139,18 +156,22 @@ def composite(args: argparse.Namespace) -> dict:
     return config
 
 
-def graded_fraction(x: np.ndarray) -> np.ndarray:
-    """Fibre volume fraction at macro points x (n, 2): 0.15 at the hole edge → 0.45 at x = 1."""
+def graded_fraction(x: np.ndarray, low: float = 0.15, span: float = 0.3) -> np.ndarray:
+    """Fibre (particle) volume fraction at macro points x (n, d): ``low`` at the hole edge →
+    ``low + span`` at x = 1, graded in the plane (x, y)."""
     r = np.clip((np.hypot(x[:, 0], x[:, 1]) - HOLE_RADIUS) / (np.sqrt(2) - HOLE_RADIUS), 0, 1)
-    return 0.15 + 0.3 * np.clip(0.5 * r + 0.5 * x[:, 0], 0.0, 1.0)
+    return low + span * np.clip(0.5 * r + 0.5 * x[:, 0], 0.0, 1.0)
 
 
-def voigt_lame(x: np.ndarray, material: dict = COMPOSITE) -> tuple[np.ndarray, np.ndarray]:
-    """Lamé constants (λ (n,), μ (n,), GPa) at macro points x (n, 2): the Voigt rule of mixtures
-    v·(λ, μ)_fibre + (1 − v)·(λ, μ)_matrix at the graded fibre fraction v of ``material``."""
+def voigt_lame(x: np.ndarray, material: dict = COMPOSITE,
+               fraction: Callable[[np.ndarray], np.ndarray] = graded_fraction
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Lamé constants (λ (n,), μ (n,), GPa) at macro points x (n, d): the Voigt rule of mixtures
+    v·(λ, μ)_fibre + (1 − v)·(λ, μ)_matrix at the graded fraction v = ``fraction(x)`` of
+    ``material``."""
     from neuroscale_couple.materials import Phase
 
-    v = graded_fraction(x)
+    v = fraction(x)
     fibre, matrix = (np.array(Phase(**material[name]).lame) for name in ("fibre", "matrix"))
     lmbda, mu = np.outer(fibre, v) + np.outer(matrix, 1 - v)
     return lmbda, mu
@@ -167,8 +188,6 @@ def microstructures_at(x: np.ndarray, ids: np.ndarray) -> list:
 def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
     """Macro problem and Coupler; all input is checked before collective work."""
     from neuroscale_couple.cold_start import ColdStart
-    from neuroscale_couple.coupler import Coupler
-    from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
 
     policy, model_path, model = prepare(args)
     retrain = retrain_config(args)
@@ -176,14 +195,30 @@ def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
     if cold_start(args, policy):  # trains in the background (--swap-when-ready: never waits for it)
         cold = ColdStart(args.cold_encoder, held_out=args.held_out, probe=args.probe)
         retrain = dataclasses.replace(retrain, background=True)
+    return composite_run(args, comm, (policy, model_path, model), retrain, microstructures_at,
+                         cold_start=cold)
+
+
+def composite_run(args: argparse.Namespace, comm: MPI.Comm, prepared: tuple, retrain,
+                  structures_at: Callable, *, cold_start=None, thickness: float | None = None
+                  ) -> CoupledRun:
+    """The :class:`CoupledRun` of a composite example: its Coupler (``prepared``: what
+    :func:`~plate_with_hole.prepare` returned; ``retrain`` a RetrainConfig) with the periodic
+    RVE of the phases and ``--rve-mesh-size`` as fine solver, on the plate (``thickness``
+    given: the eighth coupon) whose points' cells ``structures_at(x, ids)`` gives."""
+    from neuroscale_couple.coupler import Coupler
+    from neuroscale_couple.solvers.rve_fenicsx import rve_from_config
+
+    policy, model_path, model = prepared
     # The true fine solver: the composite's phases and the RVE mesh; the Coupler refuses a model
     # trained for other phases.
     family = dict(composite(args), mesh={"size": args.rve_mesh_size})
     coupler = Coupler(model, lambda m: rve_from_config(family, m), family=family, policy=policy,
                       comm=comm, replay_dir=Path(args.out) / "replay", cache_size=args.rve_cache,
                       cache_memory=args.rve_memory, retrain=retrain, model_path=model_path,
-                      audit=args.audit, cold_start=cold)
-    problem, set_load, right = quarter_plate(args, coupler, microstructures_at, comm)
+                      audit=args.audit, cold_start=cold_start)
+    problem, set_load, right = quarter_plate(args, coupler, structures_at, comm,
+                                             thickness=thickness)
     return CoupledRun(problem, coupler, set_load, right, "GPa")
 
 

@@ -1,10 +1,12 @@
-"""The loaded quarter plate with a hole shared by the FE² and HMM examples.
+"""The loaded quarter plate with a hole shared by the FE² and HMM examples, and its 3D twin.
 
 The macro problem of ``fe2_composite.py`` and ``hmm_atomistic.py`` (plane strain, quarter of a
 square plate of width 2 with a central hole of radius 0.3, symmetry on x = 0 and y = 0,
-u_x = δ(t) on x = 1), written as a user writes a DOLFINx problem — mesh, space, boundary
-conditions, residual, ``NonlinearProblem`` — with its stress from a
-:class:`~neuroscale_couple.adapters.fenicsx.MicroStress`; and what the examples share around it:
+u_x = δ(t) on x = 1; ``fe2_composite_3d.py``: the eighth of an open-hole coupon, the same
+plate of thickness 2·t₃ with symmetry on z = 0 too), written as a user writes a DOLFINx
+problem — mesh, space, boundary conditions, residual, ``NonlinearProblem`` — with its stress
+from a :class:`~neuroscale_couple.adapters.fenicsx.MicroStress`; and what the examples share
+around it:
 the command line (:func:`coupled_arguments`), the run (:func:`run_example`: restart and warm
 start, load steps with progress on rank 0, ParaView fields ``displacement.bp`` and
 ``micro_fields.xdmf``, ``fields.npz``, PNG figures, ``summary.json``, the comparison with a
@@ -159,10 +161,12 @@ NEWTON = {"snes_type": "newtonls", "snes_linesearch_type": "basic", "snes_rtol":
 
 
 def quarter_plate(args: argparse.Namespace, coupler, structures_at: Callable,
-                  comm: MPI.Comm, petsc_options: dict | None = None):
-    """The loaded quarter plate with a hole, P1 displacement:
+                  comm: MPI.Comm, petsc_options: dict | None = None, *,
+                  thickness: float | None = None):
+    """The loaded quarter plate with a hole (``thickness`` t₃ given: the eighth coupon, see
+    :func:`plate_with_hole`), P1 displacement:
 
-        ∫ P̄(F̄) : ∇v dx = 0,   u_x = 0 on x = 0,  u_y = 0 on y = 0,  u_x = t · stretch on x = 1,
+        ∫ P̄(F̄) : ∇v dx = 0,   u_i = 0 on x_i = 0 (i < d),  u_x = t · stretch on x = 1,
 
     P̄ from ``coupler`` at each quadrature point, whose microstructure ``structures_at(x, ids)``
     gives. Newton settings :data:`NEWTON`, overridden by ``petsc_options``. Returns the
@@ -174,7 +178,7 @@ def quarter_plate(args: argparse.Namespace, coupler, structures_at: Callable,
     from neuroscale_couple.adapters.fenicsx import MicroStress
     from neuroscale_couple.adapters.fenicsx_steps import LoadStepper
 
-    msh = plate_with_hole(comm, mesh_size(args.mesh_size), HOLE_RADIUS)
+    msh = plate_with_hole(comm, mesh_size(args.mesh_size), HOLE_RADIUS, thickness)
     u, bcs, set_load, right = quarter_loading(msh, args.stretch)
     # The plug-in: P̄ and its tangent from the Coupler at each quadrature point of u.
     micro = MicroStress(u, coupler, structures_at)
@@ -186,66 +190,71 @@ def quarter_plate(args: argparse.Namespace, coupler, structures_at: Callable,
 
 
 def quarter_loading(msh, stretch: float):
-    """P1 displacement on ``msh`` (a domain in [0, 1]² touching x = 0, y = 0 and x = 1) with the
-    plate's boundary conditions: u_x = 0 on x = 0, u_y = 0 on y = 0, u_x = t · stretch on
-    x = 1. Returns u, the Dirichlet conditions, the load function t ↦ boundary values and the
-    x-dofs of the loaded edge x = 1 (local indices)."""
+    """P1 displacement on ``msh`` (a domain in [0, 1]^d touching x_i = 0 for i < d and x = 1)
+    with the plate's boundary conditions: symmetry u_i = 0 on x_i = 0 (u_x on x = 0, u_y on
+    y = 0, and in 3D u_z on z = 0), u_x = t · stretch on x = 1. Returns u, the Dirichlet
+    conditions, the load function t ↦ boundary values and the x-dofs of the loaded face x = 1
+    (local indices)."""
     from dolfinx import fem, mesh
 
-    V = fem.functionspace(msh, ("Lagrange", 1, (2,)))
+    d = msh.geometry.dim
+    V = fem.functionspace(msh, ("Lagrange", 1, (d,)))
     u = fem.Function(V, name="displacement")
     fdim = msh.topology.dim - 1
     msh.topology.create_connectivity(fdim, msh.topology.dim)
-    edges = {name: mesh.locate_entities_boundary(msh, fdim, where) for name, where in (
-        ("left", lambda x: np.isclose(x[0], 0.0)), ("bottom", lambda x: np.isclose(x[1], 0.0)),
-        ("right", lambda x: np.isclose(x[0], 1.0)))}
-    dofs = {"left": fem.locate_dofs_topological(V.sub(0), fdim, edges["left"]),
-            "bottom": fem.locate_dofs_topological(V.sub(1), fdim, edges["bottom"]),
-            "right": fem.locate_dofs_topological(V.sub(0), fdim, edges["right"])}
     delta = fem.Constant(msh, 0.0)
-    bcs = [fem.dirichletbc(0.0, dofs["left"], V.sub(0)),
-           fem.dirichletbc(0.0, dofs["bottom"], V.sub(1)),
-           fem.dirichletbc(delta, dofs["right"], V.sub(0))]
+    bcs = []
+    for i, value, at in [(i, 0.0, 0.0) for i in range(d)] + [(0, delta, 1.0)]:
+        facets = mesh.locate_entities_boundary(msh, fdim, lambda x, i=i, at=at:
+                                               np.isclose(x[i], at))
+        dofs = fem.locate_dofs_topological(V.sub(i), fdim, facets)
+        bcs.append(fem.dirichletbc(value, dofs, V.sub(i)))
 
     def set_load(t: float) -> None:
         delta.value = stretch * t
 
-    return u, bcs, set_load, dofs["right"]
+    return u, bcs, set_load, dofs
 
 
-def plate_with_hole(comm: MPI.Comm, h: float, radius: float):
+def plate_with_hole(comm: MPI.Comm, h: float, radius: float, thickness: float | None = None):
     """Quarter plate [0, 1]² minus the disc of ``radius`` at the origin (gmsh), refined to h/3
-    at the hole."""
+    at the hole; with ``thickness`` t₃: the eighth coupon [0, 1]² × [0, t₃] minus the cylinder
+    of ``radius`` along z (tetrahedra, refined to h/2 at the hole: 140 cells at h = 0.5)."""
     import gmsh
     from dolfinx.io import gmsh as gmshio
 
+    d = 2 if thickness is None else 3
+    h_min = h / 3 if d == 2 else h / 2
     gmsh.initialize(interruptible=False)
     gmsh.option.setNumber("General.Terminal", 0)
     if comm.rank == 0:
         occ = gmsh.model.occ
-        plate = occ.addRectangle(0, 0, 0, 1, 1)
-        hole = occ.addDisk(0, 0, 0, radius, radius)
-        body, _ = occ.cut([(2, plate)], [(2, hole)])
+        if d == 2:
+            plate, hole = occ.addRectangle(0, 0, 0, 1, 1), occ.addDisk(0, 0, 0, radius, radius)
+        else:
+            plate = occ.addBox(0, 0, 0, 1, 1, thickness)
+            hole = occ.addCylinder(0, 0, 0, 0, 0, thickness, radius)
+        body, _ = occ.cut([(d, plate)], [(d, hole)])
         occ.synchronize()
-        gmsh.model.addPhysicalGroup(2, [body[0][1]], 1)
+        gmsh.model.addPhysicalGroup(d, [body[0][1]], 1)
         gmsh.option.setNumber("Mesh.CharacteristicLengthMax", h)
-        gmsh.option.setNumber("Mesh.CharacteristicLengthMin", h / 3)
+        gmsh.option.setNumber("Mesh.CharacteristicLengthMin", h_min)
         field = gmsh.model.mesh.field
         dist = field.add("Distance")
-        curves = [c[1] for c in gmsh.model.getBoundary(body, oriented=False)]
-        arc = [c for c in curves if abs(gmsh.model.occ.getMass(1, c) - np.pi * radius / 2)
-               < 1e-6]
-        field.setNumbers(dist, "CurvesList", arc)
+        faces = [c[1] for c in gmsh.model.getBoundary(body, oriented=False)]
+        bore = np.pi * radius / 2 * (1.0 if thickness is None else thickness)  # its length/area
+        arc = [c for c in faces if abs(gmsh.model.occ.getMass(d - 1, c) - bore) < 1e-6]
+        field.setNumbers(dist, "CurvesList" if d == 2 else "SurfacesList", arc)
         thr = field.add("Threshold")
         field.setNumber(thr, "InField", dist)
-        field.setNumber(thr, "SizeMin", h / 3)
+        field.setNumber(thr, "SizeMin", h_min)
         field.setNumber(thr, "SizeMax", h)
         field.setNumber(thr, "DistMin", 0.0)
         field.setNumber(thr, "DistMax", 0.5)
         field.setAsBackgroundMesh(thr)
         gmsh.option.setNumber("Mesh.MeshSizeExtendFromBoundary", 0)
-        gmsh.model.mesh.generate(2)
-    data = gmshio.model_to_mesh(gmsh.model, comm, 0, gdim=2)
+        gmsh.model.mesh.generate(d)
+    data = gmshio.model_to_mesh(gmsh.model, comm, 0, gdim=d)
     gmsh.finalize()
     return data.mesh
 
@@ -378,15 +387,15 @@ def per_rank(comm: MPI.Comm, figures: dict[str, float]) -> dict[str, list[float]
 
 def gather_fields(micro) -> dict | None:
     """Point-wise and dof-wise results of a :class:`MicroStress` on rank 0 (None elsewhere)."""
-    n = len(micro.point_ids)
+    n, d = len(micro.point_ids), micro.dim
     V = micro.u.function_space
     n_own = V.dofmap.index_map.size_local
     local = {"point_id": micro.point_ids, "x_point": micro.points,
-             "stress": micro.P.x.array[: 4 * n].reshape(-1, 2, 2).copy(),
+             "stress": micro.P.x.array[: d * d * n].reshape(-1, d, d).copy(),
              "uncertainty": micro.bound.x.array[:n].copy(),
              "source": micro.source.x.array[:n].copy(),
-             "x_dof": V.tabulate_dof_coordinates()[:n_own, :2],
-             "u": micro.u.x.array[: 2 * n_own].reshape(-1, 2).copy()}
+             "x_dof": V.tabulate_dof_coordinates()[:n_own, :d],
+             "u": micro.u.x.array[: d * n_own].reshape(-1, d).copy()}
     parts = micro.comm.gather(local, root=0)
     if parts is None:
         return None
@@ -407,7 +416,7 @@ def write_fields(micro, out: Path) -> None:
     with io.VTXWriter(msh.comm, str(out / "displacement.bp"), [micro.u]) as vtx:
         vtx.write(0.0)
     cells = {}
-    for name, f, shape, red in (("stress", micro.P, (2, 2), "mean"),
+    for name, f, shape, red in (("stress", micro.P, (micro.dim, micro.dim), "mean"),
                                 ("uncertainty", micro.bound, (), "max"),
                                 ("source", micro.source, (), "max")):
         Q = fem.functionspace(msh, ("DG", 0, shape) if shape else ("DG", 0))
@@ -424,12 +433,17 @@ def write_fields(micro, out: Path) -> None:
 
 def plot(fields: dict, history: list[dict], out: Path, reference: dict | None,
          stress_unit: str = "GPa") -> None:
-    """PNG figures: maps of P̄₁₁, uncertainty and source; curves per load step."""
+    """PNG figures: maps of P̄₁₁, uncertainty and source (in 3D of the points of the mid-plane
+    slice z ≤ t₃/4 of the full coupon, whose mid-plane is the symmetry plane z = 0); curves per
+    load step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    x = fields["x_point"]
+    near = x[:, 2] <= 0.25 * x[:, 2].max() if x.shape[1] == 3 else np.ones(len(x), dtype=bool)
+    fields = {k: fields[k][near] for k in ("x_point", "stress", "uncertainty", "source")}
     x = fields["x_point"]
     unc = fields["uncertainty"]
     finite = unc[np.isfinite(unc)]
@@ -444,6 +458,8 @@ def plot(fields: dict, history: list[dict], out: Path, reference: dict | None,
         fig.colorbar(sc, ax=ax)
         ax.set_title(title)
         ax.set_aspect("equal")
+    if x.shape[1] == 3:
+        fig.suptitle("points of the mid-plane slice z ≤ t₃/4, seen along z")
     fig.tight_layout()
     fig.savefig(out / "fields.png", dpi=110)
     plt.close(fig)

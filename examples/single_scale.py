@@ -6,7 +6,7 @@ conditions, load steps and Newton/linear solver (:data:`plate_with_hole.NEWTON`)
 benchmark divides an FE² run's time by this one's (``limit_ratio``).
 
 The law is the compressible Neo-Hookean of the micro phases (``neuroscale_couple.materials``)
-in plane strain,
+in plane strain (in 3D on the eighth coupon),
 
     ψ(F) = μ/2 (tr C + 1 − 3) − μ ln J + λ/2 (ln J)²,   P = ∂ψ/∂F = μ (F − F⁻ᵀ) + λ ln J F⁻ᵀ,
 
@@ -31,12 +31,12 @@ from neuroscale_couple.errors import SolveError
 LOG = logging.getLogger("neuroscale_couple.run")
 
 LameAt = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-"""Points x (n, 2) → Lamé constants (λ (n,), μ (n,)) in stress units."""
+"""Points x (n, d) → Lamé constants (λ (n,), μ (n,)) in stress units."""
 
 
 def neo_hookean_stress(F, lmbda, mu):
-    """UFL first Piola–Kirchhoff stress P = μ (F − F⁻ᵀ) + λ ln J F⁻ᵀ of the plane-strain
-    compressible Neo-Hookean law (F 2×2, λ and μ in stress units)."""
+    """UFL first Piola–Kirchhoff stress P = μ (F − F⁻ᵀ) + λ ln J F⁻ᵀ of the compressible
+    Neo-Hookean law (F d×d: 2×2 plane strain, or 3×3; λ and μ in stress units)."""
     import ufl
 
     F_inv_T = ufl.inv(F).T
@@ -61,7 +61,7 @@ def solve_steps(u, bcs: list, lmbda, mu, loads: np.ndarray, set_load: Callable[[
 
     V = u.function_space
     dx = ufl.Measure("dx", domain=V.mesh, metadata={"quadrature_degree": 1})
-    P = neo_hookean_stress(ufl.Identity(2) + ufl.grad(u), lmbda, mu)
+    P = neo_hookean_stress(ufl.Identity(V.mesh.geometry.dim) + ufl.grad(u), lmbda, mu)
     residual = ufl.inner(P, ufl.grad(ufl.TestFunction(V))) * dx
     problem = NonlinearProblem(residual, u, bcs=bcs, petsc_options_prefix="single_",
                                petsc_options={**NEWTON, **(petsc_options or {})})
@@ -89,9 +89,10 @@ def solve_steps(u, bcs: list, lmbda, mu, loads: np.ndarray, set_load: Callable[[
 
 
 def run_single_scale(args: argparse.Namespace, lame_at: LameAt,
-                     comm: MPI.Comm = MPI.COMM_WORLD) -> dict:
-    """The plate of ``args`` (``mesh_size``, ``steps``, ``stretch``, ``out``, ``quiet``) with the
-    closed-form law, (λ, μ) per cell from ``lame_at``; writes ``summary.json`` into
+                     comm: MPI.Comm = MPI.COMM_WORLD, *, thickness: float | None = None) -> dict:
+    """The plate of ``args`` (``mesh_size``, ``steps``, ``stretch``, ``out``, ``quiet``; with
+    ``thickness`` the eighth coupon of that half-thickness) with the closed-form law, (λ, μ) per
+    cell from ``lame_at``; writes ``summary.json`` into
     ``args.out`` (rank 0) and returns the summary: the fields of the coupled runs' summary that
     apply (dofs, points, ranks, steps, times, Newton iterations, reaction force, displacement
     norm, ``per_rank`` peak memory) and ``single_scale: true``."""
@@ -115,15 +116,16 @@ def run_single_scale(args: argparse.Namespace, lame_at: LameAt,
     logging.basicConfig(level=logging.WARNING if args.quiet or comm.rank else logging.INFO,
                         format="%(message)s")
     t_start = time.perf_counter()
-    msh = plate_with_hole(comm, mesh_size(args.mesh_size), HOLE_RADIUS)
+    msh = plate_with_hole(comm, mesh_size(args.mesh_size), HOLE_RADIUS, thickness)
     u, bcs, set_load, right = quarter_loading(msh, args.stretch)
+    d = msh.geometry.dim
     Q = fem.functionspace(msh, ("DG", 0))
     lmbda, mu = fem.Function(Q, name="lambda"), fem.Function(Q, name="mu")
     for k, f in enumerate((lmbda, mu)):
-        f.interpolate(lambda x, k=k: np.asarray(lame_at(x[:2].T)[k], dtype=float))
-    cells = msh.topology.index_map(2).size_global
-    dofs = u.function_space.dofmap.index_map.size_global * 2
-    LOG.info("single-scale Neo-Hookean plate: %d dofs, %d cells, %d ranks", dofs, cells,
+        f.interpolate(lambda x, k=k: np.asarray(lame_at(x[:d].T)[k], dtype=float))
+    cells = msh.topology.index_map(d).size_global
+    dofs = u.function_space.dofmap.index_map.size_global * d
+    LOG.info("single-scale Neo-Hookean %dD plate: %d dofs, %d cells, %d ranks", d, dofs, cells,
              comm.size)
     t_steps = time.perf_counter()
     history = solve_steps(u, bcs, lmbda, mu, np.linspace(0, 1, args.steps + 1)[1:], set_load,

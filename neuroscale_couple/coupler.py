@@ -195,7 +195,7 @@ OUTSIDE_MATERIAL = ("refuse", "fallback")
 
 
 class FallbackRequest(NamedTuple):
-    """A point sent to the fine solver: its id, F̄ (2, 2), structure, last solve's seconds (NaN
+    """A point sent to the fine solver: its id, F̄ (d, d), structure, last solve's seconds (NaN
     if never solved) and the rank holding its warm-start state (−1: none)."""
 
     point_id: int
@@ -269,7 +269,7 @@ class StepReport:
 
 @dataclass
 class CouplerResult:
-    """Response of n points: ``stress`` (n, 2, 2), ``tangent`` (n, 2, 2, 2, 2), ``uncertainty``
+    """Response of n points: ``stress`` (n, d, d), ``tangent`` (n, d, d, d, d), ``uncertainty``
     (n,) calibrated bound on ‖P̄_operator − P̄_true‖ at the policy's confidence (stress units;
     NaN where no operator ran, 0 where the policy never falls back),
     ``source`` (n,) OPERATOR / FINE / FAILED, ``energy`` (n,) strain energy density W̄ with
@@ -363,6 +363,8 @@ class Coupler(FineSolver):
                                  "fine solver's noise (trained with the `noise` loss term); "
                                  "this one was not: drop exclude_noise")
         self.model = model
+        # d of the loads F̄ (d×d): the model's; without one, the registered structures'
+        self.dim = getattr(model, "dim", 2)
         self.version = 0
         # the absolute tolerance in stress units (Policy.atol None: 1 % of the stress scale)
         self.atol = (self.policy.atol if self.policy.atol is not None
@@ -462,6 +464,7 @@ class Coupler(FineSolver):
             raise InputError(f"{len(ids)} point ids for {len(microstructures)} microstructures")
         if len(np.unique(ids)) != len(ids):
             raise InputError("point ids must be unique")
+        self._check_dim({getattr(m, "dim", 2) for m in microstructures})
         order = np.argsort(ids)
         self._ids = ids[order]
         distinct: dict = {}  # key → index into self._structures
@@ -479,6 +482,20 @@ class Coupler(FineSolver):
         self._held_out = (np.zeros(len(ids), dtype=bool) if self.cold_start is None
                           else self.cold_start.is_held_out(self._ids))
         self._encode()
+
+    def _check_dim(self, dims: set[int]) -> None:
+        """Set :attr:`dim` from the dimensions ``dims`` of this rank's microstructures and the
+        other ranks' (collective): one dimension, the model's."""
+        dims = set().union(*self.comm.allgather(dims))
+        if len(dims) > 1:
+            raise InputError(f"microstructures of dimensions {sorted(dims)} in one run: a "
+                             "Coupler takes 2D or 3D cells, not both")
+        d = dims.pop() if dims else self.dim
+        if self.model is not None and d != self.dim:
+            raise InputError(f"the model takes {self.dim}D loads (F̄ {self.dim}×{self.dim}) but "
+                             f"the microstructures are {d}D cells: give a model trained on {d}D "
+                             "cells (examples/models/fe2_composite_3d.pt for 3D sphere cells)")
+        self.dim = d
 
     def _check_structures(self) -> None:
         """Mark the registered (distinct) structures outside the model's training region."""
@@ -532,7 +549,8 @@ class Coupler(FineSolver):
     def evaluate(self, F: np.ndarray, point_ids: Sequence[int]) -> CouplerResult:
         """Stress, tangent, uncertainty, source and energy of this rank's points (collective)."""
         with together(self.comm, "the operator stage of a Coupler evaluation"):
-            Fb = as_deformation_batch(F)
+            d = self.dim
+            Fb = as_deformation_batch(F, f"F̄ (the Coupler's cells are {d}D)", (d,))
             ids = np.asarray(point_ids, dtype=np.int64)
             if len(ids) != len(Fb):
                 raise InputError(f"{len(ids)} point ids for {len(Fb)} deformation gradients")
@@ -543,7 +561,7 @@ class Coupler(FineSolver):
             if self.serving and n:
                 stress, tangent, unc, noise, energy = self._predict(rows, Fb)
             else:
-                stress, tangent = np.zeros((n, 2, 2)), np.zeros((n, 2, 2, 2, 2))
+                stress, tangent = np.zeros((n, d, d)), np.zeros((n, d, d, d, d))
                 unc, energy, noise = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)
             if self.policy.classic or not self.serving:
                 fallback = np.ones(n, dtype=bool)
@@ -636,7 +654,7 @@ class Coupler(FineSolver):
     def _near_solve(self, F: np.ndarray, ids: np.ndarray, fallback: np.ndarray,
                     op_stress: np.ndarray) -> np.ndarray:
         """Fallback points whose fine solve of this load step serves ``F`` linearised (see
-        :class:`Policy`; ``op_stress`` (n, 2, 2): the operator's stresses at ``F``, or zeros
+        :class:`Policy`; ``op_stress`` (n, d, d): the operator's stresses at ``F``, or zeros
         without a model). Only fallback points are looked at: this runs every evaluation.
         """
         near = np.zeros(len(F), dtype=bool)

@@ -22,7 +22,7 @@ from neuroscale_couple.fine import pack_states, unpack_states
 
 
 class FineAnswer(NamedTuple):
-    """One point's fine solve: stress P (2, 2) and tangent A (2, 2, 2, 2) (None if it failed),
+    """One point's fine solve: stress P (d, d) and tangent A (d, d, d, d) (None if it failed),
     energy density W (NaN if not reported), ``noise`` ‖stress standard error‖ (None for a
     solver that reports none), the solve's seconds without the solver's build, and the rank
     that solved it."""
@@ -38,8 +38,8 @@ class FineAnswer(NamedTuple):
 @dataclass
 class SolvedPoint:
     """A point's fine solve of this load step, served linearised to later iterates
-    (:class:`~neuroscale_couple.coupler.Policy` ``reuse``): at F (2, 2), its answer, and the
-    operator's stress at F (2, 2; zeros without a model)."""
+    (:class:`~neuroscale_couple.coupler.Policy` ``reuse``): at F (d, d), its answer, and the
+    operator's stress at F (d, d; zeros without a model)."""
 
     F: np.ndarray
     answer: FineAnswer
@@ -82,6 +82,7 @@ class CouplerState:
         points = [self.solved[i] for i in ids]
         answers = [p.answer for p in points]
         cost_ids = sorted(self.cost_s)
+        d = len(points[0].F) if points else 2  # no points: empty arrays of any d read back
 
         def stack(values, shape):
             return np.array(values, dtype=float).reshape(len(values), *shape)
@@ -95,10 +96,10 @@ class CouplerState:
             "background_step": np.array(-1 if self.background_step is None
                                         else self.background_step),
             "solved/id": np.array(ids, dtype=np.int64),
-            "solved/F": stack([p.F for p in points], (2, 2)),
-            "solved/op_stress": stack([p.op_stress for p in points], (2, 2)),
-            "solved/P": stack([a.P for a in answers], (2, 2)),
-            "solved/A": stack([a.A for a in answers], (2, 2, 2, 2)),
+            "solved/F": stack([p.F for p in points], (d, d)),
+            "solved/op_stress": stack([p.op_stress for p in points], (d, d)),
+            "solved/P": stack([a.P for a in answers], (d, d)),
+            "solved/A": stack([a.A for a in answers], (d, d, d, d)),
             "solved/W": stack([a.W for a in answers], ()),
             "solved/noise": stack([np.nan if a.noise is None else a.noise for a in answers], ()),
             "solved/time_s": stack([a.time_s for a in answers], ()),

@@ -408,7 +408,7 @@ class ReplayStore:
         """Buffer one fine solve (``micro`` is the structure it was solved on, of any family;
         ``stderr`` the standard error of P where the solver measured one)."""
         self._rows.append((micro, point_id, F, P, A, step, evaluation, model_version, time_s,
-                           np.full((2, 2), np.nan) if stderr is None else stderr))
+                           np.full(np.shape(P), np.nan) if stderr is None else stderr))
 
     def flush(self, step: int) -> Path | None:
         """Write the buffered solves as the segment of ``step``; None if there were none."""

@@ -1,10 +1,10 @@
 """Tensor conventions at the host boundary.
 
-- Kinematics are 2D plane strain: the deformation gradient F̄ is a 2×2 array (F₃₃ = 1 implied);
-  3D cells (:mod:`neuroscale_couple.solvers.cells3d`) take F̄ 3×3 and give P 3×3, A 3×3×3×3.
-- Stress is the first Piola–Kirchhoff stress P (2×2), tangent A = ∂P/∂F (2×2×2×2, ``A[i,j,k,l]
+- Kinematics are d-dimensional: the deformation gradient F̄ is a d×d array, d = 2 plane strain
+  (F₃₃ = 1 implied) or d = 3 (3D cells, :mod:`neuroscale_couple.solvers.cells3d`).
+- Stress is the first Piola–Kirchhoff stress P (d×d), tangent A = ∂P/∂F (d×d×d×d, ``A[i,j,k,l]
   = ∂P_ij/∂F_kl``), both float64, in the units of the elastic moduli given by the user.
-- Batches carry the point index first: F (n, 2, 2), P (n, 2, 2), A (n, 2, 2, 2, 2).
+- Batches carry the point index first: F (n, d, d), P (n, d, d), A (n, d, d, d, d).
 """
 
 from __future__ import annotations
@@ -44,18 +44,22 @@ def as_deformation_batch(F: np.ndarray | list, name: str = "F", dims: tuple[int,
     return arr
 
 
-
 def acoustic_minimum(A: np.ndarray, directions: int = 36) -> np.ndarray:
-    """Smallest eigenvalue of the acoustic tensor Q(n)ᵢₖ = Aᵢⱼₖₗ nⱼ nₗ over ``directions`` unit
-    vectors n of the half circle, per tangent A (m, 2, 2, 2, 2): (m,). ≤ 0 means the tangent has
-    lost strong ellipticity (Legendre–Hadamard): a localisation band may form there, and an
-    operator's tangent showing it outside the training region deserves suspicion."""
-    angles = np.linspace(0.0, np.pi, directions, endpoint=False)
-    c, s = np.cos(angles), np.sin(angles)
-    # Q(n) = c² A[:, :, 0, :, 0] + cs (A[:, :, 0, :, 1] + A[:, :, 1, :, 0]) + s² A[:, :, 1, :, 1]
-    parts = np.stack([A[:, :, 0, :, 0], A[:, :, 0, :, 1] + A[:, :, 1, :, 0], A[:, :, 1, :, 1]],
-                     axis=-1).reshape(len(A), 4, 3)
-    Q = parts @ np.stack([c * c, c * s, s * s])  # (m, 4, directions): Q00, Q01, Q10, Q11
-    half_trace = 0.5 * (Q[:, 0] + Q[:, 3])
-    gap = np.hypot(0.5 * (Q[:, 0] - Q[:, 3]), 0.5 * (Q[:, 1] + Q[:, 2]))
-    return (half_trace - gap).min(axis=1)
+    """Smallest eigenvalue of the (symmetrised) acoustic tensor Q(n)ᵢₖ = Aᵢⱼₖₗ nⱼ nₗ over unit
+    vectors n, per tangent A (m, d, d, d, d): (m,). d = 2: ``directions`` angles of the half
+    circle; d = 3: ``directions``²/3 points of a Fibonacci lattice on the half sphere (as fine
+    a spacing). ≤ 0 means the tangent has lost strong ellipticity (Legendre–Hadamard): a
+    localisation band may form there, and an operator's tangent showing it outside the
+    training region deserves suspicion."""
+    d = A.shape[1]
+    if d == 2:
+        angles = np.linspace(0.0, np.pi, directions, endpoint=False)
+        normals = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    else:
+        k = directions * directions // 3
+        z = (np.arange(k) + 0.5) / k  # uniform in z ∈ (0, 1): uniform on the half sphere
+        phi = np.pi * (3.0 - np.sqrt(5.0)) * np.arange(k)
+        r = np.sqrt(1.0 - z * z)
+        normals = np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
+    Q = np.einsum("mijkl,pj,pl->mpik", A, normals, normals)
+    return np.linalg.eigvalsh(0.5 * (Q + Q.swapaxes(-1, -2)))[..., 0].min(axis=1)

@@ -75,7 +75,15 @@ COUPLED_INTRO = {
         "comparison with `hmm_speedup_0K_small`."),
     "hmm_speedup_0K_small": (
         "The 0 K twin of `hmm_speedup_300K`: same mesh, steps, loading and tolerance."),
+    "fe2_speedup_3d": (
+        "3D FE² of the particle-composite open-hole coupon (`examples/fe2_composite_3d.py`, an "
+        "eighth of it): a random-sphere cell at every quadrature point, the shipped 3D operator "
+        "(`examples/models/fe2_composite_3d.pt`) with fallback to the 3D periodic RVE solver, "
+        "here on a coarser RVE mesh than the model's training data (`--rve-mesh-size 0.25`, "
+        "training 0.1) so that the classic reference runs in minutes."),
 }
+COUPLED_SCRIPTS = {"fe2_speedup_3d": "bench/fe2_speedup_3d.py"}
+"""Benchmarks not named after their script's ``bench/<example>_speedup.py``."""
 # Targets of the product run, from the benchmark scripts' docstrings: total and micro speed-up,
 # displacement and stress error (None: no target), for the records they were set for.
 # How to read a record's figures (no numbers: those come from the record).
@@ -119,11 +127,25 @@ COUPLED_NOTES = {
         "An MD solve costs several relaxed 0 K solves, but classic coupling re-solves a noisy "
         "point only once F̄ has moved by more than `Policy.noisy_reuse`, so its reference is "
         "less than proportionally slower; the operator gains more at 300 K."),
+    "fe2_speedup_3d": (
+        "The speed-up and stress targets are missed (the displacement one is met). A coupled "
+        "run can be at most 1/(fallback rate) times faster than classic FE² in its micro "
+        "part. At the first step the loads are small and the 3D "
+        "operator's calibrated bound lies above atol + rtol·‖P̄‖ at every point, so every point "
+        "goes to the RVE solver, as in classic FE²; the retraining on those solves then "
+        "narrows the bound so that the second step keeps almost every point on the operator, "
+        "but the retraining costs about what it saves, and the total stays near classic FE². "
+        "Frozen, the operator keeps its wide bound and nearly every point falls back at every "
+        "step. The operator alone is fast (its row) but its stress error, the model's test "
+        "error, is above the targets. 1000× with a stress error ≤ 1 % needs a sharper 3D "
+        "operator (trained on more cells and loads) whose bound sits below the tolerance "
+        "almost everywhere from the first step, not a looser policy."),
 }
 COUPLED_TARGETS = {"fe2_speedup": (100.0, 1000.0, 0.01, 0.02),
                    "fe2_speedup_beyond": (100.0, 1000.0, 0.01, 0.02),
                    "fe2_speedup_412": (100.0, 1000.0, 0.01, 0.02),
-                   "hmm_speedup": (100.0, None, 0.01, None)}
+                   "hmm_speedup": (100.0, None, 0.01, None),
+                   "fe2_speedup_3d": (1000.0, None, 0.005, 0.01)}
 # Records of one problem at 0 K and at 300 K ("more speed-up at finite temperature").
 TEMPERATURE_PAIRS = (("hmm_speedup", "hmm_speedup_300K_202"),
                      ("hmm_speedup_0K_small", "hmm_speedup_300K"))
@@ -428,7 +450,7 @@ def model_card_section(images: dict[str, tuple[str, str]]) -> list[str]:
 def coupled_section(record: dict, path: Path, images: dict[str, tuple[str, str]]) -> list[str]:
     name = record.get("name", path.stem)
     example = "hmm" if name.startswith("hmm") else "fe2"
-    script = f"bench/{example}_speedup.py"
+    script = COUPLED_SCRIPTS.get(name, f"bench/{example}_speedup.py")
     n_qp = record.get("quadrature_points", 0)
     out = [f"## `{name}`", "", COUPLED_INTRO.get(name, f"A coupled benchmark (`{script}`)."), ""]
     flags = record.get("example_flags", [])
@@ -438,6 +460,8 @@ def coupled_section(record: dict, path: Path, images: dict[str, tuple[str, str]]
                 f"{tolerance_text(record)}"
                 + (f", example flags `{' '.join(flags)}`" if flags else "")
                 + (", the reference run reused from an earlier run of the same settings"
+                   + (f" (settings hash `{record['reference_config_hash'][:12]}`; its time is "
+                      "the one it took then)" if "reference_config_hash" in record else "")
                    if record.get("reference_reused") else ""))
     cmd = (f".venv/bin/python {script} --np {record.get('ranks')} --mesh-size "
            f"{record.get('mesh_size')} --steps {record.get('steps')} --stretch "
@@ -520,9 +544,10 @@ def targets_line(record: dict) -> list[str]:
     checks = [f"total ≥ {total_t:.0f}×: {ratio(record['speedup_total'])}"]
     if micro_t is not None:
         checks.append(f"micro part ≥ {micro_t:.0f}×: {ratio(record['speedup_micro'])}")
-    checks.append(f"displacement error ≤ {u_t:.0%}: {err(record['rel_l2_displacement'])}")
+    checks.append(f"displacement error ≤ {100 * u_t:g}%: "
+                  f"{err(record['rel_l2_displacement'])}")
     if p_t is not None:
-        checks.append(f"stress error ≤ {p_t:.0%}: {err(record['rel_l2_stress'])}")
+        checks.append(f"stress error ≤ {100 * p_t:g}%: {err(record['rel_l2_stress'])}")
     checks.append("Newton iterations per step within ±1 of the reference: "
                   + ("yes" if record.get("newton_within_one") else "no"))
     return ["Targets of the product run (operator + fallback + online retraining): "
@@ -1016,7 +1041,7 @@ def copy_images(docs: Path) -> dict[str, tuple[str, str]]:
 # ---------------------------------------------------------------------------------- page
 ORDER = ("rve_solve", "rve_live", "operator", "calibration_groups", "encode", "memory",
          "region", "transfer", "transfer_laminate", "fe2_speedup", "fe2_speedup_rtol002",
-         "fe2_speedup_beyond", "fe2_speedup_412", "cold_start", "hmm_speedup",
+         "fe2_speedup_beyond", "fe2_speedup_412", "fe2_speedup_3d", "cold_start", "hmm_speedup",
          "hmm_speedup_300K_202", "hmm_speedup_0K_small", "hmm_speedup_300K", "scaling", "c_api")
 
 

@@ -38,8 +38,8 @@ wants long vectors, the covariance network activations that stay in the cache)."
 
 
 class Response(NamedTuple):
-    """The operator's response at n points, float64 numpy: ``stress`` P̄ (n, 2, 2), ``tangent``
-    A = ∂P̄/∂F̄ (n, 2, 2, 2, 2), ``energy`` W̄ (n,) (stress unit), and the traces of the
+    """The operator's response at n points, float64 numpy: ``stress`` P̄ (n, d, d), ``tangent``
+    A = ∂P̄/∂F̄ (n, d, d, d, d), ``energy`` W̄ (n,) (stress unit), and the traces of the
     aleatoric and epistemic parts of the predicted stress covariance Σ (n,) (stress unit²):
     what the calibrated bound q·s·√tr Σ needs."""
 
@@ -86,10 +86,10 @@ class Inference:
 
     @torch.no_grad()
     def response(self, rows: np.ndarray, F: np.ndarray) -> Response:
-        """The response at F̄ (n, 2, 2) float64 of the points whose latents are ``rows`` (n,)
-        of ``z``."""
-        n = len(F)
-        out = Response(np.empty((n, 2, 2)), np.empty((n, 2, 2, 2, 2)), np.empty(n),
+        """The response at F̄ (n, d, d) float64 (d: the model's) of the points whose latents are
+        ``rows`` (n,) of ``z``."""
+        n, d = len(F), F.shape[-1]
+        out = Response(np.empty((n, d, d)), np.empty((n, d, d, d, d)), np.empty(n),
                        np.empty(n), np.empty(n))
         part = self._closed if self.closed else self._generic
         for i in range(0, n, self.chunk):

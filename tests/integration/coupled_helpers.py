@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 
 NEWTON = {"snes_type": "newtonls", "snes_linesearch_type": "basic", "snes_rtol": 1e-9,
@@ -84,3 +89,17 @@ def on_rank0(comm, check) -> None:
     error = comm.bcast(error, root=0)
     if error is not None:
         raise error
+
+
+def serial_and_parallel(example: Path, flags: list[str], tmp_path: Path, ranks: int
+                        ) -> tuple[dict, dict]:
+    """Run ``example`` with ``flags`` serially into ``tmp_path/one``, then on ``ranks`` ranks
+    (mpiexec) into ``tmp_path/many`` compared with it (``--compare``); return both summaries."""
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    for cmd in ([sys.executable, str(example), *flags, "--out", str(tmp_path / "one")],
+                [mpiexec, "-n", str(ranks), sys.executable, str(example), *flags, "--out",
+                 str(tmp_path / "many"), "--compare", str(tmp_path / "one")]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return tuple(json.loads((tmp_path / name / "summary.json").read_text())
+                 for name in ("one", "many"))

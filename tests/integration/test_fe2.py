@@ -20,6 +20,7 @@ from coupled_helpers import (
     displacement_by_coordinates,
     macro_problem,
     on_rank0,
+    serial_and_parallel,
 )
 
 from neuroscale_couple.region import stretch_distance
@@ -169,16 +170,8 @@ def test_four_ranks_with_fallback_give_the_serial_displacement(tmp_path):
     """Rank invariance at 4 ranks with fallback: the FE² example on 4 ranks (mpiexec; the fine
     solves dealt over the ranks by measured time) and on 1 rank send the same points to the
     RVE solver and reach the same displacement to the solvers' tolerance."""
-    example = str(ROOT / "examples" / "fe2_composite.py")
     flags = ["--mesh-size", "0.25", "--steps", "2", "--rtol", "0.02", "--no-retrain", "--quiet"]
-    mpiexec = str(Path(sys.executable).parent / "mpiexec")
-    for cmd in ([sys.executable, example, *flags, "--out", str(tmp_path / "one")],
-                [mpiexec, "-n", "4", sys.executable, example, *flags, "--out",
-                 str(tmp_path / "four"), "--compare", str(tmp_path / "one")]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    one, four = (json.loads((tmp_path / name / "summary.json").read_text())
-                 for name in ("one", "four"))
+    one, four = serial_and_parallel(ROOT / "examples" / "fe2_composite.py", flags, tmp_path, 4)
     assert four["ranks"] == 4 and four["quadrature_points"] == one["quadrature_points"]
     fallback = [h["fallback_points"] for h in four["steps"]]
     assert fallback == [h["fallback_points"] for h in one["steps"]] and min(fallback) > 0

@@ -132,13 +132,30 @@ def test_points_outside_the_region_are_refused_or_counted():
     assert c.end_step().outside_points == 4
 
 
+def isotropic(d: int, lam: float, mu: float) -> np.ndarray:
+    """The tangent of isotropic linear elasticity, d×d×d×d."""
+    eye = np.eye(d)
+    return (lam * np.einsum("ij,kl->ijkl", eye, eye)
+            + mu * (np.einsum("ik,jl->ijkl", eye, eye) + np.einsum("il,jk->ijkl", eye, eye)))
+
+
 def test_ellipticity_of_known_tangents():
     mu, lam = 1.0, 2.0
-    eye = np.eye(2)
-    linear = (lam * np.einsum("ij,kl->ijkl", eye, eye)
-              + mu * (np.einsum("ik,jl->ijkl", eye, eye) + np.einsum("il,jk->ijkl", eye, eye)))
+    linear = isotropic(2, lam, mu)
     # isotropic elasticity: the acoustic tensor's eigenvalues are μ and λ + 2μ
     assert acoustic_minimum(linear[None])[0] == pytest.approx(mu)
     soft = linear.copy()
     soft[0, 1, 0, 1] = soft[1, 0, 1, 0] = -0.5  # a negative shear modulus in one direction
     assert acoustic_minimum(soft[None])[0] < 0
+
+
+def test_ellipticity_of_known_3d_tangents():
+    """In 3D too: isotropic elasticity gives μ (the half sphere's lattice holds the exact
+    minimum: every direction has it); a shear modulus made negative in the plane (x, z) only
+    is found by the directions there."""
+    mu, lam = 1.0, 2.0
+    linear = isotropic(3, lam, mu)
+    assert acoustic_minimum(linear[None])[0] == pytest.approx(mu)
+    soft = linear.copy()
+    soft[0, 2, 0, 2] = soft[2, 0, 2, 0] = -0.5
+    assert acoustic_minimum(np.stack([linear, soft]))[1] < 0
