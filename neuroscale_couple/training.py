@@ -9,6 +9,11 @@ Loss of a batch (weights in :class:`TrainConfig`; every term dimensionless):
                  standard errors; 0 K samples count as s = NOISE_FLOOR·σ_ref): Σ learns the noise
     equilibrium, consistency, hill_mandel, symmetry    see :mod:`neuroscale_couple.physics`
     fields       ‖w − w_RVE‖² / e_ref²              where the data set holds micro fields
+    kl           KL(q ‖ prior) / N of variational heads (N training samples; the ELBO's share
+                 of a sample: :mod:`neuroscale_couple.operators.epistemic`)
+
+The terms add up with fixed weights, or with learned uncertainty weights
+(:mod:`neuroscale_couple.weighting`; ``weighting``).
 
 Batches hold whole microstructures (the encoder runs once per microstructure and batch).
 Data-parallel under MPI: every rank takes a strided share of each global batch's microstructures,
@@ -36,6 +41,7 @@ import torch
 from neuroscale_couple.config import check_keys
 from neuroscale_couple.errors import InputError, NeuroScaleError
 from neuroscale_couple.operators.base import CoarseGrainingOperator
+from neuroscale_couple.operators.epistemic import kl_divergence, variational_layers
 from neuroscale_couple.parallel import allreduce_gradients, init_torch_distributed
 from neuroscale_couple.physics import (
     consistency_loss,
@@ -46,18 +52,23 @@ from neuroscale_couple.physics import (
 )
 from neuroscale_couple.region import TrainingRegion
 from neuroscale_couple.store import WorkCheckpoint, rng_states, set_rng_states
+from neuroscale_couple.weighting import CARD_KEY, LossWeighting, check_weighting
 
 log = logging.getLogger(__name__)
 
 LOSS_TERMS = ("stress", "tangent", "nll", "noise", "equilibrium", "consistency", "hill_mandel",
-              "symmetry", "fields")
+              "symmetry", "fields", "kl")
 NOISE_FLOOR = 1e-3
 """Measured noise below this fraction of σ_ref (static solves: 0) is taken as this much."""
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings; ``weights`` maps terms of ``LOSS_TERMS`` to weights (absent: 0)."""
+    """Optimisation settings; ``weights`` maps terms of ``LOSS_TERMS`` to weights (absent: 0),
+    ``weighting`` (fixed or uncertainty: :mod:`neuroscale_couple.weighting`) says how they
+    add up; ``time_limit_s`` (s, None: none) ends the training at the first epoch that starts
+    after that much training time, the learning rate then following its cosine over the time
+    budget (or over the epochs, whichever is further along)."""
 
     epochs: int = 200
     batch_size: int = 64
@@ -71,10 +82,16 @@ class TrainConfig:
     weights: dict[str, float] = field(default_factory=lambda: {
         "stress": 1.0, "tangent": 0.2, "nll": 0.05, "equilibrium": 0.0, "consistency": 0.0,
         "hill_mandel": 0.0, "symmetry": 0.0, "fields": 0.0})
+    weighting: str = "fixed"
+    time_limit_s: float | None = None
 
     def __post_init__(self) -> None:
         check_keys(self.weights, LOSS_TERMS, "the loss weights")
         self.weights = {k: float(self.weights.get(k, 0.0)) for k in LOSS_TERMS}
+        check_weighting(self.weighting)
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            raise InputError(f"time_limit_s={self.time_limit_s!r} in the training config: give "
+                             "seconds > 0, or leave it out for no limit")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -273,6 +290,8 @@ def batch_loss(model: CoarseGrainingOperator, data: TrainingData, idx: torch.Ten
         if wb is not None:
             terms["fields"] = ((fields["w"] - wb[:k]) ** 2).sum(1).mean() / (
                 model.e_ref.to(dt) ** 2)
+    if weights.get("kl", 0.0) > 0:
+        terms["kl"] = kl_divergence(model).to(dt) / len(data)
     if weights["symmetry"] > 0:
         def response(imgs: torch.Tensor, Fs: torch.Tensor) -> torch.Tensor:
             zt = model.encode(imgs)[0][sub]
@@ -348,7 +367,8 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
           checkpoint: WorkCheckpoint | None = None, stop_after_epoch: int | None = None,
           cancel: threading.Event | None = None) -> dict:
     """Fit ``model`` in place; returns the history (per-epoch losses and wall times, best
-    epoch, total time).
+    epoch, total time, ``log_variances`` of an uncertainty weighting, ``time_limited`` where
+    ``cfg.time_limit_s`` ended it).
 
     With ``validation`` None, ``cfg.val_fraction`` of the data are held out for early stopping
     (:meth:`TrainingData.split`). ``normalise`` (offline training) sets the model's scales from
@@ -386,13 +406,18 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
     data, validation = data.to(dtype, param.device), validation.to(dtype, param.device)
     if normalise:
         model.set_normalisation(data.F, data.P, data.A)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if cfg.weights["kl"] > 0 and not variational_layers(model):
+        raise InputError("training.weights.kl > 0 regularises variational heads: train a model "
+                         "with uncertainty: variational, or set the kl weight to 0")
+    weighting = LossWeighting(cfg.weighting, cfg.weights,
+                              getattr(model, "card", {}).get(CARD_KEY)).to(param.device)
+    opt = torch.optim.Adam([*model.parameters(), *weighting.parameters()], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs, eta_min=cfg.lr_final)
     gen = torch.Generator().manual_seed(cfg.seed)
-    weights = {k: float(v) for k, v in cfg.weights.items()}
+    weights = weighting.weights
     history: dict = {"train": [], "val": [], "epoch_time_s": [], "best_epoch": 0,
                      "cancelled": False}
-    best, best_state, since_best = np.inf, copy.deepcopy(model.state_dict()), 0
+    best, best_state, since_best = np.inf, _state(model, weighting), 0
     start, stopped, elapsed = 0, False, 0.0
     if saved is not None:
         model.load_state_dict(saved["model"])
@@ -402,6 +427,7 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
         set_rng_states(saved["rng"])
         history, best, since_best = saved["history"], saved["best"], saved["since_best"]
         best_state = {k: v.to(param.device) for k, v in saved["best_state"].items()}
+        weighting.load_state_dict(saved.get("weighting", {}))
         start, stopped, elapsed = saved["epoch"], saved["stopped"], saved["elapsed_s"]
         if comm.rank == 0 and (stopped or start == cfg.epochs):
             log.info("resuming after the last epoch (%d of %d) from %s: training is done",
@@ -416,6 +442,12 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
         if cancel is not None and cancel.is_set():
             history["cancelled"] = True
             break
+        if cfg.time_limit_s is not None:  # rank 0's clock: every rank stops at one epoch
+            spent = comm.bcast(time.perf_counter() - t0, root=0)
+            if spent >= cfg.time_limit_s:
+                history["time_limited"] = True
+                break
+            _set_cosine_lr(opt, cfg, max(epoch / cfg.epochs, spent / cfg.time_limit_s))
         t_epoch = time.perf_counter()
         model.train()
         epoch_loss = 0.0
@@ -428,7 +460,7 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
                 try:
                     terms = batch_loss(model, data, shard, weights, gen, cfg.physics_fraction,
                                        cfg.augment)
-                    loss = sum(weights[k] * v for k, v in terms.items()) * (len(shard) / n_batch)
+                    loss = weighting(terms) * (len(shard) / n_batch)
                     if not torch.isfinite(loss):  # would turn every weight into NaN
                         bad = sorted(k for k, v in terms.items() if not torch.isfinite(v))
                         raise NeuroScaleError(f"non-finite loss terms {bad}: lower training.lr "
@@ -441,7 +473,8 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
                 allreduce_gradients(model)
             opt.step()
             epoch_loss += total * n_batch / len(data)
-        sched.step()
+        if cfg.time_limit_s is None:  # else set at each epoch's start
+            sched.step()
         val = relative_errors(model, validation)["rel_l2_stress"] if len(validation) else np.nan
         history["train"].append(epoch_loss)
         history["epoch_time_s"].append(time.perf_counter() - t_epoch)
@@ -451,7 +484,7 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
         if not len(validation):  # nothing to select on: keep the last epoch
             history["best_epoch"] = epoch
         elif val < best:
-            best, best_state, since_best = val, copy.deepcopy(model.state_dict()), 0
+            best, best_state, since_best = val, _state(model, weighting), 0
             history["best_epoch"] = epoch
         else:
             since_best += 1
@@ -464,13 +497,38 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "generator": gen.get_state(), "rng": rng_states(), "history": history,
                 "best": float(best), "best_state": best_state, "since_best": since_best,
-                "elapsed_s": time.perf_counter() - t0})
+                "elapsed_s": time.perf_counter() - t0, "weighting": weighting.state_dict()})
     bar.close()
     if len(validation):
-        model.load_state_dict(best_state)
+        _load_state(model, weighting, best_state)
+    if hasattr(model, "card"):
+        weighting.record(model.card)
+    history["log_variances"] = weighting.values()
     history["time_s"] = time.perf_counter() - t0
     history["best_val_rel_l2_stress"] = float(best)
     return history
+
+
+def _state(model: CoarseGrainingOperator, weighting: LossWeighting) -> dict:
+    """A copy of the model's state, and the learned loss weights' (``weighting.``-prefixed)."""
+    return copy.deepcopy({**model.state_dict(), **{f"weighting.{k}": v for k, v in
+                                                   weighting.state_dict().items()}})
+
+
+def _load_state(model: CoarseGrainingOperator, weighting: LossWeighting, state: dict) -> None:
+    """Load a :func:`_state` into the model and the loss weighting."""
+    prefix = "weighting."
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(prefix)})
+    weighting.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                               if k.startswith(prefix)})
+
+
+def _set_cosine_lr(opt: torch.optim.Optimizer, cfg: TrainConfig, progress: float) -> None:
+    """The learning rate of a cosine from ``cfg.lr`` to ``cfg.lr_final`` at ``progress``
+    (0–1) of the training."""
+    lr = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * min(progress, 1)))
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 @torch.no_grad()

@@ -923,6 +923,38 @@ def calibration_groups_section(record: dict, path: Path) -> list[str]:
     return out
 
 
+UNCERTAINTY_LABELS = {
+    "ensemble": "ensemble (4 members), fixed weights",
+    "mc_dropout": "MC dropout (one set of heads)",
+    "variational": "variational (Bayes by backprop)",
+    "uncertainty": "ensemble, learned uncertainty weights",
+}
+
+
+def uncertainty_options_section(record: dict, path: Path) -> list[str]:
+    """bench/uncertainty_options.py: ensemble, MC dropout and variational heads, and fixed
+    against learned loss weights, on the same data and training time."""
+    d = record["data"]
+    out = ["## Uncertainty options and loss weightings", "",
+           "The operator's sources of epistemic uncertainty (`model.uncertainty`) and loss "
+           "weightings (`training.weighting`), each trained from the same seed on the same "
+           f"{num(d['train']['samples'])} solves ({num(d['train']['structures'])} cells; 10 % "
+           f"held out for early stopping) for the same wall time, {num(record['budget_s'])} s, "
+           f"calibrated on the same {num(d['calibration']['samples'])} solves and tested on "
+           f"{num(d['test']['samples'])} others. NLL: Gaussian negative log-likelihood of P̄ "
+           "under the calibrated covariance (nats per sample, stress in GPa); coverage: of the "
+           "calibrated 95 % ellipsoid; cost: the coupler's evaluation at fixed latents, per "
+           "point. See [Bayesian heads and learned loss weights]"
+           "(operator.md#bayesian-heads-and-learned-loss-weights).", ""]
+    out += provenance(record, path, "the fields below", None)
+    rows = [(UNCERTAINTY_LABELS.get(n, n), pct(r["rel_l2_stress"]), pct(r["rel_l2_tangent"]),
+             num(r["nll"]), pct(r["ece"]), pct(r["coverage_95"]), pct(r["bound_coverage_95"]),
+             f"{r['epochs']} ({num(r['train_time_s'])} s)",
+             num(1e6 * r["predict_s_per_point"])) for n, r in record["runs"].items()]
+    return out + table(("variant", "rel. L2 P̄", "rel. L2 A", "NLL", "ECE", "95 % coverage",
+                        "95 % bound coverage", "epochs (train s)", "cost µs/point"), rows)
+
+
 def c_api_section(record: dict, path: Path) -> list[str]:
     """bench/c_api.py: an evaluation called from C against the same call from Python."""
     out = ["## The cost of a call from C", "",
@@ -1039,9 +1071,10 @@ def copy_images(docs: Path) -> dict[str, tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------- page
-ORDER = ("rve_solve", "rve_live", "operator", "calibration_groups", "encode", "memory",
-         "region", "transfer", "transfer_laminate", "fe2_speedup", "fe2_speedup_rtol002",
-         "fe2_speedup_beyond", "fe2_speedup_412", "fe2_speedup_3d", "cold_start", "hmm_speedup",
+ORDER = ("rve_solve", "rve_solve_3d", "rve_live", "operator", "calibration_groups",
+         "uncertainty_options", "encode", "memory", "region", "transfer", "transfer_laminate",
+         "fe2_speedup", "fe2_speedup_rtol002", "fe2_speedup_beyond", "fe2_speedup_412",
+         "fe2_speedup_3d", "cold_start", "cold_start_eager", "hmm_speedup",
          "hmm_speedup_300K_202", "hmm_speedup_0K_small", "hmm_speedup_300K", "scaling", "c_api")
 
 
@@ -1086,6 +1119,8 @@ def page(docs: Path) -> str:
             lines += calibration_groups_section(record, path)
         elif name == "c_api":
             lines += c_api_section(record, path)
+        elif name == "uncertainty_options":
+            lines += uncertainty_options_section(record, path)
 
         elif name.startswith("cold_start"):
             lines += cold_start_section(record, path)

@@ -28,6 +28,7 @@ from torch import nn
 
 from neuroscale_couple import __version__
 from neuroscale_couple.errors import CheckpointError, InputError
+from neuroscale_couple.operators.epistemic import ENSEMBLE, Epistemic
 from neuroscale_couple.operators.heads import (
     CovarianceHead,
     EnergyHead,
@@ -42,7 +43,8 @@ HEAD_PREFIXES = ("energy.", "covariance.")
 encoder) stays frozen, so latents do not change (:meth:`CoarseGrainingOperator.encoder_digest`)."""
 
 
-RECORDED_WHEN_SET = {"phase_ranges": {}, "dim": 2}
+RECORDED_WHEN_SET = {"phase_ranges": {}, "dim": 2, "uncertainty": ENSEMBLE.kind,
+                     "samples": ENSEMBLE.samples, "dropout": ENSEMBLE.dropout}
 """Config fields added after models were shipped → their value when unset: recorded (and
 digested) only when set otherwise, so that the files saved before them keep their digest."""
 
@@ -71,11 +73,16 @@ class CoarseGrainingOperator(nn.Module):
     CONFIG: ClassVar[type]
 
     def _build_heads(self, members: int, latent: int, hidden: int, correction: bool,
-                     residual: bool = False, quartic: bool = False, dim: int = 2) -> None:
+                     residual: bool = False, quartic: bool = False, dim: int = 2,
+                     epistemic: Epistemic = ENSEMBLE) -> None:
         """The probabilistic coarse-graining heads (energy ensemble, aleatoric covariance) of
-        F̄ d×d, d = ``dim`` (2: plane strain, 3)."""
-        self.energy = EnergyHead(members, latent, hidden, correction, residual, quartic, dim)
-        self.covariance = CovarianceHead(members, latent, hidden, dim)
+        F̄ d×d, d = ``dim`` (2: plane strain, 3); ``epistemic``: an ensemble of ``members``
+        or a Bayesian model (:mod:`~neuroscale_couple.operators.epistemic`)."""
+        self.epistemic, self.members = epistemic, members
+        mlp = epistemic.mlp()
+        self.energy = EnergyHead(members, latent, hidden, correction, residual, quartic, dim,
+                                 mlp)
+        self.covariance = CovarianceHead(members, latent, hidden, dim, mlp)
 
     def _build_buffers(self) -> None:
         """Normalisation buffers (σ_ref, e_ref, A_ref), calibration and model card."""
@@ -221,6 +228,13 @@ class CoarseGrainingOperator(nn.Module):
         self.tangent_ref.fill_(float(A.std()))
 
     # ------------------------------------------------------------------ coarse-graining
+    @property
+    def draws(self) -> int:
+        """M, the members (draws of a Bayesian model) that :meth:`members_response` answers
+        with: the ensemble's members; a Bayesian model's ``members`` in training, ``samples``
+        at prediction (:meth:`~.epistemic.Epistemic.draws`)."""
+        return self.epistemic.draws(self.members, self.training)
+
     def members_response(self, z: torch.Tensor, F: torch.Tensor, *, tangent: bool = True,
                          create_graph: bool = False) -> dict[str, torch.Tensor]:
         """Per-member stress P_m (M, B, d, d), tangent A_m (M, B, d, d, d, d) and Cholesky
@@ -229,11 +243,19 @@ class CoarseGrainingOperator(nn.Module):
 
         ``create_graph`` keeps the graph for training through P and A (Sobolev loss); without
         it a basis-mixture energy head answers in closed form (:func:`mixture_response`).
+        M = :attr:`draws`; a Bayesian model's draws are those of
+        :meth:`~.epistemic.Epistemic.sampling`.
         """
-        M = self.config.members
+        M = self.draws
         self.check_loads(F)
-        if not create_graph and self.energy.closed_form:
-            return self._closed_form_response(z, F, tangent)
+        with self.epistemic.sampling(self, self.training):
+            if not create_graph and self.energy.closed_form:
+                return self._closed_form_response(z, F, tangent)
+            return self._autograd_response(z, F, M, tangent, create_graph)
+
+    def _autograd_response(self, z: torch.Tensor, F: torch.Tensor, M: int, tangent: bool,
+                           create_graph: bool) -> dict[str, torch.Tensor]:
+        """:meth:`members_response` of M members through automatic differentiation."""
         with torch.enable_grad():
             Fm = F.detach().unsqueeze(0).expand(M, -1, -1, -1).clone().requires_grad_(True)
             e_ref = self.e_ref.to(F.dtype)
@@ -258,7 +280,7 @@ class CoarseGrainingOperator(nn.Module):
         """Physical weights (M, B, K) of a basis-mixture energy head: W = σ_ref e_ref Σ_k w_k
         Ψ_k / e_ref², so the weights of the Ψ_k are w σ_ref / e_ref (σ_ref:
         :attr:`stress_scale`)."""
-        w = self.energy.weights(z.unsqueeze(0).expand(self.config.members, -1, -1))
+        w = self.energy.weights(z.unsqueeze(0).expand(self.draws, -1, -1))
         return w * (self.stress_scale / self.e_ref).to(dtype)
 
     @torch.no_grad()
@@ -269,7 +291,7 @@ class CoarseGrainingOperator(nn.Module):
         w = self._mixture_weights(z, F.dtype)
         out = mixture_response(w, F.unsqueeze(0), self.energy.n_directions, tangent=tangent)
         out["weights"] = w
-        M = self.config.members
+        M = len(w)
         e = green_lagrange_mandel(F) / self.e_ref.to(F.dtype)
         out["chol"] = self.covariance(z.unsqueeze(0).expand(M, -1, -1),
                                       e.unsqueeze(0).expand(M, -1, -1))
@@ -348,7 +370,8 @@ class CoarseGrainingOperator(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu"):
-        """Rebuild a model from a file written by :meth:`save` (no code is unpickled)."""
+        """Rebuild a model from a file written by :meth:`save` (no code is unpickled), in eval
+        mode (a Bayesian model's prediction draws: :mod:`~.epistemic`)."""
         payload = _read_payload(path, map_location)
         if payload.get("format") != cls.FORMAT:
             raise CheckpointError(f"{path} is not a {cls.FORMAT} checkpoint (it holds "
@@ -378,7 +401,7 @@ class CoarseGrainingOperator(nn.Module):
             raise CheckpointError(f"{path}: its weights do not match the SHA-256 digest written "
                                   "with them (a corrupt or altered file, or one saved without a "
                                   "digest): re-copy or retrain it")
-        return model.to(map_location)
+        return model.to(map_location).eval()
 
 
 def _read_payload(path: str | Path, map_location) -> dict:
@@ -399,7 +422,8 @@ def _read_payload(path: str | Path, map_location) -> dict:
 
 def load_operator(path: str | Path, map_location: str | torch.device = "cpu"
                   ) -> CoarseGrainingOperator:
-    """Any NeuroScale operator from its checkpoint (the class is chosen by the file's format)."""
+    """Any NeuroScale operator from its checkpoint (the class is chosen by the file's format),
+    in eval mode."""
     from neuroscale_couple.operators.crystal import CrystalOperator
     from neuroscale_couple.operators.distilled import DistilledSANO
     from neuroscale_couple.operators.sano import SANO

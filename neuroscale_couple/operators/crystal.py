@@ -22,6 +22,7 @@ from torch import nn
 from neuroscale_couple.config import dataclass_from_dict
 from neuroscale_couple.errors import InputError
 from neuroscale_couple.operators.base import CoarseGrainingOperator
+from neuroscale_couple.operators.epistemic import EpistemicConfig
 
 FAMILY_KEYS = ("element", "lattice", "a0", "supercell", "vacancies", "calculator")
 A0_RTOL = 1e-6
@@ -31,11 +32,12 @@ BLAS threads (2e-9 seen), while another crystal or calculator moves it by 1e-3 o
 
 
 @dataclass(frozen=True)
-class CrystalConfig:
+class CrystalConfig(EpistemicConfig):
     """Constructor arguments of :class:`CrystalOperator`; ``family`` is the JSON of the crystal
     config keys in ``FAMILY_KEYS`` the model was trained for; ``residual_stress`` lets the
     stress at F̄ = I depend on the descriptor (finite temperature: the thermal pressure of the
-    cell held at its 0 K lattice constant)."""
+    cell held at its 0 K lattice constant); ``uncertainty``, ``samples``, ``dropout``: the
+    heads' epistemic model (:class:`~.epistemic.EpistemicConfig`)."""
 
     n_features: int = 1
     latent: int = 16
@@ -46,6 +48,7 @@ class CrystalConfig:
     family: str = "{}"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.n_features < 1 or self.latent < 1 or self.hidden < 1 or self.members < 1:
             raise InputError(f"crystal operator sizes {self}: all must be ≥ 1")
         json.loads(self.family)
@@ -81,7 +84,8 @@ class CrystalOperator(CoarseGrainingOperator):
         c = self.config = config or CrystalConfig()
         self.to_latent = nn.Sequential(nn.Linear(c.n_features, c.latent), nn.SiLU(),
                                        nn.Linear(c.latent, c.latent))
-        self._build_heads(c.members, c.latent, c.hidden, c.energy_correction, c.residual_stress)
+        self._build_heads(c.members, c.latent, c.hidden, c.energy_correction, c.residual_stress,
+                          epistemic=c.epistemic)
         self._build_buffers()
 
     def encode(self, inputs: torch.Tensor) -> tuple[torch.Tensor, None]:

@@ -17,7 +17,9 @@ Members run vectorised: every layer holds weights (M, in, out) and acts on (M, B
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -40,14 +42,22 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-def ensemble_mlp(members: int, n_in: int, hidden: int, n_out: int, depth: int = 2) -> nn.Sequential:
-    """An MLP of ``depth`` hidden layers (SiLU, smooth so that tangents are smooth), vectorised."""
+def ensemble_mlp(members: int, n_in: int, hidden: int, n_out: int, depth: int = 2, *,
+                 linear: Callable[[int, int], nn.Module] | None = None,
+                 after_activation: Callable[[], nn.Module] | None = None) -> nn.Sequential:
+    """An MLP of ``depth`` hidden layers (SiLU, smooth so that tangents are smooth), vectorised:
+    ``linear(n_in, n_out)`` makes its affine maps (default: :class:`EnsembleLinear` of
+    ``members``), ``after_activation()`` a layer after each SiLU (default none; MC dropout:
+    :mod:`~neuroscale_couple.operators.epistemic`)."""
+    linear = linear or functools.partial(EnsembleLinear, members)
     layers: list[nn.Module] = []
     width = n_in
     for _ in range(depth):
-        layers += [EnsembleLinear(members, width, hidden), nn.SiLU()]
+        layers += [linear(width, hidden), nn.SiLU()]
+        if after_activation is not None:
+            layers.append(after_activation())
         width = hidden
-    layers.append(EnsembleLinear(members, width, n_out))
+    layers.append(linear(width, n_out))
     return nn.Sequential(*layers)
 
 
@@ -286,21 +296,23 @@ class EnergyHead(nn.Module):
     and (``residual``) a stress at F̄ = I, S̄₀ = σ_ref s(z) in Mandel form (e.g. the thermal
     pressure of a crystal held at its 0 K lattice constant; without it P̄(I) = 0).
     Inputs z (M, B, latent), C̄ (M, B, d, d), ê (M, B, 3 or 6) (Mandel form); output (M, B).
-    ``dim`` d = 2 (plane strain, :func:`basis_energies`) or 3 (:func:`basis_energies_3d`)."""
+    ``dim`` d = 2 (plane strain, :func:`basis_energies`) or 3 (:func:`basis_energies_3d`);
+    ``mlp`` builds the networks (:func:`ensemble_mlp`'s arguments; M draws of a Bayesian
+    head: :mod:`~neuroscale_couple.operators.epistemic`)."""
 
     n_directions = 6
 
     def __init__(self, members: int, latent: int, hidden: int, correction: bool = True,
-                 residual: bool = False, quartic: bool = False, dim: int = 2) -> None:
+                 residual: bool = False, quartic: bool = False, dim: int = 2,
+                 mlp: Callable[..., nn.Sequential] = ensemble_mlp) -> None:
         super().__init__()
         self.quartic, self.dim = quartic, dim
         n_basis = (2 + 2 * self.n_directions if dim == 2 else 3 + 2 * len(CUBIC_DIRECTIONS)
                    ) + (3 if quartic else 0)
         n_e = mandel_size(dim)
-        self.weights = ensemble_mlp(members, latent, hidden, n_basis, depth=1)
-        self.higher = ensemble_mlp(members, latent + n_e, hidden, 1) if correction else None
-        self.residual = (ensemble_mlp(members, latent, hidden, n_e, depth=1) if residual
-                         else None)
+        self.weights = mlp(members, latent, hidden, n_basis, depth=1)
+        self.higher = mlp(members, latent + n_e, hidden, 1) if correction else None
+        self.residual = mlp(members, latent, hidden, n_e, depth=1) if residual else None
 
     @property
     def closed_form(self) -> bool:
@@ -328,11 +340,11 @@ class CovarianceHead(nn.Module):
     """Per-member Cholesky factor (M, B, d², d²) of the normalised aleatoric covariance of the
     d² stress components (d = ``dim``: 4×4 in 2D, 9×9 in 3D), from z and the Mandel strain."""
 
-    def __init__(self, members: int, latent: int, hidden: int, dim: int = 2) -> None:
+    def __init__(self, members: int, latent: int, hidden: int, dim: int = 2,
+                 mlp: Callable[..., nn.Sequential] = ensemble_mlp) -> None:
         super().__init__()
         self.n = dim * dim
-        self.net = ensemble_mlp(members, latent + mandel_size(dim), hidden,
-                                self.n * (self.n + 1) // 2)
+        self.net = mlp(members, latent + mandel_size(dim), hidden, self.n * (self.n + 1) // 2)
 
     def forward(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return self.factor(self.net(torch.cat([z, e], dim=-1)))

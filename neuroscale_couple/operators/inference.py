@@ -14,7 +14,8 @@ covariance head in float32: it only feeds the error bound, whose float32 round-o
 the bound) is far below the bound's own calibration error. The ensemble spread needs no member
 stresses: the mixture is linear in w, so P_m − P̄ = P(w_m − w̄).
 
-Other operators (an energy correction or a residual stress: no closed form) run their
+Other operators (an energy correction or a residual stress: no closed form; MC dropout or
+variational heads, :mod:`~neuroscale_couple.operators.epistemic`) run their
 :meth:`~neuroscale_couple.operators.base.CoarseGrainingOperator.predict` chunk by chunk.
 """
 
@@ -60,7 +61,8 @@ class Inference:
 
     def __init__(self, model, z: torch.Tensor, *, chunk: int = CHUNK) -> None:
         self.model, self.chunk = model, chunk
-        self.closed = bool(model.energy.closed_form)
+        # a Bayesian model's draws are made at each call (its predict): no cached weights
+        self.closed = bool(model.energy.closed_form) and not model.epistemic.bayesian
         p = next(model.parameters())
         self.dtype, self.z = p.dtype, z.to(p.device)  # z kept as given (float32: exact)
         self.sigma2 = float(model.stress_scale) ** 2

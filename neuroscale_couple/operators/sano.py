@@ -35,6 +35,7 @@ from neuroscale_couple.materials import (
 )
 from neuroscale_couple.operators.attention import CrossScaleAttention, ScaleMixer
 from neuroscale_couple.operators.base import CoarseGrainingOperator
+from neuroscale_couple.operators.epistemic import EpistemicConfig
 from neuroscale_couple.operators.heads import FineDecoder, green_lagrange_mandel
 from neuroscale_couple.operators.spectral import FourierBlock, pointwise_conv
 from neuroscale_couple.operators.wavelet import WaveletDecomposition
@@ -43,12 +44,16 @@ from neuroscale_couple.physics import micro_deformation, micro_stress
 
 
 @dataclass(frozen=True)
-class CellHeadsConfig:
+class CellHeadsConfig(EpistemicConfig):
     """What every operator of fibre-cell images records besides its encoder: the latent size,
-    the heads (ensemble ``members``, ``hidden`` width, energy basis) and the law and phases
-    (E, ν) of the material it learnt — or, for a family operator, ``phase_ranges``: the
-    ranges of the phase descriptors it takes as inputs (contrast E_f/E_m, ν_m, ν_f →
-    [low, high]; :mod:`neuroscale_couple.phases`), ``matrix`` and ``fibre`` then unused."""
+    the heads (ensemble ``members``, ``hidden`` width, energy basis), the source of their
+    epistemic uncertainty (``uncertainty``: ensemble, mc_dropout or variational, with the
+    ``samples`` drawn at prediction and the ``dropout`` rate of mc_dropout; a Bayesian model
+    trains with ``members`` draws a step: :mod:`~neuroscale_couple.operators.epistemic`) and
+    the law and phases (E, ν) of the material it learnt — or, for a family operator,
+    ``phase_ranges``: the ranges of the phase descriptors it takes as inputs (contrast
+    E_f/E_m, ν_m, ν_f → [low, high]; :mod:`neuroscale_couple.phases`), ``matrix`` and
+    ``fibre`` then unused."""
 
     latent: int = 64
     hidden: int = 64
@@ -61,6 +66,7 @@ class CellHeadsConfig:
     phase_ranges: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_law(self.law)
         for name in ("matrix", "fibre"):
             Phase(*getattr(self, name))
@@ -126,7 +132,7 @@ class SANO(CoarseGrainingOperator):
         self.to_latent = nn.Sequential(nn.Linear(d + 1 + n_phase, c.latent), nn.SiLU(),
                                        nn.Linear(c.latent, c.latent))
         self._build_heads(c.members, c.latent, c.hidden, c.energy_correction,
-                          quartic=c.quartic_basis, dim=c.dim)
+                          quartic=c.quartic_basis, dim=c.dim, epistemic=c.epistemic)
         self.decoder = FineDecoder(d, c.latent, c.modes) if c.dim == 2 else None
         self._build_buffers()
 
