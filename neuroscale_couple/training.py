@@ -25,6 +25,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -346,7 +347,8 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
           comm: MPI.Comm = MPI.COMM_WORLD, validation: TrainingData | None = None,
           normalise: bool = True, progress: bool = True,
           checkpoint: WorkCheckpoint | None = None, stop_after_epoch: int | None = None,
-          cancel: threading.Event | None = None) -> dict:
+          cancel: threading.Event | None = None, budget_s: float | None = None,
+          clock: Callable[[], float] = time.process_time) -> dict:
     """Fit ``model`` in place; returns the history (per-epoch losses and wall times, best
     epoch, total time).
 
@@ -363,11 +365,17 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
     ``cancel``, checked before each epoch: once set, the training returns there (``history
     ["cancelled"]`` True). Only for a training on one process: the ranks of a data-parallel
     training would see it at different epochs and leave each other in a collective.
+
+    ``budget_s``: seconds of ``clock`` (default: CPU seconds of this process) the training may
+    spend, validation included; checked after every batch and every validation, the training
+    stops at the first check past it (``history["budget_spent"]`` True) and keeps the best
+    validated weights (the last ones where no epoch was validated yet). One process only, as
+    ``cancel``: for comparisons at a fixed compute budget (bench/baselines.py).
     """
-    if cancel is not None and comm.size > 1:
-        raise InputError("cancel stops a training on one process only: the ranks of a "
-                         f"data-parallel training on {comm.size} ranks would stop at different "
-                         "epochs")
+    if (cancel is not None or budget_s is not None) and comm.size > 1:
+        raise InputError("cancel and budget_s stop a training on one process only: the ranks "
+                         f"of a data-parallel training on {comm.size} ranks would stop at "
+                         "different epochs")
     if cfg.augment and data.images.ndim != 4:
         raise InputError("augment draws symmetries of 2D cells (square turns, flips, shifts): "
                          "train 3D cells with augment: false")
@@ -391,7 +399,13 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
     gen = torch.Generator().manual_seed(cfg.seed)
     weights = {k: float(v) for k, v in cfg.weights.items()}
     history: dict = {"train": [], "val": [], "epoch_time_s": [], "best_epoch": 0,
-                     "cancelled": False}
+                     "cancelled": False, "budget_spent": False}
+    clock_start = clock()
+
+    def spent() -> bool:
+        history["budget_spent"] = budget_s is not None and clock() - clock_start >= budget_s
+        return history["budget_spent"]
+
     best, best_state, since_best = np.inf, copy.deepcopy(model.state_dict()), 0
     start, stopped, elapsed = 0, False, 0.0
     if saved is not None:
@@ -441,6 +455,12 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
                 allreduce_gradients(model)
             opt.step()
             epoch_loss += total * n_batch / len(data)
+            if spent():
+                break
+        if history["budget_spent"]:
+            if not history["val"]:  # nothing validated yet: keep the weights trained so far
+                best_state = copy.deepcopy(model.state_dict())
+            break
         sched.step()
         val = relative_errors(model, validation)["rel_l2_stress"] if len(validation) else np.nan
         history["train"].append(epoch_loss)
@@ -458,6 +478,7 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
             stopped = since_best > cfg.patience
             if stopped:
                 log.info("early stopping at epoch %d (best %d)", epoch, history["best_epoch"])
+        stopped = stopped or spent()
         if checkpoint is not None and comm.rank == 0:
             checkpoint.save({
                 "epoch": epoch + 1, "stopped": stopped, "model": model.state_dict(),
