@@ -179,10 +179,12 @@ def worker(args: argparse.Namespace) -> dict:
         from neuroscale_couple.operators.base import load_operator
 
         model = load_operator(SHIPPED)
-        card = model.card.get("history", {})
-        record["budget_cpu_s"] = None
-        record["history"] = {"time_s": card.get("time_s"), "best_epoch": card.get("best_epoch"),
-                             "data": model.card.get("data")}
+        stages = [model.card.get("init", {}), model.card]  # first stage, fine-tuning
+        record.update(budget_cpu_s=None, n_train=None, n_validation=None)
+        record["history"] = {  # wall seconds as its card records them (another machine load)
+            "train_wall_s": sum(st.get("history", {}).get("time_s", 0.0) for st in stages),
+            "epochs": sum(st.get("training", {}).get("epochs", 0) for st in stages),
+            "data": model.card.get("data")}
         predict = sano_predict(model)
     elif args.worker == "sano":
         t0 = time.process_time()
@@ -210,11 +212,15 @@ def worker(args: argparse.Namespace) -> dict:
     return record
 
 
-def run_workers(args: argparse.Namespace) -> list[dict]:
-    """Each model in its own process (``--parallel`` at a time); their records in order."""
+def run_workers(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """Each model in its own process (``--parallel`` at a time); their records in order, and
+    the models run (not reused)."""
     out = Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
-    pending, running, records = list(args.models), [], {}
+    pending = [m for m in args.models if not (args.reuse and (out / f"{m}.json").exists())]
+    running, ran = [], list(pending)
+    records = {m: json.loads((out / f"{m}.json").read_text())
+               for m in args.models if m not in pending}
     while pending or running:
         while pending and len(running) < args.parallel:
             name = pending.pop(0)
@@ -237,7 +243,7 @@ def run_workers(args: argparse.Namespace) -> list[dict]:
                                        f"{name}.log"})
             print(f"{name}: done ({proc.returncode})", flush=True)
         time.sleep(2)
-    return [records[name] for name in args.models]
+    return [records[name] for name in args.models], ran
 
 
 def print_table(records: list[dict]) -> None:
@@ -294,6 +300,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--parallel", type=int, default=len(MODELS))
     ap.add_argument("--work", default="out/baselines_bench", help="per-model records and logs")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the per-model records already in --work (rerun the others)")
     ap.add_argument("--json", default=str(RESULTS / "baselines.json"))
     ap.add_argument("--plot", default=str(RESULTS / "baselines.png"))
     ap.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
@@ -302,7 +310,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(worker(args), indent=1))
         return
     started = time.perf_counter()
-    records = run_workers(args)
+    records, ran = run_workers(args)
     print_table(records)
     record = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -311,6 +319,7 @@ def main() -> None:
               "budget": "CPU seconds of each model's process (time.process_time), validation "
                         "included",
               "budget_cpu_s": args.budget_cpu_s, "wall_s": time.perf_counter() - started,
+              "reused": [m for m in args.models if args.reuse and m not in ran],
               "data": {"train": args.train, "calibration": args.calibration, "test": args.test},
               "models": records}
     Path(args.json).write_text(json.dumps(record, indent=1))
