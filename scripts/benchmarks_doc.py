@@ -986,13 +986,17 @@ def baselines_section(record: dict, path: Path, images: dict[str, tuple[str, str
            "CPU-second budget, so that the load of the shared machine does not shorten it), "
            "then scored on the same held-out test set; models with an uncertainty are "
            "conformal-calibrated (global) on the same calibration set. \"-style\" models are "
-           "this project's re-implementations. The shipped SANO (trained for hours on the full "
-           "data) is a separate row, not at the budget. Objectivity: largest "
+           "this project's re-implementations. The shipped SANO (trained on the full data, "
+           "its card's wall time on its machine) is a separate row, not at the budget. "
+           "Objectivity: largest "
            "‖P̄(QF̄) − QP̄(F̄)‖/‖P̄‖ over random rotations Q (any angle; within ±0.1 rad); "
            "symmetry: ‖A_iJkL − A_kLiJ‖/‖A‖; throughput: test samples (stress + tangent from "
            "the cell and the load) per CPU second, one thread. See "
            "[the operator page](operator.md#baselines).", ""]
     out += provenance(record, path, "the fields below", None)
+    if record.get("reused"):
+        out += [f"Rows of {', '.join(record['reused'])}: per-model records of earlier runs "
+                "of this command (the same settings), kept by `--reuse`.", ""]
     rows = []
     for r in record["models"]:
         s = r.get("scores")
