@@ -30,6 +30,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,9 +67,11 @@ NOISE_FLOOR = 1e-3
 class TrainConfig:
     """Optimisation settings; ``weights`` maps terms of ``LOSS_TERMS`` to weights (absent: 0),
     ``weighting`` (fixed or uncertainty: :mod:`neuroscale_couple.weighting`) says how they
-    add up; ``time_limit_s`` (s, None: none) ends the training at the first epoch that starts
+    add up; ``time_limit_s`` (s, None: none) ends the training at the first batch that ends
     after that much training time, the learning rate then following its cosine over the time
-    budget (or over the epochs, whichever is further along)."""
+    budget (or over the epochs, whichever is further along); ``time_clock`` says which time:
+    ``wall`` (default) or ``cpu`` (this process's CPU seconds: a fair budget on shared cores,
+    as bench/baselines.py uses)."""
 
     epochs: int = 200
     batch_size: int = 64
@@ -84,6 +87,7 @@ class TrainConfig:
         "hill_mandel": 0.0, "symmetry": 0.0, "fields": 0.0})
     weighting: str = "fixed"
     time_limit_s: float | None = None
+    time_clock: str = "wall"
 
     def __post_init__(self) -> None:
         check_keys(self.weights, LOSS_TERMS, "the loss weights")
@@ -92,6 +96,9 @@ class TrainConfig:
         if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise InputError(f"time_limit_s={self.time_limit_s!r} in the training config: give "
                              "seconds > 0, or leave it out for no limit")
+        if self.time_clock not in ("wall", "cpu"):
+            raise InputError(f"time_clock={self.time_clock!r} in the training config: give "
+                             "wall or cpu")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -365,7 +372,8 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
           comm: MPI.Comm = MPI.COMM_WORLD, validation: TrainingData | None = None,
           normalise: bool = True, progress: bool = True,
           checkpoint: WorkCheckpoint | None = None, stop_after_epoch: int | None = None,
-          cancel: threading.Event | None = None) -> dict:
+          cancel: threading.Event | None = None,
+          clock: Callable[[], float] | None = None) -> dict:
     """Fit ``model`` in place; returns the history (per-epoch losses and wall times, best
     epoch, total time, ``log_variances`` of an uncertainty weighting, ``time_limited`` where
     ``cfg.time_limit_s`` ended it).
@@ -383,6 +391,11 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
     ``cancel``, checked before each epoch: once set, the training returns there (``history
     ["cancelled"]`` True). Only for a training on one process: the ranks of a data-parallel
     training would see it at different epochs and leave each other in a collective.
+
+    ``cfg.time_limit_s`` (seconds of ``cfg.time_clock``; ``clock`` overrides that clock, for
+    tests) is checked before each epoch and after each batch, rank 0's clock deciding for all:
+    past it, the epoch ends there (validated and recorded, truncated) and the training returns
+    with its best validated weights (``history["time_limited"]`` True).
     """
     if cancel is not None and comm.size > 1:
         raise InputError("cancel stops a training on one process only: the ranks of a "
@@ -416,7 +429,7 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
     gen = torch.Generator().manual_seed(cfg.seed)
     weights = weighting.weights
     history: dict = {"train": [], "val": [], "epoch_time_s": [], "best_epoch": 0,
-                     "cancelled": False}
+                     "cancelled": False, "time_limited": False}
     best, best_state, since_best = np.inf, _state(model, weighting), 0
     start, stopped, elapsed = 0, False, 0.0
     if saved is not None:
@@ -435,6 +448,16 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
         elif comm.rank == 0:
             log.info("resuming at epoch %d of %d from %s", start + 1, cfg.epochs, checkpoint.work)
     t0 = time.perf_counter() - elapsed
+    clock = clock or (time.process_time if cfg.time_clock == "cpu" else time.perf_counter)
+    clock_start = clock() - (saved or {}).get("limit_spent_s", 0.0)
+
+    def spent() -> float:
+        """Seconds of ``clock`` the training has taken, rank 0's: every rank stops together."""
+        return comm.bcast(clock() - clock_start, root=0)
+
+    def over_limit() -> bool:
+        return cfg.time_limit_s is not None and spent() >= cfg.time_limit_s
+
     bar = _progress(cfg.epochs, progress and comm.rank == 0, start)
     for epoch in range(start, cfg.epochs):
         if stopped or epoch == stop_after_epoch:
@@ -442,12 +465,11 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
         if cancel is not None and cancel.is_set():
             history["cancelled"] = True
             break
-        if cfg.time_limit_s is not None:  # rank 0's clock: every rank stops at one epoch
-            spent = comm.bcast(time.perf_counter() - t0, root=0)
-            if spent >= cfg.time_limit_s:
-                history["time_limited"] = True
-                break
-            _set_cosine_lr(opt, cfg, max(epoch / cfg.epochs, spent / cfg.time_limit_s))
+        if over_limit():
+            history["time_limited"] = True
+            break
+        if cfg.time_limit_s is not None:
+            _set_cosine_lr(opt, cfg, max(epoch / cfg.epochs, spent() / cfg.time_limit_s))
         t_epoch = time.perf_counter()
         model.train()
         epoch_loss = 0.0
@@ -473,6 +495,9 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
                 allreduce_gradients(model)
             opt.step()
             epoch_loss += total * n_batch / len(data)
+            if over_limit():  # the epoch ends here: validated and recorded as truncated
+                history["time_limited"] = True
+                break
         if cfg.time_limit_s is None:  # else set at each epoch's start
             sched.step()
         val = relative_errors(model, validation)["rel_l2_stress"] if len(validation) else np.nan
@@ -491,13 +516,15 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
             stopped = since_best > cfg.patience
             if stopped:
                 log.info("early stopping at epoch %d (best %d)", epoch, history["best_epoch"])
+        stopped = stopped or history["time_limited"]
         if checkpoint is not None and comm.rank == 0:
             checkpoint.save({
                 "epoch": epoch + 1, "stopped": stopped, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "generator": gen.get_state(), "rng": rng_states(), "history": history,
                 "best": float(best), "best_state": best_state, "since_best": since_best,
-                "elapsed_s": time.perf_counter() - t0, "weighting": weighting.state_dict()})
+                "elapsed_s": time.perf_counter() - t0, "limit_spent_s": clock() - clock_start,
+                "weighting": weighting.state_dict()})
     bar.close()
     if len(validation):
         _load_state(model, weighting, best_state)

@@ -1041,6 +1041,59 @@ def cold_start_section(record: dict, path: Path) -> list[str]:
     return out
 
 
+def baselines_section(record: dict, path: Path, images: dict[str, tuple[str, str]]
+                      ) -> list[str]:
+    """bench/baselines.py: SANO against baseline models on the same data, each trained in its
+    own process for the same CPU-second budget; the shipped SANO as a separate row."""
+    n_train = record["models"][0].get("n_train", "?")
+    out = ["## Baselines at the same budget", "",
+           f"Each model trained from scratch on the same data ({n_train} training samples), in "
+           "its own process on one thread, for at most "
+           f"{num(record['budget_cpu_s'])} CPU seconds of that process (validation included; a "
+           "CPU-second budget, so that the load of the shared machine does not shorten it), "
+           "then scored on the same held-out test set; models with an uncertainty are "
+           "conformal-calibrated (global) on the same calibration set. \"-style\" models are "
+           "this project's re-implementations. The shipped SANO (trained on the full data, "
+           "its card's wall time on its machine) is a separate row, not at the budget. "
+           "Objectivity: largest "
+           "‖P̄(QF̄) − QP̄(F̄)‖/‖P̄‖ over random rotations Q (any angle; within ±0.1 rad); "
+           "symmetry: ‖A_iJkL − A_kLiJ‖/‖A‖; throughput: test samples (stress + tangent from "
+           "the cell and the load) per CPU second, one thread. See "
+           "[the operator page](operator.md#baselines).", ""]
+    out += provenance(record, path, "the fields below", None)
+    if record.get("reused"):
+        out += [f"Rows of {', '.join(record['reused'])}: per-model records of earlier runs "
+                "of this command (the same settings), kept by `--reuse`.", ""]
+    rows = []
+    for r in record["models"]:
+        s = r.get("scores")
+        if s is None:
+            rows.append((r["label"], *(["–"] * 9), r.get("error", "")))
+            continue
+        h = r.get("history") or {}
+        trained = (f"{num(r['train_cpu_s'])} CPU s, {num(h.get('epochs'))} epochs"
+                   if r.get("train_cpu_s") is not None else
+                   f"{num(h.get('train_wall_s'))} wall s, {num(h.get('epochs'))} epochs, full "
+                   "data (its card)")
+        rows.append((r["label"], pct(s["rel_l2_stress"]), pct(s["rel_l2_tangent"]),
+                     sci(s["objectivity_any_angle"]), sci(s["objectivity_0.1rad"]),
+                     sci(s["major_symmetry"]),
+                     pct(s["coverage_95"]) if "coverage_95" in s else "–",
+                     num(s["ece"]) if "ece" in s else "–", trained,
+                     num(s["throughput_per_cpu_s"]), num(r.get("parameters"))))
+    out += table(("model", "P̄ rel. L2", "A rel. L2", "objectivity (any Q)",
+                  "objectivity (±0.1 rad)", "A symmetry", "95 % coverage", "ECE",
+                  "training", "samples / CPU s", "parameters"), rows)
+    floor = next((r["floor"] for r in record["models"] if "floor" in r), None)
+    if floor is not None:
+        out += [f"EquiNO-style floor: P̄ from the test set's true micro fields projected on the "
+                f"{floor['modes']} POD modes of the training fields is off by "
+                f"{pct(floor['projected_fields'])}; from the true fields themselves, sampled on "
+                f"the pixels, by {pct(floor['true_fields_on_pixels'])}.", ""]
+    return out + figure("baselines.png", "Test errors and 95 % coverage of the baselines",
+                        images)
+
+
 def generic_section(record: dict, path: Path) -> list[str]:
     """A record of a kind this script does not know: its scalar fields as they are."""
     out = [f"## `{path.stem}`", ""]
@@ -1071,7 +1124,7 @@ def copy_images(docs: Path) -> dict[str, tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------- page
-ORDER = ("rve_solve", "rve_solve_3d", "rve_live", "operator", "calibration_groups",
+ORDER = ("rve_solve", "rve_solve_3d", "rve_live", "operator", "baselines", "calibration_groups",
          "uncertainty_options", "encode", "memory", "region", "transfer", "transfer_laminate",
          "fe2_speedup", "fe2_speedup_rtol002", "fe2_speedup_beyond", "fe2_speedup_412",
          "fe2_speedup_3d", "cold_start", "cold_start_eager", "hmm_speedup",
@@ -1121,6 +1174,8 @@ def page(docs: Path) -> str:
             lines += c_api_section(record, path)
         elif name == "uncertainty_options":
             lines += uncertainty_options_section(record, path)
+        elif name == "baselines":
+            lines += baselines_section(record, path, images)
 
         elif name.startswith("cold_start"):
             lines += cold_start_section(record, path)
