@@ -105,9 +105,10 @@ def test_homogeneous_cells_give_the_single_scale_coupon(tmp_path):
 def test_one_and_two_ranks_give_the_same_coupon(tmp_path):
     """The example with the 3D operator and fallback to the true 3D RVE solver (a coarse RVE
     mesh) on 1 and on 2 ranks (mpiexec): the same points fall back and the displacement and
-    stress agree to the solvers' tolerance."""
-    flags = [*COARSE, "--steps", "1", "--rve-mesh-size", "0.25", "--rtol", "0.1",
-             "--no-retrain"]
+    stress agree to the solvers' tolerance. A wide absolute tolerance keeps the fallback to a
+    few points (measured 5 of 140: those outside the model's training region), ~25 s a run."""
+    flags = [*COARSE, "--steps", "1", "--rve-mesh-size", "0.25", "--rtol", "0.05", "--atol",
+             "0.05", "--no-retrain"]
     one, two = serial_and_parallel(ROOT / "examples" / "fe2_composite_3d.py", flags, tmp_path,
                                    2)
     assert two["ranks"] == 2 and two["quadrature_points"] == one["quadrature_points"] == 140
