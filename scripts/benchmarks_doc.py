@@ -939,7 +939,9 @@ def uncertainty_options_section(record: dict, path: Path) -> list[str]:
            "The operator's sources of epistemic uncertainty (`model.uncertainty`) and loss "
            "weightings (`training.weighting`), each trained from the same seed on the same "
            f"{num(d['train']['samples'])} solves ({num(d['train']['structures'])} cells; 10 % "
-           f"held out for early stopping) for the same wall time, {num(record['budget_s'])} s, "
+           f"held out for early stopping) for the same training time, {num(record['budget_s'])} "
+           + ("CPU s of its process on one thread (a budget the machine's load does not "
+              "shrink), " if record.get("clock") == "cpu" else "s of wall time, ") +
            f"calibrated on the same {num(d['calibration']['samples'])} solves and tested on "
            f"{num(d['test']['samples'])} others. NLL: Gaussian negative log-likelihood of P̄ "
            "under the calibrated covariance (nats per sample, stress in GPa); coverage: of the "
@@ -949,10 +951,10 @@ def uncertainty_options_section(record: dict, path: Path) -> list[str]:
     out += provenance(record, path, "the fields below", None)
     rows = [(UNCERTAINTY_LABELS.get(n, n), pct(r["rel_l2_stress"]), pct(r["rel_l2_tangent"]),
              num(r["nll"]), pct(r["ece"]), pct(r["coverage_95"]), pct(r["bound_coverage_95"]),
-             f"{r['epochs']} ({num(r['train_time_s'])} s)",
+             f"{r['epochs']} ({num(r['train_time_s'])} s wall)",
              num(1e6 * r["predict_s_per_point"])) for n, r in record["runs"].items()]
     return out + table(("variant", "rel. L2 P̄", "rel. L2 A", "NLL", "ECE", "95 % coverage",
-                        "95 % bound coverage", "epochs (train s)", "cost µs/point"), rows)
+                        "95 % bound coverage", "epochs (training)", "cost µs/point"), rows)
 
 
 def c_api_section(record: dict, path: Path) -> list[str]:
