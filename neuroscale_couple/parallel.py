@@ -188,11 +188,14 @@ def init_torch_distributed(comm: MPI.Comm) -> bool:
 
 
 def allreduce_gradients(model) -> None:
-    """Sum the gradients of ``model``'s parameters over all ranks (one flat all-reduce)."""
+    """Sum the gradients of ``model``'s parameters over all ranks (one flat all-reduce; none
+    for a module without trainable parameters)."""
     import torch
     import torch.distributed as dist
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)

@@ -439,6 +439,7 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
         gen.set_state(saved["generator"])
         set_rng_states(saved["rng"])
         history, best, since_best = saved["history"], saved["best"], saved["since_best"]
+        history.setdefault("time_limited", False)  # a checkpoint from before time limits
         best_state = {k: v.to(param.device) for k, v in saved["best_state"].items()}
         weighting.load_state_dict(saved.get("weighting", {}))
         start, stopped, elapsed = saved["epoch"], saved["stopped"], saved["elapsed_s"]
@@ -493,6 +494,7 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
             total = _batch_loss_sum(comm, float(loss.detach()), failure, epoch)
             if distributed:
                 allreduce_gradients(model)
+                allreduce_gradients(weighting)  # learned loss weights: one set on every rank
             opt.step()
             epoch_loss += total * n_batch / len(data)
             if over_limit():  # the epoch ends here: validated and recorded as truncated
@@ -516,6 +518,7 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
             stopped = since_best > cfg.patience
             if stopped:
                 log.info("early stopping at epoch %d (best %d)", epoch, history["best_epoch"])
+        history["time_limited"] = history["time_limited"] or over_limit()  # saved as stopped
         stopped = stopped or history["time_limited"]
         if checkpoint is not None and comm.rank == 0:
             checkpoint.save({

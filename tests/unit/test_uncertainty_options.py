@@ -184,3 +184,19 @@ def test_a_time_limit_ends_the_training_and_a_crystal_takes_the_options_too():
                     comm=MPI.COMM_SELF, progress=False)
     assert history["time_limited"] and 0 < len(history["train"]) < 1000
     assert_sound(predict(crystal, data))
+
+
+@pytest.mark.mpi
+def test_learned_loss_weights_are_one_set_on_every_rank(cells):
+    """A data-parallel training sums the log-variances' gradients over the ranks as the model's:
+    every rank ends with the same learned weights (and the same model)."""
+    comm = MPI.COMM_WORLD
+    cfg = dataclasses.replace(CFG, weighting="uncertainty", val_fraction=0.0)
+    torch.manual_seed(0)
+    sano = SANO(SANOConfig(**SMALL))
+    history = train(sano, cells, cfg, comm=comm, progress=False)
+    learned = comm.allgather(history["log_variances"])
+    assert all(v != 0.0 for v in learned[0].values())
+    assert all(other == learned[0] for other in learned)
+    first = torch.cat([p.detach().reshape(-1) for p in sano.parameters()]).numpy()
+    assert all(np.array_equal(first, other) for other in comm.allgather(first))
