@@ -41,7 +41,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -142,16 +141,20 @@ def new_baseline(name: str, config: dict):
     return DescriptorMLP(members=4)
 
 
-def train_sano(train_all, fit, validation, budget_s: float):
-    """A SANO of the shipped architecture and settings, trained from scratch at the budget."""
+def train_sano(train_all, fit, validation, budget_s: float, model_change: dict | None = None,
+               training_change: dict | None = None):
+    """A SANO of the shipped architecture and settings, trained from scratch at the budget;
+    ``model_change``/``training_change``: config keys that differ from the shipped model's (an
+    ablation's variant, its ``seed``)."""
     from neuroscale_couple.cli import load_yaml
     from neuroscale_couple.training import TrainConfig, train
 
     cfg = load_yaml(SHIPPED_TRAIN)
-    tcfg = TrainConfig.from_dict({**cfg["training"], "time_limit_s": budget_s,
-                                  "time_clock": "cpu"})
+    tcfg = TrainConfig.from_dict({**cfg["training"], **(training_change or {}),
+                                  "time_limit_s": budget_s, "time_clock": "cpu"})
     torch.manual_seed(tcfg.seed)
-    model, _ = train_all.structure.new_operator(dict(cfg["model"]), train_all)
+    model, _ = train_all.structure.new_operator({**cfg["model"], **(model_change or {})},
+                                                train_all)
     history = train(model, fit, tcfg, validation=validation, progress=False)
     return model, history
 
@@ -217,35 +220,14 @@ def worker(args: argparse.Namespace) -> dict:
 def run_workers(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """Each model in its own process (``--parallel`` at a time); their records in order, and
     the models run (not reused)."""
-    out = Path(args.work)
-    out.mkdir(parents=True, exist_ok=True)
-    pending = [m for m in args.models if not (args.reuse and (out / f"{m}.json").exists())]
-    running, ran = [], list(pending)
-    records = {m: json.loads((out / f"{m}.json").read_text())
-               for m in args.models if m not in pending}
-    while pending or running:
-        while pending and len(running) < args.parallel:
-            name = pending.pop(0)
-            cmd = [sys.executable, __file__, "--worker", name, "--train", args.train, "--test",
-                   args.test, "--calibration", args.calibration, "--budget-cpu-s",
-                   str(args.budget_cpu_s), "--json", str(out / f"{name}.json")]
-            log = open(out / f"{name}.log", "w")
-            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
-                            log))
-        for item in list(running):
-            name, proc, log = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            log.close()
-            path = out / f"{name}.json"
-            records[name] = (json.loads(path.read_text()) if proc.returncode == 0 else
-                             {"model": name, "label": LABELS[name],
-                              "error": f"worker exited with {proc.returncode}: see {out}/"
-                                       f"{name}.log"})
-            print(f"{name}: done ({proc.returncode})", flush=True)
-        time.sleep(2)
-    return [records[name] for name in args.models], ran
+    from workers import run_jobs
+
+    jobs = {m: [sys.executable, __file__, "--worker", m, "--train", args.train, "--test",
+                args.test, "--calibration", args.calibration, "--budget-cpu-s",
+                str(args.budget_cpu_s), "--json", str(Path(args.work) / f"{m}.json")]
+            for m in args.models}
+    records, ran = run_jobs(jobs, Path(args.work), args.parallel, args.reuse)
+    return [{"model": m, "label": LABELS[m], **records[m]} for m in args.models], ran
 
 
 def print_table(records: list[dict]) -> None:

@@ -1096,6 +1096,42 @@ def baselines_section(record: dict, path: Path, images: dict[str, tuple[str, str
                         images)
 
 
+def ablations_section(record: dict, path: Path, images: dict[str, tuple[str, str]]
+                      ) -> list[str]:
+    """bench/ablations.py: variants of SANO over seeds, mean and 95 % t-interval, and the
+    difference to the full model paired by seed."""
+    seeds = record["seeds"]
+    out = ["## Ablations over seeds", "",
+           f"Each variant of the shipped architecture trained from scratch with seeds "
+           f"{', '.join(map(str, seeds))} on the baselines' data, in its own process on one "
+           f"thread, for {num(record['budget_cpu_s'])} CPU seconds, and scored on the same "
+           "test set (global conformal calibration on the calibration set). Mean over the seeds "
+           "with its 95 % t-interval; \"vs full\": the difference to the full model paired by "
+           "seed (same seed: same batch order and augmentation) with its 95 % t-interval — "
+           "**decided** where that interval excludes zero. See "
+           "[the operator page](operator.md#ablations).", ""]
+    out += provenance(record, path, "the fields below", None)
+
+    def ci(m: dict, fmt: Callable[[float], str]) -> str:
+        return f"{fmt(m['mean'])} [{fmt(m['low'])}, {fmt(m['high'])}]" if "mean" in m else "–"
+
+    def vs(m: dict) -> str:
+        d = m.get("vs_full")
+        if d is None:
+            return "–"
+        signed = f"{100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] pts"
+        return f"**{signed}**" if d["decided"] else signed
+
+    rows = [(r["label"], ci(r["rel_l2_stress"], pct), vs(r["rel_l2_stress"]),
+             ci(r["rel_l2_tangent"], pct), vs(r["rel_l2_tangent"]), ci(r["ece"], num),
+             ci(r["coverage_95"], pct), ", ".join(map(str, r["epochs"])) or "–")
+            for r in record["variants"]]
+    out += table(("variant", "P̄ rel. L2", "vs full (P̄)", "A rel. L2", "vs full (A)", "ECE",
+                  "95 % coverage", "epochs per seed"), rows)
+    return out + figure("ablations.png", "Ablations: each seed, mean and 95 % interval",
+                        images)
+
+
 def generic_section(record: dict, path: Path) -> list[str]:
     """A record of a kind this script does not know: its scalar fields as they are."""
     out = [f"## `{path.stem}`", ""]
@@ -1126,7 +1162,8 @@ def copy_images(docs: Path) -> dict[str, tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------- page
-ORDER = ("rve_solve", "rve_solve_3d", "rve_live", "operator", "baselines", "calibration_groups",
+ORDER = ("rve_solve", "rve_solve_3d", "rve_live", "operator", "baselines", "ablations",
+         "calibration_groups",
          "uncertainty_options", "encode", "memory", "region", "transfer", "transfer_laminate",
          "fe2_speedup", "fe2_speedup_rtol002", "fe2_speedup_beyond", "fe2_speedup_412",
          "fe2_speedup_3d", "cold_start", "cold_start_eager", "hmm_speedup",
@@ -1178,6 +1215,8 @@ def page(docs: Path) -> str:
             lines += uncertainty_options_section(record, path)
         elif name == "baselines":
             lines += baselines_section(record, path, images)
+        elif name == "ablations":
+            lines += ablations_section(record, path, images)
 
         elif name.startswith("cold_start"):
             lines += cold_start_section(record, path)
