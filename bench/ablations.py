@@ -17,7 +17,8 @@ change:
 
 Seed s sets the initial weights, the batch order and the augmentation; the train / validation /
 calibration / test split is the same for all. Scored on the test set as bench/baselines.py
-(relative L2 of P̄ and A, 95 % coverage and ECE after split-conformal calibration). Per variant:
+(relative L2 of P̄ and A, 95 % coverage and ECE after split-conformal calibration), and the
+decoded micro field P(y) by its H⁻¹ equilibrium residual and its gap to the coarse P̄. Per variant:
 mean and the 95 % t-interval over seeds, and the difference to ``full`` paired by seed with its
 interval — a variant is decided better or worse only where that interval excludes zero.
 
@@ -57,7 +58,8 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "uncertainty_weights": ("learned uncertainty weights", {}, {"weighting": "uncertainty"}),
     "gradnorm": ("GradNorm weights", {}, {"weighting": "gradnorm"}),
 }
-METRICS = ("rel_l2_stress", "rel_l2_tangent", "coverage_95", "ece")
+METRICS = ("rel_l2_stress", "rel_l2_tangent", "coverage_95", "ece", "equilibrium_h-1",
+           "coarse_fine_rel_gap")
 
 
 def training_change(variant: str, seed: int) -> dict:
@@ -70,6 +72,25 @@ def training_change(variant: str, seed: int) -> dict:
         change["weights"] = {**load_yaml(SHIPPED_TRAIN)["training"]["weights"],
                              **change["weights"]}
     return {**change, "seed": seed}
+
+
+def field_measures(model, test, n: int = 256) -> dict:
+    """How well the decoded micro field P(y) of the first ``n`` test samples obeys the physics:
+    its H⁻¹ equilibrium residual, and the gap ‖⟨P(y)⟩ − P̄‖/‖P̄‖ to the coarse prediction."""
+    from neuroscale_couple.physics import equilibrium_loss
+    from neuroscale_couple.training import predict_dataset
+
+    model = model.double()
+    sample = test.subset(np.arange(min(n, len(test))))
+    uniq, inv = torch.unique(sample.micro_index, return_inverse=True)
+    with torch.no_grad():
+        images = sample.images[uniq].double()
+        z, h = model.encode(images)
+        fields = model.decode(images[inv], z[inv], h[inv], sample.F.double())
+        mean = predict_dataset(model, sample)["mean"].double()
+        return {"equilibrium_h-1": float(equilibrium_loss(fields["P"], model.sigma_ref)),
+                "coarse_fine_rel_gap": float((fields["P"].mean(dim=(1, 2)) - mean).norm()
+                                             / mean.norm())}
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -86,7 +107,8 @@ def worker(args: argparse.Namespace) -> dict:
             "parameters": sum(p.numel() for p in model.parameters()),
             "history": {"epochs": len(history["val"]), "best_epoch": history["best_epoch"],
                         "budget_spent": history["time_limited"]},
-            "scores": scores(sano_predict(model), test, calibration)}
+            "scores": {**scores(sano_predict(model), test, calibration),
+                       **field_measures(model, test)}}
 
 
 def interval(x: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:

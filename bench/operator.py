@@ -8,8 +8,8 @@ the learned scale weights):
   OOD AUROC for loads beyond the training range, 0.3 ≤ |F̄ − I| ≤ 0.4 (≥ 0.9);
 - throughput of stress + tangent + covariance with cached latents (target ≥ 1e5 points/s here),
   and the encoder's cost per microstructure;
-- ablation: the same short training with and without the physics losses and the cross-scale
-  attention, on a subset of the training data, scored on the test set.
+
+Ablations of the architecture and losses over seeds: bench/ablations.py.
 
 Data sets are made with the project's own RVE solver from ``examples/models/*.yaml`` when missing.
 """
@@ -17,14 +17,12 @@ Data sets are made with the project's own RVE solver from ``examples/models/*.ya
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,42 +71,6 @@ def throughput(model, data, n_points: int) -> dict:
     return out
 
 
-def ablation(train_data, test_data, epochs: int, n_micro: int) -> list[dict]:
-    """Short trainings of variants on the first ``n_micro`` microstructures, scored on test."""
-    from neuroscale_couple.operators.sano import SANO
-    from neuroscale_couple.physics import equilibrium_loss
-    from neuroscale_couple.training import TrainConfig, predict_dataset, relative_errors, train
-
-    base = SANO.from_checkpoint(MODELS / "fe2_composite.pt")
-    full = TrainConfig.from_dict(json.loads(json.dumps(base.card.get("training", {}))))
-    subset = train_data.subset(np.flatnonzero(train_data.micro_index.numpy() < n_micro))
-    physics_off = {k: v for k, v in full.weights.items()
-                   if k in ("stress", "tangent", "nll")}
-    variants = [("full (physics + cross-scale attention)", {}, full.weights),
-                ("no physics losses", {}, physics_off),
-                ("no cross-scale attention", {"cross_scale": False}, full.weights)]
-    rows = []
-    for name, model_change, weights in variants:
-        torch.manual_seed(0)
-        model = SANO(dataclasses.replace(base.config, **model_change))
-        cfg = dataclasses.replace(full, epochs=epochs, patience=epochs, weights=dict(weights))
-        t0 = time.perf_counter()
-        train(model, subset, cfg, progress=False)
-        errors = relative_errors(model.double(), test_data)
-        with torch.no_grad():
-            sample = test_data.subset(np.arange(min(256, len(test_data))))
-            uniq, inv = torch.unique(sample.micro_index, return_inverse=True)
-            imgs = sample.images[uniq].double()
-            z, h = model.encode(imgs)
-            fields = model.decode(imgs[inv], z[inv], h[inv], sample.F.double())
-            eq = float(equilibrium_loss(fields["P"], model.sigma_ref))
-            mean = predict_dataset(model, sample)["mean"]
-            consistency = float((fields["P"].mean(dim=(1, 2)) - mean).norm() / mean.norm())
-        rows.append({"variant": name, **errors, "equilibrium_h-1": eq,
-                     "coarse_fine_rel_gap": consistency, "train_s": time.perf_counter() - t0})
-    return rows
-
-
 def plot_scale_weights(model, path: Path) -> None:
     import matplotlib
 
@@ -132,9 +94,6 @@ def main() -> None:
     parser.add_argument("--model", default=str(MODELS / "fe2_composite.pt"))
     parser.add_argument("--data-dir", default=str(ROOT / "out" / "model"))
     parser.add_argument("--points", type=int, default=100_000)
-    parser.add_argument("--ablation-epochs", type=int, default=25)
-    parser.add_argument("--ablation-microstructures", type=int, default=96)
-    parser.add_argument("--no-ablation", action="store_true")
     args = parser.parse_args()
 
     from neuroscale_couple.evaluation import evaluate
@@ -167,16 +126,6 @@ def main() -> None:
             ("encoder ms / microstructure", speed["encoder_ms_per_microstructure_float32"], "")]
     for name, value, target in rows:
         print(f"{name:>30}: {value:12.4g}   {target}")
-    if not args.no_ablation:
-        train_data = TrainingData.from_h5(ensure_data("data", data_dir), n)
-        record["ablation"] = ablation(train_data, test, args.ablation_epochs,
-                                      args.ablation_microstructures)
-        print(f"\nablation ({args.ablation_microstructures} microstructures, "
-              f"{args.ablation_epochs} epochs each):")
-        print(f"{'variant':>40} {'P̄ err':>8} {'A err':>8} {'eq H-1':>8} {'gap':>8}")
-        for r in record["ablation"]:
-            print(f"{r['variant']:>40} {r['rel_l2_stress']:8.4f} {r['rel_l2_tangent']:8.4f} "
-                  f"{r['equilibrium_h-1']:8.3f} {r['coarse_fine_rel_gap']:8.4f}")
     (RESULTS / "operator.json").write_text(json.dumps(record, indent=1))
     print(f"wrote {RESULTS / 'operator.json'}")
 

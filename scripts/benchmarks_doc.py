@@ -371,17 +371,6 @@ def operator_section(record: dict, path: Path, images: dict[str, tuple[str, str]
         w = record["scale_weights"]
         out += ["Learned scale weights of the wavelet scales (finest first): "
                 + ", ".join(num(x) for x in w) + ".", ""]
-    abl = record.get("ablation")
-    if abl:
-        out += ["Ablation: the same short training on a subset of the training data, with and "
-                "without the physics losses and the cross-scale attention, scored on the test "
-                "set. The H⁻¹ equilibrium residual and the coarse/fine gap judge the decoded "
-                "micro field.", ""]
-        out += table(("variant", "P̄ error", "tangent error", "equilibrium H⁻¹",
-                      "coarse/fine gap", "training s"),
-                     [(a["variant"], num(a["rel_l2_stress"]), num(a["rel_l2_tangent"]),
-                       num(a["equilibrium_h-1"]), num(a["coarse_fine_rel_gap"]),
-                       num(a["train_s"])) for a in abl])
     out += figure("operator_reliability.png", "Reliability diagram of the shipped operator",
                   images)
     out += figure("operator_scale_weights.png", "Learned scale weights", images)
