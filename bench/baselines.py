@@ -13,6 +13,10 @@ shrink. The models, on one train / validation / calibration / test split:
 - ``equino``: EquiNO-style reduced basis (:class:`~neuroscale_couple.baselines.EquiNOStyle`);
 - ``mlp``: a deep ensemble of MLPs on descriptors
   (:class:`~neuroscale_couple.baselines.DescriptorMLP`);
+- ``pipno``: PIPNO-style physics-informed parallel Fourier operator of the micro field
+  (:class:`~neuroscale_couple.baselines.PIPNOStyle`): equilibrium residual + data terms;
+- ``ppino``: PPI-NO-style FNO with a pseudo-physics learnt from the training part's micro fields
+  (:class:`~neuroscale_couple.baselines.PPINOStyle`; needs ``samples/fields/w`` at 32²);
 - ``shipped``: the shipped operator (``examples/models/fe2_composite.pt``, trained on the full
   data, 180 epochs), evaluated only: a separate row, not at the budget.
 
@@ -53,9 +57,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SHIPPED = ROOT / "examples" / "models" / "fe2_composite.pt"
 SHIPPED_TRAIN = ROOT / "examples" / "models" / "fe2_composite.train.yaml"
-MODELS = ("sano", "fno", "equino", "mlp", "shipped")
+MODELS = ("sano", "fno", "equino", "mlp", "pipno", "ppino", "shipped")
 LABELS = {"sano": "SANO (this budget)", "fno": "FNO (neuraloperator)", "equino": "EquiNO-style",
-          "mlp": "MLP on descriptors (ensemble of 4)",
+          "mlp": "MLP on descriptors (ensemble of 4)", "pipno": "PIPNO-style",
+          "ppino": "PPI-NO-style",
           "shipped": "SANO shipped (full data; not at the budget)"}
 RESOLUTION = 32
 OBJECTIVITY_SAMPLES = 96
@@ -132,12 +137,22 @@ def baseline_predict(model) -> Predict:
 
 def new_baseline(name: str, config: dict):
     """A fresh baseline with the bench's settings; ``config``: the data's generate config."""
-    from neuroscale_couple.baselines import DescriptorMLP, EquiNOStyle, FNOBaseline
+    from neuroscale_couple.baselines import (
+        DescriptorMLP,
+        EquiNOStyle,
+        FNOBaseline,
+        PIPNOStyle,
+        PPINOStyle,
+    )
 
     if name == "fno":
         return FNOBaseline(modes=8, width=32, layers=4)
     if name == "equino":
         return EquiNOStyle(config, resolution=RESOLUTION, modes=256)
+    if name == "pipno":
+        return PIPNOStyle(config, width=16, modes=8, layers=3, branches=3)
+    if name == "ppino":
+        return PPINOStyle(width=32, modes=8, layers=4)
     return DescriptorMLP(members=4)
 
 

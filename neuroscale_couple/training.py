@@ -470,7 +470,8 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
             history["time_limited"] = True
             break
         if cfg.time_limit_s is not None:
-            _set_cosine_lr(opt, cfg, max(epoch / cfg.epochs, spent() / cfg.time_limit_s))
+            set_cosine_lr(opt, cfg.lr, cfg.lr_final,
+                          max(epoch / cfg.epochs, spent() / cfg.time_limit_s))
         t_epoch = time.perf_counter()
         model.train()
         epoch_loss = 0.0
@@ -553,12 +554,14 @@ def _load_state(model: CoarseGrainingOperator, weighting: LossWeighting, state: 
                                if k.startswith(prefix)})
 
 
-def _set_cosine_lr(opt: torch.optim.Optimizer, cfg: TrainConfig, progress: float) -> None:
-    """The learning rate of a cosine from ``cfg.lr`` to ``cfg.lr_final`` at ``progress``
-    (0–1) of the training."""
-    lr = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * min(progress, 1)))
+def set_cosine_lr(opt: torch.optim.Optimizer, lr: float, lr_final: float,
+                  progress: float) -> None:
+    """Set the learning rate of a cosine from ``lr`` to ``lr_final`` at ``progress`` (0–1) of
+    the training: under a time limit, the larger of the epochs' and the time's fraction (the
+    operator's training and the baselines' share this rule)."""
+    rate = lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * min(progress, 1)))
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = rate
 
 
 @torch.no_grad()

@@ -12,6 +12,8 @@ from neuroscale_couple.baselines.equino import EquiNOStyle
 from neuroscale_couple.baselines.fno import FNOBaseline
 from neuroscale_couple.baselines.measures import major_symmetry_error, objectivity_error
 from neuroscale_couple.baselines.mlp import DescriptorMLP, descriptors
+from neuroscale_couple.baselines.pipno import PIPNOStyle
+from neuroscale_couple.baselines.ppino import PPINOStyle
 
-__all__ = ["Baseline", "DescriptorMLP", "EquiNOStyle", "FNOBaseline", "descriptors",
-           "major_symmetry_error", "objectivity_error", "stress_and_tangent"]
+__all__ = ["Baseline", "DescriptorMLP", "EquiNOStyle", "FNOBaseline", "PIPNOStyle", "PPINOStyle",
+           "descriptors", "major_symmetry_error", "objectivity_error", "stress_and_tangent"]

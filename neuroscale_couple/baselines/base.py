@@ -9,7 +9,10 @@ Piola–Kirchhoff stress P̄ (members, B, 2, 2), stress units. The tangent A = �
 
 Training (:meth:`Baseline.fit`) uses the loss of the operator's training
 (:mod:`neuroscale_couple.training`) restricted to its data terms: stress ⟨‖P̄_m − P̄‖²⟩/σ_ref²
-plus ``tangent_weight`` · ⟨‖A_m − A‖²⟩/A_ref², every member, Adam with a cosine schedule, the
+plus ``tangent_weight`` · ⟨‖A_m − A‖²⟩/A_ref², every member (models with physics terms add
+them in :meth:`Baseline._loss`), Adam with the operator's cosine schedule
+(:func:`~neuroscale_couple.training.set_cosine_lr`: annealed over the larger of the epochs' and
+the budget's fraction, so a budget that ends the training first ends its cosine too), the
 validation error checked each epoch (best weights kept), and a compute budget in seconds of a
 clock (CPU seconds of the process by default) checked after every batch and validation.
 """
@@ -28,7 +31,10 @@ import torch
 from torch import nn
 
 from neuroscale_couple.errors import InputError
-from neuroscale_couple.training import TrainingData
+from neuroscale_couple.materials import TwoPhaseMaterial, lame
+from neuroscale_couple.operators.base import autograd_tangent
+from neuroscale_couple.physics import micro_stress
+from neuroscale_couple.training import TrainingData, set_cosine_lr
 
 COV_FLOOR = 1e-3
 """Added to an ensemble's member standard deviations, relative to σ_ref."""
@@ -42,11 +48,38 @@ def stress_and_tangent(stress: Callable[[torch.Tensor], torch.Tensor], F: torch.
     with torch.enable_grad():
         F = F.detach().requires_grad_(True)
         P = stress(F)
-        rows = [torch.autograd.grad(P[..., i, j].sum(), F, create_graph=create_graph,
-                                    retain_graph=True)[0]
-                for i in range(2) for j in range(2)]
-    A = torch.stack(rows, -3).unflatten(-3, (2, 2))
+        A = autograd_tangent(P, F, create_graph=create_graph)
     return (P, A) if create_graph else (P.detach(), A.detach())
+
+
+def image_and_load(x: torch.Tensor, F: torch.Tensor, e_ref: torch.Tensor) -> torch.Tensor:
+    """Input (B, C + 4, n, n) of a field network: images x (B, C, n, n) and the four components
+    of (F̄ − I)/e_ref (F̄ (B, 2, 2), e_ref in strain units) as channels constant over the cell."""
+    eye = torch.eye(2, dtype=F.dtype, device=F.device)
+    load = ((F - eye) / e_ref).flatten(1)[:, :, None, None]
+    return torch.cat([x, load.expand(-1, -1, *x.shape[-2:])], 1)
+
+
+class PhaseLaw(nn.Module):
+    """The exact law of the two phases of ``material`` (a generate config) pixel by pixel
+    (:func:`~neuroscale_couple.physics.micro_stress`), fibre where the image is > ½ (as the
+    fine solver samples its fields)."""
+
+    def __init__(self, material: dict) -> None:
+        super().__init__()
+        m = TwoPhaseMaterial.from_config(material)
+        self.law = m.law
+        for key, phase in (("lame_matrix", m.matrix), ("lame_fibre", m.fibre)):
+            self.register_buffer(key, torch.tensor(lame(phase.E, phase.nu)))
+
+    def forward(self, x: torch.Tensor, F_field: torch.Tensor) -> torch.Tensor:
+        """P(y) (B, n, n, 2, 2), stress units, of images x (B, 1, n, n) and micro deformation
+        gradients F(y) (B, n, n, 2, 2)."""
+        fibre = (x[:, 0] > 0.5).to(F_field.dtype)
+        lm, mm = self.lame_matrix.to(F_field.dtype)
+        lf, mf = self.lame_fibre.to(F_field.dtype)
+        return micro_stress(F_field, fibre * lf + (1 - fibre) * lm,
+                            fibre * mf + (1 - fibre) * mm, self.law)
 
 
 class Baseline(nn.Module):
@@ -146,7 +179,6 @@ class Baseline(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         self.set_normalisation(data.F, data.P, data.A)
         opt = torch.optim.Adam(self.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs, eta_min=lr_final)
         start = clock()
         history: dict = {"val": [], "epochs": 0, "best_epoch": -1, "budget_spent": False,
                          "steps": 0}
@@ -157,11 +189,12 @@ class Baseline(nn.Module):
             return history["budget_spent"]
 
         for epoch in range(epochs):
+            set_cosine_lr(opt, lr, lr_final,
+                          max(epoch / epochs, (clock() - start) / budget_s if budget_s > 0 else 1))
             self.train()
             for idx in torch.randperm(len(data), generator=gen).split(batch_size):
                 opt.zero_grad()
-                x = data.images[data.micro_index[idx]]
-                self._loss(x, data.F[idx], data.P[idx], data.A[idx], tangent_weight).backward()
+                self._loss(data, idx, tangent_weight).backward()
                 opt.step()
                 history["steps"] += 1
                 if spent():
@@ -170,7 +203,6 @@ class Baseline(nn.Module):
                 if not history["val"]:  # nothing validated yet: keep what was trained
                     best_state = self._weights()
                 break
-            sched.step()
             val = self.relative_errors(validation)["rel_l2_stress"]
             history["val"].append(val)
             history["epochs"] = epoch + 1
@@ -188,13 +220,23 @@ class Baseline(nn.Module):
         return {k: v.detach().clone() for k, v in self.state_dict().items()
                 if isinstance(v, torch.Tensor)}
 
-    def _loss(self, x: torch.Tensor, F: torch.Tensor, P: torch.Tensor, A: torch.Tensor,
-              tangent_weight: float) -> torch.Tensor:
-        """Stress (+ tangent) loss of one batch, mean over members and samples."""
+    def _loss(self, data: TrainingData, idx: torch.Tensor, tangent_weight: float
+              ) -> torch.Tensor:
+        """Loss of the batch ``idx`` (B,) of ``data``: here the data terms of
+        :meth:`_data_loss`."""
+        x = data.images[data.micro_index[idx]]
+        return self._data_loss(lambda G: self(x, G), data.F[idx], data.P[idx], data.A[idx],
+                               tangent_weight)
+
+    def _data_loss(self, stress: Callable[[torch.Tensor], torch.Tensor], F: torch.Tensor,
+                   P: torch.Tensor, A: torch.Tensor, tangent_weight: float) -> torch.Tensor:
+        """Stress (+ tangent) loss, mean over members and samples, of ``stress``: the members'
+        P̄ (members, B, 2, 2) at loads (members, B, 2, 2) (:meth:`forward` of the batch)."""
+        Fm = F.expand(self.members, *F.shape)
         if tangent_weight > 0:
-            Pm, Am = self.members_stress_and_tangent(x, F, create_graph=True)
+            Pm, Am = stress_and_tangent(stress, Fm.clone(), create_graph=True)
             tangent = ((Am - A) ** 2).sum((-1, -2, -3, -4)).mean() / self.tangent_ref**2
         else:
-            Pm, tangent = self(x, F), 0.0
-        stress = ((Pm - P) ** 2).sum((-1, -2)).mean() / self.sigma_ref**2
-        return stress + tangent_weight * tangent
+            Pm, tangent = stress(Fm), 0.0
+        stress_term = ((Pm - P) ** 2).sum((-1, -2)).mean() / self.sigma_ref**2
+        return stress_term + tangent_weight * tangent

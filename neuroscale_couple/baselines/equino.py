@@ -23,10 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuroscale_couple.baselines.base import Baseline
+from neuroscale_couple.baselines.base import Baseline, PhaseLaw
 from neuroscale_couple.errors import InputError
-from neuroscale_couple.materials import TwoPhaseMaterial, lame
-from neuroscale_couple.physics import micro_stress
 
 
 def polar(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,10 +44,7 @@ class EquiNOStyle(Baseline):
     def __init__(self, material: dict, *, resolution: int = 32, modes: int = 64,
                  hidden: int = 128) -> None:
         super().__init__(members=1)
-        m = TwoPhaseMaterial.from_config(material)
-        self.law = m.law
-        for key, phase in (("lame_matrix", m.matrix), ("lame_fibre", m.fibre)):
-            self.register_buffer(key, torch.tensor(lame(phase.E, phase.nu)))
+        self.phase_law = PhaseLaw(material)
         self.register_buffer("basis", torch.zeros(modes, resolution, resolution, 2, 2))
         self.register_buffer("mode_scale", torch.ones(modes))
         self.encoder = nn.Sequential(
@@ -93,11 +88,7 @@ class EquiNOStyle(Baseline):
     def cell_stress(self, x: torch.Tensor, U: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
         """⟨P(U + H(y))⟩ (B, 2, 2) of images x (B, 1, n, n) (fibre where > ½, as the fine solver
         samples its fields), stretches U (B, 2, 2), fluctuations H (B, n, n, 2, 2)."""
-        fibre = (x[:, 0] > 0.5).to(U.dtype)
-        lm, mm = self.lame_matrix.to(U.dtype)
-        lf, mf = self.lame_fibre.to(U.dtype)
-        return micro_stress(U[:, None, None] + H, fibre * lf + (1 - fibre) * lm,
-                            fibre * mf + (1 - fibre) * mm, self.law).mean((1, 2))
+        return self.phase_law(x, U[:, None, None] + H).mean((1, 2))
 
     def member_stress(self, k: int, x: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
         R, U = polar(F)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from neuroscale_couple.baselines.base import Baseline
+from neuroscale_couple.baselines.base import Baseline, image_and_load
 from neuroscale_couple.errors import InputError
 
 INSTALL = (".venv/bin/pip install --target out/pydeps --no-deps neuraloperator==2.0.0 tensorly "
@@ -41,7 +41,5 @@ class FNOBaseline(Baseline):
                                   in_channels=5, out_channels=4, n_layers=layers)
 
     def member_stress(self, k: int, x: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
-        eye = torch.eye(2, dtype=F.dtype, device=F.device)
-        load = ((F - eye) / self.e_ref).flatten(1)[:, :, None, None]
-        inputs = torch.cat([x, load.expand(-1, -1, *x.shape[-2:])], 1)
-        return self.fno(inputs).mean((-1, -2)).unflatten(-1, (2, 2)) * self.sigma_ref
+        cell_mean = self.fno(image_and_load(x, F, self.e_ref)).mean((-1, -2))
+        return cell_mean.unflatten(-1, (2, 2)) * self.sigma_ref

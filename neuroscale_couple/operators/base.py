@@ -49,6 +49,19 @@ RECORDED_WHEN_SET = {"phase_ranges": {}, "dim": 2, "uncertainty": ENSEMBLE.kind,
 digested) only when set otherwise, so that the files saved before them keep their digest."""
 
 
+def autograd_tangent(P: torch.Tensor, F: torch.Tensor, *, create_graph: bool = False
+                     ) -> torch.Tensor:
+    """A_iJkL = ∂P_iJ/∂F_kL (..., d, d, d, d) by automatic differentiation, for a stress P
+    (..., d, d) computed from F (..., d, d, ``requires_grad``) so that each load's P depends on
+    its own F only (one backward pass per component of P); ``create_graph`` keeps A
+    differentiable (for a tangent loss)."""
+    d = P.shape[-1]
+    rows = [torch.autograd.grad(P[..., i, j].sum(), F, create_graph=create_graph,
+                                retain_graph=True)[0]
+            for i, j in itertools.product(range(d), range(d))]
+    return torch.stack(rows, dim=-3).reshape(*P.shape, d, d)
+
+
 def config_record(config) -> dict:
     """The config dataclass as recorded in a checkpoint and its digests."""
     return {k: v for k, v in dataclasses.asdict(config).items()
@@ -267,11 +280,7 @@ class CoarseGrainingOperator(nn.Module):
             out = {"stress": P, "chol": self.covariance(zm, e.detach() if not create_graph else e),
                    "energy": W}
             if tangent:
-                d = self.dim
-                rows = [torch.autograd.grad(P[..., i, j].sum(), Fm, create_graph=create_graph,
-                                            retain_graph=True)[0]
-                        for i, j in itertools.product(range(d), range(d))]
-                out["tangent"] = torch.stack(rows, dim=-3).reshape(*P.shape, d, d)
+                out["tangent"] = autograd_tangent(P, Fm, create_graph=create_graph)
         if not create_graph:
             out = {k: v.detach() for k, v in out.items()}
         return out

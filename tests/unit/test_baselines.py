@@ -1,12 +1,15 @@
 """The baseline models of bench/baselines.py: they fit a tiny set and predict the right shapes,
 the descriptor features are those of the cell, the objectivity and symmetry measures tell an
 objective hyperelastic law from others, the EquiNO-style model is objective by construction,
-budgets stop the training, and a missing optional package says how to install it."""
+the PIPNO- and PPI-NO-style models lower their losses (physics, pseudo-physics) and refuse bad
+input, budgets stop the training and end its cosine schedule, and a missing optional package
+says how to install it."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -20,12 +23,16 @@ from neuroscale_couple.baselines import (
     DescriptorMLP,
     EquiNOStyle,
     FNOBaseline,
+    PIPNOStyle,
+    PPINOStyle,
     descriptors,
     major_symmetry_error,
     objectivity_error,
     stress_and_tangent,
 )
+from neuroscale_couple.baselines import base as baselines_base
 from neuroscale_couple.baselines.equino import polar
+from neuroscale_couple.baselines.pipno import ParallelFourierNet
 from neuroscale_couple.errors import InputError
 from neuroscale_couple.operators.sano import SANO, SANOConfig
 from neuroscale_couple.physics import micro_stress
@@ -46,6 +53,16 @@ def cells(arrays) -> TrainingData:
     """6 cells of the shipped anchor set, 12 loads each, images of 16² pixels."""
     data = TrainingData.from_arrays(arrays, RES)
     return data.subset(np.flatnonzero(data.micro_index.numpy() < 6))
+
+
+@pytest.fixture(scope="module")
+def cells_with_fields(cells) -> TrainingData:
+    """The cells with synthetic periodic fluctuation fields w (S, 2, 16, 16), cell lengths:
+    one smooth mode whose amplitude grows with the load."""
+    y = torch.arange(RES, dtype=cells.F.dtype) / RES
+    mode = torch.sin(2 * math.pi * (y[:, None] + y[None, :]))
+    amplitude = 0.05 * (cells.F - torch.eye(2, dtype=cells.F.dtype)).flatten(1)[:, :2]
+    return dataclasses.replace(cells, w=amplitude[:, :, None, None] * mode)
 
 
 def micro(arrays: dict) -> dict:
@@ -73,7 +90,10 @@ def loads(n: int = 16, seed: int = 0) -> torch.Tensor:
 def models(cells: TrainingData) -> list:
     fno = FNOBaseline(modes=4, width=8, layers=2) if _has_neuralop() else None
     equino = EquiNOStyle(cells.config, resolution=RES, modes=4, hidden=16)
-    return [m for m in (DescriptorMLP(members=2, hidden=16, depth=2), fno, equino) if m]
+    pipno = PIPNOStyle(cells.config, width=8, modes=4, layers=2, branches=2)
+    ppino = PPINOStyle(width=8, modes=4, layers=2, law_width=8, law_epochs=2)
+    return [m for m in (DescriptorMLP(members=2, hidden=16, depth=2), fno, equino, pipno,
+                        ppino) if m]
 
 
 def _has_neuralop() -> bool:
@@ -84,7 +104,9 @@ def _has_neuralop() -> bool:
     return True
 
 
-def test_each_baseline_fits_a_tiny_set_and_predicts_stress_tangent_and_shapes(cells, arrays):
+def test_each_baseline_fits_a_tiny_set_and_predicts_stress_tangent_and_shapes(cells_with_fields,
+                                                                              arrays):
+    cells = cells_with_fields
     train_part, validation = cells.split(0.34, 0)
     for model in models(cells):
         if isinstance(model, EquiNOStyle):  # a basis of random compatible-free fields will do
@@ -170,7 +192,8 @@ def test_a_budget_stops_baseline_and_operator_training_at_the_first_check_past_i
     model = DescriptorMLP(members=1, hidden=8, depth=1)
     fit, val = (model.with_inputs(d, micro(arrays)) for d in cells.split(0.34, 0))
     history = model.fit(fit, val, budget_s=3, epochs=50, batch_size=8, clock=clock)
-    assert history["budget_spent"] and history["steps"] == 3 and history["epochs"] == 0
+    # start 0, the first epoch's learning rate 1, then a check after each batch: 2, 3
+    assert history["budget_spent"] and history["steps"] == 2 and history["epochs"] == 0
 
     small = SANO(SANOConfig(resolution=RES, width=8, modes=4, levels=2, heads=2, latent=8,
                             hidden=8, members=2))
@@ -189,3 +212,66 @@ def test_a_missing_neuraloperator_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "neuralop.models", None)
     with pytest.raises(InputError, match="pip install .*neuraloperator"):
         FNOBaseline()
+
+
+def test_the_cosine_learning_rate_anneals_over_the_budget_not_the_epochs(cells, arrays,
+                                                                         monkeypatch):
+    ticks = itertools.count()
+    progress: list[float] = []
+    monkeypatch.setattr(baselines_base, "set_cosine_lr",
+                        lambda opt, lr, lr_final, p: progress.append(p))
+    model = DescriptorMLP(members=1, hidden=8, depth=1)
+    fit, val = (model.with_inputs(d, micro(arrays)) for d in cells.split(0.34, 0))
+    history = model.fit(fit, val, budget_s=30, epochs=1000, batch_size=24,
+                        clock=lambda: float(next(ticks)))
+    assert history["budget_spent"] and history["epochs"] < 10  # few of the 1000 epochs run
+    assert progress[0] < 0.05 and 0.7 < progress[-1] < 1  # ...yet the cosine is nearly done
+    assert progress == sorted(progress)
+
+
+def training_loss(model, data: TrainingData, tangent_weight: float = 0.2) -> float:
+    torch.manual_seed(0)  # the PPI-NO-style model draws its unlabelled loads
+    return float(model._loss(data, torch.arange(len(data)), tangent_weight).detach())
+
+
+@pytest.mark.parametrize("data_weight", [1.0, 0.0])
+def test_pipno_style_lowers_its_physics_informed_loss(cells, data_weight):
+    torch.manual_seed(0)
+    model = PIPNOStyle(cells.config, width=8, modes=4, layers=2, branches=2,
+                       data_weight=data_weight).double()
+    data = cells.to(torch.float64)
+    train_part, validation = data.split(0.34, 0)
+    model.set_normalisation(train_part.F, train_part.P, train_part.A)
+    before = training_loss(model, train_part)
+    model.fit(train_part, validation, budget_s=1e9, epochs=4, batch_size=12, lr=1e-2)
+    assert training_loss(model, train_part) < 0.98 * before  # Div P(y) is slow to bring down
+    _, P_field = model.micro_fields(data.images[data.micro_index[:3]], data.F[:3])
+    assert P_field.shape == (3, RES, RES, 2, 2)
+
+
+def test_ppino_style_learns_its_pseudo_physics_then_lowers_the_operator_loss(cells_with_fields):
+    torch.manual_seed(0)
+    model = PPINOStyle(width=8, modes=4, layers=2, law_width=8, law_epochs=6).double()
+    data = cells_with_fields.to(torch.float64)
+    train_part, validation = data.split(0.34, 0)
+    model.set_normalisation(train_part.F, train_part.P, train_part.A)
+    before = training_loss(model, train_part)
+    history = model.fit(train_part, validation, budget_s=1e9, epochs=4, batch_size=12)
+    assert len(history["law_loss"]) == 6 and history["law_loss"][-1] < history["law_loss"][0]
+    assert not any(p.requires_grad for p in model.pseudo_law.parameters())  # frozen for G
+    assert training_loss(model, train_part) < 0.95 * before
+    x = data.images[data.micro_index[:3]]
+    w, P = model.fields(x, data.F[:3])
+    assert w.shape == (3, 2, RES, RES) and P.shape == (3, 2, 2)
+    assert model.pseudo_stress(x, data.F[:3], w).shape == (3, RES, RES, 2, 2)
+
+
+def test_pipno_and_ppino_style_refuse_bad_input(cells):
+    with pytest.raises(InputError, match="micro fields"):  # the anchor set stores none
+        PPINOStyle(width=8, modes=4, layers=1).fit(*cells.split(0.34, 0), budget_s=1)
+    with pytest.raises(InputError, match="not both 0"):
+        PIPNOStyle(cells.config, physics_weight=0, data_weight=0)
+    with pytest.raises(InputError, match="law_fraction"):
+        PPINOStyle(law_fraction=1.0)
+    with pytest.raises(InputError, match="branches=0"):
+        ParallelFourierNet(5, 2, width=8, modes=4, layers=2, branches=0)
