@@ -136,7 +136,7 @@ def summarise(runs: dict[tuple[str, int], dict], variants: list[str],
             paired = [s for s in ok if v != "full" and "scores" in runs.get(("full", s), {})]
             if len(paired) >= 2:
                 d = x[[ok.index(s) for s in paired]] - np.array(
-                    [runs["full", s]["scores"][key] for s in paired])
+                    [runs["full", s]["scores"].get(key, np.nan) for s in paired])
                 m, lo, hi = interval(d)
                 row[key]["vs_full"] = {"mean": m, "low": lo, "high": hi,
                                        "decided": bool(lo > 0 or hi < 0)}
