@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from neuroscale_couple.operators.base import load_operator
     from neuroscale_couple.operators.sano import SANOConfig
     from neuroscale_couple.training import TrainConfig, relative_errors, train
-    from neuroscale_couple.weighting import CARD_KEY as LOSS_WEIGHTING
+    from neuroscale_couple.weighting import CARD_KEYS as LOSS_WEIGHTINGS
 
     cfg = load_yaml(args.config)
     check_keys(cfg, TRAIN_KEYS, str(args.config))
@@ -175,15 +175,14 @@ def cmd_train(args: argparse.Namespace) -> None:
             "%d held-out samples are too few to calibrate the bound (at least %d): calibrate "
             "on held-out fine solves with `neuroscale calibrate --model %s --data C.h5`",
             len(held_out), MIN_CALIBRATION_POINTS, args.out)
-    learned = model.card.get(LOSS_WEIGHTING)  # learned loss weights (training.weighting)
+    learned = {k: model.card[k] for k in LOSS_WEIGHTINGS.values() if k in model.card}
     model.card = {"data": ", ".join(args.data), "data_config": data.config,
                   "model_config": mcfg,
                   "training": cfg.get("training") or {}, "seed": tcfg.seed,
                   "history": {k: history[k] for k in ("best_epoch", "time_s")},
                   "validation": relative_errors(model, held_out),
                   "calibration_points": n_cal}
-    if learned is not None:
-        model.card[LOSS_WEIGHTING] = learned
+    model.card.update(learned)  # learned loss weights (training.weighting)
     region = data.region  # a fine-tuned model keeps the region of its first stage too
     if region is not None and init is not None and init.region is not None:
         region = region.union(init.region)

@@ -191,19 +191,26 @@ def allreduce_gradients(model) -> None:
     """Sum the gradients of ``model``'s parameters over all ranks (one flat all-reduce; none
     for a module without trainable parameters)."""
     import torch
-    import torch.distributed as dist
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    allreduce_sum(flat)
     offset = 0
     for p in params:
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+def allreduce_sum(tensor) -> None:
+    """Sum a torch tensor over all ranks, in place (``torch.distributed`` set up by
+    :func:`init_torch_distributed`)."""
+    import torch.distributed as dist
+
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
 def balance(costs: np.ndarray, preferred: np.ndarray, n_ranks: int,

@@ -470,8 +470,12 @@ class _FrozenEncoder(torch.nn.Module):
         """The model's scales from the data."""
         self.model.set_normalisation(*args)
 
+    def shared_parameters(self) -> list[torch.nn.Parameter]:
+        """The model's layer shared by the loss terms (GradNorm weighting)."""
+        return self.model.shared_parameters()
+
     def __getattr__(self, name: str):
-        if name in ("sigma_ref", "e_ref", "tangent_ref"):
+        if name in ("sigma_ref", "e_ref", "tangent_ref", "card"):  # the card: learned weights
             return getattr(self.model, name)
         return super().__getattr__(name)
 

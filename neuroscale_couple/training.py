@@ -12,7 +12,7 @@ Loss of a batch (weights in :class:`TrainConfig`; every term dimensionless):
     kl           KL(q ‖ prior) / N of variational heads (N training samples; the ELBO's share
                  of a sample: :mod:`neuroscale_couple.operators.epistemic`)
 
-The terms add up with fixed weights, or with learned uncertainty weights
+The terms add up with fixed weights, or with learned uncertainty or GradNorm weights
 (:mod:`neuroscale_couple.weighting`; ``weighting``).
 
 Batches hold whole microstructures (the encoder runs once per microstructure and batch).
@@ -43,7 +43,7 @@ from neuroscale_couple.config import check_keys
 from neuroscale_couple.errors import InputError, NeuroScaleError
 from neuroscale_couple.operators.base import CoarseGrainingOperator
 from neuroscale_couple.operators.epistemic import kl_divergence, variational_layers
-from neuroscale_couple.parallel import allreduce_gradients, init_torch_distributed
+from neuroscale_couple.parallel import allreduce_gradients, allreduce_sum, init_torch_distributed
 from neuroscale_couple.physics import (
     consistency_loss,
     equilibrium_loss,
@@ -53,7 +53,12 @@ from neuroscale_couple.physics import (
 )
 from neuroscale_couple.region import TrainingRegion
 from neuroscale_couple.store import WorkCheckpoint, rng_states, set_rng_states
-from neuroscale_couple.weighting import CARD_KEY, LossWeighting, check_weighting
+from neuroscale_couple.weighting import (
+    CARD_KEYS,
+    LossWeighting,
+    check_gradnorm_alpha,
+    check_weighting,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +71,13 @@ NOISE_FLOOR = 1e-3
 @dataclass
 class TrainConfig:
     """Optimisation settings; ``weights`` maps terms of ``LOSS_TERMS`` to weights (absent: 0),
-    ``weighting`` (fixed or uncertainty: :mod:`neuroscale_couple.weighting`) says how they
-    add up; ``time_limit_s`` (s, None: none) ends the training at the first batch that ends
-    after that much training time, the learning rate then following its cosine over the time
-    budget (or over the epochs, whichever is further along); ``time_clock`` says which time:
-    ``wall`` (default) or ``cpu`` (this process's CPU seconds: a fair budget on shared cores,
-    as bench/baselines.py uses)."""
+    ``weighting`` (fixed, uncertainty or gradnorm: :mod:`neuroscale_couple.weighting`) says
+    how they add up, ``gradnorm_alpha`` (≥ 0) how hard GradNorm pulls on slow terms;
+    ``time_limit_s`` (s, None: none) ends the training at the first batch that ends after that
+    much training time, the learning rate then following its cosine over the time budget (or
+    over the epochs, whichever is further along); ``time_clock`` says which time: ``wall``
+    (default) or ``cpu`` (this process's CPU seconds: a fair budget on shared cores, as
+    bench/baselines.py uses)."""
 
     epochs: int = 200
     batch_size: int = 64
@@ -86,6 +92,7 @@ class TrainConfig:
         "stress": 1.0, "tangent": 0.2, "nll": 0.05, "equilibrium": 0.0, "consistency": 0.0,
         "hill_mandel": 0.0, "symmetry": 0.0, "fields": 0.0})
     weighting: str = "fixed"
+    gradnorm_alpha: float = 1.5
     time_limit_s: float | None = None
     time_clock: str = "wall"
 
@@ -93,6 +100,7 @@ class TrainConfig:
         check_keys(self.weights, LOSS_TERMS, "the loss weights")
         self.weights = {k: float(self.weights.get(k, 0.0)) for k in LOSS_TERMS}
         check_weighting(self.weighting)
+        check_gradnorm_alpha(self.gradnorm_alpha)
         if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise InputError(f"time_limit_s={self.time_limit_s!r} in the training config: give "
                              "seconds > 0, or leave it out for no limit")
@@ -375,8 +383,8 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
           cancel: threading.Event | None = None,
           clock: Callable[[], float] | None = None) -> dict:
     """Fit ``model`` in place; returns the history (per-epoch losses and wall times, best
-    epoch, total time, ``log_variances`` of an uncertainty weighting, ``time_limited`` where
-    ``cfg.time_limit_s`` ended it).
+    epoch, total time, ``log_variances`` of an uncertainty weighting, ``loss_weights`` of a
+    GradNorm weighting, ``time_limited`` where ``cfg.time_limit_s`` ended it).
 
     With ``validation`` None, ``cfg.val_fraction`` of the data are held out for early stopping
     (:meth:`TrainingData.split`). ``normalise`` (offline training) sets the model's scales from
@@ -422,8 +430,10 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
     if cfg.weights["kl"] > 0 and not variational_layers(model):
         raise InputError("training.weights.kl > 0 regularises variational heads: train a model "
                          "with uncertainty: variational, or set the kl weight to 0")
-    weighting = LossWeighting(cfg.weighting, cfg.weights,
-                              getattr(model, "card", {}).get(CARD_KEY)).to(param.device)
+    learned = getattr(model, "card", {}).get(CARD_KEYS.get(cfg.weighting))
+    weighting = LossWeighting(cfg.weighting, cfg.weights, learned,
+                              cfg.gradnorm_alpha).to(param.device)
+    shared = model.shared_parameters() if cfg.weighting == "gradnorm" else []
     opt = torch.optim.Adam([*model.parameters(), *weighting.parameters()], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs, eta_min=cfg.lr_final)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -479,7 +489,7 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
             shard = torch.cat(batch[comm.rank::comm.size] or [torch.zeros(0, dtype=torch.long)])
             n_batch = sum(len(g) for g in batch)
             opt.zero_grad()
-            loss, failure = torch.zeros((), dtype=dtype), None
+            loss, failure, stats = torch.zeros((), dtype=dtype), None, None
             if len(shard):
                 try:
                     terms = batch_loss(model, data, shard, weights, gen, cfg.physics_fraction,
@@ -489,6 +499,7 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
                         bad = sorted(k for k, v in terms.items() if not torch.isfinite(v))
                         raise NeuroScaleError(f"non-finite loss terms {bad}: lower training.lr "
                                               "or check the data for NaN")
+                    stats = weighting.statistics(terms, shared, len(shard) / n_batch)
                     loss.backward()
                 except Exception as err:  # raised on every rank by _batch_loss_sum
                     failure = err
@@ -496,7 +507,11 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
             if distributed:
                 allreduce_gradients(model)
                 allreduce_gradients(weighting)  # learned loss weights: one set on every rank
+            if stats is None:  # GradNorm on a rank without samples: it adds nothing
+                stats = weighting.statistics(None, shared)
+            weighting.balance(stats, allreduce_sum if distributed else None)
             opt.step()
+            weighting.renormalise()
             epoch_loss += total * n_batch / len(data)
             if over_limit():  # the epoch ends here: validated and recorded as truncated
                 history["time_limited"] = True
@@ -534,7 +549,9 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
         _load_state(model, weighting, best_state)
     if hasattr(model, "card"):
         weighting.record(model.card)
-    history["log_variances"] = weighting.values()
+    learned = weighting.values()
+    history["log_variances"] = learned if cfg.weighting == "uncertainty" else {}
+    history["loss_weights"] = learned if cfg.weighting == "gradnorm" else {}
     history["time_s"] = time.perf_counter() - t0
     history["best_val_rel_l2_stress"] = float(best)
     return history

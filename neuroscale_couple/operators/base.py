@@ -226,6 +226,25 @@ class CoarseGrainingOperator(nn.Module):
                              f"(B, {d}, {d}); loads of another dimension need a model trained "
                              "on cells of that dimension")
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters of the last layer that every data term's gradient passes
+        through, over which GradNorm loss weighting (:mod:`neuroscale_couple.weighting`)
+        balances the terms' gradient norms: the encoder's final linear map to the latent z
+        (``to_latent[-1]``), which the energy and covariance heads and the fine-graining
+        decoder all read; where the encoder is frozen (online retraining trains the heads
+        only), the output layer of the energy head's basis-weight network
+        (``energy.weights[-1]``), through which every stress and tangent passes."""
+        layers = [self.energy.weights[-1]]
+        if isinstance(getattr(self, "to_latent", None), nn.Sequential):
+            layers.insert(0, self.to_latent[-1])
+        for layer in layers:
+            params = [p for p in layer.parameters() if p.requires_grad]
+            if params:
+                return params
+        raise InputError(f"{type(self).__name__} has no trainable layer shared by the loss "
+                         "terms (to_latent, energy head): train it with weighting: fixed or "
+                         "uncertainty")
+
     # ------------------------------------------------------------------ normalisation
     def set_normalisation(self, F: torch.Tensor, P: torch.Tensor, A: torch.Tensor) -> None:
         """Scales from training data: F (S, d, d), P (S, d, d), A (S, d, d, d, d)."""

@@ -38,11 +38,12 @@ def cells() -> TrainingData:
     return data.subset(np.flatnonzero(data.micro_index.numpy() < 8))
 
 
-def run(data: TrainingData, work: Path, seed: int = 0, **kwargs) -> tuple[SANO, dict]:
+def run(data: TrainingData, work: Path, seed: int = 0, cfg: TrainConfig = CFG,
+        **kwargs) -> tuple[SANO, dict]:
     """A model drawn from ``seed`` trained with checkpoints in ``work``."""
     torch.manual_seed(seed)
     model = SANO(SMALL)
-    history = train(model, data, CFG, comm=MPI.COMM_SELF, progress=False,
+    history = train(model, data, cfg, comm=MPI.COMM_SELF, progress=False,
                     checkpoint=WorkCheckpoint(work, {"test": 1}), **kwargs)
     return model, history
 
@@ -51,16 +52,19 @@ def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_training_stopped_after_an_epoch_resumes_to_the_uninterrupted_model(cells, tmp_path):
-    whole, history = run(cells, tmp_path / "whole")
-    paused, _ = run(cells, tmp_path / "paused", stop_after_epoch=2)
+@pytest.mark.parametrize("weighting", ["fixed", "gradnorm"])
+def test_a_training_stopped_after_an_epoch_resumes_to_the_uninterrupted_model(weighting, cells,
+                                                                             tmp_path):
+    cfg = dataclasses.replace(CFG, weighting=weighting)  # GradNorm: its weights resume too
+    whole, history = run(cells, tmp_path / "whole", cfg=cfg)
+    paused, _ = run(cells, tmp_path / "paused", cfg=cfg, stop_after_epoch=2)
     saved = torch.load(tmp_path / "paused" / "checkpoint.pt", weights_only=True)["state"]
     assert saved["epoch"] == 2 and len(saved["history"]["train"]) == 2
     assert not same_weights(paused.state_dict(), whole.state_dict())
     # another initial draw: the resumed run's weights come from the checkpoint
-    resumed, history_resumed = run(cells, tmp_path / "paused", seed=1)
+    resumed, history_resumed = run(cells, tmp_path / "paused", seed=1, cfg=cfg)
     assert same_weights(resumed.state_dict(), whole.state_dict())
-    for key in ("train", "val", "best_epoch", "best_val_rel_l2_stress"):
+    for key in ("train", "val", "best_epoch", "best_val_rel_l2_stress", "loss_weights"):
         assert history_resumed[key] == history[key], key
     assert len(history["train"]) == CFG.epochs
 

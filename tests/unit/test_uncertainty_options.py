@@ -1,6 +1,6 @@
 """The Bayesian heads (``uncertainty: mc_dropout | variational``) and the learned loss weights
-(``training.weighting: uncertainty``): each trains a few epochs on a tiny data set and predicts
-a finite mean with a positive-definite covariance; bad values are refused."""
+(``training.weighting: uncertainty | gradnorm``): each trains a few epochs on a tiny data set and
+predicts a finite mean with a positive-definite covariance; bad values are refused."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from neuroscale_couple.operators.inference import Inference
 from neuroscale_couple.operators.sano import SANO, SANOConfig
 from neuroscale_couple.store import subset_dataset
 from neuroscale_couple.training import TrainConfig, TrainingData, batch_loss, train
-from neuroscale_couple.weighting import CARD_KEY, LossWeighting
+from neuroscale_couple.weighting import CARD_KEY, CARD_KEYS, GRADNORM_CARD_KEY, LossWeighting
 
 MODELS = Path(__file__).resolve().parents[2] / "examples" / "models"
 CELLS = MODELS / "fe2_composite.anchor.h5"
@@ -140,18 +140,121 @@ def test_uncertainty_weighting_learns_log_variances_saved_with_the_model(cells, 
     assert float(fixed(terms)) == pytest.approx(0.5 + 0.4 - 0.05)
 
 
-def test_the_train_command_selects_the_options_by_config(cells, tmp_path):
+def test_gradnorm_weighting_trains_and_its_weights_are_saved_with_the_model(cells, tmp_path):
+    cfg = dataclasses.replace(CFG, weighting="gradnorm", weights={**CFG.weights, "tangent": 0.2})
+    # at the start the loss is the fixed one
+    terms = {"stress": torch.tensor(0.5), "tangent": torch.tensor(2.0), "nll": torch.tensor(-1.0)}
+    fresh = LossWeighting("gradnorm", cfg.weights)
+    assert fresh.values() == pytest.approx({"stress": 1.0, "tangent": 0.2})
+    assert float(fresh(terms)) == pytest.approx(0.5 + 0.4 - 0.05)
+    model, history = fit(cells, cfg)
+    assert np.isfinite(history["train"]).all() and history["log_variances"] == {}
+    learned = history["loss_weights"]
+    assert set(learned) == {"stress", "tangent"}  # nll keeps its fixed weight
+    assert sum(learned.values()) == pytest.approx(1.2, rel=1e-6)  # the configured sum
+    assert learned != pytest.approx({"stress": 1.0, "tangent": 0.2}, rel=1e-6)
+    assert model.card[GRADNORM_CARD_KEY] == learned and CARD_KEY not in model.card
+    assert_sound(predict(model, cells))
+    model.save(tmp_path / "m.pt")
+    assert load_operator(tmp_path / "m.pt").card[GRADNORM_CARD_KEY] == learned
+    # a later training starts from the model's weights, renormalised to its configured sum
+    weighting = LossWeighting("gradnorm", cfg.weights, model.card[GRADNORM_CARD_KEY])
+    assert weighting.values() == pytest.approx(learned)
+    expected = learned["stress"] * 0.5 + learned["tangent"] * 2.0 - 0.05
+    assert float(weighting(terms)) == pytest.approx(expected, rel=1e-6)
+    doubled = LossWeighting("gradnorm", {**cfg.weights, "stress": 2.0, "tangent": 0.4}, learned)
+    assert doubled.values() == pytest.approx({k: 2 * v for k, v in learned.items()})
+
+
+def test_online_retraining_balances_over_the_heads_and_starts_from_the_card(cells):
+    """With the encoder frozen the shared layer is the energy head's output layer; the
+    retraining starts from the card's weights (not the configured ones) and records its own."""
+    from neuroscale_couple.retraining import Retrainer
+
+    torch.manual_seed(0)
+    model = SANO(SANOConfig(**SMALL))
+    model.card[GRADNORM_CARD_KEY] = {"stress": 0.9, "tangent": 0.3}
+    encoder = model.encoder_digest()
+    cfg = dataclasses.replace(CFG, epochs=1, weighting="gradnorm",
+                              weights={**CFG.weights, "tangent": 0.2})
+    Retrainer._fit(model, cells, None, cfg, MPI.COMM_SELF)
+    assert model.encoder_digest() == encoder
+    for p in model.to_latent.parameters():
+        p.requires_grad_(False)
+    assert model.shared_parameters() == list(model.energy.weights[-1].parameters())
+    learned = model.card[GRADNORM_CARD_KEY]
+    assert learned != {"stress": 0.9, "tangent": 0.3} and sum(learned.values()) == \
+        pytest.approx(1.2)
+    assert learned == pytest.approx({"stress": 0.9, "tangent": 0.3}, abs=0.02)
+
+
+def gradnorm_step(weighting: LossWeighting, opt: torch.optim.Optimizer,
+                  stats: torch.Tensor) -> None:
+    """One update of the GradNorm weights from a batch's statistics."""
+    opt.zero_grad()
+    weighting.balance(stats)
+    opt.step()
+    weighting.renormalise()
+
+
+def test_gradnorm_moves_the_weights_towards_equal_gradient_norms():
+    """Two terms over a shared layer whose gradients differ 20-fold: the steep term is weighted
+    down, the flat one up, the sum stays, and the weighted gradient norms meet."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    residual = ((layer(x) - y) ** 2).mean()
+    terms = {"stress": 20.0 * residual, "tangent": ((layer(x) + y) ** 2).mean()}
+    shared = list(layer.parameters())
+    weighting = LossWeighting("gradnorm", {"stress": 1.0, "tangent": 1.0}, alpha=1.5)
+    opt = torch.optim.Adam(weighting.parameters(), lr=0.01)
+
+    def norms() -> np.ndarray:  # G_k = ‖∇_W w_k L_k‖
+        w = weighting.values()
+        return np.array([w[k] * float(torch.linalg.vector_norm(torch.cat(
+            [g.reshape(-1) for g in torch.autograd.grad(terms[k], shared,
+                                                        retain_graph=True)])))
+            for k in ("stress", "tangent")])
+
+    before = norms()
+    assert before[0] / before[1] > 5
+    gradnorm_step(weighting, opt, weighting.statistics(terms, shared))
+    w = weighting.values()
+    assert w["stress"] < 1.0 < w["tangent"] and sum(w.values()) == pytest.approx(2.0)
+    for _ in range(300):  # the losses stand still (r_k = 1): the target is equal norms
+        gradnorm_step(weighting, opt, weighting.statistics(terms, shared))
+    after = norms()
+    assert 0.8 < after[0] / after[1] < 1.25 and sum(weighting.values().values()) == \
+        pytest.approx(2.0)
+
+
+def test_gradnorm_weights_up_the_term_that_trains_slower():
+    """Equal gradient norms; one term has fallen to a tenth of its start, the other not: with
+    α > 0 the slow term gains weight, with α = 0 nothing moves."""
+    for alpha, moves in ((1.5, True), (0.0, False)):
+        weighting = LossWeighting("gradnorm", {"stress": 1.0, "tangent": 1.0}, alpha=alpha)
+        opt = torch.optim.Adam(weighting.parameters(), lr=0.01)
+        grads = [1.0, 0.0, 0.0, 1.0]  # per term: ∇_W L_k over a 2-parameter W, norms 1
+        gradnorm_step(weighting, opt, torch.tensor([1.0, 1.0, *grads]))  # L_k(0) = 1
+        gradnorm_step(weighting, opt, torch.tensor([0.1, 1.0, *grads]))
+        w = weighting.values()
+        assert (w["tangent"] > 1.0 > w["stress"]) == moves
+        assert sum(w.values()) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("weighting", CARD_KEYS)
+def test_the_train_command_selects_the_options_by_config(weighting, cells, tmp_path):
     data, cfg = tmp_path / "d.h5", tmp_path / "t.yaml"
     subset_dataset(CELLS, data, 6, 0)
     cfg.write_text(yaml.safe_dump({
         "model": {**SMALL, "uncertainty": "variational"},
         "training": {"epochs": 1, "batch_size": 24, "val_fraction": 0.3,
-                     "weighting": "uncertainty",
+                     "weighting": weighting, "gradnorm_alpha": 1.0,
                      "weights": {"stress": 1.0, "tangent": 0.2, "nll": 0.05, "kl": 1e-3}}}))
     out = tmp_path / "m.pt"
     assert main(["train", str(cfg), "--data", str(data), "--out", str(out), "--quiet"]) == 0
     model = load_operator(out)
-    assert model.epistemic.kind == "variational" and set(model.card[CARD_KEY]) == {
+    assert model.epistemic.kind == "variational" and set(model.card[CARD_KEYS[weighting]]) == {
         "stress", "tangent"}
     assert_sound(predict(model, cells))
 
@@ -166,8 +269,12 @@ def test_bad_options_are_refused_naming_the_key_and_the_choices(cells):
         SANOConfig.from_dict({"uncertainty": "mc_dropout", "dropout": 1.5})
     with pytest.raises(InputError, match="samples=1"):
         SANOConfig.from_dict({"samples": 1})
-    with pytest.raises(InputError, match="weighting='gradnorm'.*fixed, uncertainty"):
-        TrainConfig.from_dict({"weighting": "gradnorm"})
+    with pytest.raises(InputError, match="weighting='dwa'.*fixed, uncertainty, gradnorm"):
+        TrainConfig.from_dict({"weighting": "dwa"})
+    for alpha in (-0.5, float("nan"), float("inf"), "1.5", True):
+        with pytest.raises(InputError, match=r"gradnorm_alpha=.*number ≥ 0"):
+            TrainConfig.from_dict({"weighting": "gradnorm", "gradnorm_alpha": alpha})
+    assert TrainConfig(weighting="gradnorm", gradnorm_alpha=0).gradnorm_alpha == 0
     with pytest.raises(InputError, match="time_limit_s=0"):
         TrainConfig.from_dict({"time_limit_s": 0})
     kl = dataclasses.replace(CFG, weights={**CFG.weights, "kl": 1e-3})
@@ -187,15 +294,21 @@ def test_a_time_limit_ends_the_training_and_a_crystal_takes_the_options_too():
 
 
 @pytest.mark.mpi
-def test_learned_loss_weights_are_one_set_on_every_rank(cells):
-    """A data-parallel training sums the log-variances' gradients over the ranks as the model's:
-    every rank ends with the same learned weights (and the same model)."""
+@pytest.mark.parametrize("weighting, key", [("uncertainty", "log_variances"),
+                                            ("gradnorm", "loss_weights")])
+def test_learned_loss_weights_are_one_set_on_every_rank(weighting, key, cells):
+    """A data-parallel training sums the log-variances' gradients (GradNorm: the terms and their
+    gradients over the shared layer) over the ranks as the model's: every rank ends with the
+    same learned weights (and the same model)."""
     comm = MPI.COMM_WORLD
-    cfg = dataclasses.replace(CFG, weighting="uncertainty", val_fraction=0.0)
+    cfg = dataclasses.replace(CFG, weighting=weighting, val_fraction=0.0,
+                              weights={**CFG.weights, "tangent": 0.2})
     torch.manual_seed(0)
     sano = SANO(SANOConfig(**SMALL))
     history = train(sano, cells, cfg, comm=comm, progress=False)
-    learned = comm.allgather(history["log_variances"])
+    learned = comm.allgather(history[key])
+    if weighting == "gradnorm":
+        assert learned[0] != pytest.approx({"stress": 1.0, "tangent": 0.2}, rel=1e-6)
     assert all(v != 0.0 for v in learned[0].values())
     assert all(other == learned[0] for other in learned)
     first = torch.cat([p.detach().reshape(-1) for p in sano.parameters()]).numpy()
