@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -92,14 +93,26 @@ def lower_triangular(flat: torch.Tensor, n: int, diag_offset: float = 0.0,
 
 
 def lower_triangular_norm2(flat: torch.Tensor, n: int, diag_offset: float = 0.0,
-                           min_diag: float = 1e-4) -> torch.Tensor:
-    """‖L‖_F² = tr(L Lᵀ) (…) of :func:`lower_triangular`'s L without forming it: row i of
-    L = D (I + O) has the squared norm d_i² (1 + Σ_{j<i} O_ij²)."""
-    rows, cols = torch.tril_indices(n, n, device=flat.device)
-    d = _positive_diagonal(flat[..., rows == cols], diag_offset, min_diag)
-    off = (rows > cols).to(flat.dtype)[:, None] * (rows[:, None] == torch.arange(
-        n, device=flat.device)).to(flat.dtype)  # (n(n+1)/2, n): strictly lower entry → row
-    return (d.square() * (1 + flat.square() @ off)).sum(-1)
+                           min_diag: float = 1e-4, *, dim: int = -1) -> torch.Tensor:
+    """‖L‖_F² = tr(L Lᵀ) of :func:`lower_triangular`'s L without forming it: row i of
+    L = D (I + O) has the squared norm d_i² (1 + Σ_{j<i} O_ij²). The n(n+1)/2 entries lie
+    along ``dim``: -1 (…, n(n+1)/2) → (…), or -2 (…, n(n+1)/2, b) → (…, b) (points along
+    the columns)."""
+    diagonal, strictly_lower = _triangle(n, flat.dtype, flat.device)
+    d = _positive_diagonal(flat.index_select(dim, diagonal), diag_offset, min_diag)
+    off = flat.square() @ strictly_lower if dim == -1 else strictly_lower.T @ flat.square()
+    return (d.square() * (1 + off)).sum(dim)
+
+
+@functools.lru_cache
+def _triangle(n: int, dtype: torch.dtype, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of the n(n+1)/2 entries of :func:`lower_triangular`'s ``flat``: the positions of the
+    diagonal (n,) and the map (n(n+1)/2, n) of each strictly lower entry to its row."""
+    rows, cols = torch.tril_indices(n, n, device=device)
+    return (torch.nonzero(rows == cols)[:, 0],
+            ((rows > cols)[:, None] & (rows[:, None] == torch.arange(n, device=device))
+             ).to(dtype))
 
 
 def _positive_diagonal(x: torch.Tensor, diag_offset: float, min_diag: float) -> torch.Tensor:
@@ -145,7 +158,7 @@ def _directions(n_directions: int, like: torch.Tensor) -> tuple[torch.Tensor, to
 def _matrix(a00: torch.Tensor, a01: torch.Tensor, a10: torch.Tensor, a11: torch.Tensor
             ) -> torch.Tensor:
     """The 2×2 matrices (…, 2, 2) of the components (…)."""
-    return torch.stack([torch.stack([a00, a01], -1), torch.stack([a10, a11], -1)], -2)
+    return torch.stack([a00, a01, a10, a11], -1).unflatten(-1, (2, 2))
 
 
 def _basis_of(C00: torch.Tensor, C11: torch.Tensor, D: torch.Tensor, I4: torch.Tensor,
@@ -195,6 +208,79 @@ def basis_energies_3d(C: torch.Tensor, quartic: bool = False) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+class _Kinematics(NamedTuple):
+    """What :func:`mixture_response` needs of F̄ (…, 2, 2) alone, in component form (symmetric
+    2×2 tensors as their (00, 11, 01) components, each (…)): F̄'s components, C̄ = F̄ᵀF̄,
+    L = ln det C̄, ψ = Ψ₁, the stretches I₄ and ln I₄ (…, n_directions), N_a = a⊗a
+    ((n_directions,) each), C̄⁻¹ and B = ½(I − C̄⁻¹)."""
+
+    F00: torch.Tensor
+    F01: torch.Tensor
+    F10: torch.Tensor
+    F11: torch.Tensor
+    C: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    L: torch.Tensor
+    psi: torch.Tensor
+    I4: torch.Tensor
+    lnI4: torch.Tensor
+    N: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    inverse: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    B: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _kinematics(F: torch.Tensor, n_directions: int) -> _Kinematics:
+    """:class:`_Kinematics` of F̄ (…, 2, 2)."""
+    F00, F01, F10, F11 = F[..., 0, 0], F[..., 0, 1], F[..., 1, 0], F[..., 1, 1]
+    C00, C11, C01 = F00 * F00 + F10 * F10, F01 * F01 + F11 * F11, F00 * F01 + F10 * F11
+    D = C00 * C11 - C01 * C01
+    L = torch.log(D)
+    c, s = _directions(n_directions, F)
+    cc, ss, cs = c * c, s * s, c * s  # N_a = a⊗a in components, (n_directions,)
+    I4 = C00[..., None] * cc + C11[..., None] * ss + (2 * C01)[..., None] * cs
+    i00, i11, i01 = C11 / D, C00 / D, -C01 / D  # C̄⁻¹
+    return _Kinematics(F00, F01, F10, F11, (C00, C11, C01), L, 0.5 * (C00 + C11 - 2 - L), I4,
+                       torch.log(I4), (cc, ss, cs), (i00, i11, i01),
+                       (0.5 * (1 - i00), 0.5 * (1 - i11), -0.5 * i01))
+
+
+def _quartic(w: torch.Tensor, n_directions: int) -> bool:
+    """Whether the mixture weights w (…, K) include the quartic terms (else raise for a K that
+    fits no basis of ``n_directions``)."""
+    K = w.shape[-1]
+    if K not in (2 + 2 * n_directions, 5 + 2 * n_directions):
+        raise ValueError(f"{K} mixture weights fit no basis of {n_directions} directions")
+    return K == 5 + 2 * n_directions
+
+
+def _gradient(w: torch.Tensor, kin: _Kinematics, n_directions: int, quartic: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """f_ψ, f_L and G = ∂W̄/∂C̄ (components (00, 11, 01)) of :func:`mixture_response`."""
+    w1, w2 = w[..., 0], w[..., 1]
+    w3, w4 = w[..., 2:2 + n_directions], w[..., 2 + n_directions:2 + 2 * n_directions]
+    # derivatives of f = w₁ψ + w₂L²/8 [+ w₅ψ² + w₆ψL²/4 + w₇L⁴/16]
+    L, psi, I4 = kin.L, kin.psi, kin.I4
+    f_p, f_L = w1, 0.25 * w2 * L
+    if quartic:
+        w5, w6, w7 = w[..., -3], w[..., -2], w[..., -1]
+        f_p = f_p + 2 * w5 * psi + 0.25 * w6 * L * L
+        f_L = f_L + 0.5 * w6 * psi * L + 0.25 * w7 * L**3
+    gamma = w3 * kin.lnI4 / I4 + w4 * (1 - 1 / I4)
+    G = tuple(f_p * b + f_L * i + gamma @ n
+              for b, i, n in zip(kin.B, kin.inverse, kin.N, strict=True))
+    return f_p, f_L, G
+
+
+def mixture_stress_norm2(w: torch.Tensor, F: torch.Tensor, n_directions: int = 6
+                         ) -> torch.Tensor:
+    """‖P̄‖_F² (…) of :func:`mixture_response`'s stress P̄ for weights w (…, K) and F̄
+    (…, 2, 2), without P̄ or the energy: P̄ = 2 F̄ G, so ‖P̄‖² = 4 tr(G C̄ G) = 4 tr(C̄ G²)."""
+    kin = _kinematics(F, n_directions)
+    _, _, (G00, G11, G01) = _gradient(w, kin, n_directions, _quartic(w, n_directions))
+    C00, C11, C01 = kin.C
+    return 4 * (C00 * (G00 * G00 + G01 * G01) + C11 * (G11 * G11 + G01 * G01)
+                + 2 * C01 * G01 * (G00 + G11))
+
+
 def mixture_response(w: torch.Tensor, F: torch.Tensor, n_directions: int = 6, *,
                      tangent: bool = True) -> dict[str, torch.Tensor]:
     """Energy W̄ = Σ_k w_k Ψ_k(C̄) of a basis mixture (:func:`basis_energies`; the quartic terms
@@ -211,45 +297,29 @@ def mixture_response(w: torch.Tensor, F: torch.Tensor, n_directions: int = 6, *,
     The same numbers as automatic differentiation of the energy, in a few dozen tensor
     operations instead of five passes through a graph.
     """
-    K = w.shape[-1]
-    if K not in (2 + 2 * n_directions, 5 + 2 * n_directions):
-        raise ValueError(f"{K} mixture weights fit no basis of {n_directions} directions")
-    quartic = K == 5 + 2 * n_directions
     # Component form: every quantity is a (...)-shaped tensor, symmetric 2×2 tensors are their
     # (00, 11, 01) components and H is a symmetric 3×3 matrix over those pairs (Voigt order
     # without factors); no 2×2×2×2 intermediates and no einsum, as in a fused kernel.
-    F00, F01, F10, F11 = F[..., 0, 0], F[..., 0, 1], F[..., 1, 0], F[..., 1, 1]
-    C00, C11, C01 = F00 * F00 + F10 * F10, F01 * F01 + F11 * F11, F00 * F01 + F10 * F11
-    D = C00 * C11 - C01 * C01
-    L = torch.log(D)
-    c, s = _directions(n_directions, F)
-    cc, ss, cs = c * c, s * s, c * s  # N_a = a⊗a in components, (n_directions,)
-    I4 = C00[..., None] * cc + C11[..., None] * ss + (2 * C01)[..., None] * cs
-    lnI4 = torch.log(I4)
+    quartic = _quartic(w, n_directions)
+    kin = _kinematics(F, n_directions)
+    F00, F01, F10, F11, L, I4, lnI4 = kin.F00, kin.F01, kin.F10, kin.F11, kin.L, kin.I4, kin.lnI4
+    cc, ss, cs, i00, i11, i01, b00, b11, b01 = kin.N + kin.inverse + kin.B
     w1, w2 = w[..., 0], w[..., 1]
     w3, w4 = w[..., 2:2 + n_directions], w[..., 2 + n_directions:2 + 2 * n_directions]
-    psi = 0.5 * (C00 + C11 - 2 - L)
-    energy = (w1 * psi + 0.125 * w2 * L * L
+    energy = (w1 * kin.psi + 0.125 * w2 * L * L
               + (w3 * (0.5 * lnI4 * lnI4) + w4 * (I4 - 1 - lnI4)).sum(-1))
-    # derivatives of f = w₁ψ + w₂L²/8 [+ w₅ψ² + w₆ψL²/4 + w₇L⁴/16]
-    f_p, f_L, f_LL = w1, 0.25 * w2 * L, 0.25 * w2
     if quartic:
         w5, w6, w7 = w[..., -3], w[..., -2], w[..., -1]
-        energy = energy + w5 * psi * psi + 0.25 * w6 * psi * L * L + 0.0625 * w7 * L**4
-        f_p = f_p + 2 * w5 * psi + 0.25 * w6 * L * L
-        f_L = f_L + 0.5 * w6 * psi * L + 0.25 * w7 * L**3
-        f_LL = f_LL + 0.5 * w6 * psi + 0.75 * w7 * L * L
-    i00, i11, i01 = C11 / D, C00 / D, -C01 / D  # C̄⁻¹
-    b00, b11, b01 = 0.5 * (1 - i00), 0.5 * (1 - i11), -0.5 * i01  # B = ½(I − C̄⁻¹)
-    gamma = w3 * lnI4 / I4 + w4 * (1 - 1 / I4)
-    G00 = f_p * b00 + f_L * i00 + gamma @ cc
-    G11 = f_p * b11 + f_L * i11 + gamma @ ss
-    G01 = f_p * b01 + f_L * i01 + gamma @ cs
+        energy = energy + w5 * kin.psi * kin.psi + 0.25 * w6 * kin.psi * L * L + 0.0625 * w7 * L**4
+    f_p, f_L, (G00, G11, G01) = _gradient(w, kin, n_directions, quartic)
     X00, X01 = F00 * G00 + F01 * G01, F00 * G01 + F01 * G11  # F̄ G
     X10, X11 = F10 * G00 + F11 * G01, F10 * G01 + F11 * G11
     out = {"energy": energy, "stress": 2 * _matrix(X00, X01, X10, X11)}
     if not tangent:
         return out
+    f_LL = 0.25 * w2
+    if quartic:
+        f_LL = f_LL + 0.5 * w6 * kin.psi + 0.75 * w7 * L * L
     eta = (w3 * (1 - lnI4) + w4) / (I4 * I4)
     s_, f = 0.5 * f_p - f_L, f_LL  # H = s_ S + f C̄⁻¹⊗C̄⁻¹ + Σ η N⊗N [+ quartic terms]
     H = {(0, 0): s_ * i00 * i00 + f * i00 * i00 + eta @ (cc * cc),
@@ -283,9 +353,9 @@ def mixture_response(w: torch.Tensor, F: torch.Tensor, n_directions: int = 6, *,
         T[1][1] = T[1][1] + 2 * G[J][L_]
         blocks[J, L_] = T
     blocks[1, 0] = [[blocks[0, 1][k][i] for k in range(2)] for i in range(2)]  # major symmetry
-    out["tangent"] = torch.stack([torch.stack([torch.stack(
-        [torch.stack([blocks[J, L_][i][k] for L_ in range(2)], -1) for k in range(2)], -2)
-        for J in range(2)], -3) for i in range(2)], -4)
+    out["tangent"] = torch.stack([blocks[J, L_][i][k] for i in range(2) for J in range(2)
+                                  for k in range(2) for L_ in range(2)], -1
+                                 ).unflatten(-1, (2, 2, 2, 2))
     return out
 
 
@@ -353,9 +423,10 @@ class CovarianceHead(nn.Module):
         """The Cholesky factor L (…, d², d²) from the network's d²(d² + 1)/2 outputs."""
         return lower_triangular(raw, self.n, diag_offset=DIAG_OFFSET)
 
-    def factor_norm2(self, raw: torch.Tensor) -> torch.Tensor:
-        """tr(L Lᵀ) (…) of :meth:`factor`'s L, without forming it."""
-        return lower_triangular_norm2(raw, self.n, diag_offset=DIAG_OFFSET)
+    def factor_norm2(self, raw: torch.Tensor, *, dim: int = -1) -> torch.Tensor:
+        """tr(L Lᵀ) of :meth:`factor`'s L, without forming it, from the network's outputs along
+        ``dim`` (:func:`lower_triangular_norm2`)."""
+        return lower_triangular_norm2(raw, self.n, diag_offset=DIAG_OFFSET, dim=dim)
 
 
 class FineDecoder(nn.Module):

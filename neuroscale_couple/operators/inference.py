@@ -8,11 +8,13 @@ depends on z alone is computed once per model version and structure (:class:`Inf
   energy are then a closed form in (w, F̄) and the energy network never runs per evaluation;
 - the latent's part of the covariance head's first layer, b₁ + W₁ᶻ z (M, hidden).
 
-Each evaluation then runs, in chunks of points that stay in the cache, the closed form of the
-mean weights w̄ in float64 (P̄, A, W̄: exactly consistent, as Newton needs them) and the
-covariance head in float32: it only feeds the error bound, whose float32 round-off (~1e-6 of
-the bound) is far below the bound's own calibration error. The ensemble spread needs no member
-stresses: the mixture is linear in w, so P_m − P̄ = P(w_m − w̄).
+Each evaluation then runs, in chunks of points, the closed form of the mean weights w̄ in
+float64 (P̄, A, W̄: exactly consistent, as Newton needs them) and what the error bound needs in
+float32, whose round-off (~1e-6 of the bound) is far below the bound's own calibration error:
+the covariance head, all members in batched GEMMs on :data:`NET_CHUNK` points at a time (its
+activations stay in the cache), and only the trace of its Σ (no factor formed); and the
+ensemble spread, which needs no member stresses: the mixture is linear in w, so
+P_m − P̄ = P(w_m − w̄), and only its norm ‖P(w_m − w̄)‖² = 4 tr(C̄ G²) is formed.
 
 Other operators (an energy correction or a residual stress: no closed form; MC dropout or
 variational heads, :mod:`~neuroscale_couple.operators.epistemic`) run their
@@ -31,11 +33,16 @@ from neuroscale_couple.operators.heads import (
     EnsembleLinear,
     green_lagrange_mandel,
     mixture_response,
+    mixture_stress_norm2,
 )
 
-CHUNK = 4096
-"""Points per chunk (measured fastest of 1024–16384 on one core: the elementwise closed form
-wants long vectors, the covariance network activations that stay in the cache)."""
+CHUNK = 8192
+"""Points per chunk (measured fastest of 2048–32768 on one core: the elementwise closed form
+wants long vectors; the covariance network runs :data:`NET_CHUNK` points at a time)."""
+
+NET_CHUNK = 512
+"""Points per pass through the covariance network: its activations (M, 512, hidden) float32,
+512 KB for the shipped models, stay in a core's L2 cache."""
 
 
 class Response(NamedTuple):
@@ -57,10 +64,13 @@ class Inference:
     after retraining); see the module docstring.
 
     Memory per latent row: M·K float32 weight differences, K float64 mean weights and M·hidden
-    float32 first-layer activations (1.5 KB for the shipped composite model)."""
+    float32 first-layer activations (1.5 KB for the shipped composite model).
+    ``bound_dtype``: the precision of the error bound's parts (float64 to check them against
+    the model's own predict)."""
 
-    def __init__(self, model, z: torch.Tensor, *, chunk: int = CHUNK) -> None:
-        self.model, self.chunk = model, chunk
+    def __init__(self, model, z: torch.Tensor, *, chunk: int = CHUNK,
+                 bound_dtype: torch.dtype = torch.float32) -> None:
+        self.model, self.chunk, self.bound_dtype = model, chunk, bound_dtype
         # a Bayesian model's draws are made at each call (its predict): no cached weights
         self.closed = bool(model.energy.closed_form) and not model.epistemic.bayesian
         p = next(model.parameters())
@@ -72,17 +82,17 @@ class Inference:
         first = net[0]  # b₁ + W₁ [z, ê]: the latent's part is computed here, once
         latent, M = z.shape[1], len(first.weight)
         self.e_ref = float(model.e_ref)
-        self.first_e = first.weight[:, latent:].detach().float().transpose(1, 2)  # (M, h, 3)
-        self.rest = _columns(net[1:])
+        self.first_e = first.weight[:, latent:].detach().to(bound_dtype)  # (M, 3, h)
+        self.rest = _layers(net[1:], bound_dtype)
         w_mean, w_dev, hidden = [], [], []
         with torch.no_grad():
             for i in range(0, max(len(z), 1), chunk):  # one (empty) chunk without points
                 zc = self.z[i:i + chunk].to(self.dtype)
                 w = model._mixture_weights(zc, torch.float64).double()  # (M, b, K)
                 w_mean.append(w.mean(0))
-                w_dev.append((w - w_mean[-1]).float())
+                w_dev.append((w - w_mean[-1]).to(bound_dtype))
                 hidden.append(torch.baddbmm(first.bias, zc.unsqueeze(0).expand(M, -1, -1),
-                                            first.weight[:, :latent]).float())
+                                            first.weight[:, :latent]).to(bound_dtype))
         self.w_mean, self.w_dev, self.hidden = (torch.cat(w_mean), torch.cat(w_dev, 1),
                                                 torch.cat(hidden, 1))
 
@@ -103,18 +113,21 @@ class Inference:
 
     def _closed(self, rows: torch.Tensor | slice, F: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One chunk of a basis-mixture operator (see the module docstring)."""
-        F64 = F.double()
-        mean = mixture_response(self.w_mean[rows], F64, self.model.energy.n_directions)
-        F32 = F.float()
-        dev = mixture_response(self.w_dev[:, rows], F32.unsqueeze(0),
-                               self.model.energy.n_directions, tangent=False)["stress"]
-        M = dev.shape[0]
-        e = (green_lagrange_mandel(F32) / self.e_ref).T.unsqueeze(0).expand(M, -1, -1)
-        x = torch.baddbmm(self.hidden[:, rows].transpose(1, 2), self.first_e, e)  # (M, h, n)
-        for weight, bias in self.rest:  # points along the columns: long rows for the GEMMs
-            x = torch.baddbmm(bias, weight, nn.functional.silu(x, inplace=True))
-        alea = self.sigma2 * self.model.covariance.factor_norm2(x.transpose(1, 2)).mean(0)
-        epi = dev.square().sum((-1, -2)).mean(0)
+        mean = mixture_response(self.w_mean[rows], F.double(), self.model.energy.n_directions)
+        Fb = F.to(self.bound_dtype)
+        epi = mixture_stress_norm2(_rows(self.w_dev, rows), Fb,
+                                   self.model.energy.n_directions).mean(0)
+        e = green_lagrange_mandel(Fb) / self.e_ref
+        (*hidden, (weight, bias)), M = self.rest, len(self.first_e)
+        raw = bias.new_empty((M, len(bias[0]), len(F)))  # outputs along the rows: few of them
+        for i in range(0, len(F), NET_CHUNK):  # activations (M, NET_CHUNK, h) stay in the cache
+            x = torch.baddbmm(_rows(self.hidden, _part(rows, i)),
+                              e[i:i + NET_CHUNK].expand(M, -1, -1), self.first_e)
+            for w, b in hidden:
+                x = torch.baddbmm(b, nn.functional.silu(x, inplace=True), w)
+            torch.baddbmm(bias, weight, nn.functional.silu(x, inplace=True).transpose(1, 2),
+                          out=raw[..., i:i + NET_CHUNK])
+        alea = self.sigma2 * self.model.covariance.factor_norm2(raw, dim=-2).mean(0)
         return mean["stress"], mean["tangent"], mean["energy"], alea, epi
 
     def _generic(self, rows: torch.Tensor | slice, F: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -125,15 +138,29 @@ class Inference:
         return pred["mean"], pred["tangent"], pred["energy"], alea, total - alea
 
 
-def _columns(layers: nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _layers(layers: nn.Sequential, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
     """The hidden layers of an ensemble MLP after its first layer — (SiLU, EnsembleLinear)
-    pairs — as float32 (weightᵀ (M, out, in), biasᵀ (M, out, 1)) acting on columns of points."""
+    pairs — as (weight (M, in, out), bias (M, 1, out)) in ``dtype``."""
     mods = list(layers)
     if len(mods) % 2 or not all(isinstance(a, nn.SiLU) and isinstance(b, EnsembleLinear)
                                 for a, b in zip(mods[::2], mods[1::2], strict=True)):
         raise TypeError(f"expected (SiLU, EnsembleLinear) pairs, got {layers}")
-    return [(b.weight.detach().float().transpose(1, 2).contiguous(),
-             b.bias.detach().float().transpose(1, 2).contiguous()) for b in mods[1::2]]
+    out = [(b.weight.detach().to(dtype), b.bias.detach().to(dtype)) for b in mods[1::2]]
+    weight, bias = out[-1]  # the last one transposed, to answer its few outputs along rows
+    return [*out[:-1], (weight.transpose(1, 2).contiguous(), bias.transpose(1, 2).contiguous())]
+
+
+def _rows(t: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+    """The latent ``rows`` of a per-member array ``t`` (M, u, …): a view for a slice, else
+    gathered."""
+    return t[:, rows] if isinstance(rows, slice) else t.index_select(1, rows)
+
+
+def _part(rows: torch.Tensor | slice, start: int) -> torch.Tensor | slice:
+    """``rows[start:start + NET_CHUNK]`` of an index or a slice of step 1."""
+    if isinstance(rows, slice):
+        return slice(rows.start + start, min(rows.start + start + NET_CHUNK, rows.stop))
+    return rows[start:start + NET_CHUNK]
 
 
 def _selection(rows: np.ndarray, device: torch.device) -> torch.Tensor | slice:

@@ -51,6 +51,24 @@ def test_closed_form_response_equals_predict_and_its_float32_bound_is_far_below_
     np.testing.assert_allclose(cal.trace_bound(r.trace_epistemic, 0.95), epistemic, rtol=1e-4)
 
 
+@pytest.mark.parametrize("consecutive", [False, True])
+def test_the_bound_computed_in_float64_equals_predict_to_round_off(consecutive):
+    # the in-loop path (latents' part cached, members batched, covariance network by columns,
+    # its factor's norm and the members' spread without forming Σ) in float64: predict's traces
+    model = load_operator(MODELS / "fe2_composite.pt").double()
+    z = model.latents([random_fibres(0.3, 1 + s % 8, seed=s) for s in range(40)])
+    rows, F = _points(1500, 40)
+    if consecutive:  # one structure per point, in order: latents read in place
+        z, rows = z[rows], np.arange(len(rows))
+    r = Inference(model, z, chunk=1000, bound_dtype=torch.float64).response(rows, F)
+    with torch.no_grad():
+        ref = model.predict(z[rows], torch.as_tensor(F))
+    alea = torch.diagonal(ref["aleatoric"], dim1=-2, dim2=-1).sum(-1).numpy()
+    total = torch.diagonal(ref["cov"], dim1=-2, dim2=-1).sum(-1).numpy()
+    np.testing.assert_allclose(r.trace_aleatoric, alea, rtol=1e-10, atol=0)
+    np.testing.assert_allclose(r.trace_epistemic, total - alea, rtol=1e-10, atol=0)
+
+
 def test_an_operator_without_closed_form_answers_through_its_predict():
     model = load_operator(MODELS / "hmm_cu_thermal.pt").double()
     assert not model.energy.closed_form
@@ -67,8 +85,12 @@ def test_an_operator_without_closed_form_answers_through_its_predict():
 def test_the_norm_of_the_covariance_factor_needs_no_factor():
     raw = torch.randn(3, 5, 10, dtype=torch.float64)
     L = lower_triangular(raw, 4, diag_offset=-3.0)
-    torch.testing.assert_close(lower_triangular_norm2(raw, 4, diag_offset=-3.0),
-                               L.square().sum((-1, -2)), rtol=1e-14, atol=0)
+    norm2 = L.square().sum((-1, -2))
+    torch.testing.assert_close(lower_triangular_norm2(raw, 4, diag_offset=-3.0), norm2,
+                               rtol=1e-14, atol=0)
+    # the entries along the rows, points along the columns
+    torch.testing.assert_close(lower_triangular_norm2(raw.mT.contiguous(), 4, diag_offset=-3.0,
+                                                      dim=-2), norm2, rtol=1e-14, atol=0)
 
 
 def test_coupler_answers_each_point_with_its_own_structure_and_holds_one_latent_per_structure():
