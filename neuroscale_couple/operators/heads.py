@@ -98,6 +98,8 @@ def lower_triangular_norm2(flat: torch.Tensor, n: int, diag_offset: float = 0.0,
     L = D (I + O) has the squared norm d_i² (1 + Σ_{j<i} O_ij²). The n(n+1)/2 entries lie
     along ``dim``: -1 (…, n(n+1)/2) → (…), or -2 (…, n(n+1)/2, b) → (…, b) (points along
     the columns)."""
+    if dim not in (-1, -2):
+        raise ValueError(f"dim={dim}: the entries lie along -1 or -2")
     diagonal, strictly_lower = _triangle(n, flat.dtype, flat.device)
     d = _positive_diagonal(flat.index_select(dim, diagonal), diag_offset, min_diag)
     off = flat.square() @ strictly_lower if dim == -1 else strictly_lower.T @ flat.square()
@@ -108,11 +110,14 @@ def lower_triangular_norm2(flat: torch.Tensor, n: int, diag_offset: float = 0.0,
 def _triangle(n: int, dtype: torch.dtype, device: torch.device
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Of the n(n+1)/2 entries of :func:`lower_triangular`'s ``flat``: the positions of the
-    diagonal (n,) and the map (n(n+1)/2, n) of each strictly lower entry to its row."""
-    rows, cols = torch.tril_indices(n, n, device=device)
-    return (torch.nonzero(rows == cols)[:, 0],
-            ((rows > cols)[:, None] & (rows[:, None] == torch.arange(n, device=device))
-             ).to(dtype))
+    diagonal (n,) and the map (n(n+1)/2, n) of each strictly lower entry to its row. Made
+    outside inference mode, even when first asked for there: a cached inference tensor could
+    not be saved for a later backward."""
+    with torch.inference_mode(False):
+        rows, cols = torch.tril_indices(n, n, device=device)
+        return (torch.nonzero(rows == cols)[:, 0],
+                ((rows > cols)[:, None] & (rows[:, None] == torch.arange(n, device=device))
+                 ).to(dtype))
 
 
 def _positive_diagonal(x: torch.Tensor, diag_offset: float, min_diag: float) -> torch.Tensor:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from neuroscale_couple.calibration import Calibration
+from neuroscale_couple.operators import heads
 from neuroscale_couple.operators.base import load_operator
 from neuroscale_couple.operators.heads import lower_triangular, lower_triangular_norm2
 from neuroscale_couple.operators.inference import Inference
@@ -91,6 +92,17 @@ def test_the_norm_of_the_covariance_factor_needs_no_factor():
     # the entries along the rows, points along the columns
     torch.testing.assert_close(lower_triangular_norm2(raw.mT.contiguous(), 4, diag_offset=-3.0,
                                                       dim=-2), norm2, rtol=1e-14, atol=0)
+
+
+def test_the_cached_triangle_indices_serve_autograd_after_a_first_call_in_inference_mode():
+    heads._triangle.cache_clear()  # the first call of this process may be the one below
+    with torch.inference_mode():
+        lower_triangular_norm2(torch.randn(5, 10), 4)
+    raw = torch.randn(5, 10, requires_grad=True)
+    lower_triangular_norm2(raw, 4).sum().backward()
+    assert raw.grad is not None and torch.isfinite(raw.grad).all()
+    with pytest.raises(ValueError, match="dim=0"):
+        lower_triangular_norm2(raw, 4, dim=0)
 
 
 def test_coupler_answers_each_point_with_its_own_structure_and_holds_one_latent_per_structure():
