@@ -36,9 +36,11 @@ def run_jobs(jobs: dict[str, list[str]], work: Path, parallel: int,
             running.remove(item)
             log.close()
             path = work / f"{name}.json"
-            records[name] = (json.loads(path.read_text()) if proc.returncode == 0 else
-                             {"error": f"worker exited with {proc.returncode}: see "
-                                       f"{work}/{name}.log"})
+            records[name] = (json.loads(path.read_text())
+                             if proc.returncode == 0 and path.exists() else
+                             {"error": f"worker exited with {proc.returncode}"
+                                       + " without its record" * (proc.returncode == 0)
+                                       + f": see {work}/{name}.log"})
             print(f"{name}: done ({proc.returncode})", flush=True)
         time.sleep(2)
     return records, ran
