@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut 
 NP     ?= 2
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: system-packages capi venv demo demo-hmm test test-fast test-serial test-mpi lint docs bench bench-baselines bench-scaling model model-3d fast-model family-model hmm-model clean
+.PHONY: system-packages capi venv demo demo-hmm test test-fast test-serial test-mpi lint docs bench baselines-data bench-baselines bench-ablations bench-scaling model model-3d fast-model family-model hmm-model clean
 
 venv: $(STAMP)
 
@@ -67,19 +67,25 @@ bench: $(STAMP)
 	$(PY) bench/encode.py
 	$(PY) bench/hmm_speedup.py --np $(NP)
 
-# Baselines (FNO, EquiNO-style, descriptor MLP) against SANO at the same CPU-second budget
-# (bench/baselines.py; data ≈ 20 min, the bench ≈ 35 min on 2 shared cores). The FNO needs the
-# optional neuraloperator, installed here into out/pydeps (the `baselines` extra elsewhere).
-bench-baselines: $(STAMP)
+# Baselines (FNO, EquiNO-, PIPNO-, PPI-NO-style, descriptor MLP) against SANO at the same
+# CPU-second budget (bench/baselines.py; data ≈ 20 min, the bench ≈ 35 min on 2 shared cores),
+# and the ablations of SANO over 3 seeds on the same data (bench/ablations.py, ≈ 50 min). The
+# FNO needs the optional neuraloperator, installed here into out/pydeps (the `baselines` extra
+# elsewhere).
+BASELINE_DATA = --train out/baselines.train.h5 --calibration out/baselines.calibration.h5 \
+  --test out/baselines.test.h5 --budget-cpu-s 300
+baselines-data: $(STAMP)
 	for set in train calibration test; do \
 	  $(MPIRUN) -n $(NP) $(VENV)/bin/neuroscale generate bench/configs/baselines.$$set.yaml \
 	    --out out/baselines.$$set.h5 || exit 1; \
 	done
+bench-baselines: baselines-data
 	$(PY) -c "import neuralop" 2>/dev/null || PYTHONPATH=out/pydeps $(PY) -c "import neuralop" \
 	  2>/dev/null || $(PY) -m pip install -q --target out/pydeps --no-deps neuraloperator==2.0.0 \
 	  tensorly tensorly-torch opt-einsum requests urllib3 idna certifi
-	PYTHONPATH=$(CURDIR):$(CURDIR)/out/pydeps $(PY) bench/baselines.py --train out/baselines.train.h5 \
-	  --calibration out/baselines.calibration.h5 --test out/baselines.test.h5 --budget-cpu-s 300
+	PYTHONPATH=$(CURDIR):$(CURDIR)/out/pydeps $(PY) bench/baselines.py $(BASELINE_DATA) --parallel $(NP)
+bench-ablations: baselines-data
+	PYTHONPATH=$(CURDIR) $(PY) bench/ablations.py $(BASELINE_DATA) --seeds 0 1 2 --parallel $(NP)
 
 # Scaling with macro size (to ~1e5 points) and ranks (1-8), and the model for 64 and 1024 ranks:
 # hours on 2 cores; resumable (finished runs in out/bench_scaling are reused).

@@ -1093,7 +1093,7 @@ def ablations_section(record: dict, path: Path, images: dict[str, tuple[str, str
     out = ["## Ablations over seeds", "",
            f"Each variant of the shipped architecture trained from scratch with seeds "
            f"{', '.join(map(str, seeds))} on the baselines' data, in its own process on one "
-           f"thread, for {num(record['budget_cpu_s'])} CPU seconds, and scored on the same "
+           f"thread, for {record['budget_cpu_s']:.0f} CPU seconds, and scored on the same "
            "test set (global conformal calibration on the calibration set). Mean over the seeds "
            "with its 95 % t-interval; \"vs full\": the difference to the full model paired by "
            "seed (same seed: same batch order and augmentation) with its 95 % t-interval — "
@@ -1111,12 +1111,20 @@ def ablations_section(record: dict, path: Path, images: dict[str, tuple[str, str
         signed = f"{100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] pts"
         return f"**{signed}**" if d["decided"] else signed
 
+    def field(m: dict | None) -> str:
+        if m is None or "mean" not in m:
+            return "–"
+        decided = m.get("vs_full", {}).get("decided")
+        return f"**{ci(m, num)}**" if decided else ci(m, num)
+
     rows = [(r["label"], ci(r["rel_l2_stress"], pct), vs(r["rel_l2_stress"]),
              ci(r["rel_l2_tangent"], pct), vs(r["rel_l2_tangent"]), ci(r["ece"], num),
-             ci(r["coverage_95"], pct), ", ".join(map(str, r["epochs"])) or "–")
+             ci(r["coverage_95"], pct), field(r.get("equilibrium_h-1")),
+             ", ".join(map(str, r["epochs"])) or "–")
             for r in record["variants"]]
     out += table(("variant", "P̄ rel. L2", "vs full (P̄)", "A rel. L2", "vs full (A)", "ECE",
-                  "95 % coverage", "epochs per seed"), rows)
+                  "95 % coverage", "decoded field's H⁻¹ equilibrium residual (bold: "
+                  "decided vs full)", "epochs per seed"), rows)
     return out + figure("ablations.png", "Ablations: each seed, mean and 95 % interval",
                         images)
 
