@@ -35,18 +35,16 @@ writes ``bench/results/ablations.json`` and ``ablations.png``; finished runs are
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from baselines import RESULTS, ROOT, SHIPPED_TRAIN, load, sano_predict, scores, train_sano
+from baselines import SHIPPED_TRAIN, load, sano_predict, scores, train_sano
 from scipy import stats
+from workers import budget_arguments, budget_record, run_jobs
 
 PHYSICS_OFF = {"equilibrium": 0.0, "consistency": 0.0, "hill_mandel": 0.0, "symmetry": 0.0}
 VARIANTS: dict[str, tuple[str, dict, dict]] = {
@@ -187,26 +185,16 @@ def plot(rows: list[dict], path: Path, budget: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--train", required=True)
-    ap.add_argument("--calibration", required=True)
-    ap.add_argument("--test", required=True)
-    ap.add_argument("--budget-cpu-s", type=float, default=300.0)
+    budget_arguments(ap, "ablations", "run")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--work", default="out/ablations_bench", help="per-run records and logs")
-    ap.add_argument("--reuse", action="store_true",
-                    help="keep the per-run records already in --work (run the others)")
-    ap.add_argument("--json", default=str(RESULTS / "ablations.json"))
-    ap.add_argument("--plot", default=str(RESULTS / "ablations.png"))
     ap.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
         Path(args.json).write_text(json.dumps(worker(args), indent=1))
         return
-    from workers import run_jobs
-
     if len(args.seeds) < 2:
         ap.error("--seeds: give at least two seeds (an interval needs them)")
     started, work = time.perf_counter(), Path(args.work)
@@ -219,19 +207,9 @@ def main() -> None:
     runs = {(v, s): records[f"{v}-seed{s}"] for v in args.variants for s in args.seeds}
     rows = summarise(runs, args.variants, args.seeds)
     print_table(rows)
-    env = os.environ.get("PYTHONPATH", "").replace(str(ROOT), "$PWD")
-    exe = os.path.relpath(sys.executable, ROOT)
-    record = {"command": " ".join([f"PYTHONPATH={env}"] * bool(env) + [exe, *sys.argv]),
-              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "machine": f"{platform.machine()} {os.cpu_count()} cores (shared), one thread per "
-                         "run",
-              "budget": "CPU seconds of each run's process (time.process_time), validation "
-                        "included",
-              "budget_cpu_s": args.budget_cpu_s, "seeds": args.seeds,
-              "wall_s": time.perf_counter() - started,
-              "reused": sorted(set(jobs) - set(ran)),
-              "data": {"train": args.train, "calibration": args.calibration, "test": args.test},
-              "variants": rows, "runs": [runs[k] for k in sorted(runs)]}
+    record = {**budget_record(args, "run", started), "seeds": args.seeds,
+              "reused": sorted(set(jobs) - set(ran)), "variants": rows,
+              "runs": [runs[k] for k in sorted(runs)]}
     Path(args.json).write_text(json.dumps(record, indent=1))
     plot(rows, Path(args.plot), args.budget_cpu_s)
     print(f"wrote {args.json} and {args.plot}")

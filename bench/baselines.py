@@ -41,10 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -52,9 +49,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from workers import ROOT, budget_arguments, budget_record, run_jobs
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 SHIPPED = ROOT / "examples" / "models" / "fe2_composite.pt"
 SHIPPED_TRAIN = ROOT / "examples" / "models" / "fe2_composite.train.yaml"
 MODELS = ("sano", "fno", "equino", "mlp", "pipno", "ppino", "shipped")
@@ -235,8 +231,6 @@ def worker(args: argparse.Namespace) -> dict:
 def run_workers(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """Each model in its own process (``--parallel`` at a time); their records in order, and
     the models run (not reused)."""
-    from workers import run_jobs
-
     jobs = {m: [sys.executable, __file__, "--worker", m, "--train", args.train, "--test",
                 args.test, "--calibration", args.calibration, "--budget-cpu-s",
                 str(args.budget_cpu_s), "--json", str(Path(args.work) / f"{m}.json")]
@@ -292,17 +286,9 @@ def plot(records: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--train", required=True)
-    ap.add_argument("--calibration", required=True)
-    ap.add_argument("--test", required=True)
-    ap.add_argument("--budget-cpu-s", type=float, default=300.0)
+    budget_arguments(ap, "baselines", "model")
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--parallel", type=int, default=len(MODELS))
-    ap.add_argument("--work", default="out/baselines_bench", help="per-model records and logs")
-    ap.add_argument("--reuse", action="store_true",
-                    help="keep the per-model records already in --work (rerun the others)")
-    ap.add_argument("--json", default=str(RESULTS / "baselines.json"))
-    ap.add_argument("--plot", default=str(RESULTS / "baselines.png"))
     ap.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
@@ -311,17 +297,8 @@ def main() -> None:
     started = time.perf_counter()
     records, ran = run_workers(args)
     print_table(records)
-    env = os.environ.get("PYTHONPATH", "").replace(str(ROOT), "$PWD")
-    exe = os.path.relpath(sys.executable, ROOT)
-    record = {"command": " ".join([f"PYTHONPATH={env}"] * bool(env) + [exe, *sys.argv]),
-              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "machine": f"{platform.machine()} {os.cpu_count()} cores (shared), one thread per "
-                         "model",
-              "budget": "CPU seconds of each model's process (time.process_time), validation "
-                        "included",
-              "budget_cpu_s": args.budget_cpu_s, "wall_s": time.perf_counter() - started,
+    record = {**budget_record(args, "model", started),
               "reused": [m for m in args.models if args.reuse and m not in ran],
-              "data": {"train": args.train, "calibration": args.calibration, "test": args.test},
               "models": records}
     Path(args.json).write_text(json.dumps(record, indent=1))
     plot(records, Path(args.plot))

@@ -6,10 +6,18 @@ bench/ablations.py): one process per model keeps each one's ``time.process_time`
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
+import os
+import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 
 
 def run_jobs(jobs: dict[str, list[str]], work: Path, parallel: int,
@@ -44,3 +52,33 @@ def run_jobs(jobs: dict[str, list[str]], work: Path, parallel: int,
             print(f"{name}: done ({proc.returncode})", flush=True)
         time.sleep(2)
     return records, ran
+
+
+def budget_arguments(ap: argparse.ArgumentParser, bench: str, unit: str) -> None:
+    """The arguments of a bench that trains at a CPU budget: its data sets, the budget,
+    where the per-``unit`` records go (``out/<bench>_bench``), ``--reuse``, and the record and
+    plot (``bench/results/<bench>.json``/``.png``)."""
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--calibration", required=True)
+    ap.add_argument("--test", required=True)
+    ap.add_argument("--budget-cpu-s", type=float, default=300.0)
+    ap.add_argument("--work", default=f"out/{bench}_bench", help=f"per-{unit} records and logs")
+    ap.add_argument("--reuse", action="store_true",
+                    help=f"keep the per-{unit} records already in --work (run the others)")
+    ap.add_argument("--json", default=str(RESULTS / f"{bench}.json"))
+    ap.add_argument("--plot", default=str(RESULTS / f"{bench}.png"))
+
+
+def budget_record(args: argparse.Namespace, unit: str, started: float) -> dict:
+    """The provenance of a budgeted bench's record: command, date, machine, budget, wall
+    time since ``started`` (``time.perf_counter``) and data sets."""
+    env = os.environ.get("PYTHONPATH", "").replace(str(ROOT), "$PWD")
+    exe = os.path.relpath(sys.executable, ROOT)
+    return {"command": " ".join([f"PYTHONPATH={env}"] * bool(env) + [exe, *sys.argv]),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores (shared), one thread per "
+                       f"{unit}",
+            "budget": f"CPU seconds of each {unit}'s process (time.process_time), validation "
+                      "included",
+            "budget_cpu_s": args.budget_cpu_s, "wall_s": time.perf_counter() - started,
+            "data": {"train": args.train, "calibration": args.calibration, "test": args.test}}
