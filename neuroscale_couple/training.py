@@ -433,7 +433,7 @@ def train(model: CoarseGrainingOperator, data: TrainingData, cfg: TrainConfig, *
     learned = getattr(model, "card", {}).get(CARD_KEYS.get(cfg.weighting))
     weighting = LossWeighting(cfg.weighting, cfg.weights, learned,
                               cfg.gradnorm_alpha).to(param.device)
-    shared = model.shared_parameters() if cfg.weighting == "gradnorm" else []
+    shared = model.shared_parameters() if weighting.balanced else []
     opt = torch.optim.Adam([*model.parameters(), *weighting.parameters()], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs, eta_min=cfg.lr_final)
     gen = torch.Generator().manual_seed(cfg.seed)
