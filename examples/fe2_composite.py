@@ -179,10 +179,9 @@ def voigt_lame(x: np.ndarray, material: dict = COMPOSITE,
 
 def microstructures_at(x: np.ndarray, ids: np.ndarray) -> list:
     """Each point's own random fibre arrangement, drawn from its (partition-free) id."""
-    from neuroscale_couple.solvers.microstructure import random_fibres
+    from neuroscale_couple.solvers.microstructure import random_fibres_many
 
-    v = graded_fraction(x)
-    return [random_fibres(float(vi), int(1 + i % 8), int(i)) for vi, i in zip(v, ids, strict=True)]
+    return random_fibres_many(graded_fraction(x), 1 + np.asarray(ids) % 8, ids)
 
 
 def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:

@@ -128,3 +128,26 @@ def test_batched_sequential_addition_draws_as_one_candidate_at_a_time():
             if want is not None:
                 np.testing.assert_array_equal(got, want)
             assert a.random() == b.random()  # the generator left where one by one leaves it
+
+
+def test_cells_drawn_together_equal_cells_drawn_one_at_a_time():
+    """Sparse, dense (some need the second candidate block, a few jam and are compressed) and
+    single-fibre cells: the same centres, radii, seeds and keys as one call a cell."""
+    rng = np.random.default_rng(3)
+    v = np.concatenate([rng.uniform(0.1, 0.3, 40), rng.uniform(0.42, 0.5, 80)])
+    n = np.concatenate([rng.integers(1, 9, 40), rng.integers(5, 9, 80)])
+    seeds = np.arange(len(v)) + 1000
+    together = micro.random_fibres_many(v, n, seeds)
+    counts = n.astype(np.int64)
+    radii = np.array([micro._fibre_radius(vi, ni)[1] for vi, ni in zip(v, n, strict=True)])
+    first = micro.sequential_addition_many(counts, radii, micro.MIN_GAP, seeds, blocks=(96,))
+    assert 0 < sum(c is None for c in first) < len(v)  # the later block and the fallback run
+    for vi, ni, s, cell in zip(v, n, seeds, together, strict=True):
+        alone = micro.random_fibres(float(vi), int(ni), int(s))
+        np.testing.assert_array_equal(cell.centres, alone.centres)
+        assert (cell.key, cell.radius, cell.seed) == (alone.key, alone.radius, alone.seed)
+        assert type(cell.seed) is int and type(cell.radius) is float
+    with pytest.raises(InputError, match="volume_fraction=1.5"):
+        micro.random_fibres_many([0.3, 1.5], [2, 2], [0, 1])
+    with pytest.raises(InputError, match="overlap its own periodic image"):
+        micro.random_fibres_many([0.3, 0.77], [2, 1], [0, 1])
