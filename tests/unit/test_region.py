@@ -149,6 +149,19 @@ def test_ellipticity_of_known_tangents():
     assert acoustic_minimum(soft[None])[0] < 0
 
 
+def test_plane_acoustic_minimum_in_closed_form_equals_the_eigensolver():
+    """The 2×2 closed form against ``eigvalsh`` on random tangents (major-symmetric or not:
+    Q is symmetrised), one with a degenerate acoustic tensor (isotropic, λ + μ = 0)."""
+    rng = np.random.default_rng(7)
+    A = np.concatenate([rng.normal(size=(300, 2, 2, 2, 2)), isotropic(2, -1.0, 1.0)[None]])
+    angles = np.linspace(0.0, np.pi, 36, endpoint=False)
+    n = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    Q = np.einsum("mijkl,pj,pl->mpik", A, n, n)
+    want = np.linalg.eigvalsh(0.5 * (Q + Q.swapaxes(-1, -2)))[..., 0].min(axis=1)
+    np.testing.assert_allclose(acoustic_minimum(A), want, rtol=0, atol=1e-13 * np.abs(A).max())
+    assert acoustic_minimum(A[-1:])[0] == pytest.approx(1.0)
+
+
 def test_ellipticity_of_known_3d_tangents():
     """In 3D too: isotropic elasticity gives μ (the half sphere's lattice holds the exact
     minimum: every direction has it); a shear modulus made negative in the plane (x, z) only
