@@ -151,3 +151,39 @@ def test_cells_drawn_together_equal_cells_drawn_one_at_a_time():
         micro.random_fibres_many([0.3, 1.5], [2, 2], [0, 1])
     with pytest.raises(InputError, match="overlap its own periodic image"):
         micro.random_fibres_many([0.3, 0.77], [2, 1], [0, 1])
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_compression_draws_as_one_move_at_a_time(dim):
+    """Hard-disk (hard-sphere) compression of jammed packings: the same centres as drawing
+    each move's Gaussian step on its own and testing it against the other disks one by one."""
+    def one_move_at_a_time(centres, r, gap, rng, max_sweeps):
+        n = len(centres)
+        for _ in range(max_sweeps):
+            pair = min(np.min(micro._distances(c, np.delete(centres, i, 0)), initial=np.inf)
+                       for i, c in enumerate(centres))
+            rho = min(r, (pair - gap) / 2)
+            if rho >= r and all(micro._edge_ok(c, r, gap) for c in centres):
+                return centres
+            step = max(0.5 * (r - rho), 0.05 * r)
+            for i in rng.permutation(n):
+                trial = np.mod(centres[i] + rng.normal(0.0, step, dim), 1.0)
+                others = np.delete(centres, i, 0)
+                if np.all(micro._distances(trial, others) >= 2 * rho + gap - 1e-12) and (
+                        rho < r or micro._edge_ok(trial, r, gap)):
+                    centres[i] = trial
+        return None
+
+    n, r = (8, 0.13) if dim == 2 else (5, 0.22)
+    placed = 0
+    for seed in range(4):
+        start = np.random.default_rng(seed).random((n, dim))
+        a, b = np.random.default_rng(100 + seed), np.random.default_rng(100 + seed)
+        got = micro._compress(start.copy(), r, 0.02, a, 300)
+        want = one_move_at_a_time(start.copy(), r, 0.02, b, 300)
+        assert (got is None) == (want is None)
+        if want is not None:
+            np.testing.assert_array_equal(got, want)
+            placed += 1
+        assert a.random() == b.random()
+    assert placed  # a packing that random addition cannot place is found by compression
