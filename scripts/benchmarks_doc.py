@@ -792,6 +792,9 @@ def scaling_section(record: dict, path: Path, images: dict[str, tuple[str, str]]
            "for the busiest rank and the exchanges), macro (the rest: assembly, linear solve, "
            "checkpoints).", ""]
     out += provenance(record, path, "", None)
+    out += ["`rerun` is the operator-only run once more on its own output folder: the latents "
+            "are persisted beside the replay store, so it encodes nothing (a rerun of the same "
+            "problem, or a restart).", ""]
     out += ["The full sweep (~400 to ~10⁵ points, ranks 1–8) is `make bench-scaling` "
             "(`.venv/bin/python bench/scaling.py`): resumable, each run's summary is kept in "
             "`out/bench_scaling/` and reused while its command is unchanged.", ""]
@@ -816,13 +819,14 @@ def scaling_section(record: dict, path: Path, images: dict[str, tuple[str, str]]
     for mode, runs in limit.items():
         for r in runs:
             by_points.setdefault(r["points"], {})[mode] = r
-    out += table(("points", "limit_ratio, operator only", "limit_ratio, with fallback",
-                  "per step, operator only", "per step, with fallback"),
-                 [(num(n), ratio(d.get("operator", {}).get("limit_ratio")),
-                   ratio(d.get("fallback", {}).get("limit_ratio")),
-                   ratio(d.get("operator", {}).get("steps_ratio")),
-                   ratio(d.get("fallback", {}).get("steps_ratio")))
-                  for n, d in sorted(by_points.items())])
+    modes = [m for m in ("operator", "rerun", "fallback") if m in limit]
+    named = {"operator": "operator only", "rerun": "rerun (latents persisted)",
+             "fallback": "with fallback"}
+    out += table(("points", *(f"limit_ratio, {named[m]}" for m in modes),
+                  *(f"per step, {named[m]}" for m in modes)),
+                 [(num(n), *(ratio(d.get(m, {}).get(key)) for key in ("limit_ratio",
+                                                                       "steps_ratio")
+                             for m in modes)) for n, d in sorted(by_points.items())])
     out += [f"Target: limit_ratio ≤ {ratio(record.get('target_limit_ratio'))}.", ""]
     out += ["### Ranks", "", *table(head, rows(record.get("ranks", [])))]
     out += [f"Target for the fallback-heavy runs: fine work max/mean over ranks ≤ "
