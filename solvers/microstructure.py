@@ -426,28 +426,39 @@ def sequential_addition_many(counts: np.ndarray, radii: np.ndarray, gap: float,
 
 
 def _addition_block(trials: np.ndarray, counts: np.ndarray, radii: np.ndarray, gap: float,
-                    size: np.ndarray) -> list[np.ndarray | None]:
-    """Sequential addition of M cells over their candidates trials (M, B, d): admissibility
-    against the disks placed so far is kept as an (M, B) mask, narrowed by one distance test per
-    placed disk (O(N·M·B) work in a few numpy passes); None where B candidates do not do."""
+                    size: np.ndarray, window: int = 8) -> list[np.ndarray | None]:
+    """Sequential addition of M cells over their candidates trials (M, B, d), None where B
+    candidates do not do. Disk k of every cell still placing is looked for in a window of its
+    next candidates at once, tested against the disks already placed; cells that find none
+    look on in a window twice as wide (O(M·N·tries) work, tries: candidates looked at)."""
     m, block, dim = trials.shape
-    r = radii[:, None]
     edge = np.minimum(trials, size - trials)
-    ok = np.all(np.abs(edge - r[..., None]) >= gap / 2, axis=-1)
+    edge_ok = np.all(np.abs(edge - radii[:, None, None]) >= gap / 2, axis=-1)  # (M, B)
     centres = np.full((m, int(max(counts, default=0)), dim), np.nan)
-    taken = np.full(m, -1)
+    start = np.zeros(m, dtype=np.int64)  # each cell's next candidate
     settled = np.ones(m, dtype=bool)
     for k in range(centres.shape[1]):
-        live = np.flatnonzero(settled & (counts > k))
-        open_ = ok[live] & (np.arange(block) > taken[live, None])
-        found = open_.any(axis=1)
-        settled[live[~found]] = False
-        live, first = live[found], np.argmax(open_[found], axis=1)
-        taken[live] = first
-        centres[live, k] = trials[live, first]
-        d = centres[live, k][:, None] - trials[live]  # placed centre − candidate, as one by one
-        d -= np.round(d / size) * size
-        ok[live] &= functools.reduce(np.hypot, np.moveaxis(d, -1, 0)) >= 2 * r[live] + gap
+        live, width = np.flatnonzero(settled & (counts > k)), window
+        while len(live):
+            index = start[live, None] + np.arange(width)  # (L, W)
+            inside = index < block
+            index = np.minimum(index, block - 1)
+            cand = trials[live[:, None], index]  # (L, W, d)
+            ok = edge_ok[live[:, None], index] & inside
+            if k:  # placed centre − candidate, as one by one
+                d = centres[live, None, :k] - cand[:, :, None]  # (L, W, k, d)
+                d -= np.round(d / size) * size
+                far = functools.reduce(np.hypot, np.moveaxis(d, -1, 0))
+                ok &= np.all(far >= 2 * radii[live, None, None] + gap, axis=-1)
+            found = ok.any(axis=1)
+            first = np.argmax(ok[found], axis=1)
+            done = live[found]
+            centres[done, k] = cand[found, first]
+            start[done] = index[found, first] + 1
+            searching = live[~found]
+            settled[searching[start[searching] + width >= block]] = False
+            start[searching] += width
+            live, width = searching[settled[searching]], min(2 * width, 256)
     return [centres[i, :counts[i]] if settled[i] else None for i in range(m)]
 
 
