@@ -33,9 +33,16 @@ Metrics:
 - :func:`coverage`: observed fraction of points inside the conformal ellipsoid, per level; it
   should match the level.
   With ``bound=True`` it scores the Euclidean error bound of step 4 instead.
-- :func:`interval_coverage`: observed fraction of components inside the central Gaussian
-  interval μᵢ ± z_p s √Σᵢᵢ, averaged over components and points; it checks the per-component
-  error bars, which rely on the Gaussian shape and not only on the conformal guarantee.
+5. The per-component error bars μᵢ ± t_p s √Σᵢᵢ are calibrated the same way: t_p is the
+   conformal quantile of the component score |yᵢ − μᵢ| / (s √Σᵢᵢ), pooled over the m
+   components of the calibration points, at each level 0.05, 0.10, …, 0.95
+   (:data:`INTERVAL_LEVELS`). The Gaussian z_p = Φ⁻¹((1 + p)/2) would assume the errors'
+   shape; t_p does not (a calibration written before these quantiles existed uses z_p).
+
+Metrics:
+
+- :func:`interval_coverage`: observed fraction of components inside the calibrated interval
+  μᵢ ± t_p s √Σᵢᵢ, averaged over components and points.
 - :func:`expected_calibration_error`: mean |observed − nominal| of those intervals over the
   levels 0.05, 0.10, …, 0.95 (0 is perfect); :func:`reliability_diagram` plots the same curve.
 - :func:`auroc` with :func:`uncertainty_score`: how well the predicted uncertainty separates
@@ -56,6 +63,9 @@ from neuroscale_couple.errors import InputError
 
 LEVELS: tuple[float, ...] = (0.5, 0.9, 0.95)
 """Default coverage levels."""
+INTERVAL_LEVELS: tuple[float, ...] = tuple(k / 20 for k in range(1, 20))
+"""Levels 0.05, 0.10, …, 0.95 at which the per-component intervals are calibrated (those the
+expected calibration error scores)."""
 
 MIN_CALIBRATION_POINTS = 10
 """Fewest calibration points :func:`fit_conformal` accepts."""
@@ -249,6 +259,10 @@ class Calibration:
     norm_quantiles : dict[float, float]
         For each level p, the conformal quantile q^e_p of the Euclidean score
         |y − μ| / (s √tr Σ) (dimensionless, +∞ likewise); used by :meth:`error_bound`.
+    interval_quantiles : dict[float, float]
+        For each level p of :data:`INTERVAL_LEVELS`, the conformal quantile t_p of the
+        component score |yᵢ − μᵢ| / (s √Σᵢᵢ) (dimensionless); used by
+        :meth:`interval_factor`. Empty in a calibration written before it existed.
     n_calibration : int
         Number of calibration points the fit used.
     bands : tuple of float or None
@@ -263,6 +277,7 @@ class Calibration:
     quantiles: dict[float, float] = field(default_factory=dict)
     norm_quantiles: dict[float, float] = field(default_factory=dict)
     n_calibration: int = 0
+    interval_quantiles: dict[float, float] = field(default_factory=dict)
     bands: tuple[float, ...] | None = None
     groups: dict[str, Calibration] = field(default_factory=dict)
     _conservative: Calibration | None = field(default=None, init=False, repr=False,
@@ -275,7 +290,7 @@ class Calibration:
             "scale": float(self.scale),
             **{key: {repr(float(p)): float(q) if math.isfinite(q) else "inf"
                      for p, q in getattr(self, key).items()}
-               for key in ("quantiles", "norm_quantiles")},
+               for key in ("quantiles", "norm_quantiles", "interval_quantiles")},
             "n_calibration": int(self.n_calibration),
         }
         if self.grouped:
@@ -293,6 +308,8 @@ class Calibration:
             norm_quantiles={float(p): float(q)
                             for p, q in (d.get("norm_quantiles") or {}).items()},
             n_calibration=int(d["n_calibration"]),
+            interval_quantiles={float(p): float(q)
+                                for p, q in (d.get("interval_quantiles") or {}).items()},
             bands=None if d.get("bands") is None else tuple(float(b) for b in d["bands"]),
             groups={label: cls.from_dict(g) for label, g in (d.get("groups") or {}).items()},
         )
@@ -316,7 +333,8 @@ class Calibration:
                                for c in cals) / self.scale for p in getattr(self, key)}
 
             self._conservative = Calibration(self.scale, widest("quantiles"),
-                                             widest("norm_quantiles"), 0)
+                                             widest("norm_quantiles"), 0,
+                                             widest("interval_quantiles"))
         return self._conservative
 
     def per_point(self, labels: np.ndarray | None) -> list[tuple[np.ndarray, Calibration]]:
@@ -384,6 +402,13 @@ class Calibration:
         :meth:`trace_bound` (a table for callers that group points by integer codes)."""
         return np.array([self.group(label).norm_radius(level) * self.group(label).scale
                          for label in labels])
+
+    def interval_factor(self, level: float) -> float:
+        """t_p of the per-component interval μᵢ ± t_p s √Σᵢᵢ at ``level``: its conformal
+        quantile where fitted, else the Gaussian Φ⁻¹((1 + p)/2) (a calibration without
+        ``interval_quantiles``, or a level outside :data:`INTERVAL_LEVELS`)."""
+        q = _lookup(self.interval_quantiles, level, math.nan)
+        return q if not math.isnan(q) else normal_quantile(0.5 * (1.0 + level))
 
     def norm_radius(self, level: float) -> float:
         """Conformal quantile q^e of the Euclidean score |y − μ| / (s √tr Σ) at ``level``.
@@ -453,7 +478,8 @@ def fit_conformal(
     -------
     Calibration
         s² = mean(d²)/m, q_p = the ⌈(n + 1)p⌉-th smallest score d/s (+∞ if that exceeds n),
-        and q^e_p likewise for |y − μ| / (s √tr Σ); per group the same on its points.
+        q^e_p likewise for |y − μ| / (s √tr Σ), and t_p at :data:`INTERVAL_LEVELS` for the
+        n·m component scores |yᵢ − μᵢ| / (s √Σᵢᵢ); per group the same on its points.
     """
     if labels is not None:
         labels = np.asarray(labels, dtype=str)
@@ -483,7 +509,16 @@ def fit_conformal(
     return Calibration(scale=scale, quantiles=_conformal_quantiles(d / scale, levels),
                        norm_quantiles=_conformal_quantiles(
                            np.linalg.norm(y - mu, axis=1) / rms, levels),
-                       n_calibration=int(n))
+                       n_calibration=int(n),
+                       interval_quantiles=_conformal_quantiles(
+                           (np.abs(y - mu) / _component_sd(Sigma, scale)).ravel(),
+                           INTERVAL_LEVELS))
+
+
+def _component_sd(Sigma: np.ndarray, scale: float | np.ndarray) -> np.ndarray:
+    """s √Σᵢᵢ (n, m) of covariances Sigma (n, m, m): each component's calibrated standard
+    deviation (stress units)."""
+    return scale * np.sqrt(np.maximum(np.diagonal(Sigma, axis1=1, axis2=2), 0.0))
 
 
 def _conformal_quantiles(scores: np.ndarray, levels: tuple[float, ...]) -> dict[float, float]:
@@ -550,9 +585,8 @@ def interval_coverage(
     levels: Iterable[float] = LEVELS,
     labels: np.ndarray | None = None,
 ) -> dict[float, float]:
-    """Observed coverage of the per-component central intervals μᵢ ± z_p s √Σᵢᵢ.
-
-    z_p = Φ⁻¹((1 + p)/2); only the calibration's scale is used, not its quantiles.
+    """Observed coverage of the per-component central intervals μᵢ ± t_p s √Σᵢᵢ
+    (:meth:`Calibration.interval_factor`).
 
     Parameters
     ----------
@@ -561,11 +595,11 @@ def interval_coverage(
     Sigma : ndarray, shape (n, m, m)
         Predicted (uncalibrated) covariance, stress units squared.
     calibration : Calibration
-        Supplies the scale s.
+        Supplies the scale s and the factors t_p.
     levels : iterable of float
         Nominal levels p in (0, 1).
     labels : ndarray of str, shape (n,), optional
-        The points' groups, for a group-wise calibration (each its group's s).
+        The points' groups, for a group-wise calibration (each its group's s and t_p).
 
     Returns
     -------
@@ -574,12 +608,13 @@ def interval_coverage(
     """
     y, mu, Sigma = _as_batch(y, mu, Sigma)
     err = np.abs(y - mu)
-    sd = np.sqrt(np.maximum(np.diagonal(Sigma, axis1=1, axis2=2), 0.0))
+    levels = _levels(levels)
+    inside = {p: np.zeros(err.shape, dtype=bool) for p in levels}
     for idx, cal in calibration.per_point(labels if len(y) else None):
-        sd[idx] *= cal.scale
-    return {
-        p: float(np.mean(err <= normal_quantile(0.5 * (1.0 + p)) * sd)) for p in _levels(levels)
-    }
+        sd = _component_sd(Sigma[idx], cal.scale)
+        for p in levels:
+            inside[p][idx] = err[idx] <= cal.interval_factor(p) * sd
+    return {p: float(np.mean(v)) for p, v in inside.items()}
 
 
 def _ece_levels(n_levels: int) -> tuple[float, ...]:
