@@ -2,11 +2,15 @@
 
 Calibrates the model both ways on one held-out calibration set and evaluates each on a test
 set, per structure kind and load band (``neuroscale evaluate``'s ``groups``): coverage of the
-policy's 95 % bound and the ECE of the per-component intervals. Needs the data sets of
+policy's 95 % bound and the ECE of the per-component intervals — the conformal ones, and for
+the global calibration also the Gaussian ones (μᵢ ± Φ⁻¹((1 + p)/2) s √Σᵢᵢ) they replace. With
+``--shifted``, the same on a second test set in another mix of groups. Needs the data sets of
 `make model` (``out/model/calibration.h5``, ``out/model/test.h5``; made by `neuroscale generate
-examples/models/fe2_composite.{calibration,test}.yaml`).
+examples/models/fe2_composite.{calibration,test}.yaml`); the shifted one from
+``examples/models/fe2_composite.shifted_test.yaml``.
 
     python bench/calibration_groups.py [--model M.pt] [--calibration C.h5] [--test T.h5]
+                                       [--shifted S.h5]
 
 Writes ``bench/results/calibration_groups.json``.
 """
@@ -32,9 +36,11 @@ def main() -> None:
     p.add_argument("--model", default=str(ROOT / "examples" / "models" / "fe2_composite.pt"))
     p.add_argument("--calibration", default=str(ROOT / "out" / "model" / "calibration.h5"))
     p.add_argument("--test", default=str(ROOT / "out" / "model" / "test.h5"))
+    p.add_argument("--shifted", help="a test set in another mix of groups (optional)")
     p.add_argument("--out", default=str(RESULTS / "calibration_groups.json"))
     args = p.parse_args()
-    for flag, path in (("--calibration", args.calibration), ("--test", args.test)):
+    for flag, path in (("--calibration", args.calibration), ("--test", args.test),
+                       ("--shifted", args.shifted or args.test)):
         if not Path(path).is_file():
             sys.exit(f"{flag} {path} does not exist: make it with `neuroscale generate "
                      "examples/models/fe2_composite.<set>.yaml --out <file>`")
@@ -47,24 +53,33 @@ def main() -> None:
     model = load_operator(args.model)
     n, phases = model.input_resolution, model.takes_material
     cal = TrainingData.from_h5(args.calibration, n, material_inputs=phases)
-    test = TrainingData.from_h5(args.test, n, material_inputs=phases)
-    runs = {}
-    for name, bands in (("global", None), ("group-wise", LOAD_BANDS)):
+    sets = {"test": TrainingData.from_h5(args.test, n, material_inputs=phases)}
+    if args.shifted:
+        sets["shifted"] = TrainingData.from_h5(args.shifted, n, material_inputs=phases)
+    results: dict[str, dict] = {name: {} for name in sets}
+    for name, bands in (("global, Gaussian intervals", None), ("global", None),
+                        ("group-wise", LOAD_BANDS)):
         m = copy.deepcopy(model)
         calibrate_model(m, cal, bands=bands)
-        runs[name] = evaluate(m, test)
-        print(f"{name:>10}: bound coverage {runs[name]['bound_coverage']['0.95']:.3f}, "
-              f"ECE {runs[name]['ece']:.4f}")
-        for group, g in runs[name]["groups"].items():
-            print(f"{'':>12}{group:<42} n={g['n_samples']:4d} coverage "
-                  f"{g['bound_coverage']['0.95']:.3f} ECE {g['ece']:.4f}")
+        if name.endswith("Gaussian intervals"):
+            m.calibration = {**m.calibration, "interval_quantiles": {}}
+        for set_name, data in sets.items():
+            r = results[set_name][name] = evaluate(m, data)
+            print(f"{set_name}, {name}: bound coverage {r['bound_coverage']['0.95']:.3f}, "
+                  f"ECE {r['ece']:.4f}")
+            for group, g in r["groups"].items():
+                print(f"{'':>4}{group:<42} n={g['n_samples']:4d} coverage "
+                      f"{g['bound_coverage']['0.95']:.3f} ECE {g['ece']:.4f}")
     record = {"command": shlex.join(["python", "bench/calibration_groups.py", *sys.argv[1:]]),
               "date": date.today().isoformat(),
               "machine": f"{platform.node()} ({os.cpu_count()} cores)",
               "model": os.path.relpath(args.model, ROOT),
               "calibration_data": os.path.relpath(args.calibration, ROOT),
               "test_data": os.path.relpath(args.test, ROOT), "load_bands": list(LOAD_BANDS),
-              "n_calibration": len(cal), "runs": runs}
+              "n_calibration": len(cal), "runs": results["test"]}
+    if args.shifted:
+        record["shifted_data"] = os.path.relpath(args.shifted, ROOT)
+        record["shifted_runs"] = results["shifted"]
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out}")
 
