@@ -21,6 +21,7 @@ geometry (:meth:`PhaseCell._fibre_mask`, :meth:`PhaseCell._gmsh_fibres`), ``key`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import shutil
@@ -337,9 +338,10 @@ class InclusionCell(PhaseCell):
     radius: float
     seed: int | None = None
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """A short digest identifying the geometry (equal cells share one RVE in a cache)."""
+        """A short digest identifying the geometry (equal cells share one RVE in a cache);
+        computed once per cell (a coupled run asks for it per point several times)."""
         h = hashlib.sha1(f"{self.kind}|{self.volume_fraction!r}|{self.radius!r}".encode())
         h.update(np.ascontiguousarray(self.centres, dtype=np.float64).tobytes())
         return h.hexdigest()[:16]
