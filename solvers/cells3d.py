@@ -24,6 +24,7 @@ Config (``neuroscale rve`` / ``neuroscale generate``)::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -203,11 +204,10 @@ class EllipsoidCell(SolidCell, InclusionCell):
     def n_ellipsoids(self) -> int:
         return len(self.centres)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """A short digest of the geometry (the inclusion cell's and the aspect ratio)."""
-        return hashlib.sha1(f"{InclusionCell.key.fget(self)}|{self.aspect_ratio!r}".encode()
-                            ).hexdigest()[:16]
+        return hashlib.sha1(f"{self._digest()}|{self.aspect_ratio!r}".encode()).hexdigest()[:16]
 
     @classmethod
     def arrays(cls, structures: Sequence[EllipsoidCell], resolution: int | None

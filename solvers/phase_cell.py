@@ -342,6 +342,10 @@ class InclusionCell(PhaseCell):
     def key(self) -> str:
         """A short digest identifying the geometry (equal cells share one RVE in a cache);
         computed once per cell (a coupled run asks for it per point several times)."""
+        return self._digest()
+
+    def _digest(self) -> str:
+        """The digest of :attr:`key`: kind, fraction, radius and centres."""
         h = hashlib.sha1(f"{self.kind}|{self.volume_fraction!r}|{self.radius!r}".encode())
         h.update(np.ascontiguousarray(self.centres, dtype=np.float64).tobytes())
         return h.hexdigest()[:16]
