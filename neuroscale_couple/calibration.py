@@ -19,11 +19,16 @@ bars with a finite-sample guarantee. On a held-out calibration set of n points w
    with its conformal quantiles q^e_p, and |y − μ| ≤ q^e_p · s · √tr Σ holds with probability
    ≥ p in the same finite-sample sense. Bounding the ellipsoid by its circumscribed ball
    (q_p · s · √λ_max) would also be valid, but ~1.2–1.4× wider on the shipped operators.
+5. The per-component error bars μᵢ ± t_p s √Σᵢᵢ are calibrated the same way: t_p is the
+   conformal quantile of the component score |yᵢ − μᵢ| / (s √Σᵢᵢ), pooled over the m
+   components of the calibration points, at each level 0.05, 0.10, …, 0.95
+   (:data:`INTERVAL_LEVELS`). The Gaussian z_p = Φ⁻¹((1 + p)/2) would assume the errors'
+   shape; t_p does not (a calibration written before these quantiles existed uses z_p).
 
 Group-wise (Mondrian) calibration. A macro problem draws cells and loads in other proportions
 than the calibration set; one global s and q then over-cover some groups and under-cover
 others. With groups — each point's cell family and load band (:func:`group_labels`) — the
-scale and both quantiles are fitted per group on that group's calibration points alone, so the
+scale and the quantiles are fitted per group on that group's calibration points alone, so the
 guarantee P(error ≤ bound) ≥ p holds within every group, whatever the mix. A group with fewer
 than :data:`MIN_GROUP_POINTS` calibration points (or none) gets the largest bound of the fitted
 groups and the global one.
@@ -33,14 +38,6 @@ Metrics:
 - :func:`coverage`: observed fraction of points inside the conformal ellipsoid, per level; it
   should match the level.
   With ``bound=True`` it scores the Euclidean error bound of step 4 instead.
-5. The per-component error bars μᵢ ± t_p s √Σᵢᵢ are calibrated the same way: t_p is the
-   conformal quantile of the component score |yᵢ − μᵢ| / (s √Σᵢᵢ), pooled over the m
-   components of the calibration points, at each level 0.05, 0.10, …, 0.95
-   (:data:`INTERVAL_LEVELS`). The Gaussian z_p = Φ⁻¹((1 + p)/2) would assume the errors'
-   shape; t_p does not (a calibration written before these quantiles existed uses z_p).
-
-Metrics:
-
 - :func:`interval_coverage`: observed fraction of components inside the calibrated interval
   μᵢ ± t_p s √Σᵢᵢ, averaged over components and points.
 - :func:`expected_calibration_error`: mean |observed − nominal| of those intervals over the
