@@ -39,8 +39,8 @@ def main() -> None:
     p.add_argument("--shifted", help="a test set in another mix of groups (optional)")
     p.add_argument("--out", default=str(RESULTS / "calibration_groups.json"))
     args = p.parse_args()
-    for flag, path in (("--calibration", args.calibration), ("--test", args.test),
-                       ("--shifted", args.shifted or args.test)):
+    given = [("--calibration", args.calibration), ("--test", args.test)]
+    for flag, path in given + ([("--shifted", args.shifted)] if args.shifted else []):
         if not Path(path).is_file():
             sys.exit(f"{flag} {path} does not exist: make it with `neuroscale generate "
                      "examples/models/fe2_composite.<set>.yaml --out <file>`")

@@ -40,8 +40,8 @@ import scaling_model
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 FALLBACK_RTOL, HEAVY_RTOL = "0.02", "0.002"
-MODES = {"single": ["--single-scale"], "operator": ["--rtol", "inf", "--no-retrain"],
-         "rerun": ["--rtol", "inf", "--no-retrain"],
+OPERATOR_ONLY = ["--rtol", "inf", "--no-retrain"]
+MODES = {"single": ["--single-scale"], "operator": OPERATOR_ONLY, "rerun": OPERATOR_ONLY,
          "fallback": ["--rtol", FALLBACK_RTOL, "--no-retrain"],
          "heavy": ["--rtol", HEAVY_RTOL, "--no-retrain"]}
 FULL = {"sizes": ["0.1", "0.05", "0.025", "0.0125", "0.006"], "rank_size": "0.05"}
