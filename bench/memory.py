@@ -116,10 +116,10 @@ def run_child(*argv: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def in_loop(n: int, repeat: int = 3, own: int = 8192) -> dict:
-    """Points per CPU second (one torch thread) of Coupler.evaluate on n points sharing 64
-    structures, on ``own`` points with a structure each (as in FE²: latents read in place),
-    and of the bare model's predict on the n points."""
+def in_loop(n: int, repeat: int = 3, own: int = 8192, model_path: Path = MODEL) -> dict:
+    """Points per CPU second (one torch thread) of Coupler.evaluate of the model in
+    ``model_path`` on n points sharing 64 structures, on ``own`` points with a structure each
+    (as in FE²: latents read in place), and of the bare model's predict on the n points."""
     from mpi4py import MPI
 
     import torch
@@ -130,7 +130,7 @@ def in_loop(n: int, repeat: int = 3, own: int = 8192) -> dict:
     from neuroscale_couple.solvers.microstructure import random_fibres
 
     torch.set_num_threads(1)
-    model = load_operator(MODEL)
+    model = load_operator(model_path)
     # a finite tolerance no point exceeds: the bound is computed, nothing falls back
     coupler = Coupler(model, lambda m: None, policy=Policy(rtol=1e9, atol=1e9),
                       comm=MPI.COMM_SELF)
@@ -157,7 +157,7 @@ def in_loop(n: int, repeat: int = 3, own: int = 8192) -> dict:
     out["own_structures"] = own
     out["coupler_evaluate_own_structures"] = rate(lambda: each.evaluate(F[:own], ids[:own]), own)
     for dtype in (torch.float64, torch.float32):
-        m = load_operator(MODEL).to(dtype)
+        m = load_operator(model_path).to(dtype)
         with torch.no_grad():
             out[f"model_predict_{str(dtype)[6:]}"] = rate(
                 lambda m=m, dtype=dtype: m.predict(z.to(dtype), Ft.to(dtype)))
@@ -182,14 +182,26 @@ def main() -> None:
     parser.add_argument("--attach", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--in-loop-only", action="store_true",
                         help="rerun only the in-loop rates and update them in the record --out")
+    parser.add_argument("--models", nargs="*", default=[],
+                        help="with --in-loop-only: also these model files' in-loop rates "
+                        "(recorded under in_loop_by_model), e.g. the distilled model and a "
+                        "variant of it")
+    parser.add_argument("--note", help="with --in-loop-only: what the --models files are "
+                        "(e.g. where a file outside the repository came from), recorded")
     args = parser.parse_args()
     if args.in_loop_only:
         record = json.loads(Path(args.out).read_text())
         record["in_loop_points_per_cpu_s"] = in_loop(args.points)
+        record["in_loop_by_model"] = {
+            str(Path(m).resolve().relative_to(ROOT)) if Path(m).resolve().is_relative_to(ROOT)
+            else str(m): in_loop(args.points, model_path=Path(m)) for m in args.models}
+        if args.note:
+            record["in_loop_note"] = args.note
         record["in_loop_command"] = shlex.join(["python", "bench/memory.py", *sys.argv[1:]])
         record["in_loop_date"] = date.today().isoformat()
         write(record, args)
-        print(json.dumps(record["in_loop_points_per_cpu_s"], indent=1))
+        print(json.dumps({"in_loop_points_per_cpu_s": record["in_loop_points_per_cpu_s"],
+                          "in_loop_by_model": record["in_loop_by_model"]}, indent=1))
         return
     if args.attach:
         if not args.baseline:

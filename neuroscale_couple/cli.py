@@ -12,6 +12,8 @@
     neuroscale subset D.h5 (--micro M | --samples N) [--seed S] --out D_part.h5
     neuroscale distill --model M.pt --out M_fast.pt --cells N --epochs E
                        [--calibration C.h5] [--test T.h5]   a slim encoder trained against M
+    neuroscale distill-covariance --model M.pt --out M2.pt --calibration C.h5 [--test T.h5]
+                                                         its aleatoric head made quadratic in F̄
     neuroscale explain --model M.pt --config CELLS.yaml --out DIR   scales and attention as PNGs
 """
 
@@ -319,6 +321,51 @@ def cmd_distill(args: argparse.Namespace) -> None:
                              if m != "data"} for k in ("test",) if k in student.card}}, indent=2))
 
 
+def cmd_distill_covariance(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    import torch
+
+    from neuroscale_couple.covariance_distillation import (
+        CovarianceDistillation,
+        CovarianceDistillConfig,
+    )
+    from neuroscale_couple.evaluation import calibrate_model, evaluate
+    from neuroscale_couple.operators.base import load_operator
+    from neuroscale_couple.training import TrainingData
+
+    out = Path(args.out)
+    if out.suffix != ".pt":
+        raise InputError(f"--out {args.out}: give a model file ending in .pt")
+    if not Path(args.calibration).is_file():
+        raise InputError(f"--calibration {args.calibration} does not exist: make it with "
+                         "`neuroscale generate`")
+    if args.test is not None and not Path(args.test).is_file():
+        raise InputError(f"--test {args.test} does not exist: make it with `neuroscale generate`")
+    cfg = CovarianceDistillConfig(cells=args.cells, epochs=args.epochs, loads=args.loads,
+                                  lr=args.lr, seed=args.seed)
+    model = load_operator(args.model)
+    digest, before = model.weights_digest(), None
+    if args.test is not None:
+        test = TrainingData.from_h5(args.test, model.input_resolution)
+        before = evaluate(model, test)
+    work = Path(args.work) if args.work else out.with_suffix(".covariance")
+    new, history = CovarianceDistillation(model, cfg, work).run(progress=not args.quiet)
+    cal = calibrate_model(new, TrainingData.from_h5(args.calibration, new.input_resolution))
+    new.card |= {"covariance_distilled_from": {"model": str(args.model), "digest": digest},
+                 "covariance_distillation": {**dataclasses.asdict(cfg), **history},
+                 "calibration_points": cal.n_calibration}
+    if args.test is not None:
+        new.card["covariance_test"] = {"data": str(args.test), "network": before,
+                                       "quadratic": evaluate(new, test)}
+    new.to(torch.float32).save(out)
+    keys = ("rel_l2_stress", "ece", "bound_coverage", "bound_width")
+    print(json.dumps({"out": str(out), "best_val_rel_trace": history["best_val_rel_trace"],
+                      **{k: {m: v[k] for m, v in new.card["covariance_test"].items()
+                             if m != "data"} for k in keys if "covariance_test" in new.card}},
+                     indent=2))
+
+
 def cmd_cauchy_born(args: argparse.Namespace) -> None:
     import time
 
@@ -439,6 +486,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "recorded in the card")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.set_defaults(func=cmd_distill)
+    p = sub.add_parser("distill-covariance", help="replace a model's aleatoric network by a "
+                       "head quadratic in the strain (a cheaper error bound in the loop), "
+                       "trained against it and calibrated afresh; resumable")
+    p.add_argument("--model", required=True, help="a model of fibre cells (SANO or distilled)")
+    p.add_argument("--out", required=True, help="the model file to write (.pt; may be --model)")
+    p.add_argument("--calibration", required=True,
+                   help="fine solves (HDF5) to calibrate the new bound")
+    p.add_argument("--test", help="held-out fine solves (HDF5): both heads' accuracy and "
+                   "calibration recorded in the card")
+    p.add_argument("--cells", type=int, default=4000, help="cells drawn like the model's data")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--loads", type=int, default=8, help="loads F̄ per cell and batch")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", help="folder of the cells' latents and per-epoch checkpoint "
+                   "(default OUT with suffix .covariance); a rerun resumes from it")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    p.set_defaults(func=cmd_distill_covariance)
     p = sub.add_parser("explain", help="pictures of what a SANO model's encoder sees of cells: "
                        "wavelet scales, cross-scale attention, scale weights")
     p.add_argument("--model", required=True, help="a SANO model file")

@@ -132,6 +132,72 @@ def distill_loss(student: DistilledSANO, z_s: torch.Tensor, z_t: torch.Tensor, F
             "latent": ((z_s - z_t) ** 2).sum(-1).mean() / z_var}
 
 
+class EpochFit:
+    """The resumable training loop of a distillation: Adam on ``params`` of ``module`` with a
+    cosine from ``cfg.lr`` to ``cfg.lr_final`` over ``cfg.epochs`` epochs of ``n_fit`` samples
+    in batches of ``cfg.batch_size``, resumed from ``ckpt`` (its state under ``name``) where it
+    holds this run's, and the best validation epoch's weights kept."""
+
+    def __init__(self, module: torch.nn.Module, params: list, cfg, n_fit: int,
+                 ckpt: WorkCheckpoint, name: str) -> None:
+        self.module, self.cfg, self.ckpt, self.name = module, cfg, ckpt, name
+        self.opt = torch.optim.Adam(params, lr=cfg.lr)
+        steps = cfg.epochs * math.ceil(n_fit / cfg.batch_size)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, steps,
+                                                                eta_min=cfg.lr_final)
+        self.state = {"epoch": 0, "history": [], "best": math.inf, "best_state": None}
+        try:
+            saved = ckpt.load()
+        except CheckpointError:
+            log.warning("%s holds another run (other settings or another model): starting "
+                        "afresh (it will be overwritten)", ckpt.path)
+            saved = None
+        if saved is not None:
+            module.load_state_dict(saved[name])
+            self.opt.load_state_dict(saved["optimizer"])
+            self.sched.load_state_dict(saved["scheduler"])
+            self.state = saved["state"]
+            log.info("resumed after epoch %d", self.state["epoch"])
+
+    def run(self, fit: torch.Tensor, batch_loss, validate, best: str, *, until: int,
+            progress: bool) -> dict:
+        """Epochs up to ``until``: each a shuffle of the sample indices ``fit`` (from the seed
+        and the epoch), ``batch_loss(idx, generator)`` → (loss, terms) per batch, then
+        ``validate()`` → metrics, ``best`` naming the one to minimise; a checkpoint after
+        each. Returns the state (``history``, ``best``, ``best_state``)."""
+        cfg, state = self.cfg, self.state
+        while state["epoch"] < until:
+            epoch = state["epoch"]
+            g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            t0 = time.perf_counter()
+            sums: dict[str, float] = {}
+            perm = fit[torch.randperm(len(fit), generator=g)]
+            self.module.train()
+            for i in range(0, len(perm), cfg.batch_size):
+                idx = perm[i:i + cfg.batch_size]
+                loss, terms = batch_loss(idx, g)
+                self.opt.zero_grad()
+                loss.backward()
+                self.opt.step()
+                self.sched.step()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
+            metrics = validate()
+            record = {"epoch": epoch + 1, "time_s": time.perf_counter() - t0, **metrics,
+                      **{k: v / len(fit) for k, v in sums.items()}}
+            state["history"].append(record)
+            if metrics[best] < state["best"]:
+                state["best"] = metrics[best]
+                state["best_state"] = {k: v.clone() for k, v in self.module.state_dict().items()}
+            state["epoch"] = epoch + 1
+            self.ckpt.save({self.name: self.module.state_dict(), "optimizer": self.opt.state_dict(),
+                            "scheduler": self.sched.state_dict(), "state": state})
+            if progress:
+                print(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(
+                    f"{k} {v:.3g}" for k, v in record.items() if k != "epoch"), flush=True)
+        return state
+
+
 class Distillation:
     """One distillation of ``teacher`` with settings ``cfg``, kept in ``work`` (teacher data,
     per-epoch checkpoint, log); :meth:`run` resumes where a killed run stopped."""
@@ -184,58 +250,21 @@ class Distillation:
             torch.manual_seed(cfg.seed)
             student = DistilledSANO.student_of(self.teacher, cfg.channels)
         params = [p for p in student.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=cfg.lr)
-        steps = cfg.epochs * math.ceil(len(fit) / cfg.batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=cfg.lr_final)
-        state = {"epoch": 0, "history": [], "best": math.inf, "best_state": None}
         ckpt = WorkCheckpoint(self.work, {**self.key, "config": self.settings(cfg)})
-        try:
-            saved = ckpt.load()
-        except CheckpointError:
-            log.warning("%s holds a distillation with other settings or another teacher: "
-                        "starting afresh (it will be overwritten)", ckpt.path)
-            saved = None
-        if saved is not None:
-            student.load_state_dict(saved["student"])
-            opt.load_state_dict(saved["optimizer"])
-            sched.load_state_dict(saved["scheduler"])
-            state = saved["state"]
-            log.info("distillation resumed after epoch %d", state["epoch"])
+        loop = EpochFit(student, params, cfg, len(fit), ckpt, "student")
         z_var = float(((data["z"] - data["z"].mean(0)) ** 2).sum(-1).mean())
         g_val = torch.Generator().manual_seed(cfg.seed + 1)
         F_val = draw_loads(data["shells"][val], cfg.loads, g_val)
-        while state["epoch"] < min(cfg.epochs, stop_after or cfg.epochs):
-            epoch = state["epoch"]
-            g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            t0 = time.perf_counter()
-            sums: dict[str, float] = {}
-            perm = fit[torch.randperm(len(fit), generator=g)]
-            student.train()
-            for i in range(0, len(perm), cfg.batch_size):
-                idx = perm[i:i + cfg.batch_size]
-                F = draw_loads(data["shells"][idx], cfg.loads, g)
-                terms = distill_loss(student, student.encode(data["images"][idx])[0],
-                                     data["z"][idx], F, z_var)
-                loss = sum(cfg.weights[k] * v for k, v in terms.items())
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
-            error = self.validation_error(student, data, val, F_val)
-            record = {"epoch": epoch + 1, "time_s": time.perf_counter() - t0,
-                      "val_rel_l2_stress": error, **{k: v / len(fit) for k, v in sums.items()}}
-            state["history"].append(record)
-            if error < state["best"]:
-                state["best"] = error
-                state["best_state"] = {k: v.clone() for k, v in student.state_dict().items()}
-            state["epoch"] = epoch + 1
-            ckpt.save({"student": student.state_dict(), "optimizer": opt.state_dict(),
-                       "scheduler": sched.state_dict(), "state": state})
-            if progress:
-                print(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(
-                    f"{k} {v:.3g}" for k, v in record.items() if k != "epoch"), flush=True)
+
+        def batch_loss(idx: torch.Tensor, g: torch.Generator):
+            F = draw_loads(data["shells"][idx], cfg.loads, g)
+            terms = distill_loss(student, student.encode(data["images"][idx])[0],
+                                 data["z"][idx], F, z_var)
+            return sum(cfg.weights[k] * v for k, v in terms.items()), terms
+
+        state = loop.run(fit, batch_loss, lambda: {"val_rel_l2_stress": self.validation_error(
+            student, data, val, F_val)}, "val_rel_l2_stress",
+            until=min(cfg.epochs, stop_after or cfg.epochs), progress=progress)
         student.load_state_dict(state["best_state"])
         return student.eval(), {"history": state["history"], "best_val_rel_l2_stress":
                                 state["best"]}

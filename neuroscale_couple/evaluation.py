@@ -43,6 +43,10 @@ def sample_labels(data: TrainingData, bands=LOAD_BANDS) -> np.ndarray:
                         bands)
 
 
+BOUND_WIDTH_LEVEL = 0.95
+"""The confidence of :func:`evaluate`'s ``bound_width`` (the fallback policy's default)."""
+
+
 def calibrate_model(model: CoarseGrainingOperator, data: TrainingData, levels=LEVELS,
                     bands: tuple[float, ...] | str | None = "as before") -> Calibration:
     """Split-conformal calibration on held-out ``data``; stored in ``model.calibration``.
@@ -67,7 +71,9 @@ def evaluate(model: CoarseGrainingOperator, data: TrainingData, *, ood: Training
     calibrated ellipsoid), ``bound_coverage`` (level → fraction within the fallback policy's
     error bound), ``ece``, ``n_samples``, ``groups`` (per structure kind and load band, the
     model's bands or the default ones: ``n_samples``, ``rel_l2_stress``, ``bound_coverage``,
-    ``ece``), and ``ood_auroc`` when ``ood`` is given.
+    ``ece``), ``bound_width`` (the mean error bound at :data:`BOUND_WIDTH_LEVEL` over the mean
+    ‖P̄‖: how sharp the bound is, a fallback at rtol r comes where it exceeds r‖P̄‖) and
+    ``ood_auroc`` when ``ood`` is given.
     """
     if not model.calibration:
         raise InputError("the model is not calibrated: run `neuroscale calibrate` first")
@@ -93,6 +99,8 @@ def evaluate(model: CoarseGrainingOperator, data: TrainingData, *, ood: Training
         "rel_l2_tangent": float(np.linalg.norm(A_pred - A) / np.linalg.norm(A)),
         "coverage": everything["coverage"], "bound_coverage": everything["bound_coverage"],
         "ece": everything["ece"],
+        "bound_width": float(np.mean(cal.error_bound(Sigma, BOUND_WIDTH_LEVEL, labels))
+                             / np.mean(np.linalg.norm(y, axis=1))),
         "calibration": "group-wise" if cal.grouped else "global",
         "groups": {band_name(str(g), bands): {"n_samples": int((labels == g).sum()),
                                               **metrics(labels == g)}

@@ -887,6 +887,16 @@ def memory_section(record: dict, path: Path) -> list[str]:
     if "in_loop_command" in record:
         out += [f"The in-loop rates of this record were rerun on {record['in_loop_date']} "
                 f"(`{record['in_loop_command']}`); the rest is from its first run.", ""]
+    by_model = {"`examples/models/fe2_composite.pt`": record.get("in_loop_points_per_cpu_s"),
+                **{f"`{name}`": v for name, v in record.get("in_loop_by_model", {}).items()}}
+    if len(by_model) > 1:
+        out += ["In the same run, model by model, points per CPU s"
+                + (f" ({record['in_loop_note']})" if record.get("in_loop_note") else "") + ":",
+                ""]
+        out += table(("model", "`Coupler.evaluate`", "a structure per point"),
+                     [(name, sci(v["coupler_evaluate"]),
+                       sci(v["coupler_evaluate_own_structures"]))
+                      for name, v in by_model.items()])
     steps = record.get("long_run", {})
     out += [f"Growth run: {num(steps.get('steps'))} load steps on {num(steps.get('points'))} "
             f"points; targets: a few KB per point, growth ≤ 5 %, ≥ 1e6 points/s per core "

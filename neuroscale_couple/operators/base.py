@@ -30,13 +30,23 @@ from neuroscale_couple import __version__
 from neuroscale_couple.errors import CheckpointError, InputError
 from neuroscale_couple.operators.epistemic import ENSEMBLE, Epistemic
 from neuroscale_couple.operators.heads import (
+    COVARIANCE_FORMS,
     CovarianceHead,
     EnergyHead,
+    QuadraticCovarianceHead,
     green_lagrange_mandel,
     mixture_response,
 )
 from neuroscale_couple.region import TrainingRegion
 from neuroscale_couple.store import atomic_write
+
+
+def check_covariance_form(form: str) -> None:
+    """Refuse a model config's ``covariance`` outside :data:`COVARIANCE_FORMS`."""
+    if form not in COVARIANCE_FORMS:
+        raise InputError(f"covariance={form!r}: the aleatoric head is one of "
+                         f"{', '.join(COVARIANCE_FORMS)}")
+
 
 HEAD_PREFIXES = ("energy.", "covariance.")
 """Parameter names of the coarse-graining heads: what online retraining trains; the rest (the
@@ -44,7 +54,8 @@ encoder) stays frozen, so latents do not change (:meth:`CoarseGrainingOperator.e
 
 
 RECORDED_WHEN_SET = {"phase_ranges": {}, "dim": 2, "uncertainty": ENSEMBLE.kind,
-                     "samples": ENSEMBLE.samples, "dropout": ENSEMBLE.dropout}
+                     "samples": ENSEMBLE.samples, "dropout": ENSEMBLE.dropout,
+                     "covariance": "network"}
 """Config fields added after models were shipped → their value when unset: recorded (and
 digested) only when set otherwise, so that the files saved before them keep their digest."""
 
@@ -87,15 +98,20 @@ class CoarseGrainingOperator(nn.Module):
 
     def _build_heads(self, members: int, latent: int, hidden: int, correction: bool,
                      residual: bool = False, quartic: bool = False, dim: int = 2,
-                     epistemic: Epistemic = ENSEMBLE) -> None:
+                     epistemic: Epistemic = ENSEMBLE, covariance: str = "network") -> None:
         """The probabilistic coarse-graining heads (energy ensemble, aleatoric covariance) of
         F̄ d×d, d = ``dim`` (2: plane strain, 3); ``epistemic``: an ensemble of ``members``
-        or a Bayesian model (:mod:`~neuroscale_couple.operators.epistemic`)."""
+        or a Bayesian model (:mod:`~neuroscale_couple.operators.epistemic`); ``covariance``:
+        the form of the aleatoric head, a network of (z, ê) per member or one head quadratic
+        in ê (:data:`~neuroscale_couple.operators.heads.COVARIANCE_FORMS`)."""
+        check_covariance_form(covariance)
         self.epistemic, self.members = epistemic, members
         mlp = epistemic.mlp()
         self.energy = EnergyHead(members, latent, hidden, correction, residual, quartic, dim,
                                  mlp)
-        self.covariance = CovarianceHead(members, latent, hidden, dim, mlp)
+        self.covariance = (CovarianceHead(members, latent, hidden, dim, mlp)
+                           if covariance == "network"
+                           else QuadraticCovarianceHead(latent, hidden, dim))
 
     def _build_buffers(self) -> None:
         """Normalisation buffers (σ_ref, e_ref, A_ref), calibration and model card."""

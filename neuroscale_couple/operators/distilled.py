@@ -78,7 +78,8 @@ class DistilledSANO(CoarseGrainingOperator):
         self.to_latent = nn.Sequential(nn.Linear(width + 1, c.latent), nn.SiLU(),
                                        nn.Linear(c.latent, c.latent))
         self._build_heads(c.members, c.latent, c.hidden, c.energy_correction,
-                          quartic=c.quartic_basis, epistemic=c.epistemic)
+                          quartic=c.quartic_basis, epistemic=c.epistemic,
+                          covariance=c.covariance)
         self._build_buffers()
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:

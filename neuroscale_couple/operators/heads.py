@@ -411,7 +411,28 @@ DIAG_OFFSET = -3.0
 """Offset of the covariance factor's raw diagonal: an untrained head starts with small Σ."""
 
 
-class CovarianceHead(nn.Module):
+COVARIANCE_FORMS = ("network", "quadratic")
+"""The allowed values of the model config key ``covariance`` (:class:`CovarianceHead`,
+:class:`QuadraticCovarianceHead`)."""
+
+
+class _CholeskyHead(nn.Module):
+    """What the covariance heads share: the factor L = D (I + O) of Σ/σ_ref² (d² × d²) from the
+    d²(d² + 1)/2 raw entries (``n`` = d²)."""
+
+    n: int
+
+    def factor(self, raw: torch.Tensor) -> torch.Tensor:
+        """The Cholesky factor L (…, d², d²) from the network's d²(d² + 1)/2 outputs."""
+        return lower_triangular(raw, self.n, diag_offset=DIAG_OFFSET)
+
+    def factor_norm2(self, raw: torch.Tensor, *, dim: int = -1) -> torch.Tensor:
+        """tr(L Lᵀ) of :meth:`factor`'s L, without forming it, from the network's outputs along
+        ``dim`` (:func:`lower_triangular_norm2`)."""
+        return lower_triangular_norm2(raw, self.n, diag_offset=DIAG_OFFSET, dim=dim)
+
+
+class CovarianceHead(_CholeskyHead):
     """Per-member Cholesky factor (M, B, d², d²) of the normalised aleatoric covariance of the
     d² stress components (d = ``dim``: 4×4 in 2D, 9×9 in 3D), from z and the Mandel strain."""
 
@@ -424,14 +445,42 @@ class CovarianceHead(nn.Module):
     def forward(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return self.factor(self.net(torch.cat([z, e], dim=-1)))
 
-    def factor(self, raw: torch.Tensor) -> torch.Tensor:
-        """The Cholesky factor L (…, d², d²) from the network's d²(d² + 1)/2 outputs."""
-        return lower_triangular(raw, self.n, diag_offset=DIAG_OFFSET)
 
-    def factor_norm2(self, raw: torch.Tensor, *, dim: int = -1) -> torch.Tensor:
-        """tr(L Lᵀ) of :meth:`factor`'s L, without forming it, from the network's outputs along
-        ``dim`` (:func:`lower_triangular_norm2`)."""
-        return lower_triangular_norm2(raw, self.n, diag_offset=DIAG_OFFSET, dim=dim)
+class QuadraticCovarianceHead(_CholeskyHead):
+    """One Cholesky factor (1, B, d², d²) for the whole ensemble whose raw entries are
+    quadratic in the Mandel strain ê with coefficients from the latent alone:
+
+        raw_r(z, ê) = Σ_k c_rk(z) φ_k(ê),  φ(ê) = (1, ê, êᵢêⱼ for i ≤ j)   (10 in 2D, 28 in 3D)
+
+    so that a coupled run computes c(z) (d²(d² + 1)/2 × K numbers, :meth:`coefficients`) once
+    per point and model version and each evaluation is K multiply-adds per entry
+    (:class:`~neuroscale_couple.operators.inference.Inference`) instead of a network pass.
+    Inputs z (M, B, latent) and ê (M, B, s) are the members' copies of the same rows, as
+    :class:`CovarianceHead` takes them; the first is read."""
+
+    def __init__(self, latent: int, hidden: int, dim: int = 2) -> None:
+        super().__init__()
+        self.n, s = dim * dim, mandel_size(dim)
+        self.features = 1 + s + s * (s + 1) // 2
+        self.net = ensemble_mlp(1, latent, hidden, self.n * (self.n + 1) // 2 * self.features)
+
+    def coefficients(self, z: torch.Tensor) -> torch.Tensor:
+        """c(z) (B, d²(d² + 1)/2, K) of latents z (B, latent)."""
+        return self.net(z.unsqueeze(0))[0].unflatten(-1, (-1, self.features))
+
+    @staticmethod
+    def strain_features(e: torch.Tensor) -> torch.Tensor:
+        """φ(ê) (…, K) of Mandel strains ê (…, s): 1, ê and the products êᵢêⱼ, i ≤ j."""
+        i, j = torch.triu_indices(e.shape[-1], e.shape[-1], device=e.device)
+        return torch.cat([torch.ones_like(e[..., :1]), e, e[..., i] * e[..., j]], dim=-1)
+
+    def raw(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """The factor's raw entries (B, d²(d² + 1)/2) at latents z (B, latent) and Mandel
+        strains ê (B, s)."""
+        return (self.coefficients(z) @ self.strain_features(e).unsqueeze(-1))[..., 0]
+
+    def forward(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return self.factor(self.raw(z[0], e[0])).unsqueeze(0)
 
 
 class FineDecoder(nn.Module):

@@ -6,7 +6,9 @@ depends on z alone is computed once per model version and structure (:class:`Inf
 - the members' basis-mixture weights w_m(z) (M, K) — of a basis-mixture energy head
   (:attr:`~neuroscale_couple.operators.heads.EnergyHead.closed_form`), stress, tangent and
   energy are then a closed form in (w, F̄) and the energy network never runs per evaluation;
-- the latent's part of the covariance head's first layer, b₁ + W₁ᶻ z (M, hidden).
+- the latent's part of the covariance head's first layer, b₁ + W₁ᶻ z (M, hidden) — or, of a
+  head quadratic in the strain (:class:`~.heads.QuadraticCovarianceHead`), its coefficients
+  c(z), whose evaluation is then K multiply-adds per entry of its factor.
 
 Each evaluation then runs, in chunks of points, the closed form of the mean weights w̄ in
 float64 (P̄, A, W̄: exactly consistent, as Newton needs them) and what the error bound needs in
@@ -31,6 +33,7 @@ from torch import nn
 
 from neuroscale_couple.operators.heads import (
     EnsembleLinear,
+    QuadraticCovarianceHead,
     green_lagrange_mandel,
     mixture_response,
     mixture_stress_norm2,
@@ -64,7 +67,8 @@ class Inference:
     after retraining); see the module docstring.
 
     Memory per latent row: M·K float32 weight differences, K float64 mean weights and M·hidden
-    float32 first-layer activations (1.5 KB for the shipped composite model).
+    float32 first-layer activations (1.5 KB for the shipped composite model) or, of a quadratic
+    covariance head, its R·K float32 coefficients (10·10 in 2D).
     ``bound_dtype``: the precision of the error bound's parts (float64 to check them against
     the model's own predict)."""
 
@@ -78,23 +82,30 @@ class Inference:
         self.sigma2 = float(model.stress_scale) ** 2
         if not self.closed:
             return
-        net = model.covariance.net
-        first = net[0]  # b₁ + W₁ [z, ê]: the latent's part is computed here, once
-        latent, M = z.shape[1], len(first.weight)
         self.e_ref = float(model.e_ref)
-        self.first_e = first.weight[:, latent:].detach().to(bound_dtype)  # (M, 3, h)
-        self.rest = _layers(net[1:], bound_dtype)
-        w_mean, w_dev, hidden = [], [], []
+        self.quadratic = isinstance(model.covariance, QuadraticCovarianceHead)
+        if not self.quadratic:
+            net = model.covariance.net
+            first = net[0]  # b₁ + W₁ [z, ê]: the latent's part is computed here, once
+            latent, M = z.shape[1], len(first.weight)
+            self.first_e = first.weight[:, latent:].detach().to(bound_dtype)  # (M, 3, h)
+            self.rest = _layers(net[1:], bound_dtype)
+        w_mean, w_dev, latent_part = [], [], []
         with torch.no_grad():
             for i in range(0, max(len(z), 1), chunk):  # one (empty) chunk without points
                 zc = self.z[i:i + chunk].to(self.dtype)
                 w = model._mixture_weights(zc, torch.float64).double()  # (M, b, K)
                 w_mean.append(w.mean(0))
                 w_dev.append((w - w_mean[-1]).to(bound_dtype))
-                hidden.append(torch.baddbmm(first.bias, zc.unsqueeze(0).expand(M, -1, -1),
-                                            first.weight[:, :latent]).to(bound_dtype))
-        self.w_mean, self.w_dev, self.hidden = (torch.cat(w_mean), torch.cat(w_dev, 1),
-                                                torch.cat(hidden, 1))
+                latent_part.append(
+                    model.covariance.coefficients(zc).permute(2, 1, 0).to(bound_dtype)
+                    if self.quadratic else
+                    torch.baddbmm(first.bias, zc.unsqueeze(0).expand(M, -1, -1),
+                                  first.weight[:, :latent]).to(bound_dtype))
+        self.w_mean, self.w_dev = torch.cat(w_mean), torch.cat(w_dev, 1)
+        # the covariance head's part of the latent: its coefficients c(z) (K, R, u), points
+        # along the rows, or the network's first-layer activations (M, u, hidden)
+        self.hidden = torch.cat(latent_part, -1 if self.quadratic else 1).contiguous()
 
     @torch.no_grad()
     def response(self, rows: np.ndarray, F: np.ndarray) -> Response:
@@ -118,6 +129,10 @@ class Inference:
         epi = mixture_stress_norm2(_rows(self.w_dev, rows), Fb,
                                    self.model.energy.n_directions).mean(0)
         e = green_lagrange_mandel(Fb) / self.e_ref
+        if self.quadratic:
+            alea = self.sigma2 * self.model.covariance.factor_norm2(
+                self._quadratic_raw(rows, e), dim=-2)
+            return mean["stress"], mean["tangent"], mean["energy"], alea, epi
         (*hidden, (weight, bias)), M = self.rest, len(self.first_e)
         raw = bias.new_empty((M, len(bias[0]), len(F)))  # outputs along the rows: few of them
         for i in range(0, len(F), NET_CHUNK):  # activations (M, NET_CHUNK, h) stay in the cache
@@ -129,6 +144,17 @@ class Inference:
                           out=raw[..., i:i + NET_CHUNK])
         alea = self.sigma2 * self.model.covariance.factor_norm2(raw, dim=-2).mean(0)
         return mean["stress"], mean["tangent"], mean["energy"], alea, epi
+
+    def _quadratic_raw(self, rows: torch.Tensor | slice, e: torch.Tensor) -> torch.Tensor:
+        """The raw entries (R, n) of a quadratic covariance head at n points of Mandel strain
+        ê (n, s): Σ_k c_k(z) φ_k(ê), one multiply-add over the points per feature k."""
+        phi = self.model.covariance.strain_features(e).T  # (K, n)
+        c = self.hidden[..., rows] if isinstance(rows, slice) else self.hidden.index_select(
+            -1, rows)
+        raw = c[0] * phi[0]
+        for k in range(1, len(phi)):
+            raw.addcmul_(c[k], phi[k])
+        return raw
 
     def _generic(self, rows: torch.Tensor | slice, F: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One chunk of any operator, through its ``predict`` in its own dtype."""

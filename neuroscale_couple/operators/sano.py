@@ -34,7 +34,7 @@ from neuroscale_couple.materials import (
     lame,
 )
 from neuroscale_couple.operators.attention import CrossScaleAttention, ScaleMixer
-from neuroscale_couple.operators.base import CoarseGrainingOperator
+from neuroscale_couple.operators.base import CoarseGrainingOperator, check_covariance_form
 from neuroscale_couple.operators.epistemic import EpistemicConfig
 from neuroscale_couple.operators.heads import FineDecoder, green_lagrange_mandel
 from neuroscale_couple.operators.spectral import FourierBlock, pointwise_conv
@@ -53,7 +53,8 @@ class CellHeadsConfig(EpistemicConfig):
     the law and phases (E, ν) of the material it learnt — or, for a family operator,
     ``phase_ranges``: the ranges of the phase descriptors it takes as inputs (contrast
     E_f/E_m, ν_m, ν_f → [low, high]; :mod:`neuroscale_couple.phases`), ``matrix`` and
-    ``fibre`` then unused."""
+    ``fibre`` then unused; ``covariance``: the form of the aleatoric head (``network`` or
+    ``quadratic``, :data:`~neuroscale_couple.operators.heads.COVARIANCE_FORMS`)."""
 
     latent: int = 64
     hidden: int = 64
@@ -64,9 +65,11 @@ class CellHeadsConfig(EpistemicConfig):
     matrix: tuple[float, float] = astuple(EPOXY_LIKE_MATRIX)
     fibre: tuple[float, float] = astuple(GLASS_LIKE_FIBRE)
     phase_ranges: dict[str, list[float]] = field(default_factory=dict)
+    covariance: str = "network"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_covariance_form(self.covariance)
         check_law(self.law)
         for name in ("matrix", "fibre"):
             Phase(*getattr(self, name))
@@ -132,7 +135,8 @@ class SANO(CoarseGrainingOperator):
         self.to_latent = nn.Sequential(nn.Linear(d + 1 + n_phase, c.latent), nn.SiLU(),
                                        nn.Linear(c.latent, c.latent))
         self._build_heads(c.members, c.latent, c.hidden, c.energy_correction,
-                          quartic=c.quartic_basis, dim=c.dim, epistemic=c.epistemic)
+                          quartic=c.quartic_basis, dim=c.dim, epistemic=c.epistemic,
+                          covariance=c.covariance)
         self.decoder = FineDecoder(d, c.latent, c.modes) if c.dim == 2 else None
         self._build_buffers()
 

@@ -52,12 +52,18 @@ def test_closed_form_response_equals_predict_and_its_float32_bound_is_far_below_
     np.testing.assert_allclose(cal.trace_bound(r.trace_epistemic, 0.95), epistemic, rtol=1e-4)
 
 
+@pytest.mark.parametrize("covariance", ["network", "quadratic"])
 @pytest.mark.parametrize("consecutive", [False, True])
-def test_the_bound_computed_in_float64_equals_predict_to_round_off(consecutive):
+def test_the_bound_computed_in_float64_equals_predict_to_round_off(consecutive, covariance):
     # the in-loop path (latents' part cached, members batched, covariance network by columns,
-    # its factor's norm and the members' spread without forming Σ) in float64: predict's traces
+    # or a quadratic head's coefficients, its factor's norm and the members' spread without
+    # forming Σ) in float64: predict's traces
     model = load_operator(MODELS / "fe2_composite.pt").double()
     z = model.latents([random_fibres(0.3, 1 + s % 8, seed=s) for s in range(40)])
+    if covariance == "quadratic":  # its aleatoric head replaced by a seeded quadratic one
+        torch.manual_seed(3)
+        model.covariance = heads.QuadraticCovarianceHead(model.config.latent,
+                                                         model.config.hidden).double()
     rows, F = _points(1500, 40)
     if consecutive:  # one structure per point, in order: latents read in place
         z, rows = z[rows], np.arange(len(rows))
