@@ -148,10 +148,10 @@ class Inference:
     def _quadratic_raw(self, rows: torch.Tensor | slice, e: torch.Tensor) -> torch.Tensor:
         """The raw entries (R, n) of a quadratic covariance head at n points of Mandel strain
         ê (n, s): Σ_k c_k(z) φ_k(ê), one multiply-add over the points per feature k."""
-        phi = self.model.covariance.strain_features(e).T  # (K, n)
+        phi = self.model.covariance.strain_features(e).T.contiguous()  # (K, n); φ₀ = 1
         c = self.hidden[..., rows] if isinstance(rows, slice) else self.hidden.index_select(
             -1, rows)
-        raw = c[0] * phi[0]
+        raw = c[0].clone()
         for k in range(1, len(phi)):
             raw.addcmul_(c[k], phi[k])
         return raw
