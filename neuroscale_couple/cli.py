@@ -13,7 +13,7 @@
     neuroscale distill --model M.pt --out M_fast.pt --cells N --epochs E
                        [--calibration C.h5] [--test T.h5]   a slim encoder trained against M
     neuroscale distill-covariance --model M.pt --out M2.pt --calibration C.h5 [--test T.h5]
-                                                         its aleatoric head made quadratic in F̄
+                                                         its error-bar head quadratic in the strain
     neuroscale explain --model M.pt --config CELLS.yaml --out DIR   scales and attention as PNGs
 """
 

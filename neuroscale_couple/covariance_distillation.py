@@ -115,6 +115,9 @@ class CovarianceDistillation:
                  work: str | Path) -> None:
         if isinstance(model.covariance, QuadraticCovarianceHead):
             raise InputError("the model's covariance head is already quadratic in the strain")
+        if model.takes_material:
+            raise InputError("the model is a family operator (phases as inputs): "
+                             "distill-covariance fits models of one material")
         if model.dim != 2:
             raise InputError(f"the model is a {model.dim}D operator: distill-covariance draws "
                              "2D loads; fit 2D models")
