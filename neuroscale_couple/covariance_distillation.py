@@ -6,8 +6,8 @@ In a coupled run the aleatoric network (M members, two hidden layers, run at eve
 most of the cost of the error bound; the quadratic head's coefficients depend on the latent
 alone, so a run computes them once per point and each evaluation is a few multiply-adds. Cells
 and loads are drawn as in :mod:`~neuroscale_couple.distillation` (the model's training groups,
-other seeds; loads in each group's shell); the target is the ensemble's mean aleatoric covariance
-Σ̄ = ⟨L_m L_mᵀ⟩ (normalised by σ_ref²), and the loss of a batch
+other seeds; loads up to each group's radius, uniform in ‖F̄ − I‖); the target is the
+ensemble's mean aleatoric covariance Σ̄ = ⟨L_m L_mᵀ⟩ (normalised by σ_ref²), and the loss of a batch
 
     ⟨(ln tr Σ − ln tr Σ̄)²⟩ + w ⟨(ln Σᵢᵢ − ln Σ̄ᵢᵢ)²⟩ᵢ        (w: ``diagonal_weight``)
 
@@ -45,8 +45,11 @@ are neither the model's training cells nor the encoder distillation's."""
 @dataclass
 class CovarianceDistillConfig:
     """Settings: ``cells`` drawn like the model's data (``val_fraction`` held out to pick the best
-    epoch), ``loads`` per cell and batch, Adam with a cosine from ``lr`` to ``lr_final``, the
-    loss's ``diagonal_weight``; the head's hidden width is the model's."""
+    epoch), ``loads`` per cell and batch (``‖F̄ − I‖^load_power`` uniform from 0, with
+    ``from_zero``, or from the group's min_radius, to its radius: uniform in the radius by
+    default, for a macro problem's points sit mostly at small loads, where the bound decides
+    most fallbacks), Adam with a cosine from ``lr`` to ``lr_final``, the loss's
+    ``diagonal_weight``; the head's hidden width is the model's."""
 
     cells: int = 4000
     epochs: int = 40
@@ -55,6 +58,8 @@ class CovarianceDistillConfig:
     lr: float = 1e-3
     lr_final: float = 1e-5
     diagonal_weight: float = 0.1
+    load_power: int = 1
+    from_zero: bool = True
     val_fraction: float = 0.05
     seed: int = 0
 
@@ -145,6 +150,14 @@ class CovarianceDistillation:
         atomic_write(path, lambda tmp: torch.save(data, tmp))
         return data
 
+    def shells(self, data: dict, idx: torch.Tensor) -> torch.Tensor:
+        """The load shells (B, 2) of cells ``idx``: from 0 to their group's radius where
+        ``cfg.from_zero`` (a macro problem's points meet a cell at any load up to it)."""
+        shells = data["shells"][idx].clone()
+        if self.cfg.from_zero:
+            shells[:, 0] = 0.0
+        return shells
+
     def run(self, progress: bool = True) -> tuple[CoarseGrainingOperator, dict]:
         """Fit (or resume) to ``cfg.epochs``; the model with the head of the best validation
         epoch (uncalibrated for it: calibrate afresh) and the history (per epoch: the training
@@ -160,15 +173,15 @@ class CovarianceDistillation:
             head = QuadraticCovarianceHead(model.config.latent, model.config.hidden, model.dim)
         ckpt = WorkCheckpoint(self.work, {**self.key, "config": dataclasses.asdict(cfg)})
         loop = EpochFit(head, list(head.parameters()), cfg, len(fit), ckpt, "head")
-        F_val = draw_loads(data["shells"][val], cfg.loads, torch.Generator().manual_seed(
-            cfg.seed + 1))
+        F_val = draw_loads(self.shells(data, val), cfg.loads, torch.Generator().manual_seed(
+            cfg.seed + 1), cfg.load_power)
         z_val = data["z"][val].repeat_interleave(cfg.loads, 0)
         with torch.no_grad():
             e_val = green_lagrange_mandel(F_val) / e_ref
             target_val = mean_covariance(model, z_val, e_val)
 
         def batch_loss(idx: torch.Tensor, g: torch.Generator):
-            F = draw_loads(data["shells"][idx], cfg.loads, g)
+            F = draw_loads(self.shells(data, idx), cfg.loads, g, cfg.load_power)
             z = data["z"][idx].repeat_interleave(cfg.loads, 0)
             e = green_lagrange_mandel(F) / e_ref
             with torch.no_grad():

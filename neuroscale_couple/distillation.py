@@ -105,13 +105,16 @@ def distillation_cells(teacher: SANO, n: int, seed: int) -> tuple[list, np.ndarr
     return cells, np.array(shells)
 
 
-def draw_loads(shells: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """``k`` loads F̄ (B·k, 2, 2) per cell, uniform in its shell min_radius ≤ ‖F̄ − I‖ ≤ radius
-    (shells (B, 2)), as :func:`~neuroscale_couple.sampling.loads_in_ball` draws them."""
+def draw_loads(shells: torch.Tensor, k: int, generator: torch.Generator, power: int = 4
+               ) -> torch.Tensor:
+    """``k`` loads F̄ (B·k, 2, 2) per cell in its shell min_radius ≤ ‖F̄ − I‖ ≤ radius (shells
+    (B, 2)): uniform in the shell's volume (``power`` 4), as
+    :func:`~neuroscale_couple.sampling.loads_in_ball` draws them, or with ‖F̄ − I‖ᵖ uniform
+    (``power`` 1: uniform in the radius, more small loads)."""
     lo, hi = (shells.repeat_interleave(k, 0)[:, j] for j in (0, 1))
     d = torch.randn(len(lo), 4, generator=generator, dtype=shells.dtype)
     u = torch.rand(len(lo), generator=generator, dtype=shells.dtype)
-    r = (lo**4 + u * (hi**4 - lo**4)) ** 0.25
+    r = (lo**power + u * (hi**power - lo**power)) ** (1 / power)
     H = d / d.norm(dim=1, keepdim=True) * r[:, None]
     return torch.eye(2, dtype=shells.dtype) + H.reshape(-1, 2, 2)
 
