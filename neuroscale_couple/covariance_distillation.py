@@ -12,11 +12,11 @@ ensemble's mean aleatoric covariance Σ̄ = ⟨L_m L_mᵀ⟩ (normalised by σ_r
     ⟨(ln tr Σ − ln tr Σ̄)²⟩ + w ⟨(ln Σᵢᵢ − ln Σ̄ᵢᵢ)²⟩ᵢ        (w: ``diagonal_weight``)
 
 first the bound's scale √tr Σ, then the components' error bars (a quadratic in ê follows the
-network's trace to ~9 % in √tr Σ on the shipped composite model, its components less closely:
-the calibration's component quantiles absorb that). Everything else of the
-model is kept. The conformal guarantee does not rest on the fit: the new model is calibrated
-afresh on fine solves (``--calibration``), and its bound's coverage is that calibration's.
-A checkpoint after every epoch lets a killed run resume.
+shipped distilled model's tr Σ to ~7 %, its components less closely: the calibration's component
+quantiles absorb that). Everything else of the model is kept. The conformal guarantee does
+not rest on the fit: the new model is calibrated afresh on fine solves (``--calibration``), and
+its bound's coverage is that calibration's. A checkpoint after every epoch lets a killed run
+resume.
 """
 
 from __future__ import annotations
