@@ -105,7 +105,7 @@ class Inference:
         self.w_mean, self.w_dev = torch.cat(w_mean), torch.cat(w_dev, 1)
         # the covariance head's part of the latent: its coefficients c(z) (K, R, u), points
         # along the rows, or the network's first-layer activations (M, u, hidden)
-        self.hidden = torch.cat(latent_part, -1 if self.quadratic else 1).contiguous()
+        self.latent_part = torch.cat(latent_part, -1 if self.quadratic else 1).contiguous()
 
     @torch.no_grad()
     def response(self, rows: np.ndarray, F: np.ndarray) -> Response:
@@ -136,7 +136,7 @@ class Inference:
         (*hidden, (weight, bias)), M = self.rest, len(self.first_e)
         raw = bias.new_empty((M, len(bias[0]), len(F)))  # outputs along the rows: few of them
         for i in range(0, len(F), NET_CHUNK):  # activations (M, NET_CHUNK, h) stay in the cache
-            x = torch.baddbmm(_rows(self.hidden, _part(rows, i)),
+            x = torch.baddbmm(_rows(self.latent_part, _part(rows, i)),
                               e[i:i + NET_CHUNK].expand(M, -1, -1), self.first_e)
             for w, b in hidden:
                 x = torch.baddbmm(b, nn.functional.silu(x, inplace=True), w)
@@ -149,8 +149,8 @@ class Inference:
         """The raw entries (R, n) of a quadratic covariance head at n points of Mandel strain
         ê (n, s): Σ_k c_k(z) φ_k(ê), one multiply-add over the points per feature k."""
         phi = self.model.covariance.strain_features(e).T.contiguous()  # (K, n); φ₀ = 1
-        c = self.hidden[..., rows] if isinstance(rows, slice) else self.hidden.index_select(
-            -1, rows)
+        c = (self.latent_part[..., rows] if isinstance(rows, slice)
+             else self.latent_part.index_select(-1, rows))
         raw = c[0].clone()
         for k in range(1, len(phi)):
             raw.addcmul_(c[k], phi[k])
