@@ -8,8 +8,9 @@ model's):
 
 - ``reference``: the true fine solver at every quadrature point, every Newton iteration
   (``--reuse-reference``: taken from an earlier run of the same settings in ``--out``);
-- ``cold_start``: ``--model none``: classic FE² at first, heads trained in the background on
-  the run's own fine solves, points handed to the operator where its calibrated bound allows.
+- ``cold_start``: ``--model none``: classic FE² at first, then each solved point on its own
+  cell fit where the calibrated bound allows (``--cold-flags=--no-cell-fits``: heads trained in
+  the background on the run's own fine solves instead).
 
 Prints a table per step (share of points on the operator, model version, training time) and
 writes ``bench/results/<name>.json``: ``speedup_total`` (reference total time / cold-start
@@ -78,6 +79,7 @@ def main() -> dict:
         "ranks": args.np, "mesh_size": args.mesh_size, "steps": args.steps,
         "stretch": args.stretch, "rtol": args.rtol, "atol": cold["atol"],
         "matrix": list(args.matrix), "fibre": list(args.fibre), "cold_flags": args.cold_flags,
+        "cell_fits": "--no-cell-fits" not in shlex.split(args.cold_flags),
         "dofs": ref["dofs"], "quadrature_points": n,
         "reference_total_time_s": ref["total_time_s"],
         "cold_total_time_s": cold["total_time_s"],

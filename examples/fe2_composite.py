@@ -30,9 +30,10 @@ grows with the load, and, with --compare, the errors against a reference run).
 
 ``--matrix E NU`` and ``--fibre E NU`` give other phases. The shipped model knows only its own;
 for others ``--model none`` runs a cold start (:mod:`neuroscale_couple.cold_start`): classic FE²
-at first, an operator trained in the background from the run's own RVE solves (the shipped
-model's encoder, frozen, with fresh heads), and each point handed over as soon as its bound,
-calibrated on held-out points' solves after every step, allows, e.g.
+at first, then each point on its own cell fit (:mod:`neuroscale_couple.cell_fits`: the energy
+basis fitted to the point's RVE solves) as soon as its bound, calibrated on audited points'
+solves after every step, allows (``--no-cell-fits``: heads trained in the background on the
+shipped model's frozen encoder instead), e.g.
 ``mpiexec -n 2 python examples/fe2_composite.py --model none --matrix 70 0.33 --fibre 410 0.14
 --rtol 0.02``.
 
@@ -78,9 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--model none: the model whose (frozen) encoder the cold start takes; "
                    "its heads are trained afresh from the run's fine solves (e.g. "
                    "examples/models/fe2_composite_fast.pt, the distilled encoder)")
-    p.add_argument("--held-out", type=float, default=0.1,
+    p.add_argument("--held-out", type=float, default=0.05,
                    help="--model none: share of the points kept on the fine solver for the "
-                   "conformal calibration, never trained on")
+                   "conformal calibration (cell fits: audited, drawn afresh each step; network "
+                   "heads: held out for good, never trained on)")
+    p.add_argument("--no-cell-fits", action="store_true",
+                   help="--model none: serve every point from the network heads, not the solved "
+                   "points from their own cell fits (neuroscale_couple.cell_fits)")
     p.add_argument("--probe", type=float, default=0.02,
                    help="--model none: share of the points solved besides each step for "
                    "training data (largest bound first, one per microstructure)")
@@ -192,7 +197,8 @@ def build(args: argparse.Namespace, comm: MPI.Comm) -> CoupledRun:
     retrain = retrain_config(args)
     cold = None
     if cold_start(args, policy):  # trains in the background (--swap-when-ready: never waits for it)
-        cold = ColdStart(args.cold_encoder, held_out=args.held_out, probe=args.probe)
+        cold = ColdStart(args.cold_encoder, held_out=args.held_out, probe=args.probe,
+                         cell_fits=not args.no_cell_fits)
         retrain = dataclasses.replace(retrain, background=True)
     return composite_run(args, comm, (policy, model_path, model), retrain, microstructures_at,
                          cold_start=cold)

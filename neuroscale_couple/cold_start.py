@@ -1,25 +1,32 @@
 """Cold start: a coupled run with no operator trained for its material, learning one on the fly.
 
-The run starts as classic FE² (every point on the fine solver) and trains an operator from its
-own fine solves (:mod:`neuroscale_couple.retraining`, in the background while the run goes on);
-each point is handed to the operator as soon as its calibrated bound at the policy's
-confidence is within the tolerance.
+The run starts as classic FE² (every point on the fine solver) and learns an operator from its
+own fine solves; each point is handed to the operator as soon as its calibrated bound at the
+policy's confidence is within the tolerance.
 
-What the operator starts from: the **encoder** of a shipped model of fibre cells (a
-pretrained encoder of the cell images, not a model "from nothing"), given the run's phases as
-its image channels, frozen; and **fresh coarse-graining heads** (the energy mixture and the
-covariance head), trained from scratch on the run's solves, with the normalisation (stress
-scale) of those solves. Training the heads alone keeps each retraining a few seconds and the
-latents valid for the whole run (encoded once, at registration).
+What the operator is, at a point:
 
-How the bound stays valid: a fixed share of the points, drawn by point id (:meth:`held_out`:
-independent of the partition, spread over the plate and so over the microstructures), is held
-out. These points stay on the fine solver every step and are never trained on; after every
-load step the serving operator is recalibrated (split conformal,
-:mod:`neuroscale_couple.calibration`) on their solves of that step — the nearest loads to the
-next step's. A few more points (``probe``: the operator points with the largest bound relative
-to their tolerance, one per microstructure) are solved each step to widen the training data
-where the operator knows least.
+- where the point has been solved (every point, after the first load step): its **cell fit**
+  (:mod:`neuroscale_couple.cell_fits`, ``cell_fits``, the default): the energy head's basis
+  mixture with that cell's own weights, fitted in closed form to the point's latest fine solves
+  at each step's end, calibrated on the solves of points audited at random each step;
+- elsewhere (a point without a solve of its own, or every point with ``cell_fits=False``): the
+  **network**: the encoder of a shipped model of fibre cells (pretrained, given the run's
+  phases as its image channels, frozen) with **fresh coarse-graining heads** (the energy mixture
+  and the covariance head) trained from scratch on the run's solves
+  (:mod:`neuroscale_couple.retraining`, in the background while the run goes on), with the
+  normalisation (stress scale) of those solves. Training the heads alone keeps each retraining
+  a few seconds and the latents valid for the whole run (encoded once, at registration).
+
+How the bound stays valid: a share of the points, drawn by point id (:meth:`is_held_out`:
+independent of the partition, spread over the plate and so over the microstructures), is
+solved whatever its bound. For the network these points are held out for good: never trained
+on, they recalibrate the serving network (split conformal, :mod:`neuroscale_couple.calibration`)
+after every load step on their solves of that step — the nearest loads to the next step's. For
+the cell fits the share is drawn afresh each step (an audit: the fit's error at a point chosen
+by no bound) and learnt from afterwards like any solve. A few more points (``probe``: the
+operator points with the largest bound relative to their tolerance, one per microstructure) are
+solved each step to widen the training data where the operator knows least.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ import torch
 from neuroscale_couple.errors import InputError
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+PROBE_RATIO = 0.5
+"""A probe's least bound / tolerance."""
+_STEP = np.uint64(0xD1B54A32D192ED03)  # another odd constant: each step its own draw
 
 
 @dataclass(frozen=True)
@@ -55,12 +65,14 @@ class ColdStart:
     """
 
     encoder: str | Path
-    held_out: float = 0.1
+    held_out: float = 0.05
     probe: float = 0.02
     epochs: int = 300
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
+    cell_fits: bool = True
+    history: int = 3
 
     def __post_init__(self) -> None:
         if not Path(self.encoder).is_file():
@@ -71,7 +83,7 @@ class ColdStart:
                              "kept for calibration in (0, 1), e.g. 0.25")
         if not 0 <= self.probe < 1:
             raise InputError(f"cold_start probe={self.probe}: give a share of points in [0, 1)")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "history"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise InputError(f"cold_start {name}={value}: give a whole number ≥ 1")
@@ -118,12 +130,13 @@ class ColdStart:
         model.calibration = {}
         return model.double().eval()
 
-    def is_held_out(self, point_ids: np.ndarray) -> np.ndarray:
-        """Whether each point (ids (n,)) is held out for calibration, (n,) bool: a hash of
-        (seed, id) below ``held_out``, so the draw does not depend on the partition."""
+    def is_held_out(self, point_ids: np.ndarray, step: int = 0) -> np.ndarray:
+        """Whether each point (ids (n,)) is held out for calibration (with ``cell_fits``:
+        audited in load step ``step``), (n,) bool: a hash of (seed, step, id) below
+        ``held_out``, so the draw does not depend on the partition."""
         x = np.asarray(point_ids, dtype=np.int64).astype(np.uint64)
         with np.errstate(over="ignore"):  # splitmix64: wrapping arithmetic is the point
-            x = x + np.uint64(self.seed + 1) * _GOLDEN
+            x = x + np.uint64(self.seed + 1) * _GOLDEN + np.uint64(step) * _STEP
             x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
             x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
             x = x ^ (x >> np.uint64(31))
@@ -132,11 +145,13 @@ class ColdStart:
     def probes(self, ratio: np.ndarray, keys: list, n_points: int) -> np.ndarray:
         """Indices into ``ratio`` (n,) (bound / tolerance of the operator points of all ranks,
         gathered in a rank-independent order) of the points to solve besides: the largest
-        ratios first, one per microstructure (``keys`` (n,)), ``probe`` × ``n_points`` in all."""
+        ratios first, one per microstructure (``keys`` (n,)), ``probe`` × ``n_points`` in all,
+        among the points within a factor :data:`PROBE_RATIO` of falling back (a point far
+        within its tolerance gains nothing from a solve)."""
         budget = round(self.probe * n_points)
         chosen, seen = [], set()
         for j in np.argsort(-ratio, kind="stable"):
-            if len(chosen) >= budget:
+            if len(chosen) >= budget or not ratio[j] >= PROBE_RATIO:
                 break
             if keys[j] not in seen:
                 seen.add(keys[j])

@@ -46,6 +46,7 @@ import torch
 
 from neuroscale_couple.audit import Auditor
 from neuroscale_couple.calibration import Calibration
+from neuroscale_couple.cell_fits import CellFits
 from neuroscale_couple.cold_start import ColdStart
 from neuroscale_couple.config import byte_size, whole_number
 from neuroscale_couple.coupler_state import CouplerState, FineAnswer, SolvedPoint
@@ -333,9 +334,12 @@ class Coupler(FineSolver):
         cache_memory = byte_size(cache_memory, "cache_memory")
         self.comm = comm
         self.cold_start = cold_start
+        self.fits: CellFits | None = None  # a cold start's operator where points were solved
         if cold_start is not None:
             _check_cold_start(model, family, self.policy, retrain, replay_dir)
             model = cold_start.initial_model(family)
+            if cold_start.cell_fits:
+                self.fits = CellFits(self.policy.confidence, cold_start.history)
         if model is None and not self.policy.classic:
             raise InputError(f"rtol={self.policy.rtol} with atol={self.policy.atol} needs a "
                              "trained model: give a calibrated operator, or use rtol=0 without "
@@ -563,15 +567,18 @@ class Coupler(FineSolver):
             else:
                 stress, tangent = np.zeros((n, d, d)), np.zeros((n, d, d, d, d))
                 unc, energy, noise = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)
-            if self.policy.classic or not self.serving:
+            answering = self.answering
+            if answering and self.fits is not None:
+                self._fit_predict(ids, Fb, stress, tangent, unc, energy)
+            if self.policy.classic or not answering:
                 fallback = np.ones(n, dtype=bool)
             else:
                 limit = self.atol + self.policy.rtol * np.linalg.norm(stress, axis=(1, 2))
-                fallback = unc > np.maximum(limit, noise)
+                fallback = ~(unc <= np.maximum(limit, noise))  # NaN: no operator value here
                 fallback |= self._outside_region(ids, rows, Fb)
                 fallback |= self._sticky[rows] | self._held_out[rows]
                 self._noise_limited[rows[noise > limit]] = True
-        if self.cold_start is not None and self.serving and self._probe_step != self.step:
+        if self.cold_start is not None and answering and self._probe_step != self.step:
             fallback |= self._probe(ids, rows, fallback, unc / limit)
         with together(self.comm, "the operator stage of a Coupler evaluation"):
             # the step's last evaluation (its converged state) is checked at end_step
@@ -600,6 +607,9 @@ class Coupler(FineSolver):
                 continue
             stress[j], tangent[j], energy[j] = answer.P, answer.A, answer.W
             self._solved[int(ids[j])] = SolvedPoint(Fb[j].copy(), answer, op_stress[j].copy())
+            if self.fits is not None:  # an audit, or a census while no bound exists, is scored
+                self.fits.observe(int(ids[j]), Fb[j], answer.P, answer.A,
+                                  scored=bool(self._held_out[rows[j]]) or not answering)
         self._check_failures(failed, total)
         if self.auditor is not None:
             self.auditor.remember(Fb, ids, [self._structure(r) for r in rows], stress, unc,
@@ -608,8 +618,27 @@ class Coupler(FineSolver):
 
     @property
     def serving(self) -> bool:
-        """Whether an operator answers (a cold start's only once trained and calibrated)."""
+        """Whether the network operator answers (a cold start's only once trained and
+        calibrated)."""
         return self.model is not None and (self.cold_start is None or bool(self.model.calibration))
+
+    @property
+    def answering(self) -> bool:
+        """Whether an operator answers anywhere: the network, or a cold start's calibrated
+        cell fits."""
+        return self.serving or (self.fits is not None and self.fits.calibrated)
+
+    def _fit_predict(self, ids: np.ndarray, F: np.ndarray, stress: np.ndarray,
+                     tangent: np.ndarray, unc: np.ndarray, energy: np.ndarray) -> None:
+        """Where a point has a cell fit (:mod:`neuroscale_couple.cell_fits`), its response and
+        bound replace the network's (in place; NaN bound elsewhere while the network does not
+        serve)."""
+        fitted = self.fits.fitted(ids)
+        if not self.fits.calibrated or not fitted.any():
+            return
+        r = self.fits.predict(ids[fitted], F[fitted])
+        stress[fitted], tangent[fitted], energy[fitted] = r["stress"], r["tangent"], r["energy"]
+        unc[fitted] = self.fits.quantile * r["sigma"]
 
     def _probe(self, ids: np.ndarray, rows: np.ndarray, fallback: np.ndarray,
                ratio: np.ndarray) -> np.ndarray:
@@ -807,13 +836,13 @@ class Coupler(FineSolver):
         ``total`` points' fine solves failed beyond the policy's ratio."""
         if not failed:
             return
-        if not self.serving or failed > self.policy.max_failed_fraction * total:
+        if not self.answering or failed > self.policy.max_failed_fraction * total:
             if self.replay is not None:
                 self.replay.flush(self.step)
             raise SolveError(
                 f"{failed} of {total} fine solves failed in load step {self.step} (limit "
                 f"{self.policy.max_failed_fraction:.1%}"
-                + (", and classic FE² has no operator value to keep" if not self.serving
+                + (", and classic FE² has no operator value to keep" if not self.answering
                    else "") + "): reduce the load increment; the last checkpoint is intact")
 
     # ------------------------------------------------------------------ load steps
@@ -822,6 +851,8 @@ class Coupler(FineSolver):
         again (never call it inside a Newton solve)."""
         self.step = step
         self._sticky[:] = False
+        if self.fits is not None:  # the cell fits' audit: drawn afresh each step
+            self._held_out = self.cold_start.is_held_out(self._ids, step)
         # a deterministic solve stays valid (Policy.reuse); a noisy one is linearised per step,
         # judged with the operator's stresses, which may change between steps
         self._solved = {pid: s for pid, s in self._solved.items() if s.answer.noise is None}
@@ -878,6 +909,8 @@ class Coupler(FineSolver):
                             report.non_elliptic_points)
         comm.Barrier()
         t0 = time.perf_counter()
+        if self.fits is not None:
+            self._refit(report)
         if self.retrainer is not None:
             self._retrain(report, steps_left)
             if self.cold_start is not None:
@@ -894,7 +927,7 @@ class Coupler(FineSolver):
     def _non_elliptic(self) -> int:
         """Points of the step's last evaluation whose operator tangent lost strong ellipticity
         (checked once per step, at its converged state, not at every Newton iterate)."""
-        if self._last_operator is None or not self.serving:
+        if self._last_operator is None or not self.answering:
             return 0
         return int((acoustic_minimum(self._last_operator[1]) <= 0).sum())
 
@@ -967,15 +1000,18 @@ class Coupler(FineSolver):
         if r.pending is not None and not waiting:
             try:
                 model, n_online, report.retrain_background_s = r.swap()
-                report.training_s = report.retrain_background_s
+                report.training_s += report.retrain_background_s
                 self._adopt(model, n_online)
             except RetrainError as err:
                 failed.append(str(err))
         r.new_since += report.fine_solves
-        # a cold start's held-out points and probes fall back by design, not for want of a model
+        # a cold start's held-out points and probes fall back by design, not for want of a
+        # model; with cell fits, only points still without one call for the network
         evidence = report.fallback_points - (
             0 if self.cold_start is None or not self.serving
             else report.held_out_points + report.probe_points)
+        if self.fits is not None:
+            evidence = comm.allreduce(int((~self.fits.fitted(self._ids)).sum()))
         if not waiting and r.due(evidence, comm.allreduce(len(self._ids)), steps_left):
             try:
                 job = r.job(self.model, self.step, self.version)
@@ -988,7 +1024,7 @@ class Coupler(FineSolver):
                     t0 = time.perf_counter()
                     self._run_job(job)
                     if not r.config.background:
-                        report.training_s = time.perf_counter() - t0
+                        report.training_s += time.perf_counter() - t0
                     r.new_since = 0
             except RetrainError as err:
                 failed.append(str(err))
@@ -997,6 +1033,21 @@ class Coupler(FineSolver):
             if comm.rank == 0:
                 log.warning("step %d: %s; the run goes on with model version %d", self.step,
                             report.retrain_failed, self.version)
+
+    def _refit(self, report: StepReport) -> None:
+        """A cold start's cell fits learn the step's solves and are recalibrated on its
+        audits (collective); a new fit is a new operator version. Sets ``atol`` from the
+        solves' stress scale where the policy leaves it to the model."""
+        t0 = time.perf_counter()
+        refitted = self.fits.end_step(self.comm)
+        if refitted:
+            self.version += 1
+            report.training_s += time.perf_counter() - t0
+        if self.policy.atol is None:
+            self.atol = 0.01 * self.fits.stress_scale
+        if self.comm.rank == 0 and refitted:
+            log.info("step %d: %d cell fits learnt (version %d), bound factor %.3g", self.step,
+                     refitted, self.version, self.fits.quantile)
 
     def _recalibrate(self, report: StepReport) -> None:
         """A cold start's conformal recalibration of the serving operator on the held-out
@@ -1011,7 +1062,7 @@ class Coupler(FineSolver):
             report.retrain_failed = "; ".join(filter(None, (report.retrain_failed, str(err))))
             return
         self._cal = None
-        if self.policy.atol is None:
+        if self.policy.atol is None and self.fits is None:
             self.atol = 0.01 * float(self.model.stress_scale)
         if self.comm.rank == 0 and n:
             log.info("step %d: operator v%d recalibrated on %d held-out solves (scale %.3g)",

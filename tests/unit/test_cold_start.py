@@ -52,6 +52,8 @@ def test_probes_take_the_largest_bounds_one_per_microstructure():
     # budget 0.3 × 10 points = 3: b (0.9), then c (0.7) — the second b is skipped — and e
     assert cold.probes(ratio, keys, 10).tolist() == [1, 3, 5]
     assert len(ColdStart(MODEL, probe=0.0).probes(ratio, keys, 10)) == 0
+    # only points within a factor 2 of falling back are probed
+    assert ColdStart(MODEL, probe=0.5).probes(ratio, keys, 10).tolist() == [1, 3, 5]
 
 
 def test_initial_model_keeps_the_encoder_and_starts_fresh_heads():

@@ -1,0 +1,107 @@
+"""Cell fits of a cold start: closed-form fits of the basis mixture, their scores and bound."""
+
+from __future__ import annotations
+
+import math
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+import torch
+
+from neuroscale_couple.cell_fits import CellFits, conformal_quantile, fit_weights
+from neuroscale_couple.cold_start import ColdStart
+from neuroscale_couple.materials import lame
+
+pytestmark = pytest.mark.skip_in_parallel
+
+
+def neo_hookean(F: np.ndarray, E: float = 70.0, nu: float = 0.33
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Plane-strain Neo-Hookean P̄ (n, 2, 2) and A (n, 2, 2, 2, 2) by automatic
+    differentiation of W = μ/2 (tr C − 2) − μ ln J + λ/2 (ln J)²."""
+    lam, mu = lame(E, nu)
+
+    def energy(f: torch.Tensor) -> torch.Tensor:
+        lnJ = torch.log(torch.linalg.det(f))
+        return 0.5 * mu * ((f * f).sum() - 2) - mu * lnJ + 0.5 * lam * lnJ**2
+
+    stress = torch.func.grad(energy)
+    Ft = torch.as_tensor(F, dtype=torch.float64)
+    return (torch.func.vmap(stress)(Ft).numpy(),
+            torch.func.vmap(torch.func.jacrev(stress))(Ft).numpy())
+
+
+def loads(n: int, size: float, seed: int = 0) -> np.ndarray:
+    return np.eye(2) + size * np.random.default_rng(seed).uniform(-1, 1, (n, 2, 2))
+
+
+def test_two_solves_of_a_neo_hookean_cell_give_its_law_everywhere():
+    F0 = loads(2, 0.05)
+    P0, A0 = neo_hookean(F0)
+    w = fit_weights(F0, P0, A0)
+    lam, mu = lame(70.0, 0.33)
+    np.testing.assert_allclose(w[:2], [mu, lam], rtol=1e-8)
+    assert np.abs(w[2:]).max() < 1e-8 * mu
+    fits = CellFits(0.95)
+    for F, P, A in zip(F0, P0, A0, strict=True):
+        fits.observe(7, F, P, A, scored=True)
+    fits.end_step(MPI.COMM_SELF)
+    F = loads(5, 0.2, seed=1)
+    P, A = neo_hookean(F)
+    r = fits.predict(np.full(5, 7), F)
+    np.testing.assert_allclose(r["stress"], P, rtol=0, atol=1e-8 * np.abs(P).max())
+    np.testing.assert_allclose(r["tangent"], A, rtol=0, atol=1e-8 * np.abs(A).max())
+    # the tangent of a fit is major-symmetric, its stress vanishes at F̄ = I
+    np.testing.assert_allclose(r["tangent"], r["tangent"].transpose(0, 3, 4, 1, 2), atol=1e-9)
+    assert np.abs(fits.predict(np.array([7]), np.eye(2)[None])["stress"]).max() < 1e-9
+
+
+def test_conformal_quantile_needs_enough_scores():
+    scores = np.arange(1.0, 20.0)  # 19 scores: the 95 % quantile is the largest
+    assert conformal_quantile(scores, 0.95) == 19.0
+    assert conformal_quantile(scores[:-1], 0.95) == math.inf
+    assert conformal_quantile(np.arange(100.0), 0.9) == 90.0
+
+
+def test_scores_come_from_the_first_solve_of_a_step_against_the_fit_it_began_with():
+    """A fit learns only at the step's end; the bound is calibrated once 2 / (1 − c) scores
+    exist, each the error over the normaliser σ = ‖Aₛ‖ (‖F̄ − F̄ₛ‖ + δ)."""
+    fits = CellFits(0.9, history=2)
+    ids = np.arange(20)
+    F0 = loads(20, 0.03)
+    P0, A0 = neo_hookean(F0, E=3.0)
+    P1, A1 = neo_hookean(F0 * 1.01, E=3.0)
+    Fh = F0 * 0.99  # a second solve of the first step at the same material pins the law down
+    Ph, Ah = neo_hookean(Fh, E=3.0)
+    for i in ids:  # no fit yet: nothing scored
+        fits.observe(int(i), Fh[i], Ph[i], Ah[i], scored=True)
+        fits.observe(int(i), F0[i], P0[i], A0[i], scored=True)
+    assert fits.end_step(MPI.COMM_SELF) == 20 and not fits.calibrated
+    assert fits.fitted(np.array([3, 25])).tolist() == [True, False]
+    P2, A2 = neo_hookean(F0 * 1.02, E=70.0)  # another material: large errors
+    for i in ids:
+        fits.observe(int(i), F0[i] * 1.02, P2[i], A2[i], scored=True)
+        fits.observe(int(i), F0[i] * 1.01, P1[i], A1[i], scored=True)  # second: not scored
+    assert fits.end_step(MPI.COMM_SELF) == 20 and fits.calibrated
+    sigma = np.linalg.norm(A0.reshape(20, -1), axis=1) * (
+        np.linalg.norm((0.02 * F0).reshape(20, -1), axis=1) + 1e-3)
+    fitted = neo_hookean(F0 * 1.02, E=3.0)[0]  # a Neo-Hookean cell's fit is its law
+    errors = np.linalg.norm((P2 - fitted).reshape(20, -1), axis=1)
+    assert fits.quantile == pytest.approx(np.sort(errors / sigma)[18], rel=1e-6)
+    assert fits.stress_scale == pytest.approx(float(np.concatenate([Ph, P0, P2, P1]).std()),
+                                              rel=1e-12)
+    # the refit learnt the latest two solves (E 70 at 1.02 F̄, E 3 at 1.01 F̄): no longer E 3
+    assert not np.allclose(fits.predict(ids[:1], F0[:1])["stress"], P0[:1], rtol=1e-3)
+
+
+def test_audits_are_drawn_afresh_each_step_and_step_zero_keeps_the_held_out_draw(tmp_path):
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"")
+    cold = ColdStart(model, held_out=0.1)
+    ids = np.arange(20000)
+    first, later = cold.is_held_out(ids), cold.is_held_out(ids, step=1)
+    assert abs(first.mean() - 0.1) < 0.01 and abs(later.mean() - 0.1) < 0.01
+    assert (first & later).mean() < 0.02  # independent draws: ~1 % in both
+    np.testing.assert_array_equal(cold.is_held_out(ids, step=0), first)
