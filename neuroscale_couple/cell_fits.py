@@ -17,7 +17,8 @@ from its latest solve F̄ₛ, so the score of a fine solve at F̄ is
 taken with the fit as it stood when the step began (the fit is fixed within a step, so Newton
 sees one operator). Scores come only from solves no bound chose: the points audited at random
 that step (a share drawn afresh each step by point id, :meth:`ColdStart.is_held_out
-<neuroscale_couple.cold_start.ColdStart.is_held_out>`) and, while no bound exists yet, every
+<neuroscale_couple.cold_start.ColdStart.is_held_out>`, solved besides at the step's converged
+loads while the step's answer there stays the fit's) and, while no bound exists yet, every
 point (a census). The bound at the confidence c is q·σ with q the ⌈(n + 1)c⌉-th smallest of the
 n most recent scores (whole steps, newest first, until at least ``2 / (1 − c)``), gathered over
 all ranks, so every rank holds the same q.

@@ -20,13 +20,15 @@ What the operator is, at a point:
 
 How the bound stays valid: a share of the points, drawn by point id (:meth:`is_held_out`:
 independent of the partition, spread over the plate and so over the microstructures), is
-solved whatever its bound. For the network these points are held out for good: never trained
-on, they recalibrate the serving network (split conformal, :mod:`neuroscale_couple.calibration`)
-after every load step on their solves of that step — the nearest loads to the next step's. For
-the cell fits the share is drawn afresh each step (an audit: the fit's error at a point chosen
-by no bound) and learnt from afterwards like any solve. A few more points (``probe``: the
-operator points with the largest bound relative to their tolerance, one per microstructure) are
-solved each step to widen the training data where the operator knows least.
+solved whatever its bound. For the network these points are held out for good: on the fine
+solver every step and never trained on, they recalibrate the serving network (split conformal,
+:mod:`neuroscale_couple.calibration`) after every load step on their solves of that step — the
+nearest loads to the next step's. For the cell fits the share is drawn afresh each step (an
+audit: the fit's error at a point chosen by no bound), solved besides at the step's converged
+loads (the point stays on its fit) and learnt from afterwards like any solve. A few more
+points (``probe``: the operator points with the largest bound relative to their tolerance, one
+per microstructure) are solved each step to widen the training data where the operator knows
+least.
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ At every call (one per macro residual evaluation, collective over the communicat
 
 With ``cold_start`` (:class:`~neuroscale_couple.cold_start.ColdStart`) and no model the Coupler
 learns its operator during the run: every point on the fine solver until a first operator is
-trained and calibrated, then each point on it wherever its bound allows, a held-out share of
-the points on the fine solver throughout for the calibration (:mod:`neuroscale_couple.cold_start`).
+calibrated — each solved point's own cell fit (:mod:`neuroscale_couple.cell_fits`), or the
+network heads — then each point on it wherever its bound allows, and a share of the points
+solved every step for the calibration (:mod:`neuroscale_couple.cold_start`).
 
 ``Policy(rtol=0)`` is classic FE² (every point on the fine solver; no model needed),
 ``Policy(rtol=inf)`` never falls back.
@@ -485,6 +486,7 @@ class Coupler(FineSolver):
             np.zeros(len(ids), dtype=bool) for _ in range(5))
         self._held_out = (np.zeros(len(ids), dtype=bool) if self.cold_start is None
                           else self.cold_start.is_held_out(self._ids))
+        self._last_F = np.full((len(ids), self.dim, self.dim), np.nan)
         self._encode()
 
     def _check_dim(self, dims: set[int]) -> None:
@@ -576,13 +578,16 @@ class Coupler(FineSolver):
                 limit = self.atol + self.policy.rtol * np.linalg.norm(stress, axis=(1, 2))
                 fallback = ~(unc <= np.maximum(limit, noise))  # NaN: no operator value here
                 fallback |= self._outside_region(ids, rows, Fb)
-                fallback |= self._sticky[rows] | self._held_out[rows]
+                fallback |= self._sticky[rows]
+                if self.fits is None:  # the network's held-out points: never on the operator
+                    fallback |= self._held_out[rows]
                 self._noise_limited[rows[noise > limit]] = True
         if self.cold_start is not None and answering and self._probe_step != self.step:
             fallback |= self._probe(ids, rows, fallback, unc / limit)
         with together(self.comm, "the operator stage of a Coupler evaluation"):
             # the step's last evaluation (its converged state) is checked at end_step
             self._last_operator = (ids[~fallback], tangent[~fallback])
+            self._last_F[rows] = Fb
             self._sticky[rows[fallback]] = True
             self._fell_back[rows[fallback]] = True
             self.stats.operator_time_s += time.perf_counter() - t0
@@ -873,6 +878,8 @@ class Coupler(FineSolver):
         data stay counted, so a due retraining is tried again after the next step.
         """
         comm, stats = self.comm, self.stats
+        if self.fits is not None and self.answering:
+            self._audit()
         report = StepReport(
             fallback_points=comm.allreduce(int(self._fell_back.sum())),
             noise_limited_points=comm.allreduce(int(self._noise_limited.sum())),
@@ -920,6 +927,7 @@ class Coupler(FineSolver):
         self.stats = StepStats()
         for counted in (self._fell_back, self._noise_limited, self._outside, self._probed):
             counted[:] = False
+        self._last_F[:] = np.nan
         self._last_operator = None
         return_free_memory()  # the step's transients: resident memory stays what points hold
         return report
@@ -1033,6 +1041,22 @@ class Coupler(FineSolver):
             if comm.rank == 0:
                 log.warning("step %d: %s; the run goes on with model version %d", self.step,
                             report.retrain_failed, self.version)
+
+    def _audit(self) -> None:
+        """Solve the cell fits' audited points that stayed on their fits, at the step's
+        converged loads, and score the fits there (collective). Their solves check the
+        operator and teach it; the step's answer at those points stays the fit's (an audited
+        point whose bound sent it to the fine solver was solved and scored in the step)."""
+        rows = np.flatnonzero(self._held_out & ~self._fell_back
+                              & np.isfinite(self._last_F).all(axis=(1, 2)))
+        ids, F = self._ids[rows], self._last_F[rows]
+        self.cache.new_pass()
+        t0 = time.perf_counter()
+        done, _, _ = self._solve_fallback(F, ids, rows, len(self._ids))
+        self.stats.fine_time_s += time.perf_counter() - t0
+        for pid, Fj, answer in zip(ids.tolist(), F, done, strict=True):
+            if answer.P is not None:  # a failed audit leaves the step's answer as it was
+                self.fits.observe(pid, Fj, answer.P, answer.A, scored=True)
 
     def _refit(self, report: StepReport) -> None:
         """A cold start's cell fits learn the step's solves and are recalibrated on its
