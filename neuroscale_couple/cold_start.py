@@ -114,6 +114,10 @@ class ColdStart:
                              "of one material (a SANO or distilled SANO file), not "
                              f"{type(pretrained).__name__}"
                              + (" with phase inputs" if pretrained.takes_material else ""))
+        if pretrained.dim != 2:
+            raise InputError(f"cold_start encoder {self.encoder}: a cold start is built for 2D "
+                             "(plane-strain) cells; give a 2D fibre-cell model, e.g. "
+                             "examples/models/fe2_composite.pt")
         material = TwoPhaseMaterial.from_config(family)
         config = dataclasses.replace(config, law=material.law,
                                      matrix=dataclasses.astuple(material.matrix),

@@ -28,7 +28,8 @@ ALUMINIUM_SIC = {"law": "neo_hookean", "matrix": {"E": 70.0, "nu": 0.33},
     ({"encoder": "no/such.pt"}, "no such model file"),
     ({"held_out": 0.0}, "held_out=0.0"), ({"held_out": 1.0}, "held_out=1.0"),
     ({"probe": -0.1}, "probe=-0.1"), ({"epochs": 0}, "epochs=0"),
-    ({"batch_size": 2.5}, "batch_size=2.5"), ({"lr": 0.0}, "lr=0.0")])
+    ({"batch_size": 2.5}, "batch_size=2.5"), ({"lr": 0.0}, "lr=0.0"),
+    ({"history": 0}, "history=0")])
 def test_cold_start_rejects_bad_input(kwargs, message):
     with pytest.raises(InputError, match=message):
         ColdStart(**{"encoder": MODEL, **kwargs})
@@ -54,6 +55,11 @@ def test_probes_take_the_largest_bounds_one_per_microstructure():
     assert len(ColdStart(MODEL, probe=0.0).probes(ratio, keys, 10)) == 0
     # only points within a factor 2 of falling back are probed
     assert ColdStart(MODEL, probe=0.5).probes(ratio, keys, 10).tolist() == [1, 3, 5]
+
+
+def test_a_3d_encoder_is_refused():
+    with pytest.raises(InputError, match="a cold start is built for 2D"):
+        ColdStart(MODEL.with_name("fe2_composite_3d.pt")).initial_model(ALUMINIUM_SIC)
 
 
 def test_initial_model_keeps_the_encoder_and_starts_fresh_heads():
