@@ -89,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe", type=float, default=0.02,
                    help="--model none: share of the points solved besides each step for "
                    "training data (largest bound first, one per microstructure)")
+    p.add_argument("--cell-fits", action="store_true",
+                   help="serve each point that fell back by its own cell fit (the energy basis "
+                   "fitted to its RVE solves) in the later steps, where that fit's calibrated "
+                   "bound allows, instead of solving it again every step")
     return check_composite_arguments(p, p.parse_args(argv))
 
 

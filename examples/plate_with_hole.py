@@ -107,7 +107,15 @@ def prepare(args: argparse.Namespace):
     check_loading(args)
     policy = Policy(rtol=0.0 if args.reference else args.rtol,
                     atol=None if args.reference else args.atol, confidence=args.confidence,
-                    outside=args.outside, exclude_noise=getattr(args, "exclude_noise", False))
+                    outside=args.outside, exclude_noise=getattr(args, "exclude_noise", False),
+                    cell_fits=getattr(args, "cell_fits", False))
+    if policy.cell_fits:
+        given = [flag for flag, on in (("reference", args.reference), ("restart", args.restart),
+                                       ("model none", cold_start(args, policy))) if on]
+        if given:
+            raise InputError(f"--cell-fits and --{given[0]} contradict: cell fits serve the "
+                             "fallback points of a trained operator (a cold start has its own; "
+                             "restarts are not built yet)")
     if args.replay_from and (args.no_retrain or policy.classic):
         raise InputError("--replay-from fine-tunes the operator: drop --no-retrain/--reference")
     for flag in ("background_retrain", "cost_aware_retrain", "swap_when_ready"):

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from neuroscale_couple.operators.heads import EnergyHead, mixture_response
+from neuroscale_couple.sampling import uniform_by_id
 
 N_WEIGHTS = 2 + 2 * EnergyHead.n_directions
 """Weights K of a cell's energy: the plane-strain basis without the quartic terms (14)."""
@@ -86,10 +87,13 @@ class CellFits:
     """The cell fits of one rank's points and their calibration (collective at
     :meth:`end_step`).
 
-    ``confidence``: the bound's; ``history``: solves a fit is made of (the latest ones)."""
+    ``confidence``: the bound's; ``history``: solves a fit is made of (the latest ones);
+    ``audit``: the share of the fitted points audited each step, drawn by (``seed``, step,
+    point id)."""
 
-    def __init__(self, confidence: float, history: int = 3) -> None:
-        self.confidence, self.history = confidence, history
+    def __init__(self, confidence: float, history: int = 3, audit: float = 0.1,
+                 seed: int = 0) -> None:
+        self.confidence, self.history, self.audit, self.seed = confidence, history, audit, seed
         self._solves: dict[int, deque] = {}  # point id → its latest (F, P, A)
         self._changed: set[int] = set()
         self._weights = np.zeros((0, N_WEIGHTS))
@@ -114,6 +118,11 @@ class CellFits:
     def calibrated(self) -> bool:
         """Whether the fits have a finite bound (enough scores)."""
         return math.isfinite(self.quantile)
+
+    def audited(self, ids: np.ndarray, step: int) -> np.ndarray:
+        """Whether each point (ids (n,)) is audited in load step ``step``: fitted and drawn
+        (a uniform draw by point id below ``audit``, the same on any partition), (n,) bool."""
+        return (uniform_by_id(ids, self.seed, step) < self.audit) & self.fitted(ids)
 
     def fitted(self, ids: np.ndarray) -> np.ndarray:
         """Whether each point (ids (n,)) has a fit, (n,) bool."""

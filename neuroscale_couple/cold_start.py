@@ -41,11 +41,10 @@ import numpy as np
 import torch
 
 from neuroscale_couple.errors import InputError
+from neuroscale_couple.sampling import uniform_by_id
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 PROBE_RATIO = 0.5
 """A probe's least bound / tolerance."""
-_STEP = np.uint64(0xD1B54A32D192ED03)  # another odd constant: each step its own draw
 
 
 @dataclass(frozen=True)
@@ -138,15 +137,10 @@ class ColdStart:
 
     def is_held_out(self, point_ids: np.ndarray, step: int = 0) -> np.ndarray:
         """Whether each point (ids (n,)) is held out for calibration (with ``cell_fits``:
-        audited in load step ``step``), (n,) bool: a hash of (seed, step, id) below
-        ``held_out``, so the draw does not depend on the partition."""
-        x = np.asarray(point_ids, dtype=np.int64).astype(np.uint64)
-        with np.errstate(over="ignore"):  # splitmix64: wrapping arithmetic is the point
-            x = x + np.uint64(self.seed + 1) * _GOLDEN + np.uint64(step) * _STEP
-            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            x = x ^ (x >> np.uint64(31))
-        return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < self.held_out
+        audited in load step ``step``), (n,) bool: a uniform draw by point id
+        (:func:`~neuroscale_couple.sampling.uniform_by_id`) below ``held_out``, so the draw does
+        not depend on the partition."""
+        return uniform_by_id(point_ids, self.seed, step) < self.held_out
 
     def probes(self, ratio: np.ndarray, keys: list, n_points: int) -> np.ndarray:
         """Indices into ``ratio`` (n,) (bound / tolerance of the operator points of all ranks,

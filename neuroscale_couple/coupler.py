@@ -144,6 +144,15 @@ class Policy:
     the tolerance — one no fine solve there meets — are counted per step
     (``noise_limited_points``; longer MD averages would lower it). Heuristic: the conformal
     guarantee holds for the full Σ.
+
+    ``cell_fits`` (2D cells): a point that fell back is served in the later steps by its own
+    cell fit (:mod:`neuroscale_couple.cell_fits`: the energy basis fitted to its latest fine
+    solves) wherever that fit's calibrated bound allows, instead of falling back every step.
+    The fits' bound is calibrated first on a census (every fitted point solved again until
+    the scores give a finite conformal quantile: 19 at 0.95), then on ``cell_audit`` of the
+    fitted points a step, drawn at random and solved besides at the step's converged loads.
+    (A cold start sets its own: :class:`~neuroscale_couple.cold_start.ColdStart`
+    ``cell_fits``.)
     """
 
     rtol: float = 0.05
@@ -155,6 +164,8 @@ class Policy:
     reuse: float = 2e-3
     noisy_reuse: float = 2e-3
     exclude_noise: bool = False
+    cell_fits: bool = False
+    cell_audit: float = 0.1
 
     def __post_init__(self) -> None:
         if not self.rtol >= 0:  # also catches NaN
@@ -171,6 +182,9 @@ class Policy:
         if self.outside_material not in OUTSIDE_MATERIAL:
             raise InputError(f"outside_material={self.outside_material!r}: one of "
                              f"{', '.join(OUTSIDE_MATERIAL)}")
+        if not 0 < self.cell_audit < 1:
+            raise InputError(f"cell_audit={self.cell_audit}: give the share of the fitted "
+                             "points audited each step in (0, 1), e.g. 0.1")
         if not 0 <= self.max_failed_fraction <= 1:
             raise InputError(f"max_failed_fraction={self.max_failed_fraction}: must be in [0, 1]")
         for name, what in (("reuse", "0: always re-solve"),
@@ -335,12 +349,19 @@ class Coupler(FineSolver):
         cache_memory = byte_size(cache_memory, "cache_memory")
         self.comm = comm
         self.cold_start = cold_start
-        self.fits: CellFits | None = None  # a cold start's operator where points were solved
+        self.fits: CellFits | None = None  # the operator at points the fine solver solved
         if cold_start is not None:
             _check_cold_start(model, family, self.policy, retrain, replay_dir)
             model = cold_start.initial_model(family)
             if cold_start.cell_fits:
-                self.fits = CellFits(self.policy.confidence, cold_start.history)
+                self.fits = CellFits(self.policy.confidence, cold_start.history,
+                                     cold_start.held_out, cold_start.seed)
+        elif self.policy.cell_fits:
+            if self.policy.classic or model is None or getattr(model, "dim", 2) != 2:
+                raise InputError("cell_fits serve the points a trained 2D (plane-strain) operator "
+                                 "sent to the fine solver: give a 2D model and a tolerance, or "
+                                 "drop cell_fits")
+            self.fits = CellFits(self.policy.confidence, audit=self.policy.cell_audit)
         if model is None and not self.policy.classic:
             raise InputError(f"rtol={self.policy.rtol} with atol={self.policy.atol} needs a "
                              "trained model: give a calibrated operator, or use rtol=0 without "
@@ -614,7 +635,8 @@ class Coupler(FineSolver):
             self._solved[int(ids[j])] = SolvedPoint(Fb[j].copy(), answer, op_stress[j].copy())
             if self.fits is not None:  # an audit, or a census while no bound exists, is scored
                 self.fits.observe(int(ids[j]), Fb[j], answer.P, answer.A,
-                                  scored=bool(self._held_out[rows[j]]) or not answering)
+                                  scored=bool(self._held_out[rows[j]])
+                                  or not self.fits.calibrated)
         self._check_failures(failed, total)
         if self.auditor is not None:
             self.auditor.remember(Fb, ids, [self._structure(r) for r in rows], stress, unc,
@@ -636,10 +658,13 @@ class Coupler(FineSolver):
     def _fit_predict(self, ids: np.ndarray, F: np.ndarray, stress: np.ndarray,
                      tangent: np.ndarray, unc: np.ndarray, energy: np.ndarray) -> None:
         """Where a point has a cell fit (:mod:`neuroscale_couple.cell_fits`), its response and
-        bound replace the network's (in place; NaN bound elsewhere while the network does not
-        serve)."""
+        bound replace the network's, in place; while the fits have no bound yet, a NaN bound
+        (the census: every fitted point to the fine solver)."""
         fitted = self.fits.fitted(ids)
-        if not self.fits.calibrated or not fitted.any():
+        if not fitted.any():
+            return
+        if not self.fits.calibrated:
+            unc[fitted] = np.nan
             return
         r = self.fits.predict(ids[fitted], F[fitted])
         stress[fitted], tangent[fitted], energy[fitted] = r["stress"], r["tangent"], r["energy"]
@@ -857,7 +882,7 @@ class Coupler(FineSolver):
         self.step = step
         self._sticky[:] = False
         if self.fits is not None:  # the cell fits' audit: drawn afresh each step
-            self._held_out = self.cold_start.is_held_out(self._ids, step)
+            self._held_out = self.fits.audited(self._ids, step)
         # a deterministic solve stays valid (Policy.reuse); a noisy one is linearised per step,
         # judged with the operator's stresses, which may change between steps
         self._solved = {pid: s for pid, s in self._solved.items() if s.answer.noise is None}
@@ -971,6 +996,9 @@ class Coupler(FineSolver):
         starts (the run then agrees with the uninterrupted one as runs on different numbers of
         ranks agree, to the fine solver's tolerance)."""
         comm = self.comm
+        if self.fits is not None:
+            raise CheckpointError("a run with cell fits cannot be restarted yet (their solves "
+                                  "are not in the checkpoint): rerun it from the start")
         with together(comm, "restoring the Coupler's checkpoint state"):
             parsed = [CouplerState.from_arrays(s) for s in states]
             if not parsed:
@@ -1018,7 +1046,7 @@ class Coupler(FineSolver):
         evidence = report.fallback_points - (
             0 if self.cold_start is None or not self.serving
             else report.held_out_points + report.probe_points)
-        if self.fits is not None:
+        if self.fits is not None and self.cold_start is not None:
             evidence = comm.allreduce(int((~self.fits.fitted(self._ids)).sum()))
         if not waiting and r.due(evidence, comm.allreduce(len(self._ids)), steps_left):
             try:
@@ -1067,7 +1095,7 @@ class Coupler(FineSolver):
         if refitted:
             self.version += 1
             report.training_s += time.perf_counter() - t0
-        if self.policy.atol is None:
+        if self.policy.atol is None and self.cold_start is not None:
             self.atol = 0.01 * self.fits.stress_scale
         if self.comm.rank == 0 and refitted:
             log.info("step %d: %d cell fits learnt (version %d), bound factor %.3g", self.step,

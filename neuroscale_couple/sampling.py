@@ -16,6 +16,23 @@ def rng_for(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_STREAM = np.uint64(0xD1B54A32D192ED03)
+
+
+def uniform_by_id(ids: np.ndarray, seed: int, stream: int = 0) -> np.ndarray:
+    """A uniform number in [0, 1) for each id (n,) of stream ``stream`` (e.g. a load step) of
+    ``seed``: a splitmix64 hash of (seed, stream, id), so a draw by point id does not depend on
+    which rank holds the point."""
+    x = np.asarray(ids, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):  # splitmix64: wrapping arithmetic is the point
+        x = x + np.uint64(seed + 1) * _GOLDEN + np.uint64(stream) * _STREAM
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
 def loads_in_ball(n: int, radius: float, rng: np.random.Generator, min_det: float = 0.2,
                   min_radius: float = 0.0, dim: int = 2) -> np.ndarray:
     """n deformation gradients uniform in the shell min_radius ≤ ‖F̄ − I‖_Frobenius ≤ radius.

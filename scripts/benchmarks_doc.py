@@ -1083,6 +1083,41 @@ def cold_start_section(record: dict, path: Path) -> list[str]:
     return out
 
 
+def cell_fits_section(record: dict, path: Path) -> list[str]:
+    """bench/cell_fits.py: the shipped operator with and without cell fits for its fallback
+    points, against classic FE², in total and per step."""
+    out = [f"## `{path.stem}`", "",
+           "The FE² plate with the shipped operator at a tight tolerance, with and without "
+           "`--cell-fits` ([cell fits](concepts.md#cell-fits-a-fallback-point-learnt-from-its-"
+           "own-solves): a point that fell back is served in the later steps by its own cell "
+           "fit where that fit's calibrated bound allows), against classic FE² "
+           "(`--reference`). "
+           + ("Both runs retrain online, as the example does by default." if record.get(
+               "retrain", True) else "Neither run retrains online (`--no-retrain`)."), ""]
+    out += provenance(record, path, "the fields below", None)
+    r = record["runs"]
+    names = ("operator", "cell_fits")
+    out += table(("", "classic FE²", "operator", "operator + cell fits"), [
+        ("total s", num(record["reference_total_time_s"]),
+         *(num(r[n]["total_time_s"]) for n in names)),
+        ("speed-up, total", "", *(ratio(r[n]["speedup_total"]) for n in names)),
+        ("fine solves", num(record["reference_fine_solves"]),
+         *(num(r[n]["fine_solves"]) for n in names)),
+        ("displacement error", "", *(err(r[n]["rel_l2_displacement"]) for n in names)),
+        ("stress error", "", *(err(r[n]["rel_l2_stress"]) for n in names)),
+        ("training s", "", *(num(r[n]["training_time_s"] or 0.0) for n in names)),
+        ("model versions", "", *(str(r[n]["model_version"]) for n in names))])
+    out += [f"{num(record['quadrature_points'])} points, {num(record['steps'])} load steps to "
+            f"stretch {record['stretch']}, rtol {record['rtol']}, atol {num(record['atol'])} "
+            f"GPa, {record['ranks']} ranks. Fallback points per step (the cell fits' census "
+            "first: every fitted point solved again until their bound exists):", ""]
+    out += table(("step", "operator", "operator + cell fits"),
+                 [(str(i), str(a), str(b)) for i, (a, b) in enumerate(zip(
+                     r["operator"]["fallback_points"], r["cell_fits"]["fallback_points"],
+                     strict=True))])
+    return out
+
+
 def baselines_section(record: dict, path: Path, images: dict[str, tuple[str, str]]
                       ) -> list[str]:
     """bench/baselines.py: SANO against baseline models on the same data, each trained in its
@@ -1214,7 +1249,8 @@ ORDER = ("rve_solve", "rve_solve_3d", "rve_live", "operator", "baselines", "abla
          "calibration_groups",
          "uncertainty_options", "encode", "memory", "region", "transfer", "transfer_laminate",
          "fe2_speedup", "fe2_speedup_rtol002", "fe2_speedup_beyond", "fe2_speedup_412",
-         "fe2_speedup_3d", "cold_start", "cold_start_network", "hmm_speedup",
+         "fe2_speedup_3d", "cold_start", "cold_start_network", "cell_fits", "cell_fits_no_retrain",
+         "hmm_speedup",
          "hmm_speedup_300K_202", "hmm_speedup_0K_small", "hmm_speedup_300K", "scaling", "c_api")
 
 
@@ -1231,7 +1267,7 @@ def page(docs: Path) -> str:
         "benchmarks. Timings depend on the machine and on its load: compare ratios within "
         "one record rather than seconds across records.", "",
         "Records: " + ", ".join(f"[`{n}`](#{n.lower()})" if n.startswith(
-            ("fe2", "hmm", "cold")) else f"`{n}`" for n in order) + ".", "",
+            ("fe2", "hmm", "cold", "cell")) else f"`{n}`" for n in order) + ".", "",
     ]
     noise_done: list[str] = []
     loaded = {name: json.loads(records[name].read_text()) for name in order}
@@ -1268,6 +1304,8 @@ def page(docs: Path) -> str:
 
         elif name.startswith("cold_start"):
             lines += cold_start_section(record, path)
+        elif name.startswith("cell_fits"):
+            lines += cell_fits_section(record, path)
         elif "runs" in record and "reference" in record["runs"]:
             lines += coupled_section(record, path, images)
             key = "\n".join(md_noise_rows(record.get("md_noise") or {}))

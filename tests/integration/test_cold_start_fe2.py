@@ -1,5 +1,6 @@
 """Cold start end to end: the FE² example with ``--model none`` on a material no shipped model
-knows, against classic FE², on 1 and 2 ranks (real RVE solves, real training)."""
+knows, against classic FE², on 1 and 2 ranks (real RVE solves, real training); and the cell
+fits that serve a trained model's fallback points (``--cell-fits``)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ COLD = ["--model", "none", "--rtol", "0.02"]
 NETWORK = [*COLD, "--no-cell-fits", "--held-out", "0.1"]
 
 
-def run(out: Path, *flags: str, ranks: int = 1) -> dict:
+def run(out: Path, *flags: str, ranks: int = 1, problem: list[str] = PROBLEM) -> dict:
     mpiexec = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks)] if ranks > 1 else []
-    proc = subprocess.run([*mpiexec, sys.executable, EXAMPLE, *PROBLEM, *flags, "--out",
+    proc = subprocess.run([*mpiexec, sys.executable, EXAMPLE, *problem, *flags, "--out",
                            str(out)], capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())
@@ -77,6 +78,9 @@ def test_cold_start_ends_at_classic_fe2_hands_points_over_and_agrees_on_two_rank
     (["--matrix", "70", "0.33"], "the model was trained for matrix"),
     (["--swap-when-ready"], "--swap-when-ready swaps in a background retraining"),
     (["--swap-when-ready", "--no-retrain"], "--swap-when-ready and --no-retrain contradict"),
+    (["--cell-fits", "--reference"], "--cell-fits and --reference contradict"),
+    (["--cell-fits", "--restart"], "--cell-fits and --restart contradict"),
+    (["--cell-fits", "--model", "none"], "--cell-fits and --model none contradict"),
 ])
 def test_cold_start_bad_input_is_refused_before_work(tmp_path, flags, message):
     proc = subprocess.run([sys.executable, EXAMPLE, *PROBLEM, "--out", str(tmp_path), *flags],
@@ -84,3 +88,32 @@ def test_cold_start_bad_input_is_refused_before_work(tmp_path, flags, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
     assert not (tmp_path / "checkpoint").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_cell_fits_serve_the_fallback_points_of_a_trained_model(tmp_path):
+    """The shipped model at its own material, a tight tolerance: the points it sends to the
+    fine solver are served by their cell fits from the step after their census on, with the
+    classic answer kept as well as without them, and the same decisions on 2 ranks."""
+    shipped = ["--mesh-size", "0.5", "--steps", "6", "--quiet"]
+    run(tmp_path / "classic", "--reference", problem=shipped)
+    flags = ["--rtol", "0.01", "--no-retrain", "--compare", str(tmp_path / "classic")]
+    plain = run(tmp_path / "plain", *flags, problem=shipped)
+    fits = run(tmp_path / "fits", *flags, "--cell-fits", problem=shipped)
+    two = run(tmp_path / "two", *flags, "--cell-fits", ranks=2, problem=shipped)
+    solves = [sum(h["fine_solves"] for h in s["steps"]) for s in (plain, fits)]
+    assert solves[1] < solves[0], solves
+    # the step-0 fits' census (every fitted point solved until 19 scores exist), then the fits
+    # serve: the last steps, where the plain run's bound sends ever more points back, fall back
+    # far less
+    fell_back = [h["fallback_points"] for h in fits["steps"]]
+    assert fell_back[0] > 0 and fell_back[1] >= fell_back[0], fell_back
+    late = sum(h["fallback_points"] for h in plain["steps"][-2:])
+    assert sum(fell_back[-2:]) < 0.5 * late, (fell_back, late)
+    for key, limit in (("rel_l2_displacement", 0.005), ("rel_l2_stress", 0.01)):
+        assert fits[key] <= max(1.1 * plain[key], 1e-4) and fits[key] <= limit, (key, fits[key])
+    assert [h["fallback_points"] for h in two["steps"]] == fell_back
+    with np.load(tmp_path / "fits" / "fields.npz") as a, np.load(tmp_path / "two" /
+                                                                "fields.npz") as b:
+        np.testing.assert_allclose(b["u"], a["u"], rtol=0, atol=1e-6 * np.abs(a["u"]).max())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from mpi4py import MPI
 
@@ -12,7 +13,10 @@ import torch
 
 from neuroscale_couple.cell_fits import CellFits, conformal_quantile, fit_weights
 from neuroscale_couple.cold_start import ColdStart
+from neuroscale_couple.coupler import Coupler, Policy
+from neuroscale_couple.errors import InputError
 from neuroscale_couple.materials import lame
+from neuroscale_couple.operators.base import load_operator
 
 pytestmark = pytest.mark.skip_in_parallel
 
@@ -105,3 +109,17 @@ def test_audits_are_drawn_afresh_each_step_and_step_zero_keeps_the_held_out_draw
     assert abs(first.mean() - 0.1) < 0.01 and abs(later.mean() - 0.1) < 0.01
     assert (first & later).mean() < 0.02  # independent draws: ~1 % in both
     np.testing.assert_array_equal(cold.is_held_out(ids, step=0), first)
+
+
+MODELS = Path(__file__).resolve().parents[2] / "examples" / "models"
+
+
+@pytest.mark.parametrize("policy, model, message", [
+    ({"rtol": 0.02, "cell_audit": 0.0}, None, "cell_audit=0.0"),
+    ({"rtol": 0.02, "cell_fits": True}, None, "give a 2D model and a tolerance"),
+    ({"rtol": 0.02, "cell_fits": True}, "fe2_composite_3d.pt", "give a 2D model"),
+    ({"rtol": 0.0, "cell_fits": True}, "fe2_composite.pt", "give a 2D model and a tolerance")])
+def test_cell_fits_are_refused_where_they_cannot_serve(policy, model, message):
+    with pytest.raises(InputError, match=message):
+        Coupler(None if model is None else load_operator(MODELS / model), lambda m: None,
+                policy=Policy(**policy))
