@@ -18,7 +18,6 @@ against the reference, with the command.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shlex
@@ -26,20 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-from coupled_speedup import RESULTS, run
+from coupled_speedup import RESULTS, plate_arguments, run
 
 RUN_KEYS = ("total_time_s", "rel_l2_displacement", "rel_l2_stress", "training_time_s")
 
 
 def main() -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--np", type=int, default=2, help="MPI ranks")
-    p.add_argument("--mesh-size", default="0.25")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--stretch", type=float, default=0.08)
-    p.add_argument("--rtol", type=float, default=0.01, help="relative stress tolerance")
-    p.add_argument("--atol", type=float, default=None,
-                   help="absolute stress tolerance (GPa; default: the example's)")
+    p = plate_arguments(__doc__.splitlines()[0], rtol=0.01)
     p.add_argument("--out", default="out/bench_cell_fits")
     p.add_argument("--name", default="cell_fits", help="record name in bench/results")
     p.add_argument("--no-retrain", action="store_true",

@@ -22,7 +22,6 @@ speed-up ≥ 10×, displacement ≤ 0.5 %, stress ≤ 1 %.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shlex
@@ -30,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from coupled_speedup import RESULTS, run
+from coupled_speedup import RESULTS, plate_arguments, run
 
 TARGETS = {"speedup_total": 10.0, "rel_l2_displacement": 0.005, "rel_l2_stress": 0.01}
 STEP_KEYS = ("fallback_points", "operator_share", "model_version", "fine_time_s",
@@ -39,14 +38,7 @@ STEP_KEYS = ("fallback_points", "operator_share", "model_version", "fine_time_s"
 
 
 def main() -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--np", type=int, default=2, help="MPI ranks")
-    p.add_argument("--mesh-size", default="0.25")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--stretch", type=float, default=0.08)
-    p.add_argument("--rtol", type=float, default=0.02, help="relative stress tolerance")
-    p.add_argument("--atol", type=float, default=None,
-                   help="absolute stress tolerance (GPa; default: the example's)")
+    p = plate_arguments(__doc__.splitlines()[0], rtol=0.02)
     p.add_argument("--matrix", type=float, nargs=2, default=(70.0, 0.33), metavar=("E", "NU"))
     p.add_argument("--fibre", type=float, nargs=2, default=(410.0, 0.14), metavar=("E", "NU"))
     p.add_argument("--cold-flags", default="",

@@ -74,6 +74,20 @@ def run(name: str, args: argparse.Namespace, out: Path, example: str,
     return dict(json.loads(summary.read_text()), config_hash=digest)
 
 
+def plate_arguments(description: str, *, rtol: float) -> argparse.ArgumentParser:
+    """The command line of a 20-step composite-plate benchmark (bench/cold_start.py,
+    bench/cell_fits.py): ranks, mesh, steps, stretch and tolerances."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--np", type=int, default=2, help="MPI ranks")
+    p.add_argument("--mesh-size", default="0.25")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--stretch", type=float, default=0.08)
+    p.add_argument("--rtol", type=float, default=rtol, help="relative stress tolerance")
+    p.add_argument("--atol", type=float, default=None,
+                   help="absolute stress tolerance (GPa; default: the example's)")
+    return p
+
+
 def main(example: str, name: str, title: str, description: str, *, mesh_size: str,
          stretch: float, rtol: float = 0.05, options: dict[str, type] | None = None,
          runs: tuple[str, ...] = tuple(RUNS), steps: int = 5) -> dict:
