@@ -1,13 +1,13 @@
-"""Cell fits: a cold start's operator at the points it has solved, learnt in closed form.
+"""Cell fits: the operator at the points the fine solver has solved, learnt in closed form —
+a cold start's (:mod:`~neuroscale_couple.cold_start`), and with ``Policy.cell_fits`` a trained
+model's at the points it sent to the fine solver.
 
-At a point whose cell the fine solver has solved, the cold start's operator is the energy head's
-basis mixture W̄ = Σ_k w_k Ψ_k(C̄) (:func:`~neuroscale_couple.operators.heads.basis_energies`:
-objective, P̄(I) = 0, a major-symmetric tangent) with the weights w (K,) of **that cell**, fitted
-by least squares to the point's last ``history`` fine solves — their stresses and consistent
-tangents (4 + 16 equations a solve in 2D for K = 14 weights). Fitting is a K × K solve, so every
-load step's solves are learnt at its end, in milliseconds, with no background training; the
-network heads of :mod:`~neuroscale_couple.cold_start` serve only points without a solve of
-their own.
+At such a point the operator is the energy head's basis mixture W̄ = Σ_k w_k Ψ_k(C̄)
+(:func:`~neuroscale_couple.operators.heads.basis_energies`: objective, P̄(I) = 0, a
+major-symmetric tangent) with the weights w (K,) of **that cell**, fitted by least squares to
+the point's last ``history`` fine solves — their stresses and consistent tangents (4 + 16
+equations a solve in 2D for K = 14 weights). Fitting is a K × K solve, so every load step's
+solves are learnt at its end, in milliseconds, with no background training.
 
 The bound is split conformal on normalised scores. A fit's error grows with the distance of F̄
 from its latest solve F̄ₛ, so the score of a fine solve at F̄ is
@@ -15,13 +15,12 @@ from its latest solve F̄ₛ, so the score of a fine solve at F̄ is
     s = ‖P̄_fine − P̄_fit(F̄)‖ / σ,   σ = ‖Aₛ‖ (‖F̄ − F̄ₛ‖ + δ)    (stress units; δ = 1e-3)
 
 taken with the fit as it stood when the step began (the fit is fixed within a step, so Newton
-sees one operator). Scores come only from solves no bound chose: the points audited at random
-that step (a share drawn afresh each step by point id, :meth:`ColdStart.is_held_out
-<neuroscale_couple.cold_start.ColdStart.is_held_out>`, solved besides at the step's converged
-loads while the step's answer there stays the fit's) and, while no bound exists yet, every
-point (a census). The bound at the confidence c is q·σ with q the ⌈(n + 1)c⌉-th smallest of the
-n most recent scores (whole steps, newest first, until at least ``2 / (1 − c)``), gathered over
-all ranks, so every rank holds the same q.
+sees one operator). Scores come only from solves no bound chose: the fitted points audited at
+random that step (a share drawn afresh each step by point id, :meth:`CellFits.audited`, solved
+besides at the step's converged loads while the step's answer there stays the fit's) and,
+while no bound exists yet, every fitted point (a census). The bound at the confidence c is
+q·σ with q the ⌈(n + 1)c⌉-th smallest of the n most recent scores (whole steps, newest first,
+until at least ``2 / (1 − c)``), gathered over all ranks, so every rank holds the same q.
 
 Measured on the cold-start benchmark's classic run (102 points, 20 steps): fitted to a point's
 last three converged solves, P̄ five load steps ahead is off by 0.01–0.07 % of ‖P̄‖ (95th

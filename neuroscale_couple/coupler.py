@@ -651,8 +651,7 @@ class Coupler(FineSolver):
 
     @property
     def answering(self) -> bool:
-        """Whether an operator answers anywhere: the network, or a cold start's calibrated
-        cell fits."""
+        """Whether an operator answers anywhere: the network, or calibrated cell fits."""
         return self.serving or (self.fits is not None and self.fits.calibrated)
 
     def _fit_predict(self, ids: np.ndarray, F: np.ndarray, stress: np.ndarray,
@@ -1087,9 +1086,9 @@ class Coupler(FineSolver):
                 self.fits.observe(pid, Fj, answer.P, answer.A, scored=True)
 
     def _refit(self, report: StepReport) -> None:
-        """A cold start's cell fits learn the step's solves and are recalibrated on its
-        audits (collective); a new fit is a new operator version. Sets ``atol`` from the
-        solves' stress scale where the policy leaves it to the model."""
+        """The cell fits learn the step's solves and are recalibrated on its scores
+        (collective); a new fit is a new operator version. A cold start's ``atol``, where the
+        policy leaves it to the model, follows the solves' stress scale."""
         t0 = time.perf_counter()
         refitted = self.fits.end_step(self.comm)
         if refitted:
