@@ -99,6 +99,8 @@ class CellFits:
         self._anchor = np.zeros((0, 2, 2))  # each fitted point's latest solve F̄ₛ
         self._scale = np.zeros(0)  # … and ‖Aₛ‖
         self._row: dict[int, int] = {}  # point id → row of the arrays above
+        self._sorted_ids = np.zeros(0, dtype=np.int64)  # … as arrays, for vectorised lookups
+        self._sorted_rows = np.zeros(0, dtype=np.int64)
         self._scored: set[int] = set()  # points scored this step (their first solve)
         self._step_scores: list[float] = []
         self._history_scores: deque = deque()  # per step with scores, newest last
@@ -125,13 +127,22 @@ class CellFits:
 
     def fitted(self, ids: np.ndarray) -> np.ndarray:
         """Whether each point (ids (n,)) has a fit, (n,) bool."""
-        return np.array([int(i) in self._row for i in ids], dtype=bool)
+        return self._lookup(ids)[1]
+
+    def _lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the points ``ids`` (n,) in the fit arrays (n,) and whether each has a fit
+        (n,) bool, without a Python loop over the points (this runs every evaluation)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(self._sorted_ids):
+            return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
+        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
+        return self._sorted_rows[pos], self._sorted_ids[pos] == ids
 
     def predict(self, ids: np.ndarray, F: np.ndarray) -> dict[str, np.ndarray]:
         """``stress`` (n, 2, 2), ``tangent`` (n, 2, 2, 2, 2), ``energy`` (n,) of the fits of
         the points ``ids`` (n,) (each must have one) at F̄ (n, 2, 2), and ``sigma`` (n,), the
         score's normaliser (stress units): the bound is ``quantile · sigma``."""
-        rows = np.array([self._row[int(i)] for i in ids], dtype=np.int64)
+        rows = self._lookup(ids)[0]
         r = mixture_response(torch.from_numpy(self._weights[rows]), torch.as_tensor(F))
         dist = np.linalg.norm((F - self._anchor[rows]).reshape(len(rows), -1), axis=1)
         return {"stress": r["stress"].numpy(), "tangent": r["tangent"].numpy(),
@@ -153,13 +164,20 @@ class CellFits:
     def end_step(self, comm: MPI.Comm) -> int:
         """Refit the points solved this step and recalibrate on the step's scores of all
         ranks (collective); returns the number of points refitted over all ranks."""
+        new = [pid for pid in self._changed if pid not in self._row]
+        if new:  # the arrays grow once a step, the lookup is sorted anew
+            for pid in new:
+                self._row[pid] = len(self._row)
+            self._weights = np.concatenate([self._weights, np.zeros((len(new), N_WEIGHTS))])
+            self._anchor = np.concatenate([self._anchor, np.zeros((len(new), 2, 2))])
+            self._scale = np.concatenate([self._scale, np.zeros(len(new))])
+            ids = np.fromiter(self._row, dtype=np.int64, count=len(self._row))
+            order = np.argsort(ids)
+            self._sorted_ids = ids[order]
+            self._sorted_rows = np.fromiter(self._row.values(), dtype=np.int64,
+                                            count=len(self._row))[order]
         for pid in self._changed:
             F, P, A = (np.stack(x) for x in zip(*self._solves[pid], strict=True))
-            if pid not in self._row:
-                self._row[pid] = len(self._row)
-                self._weights = np.vstack([self._weights, np.zeros((1, N_WEIGHTS))])
-                self._anchor = np.vstack([self._anchor, np.zeros((1, 2, 2))])
-                self._scale = np.append(self._scale, 0.0)
             r = self._row[pid]
             self._weights[r] = fit_weights(F, P, A)
             self._anchor[r], self._scale[r] = F[-1], np.linalg.norm(A[-1])
