@@ -110,12 +110,11 @@ def prepare(args: argparse.Namespace):
                     outside=args.outside, exclude_noise=getattr(args, "exclude_noise", False),
                     cell_fits=getattr(args, "cell_fits", False))
     if policy.cell_fits:
-        given = [flag for flag, on in (("reference", args.reference), ("restart", args.restart),
+        given = [flag for flag, on in (("reference", args.reference),
                                        ("model none", cold_start(args, policy))) if on]
         if given:
             raise InputError(f"--cell-fits and --{given[0]} contradict: cell fits serve the "
-                             "fallback points of a trained operator (a cold start has its own; "
-                             "restarts are not built yet)")
+                             "fallback points of a trained operator (a cold start has its own)")
     if args.replay_from and (args.no_retrain or policy.classic):
         raise InputError("--replay-from fine-tunes the operator: drop --no-retrain/--reference")
     for flag in ("background_retrain", "cost_aware_retrain", "swap_when_ready"):
@@ -125,11 +124,15 @@ def prepare(args: argparse.Namespace):
         raise InputError("--swap-when-ready swaps in a background retraining: add "
                          "--background-retrain")
     if cold_start(args, policy):
-        given = [flag for flag in ("no_retrain", "restart", "replay_from") if getattr(args, flag)]
+        given = [flag for flag in ("no_retrain", "replay_from") if getattr(args, flag)]
         if given:
             raise InputError(f"--model none (a cold start) and --{given[0].replace('_', '-')} "
                              "contradict: a cold start trains its operator from this run's own "
-                             "fine solves from the first step (restarts are not built yet)")
+                             "fine solves from the first step")
+        if args.restart and getattr(args, "no_cell_fits", False):
+            raise InputError("--restart and --no-cell-fits contradict: a cold start restarts "
+                             "with its cell fits (the heads' training is not in the "
+                             "checkpoint): drop --no-cell-fits, or start afresh")
         return policy, None, None
     state = LoadStepper.read_checkpoint(Path(args.out) / "checkpoint") if args.restart else None
     weights = (state or {}).get("model_file") or args.model

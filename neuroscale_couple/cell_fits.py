@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Collection, Mapping, Sequence
 
 from mpi4py import MPI
 
 import numpy as np
 import torch
 
+from neuroscale_couple.errors import CheckpointError
 from neuroscale_couple.operators.heads import EnergyHead, mixture_response
 from neuroscale_couple.sampling import uniform_by_id
 
@@ -164,6 +166,21 @@ class CellFits:
     def end_step(self, comm: MPI.Comm) -> int:
         """Refit the points solved this step and recalibrate on the step's scores of all
         ranks (collective); returns the number of points refitted over all ranks."""
+        self._fit_changed()
+        refitted = comm.allreduce(len(self._changed))
+        self._total += comm.allreduce(self._moments)
+        self._moments[:] = 0
+        scores = np.concatenate(comm.allgather(np.array(self._step_scores)))
+        if len(scores):
+            self._history_scores.append(np.sort(scores))
+        self._calibrate()
+        self._changed.clear()
+        self._scored.clear()
+        self._step_scores.clear()
+        return refitted
+
+    def _fit_changed(self) -> None:
+        """Fit the points solved since the last fit (their rows added where new)."""
         new = [pid for pid in self._changed if pid not in self._row]
         if new:  # the arrays grow once a step, the lookup is sorted anew
             for pid in new:
@@ -181,17 +198,51 @@ class CellFits:
             r = self._row[pid]
             self._weights[r] = fit_weights(F, P, A)
             self._anchor[r], self._scale[r] = F[-1], np.linalg.norm(A[-1])
-        refitted = comm.allreduce(len(self._changed))
-        self._total += comm.allreduce(self._moments)
-        self._moments[:] = 0
-        scores = np.concatenate(comm.allgather(np.array(self._step_scores)))
-        if len(scores):
-            self._history_scores.append(np.sort(scores))
-        self._calibrate()
+
+    def state(self) -> dict[str, np.ndarray]:
+        """This rank's fits as named arrays (``fits/…``, bit-exact through ``np.savez``; taken
+        between load steps): each point's latest solves — its fit is made of them again on
+        restore — and the calibration's scores and solve moments (all ranks', the same on
+        every rank)."""
+        ids = np.array(sorted(self._solves), dtype=np.int64)
+        count = np.array([len(self._solves[pid]) for pid in ids], dtype=np.int64)
+        h = max(count, default=0)
+        solves = [np.full((len(ids), h, *shape), np.nan) for shape in ((2, 2), (2, 2), (2,) * 4)]
+        for k, pid in enumerate(ids.tolist()):
+            for j, record in enumerate(self._solves[pid]):
+                for array, value in zip(solves, record, strict=True):
+                    array[k, j] = value
+        steps = list(self._history_scores)
+        return {"fits/id": ids, "fits/count": count, "fits/F": solves[0], "fits/P": solves[1],
+                "fits/A": solves[2], "fits/total": self._total.copy(),
+                "fits/scores": np.concatenate(steps) if steps else np.zeros(0),
+                "fits/score_steps": np.array([len(s) for s in steps], dtype=np.int64)}
+
+    def restore(self, states: Sequence[Mapping[str, np.ndarray]], point_ids: Collection[int]
+                ) -> None:
+        """Take the fits of ``point_ids`` (this rank's points) from :meth:`state` arrays: this
+        rank's own, or every rank's of a run on another number of ranks (not collective: the
+        calibration is in every rank's state). A state without fits raises
+        :class:`~neuroscale_couple.errors.CheckpointError`."""
+        if any("fits/id" not in s for s in states):
+            raise CheckpointError("the checkpoint has no cell fits (it is of a run without "
+                                  "them): restart with the settings it was written with")
+        mine = set(map(int, point_ids))
+        for s in states:
+            for pid, n, F, P, A in zip(s["fits/id"].tolist(), s["fits/count"].tolist(),
+                                       s["fits/F"], s["fits/P"], s["fits/A"], strict=True):
+                if pid in mine:
+                    self._solves[pid] = deque(zip(F[:n], P[:n], A[:n], strict=True),
+                                              maxlen=self.history)
+                    self._changed.add(pid)
+        self._fit_changed()
         self._changed.clear()
-        self._scored.clear()
-        self._step_scores.clear()
-        return refitted
+        first = states[0]
+        self._total = np.array(first["fits/total"], dtype=float)
+        bounds = np.cumsum(first["fits/score_steps"])[:-1]
+        self._history_scores = deque(np.split(np.asarray(first["fits/scores"]), bounds)
+                                     if len(first["fits/score_steps"]) else [])
+        self._calibrate()
 
     def _calibrate(self) -> None:
         """q from the newest steps' scores, at least 2 / (1 − c) of them where there are."""

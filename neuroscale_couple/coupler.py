@@ -974,7 +974,7 @@ class Coupler(FineSolver):
         everyone's states; a restart on another number of ranks reads every rank's file and
         keeps its points' records (:meth:`restore_state`)."""
         r = self.retrainer
-        return CouplerState(
+        state = CouplerState(
             rank=self.comm.rank, ranks=self.comm.size, step=self.step,
             evaluations=self.evaluations, version=self.version,
             new_since_retrain=0 if r is None else r.new_since,
@@ -982,6 +982,7 @@ class Coupler(FineSolver):
             background_step=None if r is None or r.pending is None else r.pending.step,
             solved=dict(self._solved), cost_s=dict(self._cost), last_rank=dict(self._last_rank),
             warm=self.cache.warm_states()).to_arrays()
+        return state if self.fits is None else {**state, **self.fits.state()}
 
     def restore_state(self, states: Sequence[Mapping[str, np.ndarray]]) -> None:
         """Resume from :meth:`checkpoint_state` after :meth:`register` (collective; the model
@@ -995,9 +996,6 @@ class Coupler(FineSolver):
         starts (the run then agrees with the uninterrupted one as runs on different numbers of
         ranks agree, to the fine solver's tolerance)."""
         comm = self.comm
-        if self.fits is not None:
-            raise CheckpointError("a run with cell fits cannot be restarted yet (their solves "
-                                  "are not in the checkpoint): rerun it from the start")
         with together(comm, "restoring the Coupler's checkpoint state"):
             parsed = [CouplerState.from_arrays(s) for s in states]
             if not parsed:
@@ -1006,6 +1004,9 @@ class Coupler(FineSolver):
             own = parsed[0]
             if len(parsed) != 1 or (own.rank, own.ranks) != (comm.rank, comm.size):
                 own = CouplerState.merge(parsed, self._ids.tolist(), comm.rank, comm.size)
+            if self.fits is not None:
+                self.fits.restore(states, self._ids.tolist())
+                self._follow_stress_scale()
         self.step, self.evaluations, self.version = own.step, own.evaluations, own.version
         self._solved, self._cost = dict(own.solved), dict(own.cost_s)
         self._last_rank = dict(own.last_rank)
@@ -1094,11 +1095,16 @@ class Coupler(FineSolver):
         if refitted:
             self.version += 1
             report.training_s += time.perf_counter() - t0
-        if self.policy.atol is None and self.cold_start is not None:
-            self.atol = 0.01 * self.fits.stress_scale
+        self._follow_stress_scale()
         if self.comm.rank == 0 and refitted:
             log.info("step %d: %d cell fits learnt (version %d), bound factor %.3g", self.step,
                      refitted, self.version, self.fits.quantile)
+
+    def _follow_stress_scale(self) -> None:
+        """A cold start's ``atol``, where the policy leaves it to the model: 1 % of the stress
+        scale of the cell fits' solves."""
+        if self.policy.atol is None and self.cold_start is not None and self.fits.stress_scale:
+            self.atol = 0.01 * self.fits.stress_scale
 
     def _recalibrate(self, report: StepReport) -> None:
         """A cold start's conformal recalibration of the serving operator on the held-out

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,20 @@ def serial_and_parallel(example: Path, flags: list[str], tmp_path: Path, ranks: 
         assert proc.returncode == 0, proc.stderr[-3000:]
     return tuple(json.loads((tmp_path / name / "summary.json").read_text())
                  for name in ("one", "many"))
+
+
+def kill_after_checkpoint(cmd: list[str], out: Path, step: int, timeout: float = 300) -> dict:
+    """Start ``cmd`` (a run writing ``out/checkpoint``), SIGKILL it once the checkpoint of load
+    step ``step`` or a later one is written; return the checkpoint's state.json."""
+    state = out / "checkpoint" / "state.json"
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["step"] >= step:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "summary.json").exists()
+    return json.loads(state.read_text())

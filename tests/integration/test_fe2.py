@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,6 +16,7 @@ import pytest
 from coupled_helpers import (
     convergence_order,
     displacement_by_coordinates,
+    kill_after_checkpoint,
     macro_problem,
     on_rank0,
     serial_and_parallel,
@@ -357,18 +356,8 @@ def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain,
             retrain, "--quiet"]
     subprocess.run([*args, "--out", str(tmp_path / "clean")], check=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*args, "--out", str(killed)])
-    state = killed / "checkpoint" / "state.json"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text())["step"] >= 1:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (killed / "summary.json").exists()
-    with np.load(killed / "checkpoint" / json.loads(state.read_text())["micro_files"][0]) as c:
+    state = kill_after_checkpoint([*args, "--out", str(killed)], killed, 1)
+    with np.load(killed / "checkpoint" / state["micro_files"][0]) as c:
         pending = int(c["background_step"])  # −1: none
     subprocess.run([*args, "--out", str(killed), "--restart"], check=True)
     clean = json.loads((tmp_path / "clean" / "summary.json").read_text())

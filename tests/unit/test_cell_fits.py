@@ -14,7 +14,7 @@ import torch
 from neuroscale_couple.cell_fits import CellFits, conformal_quantile, fit_weights
 from neuroscale_couple.cold_start import ColdStart
 from neuroscale_couple.coupler import Coupler, Policy
-from neuroscale_couple.errors import InputError
+from neuroscale_couple.errors import CheckpointError, InputError
 from neuroscale_couple.materials import lame
 from neuroscale_couple.operators.base import load_operator
 
@@ -98,6 +98,45 @@ def test_scores_come_from_the_first_solve_of_a_step_against_the_fit_it_began_wit
                                               rel=1e-12)
     # the refit learnt the latest two solves (E 70 at 1.02 F̄, E 3 at 1.01 F̄): no longer E 3
     assert not np.allclose(fits.predict(ids[:1], F0[:1])["stress"], P0[:1], rtol=1e-3)
+
+
+def test_fits_restored_from_a_checkpoint_state_are_the_fits_on_any_partition(tmp_path):
+    """state() through an npz file, restored on the same partition or gathered from two
+    ranks' states: the same fits (to the bit), bound, stress scale and audits; a state
+    without fits is refused."""
+    ids = np.arange(30)
+    parts = [CellFits(0.9, history=2, audit=0.3) for _ in range(2)]
+    for step, scale in enumerate((0.02, 0.03, 0.04)):
+        F = loads(30, scale, seed=step)
+        P, A = neo_hookean(F, E=3.0 + step)  # a law that changes: fits with errors
+        for i in ids:
+            parts[i % 2].observe(int(i), F[i], P[i], A[i], scored=True)
+        for fits in parts:  # the two "ranks" calibrate on each one's scores (COMM_SELF)
+            fits.end_step(MPI.COMM_SELF)
+    states = []
+    for k, fits in enumerate(parts):
+        np.savez(tmp_path / f"{k}.npz", **fits.state())
+        with np.load(tmp_path / f"{k}.npz") as f:
+            states.append(dict(f))
+    F = loads(30, 0.05, seed=9)
+    for k, fits in enumerate(parts):  # on the same partition
+        mine = ids[ids % 2 == k]
+        back = CellFits(0.9, history=2, audit=0.3)
+        back.restore(states[k:k + 1], mine.tolist())
+        assert back.quantile == fits.quantile and math.isfinite(back.quantile)
+        assert back.stress_scale == fits.stress_scale
+        for key, value in fits.predict(mine, F[mine]).items():
+            np.testing.assert_array_equal(back.predict(mine, F[mine])[key], value)
+        np.testing.assert_array_equal(back.audited(ids, 3), fits.audited(ids, 3))
+    whole = CellFits(0.9, history=2, audit=0.3)  # one rank takes both ranks' points
+    whole.restore(states, ids.tolist())
+    assert whole.fitted(ids).all() and whole.quantile == parts[0].quantile
+    for k, fits in enumerate(parts):
+        mine = ids[ids % 2 == k]
+        np.testing.assert_array_equal(whole.predict(mine, F[mine])["stress"],
+                                      fits.predict(mine, F[mine])["stress"])
+    with pytest.raises(CheckpointError, match="no cell fits"):
+        CellFits(0.9).restore([{"solved/id": np.zeros(0)}], ids.tolist())
 
 
 def test_audits_are_drawn_afresh_each_step_and_step_zero_keeps_the_held_out_draw(tmp_path):
