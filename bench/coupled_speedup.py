@@ -6,7 +6,9 @@ may pick fewer runs; ``reference`` and ``operator`` always run):
 
 - ``reference``: the true fine solver at every quadrature point, every Newton iteration
   (``--reuse-reference``: taken from an earlier run of the same settings in ``--out``);
-- ``operator``: the Coupler at --rtol/--atol with online retraining (the product);
+- ``operator``: the Coupler at --rtol/--atol with online retraining (the product: the
+  example's defaults, which for the FE² composite example include cell fits for the fallback
+  points, :mod:`neuroscale_couple.cell_fits`);
 - ``background``: the same with the retraining in a background thread;
 - ``cost_aware``: the same, retraining only when it is estimated to pay
   (``--cost-aware-retrain``);

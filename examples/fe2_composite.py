@@ -18,7 +18,9 @@ microstructure: Neo-Hookean glass-like fibres in an epoxy-like matrix (stresses 
 fraction graded from 0.15 at the hole to 0.45 at the loaded edge. The Coupler answers with the
 trained operator and falls back to the true periodic RVE solver wherever the calibrated error
 bound exceeds --atol + --rtol·|P̄|, and wherever the point lies outside the model's training
-region (--outside).
+region (--outside). A point that fell back is served in the later steps by its own cell fit
+(:mod:`neuroscale_couple.cell_fits`: the energy basis fitted to its RVE solves) wherever that
+fit's calibrated bound allows (``--no-cell-fits``: solved again every step).
 
 Run: ``mpiexec -n 4 python examples/fe2_composite.py --out out/fe2``. Output in --out:
 ``summary.json``, ``fields.npz`` (per point stress/uncertainty/source, per dof u),
@@ -84,15 +86,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "conformal calibration (cell fits: audited, drawn afresh each step; network "
                    "heads: held out for good, never trained on)")
     p.add_argument("--no-cell-fits", action="store_true",
-                   help="--model none: serve every point from the network heads, not the solved "
-                   "points from their own cell fits (neuroscale_couple.cell_fits)")
+                   help="without cell fits (neuroscale_couple.cell_fits: each point that fell "
+                   "back served in the later steps by the energy basis fitted to its own RVE "
+                   "solves, where that fit's calibrated bound allows): a trained model's "
+                   "fallback points are solved again every step; a cold start (--model none) "
+                   "serves every point from network heads trained in the background")
     p.add_argument("--probe", type=float, default=0.02,
                    help="--model none: share of the points solved besides each step for "
                    "training data (largest bound first, one per microstructure)")
-    p.add_argument("--cell-fits", action="store_true",
-                   help="serve each point that fell back by its own cell fit (the energy basis "
-                   "fitted to its RVE solves) in the later steps, where that fit's calibrated "
-                   "bound allows, instead of solving it again every step")
     return check_composite_arguments(p, p.parse_args(argv))
 
 

@@ -16,6 +16,7 @@ reference run and the self-check).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -107,14 +108,12 @@ def prepare(args: argparse.Namespace):
     check_loading(args)
     policy = Policy(rtol=0.0 if args.reference else args.rtol,
                     atol=None if args.reference else args.atol, confidence=args.confidence,
-                    outside=args.outside, exclude_noise=getattr(args, "exclude_noise", False),
-                    cell_fits=getattr(args, "cell_fits", False))
-    if policy.cell_fits:
-        given = [flag for flag, on in (("reference", args.reference),
-                                       ("model none", cold_start(args, policy))) if on]
-        if given:
-            raise InputError(f"--cell-fits and --{given[0]} contradict: cell fits serve the "
-                             "fallback points of a trained operator (a cold start has its own)")
+                    outside=args.outside, exclude_noise=getattr(args, "exclude_noise", False))
+    # an example with --no-cell-fits serves a trained model's fallback points by their cell fits
+    # unless the flag is given (classic FE² has no operator; a cold start sets its own)
+    if getattr(args, "no_cell_fits", True) is False and not (policy.classic
+                                                             or cold_start(args, policy)):
+        policy = dataclasses.replace(policy, cell_fits=True)
     if args.replay_from and (args.no_retrain or policy.classic):
         raise InputError("--replay-from fine-tunes the operator: drop --no-retrain/--reference")
     for flag in ("background_retrain", "cost_aware_retrain", "swap_when_ready"):
@@ -359,7 +358,7 @@ def run_coupled(run: CoupledRun, args: argparse.Namespace, comm: MPI.Comm = MPI.
         "rtol": coupler.policy.rtol, "atol": coupler.atol, "stress_unit": run.stress_unit,
         "confidence": coupler.policy.confidence, "outside": coupler.policy.outside,
         "reference": coupler.policy.classic, "retrain": not args.no_retrain,
-        "cold_start": coupler.cold_start is not None,
+        "cold_start": coupler.cold_start is not None, "cell_fits": coupler.fits is not None,
         "training_time_s": sum(h.get("training_s", 0.0) for h in history),
         "steps": history, "total_time_s": time.perf_counter() - t_start,
         "setup_time_s": t_steps - t_start, "steps_time_s": t_output - t_steps,

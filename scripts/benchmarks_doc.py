@@ -1087,11 +1087,11 @@ def cell_fits_section(record: dict, path: Path) -> list[str]:
     """bench/cell_fits.py: the shipped operator with and without cell fits for its fallback
     points, against classic FE², in total and per step."""
     out = [f"## `{path.stem}`", "",
-           "The FE² plate with the shipped operator at a tight tolerance, with and without "
-           "`--cell-fits` ([cell fits](concepts.md#cell-fits-a-fallback-point-learnt-from-its-"
-           "own-solves): a point that fell back is served in the later steps by its own cell "
-           "fit where that fit's calibrated bound allows), against classic FE² "
-           "(`--reference`). "
+           "The FE² plate with the shipped operator at a tight tolerance, without "
+           "(`--no-cell-fits`) and with [cell fits](concepts.md#cell-fits-a-fallback-point-"
+           "learnt-from-its-own-solves) (the example's default: a point that fell back is "
+           "served in the later steps by its own cell fit where that fit's calibrated bound "
+           "allows), against classic FE² (`--reference`). "
            + ("Both runs retrain online, as the example does by default." if record.get(
                "retrain", True) else "Neither run retrains online (`--no-retrain`)."), ""]
     out += provenance(record, path, "the fields below", None)

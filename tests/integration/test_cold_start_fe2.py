@@ -1,6 +1,6 @@
 """Cold start end to end: the FE² example with ``--model none`` on a material no shipped model
 knows, against classic FE², on 1 and 2 ranks (real RVE solves, real training); and the cell
-fits that serve a trained model's fallback points (``--cell-fits``)."""
+fits that serve a trained model's fallback points (the example's default)."""
 
 from __future__ import annotations
 
@@ -105,8 +105,6 @@ def test_a_killed_cold_start_restarts_with_its_cell_fits(tmp_path):
     (["--matrix", "70", "0.33"], "the model was trained for matrix"),
     (["--swap-when-ready"], "--swap-when-ready swaps in a background retraining"),
     (["--swap-when-ready", "--no-retrain"], "--swap-when-ready and --no-retrain contradict"),
-    (["--cell-fits", "--reference"], "--cell-fits and --reference contradict"),
-    (["--cell-fits", "--model", "none"], "--cell-fits and --model none contradict"),
 ])
 def test_cold_start_bad_input_is_refused_before_work(tmp_path, flags, message):
     proc = subprocess.run([sys.executable, EXAMPLE, *PROBLEM, "--out", str(tmp_path), *flags],
@@ -125,9 +123,10 @@ def test_cell_fits_serve_the_fallback_points_of_a_trained_model(tmp_path):
     shipped = ["--mesh-size", "0.5", "--steps", "6", "--quiet"]
     run(tmp_path / "classic", "--reference", problem=shipped)
     flags = ["--rtol", "0.01", "--no-retrain", "--compare", str(tmp_path / "classic")]
-    plain = run(tmp_path / "plain", *flags, problem=shipped)
-    fits = run(tmp_path / "fits", *flags, "--cell-fits", problem=shipped)
-    two = run(tmp_path / "two", *flags, "--cell-fits", ranks=2, problem=shipped)
+    plain = run(tmp_path / "plain", *flags, "--no-cell-fits", problem=shipped)
+    fits = run(tmp_path / "fits", *flags, problem=shipped)  # the example's default
+    two = run(tmp_path / "two", *flags, ranks=2, problem=shipped)
+    assert fits["cell_fits"] and not plain["cell_fits"]
     solves = [sum(h["fine_solves"] for h in s["steps"]) for s in (plain, fits)]
     assert solves[1] < solves[0], solves
     # the step-0 fits' census (every fitted point solved until 19 scores exist), then the fits

@@ -349,11 +349,14 @@ def test_cost_aware_retraining_waits_until_it_can_pay(tmp_path):
                                                ("--background-retrain", "0.015")])
 def test_killed_run_restarts_from_checkpoint_with_same_result(tmp_path, retrain, tol):
     """SIGKILL after the checkpoint of step 1, then --restart: the same fine solves and end
-    state. With background retraining the kill hits while a retraining runs (its tol sends 8
-    of the 85 points back in step 0, so one is due); the restart runs it again."""
+    state. Without retraining the fallback points' cell fits (the example's default) come back
+    with the checkpoint; with background retraining (and no cell fits, which would serve the
+    points instead) the kill hits while a retraining runs (its tol sends 8 of the 85 points back
+    in step 0, so one is due); the restart runs it again."""
+    fits = ["--no-cell-fits"] if retrain == "--background-retrain" else []
     args = [sys.executable, str(ROOT / "examples" / "fe2_composite.py"), "--mesh-size", "0.3",
             "--rve-mesh-size", "0.05", "--steps", "4", "--stretch", "0.1", "--rtol", tol,
-            retrain, "--quiet"]
+            retrain, *fits, "--quiet"]
     subprocess.run([*args, "--out", str(tmp_path / "clean")], check=True)
     killed = tmp_path / "killed"
     state = kill_after_checkpoint([*args, "--out", str(killed)], killed, 1)
