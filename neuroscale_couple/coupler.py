@@ -640,10 +640,8 @@ class Coupler(FineSolver):
                 continue
             stress[j], tangent[j], energy[j] = answer.P, answer.A, answer.W
             self._solved[int(ids[j])] = SolvedPoint(Fb[j].copy(), answer, op_stress[j].copy())
-            if self.fits is not None:  # an audit, or a census while no bound exists, is scored
-                self.fits.observe(int(ids[j]), Fb[j], answer.P, answer.A,
-                                  scored=bool(self._held_out[rows[j]])
-                                  or not self.fits.calibrated)
+            if self.fits is not None:
+                self.fits.observe(int(ids[j]), Fb[j], answer.P, answer.A)
         self._check_failures(failed, total)
         if self.auditor is not None:
             self.auditor.remember(Fb, ids, [self._structure(r) for r in rows], stress, unc,
@@ -912,8 +910,8 @@ class Coupler(FineSolver):
         data stay counted, so a due retraining is tried again after the next step.
         """
         comm, stats = self.comm, self.stats
-        if self.fits is not None and self.answering:
-            self._audit()
+        if self.fits is not None:
+            self._score_fits()
         report = StepReport(
             fallback_points=comm.allreduce(int(self._fell_back.sum())),
             noise_limited_points=comm.allreduce(int(self._noise_limited.sum())),
@@ -1083,21 +1081,32 @@ class Coupler(FineSolver):
                 log.warning("step %d: %s; the run goes on with model version %d", self.step,
                             report.retrain_failed, self.version)
 
-    def _audit(self) -> None:
-        """Solve the cell fits' audited points that stayed on their fits, at the step's
-        converged loads, and score the fits there (collective). Their solves check the
-        operator and teach it; the step's answer at those points stays the fit's (an audited
-        point whose bound sent it to the fine solver was solved and scored in the step)."""
-        rows = np.flatnonzero(self._held_out & ~self._fell_back
-                              & np.isfinite(self._last_F).all(axis=(1, 2)))
-        ids, F = self._ids[rows], self._last_F[rows]
+    def _score_fits(self) -> None:
+        """Score the cell fits at the step's converged loads (collective): at the audited points
+        and, while no bound exists, the census (:meth:`CellFits.census
+        <neuroscale_couple.cell_fits.CellFits.census>`). A drawn point whose last fine solve of
+        the step is not at those loads — it stayed on its fit, or fell back and was linearised
+        at the last iterates — is solved there besides; the solve teaches the fit, and the
+        step's answer at the point stays what it was. A failed solve is not scored."""
+        ids, F, rows = self._ids, self._last_F, np.arange(len(self._ids))
+        drawn = self._held_out.copy()
+        if not self.fits.calibrated:
+            drawn |= self.fits.census(ids, self.step, self.comm)
+        drawn &= self.fits.fitted(ids) & np.isfinite(F).all(axis=(1, 2))
+        at_loads = np.array([int(i) in self._solved and np.array_equal(
+            self._solved[int(i)].F, F[r]) for i, r in zip(ids[drawn], rows[drawn], strict=True)],
+            dtype=bool)
+        for r in rows[drawn][at_loads]:
+            self.fits.score(int(ids[r]), F[r], self._solved[int(ids[r])].answer.P)
+        solve = rows[drawn][~at_loads]
         self.cache.new_pass()
         t0 = time.perf_counter()
-        done, _, _ = self._solve_fallback(F, ids, rows, len(self._ids))
+        done, _, _ = self._solve_fallback(F[solve], ids[solve], solve, len(ids))
         self.stats.fine_time_s += time.perf_counter() - t0
-        for pid, Fj, answer in zip(ids.tolist(), F, done, strict=True):
-            if answer.P is not None:  # a failed audit leaves the step's answer as it was
-                self.fits.observe(pid, Fj, answer.P, answer.A, scored=True)
+        for r, answer in zip(solve, done, strict=True):
+            if answer.P is not None:
+                self.fits.score(int(ids[r]), F[r], answer.P)
+                self.fits.observe(int(ids[r]), F[r], answer.P, answer.A)
 
     def _refit(self, report: StepReport) -> None:
         """The cell fits learn the step's solves and are recalibrated on its scores
