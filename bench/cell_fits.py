@@ -10,8 +10,8 @@ shipped model sends many points to the fine solver (default ``--rtol 0.01``):
 - ``operator``: the operator with its fallback and online retraining, ``--no-cell-fits``
   (``--no-retrain``: without retraining, in both runs);
 - ``cell_fits``: the example's default: a point that fell back is served by its own cell fit
-  in the later steps where the fit's calibrated bound allows (the network retrains only for
-  points whose fits cannot serve them).
+  in the later steps where the fit's calibrated bound allows (the fallback solves teach the
+  fits; the network is not retrained).
 
 Prints a table per step and writes ``bench/results/<name>.json``: per run the total time,
 fine solves, fallback points per step and the relative L2 errors of displacement and stress

@@ -151,8 +151,8 @@ class Policy:
     The fits' bound is calibrated first on a census (every fitted point solved again until
     the scores give a finite conformal quantile: 19 at 0.95), then on ``cell_audit`` of the
     fitted points a step, drawn at random and solved besides at the step's converged loads.
-    Online retraining then counts as its evidence only the points whose fit's bound sent them
-    back (a point that fell back is served by its fit from the next step on). Off by default:
+    The fallback solves then teach the fits, and online retraining of the network is never
+    due (the network serves only points that never fell back). Off by default:
     the fits are for deterministic 2D fine solvers (the RVE; a noisy solve's scores would be
     its noise), as in the FE² composite example, which turns them on. (A cold start sets its
     own: :class:`~neuroscale_couple.cold_start.ColdStart` ``cell_fits``.)
@@ -441,7 +441,6 @@ class Coupler(FineSolver):
         # per registered point (row): this step's marks
         self._sticky = self._fell_back = self._noise_limited = self._outside = np.zeros(0, bool)
         self._held_out = self._probed = np.zeros(0, bool)  # a cold start's extra solves
-        self._fit_refused = np.zeros(0, bool)  # fitted points whose fit's bound sent them back
         self._probe_step: int | None = None
         self._last_operator: tuple[np.ndarray, np.ndarray] | None = None
         self._solved: dict[int, SolvedPoint] = {}  # this load step's fine solve per id
@@ -507,8 +506,8 @@ class Coupler(FineSolver):
                 self._structures.append(m)
             self._structure_of[row] = k
         self._check_structures()
-        (self._sticky, self._fell_back, self._noise_limited, self._outside, self._probed,
-         self._fit_refused) = (np.zeros(len(ids), dtype=bool) for _ in range(6))
+        self._sticky, self._fell_back, self._noise_limited, self._outside, self._probed = (
+            np.zeros(len(ids), dtype=bool) for _ in range(5))
         self._held_out = (np.zeros(len(ids), dtype=bool) if self.cold_start is None
                           else self.cold_start.is_held_out(self._ids))
         self._last_F = np.full((len(ids), self.dim, self.dim), np.nan)
@@ -595,9 +594,8 @@ class Coupler(FineSolver):
                 stress, tangent = np.zeros((n, d, d)), np.zeros((n, d, d, d, d))
                 unc, energy, noise = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)
             answering = self.answering
-            fitted = None
             if answering and self.fits is not None:
-                fitted = self._fit_predict(ids, Fb, stress, tangent, unc, energy)
+                self._fit_predict(ids, Fb, stress, tangent, unc, energy)
             if self.policy.classic or not answering:
                 fallback = np.ones(n, dtype=bool)
             else:
@@ -608,8 +606,6 @@ class Coupler(FineSolver):
                 if self.fits is None:  # the network's held-out points: never on the operator
                     fallback |= self._held_out[rows]
                 self._noise_limited[rows[noise > limit]] = True
-                if fitted is not None:
-                    self._fit_refused[rows[fitted & fallback]] = True
         if self.cold_start is not None and answering and self._probe_step != self.step:
             fallback |= self._probe(ids, rows, fallback, unc / limit)
         with together(self.comm, "the operator stage of a Coupler evaluation"):
@@ -660,22 +656,19 @@ class Coupler(FineSolver):
         return self.serving or (self.fits is not None and self.fits.calibrated)
 
     def _fit_predict(self, ids: np.ndarray, F: np.ndarray, stress: np.ndarray,
-                     tangent: np.ndarray, unc: np.ndarray, energy: np.ndarray
-                     ) -> np.ndarray | None:
+                     tangent: np.ndarray, unc: np.ndarray, energy: np.ndarray) -> None:
         """Where a point has a cell fit (:mod:`neuroscale_couple.cell_fits`), its response and
         bound replace the network's, in place; while the fits have no bound yet, a NaN bound
-        (the census: every fitted point to the fine solver). Returns which points the fits
-        answered (n,) bool (None during the census)."""
+        (the census: every fitted point to the fine solver)."""
         fitted = self.fits.fitted(ids)
+        if not fitted.any():
+            return
         if not self.fits.calibrated:
             unc[fitted] = np.nan
-            return None
-        if fitted.any():
-            r = self.fits.predict(ids[fitted], F[fitted])
-            stress[fitted], tangent[fitted], energy[fitted] = (r["stress"], r["tangent"],
-                                                               r["energy"])
-            unc[fitted] = self.fits.quantile * r["sigma"]
-        return fitted
+            return
+        r = self.fits.predict(ids[fitted], F[fitted])
+        stress[fitted], tangent[fitted], energy[fitted] = r["stress"], r["tangent"], r["energy"]
+        unc[fitted] = self.fits.quantile * r["sigma"]
 
     def _probe(self, ids: np.ndarray, rows: np.ndarray, fallback: np.ndarray,
                ratio: np.ndarray) -> np.ndarray:
@@ -957,8 +950,7 @@ class Coupler(FineSolver):
         report.retrain_time_s = time.perf_counter() - t0
         report.model_version = self.version
         self.stats = StepStats()
-        for counted in (self._fell_back, self._noise_limited, self._outside, self._probed,
-                        self._fit_refused):
+        for counted in (self._fell_back, self._noise_limited, self._outside, self._probed):
             counted[:] = False
         self._last_F[:] = np.nan
         self._last_operator = None
@@ -1055,10 +1047,10 @@ class Coupler(FineSolver):
         evidence = report.fallback_points - (
             0 if self.cold_start is None or not self.serving
             else report.held_out_points + report.probe_points)
-        if self.fits is not None:  # a point that fell back is served by its fit from now on
-            evidence = comm.allreduce(int(
-                (~self.fits.fitted(self._ids)).sum() if self.cold_start is not None
-                else self._fit_refused.sum()))
+        if self.fits is not None:  # a point that fell back is served by its fit from now on:
+            # the network serves, and learns for, only the points without one (a cold start's)
+            evidence = (0 if self.cold_start is None
+                        else comm.allreduce(int((~self.fits.fitted(self._ids)).sum())))
         if not waiting and r.due(evidence, comm.allreduce(len(self._ids)), steps_left):
             try:
                 job = r.job(self.model, self.step, self.version)

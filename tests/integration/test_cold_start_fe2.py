@@ -122,11 +122,14 @@ def test_cell_fits_serve_the_fallback_points_of_a_trained_model(tmp_path):
     classic answer kept as well as without them, and the same decisions on 2 ranks."""
     shipped = ["--mesh-size", "0.5", "--steps", "6", "--quiet"]
     run(tmp_path / "classic", "--reference", problem=shipped)
-    flags = ["--rtol", "0.01", "--no-retrain", "--compare", str(tmp_path / "classic")]
-    plain = run(tmp_path / "plain", *flags, "--no-cell-fits", problem=shipped)
-    fits = run(tmp_path / "fits", *flags, problem=shipped)  # the example's default
+    flags = ["--rtol", "0.01", "--compare", str(tmp_path / "classic")]
+    plain = run(tmp_path / "plain", *flags, "--no-retrain", "--no-cell-fits", problem=shipped)
+    fits = run(tmp_path / "fits", *flags, "--no-retrain", problem=shipped)  # the default fits
+    # with online retraining on (the example's default): the fallback solves teach the fits,
+    # the network is never retrained, and 2 ranks take the same decisions
     two = run(tmp_path / "two", *flags, ranks=2, problem=shipped)
-    assert fits["cell_fits"] and not plain["cell_fits"]
+    assert fits["cell_fits"] and not plain["cell_fits"] and two["retrain"]
+    assert two["training_time_s"] < 1.0  # fitting only, milliseconds a step
     # the step-0 fits' census (every fitted point falls back, and is scored at the step's
     # converged loads, until 19 scores exist: here steps 1 and 2), then the fits serve: the
     # last steps, where the plain run's bound sends ever more points back, fall back far less
