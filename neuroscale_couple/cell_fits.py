@@ -63,7 +63,7 @@ TANGENT_WEIGHT = 0.01
 stress of the size P̄ takes at 1 % strain)."""
 
 OFFSET = 1e-3
-"""δ of the score's normaliser σ = ‖Aₛ‖ (‖F̄ − F̄ₛ‖ + δ)²: a strain below which the fit's own
+"""δ of the score's normaliser σ = ‖Aₛ‖ (‖F̄ − F̄ₛ‖ + δ)³: a strain below which the fit's own
 residual at its solves, not the distance, sets the error."""
 
 

@@ -148,9 +148,10 @@ class Policy:
     ``cell_fits`` (2D cells): a point that fell back is served in the later steps by its own
     cell fit (:mod:`neuroscale_couple.cell_fits`: the energy basis fitted to its latest fine
     solves) wherever that fit's calibrated bound allows, instead of falling back every step.
-    The fits' bound is calibrated first on a census (every fitted point solved again until
-    the scores give a finite conformal quantile: 19 at 0.95), then on ``cell_audit`` of the
-    fitted points a step, drawn at random and solved besides at the step's converged loads.
+    The fits' bound is calibrated first on a census (every fitted point falls back until the
+    scores give a finite conformal quantile, 19 at 0.95; a random 2 / (1 − c) of them are
+    scored at the step's converged loads), then on ``cell_audit`` of the fitted points a
+    step, drawn at random and solved besides at the step's converged loads.
     The fallback solves then teach the fits, and online retraining of the network is never
     due (the network serves only points that never fell back). Off by default:
     the fits are for deterministic 2D fine solvers (the RVE; a noisy solve's scores would be
@@ -1044,11 +1045,12 @@ class Coupler(FineSolver):
         r.new_since += report.fine_solves
         # a cold start's held-out points and probes fall back by design, not for want of a
         # model; with cell fits, only points still without one call for the network
-        evidence = report.fallback_points - (
-            0 if self.cold_start is None or not self.serving
-            else report.held_out_points + report.probe_points)
-        if self.fits is not None:  # a point that fell back is served by its fit from now on:
-            # the network serves, and learns for, only the points without one (a cold start's)
+        if self.fits is None:
+            evidence = report.fallback_points - (
+                0 if self.cold_start is None or not self.serving
+                else report.held_out_points + report.probe_points)
+        else:  # a point that fell back is served by its fit from then on: the network serves,
+            # and learns for, only the points without one (a cold start's)
             evidence = (0 if self.cold_start is None
                         else comm.allreduce(int((~self.fits.fitted(self._ids)).sum())))
         if not waiting and r.due(evidence, comm.allreduce(len(self._ids)), steps_left):
@@ -1080,17 +1082,18 @@ class Coupler(FineSolver):
         the step is not at those loads — it stayed on its fit, or fell back and was linearised
         at the last iterates — is solved there besides; the solve teaches the fit, and the
         step's answer at the point stays what it was. A failed solve is not scored."""
-        ids, F, rows = self._ids, self._last_F, np.arange(len(self._ids))
+        ids, F = self._ids, self._last_F
         drawn = self._held_out.copy()
         if not self.fits.calibrated:
             drawn |= self.fits.census(ids, self.step, self.comm)
-        drawn &= self.fits.fitted(ids) & np.isfinite(F).all(axis=(1, 2))
-        at_loads = np.array([int(i) in self._solved and np.array_equal(
-            self._solved[int(i)].F, F[r]) for i, r in zip(ids[drawn], rows[drawn], strict=True)],
-            dtype=bool)
-        for r in rows[drawn][at_loads]:
-            self.fits.score(int(ids[r]), F[r], self._solved[int(ids[r])].answer.P)
-        solve = rows[drawn][~at_loads]
+        drawn = np.flatnonzero(drawn & self.fits.fitted(ids) & np.isfinite(F).all(axis=(1, 2)))
+        at_loads = np.zeros(len(drawn), dtype=bool)
+        for k, r in enumerate(drawn):
+            last = self._solved.get(int(ids[r]))
+            if last is not None and np.array_equal(last.F, F[r]):
+                self.fits.score(int(ids[r]), F[r], last.answer.P)
+                at_loads[k] = True
+        solve = drawn[~at_loads]
         self.cache.new_pass()
         t0 = time.perf_counter()
         done, _, _ = self._solve_fallback(F[solve], ids[solve], solve, len(ids))
