@@ -75,7 +75,7 @@ def test_cold_start_ends_at_classic_fe2_hands_points_over_and_agrees_on_two_rank
 def test_a_killed_cold_start_restarts_with_its_cell_fits(tmp_path):
     """SIGKILL after the checkpoint of step 2 (the fits calibrated, audits drawn), then
     --restart: on the same rank count the same fine solves, versions and end state as the run
-    never killed (to the bit, as a restart of a trained run); a 2-rank checkpoint restarted on
+    never killed (u to 1e-10, as a restart of a trained run); a 2-rank checkpoint restarted on
     1 rank (each point's solves gathered from the rank that held it) as runs on other rank
     counts agree."""
     clean = run(tmp_path / "clean", *COLD)
