@@ -79,8 +79,12 @@ def mandel_size(dim: int) -> int:
     return dim * (dim + 1) // 2
 
 
+MIN_DIAG = 1e-4
+"""The floor of a covariance factor's diagonal (:func:`lower_triangular`)."""
+
+
 def lower_triangular(flat: torch.Tensor, n: int, diag_offset: float = 0.0,
-                     min_diag: float = 1e-4) -> torch.Tensor:
+                     min_diag: float = MIN_DIAG) -> torch.Tensor:
     """(…, n(n+1)/2) → L = D (I + O) (…, n, n): D diagonal positive (softplus of the diagonal
     entries + ``diag_offset``), O strictly lower; well conditioned for any D, log det L = Σ log D.
     """
@@ -93,7 +97,7 @@ def lower_triangular(flat: torch.Tensor, n: int, diag_offset: float = 0.0,
 
 
 def lower_triangular_norm2(flat: torch.Tensor, n: int, diag_offset: float = 0.0,
-                           min_diag: float = 1e-4, *, dim: int = -1) -> torch.Tensor:
+                           min_diag: float = MIN_DIAG, *, dim: int = -1) -> torch.Tensor:
     """‖L‖_F² = tr(L Lᵀ) of :func:`lower_triangular`'s L without forming it: row i of
     L = D (I + O) has the squared norm d_i² (1 + Σ_{j<i} O_ij²). The n(n+1)/2 entries lie
     along ``dim``: -1 (…, n(n+1)/2) → (…), or -2 (…, n(n+1)/2, b) → (…, b) (points along

@@ -10,13 +10,17 @@ depends on z alone is computed once per model version and structure (:class:`Inf
   head quadratic in the strain (:class:`~.heads.QuadraticCovarianceHead`), its coefficients
   c(z), whose evaluation is then K multiply-adds per entry of its factor.
 
-Each evaluation then runs, in chunks of points, the closed form of the mean weights w̄ in
-float64 (P̄, A, W̄: exactly consistent, as Newton needs them) and what the error bound needs in
-float32, whose round-off (~1e-6 of the bound) is far below the bound's own calibration error:
-the covariance head, all members in batched GEMMs on :data:`NET_CHUNK` points at a time (its
-activations stay in the cache), and only the trace of its Σ (no factor formed); and the
-ensemble spread, which needs no member stresses: the mixture is linear in w, so
-P_m − P̄ = P(w_m − w̄), and only its norm ‖P(w_m − w̄)‖² = 4 tr(C̄ G²) is formed.
+Each evaluation then runs the closed form of the mean weights w̄ in float64 (P̄, A, W̄:
+exactly consistent, as Newton needs them) and what the error bound needs: the ensemble spread,
+which needs no member stresses (the mixture is linear in w, so P_m − P̄ = P(w_m − w̄), and only
+its norm ‖P(w_m − w̄)‖² = 4 tr(C̄ G²) is formed), and the trace of the covariance head's Σ (no
+factor formed). On the CPU one compiled pass over the points does all of it
+(:func:`~neuroscale_couple.operators.kernels.closed_form_2d`, float64), except a covariance
+network's pass; elsewhere (a GPU, or no C compiler) torch does it in chunks of points, the
+bound's parts in float32, whose round-off (~1e-6 of the bound) is far below the bound's own
+calibration error.
+A covariance network runs all members in batched GEMMs on :data:`NET_CHUNK` points at a time
+(its activations stay in the cache).
 
 Other operators (an energy correction or a residual stress: no closed form; MC dropout or
 variational heads, :mod:`~neuroscale_couple.operators.epistemic`) run their
@@ -31,9 +35,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from neuroscale_couple.operators import kernels
 from neuroscale_couple.operators.heads import (
+    DIAG_OFFSET,
+    MIN_DIAG,
     EnsembleLinear,
     QuadraticCovarianceHead,
+    _directions,
     green_lagrange_mandel,
     mixture_response,
     mixture_stress_norm2,
@@ -69,11 +77,13 @@ class Inference:
     Memory per latent row: M·K float32 weight differences, K float64 mean weights and M·hidden
     float32 first-layer activations (1.5 KB for the shipped composite model) or, of a quadratic
     covariance head, its R·K float32 coefficients (10·10 in 2D).
-    ``bound_dtype``: the precision of the error bound's parts (float64 to check them against
-    the model's own predict)."""
+    ``bound_dtype``: the storage of the error bound's per-latent parts, and the precision of
+    the torch path's bound (float64 to check them against the model's own predict).
+    ``compiled``: whether a closed-form operator on the CPU runs the compiled kernel (default)
+    or the torch path that serves other devices."""
 
     def __init__(self, model, z: torch.Tensor, *, chunk: int = CHUNK,
-                 bound_dtype: torch.dtype = torch.float32) -> None:
+                 bound_dtype: torch.dtype = torch.float32, compiled: bool = True) -> None:
         self.model, self.chunk, self.bound_dtype = model, chunk, bound_dtype
         # a Bayesian model's draws are made at each call (its predict): no cached weights
         self.closed = bool(model.energy.closed_form) and not model.epistemic.bayesian
@@ -84,6 +94,8 @@ class Inference:
             return
         self.e_ref = float(model.e_ref)
         self.quadratic = isinstance(model.covariance, QuadraticCovarianceHead)
+        self.compiled = (compiled and self.z.device.type == "cpu"
+                         and kernels.library() is not None)
         if not self.quadratic:
             net = model.covariance.net
             first = net[0]  # b₁ + W₁ [z, ê]: the latent's part is computed here, once
@@ -96,16 +108,18 @@ class Inference:
                 zc = self.z[i:i + chunk].to(self.dtype)
                 w = model._mixture_weights(zc, torch.float64).double()  # (M, b, K)
                 w_mean.append(w.mean(0))
-                w_dev.append((w - w_mean[-1]).to(bound_dtype))
+                w_dev.append((w - w_mean[-1]).transpose(0, 1).to(bound_dtype))  # (b, M, K)
                 latent_part.append(
-                    model.covariance.coefficients(zc).permute(2, 1, 0).to(bound_dtype)
+                    model.covariance.coefficients(zc).to(bound_dtype)  # (b, R, K)
                     if self.quadratic else
                     torch.baddbmm(first.bias, zc.unsqueeze(0).expand(M, -1, -1),
                                   first.weight[:, :latent]).to(bound_dtype))
-        self.w_mean, self.w_dev = torch.cat(w_mean), torch.cat(w_dev, 1)
-        # the covariance head's part of the latent: its coefficients c(z) (K, R, u), points
-        # along the rows, or the network's first-layer activations (M, u, hidden)
-        self.latent_part = torch.cat(latent_part, -1 if self.quadratic else 1).contiguous()
+        self.w_mean, self.w_dev = torch.cat(w_mean), torch.cat(w_dev).contiguous()
+        # the covariance head's part of the latent: its coefficients c(z) (u, R, K), or the
+        # network's first-layer activations (M, u, hidden)
+        self.latent_part = torch.cat(latent_part, 0 if self.quadratic else 1).contiguous()
+        c, s = _directions(model.energy.n_directions, self.w_mean)
+        self.directions = tuple(a.numpy() for a in (c * c, s * s, c * s))
 
     @torch.no_grad()
     def response(self, rows: np.ndarray, F: np.ndarray) -> Response:
@@ -114,6 +128,9 @@ class Inference:
         n, d = len(F), F.shape[-1]
         out = Response(np.empty((n, d, d)), np.empty((n, d, d, d, d)), np.empty(n),
                        np.empty(n), np.empty(n))
+        if self.closed and self.compiled:
+            self._kernel(np.asarray(rows, dtype=np.int64), F, out)
+            return out
         part = self._closed if self.closed else self._generic
         for i in range(0, n, self.chunk):
             r = _selection(rows[i:i + self.chunk], self.z.device)
@@ -122,17 +139,38 @@ class Inference:
                 array[i:i + self.chunk] = value.cpu().numpy()
         return out
 
+    def _kernel(self, rows: np.ndarray, F: np.ndarray, out: Response) -> None:
+        """All n points through the compiled kernel (a covariance network's pass aside)."""
+        coef = (self.latent_part if self.quadratic
+                else self.latent_part.new_empty((len(self.w_mean), 0, 0)))
+        kernels.closed_form_2d(F, rows, self.w_mean.numpy(), self.w_dev.numpy(), coef.numpy(),
+                               self.directions, self.model.energy.quartic, self.e_ref,
+                               DIAG_OFFSET, MIN_DIAG, out)
+        if self.quadratic:
+            out.trace_aleatoric[:] *= self.sigma2
+            return
+        for i in range(0, len(F), self.chunk):
+            r = _selection(rows[i:i + self.chunk], self.z.device)
+            Fc = torch.as_tensor(F[i:i + self.chunk]).to(self.bound_dtype)
+            out.trace_aleatoric[i:i + self.chunk] = self._network_aleatoric(r, Fc).numpy()
+
     def _closed(self, rows: torch.Tensor | slice, F: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One chunk of a basis-mixture operator (see the module docstring)."""
+        """One chunk of a basis-mixture operator in torch (see the module docstring)."""
         mean = mixture_response(self.w_mean[rows], F.double(), self.model.energy.n_directions)
         Fb = F.to(self.bound_dtype)
-        epi = mixture_stress_norm2(_rows(self.w_dev, rows), Fb,
-                                   self.model.energy.n_directions).mean(0)
-        e = green_lagrange_mandel(Fb) / self.e_ref
+        w_dev = self.w_dev[rows] if isinstance(rows, slice) else self.w_dev.index_select(0, rows)
+        epi = mixture_stress_norm2(w_dev, Fb.unsqueeze(1),
+                                   self.model.energy.n_directions).mean(1)
         if self.quadratic:
             alea = self.sigma2 * self.model.covariance.factor_norm2(
-                self._quadratic_raw(rows, e), dim=-2)
-            return mean["stress"], mean["tangent"], mean["energy"], alea, epi
+                self._quadratic_raw(rows, green_lagrange_mandel(Fb) / self.e_ref))
+        else:
+            alea = self._network_aleatoric(rows, Fb)
+        return mean["stress"], mean["tangent"], mean["energy"], alea, epi
+
+    def _network_aleatoric(self, rows: torch.Tensor | slice, F: torch.Tensor) -> torch.Tensor:
+        """The aleatoric trace (n,) of a covariance network at F̄ (n, 2, 2) (``bound_dtype``)."""
+        e = green_lagrange_mandel(F) / self.e_ref
         (*hidden, (weight, bias)), M = self.rest, len(self.first_e)
         raw = bias.new_empty((M, len(bias[0]), len(F)))  # outputs along the rows: few of them
         for i in range(0, len(F), NET_CHUNK):  # activations (M, NET_CHUNK, h) stay in the cache
@@ -142,19 +180,14 @@ class Inference:
                 x = torch.baddbmm(b, nn.functional.silu(x, inplace=True), w)
             torch.baddbmm(bias, weight, nn.functional.silu(x, inplace=True).transpose(1, 2),
                           out=raw[..., i:i + NET_CHUNK])
-        alea = self.sigma2 * self.model.covariance.factor_norm2(raw, dim=-2).mean(0)
-        return mean["stress"], mean["tangent"], mean["energy"], alea, epi
+        return self.sigma2 * self.model.covariance.factor_norm2(raw, dim=-2).mean(0)
 
     def _quadratic_raw(self, rows: torch.Tensor | slice, e: torch.Tensor) -> torch.Tensor:
-        """The raw entries (R, n) of a quadratic covariance head at n points of Mandel strain
-        ê (n, s): Σ_k c_k(z) φ_k(ê), one multiply-add over the points per feature k."""
-        phi = self.model.covariance.strain_features(e).T.contiguous()  # (K, n); φ₀ = 1
-        c = (self.latent_part[..., rows] if isinstance(rows, slice)
-             else self.latent_part.index_select(-1, rows))
-        raw = c[0].clone()
-        for k in range(1, len(phi)):
-            raw.addcmul_(c[k], phi[k])
-        return raw
+        """The raw entries (n, R) of a quadratic covariance head at n points of Mandel strain
+        ê (n, s): Σ_k c_k(z) φ_k(ê)."""
+        c = self.latent_part[rows]
+        phi = self.model.covariance.strain_features(e).to(c.dtype)  # (n, K); φ₀ = 1
+        return (c @ phi.unsqueeze(-1))[..., 0]
 
     def _generic(self, rows: torch.Tensor | slice, F: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One chunk of any operator, through its ``predict`` in its own dtype."""

@@ -4,9 +4,10 @@ heads and loss weightings existed: the expectation file was written by this modu
 
 Predictions run in float64 on fixed synthetic inputs, so the comparison (to 1e-12) is not at
 the mercy of float32 round-off of another BLAS; on one machine they agree bit for bit. The
-coupler's epistemic trace is the exception: :class:`Inference` computes the bound's parts in
-float32 (their round-off is far below the bound's calibration error), so it is compared to
-float32 round-off."""
+coupler's epistemic trace is the exception: :class:`Inference` keeps the members' weight
+differences in float32 (their round-off is far below the bound's calibration error), so it is
+compared to float32 round-off of the members' spread, a small difference of large basis terms
+(to 1e-4 of itself, as in test_inference)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def test_a_shipped_model_predicts_as_before(name: str) -> None:
     got = predictions(name)
     assert got.keys() == expected.keys()
     for key, value in expected.items():
-        rtol = 1e-6 if key == "inference_trace_epistemic" else 1e-12
+        rtol = 1e-4 if key == "inference_trace_epistemic" else 1e-12
         np.testing.assert_allclose(got[key], value, rtol=rtol, atol=1e-14, err_msg=key)
 
 

@@ -1,0 +1,142 @@
+"""The compiled CPU kernel of the 2D basis-mixture operator in the loop (``closed_form.c``).
+
+:func:`closed_form_2d` computes, point by point in registers, what
+:class:`~neuroscale_couple.operators.inference.Inference` answers for a basis-mixture energy
+head (:func:`~neuroscale_couple.operators.heads.mixture_response`): the energy W̄, stress P̄ and
+tangent A of the members' mean weights, the members' spread mean_m ‖P(w_m − w̄)‖² (the
+epistemic trace) and, for a strain-quadratic covariance head
+(:class:`~neuroscale_couple.operators.heads.QuadraticCovarianceHead`), tr Σ/σ_ref² of its
+factor (the aleatoric trace). The same formulas as the torch closed form (which serves other
+devices), in float64, without its few dozen passes over memory per evaluation.
+
+The C source ships with the package and is compiled with the system's C compiler (``$CC``,
+else ``cc``) on first use into ``$NEUROSCALE_KERNEL_DIR`` (default
+``$XDG_CACHE_HOME/neuroscale``, i.e. ``~/.cache/neuroscale``), one file per source and flags;
+later processes load it in a millisecond. Without a compiler :func:`library` is None and the
+operator runs in torch (a warning says so once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+LOG = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("closed_form.c")
+FLAGS = ("-O2", "-std=c11", "-shared", "-fPIC")
+
+_f64 = np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS")
+_i64 = np.ctypeslib.ndpointer(np.int64, flags="C_CONTIGUOUS")
+_any = ctypes.c_void_p
+_int, _double = ctypes.c_int, ctypes.c_double
+ARGUMENTS = (ctypes.c_int64, _f64, _i64, _i64, _int, _f64, _int, _any, _int, _any, _int, _int, _f64,
+             _f64, _f64, _int, _double, _double, _double, _f64, _f64, _f64, _f64, _f64)
+
+
+def kernel_dir() -> Path:
+    """Where the compiled kernel is kept (see the module docstring)."""
+    if os.environ.get("NEUROSCALE_KERNEL_DIR"):
+        return Path(os.environ["NEUROSCALE_KERNEL_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "neuroscale"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, compiled first if this source and these flags have none; None
+    (with a warning) where no C compiler is found or it fails."""
+    compiler = os.environ.get("CC") or "cc"
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    path = kernel_dir() / f"closed_form-{tag}.so"
+    if not path.is_file():
+        if shutil.which(compiler) is None:
+            LOG.warning("no C compiler (%s): the operator runs in torch, not its compiled "
+                        "kernel; set CC to a C compiler", compiler)
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # compiled beside its place, then renamed into it: ranks starting together never see
+        # a half-written library
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            built = Path(tmp) / path.name
+            run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                                 capture_output=True, text=True)
+            if run.returncode:
+                LOG.warning("compiling %s failed (the operator runs in torch):\n%s", SOURCE,
+                            run.stderr)
+                return None
+            os.replace(built, path)
+    lib = ctypes.CDLL(str(path))
+    lib.ns_closed_form_2d.argtypes = ARGUMENTS
+    lib.ns_closed_form_2d.restype = ctypes.c_int
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _order_of(rows: bytes) -> np.ndarray:
+    return np.argsort(np.frombuffer(rows, dtype=np.int64), kind="stable")
+
+
+def _row_order(rows: np.ndarray) -> np.ndarray:
+    """The points in the order of their latent ``rows`` (n,) int64, so that the kernel reads
+    the per-latent arrays front to back: a coupled run's points (in the host's cell order)
+    may hold their latents in any order. Remembered for the last ``rows`` (those of every
+    evaluation of a run)."""
+    if len(rows) < 2 or (rows[1:] >= rows[:-1]).all():
+        return np.arange(len(rows), dtype=np.int64)
+    return _order_of(rows.tobytes())
+
+
+def closed_form_2d(F: np.ndarray, rows: np.ndarray, w_mean: np.ndarray, w_dev: np.ndarray,
+                   coef: np.ndarray, directions: tuple[np.ndarray, ...], quartic: bool,
+                   e_ref: float, diag_offset: float, min_diag: float,
+                   out: tuple[np.ndarray, ...]) -> None:
+    """The response of n points with F̄ ``F`` (n, 2, 2) float64 whose latents are ``rows`` (n,),
+    written into ``out`` = stress (n, 2, 2), tangent (n, 2, 2, 2, 2), energy, aleatoric and
+    epistemic traces (n,) (float64, C order; the aleatoric trace is that of Σ/σ_ref², left
+    untouched without a quadratic head).
+
+    Per latent row: ``w_mean`` (u, K) float64 the members' mean weights, ``w_dev`` (u, M, K)
+    each member's difference from it and ``coef`` (u, 10, 10) a quadratic covariance head's
+    coefficients c(z) ((u, 0, 0): no such head), both float32 or both float64.
+    ``directions``: cos², sin², cos·sin (n_directions,) of the basis directions; ``quartic``:
+    whether w holds the quartic terms; ``e_ref``: the strain scale of the head's input;
+    ``diag_offset``, ``min_diag``: its factor's diagonal map. Raises RuntimeError without a
+    compiled kernel (:func:`library`)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("no compiled kernel: see the warning above (a C compiler is needed)")
+    if w_dev.dtype != coef.dtype or w_dev.dtype not in (np.float32, np.float64):
+        raise TypeError(f"w_dev and coef must both be float32 or float64, not {w_dev.dtype} "
+                        f"and {coef.dtype}")
+    if any(not (a.flags.c_contiguous and a.dtype == np.float64) for a in out):
+        raise TypeError("the outputs must be C-contiguous float64 arrays")
+    w_dev, coef = np.ascontiguousarray(w_dev), np.ascontiguousarray(coef)
+    (u, K), M = w_mean.shape, w_dev.shape[1]
+    n = len(F)
+    shapes = [a.shape for a in (F, rows, w_dev, coef, *out)]
+    if shapes != [(n, 2, 2), (n,), (u, M, K), (u, *coef.shape[1:]), (n, 2, 2),
+                  (n, 2, 2, 2, 2), (n,), (n,), (n,)] or coef.shape[1:] not in ((0, 0), (10, 10)):
+        raise ValueError(f"shapes {shapes} of F̄, rows, w_dev, coef and the outputs do not fit "
+                         f"{n} points of {u} latents with {M} members of {K} weights")
+    if len(rows) and not 0 <= rows.min() <= rows.max() < u:
+        raise IndexError(f"rows must lie in [0, {u}): the latents' rows")
+    cc, ss, cs = (np.ascontiguousarray(d, dtype=np.float64) for d in directions)
+    rows = np.ascontiguousarray(rows, np.int64)
+    status = lib.ns_closed_form_2d(
+        len(F), np.ascontiguousarray(F, dtype=np.float64), rows, _row_order(rows), K,
+        np.ascontiguousarray(w_mean, dtype=np.float64), M, w_dev.ctypes.data, coef.shape[1],
+        coef.ctypes.data, int(w_dev.dtype == np.float64), len(cc), cc, ss, cs, int(quartic),
+        e_ref, diag_offset, min_diag, *out)
+    if status:
+        raise ValueError(f"{len(cc)} basis directions or a factor of {coef.shape[1]} entries: "
+                         "the kernel takes ≤ 16 directions and 10 factor entries (2D)")
