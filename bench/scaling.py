@@ -5,9 +5,9 @@ Runs ``examples/fe2_composite.py`` as subprocesses (``mpiexec -n R`` for R > 1):
 - size sweep (one rank) at each ``--sizes`` macro element size: ``single`` (``--single-scale``,
   the closed-form Neo-Hookean limit on the same mesh and load steps), ``operator`` (``--rtol
   inf``), ``rerun`` (the operator run once more on its own ``--out``: the latents persisted
-  beside the replay store, nothing encoded) and ``fallback`` (``--rtol`` FALLBACK_RTOL: a share
-  of the points on the RVE solver), all ``--no-retrain``; ``limit_ratio`` = FE² total time /
-  single-scale total time;
+  beside the replay store, nothing encoded) and, at ``--fallback-sizes``, ``fallback``
+  (``--rtol`` FALLBACK_RTOL: a share of the points on the RVE solver, ~0.15 s a solve here),
+  all ``--no-retrain``; ``limit_ratio`` = FE² total time / single-scale total time;
 - rank sweep at ``--rank-size``: ``operator`` and ``heavy`` (``--rtol`` HEAVY_RTOL, most points
   on the RVE solver) on each of ``--ranks`` (oversubscribed beyond the machine's cores);
 - a model for 64 and 1 024 ranks (``bench/scaling_model.py``) from the measured costs.
@@ -44,8 +44,9 @@ OPERATOR_ONLY = ["--rtol", "inf", "--no-retrain"]
 MODES = {"single": ["--single-scale"], "operator": OPERATOR_ONLY, "rerun": OPERATOR_ONLY,
          "fallback": ["--rtol", FALLBACK_RTOL, "--no-retrain"],
          "heavy": ["--rtol", HEAVY_RTOL, "--no-retrain"]}
-FULL = {"sizes": ["0.1", "0.05", "0.025", "0.0125", "0.006"], "rank_size": "0.05"}
-QUICK = {"sizes": ["0.2", "0.1"], "rank_size": "0.2"}
+FULL = {"sizes": ["0.1", "0.05", "0.025", "0.0125", "0.00625"], "rank_size": "0.1",
+        "fallback_sizes": ["0.1", "0.05", "0.025"]}  # 412 … 95 621 points; fallback ≤ 6 056
+QUICK = {"sizes": ["0.2", "0.1"], "rank_size": "0.2", "fallback_sizes": ["0.2", "0.1"]}
 MODEL_RANKS, MODEL_POINTS = (64, 1024), 100_000
 
 
@@ -179,6 +180,9 @@ def main() -> dict:
     p.add_argument("--quick", action="store_true", help="small sizes only (minutes)")
     p.add_argument("--sizes", nargs="+", help="macro element sizes of the size sweep")
     p.add_argument("--rank-size", help="macro element size of the rank sweep")
+    p.add_argument("--fallback-sizes", nargs="*", help="the sizes of --sizes that also run "
+                   "with fallback (default: the full sweep's ≤ 6 056 points: beyond, its ~10 "
+                   "%% of the points on the RVE solver take hours on this machine)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--model", help="the operator file (default: the example's; e.g. "
@@ -188,8 +192,11 @@ def main() -> dict:
     args = p.parse_args()
     preset = QUICK if args.quick else FULL
     sizes, rank_size = args.sizes or preset["sizes"], args.rank_size or preset["rank_size"]
+    with_fallback = set(preset["fallback_sizes"] if args.fallback_sizes is None
+                        else args.fallback_sizes)
     sweep = [figures(m, h, run_case(m, h, 1, args)) for h in sizes
-             for m in ("single", "operator", "rerun", "fallback")]
+             for m in ("single", "operator", "rerun", "fallback")
+             if m != "fallback" or h in with_fallback]
     ranks = [figures(m, rank_size, run_case(m, rank_size, n, args)) for m in ("operator", "heavy")
              for n in args.ranks]
     single = {r["mesh_size"]: r for r in sweep if r["mode"] == "single"}
@@ -209,6 +216,7 @@ def main() -> dict:
         "note": args.note, "operator": args.model or "the example's default",
         "steps": args.steps, "fallback_rtol": float(FALLBACK_RTOL),
         "heavy_rtol": float(HEAVY_RTOL), "target_limit_ratio": 2.0, "target_balance": 1.1,
+        "fallback_sizes": [h for h in sizes if h in with_fallback],
         "sweep": sweep, "limit_ratio": limit, "ranks": ranks, "costs": costs,
         "collectives": sizes_b, "model": model, "assumptions": scaling_model.ASSUMPTIONS,
     }

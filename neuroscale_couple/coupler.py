@@ -496,16 +496,19 @@ class Coupler(FineSolver):
             raise InputError("point ids must be unique")
         self._check_dim({getattr(m, "dim", 2) for m in microstructures})
         order = np.argsort(ids)
-        self._ids = ids[order]
+        self._ids = ids[order]  # the points' rows: sorted by id
+        row_of = np.empty(len(ids), dtype=np.int64)
+        row_of[order] = np.arange(len(ids))
+        # the distinct structures (and their latents) in the order the points were given: a
+        # host that evaluates its points in that order reads the latents front to back
         distinct: dict = {}  # key → index into self._structures
         self._structures = []
         self._structure_of = np.empty(len(ids), dtype=np.int32)
-        for row, i in enumerate(order):
-            m = microstructures[i]
+        for i, m in enumerate(microstructures):
             k = distinct.setdefault(m.key, len(distinct))
             if k == len(self._structures):
                 self._structures.append(m)
-            self._structure_of[row] = k
+            self._structure_of[row_of[i]] = k
         self._check_structures()
         self._sticky, self._fell_back, self._noise_limited, self._outside, self._probed = (
             np.zeros(len(ids), dtype=bool) for _ in range(5))

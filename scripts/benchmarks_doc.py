@@ -800,8 +800,11 @@ def scaling_section(record: dict, path: Path, images: dict[str, tuple[str, str]]
             "`out/bench_scaling/` and reused while its command is unchanged.", ""]
     if record.get("note"):
         out += [f"Note: {record['note']}.", ""]
-    out += [f"Fallback runs: `--rtol {record.get('fallback_rtol')}`; fallback-heavy rank runs: "
-            f"`--rtol {record.get('heavy_rtol')}`; {record.get('steps')} load steps.", ""]
+    where = (f" at mesh sizes {', '.join(record['fallback_sizes'])}"
+             if "fallback_sizes" in record else "")
+    out += [f"Fallback runs{where}: `--rtol {record.get('fallback_rtol')}`; fallback-heavy "
+            f"rank runs: `--rtol {record.get('heavy_rtol')}`; {record.get('steps')} load "
+            "steps.", ""]
 
     def rows(runs: list[dict]) -> list[tuple]:
         return [(r["mode"], num(r["ranks"]), num(r["points"]), num(r["dofs"]), num(r["setup_s"]),

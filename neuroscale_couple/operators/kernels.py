@@ -9,30 +9,21 @@ epistemic trace) and, for a strain-quadratic covariance head
 factor (the aleatoric trace). The same formulas as the torch closed form (which serves other
 devices), in float64, without its few dozen passes over memory per evaluation.
 
-The C source ships with the package and is compiled with the system's C compiler (``$CC``,
-else ``cc``) on first use into ``$NEUROSCALE_KERNEL_DIR`` (default
-``$XDG_CACHE_HOME/neuroscale``, i.e. ``~/.cache/neuroscale``), one file per source and flags;
-later processes load it in a millisecond. Without a compiler :func:`library` is None and the
-operator runs in torch (a warning says so once).
+Compiled on first use (:func:`neuroscale_couple.native.library`); without a C compiler
+:func:`library` is None and the operator runs in torch.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-LOG = logging.getLogger(__name__)
+from neuroscale_couple import native
+
 SOURCE = Path(__file__).with_name("closed_form.c")
-FLAGS = ("-O2", "-std=c11", "-shared", "-fPIC")
 
 _f64 = np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS")
 _i64 = np.ctypeslib.ndpointer(np.int64, flags="C_CONTIGUOUS")
@@ -42,42 +33,12 @@ ARGUMENTS = (ctypes.c_int64, _f64, _i64, _i64, _int, _f64, _int, _any, _int, _an
              _f64, _f64, _int, _double, _double, _double, _f64, _f64, _f64, _f64, _f64)
 
 
-def kernel_dir() -> Path:
-    """Where the compiled kernel is kept (see the module docstring)."""
-    if os.environ.get("NEUROSCALE_KERNEL_DIR"):
-        return Path(os.environ["NEUROSCALE_KERNEL_DIR"])
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "neuroscale"
-
-
-@functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, compiled first if this source and these flags have none; None
-    (with a warning) where no C compiler is found or it fails."""
-    compiler = os.environ.get("CC") or "cc"
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    path = kernel_dir() / f"closed_form-{tag}.so"
-    if not path.is_file():
-        if shutil.which(compiler) is None:
-            LOG.warning("no C compiler (%s): the operator runs in torch, not its compiled "
-                        "kernel; set CC to a C compiler", compiler)
-            return None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # compiled beside its place, then renamed into it: ranks starting together never see
-        # a half-written library
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            built = Path(tmp) / path.name
-            run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
-                                 capture_output=True, text=True)
-            if run.returncode:
-                LOG.warning("compiling %s failed (the operator runs in torch):\n%s", SOURCE,
-                            run.stderr)
-                return None
-            os.replace(built, path)
-    lib = ctypes.CDLL(str(path))
-    lib.ns_closed_form_2d.argtypes = ARGUMENTS
-    lib.ns_closed_form_2d.restype = ctypes.c_int
+    """The compiled kernel, its signature set; None without a C compiler."""
+    lib = native.library(SOURCE)
+    if lib is not None and lib.ns_closed_form_2d.argtypes is None:
+        lib.ns_closed_form_2d.argtypes = ARGUMENTS
+        lib.ns_closed_form_2d.restype = ctypes.c_int
     return lib
 
 

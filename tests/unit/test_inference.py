@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from neuroscale_couple import native
 from neuroscale_couple.calibration import Calibration
 from neuroscale_couple.operators import heads, kernels
 from neuroscale_couple.operators.base import load_operator
@@ -131,12 +132,12 @@ def test_the_kernel_compiles_where_told_and_without_a_compiler_the_operator_runs
     rows, F = _points(20, 1)
     ref = Inference(model, z, compiled=False).response(rows, F)
     monkeypatch.setenv("NEUROSCALE_KERNEL_DIR", str(tmp_path / "kernels"))
-    kernels.library.cache_clear()
+    native.library.cache_clear()
     try:
         assert kernels.library() is not None
         assert [p.suffix for p in (tmp_path / "kernels").iterdir()] == [".so"]
         assert Inference(model, z).compiled
-        kernels.library.cache_clear()
+        native.library.cache_clear()
         monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
         monkeypatch.setenv("NEUROSCALE_KERNEL_DIR", str(tmp_path / "empty"))
         inference = Inference(model, z)
@@ -146,7 +147,7 @@ def test_the_kernel_compiles_where_told_and_without_a_compiler_the_operator_runs
         with pytest.raises(RuntimeError, match="a C compiler is needed"):
             kernels.closed_form_2d(F, rows, *[None] * 9)
     finally:
-        kernels.library.cache_clear()
+        native.library.cache_clear()
 
 
 def test_the_kernel_refuses_arrays_that_do_not_fit_its_points():

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from neuroscale_couple import native
 from neuroscale_couple.errors import InputError
 from neuroscale_couple.solvers import microstructure as micro
 
@@ -130,18 +131,28 @@ def test_batched_sequential_addition_draws_as_one_candidate_at_a_time():
             assert a.random() == b.random()  # the generator left where one by one leaves it
 
 
-def test_cells_drawn_together_equal_cells_drawn_one_at_a_time():
-    """Sparse, dense (some need the second candidate block, a few jam and are compressed) and
-    single-fibre cells: the same centres, radii, seeds and keys as one call a cell."""
-    rng = np.random.default_rng(3)
-    v = np.concatenate([rng.uniform(0.1, 0.3, 40), rng.uniform(0.42, 0.5, 80)])
-    n = np.concatenate([rng.integers(1, 9, 40), rng.integers(5, 9, 80)])
-    seeds = np.arange(len(v)) + 1000
-    together = micro.random_fibres_many(v, n, seeds)
-    counts = n.astype(np.int64)
-    radii = np.array([micro._fibre_radius(vi, ni)[1] for vi, ni in zip(v, n, strict=True)])
-    first = micro.sequential_addition_many(counts, radii, micro.MIN_GAP, seeds, blocks=(96,))
-    assert 0 < sum(c is None for c in first) < len(v)  # the later block and the fallback run
+@pytest.mark.parametrize("compiler", ["cc", "none"])
+def test_cells_drawn_together_equal_cells_drawn_one_at_a_time(compiler, tmp_path, monkeypatch):
+    """Sparse, dense (a few jam and are compressed) and single-fibre cells, seeds across the
+    32-bit words of numpy's seeding: the same centres, radii, seeds and keys as one call a
+    cell, with the compiled placement and (no C compiler) without it."""
+    if compiler == "none":
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        monkeypatch.setenv("NEUROSCALE_KERNEL_DIR", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        rng = np.random.default_rng(3)
+        v = np.concatenate([rng.uniform(0.1, 0.3, 40), rng.uniform(0.42, 0.5, 80)])
+        n = np.concatenate([rng.integers(1, 9, 40), rng.integers(5, 9, 80)])
+        seeds = [0, 2**32 - 1, 2**32, 2**40 + 7, 2**64 - 1, *range(1005, 1000 + len(v))]
+        together = micro.random_fibres_many(v, n, seeds)
+        assert (native.library(micro.RANDOM_ADDITION) is None) == (compiler == "none")
+        counts = n.astype(np.int64)
+        radii = np.array([micro._fibre_radius(vi, ni)[1] for vi, ni in zip(v, n, strict=True)])
+        placed = micro.sequential_addition_many(counts, radii, micro.MIN_GAP, seeds)
+        assert 0 < sum(c is None for c in placed) < 20  # some jam: compressed one by one
+    finally:
+        native.library.cache_clear()
     for vi, ni, s, cell in zip(v, n, seeds, together, strict=True):
         alone = micro.random_fibres(float(vi), int(ni), int(s))
         np.testing.assert_array_equal(cell.centres, alone.centres)
@@ -151,6 +162,21 @@ def test_cells_drawn_together_equal_cells_drawn_one_at_a_time():
         micro.random_fibres_many([0.3, 1.5], [2, 2], [0, 1])
     with pytest.raises(InputError, match="overlap its own periodic image"):
         micro.random_fibres_many([0.3, 0.77], [2, 1], [0, 1])
+    with pytest.raises(InputError, match=r"seeds must lie in \[0, 2\*\*64\)"):
+        micro.random_fibres_many([0.3, 0.3], [2, 2], [0, -1])
+
+
+def test_spheres_placed_together_equal_spheres_placed_one_cell_at_a_time():
+    seeds = range(60)
+    got = micro.sequential_addition_many(np.full(60, 6), np.full(60, 0.23), 0.02, seeds,
+                                         box=(1.0, 1.0, 1.0), attempts=400)
+    for s, centres in zip(seeds, got, strict=True):
+        alone = micro._sequential_addition(6, 0.23, 0.02, np.random.default_rng(s),
+                                           attempts=400, box=(1.0, 1.0, 1.0))
+        assert (centres is None) == (alone is None)
+        if alone is not None:
+            np.testing.assert_array_equal(centres, alone)
+    assert 0 < sum(c is None for c in got) < 60
 
 
 @pytest.mark.parametrize("dim", [2, 3])
