@@ -90,7 +90,7 @@ bench-ablations: baselines-data
 # Scaling with macro size (to ~1e5 points) and ranks (1-8), and the model for 64 and 1024 ranks:
 # hours on 2 cores; resumable (finished runs in out/bench_scaling are reused).
 bench-scaling: $(STAMP)
-	$(PY) bench/scaling.py
+	$(PY) bench/scaling.py --model examples/models/fe2_composite_fast.pt
 
 # Regenerate the shipped operator from scratch with the project's own RVE solver and trainer
 # (data sets ≈ 25 min, training ≈ 75 min on 2 cores; a recipe's optional second stage

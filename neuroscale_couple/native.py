@@ -47,16 +47,23 @@ def library(source: Path) -> ctypes.CDLL | None:
             LOG.warning("no C compiler (%s): %s runs its slower numpy/torch version; set CC to "
                         "a C compiler", compiler, source.name)
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # compiled beside its place, then renamed into it: ranks starting together never see
-        # a half-written library
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            built = Path(tmp) / path.name
-            run = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"],
-                                 capture_output=True, text=True)
-            if run.returncode:
-                LOG.warning("compiling %s failed (its numpy/torch version runs):\n%s", source,
-                            run.stderr)
-                return None
-            os.replace(built, path)
+        try:
+            _compile(compiler, source, path)
+        except (OSError, subprocess.CalledProcessError) as err:
+            detail = getattr(err, "stderr", None) or err
+            LOG.warning("compiling %s into %s failed (its numpy/torch version runs; set "
+                        "NEUROSCALE_KERNEL_DIR to a writable folder, CC to a C compiler):\n%s",
+                        source.name, path.parent, detail)
+            return None
     return ctypes.CDLL(str(path))
+
+
+def _compile(compiler: str, source: Path, path: Path) -> None:
+    """Compile ``source`` into the library ``path``: beside it, then renamed into place, so
+    that ranks starting together never load a half-written library."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        built = Path(tmp) / path.name
+        subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"],
+                       capture_output=True, text=True, check=True)
+        os.replace(built, path)

@@ -831,6 +831,17 @@ def scaling_section(record: dict, path: Path, images: dict[str, tuple[str, str]]
                                                                        "steps_ratio")
                              for m in modes)) for n, d in sorted(by_points.items())])
     out += [f"Target: limit_ratio ≤ {ratio(record.get('target_limit_ratio'))}.", ""]
+    firsts = [r for r in record.get("sweep", []) if r["mode"] == "operator"]
+    if firsts:  # what separates a first run from a rerun at the largest size
+        big = max(firsts, key=lambda r: r["points"])
+        single = next((r for r in record["sweep"] if r["mode"] == "single"
+                       and r["points"] == big["points"]), None)
+        if single:
+            out += [f"At {num(big['points'])} points a first run encodes its distinct cells in "
+                    f"{num(big['encode_s'])} s ({num(1e3 * big['encode_s'] / big['points'])} ms "
+                    f"a cell), {ratio(big['encode_s'] / single['total_s'])} the whole "
+                    "single-scale run; a rerun or a restart reads them from the latent cache "
+                    "beside the replay store.", ""]
     out += ["### Ranks", "", *table(head, rows(record.get("ranks", [])))]
     out += [f"Target for the fallback-heavy runs: fine work max/mean over ranks ≤ "
             f"{record.get('target_balance')}.", ""]

@@ -125,7 +125,7 @@ def test_the_compiled_kernel_is_the_torch_closed_form(quartic):
                                rtol=1e-12)
 
 
-def test_the_kernel_compiles_where_told_and_without_a_compiler_the_operator_runs_in_torch(
+def test_the_kernel_compiles_where_told_and_else_the_operator_runs_in_torch(
         tmp_path, monkeypatch, caplog):
     model = load_operator(MODELS / "fe2_composite_fast.pt")
     z = model.latents([random_fibres(0.3, 2, seed=1)])
@@ -137,6 +137,10 @@ def test_the_kernel_compiles_where_told_and_without_a_compiler_the_operator_runs
         assert kernels.library() is not None
         assert [p.suffix for p in (tmp_path / "kernels").iterdir()] == [".so"]
         assert Inference(model, z).compiled
+        native.library.cache_clear()
+        (tmp_path / "a-file").write_text("")  # no folder can be made under it
+        monkeypatch.setenv("NEUROSCALE_KERNEL_DIR", str(tmp_path / "a-file" / "kernels"))
+        assert not Inference(model, z).compiled and "set NEUROSCALE_KERNEL_DIR" in caplog.text
         native.library.cache_clear()
         monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
         monkeypatch.setenv("NEUROSCALE_KERNEL_DIR", str(tmp_path / "empty"))
