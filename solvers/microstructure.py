@@ -421,8 +421,8 @@ def sequential_addition_many(counts: np.ndarray, radii: np.ndarray, gap: float,
     finds no place in ``attempts`` candidates.
 
     Compiled (``random_addition.c``: numpy's SeedSequence and PCG64 streams reproduced word for
-    word, the same tests in the same floating-point order), ~1 µs a cell of the composite
-    example; one cell at a time in numpy without a C compiler."""
+    word, the same tests in the same floating-point order): 0.33 s for the 95 621 cells of the
+    composite example at mesh size 0.00625; one cell at a time in numpy without a C compiler."""
     counts, radii = np.asarray(counts, dtype=np.int64), np.asarray(radii, dtype=float)
     seeds = [int(s) for s in seeds]
     if any(not 0 <= s < 2**64 for s in seeds):
