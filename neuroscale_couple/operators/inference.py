@@ -158,8 +158,7 @@ class Inference:
         """One chunk of a basis-mixture operator in torch (see the module docstring)."""
         mean = mixture_response(self.w_mean[rows], F.double(), self.model.energy.n_directions)
         Fb = F.to(self.bound_dtype)
-        w_dev = self.w_dev[rows] if isinstance(rows, slice) else self.w_dev.index_select(0, rows)
-        epi = mixture_stress_norm2(w_dev, Fb.unsqueeze(1),
+        epi = mixture_stress_norm2(self.w_dev[rows], Fb.unsqueeze(1),
                                    self.model.energy.n_directions).mean(1)
         if self.quadratic:
             alea = self.sigma2 * self.model.covariance.factor_norm2(
