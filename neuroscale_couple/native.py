@@ -58,6 +58,17 @@ def library(source: Path) -> ctypes.CDLL | None:
     return ctypes.CDLL(str(path))
 
 
+def function(source: Path, name: str, argtypes: tuple, restype=ctypes.c_int):
+    """The C function ``name`` of ``source``'s library (:func:`library`) with its signature
+    set, or None without a compiled library."""
+    lib = library(source)
+    if lib is None:
+        return None
+    f = getattr(lib, name)
+    f.argtypes, f.restype = argtypes, restype
+    return f
+
+
 def _compile(compiler: str, source: Path, path: Path) -> None:
     """Compile ``source`` into the library ``path``: beside it, then renamed into place, so
     that ranks starting together never load a half-written library."""

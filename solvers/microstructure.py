@@ -427,18 +427,16 @@ def sequential_addition_many(counts: np.ndarray, radii: np.ndarray, gap: float,
     seeds = [int(s) for s in seeds]
     if any(not 0 <= s < 2**64 for s in seeds):
         raise InputError(f"seeds must lie in [0, 2**64), got {min(seeds)}…{max(seeds)}")
-    lib = native.library(RANDOM_ADDITION)
-    if lib is None:
+    place = native.function(RANDOM_ADDITION, "ns_sequential_addition", _RSA_ARGUMENTS)
+    if place is None:
         return [_sequential_addition(int(n), float(r), gap, np.random.default_rng(s),
                                      attempts=attempts, box=box)
                 for n, r, s in zip(counts, radii, seeds, strict=True)]
     dim, most = len(box), int(counts.max(initial=0))
     centres = np.zeros((len(counts), most, dim))
     placed = np.zeros(len(counts), dtype=np.int8)
-    lib.ns_sequential_addition.argtypes = _RSA_ARGUMENTS
-    lib.ns_sequential_addition(len(counts), counts, radii, float(gap),
-                               np.array(seeds, dtype=np.uint64), dim,
-                               np.asarray(box, dtype=float), attempts, most, centres, placed)
+    place(len(counts), counts, radii, float(gap), np.array(seeds, dtype=np.uint64), dim,
+          np.asarray(box, dtype=float), attempts, most, centres, placed)
     return [centres[i, :counts[i]].copy() if placed[i] else None for i in range(len(counts))]
 
 

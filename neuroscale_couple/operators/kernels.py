@@ -29,17 +29,13 @@ _f64 = np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS")
 _i64 = np.ctypeslib.ndpointer(np.int64, flags="C_CONTIGUOUS")
 _any = ctypes.c_void_p
 _int, _double = ctypes.c_int, ctypes.c_double
-ARGUMENTS = (ctypes.c_int64, _f64, _i64, _i64, _int, _f64, _int, _any, _int, _any, _int, _int, _f64,
+ARGUMENTS = (ctypes.c_int64, _f64, _i64, _any, _int, _f64, _int, _any, _int, _any, _int, _int, _f64,
              _f64, _f64, _int, _double, _double, _double, _f64, _f64, _f64, _f64, _f64)
 
 
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel, its signature set; None without a C compiler."""
-    lib = native.library(SOURCE)
-    if lib is not None and lib.ns_closed_form_2d.argtypes is None:
-        lib.ns_closed_form_2d.argtypes = ARGUMENTS
-        lib.ns_closed_form_2d.restype = ctypes.c_int
-    return lib
+def library():
+    """The compiled kernel ``ns_closed_form_2d``; None without a C compiler."""
+    return native.function(SOURCE, "ns_closed_form_2d", ARGUMENTS)
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,13 +43,13 @@ def _order_of(rows: bytes) -> np.ndarray:
     return np.argsort(np.frombuffer(rows, dtype=np.int64), kind="stable")
 
 
-def _row_order(rows: np.ndarray) -> np.ndarray:
+def _row_order(rows: np.ndarray) -> np.ndarray | None:
     """The points in the order of their latent ``rows`` (n,) int64, so that the kernel reads
-    the per-latent arrays front to back: a coupled run's points (in the host's cell order)
-    may hold their latents in any order. Remembered for the last ``rows`` (those of every
-    evaluation of a run)."""
+    the per-latent arrays front to back (None: already in that order, as a Coupler's points
+    are when the host evaluates them in the order it registered them). Remembered for the
+    last ``rows`` (those of every evaluation of a run)."""
     if len(rows) < 2 or (rows[1:] >= rows[:-1]).all():
-        return np.arange(len(rows), dtype=np.int64)
+        return None
     return _order_of(rows.tobytes())
 
 
@@ -73,8 +69,8 @@ def closed_form_2d(F: np.ndarray, rows: np.ndarray, w_mean: np.ndarray, w_dev: n
     whether w holds the quartic terms; ``e_ref``: the strain scale of the head's input;
     ``diag_offset``, ``min_diag``: its factor's diagonal map. Raises RuntimeError without a
     compiled kernel (:func:`library`)."""
-    lib = library()
-    if lib is None:
+    kernel = library()
+    if kernel is None:
         raise RuntimeError("no compiled kernel: see the warning above (a C compiler is needed)")
     if w_dev.dtype != coef.dtype or w_dev.dtype not in (np.float32, np.float64):
         raise TypeError(f"w_dev and coef must both be float32 or float64, not {w_dev.dtype} "
@@ -93,8 +89,10 @@ def closed_form_2d(F: np.ndarray, rows: np.ndarray, w_mean: np.ndarray, w_dev: n
         raise IndexError(f"rows must lie in [0, {u}): the latents' rows")
     cc, ss, cs = (np.ascontiguousarray(d, dtype=np.float64) for d in directions)
     rows = np.ascontiguousarray(rows, np.int64)
-    status = lib.ns_closed_form_2d(
-        len(F), np.ascontiguousarray(F, dtype=np.float64), rows, _row_order(rows), K,
+    order = _row_order(rows)
+    status = kernel(
+        len(F), np.ascontiguousarray(F, dtype=np.float64), rows,
+        None if order is None else order.ctypes.data, K,
         np.ascontiguousarray(w_mean, dtype=np.float64), M, w_dev.ctypes.data, coef.shape[1],
         coef.ctypes.data, int(w_dev.dtype == np.float64), len(cc), cc, ss, cs, int(quartic),
         e_ref, diag_offset, min_diag, *out)
