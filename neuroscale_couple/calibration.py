@@ -29,8 +29,10 @@ Group-wise (Mondrian) calibration. A macro problem draws cells and loads in othe
 than the calibration set; one global s and q then over-cover some groups and under-cover
 others. With groups — each point's cell family and load band (:func:`group_labels`) — the
 scale and the quantiles are fitted per group on that group's calibration points alone, so the
-guarantee P(error ≤ bound) ≥ p holds within every group, whatever the mix. A group with fewer
-than :data:`MIN_GROUP_POINTS` calibration points (or none) gets the largest bound of the fitted
+guarantee P(error ≤ bound) ≥ p holds within every group, whatever the mix. A family operator
+(phases as inputs) is grouped by its stiffness contrast E_f/E_m too (:data:`CONTRAST_BANDS`):
+its errors grow with the contrast, and a run has one material. A group with fewer than
+:data:`MIN_GROUP_POINTS` calibration points (or none) gets the largest bound of the fitted
 groups and the global one.
 
 Metrics:
@@ -70,6 +72,10 @@ MIN_CALIBRATION_POINTS = 10
 LOAD_BANDS: tuple[float, ...] = (0.1, 0.2)
 """Default edges of the load bands of a group-wise calibration, in ‖U − I‖ (Frobenius, U the
 right stretch of F̄): the bands [0, 0.1), [0.1, 0.2) and [0.2, ∞)."""
+
+CONTRAST_BANDS: tuple[float, ...] = (3.0, 10.0, 30.0)
+"""Default edges of the contrast bands of a family operator's group-wise calibration, in
+E_f/E_m: over the trained contrasts 1–100, the bands [1, 3), [3, 10), [10, 30) and [30, 100]."""
 
 MIN_GROUP_POINTS = 40
 """Fewest calibration points of a group that gets a calibration of its own (with 40, the 95 %
@@ -265,6 +271,9 @@ class Calibration:
     bands : tuple of float or None
         Load band edges in ‖U − I‖ of a group-wise calibration (:func:`group_labels`); None
         for a global one.
+    contrast_bands : tuple of float
+        Contrast band edges in E_f/E_m of a family operator's group-wise calibration; empty
+        where the groups are structure kind and load band alone.
     groups : dict[str, Calibration]
         Group label → the calibration fitted on that group's points alone (groups with at
         least :data:`MIN_GROUP_POINTS` points).
@@ -277,12 +286,14 @@ class Calibration:
     interval_quantiles: dict[float, float] = field(default_factory=dict)
     bands: tuple[float, ...] | None = None
     groups: dict[str, Calibration] = field(default_factory=dict)
+    contrast_bands: tuple[float, ...] = ()
     _conservative: Calibration | None = field(default=None, init=False, repr=False,
                                               compare=False)
 
     def to_dict(self) -> dict:
         """JSON-safe form: plain floats, level keys as strings ("0.9"), +∞ as the string "inf";
-        a group-wise calibration adds ``bands`` and ``groups`` (label → the group's form)."""
+        a group-wise calibration adds ``bands``, ``groups`` (label → the group's form) and,
+        for a family operator, ``contrast_bands``."""
         out = {
             "scale": float(self.scale),
             **{key: {repr(float(p)): float(q) if math.isfinite(q) else "inf"
@@ -293,6 +304,8 @@ class Calibration:
         if self.grouped:
             out["bands"] = [float(b) for b in self.bands]
             out["groups"] = {label: cal.to_dict() for label, cal in self.groups.items()}
+            if self.contrast_bands:
+                out["contrast_bands"] = [float(c) for c in self.contrast_bands]
         return out
 
     @classmethod
@@ -309,12 +322,20 @@ class Calibration:
                                 for p, q in (d.get("interval_quantiles") or {}).items()},
             bands=None if d.get("bands") is None else tuple(float(b) for b in d["bands"]),
             groups={label: cls.from_dict(g) for label, g in (d.get("groups") or {}).items()},
+            contrast_bands=tuple(float(c) for c in d.get("contrast_bands") or ()),
         )
 
     @property
     def grouped(self) -> bool:
         """Whether this is a group-wise calibration (even one whose groups were all too small)."""
         return self.bands is not None
+
+    def labels(self, kinds: Iterable[str], stretch: np.ndarray,
+               contrast: np.ndarray | None = None) -> np.ndarray:
+        """The group label (n,) of each point of structure kind ``kinds`` (n,), ‖U − I‖
+        ``stretch`` (n,) and, for a calibration with contrast bands, contrast E_f/E_m
+        ``contrast`` (n,): :func:`group_labels` with this calibration's bands."""
+        return group_labels(kinds, stretch, self.bands or (), contrast, self.contrast_bands)
 
     def group(self, label: str) -> Calibration:
         """The calibration of the group ``label`` (see :func:`group_labels`): its own where it
@@ -431,27 +452,49 @@ def _lookup(table: dict[float, float], level: float, default: float) -> float:
 
 
 def group_labels(kinds: Iterable[str], stretch: np.ndarray,
-                 bands: Iterable[float] = LOAD_BANDS) -> np.ndarray:
+                 bands: Iterable[float] = LOAD_BANDS, contrast: np.ndarray | None = None,
+                 contrast_bands: Iterable[float] = ()) -> np.ndarray:
     """Group label per point, ``"kind|b"`` (n,) str: the point's structure kind (n,) and the
-    index b of its load band, from its ‖U − I‖ ``stretch`` (n,) and the band edges ``bands``
-    (:func:`band_name` spells a band out)."""
-    band = np.searchsorted(np.asarray(tuple(bands), dtype=float), np.asarray(stretch),
-                           side="right")
-    return np.char.add(np.char.add(np.asarray(list(kinds), dtype=str), "|"),
-                       band.astype(str))
+    index b of its load band, from its ‖U − I‖ ``stretch`` (n,) and the band edges ``bands``;
+    with ``contrast_bands`` (edges in E_f/E_m) ``"kind|b|c"``, c the band of the point's
+    ``contrast`` (n,) (:func:`band_name` spells a label out)."""
+    labels = np.char.add(np.char.add(np.asarray(list(kinds), dtype=str), "|"),
+                         _band_index(stretch, bands))
+    contrast_bands = tuple(contrast_bands)
+    if not contrast_bands:
+        return labels
+    if contrast is None:
+        raise InputError("group_labels: contrast bands need each point's contrast E_f/E_m "
+                         "(a family operator's phases)")
+    return np.char.add(np.char.add(labels, "|"), _band_index(contrast, contrast_bands))
 
 
-def band_name(label: str, bands: Iterable[float]) -> str:
-    """A group label of :func:`group_labels` in words: ``"random_fibres, 0.1 ≤ ‖U − I‖ < 0.2"``."""
-    kind, b = label.rsplit("|", 1)
-    edges = (0.0, *bands, math.inf)
-    lo, hi = edges[int(b)], edges[int(b) + 1]
-    return f"{kind}, {lo:g} ≤ ‖U − I‖" + (f" < {hi:g}" if math.isfinite(hi) else "")
+def _band_index(values: np.ndarray, edges: Iterable[float]) -> np.ndarray:
+    """The band index (n,) str of ``values`` (n,) between the sorted ``edges``."""
+    return np.searchsorted(np.asarray(tuple(edges), dtype=float), np.asarray(values),
+                           side="right").astype(str)
+
+
+def band_name(label: str, bands: Iterable[float], contrast_bands: Iterable[float] = ()) -> str:
+    """A group label of :func:`group_labels` in words: ``"random_fibres, 0.1 ≤ ‖U − I‖ < 0.2"``,
+    and for one with a contrast band ``"…, 10 ≤ E_f/E_m < 30"``."""
+    kind, b, *c = label.split("|")
+    words = [kind, _interval(int(b), "‖U − I‖", (0.0, *bands, math.inf))]
+    if c:
+        words.append(_interval(int(c[0]), "E_f/E_m", (0.0, *contrast_bands, math.inf)))
+    return ", ".join(words)
+
+
+def _interval(k: int, name: str, edges: tuple[float, ...]) -> str:
+    """Band k between ``edges`` in words: ``"0.1 ≤ name < 0.2"``, open above the last edge."""
+    lo, hi = edges[k], edges[k + 1]
+    return f"{lo:g} ≤ {name}" + (f" < {hi:g}" if math.isfinite(hi) else "")
 
 
 def fit_conformal(
     y: np.ndarray, mu: np.ndarray, Sigma: np.ndarray, levels: Iterable[float] = LEVELS,
     labels: np.ndarray | None = None, bands: Iterable[float] = LOAD_BANDS,
+    contrast_bands: Iterable[float] = (),
 ) -> Calibration:
     """Fit the scale and the split-conformal quantiles on a calibration set.
 
@@ -468,8 +511,8 @@ def fit_conformal(
     labels : ndarray of str, shape (n,), optional
         Each point's group (:func:`group_labels` with ``bands``): also fit every group with
         at least :data:`MIN_GROUP_POINTS` points on its own points (group-wise calibration).
-    bands : iterable of float
-        The load band edges the labels were made with (recorded).
+    bands, contrast_bands : iterable of float
+        The load (and contrast) band edges the labels were made with (recorded).
 
     Returns
     -------
@@ -485,6 +528,7 @@ def fit_conformal(
                              f"label per point ({len(y)},)")
         cal = fit_conformal(y, mu, Sigma, levels)
         cal.bands = tuple(float(b) for b in bands)
+        cal.contrast_bands = tuple(float(c) for c in contrast_bands)
         for label in np.unique(labels):
             mine = labels == label
             if mine.sum() >= MIN_GROUP_POINTS:

@@ -7,7 +7,8 @@
                      [--work DIR] [--fresh] [--keep-work]
                                                          train + calibrate the operator (MPI,
                                                          resumable after every epoch)
-    neuroscale calibrate --model M.pt --data D.h5 [--groups]   split-conformal recalibration
+    neuroscale calibrate --model M.pt --data D.h5 [--groups [--contrast-bands C]]
+                                                         split-conformal recalibration
     neuroscale evaluate --model M.pt --data D.h5 [--ood O.h5] [--json] [--plot R.png]
     neuroscale subset D.h5 (--micro M | --samples N) [--seed S] --out D_part.h5
     neuroscale distill --model M.pt --out M_fast.pt --cells N --epochs E
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from neuroscale_couple.calibration import LOAD_BANDS
+from neuroscale_couple.calibration import CONTRAST_BANDS, LOAD_BANDS
 from neuroscale_couple.config import check_keys, load_yaml
 from neuroscale_couple.errors import InputError, NeuroScaleError
 
@@ -220,26 +221,38 @@ def train_checkpoint(args: argparse.Namespace, cfg: dict, init_digest: str | Non
     return WorkCheckpoint(work, key)
 
 
+def _band_edges(text: str, flag: str, quantity: str, example: str) -> tuple[float, ...]:
+    """Band edges (sorted) of a comma-separated option ``flag`` in ``quantity``."""
+    try:
+        edges = tuple(sorted(float(b) for b in text.split(",") if b.strip()))
+    except ValueError:
+        raise InputError(f"{flag} {text}: give band edges in {quantity} separated by commas, "
+                         f"e.g. {example}") from None
+    if not all(0 < b < np.inf for b in edges):
+        raise InputError(f"{flag} {text}: edges must be positive and finite")
+    return edges
+
+
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from neuroscale_couple.evaluation import calibrate_model
     from neuroscale_couple.operators.base import load_operator
     from neuroscale_couple.training import TrainingData
 
-    bands = None
-    if args.groups:
-        try:
-            bands = tuple(sorted(float(b) for b in args.load_bands.split(",") if b.strip()))
-        except ValueError:
-            raise InputError(f"--load-bands {args.load_bands}: give band edges in ‖U − I‖ "
-                             "separated by commas, e.g. 0.1,0.2") from None
-        if not all(0 < b < np.inf for b in bands):
-            raise InputError(f"--load-bands {args.load_bands}: edges must be positive and "
-                             "finite")
     model = load_operator(args.model)
+    bands, contrast_bands = None, ()
+    if args.groups:
+        bands = _band_edges(args.load_bands, "--load-bands", "‖U − I‖", "0.1,0.2")
+        given = args.contrast_bands
+        if given is not None and given != "none" and not model.takes_material:
+            raise InputError(f"--contrast-bands {given}: {args.model} is a model of one "
+                             "material, whose data have one contrast; leave the option out")
+        if model.takes_material and given != "none":
+            contrast_bands = _band_edges(given or ",".join(f"{c:g}" for c in CONTRAST_BANDS),
+                                         "--contrast-bands", "E_f/E_m", "3,10,30")
     dtype = next(model.parameters()).dtype
     cal = calibrate_model(model, TrainingData.from_h5(args.data, model.input_resolution,
                                                       material_inputs=model.takes_material),
-                          bands=bands)
+                          bands=bands, contrast_bands=contrast_bands)
     model.to(dtype).save(args.out or args.model)
     print(json.dumps(cal.to_dict(), indent=2))
 
@@ -459,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-bands", default=",".join(f"{b:g}" for b in LOAD_BANDS),
                    help="band edges in ‖U − I‖ for --groups, comma-separated (default "
                    "%(default)s)")
+    p.add_argument("--contrast-bands", help="band edges in E_f/E_m for --groups of a family "
+                   "operator, comma-separated (default "
+                   f"{','.join(f'{c:g}' for c in CONTRAST_BANDS)}; none: no contrast bands)")
     p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("evaluate", help="accuracy, coverage, ECE, OOD AUROC of a model")
     p.add_argument("--model", required=True)

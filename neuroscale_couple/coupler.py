@@ -69,6 +69,7 @@ from neuroscale_couple.fine import (
 from neuroscale_couple.latents import LatentStore
 from neuroscale_couple.operators.inference import Inference
 from neuroscale_couple.parallel import balance, device_for_rank, return_free_memory, together
+from neuroscale_couple.phases import descriptors
 from neuroscale_couple.region import stretch_distance
 from neuroscale_couple.retraining import RetrainConfig, Retrainer, RetrainJob
 from neuroscale_couple.store import ReplayStore
@@ -762,7 +763,8 @@ class Coupler(FineSolver):
 
     def _bound_factor(self, rows: np.ndarray, F: np.ndarray) -> float | np.ndarray:
         """q^e·s of the calibrated bound q^e·s·√tr Σ at the policy's confidence: one number,
-        or per point (n,) from its structure kind and load band for a group-wise calibration
+        or per point (n,) from its structure kind and load band (and a family operator's
+        contrast band) for a group-wise calibration
         (:class:`~neuroscale_couple.calibration.Calibration`)."""
         cal, level = self._calibration(), self.policy.confidence
         if not cal.grouped:
@@ -772,8 +774,13 @@ class Coupler(FineSolver):
             kinds = sorted({m.kind for m in self._structures})
             code = {k: i for i, k in enumerate(kinds)}
             self._kind_code = np.array([code[m.kind] for m in self._structures])
-            self._factor_table = np.array([cal.bound_factors(
-                level, [f"{k}|{b}" for b in range(len(cal.bands) + 1)]) for k in kinds])
+            # a family operator's run has one material: its contrast band is the run's
+            contrast = (descriptors(self.model.material_arrays(1))["contrast"]
+                        if cal.contrast_bands else None)
+            self._factor_table = np.array([cal.bound_factors(level, cal.labels(
+                [k] * (len(cal.bands) + 1), np.r_[0.0, cal.bands],
+                None if contrast is None else np.repeat(contrast, len(cal.bands) + 1)))
+                for k in kinds])
             self._factor_key = key
         band = np.searchsorted(np.asarray(cal.bands), stretch_distance(F), side="right")
         return self._factor_table[self._kind_code[self._structure_of[rows]], band]

@@ -21,6 +21,7 @@ from neuroscale_couple.calibration import (
 )
 from neuroscale_couple.errors import InputError
 from neuroscale_couple.operators.base import CoarseGrainingOperator
+from neuroscale_couple.phases import input_contrast
 from neuroscale_couple.region import stretch_distance
 from neuroscale_couple.training import TrainingData, predict_dataset
 
@@ -35,12 +36,22 @@ def _numpy_predictions(model: CoarseGrainingOperator, data: TrainingData) -> tup
             pred["cov"], data.A.double().numpy(), pred["tangent"])
 
 
-def sample_labels(data: TrainingData, bands=LOAD_BANDS) -> np.ndarray:
-    """Each sample's calibration group (n,) str: its structure's kind and its load band
-    (:func:`~neuroscale_couple.calibration.group_labels`)."""
+def sample_labels(data: TrainingData, bands=LOAD_BANDS, contrast_bands=()) -> np.ndarray:
+    """Each sample's calibration group (n,) str: its structure's kind, its load band and, with
+    ``contrast_bands``, its contrast band (:func:`~neuroscale_couple.calibration.group_labels`;
+    the contrast is a family operator's input, :func:`~neuroscale_couple.phases.input_contrast`)."""
     kinds = data.kinds if data.kinds is not None else np.array(["unknown"] * len(data.images))
-    return group_labels(kinds[data.micro_index.numpy()], stretch_distance(data.F.double().numpy()),
-                        bands)
+    micro = data.micro_index.numpy()
+    contrast = None
+    if contrast_bands:
+        contrast = input_contrast(data.images)
+        if contrast is None:
+            raise InputError("contrast bands group a family operator's data by E_f/E_m: this "
+                             "data set's inputs carry no phases (calibrate a model of one "
+                             "material without contrast bands)")
+        contrast = contrast[micro]
+    return group_labels(kinds[micro], stretch_distance(data.F.double().numpy()), bands,
+                        contrast, contrast_bands)
 
 
 BOUND_WIDTH_LEVEL = 0.95
@@ -48,17 +59,24 @@ BOUND_WIDTH_LEVEL = 0.95
 
 
 def calibrate_model(model: CoarseGrainingOperator, data: TrainingData, levels=LEVELS,
-                    bands: tuple[float, ...] | str | None = "as before") -> Calibration:
+                    bands: tuple[float, ...] | str | None = "as before",
+                    contrast_bands: tuple[float, ...] = ()) -> Calibration:
     """Split-conformal calibration on held-out ``data``; stored in ``model.calibration``.
-    ``bands``: load band edges of a group-wise calibration (per structure kind and band),
-    None for a global one, "as before" to keep the model's current choice (global if it has
-    none: what a retraining's recalibration does)."""
+    ``bands``: load band edges of a group-wise calibration (per structure kind and band; with
+    ``contrast_bands``, edges in E_f/E_m, per contrast band of a family operator too), None for
+    a global one, "as before" to keep the model's current choice, contrast bands included
+    (global if it has none: what a retraining's recalibration does)."""
     if isinstance(bands, str):
         old = Calibration.from_dict(model.calibration) if model.calibration else None
         bands = old.bands if old is not None else None
+        contrast_bands = old.contrast_bands if old is not None else ()
+    if contrast_bands and bands is None:
+        raise InputError("contrast bands are groups of a group-wise calibration: give load "
+                         "bands too (neuroscale calibrate --groups)")
     y, mu, Sigma, _, _ = _numpy_predictions(model, data)
-    labels = None if bands is None else sample_labels(data, bands)
-    cal = fit_conformal(y, mu, Sigma, levels, labels=labels, bands=bands or ())
+    labels = None if bands is None else sample_labels(data, bands, contrast_bands)
+    cal = fit_conformal(y, mu, Sigma, levels, labels=labels, bands=bands or (),
+                        contrast_bands=contrast_bands)
     model.calibration = cal.to_dict()
     return cal
 
@@ -80,7 +98,7 @@ def evaluate(model: CoarseGrainingOperator, data: TrainingData, *, ood: Training
     cal = Calibration.from_dict(model.calibration)
     y, mu, Sigma, A, A_pred = _numpy_predictions(model, data)
     bands = cal.bands if cal.grouped else LOAD_BANDS
-    labels = sample_labels(data, bands)
+    labels = sample_labels(data, bands, cal.contrast_bands)
 
     def metrics(m: np.ndarray) -> dict:
         return {"rel_l2_stress": float(np.linalg.norm(mu[m] - y[m]) / np.linalg.norm(y[m])),
@@ -102,8 +120,8 @@ def evaluate(model: CoarseGrainingOperator, data: TrainingData, *, ood: Training
         "bound_width": float(np.mean(cal.error_bound(Sigma, BOUND_WIDTH_LEVEL, labels))
                              / np.mean(np.linalg.norm(y, axis=1))),
         "calibration": "group-wise" if cal.grouped else "global",
-        "groups": {band_name(str(g), bands): {"n_samples": int((labels == g).sum()),
-                                              **metrics(labels == g)}
+        "groups": {band_name(str(g), bands, cal.contrast_bands): {
+            "n_samples": int((labels == g).sum()), **metrics(labels == g)}
                    for g in np.unique(labels)},
     }
     if ood is not None:

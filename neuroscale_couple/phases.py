@@ -130,6 +130,18 @@ def descriptors(phases: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "fibre_nu": np.asarray(phases["fibre_nu"], dtype=float)}
 
 
+def input_contrast(images) -> np.ndarray | None:
+    """Each structure's contrast E_f/E_m (M,) from a family operator's inputs (M, C, n, …):
+    channel 1 of the :data:`DESCRIPTORS` channels that
+    :meth:`~neuroscale_couple.solvers.phase_cell.PhaseCell.operator_inputs` appends; None for
+    inputs of one material (C = 1) or without images."""
+    shape = tuple(images.shape)
+    if len(shape) < 3 or shape[1] != 1 + len(DESCRIPTORS):
+        return None
+    return np.asarray(images[(slice(None), 1 + DESCRIPTORS.index("contrast"))
+                             + (0,) * (len(shape) - 2)], dtype=float)
+
+
 def material_arrays(material: TwoPhaseMaterial, count: int) -> dict[str, np.ndarray]:
     """:data:`PHASE_ARRAYS` of ``count`` cells that all have ``material``'s phases."""
     values = (material.matrix.E, material.matrix.nu, material.fibre.E, material.fibre.nu)

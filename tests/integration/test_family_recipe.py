@@ -4,11 +4,14 @@ Coupler for materials inside and outside its ranges."""
 
 from __future__ import annotations
 
+import json
+
 from mpi4py import MPI
 
 import numpy as np
 import pytest
 
+from neuroscale_couple.calibration import CONTRAST_BANDS, Calibration
 from neuroscale_couple.cli import main
 from neuroscale_couple.config import load_yaml
 from neuroscale_couple.coupler import FINE, OPERATOR, Coupler, Policy
@@ -100,3 +103,28 @@ def test_family_model_is_evaluated_on_data_of_one_material(family_model, tmp_pat
     generate(fixed, tmp_path / "fixed.h5", MPI.COMM_SELF, progress=False)
     assert main(["evaluate", "--model", str(family_model / "model.pt"), "--data",
                  str(tmp_path / "fixed.h5"), "--json"]) == 0
+
+
+def test_family_model_is_calibrated_per_contrast_band(family_model, tmp_path, capsys):
+    """`calibrate --groups` groups a family model by E_f/E_m too (by default), `evaluate`
+    names those groups; ``--contrast-bands none`` keeps kind and load band alone, and a model
+    of one material refuses contrast bands."""
+    model, data = str(family_model / "model.pt"), str(family_model / "calibration.h5")
+    grouped, plain = str(tmp_path / "grouped.pt"), str(tmp_path / "plain.pt")
+    assert main(["calibrate", "--model", model, "--data", data, "--groups", "--out",
+                 grouped]) == 0
+    assert Calibration.from_dict(load_operator(grouped).calibration).contrast_bands == (
+        CONTRAST_BANDS)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", grouped, "--data", data, "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["calibration"] == "group-wise"
+    assert all("E_f/E_m" in name for name in metrics["groups"])
+    assert sum(g["n_samples"] for g in metrics["groups"].values()) == metrics["n_samples"]
+    assert main(["calibrate", "--model", model, "--data", data, "--groups",
+                 "--contrast-bands", "none", "--out", plain]) == 0
+    assert not Calibration.from_dict(load_operator(plain).calibration).contrast_bands
+    capsys.readouterr()
+    assert main(["calibrate", "--model", "examples/models/fe2_composite.pt", "--data", data,
+                 "--groups", "--contrast-bands", "3,10", "--out", plain]) == 2
+    assert "one material" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from neuroscale_couple.calibration import (
+    CONTRAST_BANDS,
     LEVELS,
     MIN_GROUP_POINTS,
     Calibration,
@@ -311,3 +312,22 @@ def test_group_labels_and_their_names():
     with pytest.raises(InputError, match="one group label per point"):
         fit_conformal(np.zeros((20, 4)) + 1, np.zeros((20, 4)),
                       np.broadcast_to(np.eye(4), (20, 4, 4)), labels=np.array(["a|0"] * 3))
+
+
+def test_contrast_bands_split_a_family_operators_groups():
+    """A family operator's groups add the band of the contrast E_f/E_m: ``kind|b|c``."""
+    labels = group_labels(["random_fibres", "fibre_chain"], np.array([0.05, 0.25]), (0.1, 0.2),
+                          np.array([2.0, 50.0]), CONTRAST_BANDS)
+    assert labels.tolist() == ["random_fibres|0|0", "fibre_chain|2|3"]
+    assert (band_name("fibre_chain|2|2", (0.1, 0.2), CONTRAST_BANDS)
+            == "fibre_chain, 0.2 ≤ ‖U − I‖, 10 ≤ E_f/E_m < 30")
+    with pytest.raises(InputError, match="contrast"):
+        group_labels(["random_fibres"], np.array([0.05]), (0.1,), None, CONTRAST_BANDS)
+    y, mu, S, _ = _two_groups(400, 0.5, seed=4)
+    contrast = np.where(np.arange(400) % 2, 50.0, 2.0)
+    cal = fit_conformal(y, mu, S, labels=group_labels(["a"] * 400, np.zeros(400), (0.1,),
+                                                      contrast, CONTRAST_BANDS),
+                        bands=(0.1,), contrast_bands=CONTRAST_BANDS)
+    assert set(cal.groups) == {"a|0|0", "a|0|3"} and cal.contrast_bands == CONTRAST_BANDS
+    assert Calibration.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
+    assert cal.labels(["a"], np.array([0.3]), np.array([20.0])).tolist() == ["a|1|2"]

@@ -492,3 +492,47 @@ def test_a_group_wise_calibration_bounds_each_point_by_its_kind_and_load_band():
         bounds.append(c.evaluate(F, ids).uncertainty)
     widest = max(factors.values())  # random_fibres|1 was not fitted: the widest group
     np.testing.assert_allclose(bounds[1] / bounds[0], [3.0, widest, 1.0, 2.0], rtol=1e-12)
+
+
+def test_a_family_operators_group_wise_bound_takes_its_runs_contrast_band():
+    """A family operator calibrated per contrast band too (E_f/E_m; a run has one material):
+    the Coupler bounds each point with the factor of its kind, load band and the run's
+    contrast band — the ratio to the global bound of the same points and material."""
+    from mpi4py import MPI
+
+    from neuroscale_couple.calibration import Calibration
+    from neuroscale_couple.coupler import Coupler
+    from neuroscale_couple.operators.sano import SANO, SANOConfig
+    from neuroscale_couple.solvers.microstructure import random_fibres
+
+    torch.manual_seed(0)
+    ranges = {"contrast": [1.0, 100.0], "matrix_nu": [0.2, 0.45], "fibre_nu": [0.2, 0.45]}
+    model = SANO(SANOConfig(resolution=16, width=8, modes=4, levels=2, heads=2, latent=16,
+                            hidden=16, members=2, energy_correction=False,
+                            phase_ranges=ranges)).double()
+    model.card = {"data_config": {"image_resolution": 32}}
+    base = Calibration(1.0, {0.5: 1.0, 0.9: 2.0, 0.95: 3.0}, {0.5: 1.0, 0.9: 2.0, 0.95: 3.0},
+                       100)
+    factors = {"random_fibres|0|0": 1.0, "random_fibres|0|2": 5.0, "random_fibres|1|2": 2.0}
+    groups = {label: Calibration(f, dict(base.quantiles), dict(base.norm_quantiles), 100)
+              for label, f in factors.items()}
+    grouped = Calibration(1.0, base.quantiles, base.norm_quantiles, 100, bands=(0.1,),
+                          groups=groups, contrast_bands=(3.0, 10.0, 30.0))
+    assert Calibration.from_dict(grouped.to_dict()) == grouped
+    F = np.eye(2) + np.array([[[0.05, 0], [0, 0]], [[0.15, 0], [0, 0]]])
+    ids = np.arange(2)
+    for E_f, expected in ((6.0, [1.0, 5.0]), (60.0, [5.0, 2.0])):  # contrast 2 and 20
+        bounds = []
+        for cal in (base, grouped):
+            model.calibration = cal.to_dict()
+            family = {"law": "neo_hookean", "matrix": {"E": 3.0, "nu": 0.3},
+                      "fibre": {"E": E_f, "nu": 0.25}}
+            c = Coupler(model, lambda m: None, family=family,
+                        policy=Policy(rtol=1e9, atol=1e9), comm=MPI.COMM_SELF)
+            c.register(ids, [random_fibres(0.3, 3, 1)] * 2)
+            c.begin_step(0)
+            bounds.append(c.evaluate(F, ids).uncertainty)
+        # contrast 2: band 0 fitted at small loads, band 1 not (the widest group, 5);
+        # contrast 20: band 2, both load bands fitted
+        np.testing.assert_allclose(bounds[1] / bounds[0], expected,
+                                   rtol=1e-12)
