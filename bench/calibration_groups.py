@@ -12,7 +12,9 @@ examples/models/fe2_composite.{calibration,test}.yaml`); the shifted one from
     python bench/calibration_groups.py [--model M.pt] [--calibration C.h5] [--test T.h5]
                                        [--shifted S.h5]
 
-Writes ``bench/results/calibration_groups.json``.
+Writes ``bench/results/calibration_groups.json`` (``--out``), with each set's mix: its share of
+samples per structure kind and in the highest load band. A family operator (phases as inputs)
+is grouped by its contrast E_f/E_m too.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def main() -> None:
             sys.exit(f"{flag} {path} does not exist: make it with `neuroscale generate "
                      "examples/models/fe2_composite.<set>.yaml --out <file>`")
 
-    from neuroscale_couple.calibration import LOAD_BANDS
+    from neuroscale_couple.calibration import CONTRAST_BANDS, LOAD_BANDS
     from neuroscale_couple.evaluation import calibrate_model, evaluate
     from neuroscale_couple.operators.base import load_operator
     from neuroscale_couple.training import TrainingData
@@ -57,10 +59,12 @@ def main() -> None:
     if args.shifted:
         sets["shifted"] = TrainingData.from_h5(args.shifted, n, material_inputs=phases)
     results: dict[str, dict] = {name: {} for name in sets}
+    contrast_bands = CONTRAST_BANDS if model.takes_material else ()
     for name, bands in (("global, Gaussian intervals", None), ("global", None),
                         ("group-wise", LOAD_BANDS)):
         m = copy.deepcopy(model)
-        calibrate_model(m, cal, bands=bands)
+        calibrate_model(m, cal, bands=bands, contrast_bands=() if bands is None
+                        else contrast_bands)
         if name.endswith("Gaussian intervals"):
             m.calibration = {**m.calibration, "interval_quantiles": {}}
         for set_name, data in sets.items():
@@ -68,7 +72,7 @@ def main() -> None:
             print(f"{set_name}, {name}: bound coverage {r['bound_coverage']['0.95']:.3f}, "
                   f"ECE {r['ece']:.4f}")
             for group, g in r["groups"].items():
-                print(f"{'':>4}{group:<42} n={g['n_samples']:4d} coverage "
+                print(f"{'':>4}{group:<64} n={g['n_samples']:4d} coverage "
                       f"{g['bound_coverage']['0.95']:.3f} ECE {g['ece']:.4f}")
     record = {"command": shlex.join(["python", "bench/calibration_groups.py", *sys.argv[1:]]),
               "date": date.today().isoformat(),
@@ -76,12 +80,28 @@ def main() -> None:
               "model": os.path.relpath(args.model, ROOT),
               "calibration_data": os.path.relpath(args.calibration, ROOT),
               "test_data": os.path.relpath(args.test, ROOT), "load_bands": list(LOAD_BANDS),
+              "contrast_bands": list(contrast_bands),
               "n_calibration": len(cal), "runs": results["test"]}
+    record["mix"] = {name: _mix(data) for name, data in
+                     (("calibration", cal), *sets.items())}
     if args.shifted:
         record["shifted_data"] = os.path.relpath(args.shifted, ROOT)
         record["shifted_runs"] = results["shifted"]
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out}")
+
+
+def _mix(data) -> dict[str, float]:
+    """Shares of a data set's samples: per structure kind, and in the highest load band."""
+    import numpy as np
+
+    from neuroscale_couple.calibration import LOAD_BANDS
+    from neuroscale_couple.region import stretch_distance
+
+    kinds = data.kinds[data.micro_index.numpy()]
+    shares = {str(k): float(np.mean(kinds == k)) for k in np.unique(kinds)}
+    high = stretch_distance(data.F.double().numpy()) >= LOAD_BANDS[-1]
+    return shares | {"highest_load_band": float(np.mean(high))}
 
 
 if __name__ == "__main__":

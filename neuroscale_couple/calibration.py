@@ -77,6 +77,13 @@ CONTRAST_BANDS: tuple[float, ...] = (3.0, 10.0, 30.0)
 """Default edges of the contrast bands of a family operator's group-wise calibration, in
 E_f/E_m: over the trained contrasts 1–100, the bands [1, 3), [3, 10), [10, 30) and [30, 100]."""
 
+def points_for_level(level: float) -> int:
+    """Fewest calibration points whose conformal quantile at ``level`` is finite: the k-th
+    smallest score with k = ⌈(n + 1)p⌉ exists once n ≥ p / (1 − p) (19 at 0.95), and at least
+    :data:`MIN_CALIBRATION_POINTS`."""
+    return max(MIN_CALIBRATION_POINTS, math.ceil(level / (1 - level) - 1e-9))
+
+
 MIN_GROUP_POINTS = 40
 """Fewest calibration points of a group that gets a calibration of its own (with 40, the 95 %
 quantile is the 39th smallest score); a group with fewer, or none, gets the conservative

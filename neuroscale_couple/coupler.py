@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from neuroscale_couple.audit import Auditor
-from neuroscale_couple.calibration import Calibration
+from neuroscale_couple.calibration import Calibration, points_for_level
 from neuroscale_couple.cell_fits import CellFits
 from neuroscale_couple.cold_start import ColdStart
 from neuroscale_couple.config import byte_size, whole_number
@@ -109,7 +109,10 @@ class Policy:
     ``outside_material``: a family operator (phases as inputs, :mod:`neuroscale_couple.phases`)
     given a fine solver whose phases lie outside its phase ranges: ``refuse`` (the default:
     the Coupler is not built, the error names the ranges) or ``fallback``, the user's consent
-    to run anyway with every point on the fine solver (counted as outside points).
+    to run anyway with every point on the fine solver (counted as outside points) until an
+    online retraining has learnt the material: once the operator's heads are trained on the
+    run's fine solves and its bound calibrated on held-out ones (at least enough for a finite
+    quantile at ``confidence``), that bound decides point by point.
 
     ``max_failed_fraction``: a fine solve that fails even with load substeps keeps the operator's
     value and is flagged; the run aborts when more than this fraction of all points failed.
@@ -384,10 +387,6 @@ class Coupler(FineSolver):
                 raise InputError("a family operator takes the phases as inputs: give the "
                                  "Coupler the fine solver's material, family={'matrix': {E, "
                                  "nu}, 'fibre': {E, nu}} (from_config passes its `fine` keys)")
-            if model.takes_material and retrain is not None and retrain.enabled and replay_dir:
-                raise InputError("online retraining of a family operator is not built yet "
-                                 "(its replay data would lack the phases): run it with "
-                                 "retrain disabled")
             weights = (model.card.get("training") or {}).get("weights") or {}
             if self.policy.exclude_noise and not weights.get("noise", 0) > 0:
                 raise InputError("exclude_noise needs a model whose covariance head learned the "
@@ -1187,6 +1186,15 @@ class Coupler(FineSolver):
         if self.region is not None:  # the retraining's solves widened the region
             self.region = model.region
             self._check_structures()
+        if (self.material_outside is not None and model.card.get("run_calibration", 0)
+                >= points_for_level(self.policy.confidence)):
+            # phases outside a family operator's ranges (run with the user's consent): its
+            # heads are now trained on this material's fine solves and its bound calibrated
+            # on held-out ones, so points may go to the operator where that bound allows
+            self.material_outside = None
+            if self.comm.rank == 0:
+                log.info("the operator learnt the run's material (outside its trained "
+                         "phases): its calibrated bound now decides, point by point")
         if self.comm.rank == 0:
             log.info("operator retrained on %d fine solves: version %d%s", n_online,
                      self.version, "" if not self.model.calibration else

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from neuroscale_couple.calibration import (
+    CONTRAST_BANDS,
     LEVELS,
     LOAD_BANDS,
     Calibration,
@@ -88,17 +89,19 @@ def evaluate(model: CoarseGrainingOperator, data: TrainingData, *, ood: Training
     Keys: ``rel_l2_stress``, ``rel_l2_tangent``, ``coverage`` (level → observed fraction in the
     calibrated ellipsoid), ``bound_coverage`` (level → fraction within the fallback policy's
     error bound), ``ece``, ``n_samples``, ``groups`` (per structure kind and load band, the
-    model's bands or the default ones: ``n_samples``, ``rel_l2_stress``, ``bound_coverage``,
-    ``ece``), ``bound_width`` (the mean error bound at :data:`BOUND_WIDTH_LEVEL` over the mean
-    ‖P̄‖: how sharp the bound is, a fallback at rtol r comes where it exceeds r‖P̄‖) and
-    ``ood_auroc`` when ``ood`` is given.
+    model's bands or the default ones, and for a family operator per contrast band too:
+    ``n_samples``, ``rel_l2_stress``, ``bound_coverage``, ``ece``), ``bound_width`` (the mean
+    error bound at :data:`BOUND_WIDTH_LEVEL` over the mean ‖P̄‖: how sharp the bound is, a
+    fallback at rtol r comes where it exceeds r‖P̄‖) and ``ood_auroc`` when ``ood`` is given.
     """
     if not model.calibration:
         raise InputError("the model is not calibrated: run `neuroscale calibrate` first")
     cal = Calibration.from_dict(model.calibration)
     y, mu, Sigma, A, A_pred = _numpy_predictions(model, data)
     bands = cal.bands if cal.grouped else LOAD_BANDS
-    labels = sample_labels(data, bands, cal.contrast_bands)
+    contrast_bands = (cal.contrast_bands if cal.grouped
+                      else CONTRAST_BANDS if model.takes_material else ())
+    labels = sample_labels(data, bands, contrast_bands)
 
     def metrics(m: np.ndarray) -> dict:
         return {"rel_l2_stress": float(np.linalg.norm(mu[m] - y[m]) / np.linalg.norm(y[m])),
@@ -120,7 +123,7 @@ def evaluate(model: CoarseGrainingOperator, data: TrainingData, *, ood: Training
         "bound_width": float(np.mean(cal.error_bound(Sigma, BOUND_WIDTH_LEVEL, labels))
                              / np.mean(np.linalg.norm(y, axis=1))),
         "calibration": "group-wise" if cal.grouped else "global",
-        "groups": {band_name(str(g), bands, cal.contrast_bands): {
+        "groups": {band_name(str(g), bands, contrast_bands): {
             "n_samples": int((labels == g).sum()), **metrics(labels == g)}
                    for g in np.unique(labels)},
     }

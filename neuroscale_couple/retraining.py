@@ -24,7 +24,6 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -106,14 +105,16 @@ class RetrainConfig:
 
 class RetrainJob(NamedTuple):
     """One retraining: training data, calibration data (None: keep the calibration), the
-    optimisation settings, how many of the samples are the runs' fine solves, and whether the
-    normalisation is set from the data (a cold start's first training)."""
+    optimisation settings, how many of the samples are the runs' fine solves, whether the
+    normalisation is set from the data (a cold start's first training), and how many of the
+    calibration samples are this run's own held-out fine solves."""
 
     data: TrainingData
     calibration: TrainingData | None
     config: TrainConfig
     n_online: int
     normalise: bool = False
+    run_calibration: int = 0
 
 
 class Retrainer:
@@ -191,12 +192,14 @@ class Retrainer:
         """Load steps that must remain after a retraining for its model to serve one."""
         return 2 if self.config.background else 1
 
-    def replay_data(self, resolution: int, up_to_step: int | None, from_step: int = 0):
+    def replay_data(self, resolution: int, up_to_step: int | None, from_step: int = 0,
+                    material_inputs: bool = False):
         """The fine solves of earlier runs (``replay_from``) and of this run from
         ``from_step`` up to ``up_to_step`` (None: none of this run) as
-        :class:`~neuroscale_couple.training.TrainingData` with images at ``resolution``, in a
-        rank-count independent order (run, step, evaluation, point id), and their point ids
-        (S,); None if there are none.
+        :class:`~neuroscale_couple.training.TrainingData` with images at ``resolution`` (with
+        ``material_inputs``, a family operator's: the phases of each segment's material join
+        them, stresses in its E_m), in a rank-count independent order (run, step, evaluation,
+        point id), and their point ids (S,); None if there are none.
         """
         from neuroscale_couple.training import TrainingData
 
@@ -209,7 +212,8 @@ class Retrainer:
         parts, keys = [], []
         for run, path in sources:
             d = load_rve_dataset(path)
-            parts.append(TrainingData.from_arrays(d, resolution, torch.float64, str(path)))
+            parts.append(TrainingData.from_arrays(d, resolution, torch.float64, str(path),
+                                                  material_inputs))
             keys.append(np.stack([np.full(len(d["samples/step"]), run), d["samples/step"],
                                   d["samples/evaluation"], d["samples/point_id"]], axis=1))
         if not parts:
@@ -228,12 +232,13 @@ class Retrainer:
                                    micro_index=torch.as_tensor(index, dtype=torch.long)
                                    ), k[order, 3]
 
-    def _anchor_data(self, path: Path | None, resolution: int, seed: int):
+    def _anchor_data(self, path: Path | None, resolution: int, seed: int,
+                     material_inputs: bool = False):
         from neuroscale_couple.training import TrainingData
 
         if path is None:
             return None
-        data = TrainingData.from_h5(path, resolution, torch.float64)
+        data = TrainingData.from_h5(path, resolution, torch.float64, material_inputs)
         n_micro = len(data.images)
         if n_micro > self.config.anchor_micro:
             keep = np.random.default_rng(seed).choice(n_micro, self.config.anchor_micro,
@@ -256,8 +261,8 @@ class Retrainer:
 
         cfg = self.config
         seed = 1000 + version
-        resolution = model.input_resolution
-        replayed = self.replay_data(resolution, up_to_step)
+        resolution, phases = model.input_resolution, model.takes_material
+        replayed = self.replay_data(resolution, up_to_step, material_inputs=phases)
         if replayed is None:
             return None
         online, point_ids = replayed
@@ -274,8 +279,8 @@ class Retrainer:
             n_held = round(cfg.calibration_fraction * len(online))
             fit = online.subset(np.sort(order[n_held:]))
             held = online.subset(np.sort(order[:n_held]))
-        anchor = self._anchor_data(self._anchor[0], resolution, seed)
-        anchor_cal = self._anchor_data(self._anchor[1], resolution, seed)
+        anchor = self._anchor_data(self._anchor[0], resolution, seed, phases)
+        anchor_cal = self._anchor_data(self._anchor[1], resolution, seed, phases)
         data = TrainingData.concat([p for p in (fit, anchor) if p is not None])
         cal_parts = [p for p in (held, anchor_cal) if p is not None and len(p)]
         calibration = TrainingData.concat(cal_parts) if cal_parts else None
@@ -287,7 +292,8 @@ class Retrainer:
         tcfg = TrainConfig(epochs=n_epochs, batch_size=batch, lr=lr, lr_final=cfg.lr_final,
                            val_fraction=0.0, patience=n_epochs, seed=seed,
                            weights=dict(cfg.weights))
-        return RetrainJob(data, calibration, tcfg, len(online), normalise=first)
+        return RetrainJob(data, calibration, tcfg, len(online), normalise=first,
+                          run_calibration=0 if held is None else len(held))
 
     def recalibrate(self, model, step: int, confidence: float) -> int:
         """Calibrate ``model`` in place (split conformal, at ``confidence`` and the default
@@ -295,14 +301,14 @@ class Retrainer:
         too where that step has fewer than a finite quantile at ``confidence`` needs (19 at
         0.95) — (a cold start's; every rank reads the same files: collective). Returns the
         number of samples used, 0 if too few (the calibration is then left as it was)."""
-        from neuroscale_couple.calibration import LEVELS, MIN_CALIBRATION_POINTS
+        from neuroscale_couple.calibration import LEVELS, points_for_level
         from neuroscale_couple.evaluation import calibrate_model
 
-        # the k-th smallest score with k = ⌈(n + 1)p⌉ exists (is finite) once n ≥ p / (1 − p)
-        needed = max(MIN_CALIBRATION_POINTS, math.ceil(confidence / (1 - confidence) - 1e-9))
+        needed = points_for_level(confidence)
         with self._agreed("the cold start's recalibration", local=True):
             for first in range(step, -1, -1):
-                replayed = self.replay_data(model.input_resolution, step, first)
+                replayed = self.replay_data(model.input_resolution, step, first,
+                                            model.takes_material)
                 if replayed is None:
                     continue
                 data, point_ids = replayed
@@ -355,6 +361,7 @@ class Retrainer:
         rank; ``model`` is left as it was."""
         t0 = time.perf_counter()
         trained = copy.deepcopy(model)
+        trained.card["run_calibration"] = job.run_calibration
         with self._agreed("the retraining"):
             self._fit(trained, job.data, job.calibration, job.config, self._training_comm(),
                       job.normalise)
@@ -384,6 +391,7 @@ class Retrainer:
         """Start a :meth:`job` of load step ``step`` on a copy of ``model`` in a thread
         (collectives on a duplicate communicator); :meth:`swap` returns the result."""
         copied = copy.deepcopy(model)
+        copied.card["run_calibration"] = job.run_calibration
         comm = self._training_comm(background=True)
         self.pending = _Background(
             lambda cancel: self._fit(copied, job.data, job.calibration, job.config, comm,

@@ -11,7 +11,7 @@ from mpi4py import MPI
 import numpy as np
 import pytest
 
-from neuroscale_couple.calibration import CONTRAST_BANDS, Calibration
+from neuroscale_couple.calibration import CONTRAST_BANDS, LOAD_BANDS, Calibration
 from neuroscale_couple.cli import main
 from neuroscale_couple.config import load_yaml
 from neuroscale_couple.coupler import FINE, OPERATOR, Coupler, Policy
@@ -128,3 +128,37 @@ def test_family_model_is_calibrated_per_contrast_band(family_model, tmp_path, ca
     assert main(["calibrate", "--model", "examples/models/fe2_composite.pt", "--data", data,
                  "--groups", "--contrast-bands", "3,10", "--out", plain]) == 2
     assert "one material" in capsys.readouterr().err
+
+
+def test_family_model_learns_an_outside_material_online_with_consent(family_model, tmp_path):
+    """Phases outside the ranges, run with the user's consent: every point falls back until
+    an online retraining on the run's own fine solves (the replay data carry the run's phases)
+    is calibrated on enough held-out ones; then the operator's bound decides point by point."""
+    from neuroscale_couple.evaluation import calibrate_model
+    from neuroscale_couple.retraining import RetrainConfig
+    from neuroscale_couple.training import TrainingData
+
+    model = load_operator(family_model / "model.pt").double()
+    calibrate_model(model, TrainingData.from_h5(family_model / "calibration.h5",
+                                                model.input_resolution, material_inputs=True),
+                    bands=LOAD_BANDS, contrast_bands=CONTRAST_BANDS)
+    outside = material(3.0, 0.35, 600.0, 0.2)  # contrast 200
+    cells = [random_fibres(0.15 + 0.3 * (k % 5) / 4, 1 + k % 4, seed=100 + k) for k in range(40)]
+    c = Coupler(model, lambda s: rve_from_config(outside, s), family=outside,
+                policy=Policy(rtol=float("inf"), outside_material="fallback"),
+                comm=MPI.COMM_SELF, replay_dir=tmp_path / "replay",
+                retrain=RetrainConfig(epochs=3, min_new=8, calibration_fraction=0.5))
+    ids = np.arange(len(cells))
+    loads = F[ids % 2]
+    c.register(ids, cells)
+    c.begin_step(0)
+    assert np.all(c.evaluate(loads, ids).source == FINE) and c.material_outside is not None
+    c.end_step(steps_left=1)
+    assert c.version == 1 and c.material_outside is None
+    assert c.model.card["run_calibration"] == 20 and c.model.calibration["n_calibration"] == 20
+    recalibrated = Calibration.from_dict(c.model.calibration)  # group-wise, as before
+    assert recalibrated.contrast_bands == CONTRAST_BANDS and recalibrated.bands == LOAD_BANDS
+    c.begin_step(1)
+    r = c.evaluate(1.01 * loads, ids)
+    assert np.all(r.source == OPERATOR) and np.all(np.isfinite(r.stress))
+    c.close()
