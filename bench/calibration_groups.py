@@ -4,9 +4,11 @@ Calibrates the model both ways on one held-out calibration set and evaluates eac
 set, per structure kind and load band (``neuroscale evaluate``'s ``groups``): coverage of the
 policy's 95 % bound and the ECE of the per-component intervals — the conformal ones, and for
 the global calibration also the Gaussian ones (μᵢ ± Φ⁻¹((1 + p)/2) s √Σᵢᵢ) they replace. With
-``--shifted``, the same on a second test set in another mix of groups. Needs the data sets of
-`make model` (``out/model/calibration.h5``, ``out/model/test.h5``; made by `neuroscale generate
-examples/models/fe2_composite.{calibration,test}.yaml`); the shifted one from
+``--shifted``, the same on a second test set in another mix of groups. Needs the calibration
+set ``out/model/calibration_groups.h5`` (`neuroscale generate
+examples/models/fe2_composite.calibration_groups.yaml`: the shipped calibration set with more
+fibre chains and large loads, so that every group has a few hundred points), the test set of
+`make model` (``out/model/test.h5``) and, for ``--shifted``, one from
 ``examples/models/fe2_composite.shifted_test.yaml``.
 
     python bench/calibration_groups.py [--model M.pt] [--calibration C.h5] [--test T.h5]
@@ -36,7 +38,8 @@ RESULTS = ROOT / "bench" / "results"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "examples" / "models" / "fe2_composite.pt"))
-    p.add_argument("--calibration", default=str(ROOT / "out" / "model" / "calibration.h5"))
+    p.add_argument("--calibration",
+                   default=str(ROOT / "out" / "model" / "calibration_groups.h5"))
     p.add_argument("--test", default=str(ROOT / "out" / "model" / "test.h5"))
     p.add_argument("--shifted", help="a test set in another mix of groups (optional)")
     p.add_argument("--out", default=str(RESULTS / "calibration_groups.json"))

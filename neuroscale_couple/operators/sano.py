@@ -39,7 +39,13 @@ from neuroscale_couple.operators.epistemic import EpistemicConfig
 from neuroscale_couple.operators.heads import FineDecoder, green_lagrange_mandel
 from neuroscale_couple.operators.spectral import FourierBlock, pointwise_conv
 from neuroscale_couple.operators.wavelet import WaveletDecomposition
-from neuroscale_couple.phases import DESCRIPTORS, material_arrays, outside_reason
+from neuroscale_couple.phases import (
+    DESCRIPTORS,
+    SLACK,
+    PhaseRanges,
+    material_arrays,
+    outside_reason,
+)
 from neuroscale_couple.physics import micro_deformation, micro_stress
 
 
@@ -287,6 +293,18 @@ class SANO(CoarseGrainingOperator):
             raise InputError(f"the model was trained for law={c.law!r} but the fine solver uses "
                              f"law={family['law']!r}: use a model trained for this material")
         if self.takes_material:
+            drawn = PhaseRanges.from_config(family)
+            if drawn is not None:  # data whose cells draw their phases (a family's again)
+                for key, (lo, hi) in drawn.descriptor_ranges().items():
+                    trained = c.phase_ranges[key]
+                    if not (trained[0] - SLACK * abs(trained[0]) <= lo
+                            and hi <= trained[1] + SLACK * abs(trained[1])):
+                        raise InputError(
+                            f"the data's {key} range [{lo:.4g}, {hi:.4g}] leaves the family "
+                            f"model's trained [{trained[0]:.4g}, {trained[1]:.4g}]: fine-tune "
+                            "on data inside its ranges, or train a family model on the wider "
+                            "ranges")
+                return
             reason = outside_reason(TwoPhaseMaterial.from_config(family), c.phase_ranges)
             if reason is not None:
                 ranges = ", ".join(f"{k} [{lo:.4g}, {hi:.4g}]"

@@ -91,6 +91,11 @@ def test_family_operator_accepts_phases_in_its_ranges_and_refuses_others(family_
         family_model.check_family(material(1.0, 0.49, 5.0, 0.3))
     with pytest.raises(InputError, match="law"):
         family_model.check_family({**material(3.0, 0.35, 70.0, 0.2), "law": "linear"})
+    # data whose cells draw their phases (a second training stage): their ranges must lie
+    # inside the model's
+    family_model.check_family({**CONFIG, "fibre": {"E": {"contrast": [2, 50]}, "nu": 0.3}})
+    with pytest.raises(InputError, match=r"contrast range \[1, 300\] leaves"):
+        family_model.check_family({**CONFIG, "fibre": {"E": {"contrast": [1, 300]}, "nu": 0.3}})
 
 
 def test_an_unbound_family_operator_asks_for_the_material(family_model):
