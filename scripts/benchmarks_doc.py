@@ -932,8 +932,9 @@ def calibration_groups_section(record: dict, path: Path) -> list[str]:
            "bound and the ECE of the per-component intervals, per group. Intervals: the "
            "conformal factors t_p of the calibration, and, for comparison, the Gaussian "
            "Φ⁻¹((1 + p)/2) they replace. The target (issue 29) is coverage within 95 ± 2 % in "
-           "every group and ECE ≤ 1 % on any mix; a group's coverage measured on n samples "
-           "has a standard error of about √(0.05 · 0.95 / n) (2 % at n = 119).", ""]
+           "every group and ECE ≤ 1 % on any mix. In brackets, the 95 % interval of a group's "
+           "coverage from resampling its cells: a cell's loads are not independent trials, so "
+           "the interval is wider than √(0.05 · 0.95 / n) of n independent samples.", ""]
     out += provenance(record, path, "the fields below", None)
     mix = record.get("mix") or {}
     if mix:
@@ -950,14 +951,20 @@ def calibration_groups_section(record: dict, path: Path) -> list[str]:
 
 
 def _calibration_group_table(runs: dict) -> list[str]:
-    """Rows: all samples, then each group; columns: each calibration's coverage / ECE."""
+    """Rows: all samples, then each group; columns: each calibration's coverage (with its 95 %
+    interval over the group's cells, where recorded) / ECE."""
     names = list(runs)
     rows = [("all", num(runs[names[0]]["n_samples"]),
              *(f"{pct(r['bound_coverage']['0.95'])} / {pct(r['ece'])}" for r in runs.values()))]
+
+    def cell(g: dict) -> str:
+        lo_hi = g.get("bound_coverage_interval")
+        interval = f" [{100 * lo_hi[0]:.1f}, {100 * lo_hi[1]:.1f}]" if lo_hi else ""
+        return f"{pct(g['bound_coverage']['0.95'])}{interval} / {pct(g['ece'])}"
+
     for group, g in runs[names[0]]["groups"].items():
-        rows.append((group, num(g["n_samples"]), *(
-            f"{pct(r['groups'][group]['bound_coverage']['0.95'])} / "
-            f"{pct(r['groups'][group]['ece'])}" for r in runs.values())))
+        size = num(g["n_samples"]) + (f" ({num(g['cells'])} cells)" if "cells" in g else "")
+        rows.append((group, size, *(cell(r["groups"][group]) for r in runs.values())))
     return table(("group", "test samples", *(f"{n}: coverage / ECE" for n in names)), rows)
 
 
