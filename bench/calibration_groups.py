@@ -142,16 +142,26 @@ def _add_intervals(result: dict, model, data, predicted: tuple) -> None:
 
 
 def _mix(data) -> dict[str, float]:
-    """Shares of a data set's samples: per structure kind, and in the highest load band."""
+    """Shares of a data set's samples: per structure kind, in the highest load band and, for
+    a family operator's data, per contrast band."""
     import numpy as np
 
-    from neuroscale_couple.calibration import LOAD_BANDS
+    from neuroscale_couple.calibration import CONTRAST_BANDS, LOAD_BANDS, band_name
+    from neuroscale_couple.phases import input_contrast
     from neuroscale_couple.region import stretch_distance
 
-    kinds = data.kinds[data.micro_index.numpy()]
+    micro = data.micro_index.numpy()
+    kinds = data.kinds[micro]
     shares = {str(k): float(np.mean(kinds == k)) for k in np.unique(kinds)}
     high = stretch_distance(data.F.double().numpy()) >= LOAD_BANDS[-1]
-    return shares | {"highest_load_band": float(np.mean(high))}
+    shares["highest_load_band"] = float(np.mean(high))
+    contrast = input_contrast(data.images)
+    if contrast is not None:
+        band = np.searchsorted(CONTRAST_BANDS, contrast[micro], side="right")
+        for b in range(len(CONTRAST_BANDS) + 1):
+            name = band_name(f"x|0|{b}", LOAD_BANDS, CONTRAST_BANDS).split(", ")[-1]
+            shares[name] = float(np.mean(band == b))
+    return shares
 
 
 if __name__ == "__main__":

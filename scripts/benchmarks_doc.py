@@ -941,8 +941,8 @@ def calibration_groups_section(record: dict, path: Path) -> list[str]:
         out += table(("set", *mix["calibration"]), [
             (name, *(pct(shares.get(k, 0.0)) for k in mix["calibration"]))
             for name, shares in mix.items()])
-        out += ["*Share of each set's samples per cell family, and in the highest load band.*",
-                ""]
+        out += ["*Share of each set's samples per cell family, in the highest load band and, "
+                "for a family operator, per contrast band.*", ""]
     out += _calibration_group_table(record["runs"])
     if record.get("shifted_runs"):
         out += [f"On `{record['shifted_data']}`, a test set in another mix:", ""]
