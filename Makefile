@@ -117,7 +117,8 @@ model: $(STAMP)
 	  --ood $(MODEL_DATA)/ood.h5 --plot $(MODEL).reliability.png --card $(MODEL).json
 
 # Data sets $(1).{data,calibration,test}.yaml → $(3)/*.h5, training $(1).train.yaml → $(2).pt
-# (work folder $(3)/model.train), calibration: the recipe shared by `make family-model` and
+# (work folder $(3)/model.train; then $(1).finetune.yaml where it exists, a second stage from the
+# first's weights), calibration (flags $(4)): the recipe shared by `make family-model` and
 # `make model-3d` (each resumable: finished data sets are kept, a killed training resumes).
 define data_train_calibrate
 	mkdir -p $(3) $$(dirname $(2))
@@ -125,7 +126,9 @@ define data_train_calibrate
 	  $(MPIRUN) -n $(NP) $(VENV)/bin/neuroscale generate $(1).$$set.yaml --out $(3)/$$set.h5 || exit 1; \
 	done
 	$(VENV)/bin/neuroscale train $(1).train.yaml --data $(3)/data.h5 --out $(2).pt --work $(3)/model.train
-	$(VENV)/bin/neuroscale calibrate --model $(2).pt --data $(3)/calibration.h5
+	if [ -f $(1).finetune.yaml ]; then $(VENV)/bin/neuroscale train $(1).finetune.yaml \
+	  --init $(2).pt --data $(3)/data.h5 --out $(2).pt --work $(3)/finetune.train || exit 1; fi
+	$(VENV)/bin/neuroscale calibrate --model $(2).pt --data $(3)/calibration.h5 $(4)
 endef
 
 # The 3D operator: SANO on voxel images (16³) of 3D sphere cells, F̄ 3×3, trained on data of the
@@ -160,16 +163,16 @@ fast-model: $(STAMP)
 
 # The family operator: phases drawn per cell over ranges (contrast 1–100, ν 0.2–0.45) are its
 # inputs, so phases inside them need no training (neuroscale_couple.phases). FAMILY names the
-# recipe's configs ($(FAMILY).{data,calibration,test,train}.yaml): examples/configs/family (the
-# full size: estimated ≈ 1 h of data sets and ≈ 2.5 h of training on 2 cores) or family_smoke
-# (≈ 15 s).
+# recipe's configs ($(FAMILY).{data,calibration,test,train,finetune}.yaml): examples/configs/family
+# (the full size, measured on 2 cores: ≈ 1 h of data sets, 4.1 h + 32 min of training) or
+# family_smoke (≈ 15 s). Calibrated per cell family, load band and contrast band (--groups).
 # Where the fixed model's test set $(MODEL_DATA)/test.h5 exists, the family model is evaluated on
 # it too ($(FAMILY_OUT).fixed.json): the issue asks ≤ 1.2× the fixed model's error there.
 FAMILY      ?= examples/configs/family
 FAMILY_OUT  ?= examples/models/fe2_family
 FAMILY_DATA ?= out/family_model
 family-model: $(STAMP)
-	$(call data_train_calibrate,$(FAMILY),$(FAMILY_OUT),$(FAMILY_DATA))
+	$(call data_train_calibrate,$(FAMILY),$(FAMILY_OUT),$(FAMILY_DATA),--groups)
 	$(VENV)/bin/neuroscale evaluate --model $(FAMILY_OUT).pt --data $(FAMILY_DATA)/test.h5 \
 	  --card $(FAMILY_OUT).json
 	if [ -f $(MODEL_DATA)/test.h5 ]; then $(VENV)/bin/neuroscale evaluate --model $(FAMILY_OUT).pt \
