@@ -51,7 +51,7 @@ def main() -> None:
                      "examples/models/fe2_composite.<set>.yaml --out <file>`")
 
     from neuroscale_couple.calibration import CONTRAST_BANDS, LOAD_BANDS
-    from neuroscale_couple.evaluation import _numpy_predictions, calibrate_model, evaluate
+    from neuroscale_couple.evaluation import calibrate_model, evaluate, numpy_predictions
     from neuroscale_couple.operators.base import load_operator
     from neuroscale_couple.training import TrainingData
 
@@ -74,7 +74,7 @@ def main() -> None:
         for set_name, data in sets.items():
             r = results[set_name][name] = evaluate(m, data)
             _add_intervals(r, m, data, predictions.setdefault(
-                set_name, _numpy_predictions(copy.deepcopy(model), data)))
+                set_name, numpy_predictions(copy.deepcopy(model), data)))
             print(f"{set_name}, {name}: bound coverage {r['bound_coverage']['0.95']:.3f}, "
                   f"ECE {r['ece']:.4f}")
             for group, g in r["groups"].items():
@@ -109,25 +109,18 @@ def _add_intervals(result: dict, model, data, predicted: tuple) -> None:
     trials); checks that the resampled coverage is the reported one."""
     import numpy as np
 
-    from neuroscale_couple.calibration import (
-        CONTRAST_BANDS,
-        LOAD_BANDS,
-        Calibration,
-        band_name,
-    )
-    from neuroscale_couple.evaluation import sample_labels
+    from neuroscale_couple.calibration import Calibration, band_name
+    from neuroscale_couple.evaluation import reported_bands, sample_labels
 
     cal = Calibration.from_dict(model.calibration)
-    contrast = (cal.contrast_bands if cal.grouped
-                else CONTRAST_BANDS if model.takes_material else ())
-    labels = sample_labels(data, cal.bands if cal.grouped else LOAD_BANDS, contrast)
+    bands, contrast = reported_bands(model, cal)
+    labels = sample_labels(data, bands, contrast)
     y, mu, Sigma = predicted[:3]
     bound = cal.error_bound(Sigma, 0.95, labels if cal.grouped else None)
     covered = np.linalg.norm(y - mu, axis=1) <= bound
     cells = data.micro_index.numpy()
     rng = np.random.default_rng(0)
-    names = {band_name(str(g), cal.bands if cal.grouped else LOAD_BANDS, contrast): g
-             for g in np.unique(labels)}
+    names = {band_name(str(g), bands, contrast): g for g in np.unique(labels)}
     for name, g in result["groups"].items():
         mine = labels == names[name]
         if not np.isclose(covered[mine].mean(), g["bound_coverage"]["0.95"]):

@@ -27,7 +27,7 @@ from neuroscale_couple.region import stretch_distance
 from neuroscale_couple.training import TrainingData, predict_dataset
 
 
-def _numpy_predictions(model: CoarseGrainingOperator, data: TrainingData) -> tuple[np.ndarray, ...]:
+def numpy_predictions(model: CoarseGrainingOperator, data: TrainingData) -> tuple[np.ndarray, ...]:
     """(y, mu, Sigma, A_true, A_pred) as float64 arrays (n, d²), (n, d²), (n, d², d²), ...
     (d²: 4 in 2D, 9 in 3D)."""
     model = model.double()
@@ -74,12 +74,22 @@ def calibrate_model(model: CoarseGrainingOperator, data: TrainingData, levels=LE
     if contrast_bands and bands is None:
         raise InputError("contrast bands are groups of a group-wise calibration: give load "
                          "bands too (neuroscale calibrate --groups)")
-    y, mu, Sigma, _, _ = _numpy_predictions(model, data)
+    y, mu, Sigma, _, _ = numpy_predictions(model, data)
     labels = None if bands is None else sample_labels(data, bands, contrast_bands)
     cal = fit_conformal(y, mu, Sigma, levels, labels=labels, bands=bands or (),
                         contrast_bands=contrast_bands)
     model.calibration = cal.to_dict()
     return cal
+
+
+def reported_bands(model: CoarseGrainingOperator, cal: Calibration
+                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The load and contrast band edges :func:`evaluate` reports groups by: a group-wise
+    calibration's own; else the default load bands, and for a family operator the default
+    contrast bands."""
+    if cal.grouped:
+        return cal.bands, cal.contrast_bands
+    return LOAD_BANDS, CONTRAST_BANDS if model.takes_material else ()
 
 
 def evaluate(model: CoarseGrainingOperator, data: TrainingData, *, ood: TrainingData | None = None,
@@ -97,10 +107,8 @@ def evaluate(model: CoarseGrainingOperator, data: TrainingData, *, ood: Training
     if not model.calibration:
         raise InputError("the model is not calibrated: run `neuroscale calibrate` first")
     cal = Calibration.from_dict(model.calibration)
-    y, mu, Sigma, A, A_pred = _numpy_predictions(model, data)
-    bands = cal.bands if cal.grouped else LOAD_BANDS
-    contrast_bands = (cal.contrast_bands if cal.grouped
-                      else CONTRAST_BANDS if model.takes_material else ())
+    y, mu, Sigma, A, A_pred = numpy_predictions(model, data)
+    bands, contrast_bands = reported_bands(model, cal)
     labels = sample_labels(data, bands, contrast_bands)
 
     def metrics(m: np.ndarray) -> dict:
@@ -128,7 +136,7 @@ def evaluate(model: CoarseGrainingOperator, data: TrainingData, *, ood: Training
                    for g in np.unique(labels)},
     }
     if ood is not None:
-        _, _, Sigma_ood, _, _ = _numpy_predictions(model, ood)
+        _, _, Sigma_ood, _, _ = numpy_predictions(model, ood)
         out["ood_auroc"] = auroc(uncertainty_score(Sigma), uncertainty_score(Sigma_ood))
     if plot is not None:
         reliability_diagram(y, mu, Sigma, cal, plot,
