@@ -148,11 +148,17 @@ def material_arrays(material: TwoPhaseMaterial, count: int) -> dict[str, np.ndar
     return {k: np.full(count, v) for k, v in zip(PHASE_ARRAYS, values, strict=True)}
 
 
+def in_range(value: float, bounds) -> bool:
+    """Whether ``value`` lies in ``bounds`` [low, high], with a relative :data:`SLACK`."""
+    lo, hi = bounds
+    return lo - SLACK * abs(lo) <= value <= hi + SLACK * abs(hi)
+
+
 def outside_reason(material: TwoPhaseMaterial, ranges: dict[str, list[float]]) -> str | None:
     """Why ``material``'s descriptors lie outside ``ranges`` (descriptor → [low, high]), or
     None where they are inside."""
     values = {k: float(v[0]) for k, v in descriptors(material_arrays(material, 1)).items()}
     for key, (lo, hi) in ranges.items():
-        if not lo - SLACK * abs(lo) <= values[key] <= hi + SLACK * abs(hi):
+        if not in_range(values[key], (lo, hi)):
             return f"{key} {values[key]:.4g} outside the trained [{lo:.4g}, {hi:.4g}]"
     return None

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from neuroscale_couple.errors import InputError
-from neuroscale_couple.phases import PHASE_ARRAYS, descriptors
+from neuroscale_couple.phases import PHASE_ARRAYS, descriptors, in_range
 from neuroscale_couple.structures import family
 from neuroscale_couple.tensors import determinant
 
@@ -145,7 +145,7 @@ class TrainingRegion:
                     f"{', '.join(sorted(self.structures))})")
         for key, (lo, hi) in ranges.items():
             value = float(getattr(structure, key))
-            if not lo - SLACK * abs(lo) <= value <= hi + SLACK * abs(hi):
+            if not in_range(value, (lo, hi)):
                 return f"{key} {value:.4g} outside the trained [{lo:.4g}, {hi:.4g}]"
         return None
 

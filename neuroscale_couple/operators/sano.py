@@ -41,8 +41,8 @@ from neuroscale_couple.operators.spectral import FourierBlock, pointwise_conv
 from neuroscale_couple.operators.wavelet import WaveletDecomposition
 from neuroscale_couple.phases import (
     DESCRIPTORS,
-    SLACK,
     PhaseRanges,
+    in_range,
     material_arrays,
     outside_reason,
 )
@@ -297,8 +297,7 @@ class SANO(CoarseGrainingOperator):
             if drawn is not None:  # data whose cells draw their phases (a family's again)
                 for key, (lo, hi) in drawn.descriptor_ranges().items():
                     trained = c.phase_ranges[key]
-                    if not (trained[0] - SLACK * abs(trained[0]) <= lo
-                            and hi <= trained[1] + SLACK * abs(trained[1])):
+                    if not (in_range(lo, trained) and in_range(hi, trained)):
                         raise InputError(
                             f"the data's {key} range [{lo:.4g}, {hi:.4g}] leaves the family "
                             f"model's trained [{trained[0]:.4g}, {trained[1]:.4g}]: fine-tune "
