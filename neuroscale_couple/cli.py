@@ -35,6 +35,7 @@ from neuroscale_couple.errors import InputError, NeuroScaleError
 
 if TYPE_CHECKING:
     from neuroscale_couple.store import WorkCheckpoint
+    from neuroscale_couple.training import TrainingData
 
 
 def cmd_rve(args: argparse.Namespace) -> None:
@@ -81,24 +82,34 @@ def cmd_generate(args: argparse.Namespace) -> None:
     generate(load_yaml(args.config), args.out, MPI.COMM_WORLD, progress=not args.quiet)
 
 
-def training_data(paths: list[str], resolution: int | None, material_inputs: bool = False):
-    """One :class:`TrainingData` of the data sets at ``paths``, which must share their material
-    family (their structure family's ``family_config``: for cells every generate key but
-    ``microstructure`` and ``loads``); the first one's config stands for all.
-    ``material_inputs``: for a family operator (:meth:`TrainingData.from_arrays`)."""
+def training_data(paths: list[str], resolution: int | None, material_inputs: bool = False
+                  ) -> tuple[TrainingData, list[dict]]:
+    """One :class:`TrainingData` of the data sets at ``paths`` and each set's material family
+    config (its structure family's ``family_config``: for cells every generate key but
+    ``microstructure`` and ``loads``). The sets must share that family, the first one's config
+    standing for all; for a family operator (``material_inputs``,
+    :meth:`TrainingData.from_arrays`) all but their phases (:data:`~neuroscale_couple.phases.
+    PHASE_KEYS`: data of one material may join data that draws its phases — the caller checks
+    each set's phases against the operator's ranges)."""
+    from neuroscale_couple.phases import PHASE_KEYS
     from neuroscale_couple.training import TrainingData
 
     parts = [TrainingData.from_h5(path, resolution, material_inputs=material_inputs)
              for path in paths]
-    family = parts[0].structure.family_config(parts[0].config)
-    for path, part in zip(paths[1:], parts[1:], strict=True):
-        other = part.structure.family_config(part.config)
-        if other != family:
-            keys = sorted(k for k in family.keys() | other.keys() if family.get(k) != other.get(k))
+    families = [part.structure.family_config(part.config) for part in parts]
+    ignored = PHASE_KEYS if material_inputs else ()
+
+    def shared(family: dict) -> dict:
+        return {k: v for k, v in family.items() if k not in ignored}
+
+    for path, other in zip(paths[1:], families[1:], strict=True):
+        first, then = shared(families[0]), shared(other)
+        if then != first:
+            keys = sorted(k for k in first.keys() | then.keys() if first.get(k) != then.get(k))
             raise InputError(f"--data {path} is of another material family than {paths[0]} "
                              f"(they differ in {', '.join(keys)}): train together only data sets "
                              "of one family")
-    return parts[0] if len(parts) == 1 else TrainingData.concat(parts)
+    return (parts[0] if len(parts) == 1 else TrainingData.concat(parts)), families
 
 
 TRAIN_KEYS = ("model", "training")
@@ -134,7 +145,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                    **{k: v for k, v in init.card.items() if k in kept}}
     resolution = init.input_resolution if init is not None else int(
         mcfg.get("resolution", SANOConfig.resolution))
-    data = training_data(args.data, resolution, init is not None and init.takes_material)
+    data, families = training_data(args.data, resolution,
+                                   init is not None and init.takes_material)
     import torch
 
     from neuroscale_couple.parallel import device_for_rank
@@ -143,10 +155,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     device = device_for_rank(comm)
     logging.getLogger(__name__).info("rank %d trains on %s", comm.rank, device)
     if init is not None:  # the data must be of the family the checkpoint learnt, or adopted
-        family = data.structure.family_config(data.config)
+        family = families[0]
         transfer = init.adopt_material(family) if args.new_material else None
         try:
-            init.check_family(family)
+            for each in families:
+                init.check_family(each)
         except InputError as err:
             raise InputError(f"{err} (to fine-tune the model to the data's material, add "
                              "--new-material)") from None

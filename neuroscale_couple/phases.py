@@ -31,6 +31,9 @@ PHASE_ARRAYS = ("matrix_E", "matrix_nu", "fibre_E", "fibre_nu")
 """Per-cell arrays (M,) of a data set whose cells draw their phases."""
 DESCRIPTORS = ("contrast", "matrix_nu", "fibre_nu")
 """The scale-free phase descriptors a family operator takes (contrast = E_f/E_m)."""
+PHASE_KEYS = ("matrix", "fibre", "phase_seed")
+"""Generate-config keys of the phases: data sets of one family operator may differ in them
+(one material, or ranges inside the operator's)."""
 SLACK = 1e-9
 """Relative slack on the ranges (a trained value itself is inside)."""
 
