@@ -99,9 +99,9 @@ def test_family_model_takes_materials_in_its_ranges_and_refuses_others(family_mo
 def test_family_model_is_evaluated_and_fine_tuned_on_data_of_one_material(family_model, tmp_path,
                                                                          capsys):
     """A data set of one material inside the ranges is evaluated, and trains with data that
-    draws its phases (`make family-model`'s third stage adds the fixed model's data): the
-    model fine-tuned with it is closer at that material than the same fine-tuning without. A
-    set of one material outside the ranges is refused."""
+    draws its phases (a family model made sharper at a user's material): the model fine-tuned
+    with it is closer at that material than the same fine-tuning without. A set of one
+    material outside the ranges is refused."""
     fixed = load_yaml(f"{SMOKE}.test.yaml")
     fixed.update({k: v for k, v in material(3.0, 0.35, 70.0, 0.2).items() if k != "mesh"})
     fixed.pop("phase_seed")

@@ -177,7 +177,7 @@ def test_every_shipped_yaml_passes_its_strict_reader():
     assert len(paths) >= 16
     for path in paths:
         cfg = load_yaml(path)
-        if path.name.endswith((".train.yaml", ".finetune.yaml", ".balance.yaml")):  # `train`
+        if path.name.endswith((".train.yaml", ".finetune.yaml")):  # neuroscale train
             check_keys(cfg, TRAIN_KEYS, path.name)
             TrainConfig.from_dict(cfg["training"])
             if "model" in cfg:
