@@ -88,9 +88,9 @@ def training_data(paths: list[str], resolution: int | None, material_inputs: boo
     config (its structure family's ``family_config``: for cells every generate key but
     ``microstructure`` and ``loads``). The sets must share that family, the first one's config
     standing for all; for a family operator (``material_inputs``,
-    :meth:`TrainingData.from_arrays`) all but their phases (:data:`~neuroscale_couple.phases.
-    PHASE_KEYS`: data of one material may join data that draws its phases — the caller checks
-    each set's phases against the operator's ranges)."""
+    :meth:`TrainingData.from_arrays`) all but their phases
+    (:data:`~neuroscale_couple.phases.PHASE_KEYS`: data of one material may join data that
+    draws its phases; the caller checks each set's phases against the operator's ranges)."""
     from neuroscale_couple.phases import PHASE_KEYS
     from neuroscale_couple.training import TrainingData
 
