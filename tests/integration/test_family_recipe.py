@@ -102,15 +102,17 @@ def test_family_model_is_evaluated_and_fine_tuned_on_data_of_one_material(family
     draws its phases (a family model made sharper at a user's material): the model fine-tuned
     with it is closer at that material than the same fine-tuning without. A set of one
     material outside the ranges is refused."""
-    fixed = load_yaml(f"{SMOKE}.test.yaml")
-    fixed.update({k: v for k, v in material(3.0, 0.35, 70.0, 0.2).items() if k != "mesh"})
-    fixed.pop("phase_seed")
-    generate(fixed, tmp_path / "fixed.h5", MPI.COMM_SELF, progress=False)
+    one = {k: v for k, v in material(3.0, 0.35, 70.0, 0.2).items() if k != "mesh"}
+    fixed = {}
+    for part in ("test", "calibration"):  # fine-tuning data, and other cells to evaluate on
+        fixed[part] = dict(load_yaml(f"{SMOKE}.{part}.yaml"), **one)
+        fixed[part].pop("phase_seed")
+        generate(fixed[part], tmp_path / f"fixed_{part}.h5", MPI.COMM_SELF, progress=False)
 
     def error(model: str) -> float:
         capsys.readouterr()
-        assert main(["evaluate", "--model", model, "--data", str(tmp_path / "fixed.h5"),
-                     "--json"]) == 0
+        assert main(["evaluate", "--model", model, "--data",
+                     str(tmp_path / "fixed_calibration.h5"), "--json"]) == 0
         return json.loads(capsys.readouterr().out)["rel_l2_stress"]
 
     stage = tmp_path / "stage2.yaml"
@@ -119,12 +121,13 @@ def test_family_model_is_evaluated_and_fine_tuned_on_data_of_one_material(family
     family_data = str(family_model / "data.h5")
     tuned = {}
     for name, data in (("family", [family_data]), ("both", [family_data,
-                                                            str(tmp_path / "fixed.h5")])):
+                                                            str(tmp_path / "fixed_test.h5")])):
         tuned[name] = str(tmp_path / f"{name}.pt")
         assert main(["train", str(stage), "--init", str(family_model / "model.pt"), "--data",
                      *data, "--out", tuned[name], "--quiet"]) == 0
-    assert error(tuned["both"]) < error(tuned["family"])
-    outside = dict(fixed, fibre={"E": 600.0, "nu": 0.2})  # contrast 200
+    both, family = error(tuned["both"]), error(tuned["family"])
+    assert both < family, (both, family)
+    outside = dict(fixed["test"], fibre={"E": 600.0, "nu": 0.2})  # contrast 200
     outside["microstructure"] = outside["microstructure"][:1]
     outside["microstructure"][0] = dict(outside["microstructure"][0], count=2)
     generate(outside, tmp_path / "outside.h5", MPI.COMM_SELF, progress=False)
