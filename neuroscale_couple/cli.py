@@ -102,8 +102,9 @@ def training_data(paths: list[str], resolution: int | None, material_inputs: boo
     def shared(family: dict) -> dict:
         return {k: v for k, v in family.items() if k not in ignored}
 
+    first = shared(families[0])
     for path, other in zip(paths[1:], families[1:], strict=True):
-        first, then = shared(families[0]), shared(other)
+        then = shared(other)
         if then != first:
             keys = sorted(k for k in first.keys() | then.keys() if first.get(k) != then.get(k))
             raise InputError(f"--data {path} is of another material family than {paths[0]} "
