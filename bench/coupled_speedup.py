@@ -47,10 +47,13 @@ RUNS = {"reference": ["--reference"], "operator": [], "background": ["--backgrou
 
 
 def run(name: str, args: argparse.Namespace, out: Path, example: str,
-        flags: list[str] | None = None) -> dict:
+        flags: list[str] | None = None, compare: bool = True, reuse: bool = False) -> dict:
     """Run ``examples/<example>.py`` as run ``name`` (its flags: ``flags``, default
     ``RUNS[name]``) into ``out/name`` and return its summary, with ``config_hash`` (the
     SHA-256 of the run's settings) and, for a reference taken from an earlier run, ``reused``.
+    ``compare``: against the reference run in ``out/reference`` (a run other than it);
+    ``reuse``: take any run (not only a reference with ``--reuse-reference``) from an earlier
+    run of the same settings in ``out/name``.
     """
     mpiexec = Path(sys.executable).parent / "mpiexec"
     # tolerances mean nothing to the reference: its run serves every tolerance (--reuse-reference)
@@ -61,13 +64,13 @@ def run(name: str, args: argparse.Namespace, out: Path, example: str,
            "--steps", str(args.steps), "--stretch", str(args.stretch), *tolerances,
            "--out", str(out / name), "--quiet", *args.example_flags,
            *(RUNS[name] if flags is None else flags)]
-    if name != "reference":
+    if name != "reference" and compare:
         cmd += ["--compare", str(out / "reference")]
     stamp, summary = out / name / "bench_command.json", out / name / "summary.json"
     settings = [c for c in cmd[1:] if c != str(out / name)]  # ranks, example, flags
     digest = hashlib.sha256(json.dumps(settings).encode()).hexdigest()
-    if (name == "reference" and args.reuse_reference and summary.exists() and stamp.exists()
-            and json.loads(stamp.read_text()) == settings):
+    if ((reuse or (name == "reference" and args.reuse_reference)) and summary.exists()
+            and stamp.exists() and json.loads(stamp.read_text()) == settings):
         print(f"[{name}] reused {summary} (settings {digest[:12]})", flush=True)
         return dict(json.loads(summary.read_text()), reused=True, config_hash=digest)
     print(f"[{name}] {' '.join(cmd[3:])}", flush=True)

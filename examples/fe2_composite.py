@@ -31,11 +31,14 @@ later run from it). The script ends by checking itself (every step converged, re
 grows with the load, and, with --compare, the errors against a reference run).
 
 ``--matrix E NU`` and ``--fibre E NU`` give other phases. The shipped model knows only its own;
-for others ``--model none`` runs a cold start (:mod:`neuroscale_couple.cold_start`): classic FE²
-at first, then each point on its own cell fit (:mod:`neuroscale_couple.cell_fits`: the energy
-basis fitted to the point's RVE solves) as soon as its bound, calibrated on audited points'
-solves after every step, allows (``--no-cell-fits``: heads trained in the background on the
-shipped model's frozen encoder instead), e.g.
+``--model examples/models/fe2_family.pt`` takes any phases inside its ranges, and others with
+``--outside-material fallback`` (every point on the RVE until ``--run-calibration``'s first
+census calibrates the bound at the run's material); ``--model none`` runs a cold start
+(:mod:`neuroscale_couple.cold_start`): classic FE² at first, then each point on its own cell
+fit (:mod:`neuroscale_couple.cell_fits`: the energy basis fitted to the point's RVE solves) as
+soon as its bound, calibrated on audited points' solves after every step, allows
+(``--no-cell-fits``: heads trained in the background on the shipped model's frozen encoder
+instead), e.g.
 ``mpiexec -n 2 python examples/fe2_composite.py --model none --matrix 70 0.33 --fibre 410 0.14
 --rtol 0.02``.
 

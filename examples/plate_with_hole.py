@@ -39,7 +39,7 @@ HOLE_RADIUS = 0.3
 def coupled_arguments(description: str, *, out: str, model: Path | None, stretch: float,
                       rtol: float, stress_unit: str) -> argparse.ArgumentParser:
     """The command line every coupled example shares (defaults given by the example)."""
-    from neuroscale_couple.coupler import OUTSIDE
+    from neuroscale_couple.coupler import OUTSIDE, OUTSIDE_MATERIAL
 
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--mesh-size", default="coarse",
@@ -54,9 +54,18 @@ def coupled_arguments(description: str, *, out: str, model: Path | None, stretch
                    help=f"tolerated absolute stress error ({stress_unit}; default 1 %% of the "
                    "model's stress scale)")
     p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--run-calibration", choices=("on", "off"), default=None,
+                   help="the operator's bound recalibrated on the run's own fine solves (a "
+                   "census of 2/(1 − confidence) points a step, solved besides at the next "
+                   "step's extrapolated loads; default: on for a family operator run outside "
+                   "its ranges with --outside-material fallback, off otherwise)")
     p.add_argument("--outside", choices=OUTSIDE, default="fallback",
                    help="points outside the model's training region: fine solver (fallback), "
                    "stop (refuse) or keep the bound's decision with a warning (warn)")
+    p.add_argument("--outside-material", choices=OUTSIDE_MATERIAL, default="refuse",
+                   help="a family operator given phases outside its ranges: stop before the "
+                   "run (refuse), or run with every point on the fine solver until the bound is "
+                   "calibrated at the run's material (fallback: your consent)")
     p.add_argument("--model", default=None if model is None else str(model),
                    help="the trained operator's file; none: a cold start where the example "
                    "offers one (an operator trained during the run)")
@@ -108,7 +117,10 @@ def prepare(args: argparse.Namespace):
     check_loading(args)
     policy = Policy(rtol=0.0 if args.reference else args.rtol,
                     atol=None if args.reference else args.atol, confidence=args.confidence,
-                    outside=args.outside, exclude_noise=getattr(args, "exclude_noise", False))
+                    outside=args.outside, outside_material=args.outside_material,
+                    exclude_noise=getattr(args, "exclude_noise", False),
+                    run_calibration=(None if args.reference or args.run_calibration is None
+                                     else args.run_calibration == "on"))
     # an example with --no-cell-fits serves a trained model's fallback points by their cell fits
     # unless the flag is given (classic FE² has no operator; a cold start sets its own)
     if getattr(args, "no_cell_fits", True) is False and not (policy.classic

@@ -569,15 +569,19 @@ def _component_sd(Sigma: np.ndarray, scale: float | np.ndarray) -> np.ndarray:
     return scale * np.sqrt(np.maximum(np.diagonal(Sigma, axis1=1, axis2=2), 0.0))
 
 
+def conformal_quantile(scores: np.ndarray, confidence: float) -> float:
+    """The ⌈(n + 1)c⌉-th smallest of n scores (split conformal at confidence c); +∞ when
+    n < c / (1 − c), too few for any finite bound."""
+    n = len(scores)
+    # The small offset keeps (n + 1)c that is an integer in exact arithmetic from rounding up.
+    k = math.ceil((n + 1) * confidence - 1e-9)
+    return float(np.sort(scores)[k - 1]) if k <= n else math.inf
+
+
 def _conformal_quantiles(scores: np.ndarray, levels: tuple[float, ...]) -> dict[float, float]:
-    """Level p → the ⌈(n + 1)p⌉-th smallest of the n scores (+∞ when that exceeds n)."""
-    scores, n = np.sort(scores), len(scores)
-    quantiles = {}
-    for p in levels:
-        # The small offset keeps (n + 1)p that is an integer in exact arithmetic from rounding up.
-        k = math.ceil((n + 1) * p - 1e-9)
-        quantiles[p] = float(scores[k - 1]) if k <= n else math.inf
-    return quantiles
+    """Level p → :func:`conformal_quantile` of the scores at p."""
+    scores = np.sort(scores)
+    return {p: conformal_quantile(scores, p) for p in levels}
 
 
 def coverage(

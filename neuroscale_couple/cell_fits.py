@@ -53,7 +53,7 @@ import torch
 
 from neuroscale_couple.errors import CheckpointError
 from neuroscale_couple.operators.heads import EnergyHead, mixture_response
-from neuroscale_couple.sampling import uniform_by_id
+from neuroscale_couple.run_scores import RunScores
 
 N_WEIGHTS = 2 + 2 * EnergyHead.n_directions
 """Weights K of a cell's energy: the plane-strain basis without the quartic terms (14)."""
@@ -89,14 +89,6 @@ def fit_weights(F: np.ndarray, P: np.ndarray, A: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(M / s, b, rcond=1e-12)[0] / s
 
 
-def conformal_quantile(scores: np.ndarray, confidence: float) -> float:
-    """The ⌈(n + 1)c⌉-th smallest of n scores (split conformal at confidence c); inf when
-    n < c / (1 − c), too few for any finite bound."""
-    n = len(scores)
-    k = math.ceil((n + 1) * confidence)
-    return float(np.sort(scores)[k - 1]) if k <= n else math.inf
-
-
 class CellFits:
     """The cell fits of one rank's points and their calibration (collective at
     :meth:`end_step`).
@@ -107,7 +99,8 @@ class CellFits:
 
     def __init__(self, confidence: float, history: int = 3, audit: float = 0.1,
                  seed: int = 0) -> None:
-        self.confidence, self.history, self.audit, self.seed = confidence, history, audit, seed
+        self.history = history
+        self.scores = RunScores(confidence, audit, seed, name="fits")  # the fits' bound
         self._solves: dict[int, deque] = {}  # point id → its latest (F, P, A)
         self._changed: set[int] = set()
         self._weights = np.zeros((0, N_WEIGHTS))
@@ -117,9 +110,6 @@ class CellFits:
         self._sorted_ids = np.zeros(0, dtype=np.int64)  # … as arrays, for vectorised lookups
         self._sorted_rows = np.zeros(0, dtype=np.int64)
         self._scored: set[int] = set()  # points scored this step
-        self._step_scores: list[float] = []
-        self._history_scores: deque = deque()  # per step with scores, newest last
-        self.quantile = math.inf
         self._moments = np.zeros(3)  # this step's solves: stress entries, their sum, squares
         self._total = np.zeros(3)  # … of all steps and ranks so far
 
@@ -131,14 +121,19 @@ class CellFits:
         return math.sqrt(max(squares / n - (total / n) ** 2, 0.0)) if n else 0.0
 
     @property
+    def quantile(self) -> float:
+        """q of the fits' bound q·σ (inf while there are too few scores)."""
+        return self.scores.quantile
+
+    @property
     def calibrated(self) -> bool:
         """Whether the fits have a finite bound (enough scores)."""
-        return math.isfinite(self.quantile)
+        return self.scores.calibrated
 
     def audited(self, ids: np.ndarray, step: int) -> np.ndarray:
         """Whether each point (ids (n,)) is audited in load step ``step``: fitted and drawn
         (a uniform draw by point id below ``audit``, the same on any partition), (n,) bool."""
-        return (uniform_by_id(ids, self.seed, step) < self.audit) & self.fitted(ids)
+        return self.scores.audited(ids, step) & self.fitted(ids)
 
     def fitted(self, ids: np.ndarray) -> np.ndarray:
         """Whether each point (ids (n,)) has a fit, (n,) bool."""
@@ -168,10 +163,7 @@ class CellFits:
         step before any bound exists (collective): fitted points drawn by point id as audits
         are, as many as a bound is pooled from (``2 / (1 − c)``) over all ranks, at least the
         audited share; (n,) bool."""
-        fitted = self.fitted(ids)
-        need = math.ceil(2 / (1 - self.confidence))
-        share = max(self.audit, need / max(comm.allreduce(int(fitted.sum())), 1))
-        return (uniform_by_id(ids, self.seed, step) < share) & fitted
+        return self.scores.census(ids, step, self.fitted(ids), comm)
 
     def score(self, pid: int, F: np.ndarray, P: np.ndarray) -> None:
         """Score the fit of point ``pid`` (it must have one) against a fine solve at F̄ (2, 2)
@@ -180,7 +172,7 @@ class CellFits:
         if pid in self._scored:
             return
         p = self.predict(np.array([pid]), F[None])
-        self._step_scores.append(float(np.linalg.norm(P - p["stress"][0]) / p["sigma"][0]))
+        self.scores.add(float(np.linalg.norm(P - p["stress"][0]) / p["sigma"][0]))
         self._scored.add(pid)
 
     def observe(self, pid: int, F: np.ndarray, P: np.ndarray, A: np.ndarray) -> None:
@@ -202,13 +194,9 @@ class CellFits:
         refitted = comm.allreduce(len(self._changed))
         self._total += comm.allreduce(self._moments)
         self._moments[:] = 0
-        scores = np.concatenate(comm.allgather(np.array(self._step_scores)))
-        if len(scores):
-            self._history_scores.append(np.sort(scores))
-        self._calibrate()
+        self.scores.end_step(comm)
         self._changed.clear()
         self._scored.clear()
-        self._step_scores.clear()
         return refitted
 
     def _fit_changed(self) -> None:
@@ -244,11 +232,8 @@ class CellFits:
             for j, record in enumerate(self._solves[pid]):
                 for array, value in zip(solves, record, strict=True):
                     array[k, j] = value
-        steps = list(self._history_scores)
         return {"fits/id": ids, "fits/count": count, "fits/F": solves[0], "fits/P": solves[1],
-                "fits/A": solves[2], "fits/total": self._total.copy(),
-                "fits/scores": np.concatenate(steps) if steps else np.zeros(0),
-                "fits/score_steps": np.array([len(s) for s in steps], dtype=np.int64)}
+                "fits/A": solves[2], "fits/total": self._total.copy(), **self.scores.state()}
 
     def restore(self, states: Sequence[Mapping[str, np.ndarray]], point_ids: Collection[int]
                 ) -> None:
@@ -269,22 +254,5 @@ class CellFits:
                     self._changed.add(pid)
         self._fit_changed()
         self._changed.clear()
-        first = states[0]
-        self._total = np.array(first["fits/total"], dtype=float)
-        bounds = np.cumsum(first["fits/score_steps"])[:-1]
-        self._history_scores = deque(np.split(np.asarray(first["fits/scores"]), bounds)
-                                     if len(first["fits/score_steps"]) else [])
-        self._calibrate()
-
-    def _calibrate(self) -> None:
-        """q from the newest steps' scores, at least 2 / (1 − c) of them where there are."""
-        need = math.ceil(2 / (1 - self.confidence))
-        pooled: list[np.ndarray] = []
-        for scores in reversed(self._history_scores):
-            if sum(map(len, pooled)) >= need:
-                break
-            pooled.append(scores)
-        while len(self._history_scores) > len(pooled):  # older steps are never needed again
-            self._history_scores.popleft()
-        self.quantile = conformal_quantile(np.concatenate(pooled) if pooled else np.zeros(0),
-                                           self.confidence)
+        self._total = np.array(states[0]["fits/total"], dtype=float)
+        self.scores.restore(states[0])

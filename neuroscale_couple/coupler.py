@@ -72,6 +72,7 @@ from neuroscale_couple.parallel import balance, device_for_rank, return_free_mem
 from neuroscale_couple.phases import descriptors
 from neuroscale_couple.region import stretch_distance
 from neuroscale_couple.retraining import RetrainConfig, Retrainer, RetrainJob
+from neuroscale_couple.run_scores import RunScores
 from neuroscale_couple.store import ReplayStore
 from neuroscale_couple.tensors import acoustic_minimum, as_deformation_batch
 
@@ -79,6 +80,8 @@ log = logging.getLogger(__name__)
 
 OPERATOR, FINE, FAILED = 0, 1, 2
 SOURCE_NAMES = {OPERATOR: "operator", FINE: "fine", FAILED: "failed"}
+RUN_SEED = 1
+"""Seed of the run calibration's draws (the cell fits' audit draws with seed 0)."""
 BALANCE_RANKS = 64
 """Default size of the rank groups within which fallback points are balanced (a node or two:
 the requests gathered and the (requests × ranks) balancing stay bounded at any rank count)."""
@@ -109,10 +112,12 @@ class Policy:
     ``outside_material``: a family operator (phases as inputs, :mod:`neuroscale_couple.phases`)
     given a fine solver whose phases lie outside its phase ranges: ``refuse`` (the default:
     the Coupler is not built, the error names the ranges) or ``fallback``, the user's consent
-    to run anyway with every point on the fine solver (counted as outside points) until an
-    online retraining has learnt the material: once the operator's heads are trained on the
-    run's fine solves and its bound calibrated on held-out ones (at least enough for a finite
-    quantile at ``confidence``), that bound decides point by point.
+    to run anyway with every point on the fine solver (counted as outside points) until the
+    bound is calibrated at the run's material: by the run calibration's first census
+    (``run_calibration``, the default for a family operator), or by an online retraining
+    whose heads learnt the run's fine solves and whose bound is calibrated on held-out ones
+    (at least enough for a finite quantile at ``confidence``). From then on that bound
+    decides point by point.
 
     ``max_failed_fraction``: a fine solve that fails even with load substeps keeps the operator's
     value and is flagged; the run aborts when more than this fraction of all points failed.
@@ -161,6 +166,29 @@ class Policy:
     the fits are for deterministic 2D fine solvers (the RVE; a noisy solve's scores would be
     its noise), as in the FE² composite example, which turns them on. (A cold start sets its
     own: :class:`~neuroscale_couple.cold_start.ColdStart` ``cell_fits``.)
+
+    ``run_calibration``: the network operator's bound recalibrated for the run's material and
+    load path on the run's own fine solves (:mod:`neuroscale_couple.run_scores`). A family
+    operator's calibration holds over the materials of a contrast band, not for each
+    material: at one material its bound may cover less or more than ``confidence``, and the
+    share drifts as the loads grow. With run calibration, every load step but the last ends
+    with a census: 2 / (1 − c) points (40 at 0.95), drawn at random by id among those the
+    bound kept on the operator in the step (inside the region, no cell fit), are solved
+    besides at the next step's loads as extrapolated from their last two converged ones
+    (2F̄ₖ − F̄ₖ₋₁), and scored s = ‖P̄_fine − P̄_op‖ / b, b the model's calibrated bound there;
+    the next step's bound is q·b, q the conformal quantile of those scores, so it holds at
+    ``confidence`` over the points it keeps on the operator as far as the next loads follow
+    the extrapolation and the kept points stay those of the step. Before the first census
+    the model's own bound decides. The census scores the model that serves the next step (a
+    retrained one too) and costs its solves every step, whatever the run's size. The scores
+    need no training at the material, so a run outside a family operator's ranges
+    (``outside_material: fallback``) hands points to the operator from the first census on,
+    where the bound allows. The factor of 40 scores scatters from step to step (a step's
+    coverage by a few points around ``confidence``), and the points it keeps move with it;
+    over a run the coverage averages out. True/False; None: on for a family operator run
+    outside its ranges (no other calibration holds there), off otherwise (a family
+    operator's band calibration holds over its band; a fixed-material model is calibrated
+    at its own material).
     """
 
     rtol: float = 0.05
@@ -174,6 +202,7 @@ class Policy:
     exclude_noise: bool = False
     cell_fits: bool = False
     cell_audit: float = 0.1
+    run_calibration: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.rtol >= 0:  # also catches NaN
@@ -193,6 +222,9 @@ class Policy:
         if not 0 < self.cell_audit < 1:
             raise InputError(f"cell_audit={self.cell_audit}: give the share of the fitted "
                              "points audited each step in (0, 1), e.g. 0.1")
+        if self.run_calibration not in (None, True, False):
+            raise InputError(f"run_calibration={self.run_calibration!r}: True, False or None "
+                             "(the default: on for a family operator outside its ranges)")
         if not 0 <= self.max_failed_fraction <= 1:
             raise InputError(f"max_failed_fraction={self.max_failed_fraction}: must be in [0, 1]")
         for name, what in (("reuse", "0: always re-solve"),
@@ -265,7 +297,10 @@ class StepReport:
     lost strong ellipticity at the step's converged state
     (:func:`~neuroscale_couple.tensors.acoustic_minimum`);
     ``audit``: the step's :class:`~neuroscale_couple.audit.AuditReport` as a dict (None unless
-    the Coupler audits).
+    the Coupler audits); ``run_scored``: points of the run calibration's census at this
+    step's end (:class:`Policy` ``run_calibration``; their solves are counted in
+    ``fine_solves`` and ``fine_time_s``), ``run_bound_factor``: the factor q on the model's
+    bound in the next step (None: no run calibration, or too few scores).
     """
 
     fallback_points: int
@@ -289,6 +324,8 @@ class StepReport:
     outside_points: int = 0
     non_elliptic_points: int = 0
     audit: dict | None = None
+    run_scored: int = 0
+    run_bound_factor: float | None = None
 
 
 @dataclass
@@ -419,6 +456,7 @@ class Coupler(FineSolver):
         use = retrain is not None and retrain.enabled and replay_dir and model is not None
         self.retrainer = Retrainer(retrain, comm, replay_dir=replay_dir, model_path=model_path,
                                    cold_start=cold_start) if use else None
+        self.run_scores = self._run_scores(model)  # the bound at the run's material
         # replay segments render microstructure images as the model's training data did
         self.image_resolution = model.data_resolution if model is not None else 32
         self.family = dict(family or {})
@@ -465,6 +503,25 @@ class Coupler(FineSolver):
             log.warning("outside_material=fallback: every point falls back (%s)", reason)
         model.bind_material(family)
         return reason
+
+    @property
+    def _run_calibrated(self) -> bool:
+        """Whether the run calibration has a bound at the run's material (its first census)."""
+        return self.run_scores is not None and self.run_scores.calibrated
+
+    def _run_scores(self, model) -> RunScores | None:
+        """The run calibration of the network's bound (:class:`Policy` ``run_calibration``),
+        None where it is off."""
+        on = self.policy.run_calibration
+        applies = (model is not None and self.cold_start is None and not self.policy.classic
+                   and not self.policy.never)
+        if on is None:  # outside a family's ranges no other calibration holds at all
+            on = applies and model.takes_material and self.material_outside is not None
+        elif on and not applies:
+            raise InputError("run_calibration recalibrates a trained operator's bound on the "
+                             "run's fine solves: it needs a model and a finite tolerance, and a "
+                             "cold start calibrates its own; drop it")
+        return RunScores(self.policy.confidence, 0.0, RUN_SEED, name="run") if on else None
 
     @classmethod
     def from_config(cls, config: str | Path | dict, *, comm: MPI.Comm = MPI.COMM_WORLD
@@ -515,6 +572,8 @@ class Coupler(FineSolver):
         self._held_out = (np.zeros(len(ids), dtype=bool) if self.cold_start is None
                           else self.cold_start.is_held_out(self._ids))
         self._last_F = np.full((len(ids), self.dim, self.dim), np.nan)
+        # each point's converged F̄ of the step before (the run calibration extrapolates)
+        self._previous_F = np.tile(np.eye(self.dim), (len(ids), 1, 1))
         self._encode()
 
     def _check_dim(self, dims: set[int]) -> None:
@@ -692,11 +751,15 @@ class Coupler(FineSolver):
 
     def _outside_region(self, ids: np.ndarray, rows: np.ndarray, F: np.ndarray) -> np.ndarray:
         """Points outside the model's training region that :class:`Policy` ``outside`` sends
-        to the fine solver (n,) bool — all of them where the run's phases lie outside a family
-        operator's ranges — counts them for the step, raises for ``refuse``."""
-        if self.material_outside is not None:
-            self._outside[rows] = True
-            return np.ones(len(F), dtype=bool)
+        to the fine solver (n,) bool — where the run's phases lie outside a family operator's
+        ranges, all of them without a cell fit until the run calibration has a bound at them —
+        counts them for the step, raises for ``refuse``."""
+        if self.material_outside is not None and not self._run_calibrated:
+            outside = np.ones(len(F), dtype=bool)
+            if self.fits is not None:  # a cell fit is of the run's own solves, at its material
+                outside &= ~self.fits.fitted(ids)
+            self._outside[rows[outside]] = True
+            return outside
         if self.region is None:
             return np.zeros(len(F), dtype=bool)
         outside = self.region.load_outside(F)
@@ -742,17 +805,22 @@ class Coupler(FineSolver):
         """The structure of the point in ``row``."""
         return self._structures[self._structure_of[row]]
 
-    def _predict(self, rows: np.ndarray, F: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _predict(self, rows: np.ndarray, F: np.ndarray, run: bool = True
+                 ) -> tuple[np.ndarray, ...]:
         """Stress, tangent, error bound, noise bound (0 unless ``exclude_noise``; both stress
         units, Frobenius norm) and energy of the operator at ``F``
         (:class:`~neuroscale_couple.operators.inference.Inference`: what depends on the latents
-        alone is computed once per model version)."""
+        alone is computed once per model version). ``run``: the bounds with the run
+        calibration's factor (``Policy.run_calibration``), where it has one; False: the model's
+        own calibration."""
         if self._inference is None:
             self._inference = Inference(self.model, self._z)
         r = self._inference.response(self._structure_of[rows], F)
         unc, noise = np.zeros(len(F)), np.zeros(len(F))
         if not self.policy.never:
             factor = self._bound_factor(rows, F)
+            if run and self._run_calibrated:
+                factor = factor * self.run_scores.quantile
             if self.policy.exclude_noise:
                 unc = factor * np.sqrt(np.maximum(r.trace_epistemic, 0.0))
                 noise = factor * np.sqrt(np.maximum(r.trace_aleatoric, 0.0))
@@ -959,6 +1027,8 @@ class Coupler(FineSolver):
                 self._recalibrate(report)
         report.retrain_time_s = time.perf_counter() - t0
         report.model_version = self.version
+        if self.run_scores is not None:
+            self._run_census(report, steps_left)
         self.stats = StepStats()
         for counted in (self._fell_back, self._noise_limited, self._outside, self._probed):
             counted[:] = False
@@ -993,6 +1063,9 @@ class Coupler(FineSolver):
             background_step=None if r is None or r.pending is None else r.pending.step,
             solved=dict(self._solved), cost_s=dict(self._cost), last_rank=dict(self._last_rank),
             warm=self.cache.warm_states()).to_arrays()
+        if self.run_scores is not None:  # its scores, and each point's last converged F̄
+            state |= self.run_scores.state() | {"run/id": self._ids.copy(),
+                                                 "run/previous_F": self._previous_F.copy()}
         return state if self.fits is None else {**state, **self.fits.state()}
 
     def restore_state(self, states: Sequence[Mapping[str, np.ndarray]]) -> None:
@@ -1018,6 +1091,13 @@ class Coupler(FineSolver):
             if self.fits is not None:
                 self.fits.restore(states, self._ids.tolist())
                 self._follow_stress_scale()
+            if self.run_scores is not None and "run/scores" in states[0]:
+                self.run_scores.restore(states[0])
+                row = {int(pid): r for r, pid in enumerate(self._ids.tolist())}
+                for s in states:
+                    for pid, F in zip(s["run/id"].tolist(), s["run/previous_F"], strict=True):
+                        if pid in row:
+                            self._previous_F[row[pid]] = F
         self.step, self.evaluations, self.version = own.step, own.evaluations, own.version
         self._solved, self._cost = dict(own.solved), dict(own.cost_s)
         self._last_rank = dict(own.last_rank)
@@ -1112,6 +1192,58 @@ class Coupler(FineSolver):
                 self.fits.score(int(ids[r]), F[r], answer.P)
                 self.fits.observe(int(ids[r]), F[r], answer.P, answer.A)
 
+    def _run_census(self, report: StepReport, steps_left: int | None) -> None:
+        """The run calibration's census at a step's end (collective; :class:`Policy`
+        ``run_calibration``): the model that serves the next step scored at that step's
+        extrapolated loads, 2F̄ₖ − F̄ₖ₋₁ (F̄₋₁ = I), on points drawn among those its bound kept
+        on the operator in the step (all, in a run outside a family's ranges before its first
+        census; inside the training region at both loads, without a cell fit), solved there
+        besides (the solves join the replay store; the step's answers stay what they were);
+        failed solves are not scored. Sets the next step's factor and the census's figures in
+        ``report``; no census after the last step (``steps_left`` 0)."""
+        comm, ids, F = self.comm, self._ids, self._last_F
+        converged = np.isfinite(F).all(axis=(1, 2))
+        if steps_left != 0:
+            eligible = converged.copy()
+            if self.material_outside is None or self._run_calibrated:
+                # where the bound decided, the points it kept on the operator: its guarantee
+                # is wanted where it is used (the points it sent to the fine solver have wider
+                # bounds, and their scores run lower)
+                eligible &= ~self._fell_back
+            if self.region is not None:  # the bound decides inside the region only
+                eligible &= ~self._micro_out[self._structure_of]
+                eligible[converged] &= ~self.region.load_outside(F[converged])
+            if self.fits is not None:
+                eligible &= ~self.fits.fitted(ids)
+            ahead = np.where(converged[:, None, None], 2 * F - self._previous_F, np.eye(self.dim))
+            eligible &= np.linalg.det(ahead) > 0
+            if self.region is not None:
+                eligible &= ~self.region.load_outside(ahead)
+            drawn = np.flatnonzero(self.run_scores.census_exact(ids, self.step, eligible, comm))
+            solves, t0 = self.stats.fine_solves, time.perf_counter()
+            self.cache.new_pass()
+            done, _, _ = self._solve_fallback(ahead[drawn], ids[drawn], drawn, len(ids))
+            rows = np.array([r for r, a in zip(drawn.tolist(), done, strict=True)
+                             if a.P is not None], dtype=np.int64)
+            if len(rows):
+                stress, _, bound, _, _ = self._predict(rows, ahead[rows], run=False)
+                truth = np.stack([a.P for a in done if a.P is not None])
+                error = np.linalg.norm(truth - stress, axis=(1, 2))
+                with np.errstate(divide="ignore", invalid="ignore"):  # zero bound: infinite
+                    for score in np.where(error > 0, error / bound, 0.0):
+                        self.run_scores.add(float(score))
+            report.run_scored = comm.allreduce(len(rows))
+            report.fine_solves += comm.allreduce(self.stats.fine_solves - solves)
+            report.fine_time_s += comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+            self.run_scores.end_step(comm)
+        self._previous_F[converged] = F[converged]
+        if self._run_calibrated:
+            report.run_bound_factor = self.run_scores.quantile
+            if comm.rank == 0 and report.run_scored:
+                log.info("step %d: the next step's bound is %.3g × the model's (census of %d "
+                         "points at its extrapolated loads)", self.step,
+                         self.run_scores.quantile, report.run_scored)
+
     def _refit(self, report: StepReport) -> None:
         """The cell fits learn the step's solves and are recalibrated on its scores
         (collective); a new fit is a new operator version. A cold start's ``atol``, where the
@@ -1183,6 +1315,8 @@ class Coupler(FineSolver):
         self.version += 1
         self.model.card["online_version"] = self.version
         self.model.card["trained_on"] = n_online
+        if self.run_scores is not None:  # scored afresh at the step's end (its census)
+            self.run_scores.reset()
         if self.region is not None:  # the retraining's solves widened the region
             self.region = model.region
             self._check_structures()

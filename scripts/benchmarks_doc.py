@@ -976,6 +976,38 @@ UNCERTAINTY_LABELS = {
 }
 
 
+def run_calibration_section(record: dict, path: Path) -> list[str]:
+    """bench/run_calibration.py: a family operator's bound with its own calibration and
+    recalibrated on the run's census, audited at every point and step."""
+    out = ["## Run calibration (family operator)", "",
+           f"The FE² composite example with `{record['model']}` ({record['steps']} load steps "
+           f"to stretch {record['stretch']}, `--rtol {record['rtol']}`, `--no-retrain "
+           "--no-cell-fits --audit`) at each material, once with the model's own bound "
+           "(calibrated per contrast band over the band's materials) and once with the bound "
+           "recalibrated on a census of the run's own points each step ([run calibration]"
+           "(concepts.md#run-calibration-the-bound-at-the-runs-own-material)). Coverage: the "
+           "share of the operator's points whose true error (the audit's fine solve at the "
+           "same F̄) lay within the 95 % bound, over all steps and per step; factor: the census "
+           "quantile q that multiplies the model's bound in the next step; false negatives: "
+           "operator points whose true error exceeded the tolerance.", ""]
+    out += provenance(record, path, "the fields below", None)
+    rows = []
+    for text, m in record["materials"].items():
+        Em, num_m, Ef, nu_f = (float(v) for v in text.split(","))
+        label = f"E {Em:g}/{Ef:g} GPa, ν {num_m:g}/{nu_f:g} (contrast {Ef / Em:.1f})"
+        for mode, r in m["runs"].items():
+            per = ", ".join(f"{100 * s['coverage']:.1f}" for s in r["steps"]
+                            if s["coverage"] is not None)
+            factors = ", ".join(f"{s['factor']:.2f}" for s in r["steps"][:-1]
+                                if s["factor"] is not None) or "–"
+            rows.append((label, "run calibration" if mode == "on" else "model's bound",
+                         f"{pct(r['coverage'])} of {num(r['operator_point_steps'])}", per,
+                         factors, num(r["false_negatives"]), num(r["fine_solves"])))
+    out += table(("material (matrix/fibre)", "bound", "coverage", "per step (%)",
+                  "census factors", "false negatives", "fine solves"), rows)
+    return out
+
+
 def uncertainty_options_section(record: dict, path: Path) -> list[str]:
     """bench/uncertainty_options.py: ensemble, MC dropout and variational heads, and fixed
     against learned loss weights, on the same data and training time."""
@@ -1278,7 +1310,7 @@ def copy_images(docs: Path) -> dict[str, tuple[str, str]]:
 
 # ---------------------------------------------------------------------------------- page
 ORDER = ("rve_solve", "rve_solve_3d", "rve_live", "operator", "baselines", "ablations",
-         "calibration_groups", "calibration_groups_family",
+         "calibration_groups", "calibration_groups_family", "run_calibration",
          "uncertainty_options", "encode", "memory", "region", "transfer", "transfer_laminate",
          "fe2_speedup", "fe2_speedup_rtol002", "fe2_speedup_beyond", "fe2_speedup_412",
          "fe2_speedup_3d", "cold_start", "cold_start_network", "cell_fits", "cell_fits_no_retrain",
@@ -1329,6 +1361,8 @@ def page(docs: Path) -> str:
             lines += c_api_section(record, path)
         elif name == "uncertainty_options":
             lines += uncertainty_options_section(record, path)
+        elif name == "run_calibration":
+            lines += run_calibration_section(record, path)
         elif name == "baselines":
             lines += baselines_section(record, path, images)
         elif name == "ablations":

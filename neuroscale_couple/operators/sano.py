@@ -312,7 +312,8 @@ class SANO(CoarseGrainingOperator):
                     f"the fine solver's phases lie outside the family model's phase ranges "
                     f"({reason}; trained: {ranges}, any matrix E): use a model trained for "
                     "these phases, or run anyway with the policy's outside_material: fallback "
-                    "(every point then falls back to the fine solver)")
+                    "(the examples' --outside-material fallback: points fall back to the fine "
+                    "solver until the bound is calibrated at these phases)")
             return
         for name in ("matrix", "fibre"):
             if name in family:

@@ -26,6 +26,7 @@ COLD = ["--model", "none", "--rtol", "0.02"]
 # the network heads alone: the first operator is trained after step 0 and swapped in after
 # step 1; its bound needs 19 held-out solves (5 points of 49 a step): it serves from step 3 on
 NETWORK = [*COLD, "--no-cell-fits", "--held-out", "0.1"]
+FAMILY_MODEL = ROOT / "examples" / "models" / "fe2_family.pt"  # ν 0.2–0.45: PROBLEM's is out
 
 
 def run(out: Path, *flags: str, ranks: int = 1, problem: list[str] = PROBLEM) -> dict:
@@ -105,6 +106,7 @@ def test_a_killed_cold_start_restarts_with_its_cell_fits(tmp_path):
     (["--matrix", "70", "0.33"], "the model was trained for matrix"),
     (["--swap-when-ready"], "--swap-when-ready swaps in a background retraining"),
     (["--swap-when-ready", "--no-retrain"], "--swap-when-ready and --no-retrain contradict"),
+    (["--model", str(FAMILY_MODEL)], "fibre_nu 0.14 outside"),
 ])
 def test_cold_start_bad_input_is_refused_before_work(tmp_path, flags, message):
     proc = subprocess.run([sys.executable, EXAMPLE, *PROBLEM, "--out", str(tmp_path), *flags],
@@ -145,3 +147,15 @@ def test_cell_fits_serve_the_fallback_points_of_a_trained_model(tmp_path):
     with np.load(tmp_path / "fits" / "fields.npz") as a, np.load(tmp_path / "two" /
                                                                 "fields.npz") as b:
         np.testing.assert_allclose(b["u"], a["u"], rtol=0, atol=1e-6 * np.abs(a["u"]).max())
+
+
+@pytest.mark.slow
+def test_a_family_model_outside_its_ranges_hands_its_fallback_points_to_cell_fits(tmp_path):
+    """The shipped family model at phases outside its ranges, with the user's consent: every
+    point on the RVE until a bound exists at the run's material; the points that fell back are
+    then served by their cell fits (of the run's own solves) as in a cold start."""
+    s = run(tmp_path / "consent", "--model", str(FAMILY_MODEL), "--rtol", "0.02",
+            "--outside-material", "fallback")
+    share = [h["operator_share"] for h in s["steps"]]
+    assert share[0] == share[1] == 0 and min(share[2:]) >= 0.9, share
+    assert s["steps"][0]["outside_points"] == s["quadrature_points"]

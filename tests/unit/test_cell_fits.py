@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from neuroscale_couple.cell_fits import CellFits, conformal_quantile, fit_weights
+from neuroscale_couple.calibration import conformal_quantile
+from neuroscale_couple.cell_fits import CellFits, fit_weights
 from neuroscale_couple.cold_start import ColdStart
 from neuroscale_couple.coupler import Coupler, Policy
 from neuroscale_couple.errors import CheckpointError, InputError
