@@ -88,8 +88,7 @@ def main() -> dict:
             runs[mode] = {"coverage": summary["audit"]["coverage"],
                           "operator_point_steps": summary["audit"]["operator_point_steps"],
                           "false_negatives": summary["audit"]["false_negatives"],
-                          "fine_solves": sum(s["fine_solves"] for s in steps),
-                          "total_time_s": summary["total_time_s"], "steps": steps,
+                          "fine_solves": sum(s["fine_solves"] for s in steps), "steps": steps,
                           "reused": bool(summary.get("reused"))}
         record["materials"][text] = {"quadrature_points": summary["quadrature_points"],
                                      "confidence": summary["confidence"], "runs": runs}

@@ -96,11 +96,6 @@ class RunScores:
         self._history.clear()
         self.quantile = math.inf
 
-    @property
-    def count(self) -> int:
-        """Scores the current quantile is pooled from."""
-        return sum(map(len, self._history))
-
     def state(self) -> dict[str, np.ndarray]:
         """The pooled scores as named arrays (``<name>/scores``, ``<name>/score_steps``;
         taken between load steps, the same on every rank)."""
