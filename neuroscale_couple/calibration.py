@@ -580,7 +580,6 @@ def conformal_quantile(scores: np.ndarray, confidence: float) -> float:
 
 def _conformal_quantiles(scores: np.ndarray, levels: tuple[float, ...]) -> dict[float, float]:
     """Level p → :func:`conformal_quantile` of the scores at p."""
-    scores = np.sort(scores)
     return {p: conformal_quantile(scores, p) for p in levels}
 
 
