@@ -34,7 +34,7 @@ from coupled_speedup import RESULTS, plate_arguments, run
 TARGETS = {"speedup_total": 10.0, "rel_l2_displacement": 0.005, "rel_l2_stress": 0.01}
 STEP_KEYS = ("fallback_points", "operator_share", "model_version", "fine_time_s",
              "fine_solves", "retrain_time_s", "retrain_background_s", "training_s",
-             "newton_iterations", "step_time_s")
+             "newton_iterations", "step_time_s", "fits_scored")
 
 
 def main() -> dict:

@@ -18,11 +18,14 @@ from its latest solve F̄ₛ, faster than linearly, so the score of a fine solve
 taken with the fit as it stood when the step began (the fit is fixed within a step, so Newton
 sees one operator) and at the step's converged loads, where the fits are used from one step to
 the next. Scores come only from points no bound chose, drawn at random by point id afresh each
-step: the fitted points audited that step (:meth:`CellFits.audited`) and, while no bound
-exists yet, a census of enough fitted points for one (:meth:`CellFits.census`). The bound at
-the confidence c is q·σ with q the ⌈(n + 1)c⌉-th smallest of the n most recent scores (whole
-steps, newest first, until at least ``2 / (1 − c)``), gathered over all ranks, so every rank
-holds the same q.
+step: the fitted points audited that step (:meth:`CellFits.audited`) and, before any bound
+exists, a census of enough fitted points for one, at the end of the step that made the first
+fits, scored at the next step's extrapolated loads (:meth:`CellFits.calibrate_ahead`; where
+too few points are fitted for a bound, the fitted points fall back in the next steps, and
+enough of them are scored at the converged loads, until there is one: :meth:`CellFits.census`).
+The bound at the confidence c is q·σ with q the ⌈(n + 1)c⌉-th smallest of the n most recent
+scores (whole steps, newest first, until at least ``2 / (1 − c)``), gathered over all ranks,
+so every rank holds the same q.
 
 The scores are not quite exchangeable across steps: a fit that no solve refreshed ages, and
 the audits that calibrate the next step's bound were drawn among younger fits. The cube keeps
@@ -174,6 +177,18 @@ class CellFits:
         p = self.predict(np.array([pid]), F[None])
         self.scores.add(float(np.linalg.norm(P - p["stress"][0]) / p["sigma"][0]))
         self._scored.add(pid)
+
+    def calibrate_ahead(self, ids: np.ndarray, F: np.ndarray, P: np.ndarray, comm: MPI.Comm
+                        ) -> None:
+        """Score the fits of the points ``ids`` (m,) against fine solves at the next step's
+        extrapolated loads F̄ (m, 2, 2), stresses P̄ (m, 2, 2), and recalibrate on them
+        (collective): the census that gives the first bound, the fits being those that serve
+        the next step."""
+        if len(ids):
+            p = self.predict(ids, F)
+            for s in np.linalg.norm(P - p["stress"], axis=(1, 2)) / p["sigma"]:
+                self.scores.add(float(s))
+        self.scores.end_step(comm)
 
     def observe(self, pid: int, F: np.ndarray, P: np.ndarray, A: np.ndarray) -> None:
         """Take a fine solve of point ``pid`` at F̄ (2, 2): stress P̄ (2, 2), tangent A

@@ -9,8 +9,9 @@ What the operator is, at a point:
 - where the point has been solved (every point, after the first load step): its **cell fit**
   (:mod:`neuroscale_couple.cell_fits`, ``cell_fits``, the default): the energy head's basis
   mixture with that cell's own weights, fitted in closed form to the point's latest fine solves
-  at each step's end, calibrated on the solves of points drawn at random (a census, then
-  audits each step) at the steps' converged loads;
+  at each step's end, calibrated on the solves of points drawn at random: a census at the
+  end of the first step, scored at the second step's extrapolated loads (so the fits serve
+  from the second step on), then audits each step at the steps' converged loads;
 - elsewhere (a point without a solve of its own, or every point with ``cell_fits=False``): the
   **network**: the encoder of a shipped model of fibre cells (pretrained, given the run's
   phases as its image channels, frozen) with **fresh coarse-graining heads** (the energy mixture

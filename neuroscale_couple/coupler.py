@@ -157,10 +157,15 @@ class Policy:
     ``cell_fits`` (2D cells): a point that fell back is served in the later steps by its own
     cell fit (:mod:`neuroscale_couple.cell_fits`: the energy basis fitted to its latest fine
     solves) wherever that fit's calibrated bound allows, instead of falling back every step.
-    The fits' bound is calibrated first on a census (every fitted point falls back until the
-    scores give a finite conformal quantile, 19 at 0.95; a random 2 / (1 − c) of them are
-    scored at the step's converged loads), then on ``cell_audit`` of the fitted points a
-    step, drawn at random and solved besides at the step's converged loads.
+    The fits' bound is calibrated first on a census: at the end of the step that made the
+    first fits, 2 / (1 − c) of them (40 at 0.95), drawn at random by id, are solved besides at
+    the next step's loads as extrapolated from their last two converged ones (2F̄ₖ − F̄ₖ₋₁,
+    as the run calibration's census below) and scored there, so the fits serve from the next
+    step on (where fewer points are fitted than that census takes, the bound may still be
+    infinite: every fitted point then falls back and a random 2 / (1 − c) of them are scored
+    at the step's converged loads, until the scores give a finite conformal quantile, 19 at
+    0.95); then on ``cell_audit`` of the fitted points a step, drawn at random and solved
+    besides at the step's converged loads.
     The fallback solves then teach the fits, and online retraining of the network is never
     due (the network serves only points that never fell back). Off by default:
     the fits are for deterministic 2D fine solvers (the RVE; a noisy solve's scores would be
@@ -300,7 +305,9 @@ class StepReport:
     the Coupler audits); ``run_scored``: points of the run calibration's census at this
     step's end (:class:`Policy` ``run_calibration``; their solves are counted in
     ``fine_solves`` and ``fine_time_s``), ``run_bound_factor``: the factor q on the model's
-    bound in the next step (None: no run calibration, or too few scores).
+    bound in the next step (None: no run calibration, or too few scores); ``fits_scored``:
+    points of the cell fits' first census at this step's end (:class:`Policy` ``cell_fits``;
+    counted in ``fine_solves`` and ``fine_time_s`` likewise).
     """
 
     fallback_points: int
@@ -326,6 +333,7 @@ class StepReport:
     audit: dict | None = None
     run_scored: int = 0
     run_bound_factor: float | None = None
+    fits_scored: int = 0
 
 
 @dataclass
@@ -572,7 +580,7 @@ class Coupler(FineSolver):
         self._held_out = (np.zeros(len(ids), dtype=bool) if self.cold_start is None
                           else self.cold_start.is_held_out(self._ids))
         self._last_F = np.full((len(ids), self.dim, self.dim), np.nan)
-        # each point's converged F̄ of the step before (the run calibration extrapolates)
+        # each point's converged F̄ of the step before (the censuses extrapolate)
         self._previous_F = np.tile(np.eye(self.dim), (len(ids), 1, 1))
         self._encode()
 
@@ -1021,6 +1029,8 @@ class Coupler(FineSolver):
         t0 = time.perf_counter()
         if self.fits is not None:
             self._refit(report)
+            if not self.fits.calibrated and steps_left != 0:
+                self._fits_census(report)
         if self.retrainer is not None:
             self._retrain(report, steps_left)
             if self.cold_start is not None:
@@ -1029,6 +1039,8 @@ class Coupler(FineSolver):
         report.model_version = self.version
         if self.run_scores is not None:
             self._run_census(report, steps_left)
+        converged = np.isfinite(self._last_F).all(axis=(1, 2))
+        self._previous_F[converged] = self._last_F[converged]
         self.stats = StepStats()
         for counted in (self._fell_back, self._noise_limited, self._outside, self._probed):
             counted[:] = False
@@ -1063,9 +1075,10 @@ class Coupler(FineSolver):
             background_step=None if r is None or r.pending is None else r.pending.step,
             solved=dict(self._solved), cost_s=dict(self._cost), last_rank=dict(self._last_rank),
             warm=self.cache.warm_states()).to_arrays()
-        if self.run_scores is not None:  # its scores, and each point's last converged F̄
-            state |= self.run_scores.state() | {"run/id": self._ids.copy(),
-                                                 "run/previous_F": self._previous_F.copy()}
+        if self.run_scores is not None:
+            state |= self.run_scores.state()
+        if self.run_scores is not None or self.fits is not None:  # the censuses extrapolate
+            state |= {"run/id": self._ids.copy(), "run/previous_F": self._previous_F.copy()}
         return state if self.fits is None else {**state, **self.fits.state()}
 
     def restore_state(self, states: Sequence[Mapping[str, np.ndarray]]) -> None:
@@ -1093,6 +1106,7 @@ class Coupler(FineSolver):
                 self._follow_stress_scale()
             if self.run_scores is not None and "run/scores" in states[0]:
                 self.run_scores.restore(states[0])
+            if "run/previous_F" in states[0]:
                 row = {int(pid): r for r, pid in enumerate(self._ids.tolist())}
                 for s in states:
                     for pid, F in zip(s["run/id"].tolist(), s["run/previous_F"], strict=True):
@@ -1198,51 +1212,82 @@ class Coupler(FineSolver):
         extrapolated loads, 2F̄ₖ − F̄ₖ₋₁ (F̄₋₁ = I), on points drawn among those its bound kept
         on the operator in the step (all, in a run outside a family's ranges before its first
         census; inside the training region at both loads, without a cell fit), solved there
-        besides (the solves join the replay store; the step's answers stay what they were);
-        failed solves are not scored. Sets the next step's factor and the census's figures in
-        ``report``; no census after the last step (``steps_left`` 0)."""
+        besides (:meth:`_solve_ahead`). Sets the next step's factor and the census's figures
+        in ``report``; no census after the last step (``steps_left`` 0)."""
         comm, ids, F = self.comm, self._ids, self._last_F
-        converged = np.isfinite(F).all(axis=(1, 2))
         if steps_left != 0:
-            eligible = converged.copy()
+            ahead, eligible = self._ahead()
             if self.material_outside is None or self._run_calibrated:
                 # where the bound decided, the points it kept on the operator: its guarantee
                 # is wanted where it is used (the points it sent to the fine solver have wider
                 # bounds, and their scores run lower)
                 eligible &= ~self._fell_back
             if self.region is not None:  # the bound decides inside the region only
+                converged = np.isfinite(F).all(axis=(1, 2))
                 eligible &= ~self._micro_out[self._structure_of]
                 eligible[converged] &= ~self.region.load_outside(F[converged])
+                eligible &= ~self.region.load_outside(ahead)
             if self.fits is not None:
                 eligible &= ~self.fits.fitted(ids)
-            ahead = np.where(converged[:, None, None], 2 * F - self._previous_F, np.eye(self.dim))
-            eligible &= np.linalg.det(ahead) > 0
-            if self.region is not None:
-                eligible &= ~self.region.load_outside(ahead)
             drawn = np.flatnonzero(self.run_scores.census_exact(ids, self.step, eligible, comm))
-            solves, t0 = self.stats.fine_solves, time.perf_counter()
-            self.cache.new_pass()
-            done, _, _ = self._solve_fallback(ahead[drawn], ids[drawn], drawn, len(ids))
-            rows = np.array([r for r, a in zip(drawn.tolist(), done, strict=True)
-                             if a.P is not None], dtype=np.int64)
+            rows, truth = self._solve_ahead(ahead, drawn, report)
             if len(rows):
                 stress, _, bound, _, _ = self._predict(rows, ahead[rows], run=False)
-                truth = np.stack([a.P for a in done if a.P is not None])
                 error = np.linalg.norm(truth - stress, axis=(1, 2))
                 with np.errstate(divide="ignore", invalid="ignore"):  # zero bound: infinite
                     for score in np.where(error > 0, error / bound, 0.0):
                         self.run_scores.add(float(score))
             report.run_scored = comm.allreduce(len(rows))
-            report.fine_solves += comm.allreduce(self.stats.fine_solves - solves)
-            report.fine_time_s += comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
             self.run_scores.end_step(comm)
-        self._previous_F[converged] = F[converged]
         if self._run_calibrated:
             report.run_bound_factor = self.run_scores.quantile
             if comm.rank == 0 and report.run_scored:
                 log.info("step %d: the next step's bound is %.3g × the model's (census of %d "
                          "points at its extrapolated loads)", self.step,
                          self.run_scores.quantile, report.run_scored)
+
+    def _fits_census(self, report: StepReport) -> None:
+        """The cell fits' first census, at the end of a step that left them without a bound
+        (collective): 2 / (1 − c) fitted points drawn by id, solved besides at the next step's
+        extrapolated loads (:meth:`_solve_ahead`), score the fits that serve that step there,
+        and the fits are calibrated on those scores (:meth:`CellFits.calibrate_ahead
+        <neuroscale_couple.cell_fits.CellFits.calibrate_ahead>`)."""
+        ahead, eligible = self._ahead()
+        eligible &= self.fits.fitted(self._ids)
+        drawn = np.flatnonzero(self.fits.scores.census_exact(self._ids, self.step, eligible,
+                                                             self.comm))
+        rows, truth = self._solve_ahead(ahead, drawn, report)
+        self.fits.calibrate_ahead(self._ids[rows], ahead[rows], truth, self.comm)
+        report.fits_scored = self.comm.allreduce(len(rows))
+        if self.comm.rank == 0:
+            log.info("step %d: cell fits' census of %d points at the next step's extrapolated "
+                     "loads, bound factor %.3g", self.step, report.fits_scored,
+                     self.fits.quantile)
+
+    def _ahead(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next step's loads extrapolated from each point's last two converged ones,
+        2F̄ₖ − F̄ₖ₋₁ (F̄₋₁ = I), (n, d, d), and whether a census may solve the point there (n,)
+        bool: it converged in this step and the extrapolated F̄ has a positive determinant."""
+        F = self._last_F
+        converged = np.isfinite(F).all(axis=(1, 2))
+        ahead = np.where(converged[:, None, None], 2 * F - self._previous_F, np.eye(self.dim))
+        return ahead, converged & (np.linalg.det(ahead) > 0)
+
+    def _solve_ahead(self, ahead: np.ndarray, drawn: np.ndarray, report: StepReport
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Solve the points of rows ``drawn`` besides at ``ahead[drawn]`` (a census: the
+        step's answers stay what they were; the solves join the replay store, the fits do not
+        learn them), counted in ``report``'s fine solves and time: the rows solved (m,) and
+        their stresses (m, d, d), failed solves left out."""
+        comm, d = self.comm, self.dim
+        solves, t0 = self.stats.fine_solves, time.perf_counter()
+        self.cache.new_pass()
+        done, _, _ = self._solve_fallback(ahead[drawn], self._ids[drawn], drawn, len(self._ids))
+        ok = np.array([a.P is not None for a in done], dtype=bool)
+        truth = np.array([a.P for a in done if a.P is not None]).reshape(-1, d, d)
+        report.fine_solves += comm.allreduce(self.stats.fine_solves - solves)
+        report.fine_time_s += comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+        return drawn[ok] if len(drawn) else drawn, truth
 
     def _refit(self, report: StepReport) -> None:
         """The cell fits learn the step's solves and are recalibrated on its scores

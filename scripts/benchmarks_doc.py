@@ -1062,8 +1062,12 @@ def cold_start_section(record: dict, path: Path) -> list[str]:
         "The operator starts from the shipped model's frozen encoder with fresh heads, trained "
         "in the background on the run's own fine solves; a held-out share of the points stays "
         "on the fine solver and recalibrates the bound after every step." if network else
-        "Every point is solved at step 0 and again at step 1 (the census that first calibrates "
-        "the bound); after every step each solved point's cell fit (the energy basis fitted to "
+        "Every point is solved at step 0"
+        + (" and again at step 1 (the census that first calibrates the bound)"
+           if record["per_step"][1]["operator_share"] == 0 else
+           ", and 40 of them besides at step 1's extrapolated loads (the census that first "
+           "calibrates the bound, so the fits serve from step 1 on)")
+        + "; after every step each solved point's cell fit (the energy basis fitted to "
         "its latest solves, `neuroscale_couple/cell_fits.py`) is refitted and the bound "
         "recalibrated on the solves of points audited at random that step.")
     out = [f"## `{path.stem}`", "",
@@ -1102,10 +1106,12 @@ def cold_start_section(record: dict, path: Path) -> list[str]:
             f"GPa, {record['ranks']} ranks.", ""]
     c, r = t["cold_start"], t["reference"]
     if not network:
-        first = sum(h["fine_time_s"] for h in record["per_step"][:2])
-        rest = record["per_step"][2:]
+        full = next(k for k, h in enumerate(record["per_step"]) if h["operator_share"] > 0)
+        first = sum(h["fine_time_s"] for h in record["per_step"][:full])
+        rest = record["per_step"][full:]
+        steps = "step 0" if full == 1 else f"steps 0–{full - 1}"
         out += [f"Where the time goes: the cold start's fine solves took {num(c['fine'])} s "
-                f"against classic FE²'s {num(r['fine'])} s: {num(first)} s in steps 0 and 1, "
+                f"against classic FE²'s {num(r['fine'])} s: {num(first)} s in {steps}, "
                 "where every point is solved (its RVE built, its first solve cold) as in "
                 f"classic FE², and {num(c['fine'] - first)} s in the {len(rest)} steps after "
                 "them, where the audits and probes are solved, and the points whose fits' "
@@ -1115,7 +1121,8 @@ def cold_start_section(record: dict, path: Path) -> list[str]:
                 f"Fitting took {num(sum(h.get('training_s') or 0.0 for h in record['per_step']))}"
                 " s in all. Classic FE²'s total is "
                 f"{ratio(r['total'] / (first + c['setup']))} the set-up and the fine solves of "
-                "those two steps: the most a cold start of this run can gain.", "", "Per step:",
+                f"{'that step' if full == 1 else 'those steps'}: the most a cold start of this "
+                "run can gain.", "", "Per step:",
                 ""]
     per_point = {k: record["fine_solves"][k] / (record["quadrature_points"] * record["steps"])
                  for k in ("reference", "cold_start")}

@@ -129,6 +129,37 @@ def test_a_census_draws_enough_fitted_points_for_a_bound():
     assert few.census(ids, 1, MPI.COMM_SELF)[:30].all()
 
 
+def test_the_first_census_calibrates_the_fits_at_the_next_steps_extrapolated_loads():
+    """calibrate_ahead scores the fits as they stand against solves at the loads 2F̄ₖ − F̄ₖ₋₁
+    of the next step and calibrates on those scores at once: the bound is their conformal
+    quantile, and at those loads it covers the fits' true errors at the confidence; fewer
+    scores than a finite quantile needs leave the bound infinite."""
+    n = 200
+    F0 = loads(n, 0.01)
+    P0, A0 = neo_hookean(F0, E=3.0)
+    F1 = 2 * F0 - loads(n, 0.003, seed=3)  # the first step's loads, extrapolated
+    P1 = neo_hookean(F1, E=3.0)[0] * (1 + 0.01 * np.random.default_rng(4).normal(size=(n, 1, 1)))
+    fits = CellFits(0.9)
+    for i in range(n):  # one solve each: a fit is not the law
+        fits.observe(i, F0[i], P0[i], A0[i])
+    fits.end_step(MPI.COMM_SELF)
+    assert not fits.calibrated
+    ids = np.arange(n)
+    p = fits.predict(ids, F1)
+    scores = np.linalg.norm(P1 - p["stress"], axis=(1, 2)) / p["sigma"]
+    census = ids[::5]
+    fits.calibrate_ahead(census, F1[census], P1[census], MPI.COMM_SELF)
+    assert fits.quantile == pytest.approx(conformal_quantile(scores[census], 0.9), rel=1e-12)
+    covered = np.linalg.norm(P1 - p["stress"], axis=(1, 2)) <= fits.quantile * p["sigma"]
+    assert 0.8 <= covered[np.setdiff1d(ids, census)].mean() < 1.0
+    few = CellFits(0.9)
+    for i in range(n):
+        few.observe(i, F0[i], P0[i], A0[i])
+    few.end_step(MPI.COMM_SELF)
+    few.calibrate_ahead(ids[:5], F1[:5], P1[:5], MPI.COMM_SELF)
+    assert not few.calibrated
+
+
 def test_fits_restored_from_a_checkpoint_state_are_the_fits_on_any_partition(tmp_path):
     """state() through an npz file, restored on the same partition or gathered from two
     ranks' states: the same fits (to the bit), bound, stress scale and audits; a state
