@@ -770,8 +770,7 @@ class Coupler(FineSolver):
             return outside
         if self.region is None:
             return np.zeros(len(F), dtype=bool)
-        outside = self.region.load_outside(F)
-        outside |= self._micro_out[self._structure_of[rows]]
+        outside = self._region_outside(rows, F)
         if not outside.any():
             return outside
         self._outside[rows[outside]] = True
@@ -784,6 +783,12 @@ class Coupler(FineSolver):
                              f"({reason}) and the policy says outside=refuse: use "
                              "outside=fallback to solve such points with the fine solver")
         return outside if rule == "fallback" else np.zeros(len(F), dtype=bool)
+
+    def _region_outside(self, rows: np.ndarray, F: np.ndarray) -> np.ndarray:
+        """Whether each point (rows (n,)) at F̄ (n, d, d) lies outside the model's training
+        region (:class:`~neuroscale_couple.region.TrainingRegion`): its structure or its load,
+        (n,) bool."""
+        return self._micro_out[self._structure_of[rows]] | self.region.load_outside(F)
 
     def _near_solve(self, F: np.ndarray, ids: np.ndarray, fallback: np.ndarray,
                     op_stress: np.ndarray) -> np.ndarray:
@@ -1223,10 +1228,9 @@ class Coupler(FineSolver):
                 # bounds, and their scores run lower)
                 eligible &= ~self._fell_back
             if self.region is not None:  # the bound decides inside the region only
-                converged = np.isfinite(F).all(axis=(1, 2))
-                eligible &= ~self._micro_out[self._structure_of]
-                eligible[converged] &= ~self.region.load_outside(F[converged])
-                eligible &= ~self.region.load_outside(ahead)
+                all_rows = np.arange(len(ids))
+                eligible[eligible] &= ~self._region_outside(all_rows[eligible], F[eligible])
+                eligible &= ~self._region_outside(all_rows, ahead)
             if self.fits is not None:
                 eligible &= ~self.fits.fitted(ids)
             drawn = np.flatnonzero(self.run_scores.census_exact(ids, self.step, eligible, comm))
