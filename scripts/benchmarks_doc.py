@@ -928,7 +928,9 @@ def calibration_groups_section(record: dict, path: Path) -> list[str]:
            f"({num(record['n_calibration'])} solves) once globally and once per structure kind "
            f"and load band (edges {record['load_bands']} in ‖U − I‖" + (
                f"; and contrast band, edges {contrast} in E_f/E_m" if contrast else "") +
-           f"), each evaluated on `{record['test_data']}`: coverage of the policy's 95 % "
+           ")" + (", and as shipped (calibrated on its own calibration set)"
+                  if "as shipped" in record["runs"] else "") +
+           f", each evaluated on `{record['test_data']}`: coverage of the policy's 95 % "
            "bound and the ECE of the per-component intervals, per group. Intervals: the "
            "conformal factors t_p of the calibration, and, for comparison, the Gaussian "
            "Φ⁻¹((1 + p)/2) they replace. The target (issue 29) is coverage within 95 ± 2 % in "
