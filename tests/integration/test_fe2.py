@@ -173,7 +173,8 @@ def test_four_ranks_with_fallback_give_the_serial_displacement(tmp_path):
     one, four = serial_and_parallel(ROOT / "examples" / "fe2_composite.py", flags, tmp_path, 4)
     assert four["ranks"] == 4 and four["quadrature_points"] == one["quadrature_points"]
     fallback = [h["fallback_points"] for h in four["steps"]]
-    assert fallback == [h["fallback_points"] for h in one["steps"]] and min(fallback) > 0
+    # step 0's fallback points are on their cell fits at step 1 (the example's default)
+    assert fallback == [h["fallback_points"] for h in one["steps"]] and fallback[0] > 0
     assert sum(n > 0 for n in four["per_rank"]["fine_solves"]) >= 2  # the fine work was shared
     # to the solvers' tolerance: macro Newton stops at |R| < 1e-9·|R₀| and the RVEs' warm
     # starts differ by rank at round-off (measured: stress 1.7e-8, displacement below 1e-8)
