@@ -1291,7 +1291,7 @@ class Coupler(FineSolver):
         truth = np.array([a.P for a in done if a.P is not None]).reshape(-1, d, d)
         report.fine_solves += comm.allreduce(self.stats.fine_solves - solves)
         report.fine_time_s += comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
-        return drawn[ok] if len(drawn) else drawn, truth
+        return drawn[ok], truth
 
     def _refit(self, report: StepReport) -> None:
         """The cell fits learn the step's solves and are recalibrated on its scores
