@@ -1060,13 +1060,16 @@ def cold_start_section(record: dict, path: Path) -> list[str]:
     no shipped model knows, per step and in total, against the issue's targets."""
     flags = record.get("cold_flags", "")
     network = "--no-cell-fits" in flags or "cell_fits" not in record  # older records: network
+    steps = record["per_step"]
+    # the leading steps in which every point was solved (a cell-fit cold start: 1 or 2)
+    full = next((k for k, h in enumerate(steps) if h["operator_share"] > 0), len(steps))
     operator = (
         "The operator starts from the shipped model's frozen encoder with fresh heads, trained "
         "in the background on the run's own fine solves; a held-out share of the points stays "
         "on the fine solver and recalibrates the bound after every step." if network else
         "Every point is solved at step 0"
         + (" and again at step 1 (the census that first calibrates the bound)"
-           if record["per_step"][1]["operator_share"] == 0 else
+           if full > 1 else
            ", and 40 of them besides at step 1's extrapolated loads (the census that first "
            "calibrates the bound, so the fits serve from step 1 on)")
         + "; after every step each solved point's cell fit (the energy basis fitted to "
@@ -1108,17 +1111,16 @@ def cold_start_section(record: dict, path: Path) -> list[str]:
             f"GPa, {record['ranks']} ranks.", ""]
     c, r = t["cold_start"], t["reference"]
     if not network:
-        full = next(k for k, h in enumerate(record["per_step"]) if h["operator_share"] > 0)
-        first = sum(h["fine_time_s"] for h in record["per_step"][:full])
-        rest = record["per_step"][full:]
-        steps = "step 0" if full == 1 else f"steps 0–{full - 1}"
+        first = sum(h["fine_time_s"] for h in steps[:full])
+        rest = steps[full:]
+        solved = "step 0" if full == 1 else f"steps 0–{full - 1}"
         out += [f"Where the time goes: the cold start's fine solves took {num(c['fine'])} s "
-                f"against classic FE²'s {num(r['fine'])} s: {num(first)} s in {steps}, "
+                f"against classic FE²'s {num(r['fine'])} s: {num(first)} s in {solved}, "
                 "where every point is solved (its RVE built, its first solve cold) as in "
                 f"classic FE², and {num(c['fine'] - first)} s in the {len(rest)} steps after "
                 "them, where the audits and probes are solved, and the points whose fits' "
                 "bound sent them back "
-                f"({num(sum(h['fine_solves'] for h in rest) / len(rest))} solves a step of "
+                f"({num(sum(h['fine_solves'] for h in rest) / max(len(rest), 1))} solves a step of "
                 f"{num(record['quadrature_points'])} points). "
                 f"Fitting took {num(sum(h.get('training_s') or 0.0 for h in record['per_step']))}"
                 " s in all. Classic FE²'s total is "
