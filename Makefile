@@ -93,8 +93,9 @@ bench-scaling: $(STAMP)
 	$(PY) bench/scaling.py --model examples/models/fe2_composite_fast.pt
 
 # Regenerate the shipped operator from scratch with the project's own RVE solver and trainer
-# (data sets ≈ 25 min, training ≈ 75 min on 2 cores; a recipe's optional second stage
-# $(MODEL).finetune.yaml goes on from the first stage's checkpoint). Rerun after a kill: data
+# (data sets ≈ 40 min, training ≈ 75 min on 2 cores; a recipe's optional second stage
+# $(MODEL).finetune.yaml goes on from the first stage's checkpoint), calibrated group-wise
+# (per cell family and load band) on $(MODEL).calibration_groups.yaml. Rerun after a kill: data
 # sets resume where they stopped, the killed training stage at its last epoch (each stage has its
 # work folder in $(MODEL_DATA); a finished first stage is trained again, and its second stage
 # resumes if that gives the same weights, as a rerun on the same machine does).
@@ -102,7 +103,7 @@ MODEL      ?= examples/models/fe2_composite
 MODEL_DATA ?= out/model
 model: $(STAMP)
 	mkdir -p $(MODEL_DATA)
-	for set in data calibration test ood; do \
+	for set in data calibration calibration_groups test ood; do \
 	  $(MPIRUN) -n $(NP) $(VENV)/bin/neuroscale generate $(MODEL).$$set.yaml --out $(MODEL_DATA)/$$set.h5 || exit 1; \
 	done
 	$(VENV)/bin/neuroscale train $(MODEL).train.yaml --data $(MODEL_DATA)/data.h5 --out $(MODEL).pt \
@@ -110,9 +111,9 @@ model: $(STAMP)
 	if [ -f $(MODEL).finetune.yaml ]; then $(VENV)/bin/neuroscale train $(MODEL).finetune.yaml \
 	  --init $(MODEL).pt --data $(MODEL_DATA)/data.h5 --out $(MODEL).pt \
 	  --work $(MODEL_DATA)/finetune.train || exit 1; fi
-	$(VENV)/bin/neuroscale calibrate --model $(MODEL).pt --data $(MODEL_DATA)/calibration.h5
+	$(VENV)/bin/neuroscale calibrate --model $(MODEL).pt --data $(MODEL_DATA)/calibration_groups.h5 --groups
 	$(VENV)/bin/neuroscale subset $(MODEL_DATA)/data.h5 --micro 96 --out $(MODEL).anchor.h5
-	$(VENV)/bin/neuroscale subset $(MODEL_DATA)/calibration.h5 --micro 48 --out $(MODEL).anchor_calibration.h5
+	$(VENV)/bin/neuroscale subset $(MODEL_DATA)/calibration_groups.h5 --micro 96 --out $(MODEL).anchor_calibration.h5
 	$(VENV)/bin/neuroscale evaluate --model $(MODEL).pt --data $(MODEL_DATA)/test.h5 \
 	  --ood $(MODEL_DATA)/ood.h5 --plot $(MODEL).reliability.png --card $(MODEL).json
 

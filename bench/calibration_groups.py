@@ -1,7 +1,7 @@
 """Global against group-wise (Mondrian) calibration of an operator, group by group.
 
 Calibrates the model both ways on one held-out calibration set and evaluates each, and the
-model with the calibration it was shipped with, on a test
+model with the calibration it was shipped with (unless it is one of those), on a test
 set, per structure kind and load band (``neuroscale evaluate``'s ``groups``): coverage of the
 policy's 95 % bound and the ECE of the per-component intervals — the conformal ones, and for
 the global calibration also the Gaussian ones (μᵢ ± Φ⁻¹((1 + p)/2) s √Σᵢᵢ) they replace. With
@@ -65,14 +65,20 @@ def main() -> None:
     results: dict[str, dict] = {name: {} for name in sets}
     predictions: dict[str, tuple] = {}
     contrast_bands = CONTRAST_BANDS if model.takes_material else ()
-    for name, bands in (("as shipped", "as shipped"), ("global, Gaussian intervals", None),
-                        ("global", None), ("group-wise", LOAD_BANDS)):
-        m = copy.deepcopy(model)
-        if bands != "as shipped":  # else the model's own calibration, on its calibration set
-            calibrate_model(m, cal, bands=bands, contrast_bands=() if bands is None
-                            else contrast_bands)
+    models = {"as shipped": model}  # the model's own calibration, on its calibration set
+    for name, bands in (("global, Gaussian intervals", None), ("global", None),
+                        ("group-wise", LOAD_BANDS)):
+        m = models[name] = copy.deepcopy(model)
+        calibrate_model(m, cal, bands=bands, contrast_bands=() if bands is None
+                        else contrast_bands)
         if name.endswith("Gaussian intervals"):
             m.calibration = {**m.calibration, "interval_quantiles": {}}
+    # shipped with one of these calibrations: its run would repeat that one's
+    shipped_as = next((name for name, m in models.items()
+                       if m is not model and m.calibration == model.calibration), None)
+    if shipped_as is not None:
+        del models["as shipped"]
+    for name, m in models.items():
         for set_name, data in sets.items():
             r = results[set_name][name] = evaluate(m, data)
             _add_intervals(r, m, data, predictions.setdefault(
@@ -91,7 +97,7 @@ def main() -> None:
               "calibration_data": os.path.relpath(args.calibration, ROOT),
               "test_data": os.path.relpath(args.test, ROOT), "load_bands": list(LOAD_BANDS),
               "contrast_bands": list(contrast_bands),
-              "n_calibration": len(cal), "runs": results["test"]}
+              "n_calibration": len(cal), "shipped_as": shipped_as, "runs": results["test"]}
     record["mix"] = {name: _mix(data) for name, data in
                      (("calibration", cal), *sets.items())}
     if args.shifted:

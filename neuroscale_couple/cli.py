@@ -327,7 +327,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     if teacher.takes_material:
         raise InputError(f"--model {args.model} is a family operator (phases as inputs): "
                          "distilling one is not built yet; distil a model of one material")
-    digest = teacher.weights_digest()
+    digest = teacher.weights_digest(calibration=False)
     work = Path(args.work) if args.work else out.with_suffix(".distill")
     student, history = Distillation(teacher, cfg, work).run(progress=not args.quiet)
     student.card |= {"distilled_from": {"model": str(args.model), "digest": digest},

@@ -55,8 +55,10 @@ class RetrainConfig:
 
     ``anchor`` / ``anchor_calibration``: RVE data sets sampled from the operator's original
     training and calibration data (default: ``<model>.anchor.h5`` and
-    ``<model>.anchor_calibration.h5`` next to the model file); up to ``anchor_micro``
-    microstructures of each are mixed in so the operator does not forget its training range.
+    ``<model>.anchor_calibration.h5`` next to the model file): up to ``anchor_micro``
+    microstructures of the first are mixed into the training data so the operator does not
+    forget its training range, and all of the second into the recalibration (its groups, for
+    a group-wise calibration, need their points).
     Retraining runs after a step in which at least ``min_fallback_fraction`` of all points fell
     back (evidence that the loading left the operator's range; scattered in-range fallbacks do
     not pay for a retraining) and at least ``min_new`` fine solves arrived since the last one;
@@ -228,19 +230,21 @@ class Retrainer:
         first: dict[str, tuple[int, int]] = {}
         index = [first.setdefault(digests[m], (len(first), m))[0]
                  for m in data.micro_index.tolist()]
-        return dataclasses.replace(data, images=data.images[[m for _, m in first.values()]],
-                                   micro_index=torch.as_tensor(index, dtype=torch.long)
+        kept = [m for _, m in first.values()]
+        return dataclasses.replace(data, images=data.images[kept],
+                                   micro_index=torch.as_tensor(index, dtype=torch.long),
+                                   kinds=None if data.kinds is None else data.kinds[kept]
                                    ), k[order, 3]
 
     def _anchor_data(self, path: Path | None, resolution: int, seed: int,
-                     material_inputs: bool = False):
+                     material_inputs: bool = False, every_cell: bool = False):
         from neuroscale_couple.training import TrainingData
 
         if path is None:
             return None
         data = TrainingData.from_h5(path, resolution, torch.float64, material_inputs)
         n_micro = len(data.images)
-        if n_micro > self.config.anchor_micro:
+        if n_micro > self.config.anchor_micro and not every_cell:
             keep = np.random.default_rng(seed).choice(n_micro, self.config.anchor_micro,
                                                       replace=False)
             data = data.subset(np.flatnonzero(np.isin(data.micro_index.numpy(), keep)))
@@ -280,7 +284,8 @@ class Retrainer:
             fit = online.subset(np.sort(order[n_held:]))
             held = online.subset(np.sort(order[:n_held]))
         anchor = self._anchor_data(self._anchor[0], resolution, seed, phases)
-        anchor_cal = self._anchor_data(self._anchor[1], resolution, seed, phases)
+        anchor_cal = self._anchor_data(self._anchor[1], resolution, seed, phases,
+                                       every_cell=True)
         data = TrainingData.concat([p for p in (fit, anchor) if p is not None])
         cal_parts = [p for p in (held, anchor_cal) if p is not None and len(p)]
         calibration = TrainingData.concat(cal_parts) if cal_parts else None

@@ -367,15 +367,17 @@ class CoarseGrainingOperator(nn.Module):
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def weights_digest(self) -> str:
+    def weights_digest(self, calibration: bool = True) -> str:
         """SHA-256 of the config, the weights and buffers (names, dtypes, values), the
         calibration and the training region: what a model file's digest covers (the rest of
-        the card is a record, not covered)."""
+        the card is a record, not covered). ``calibration=False`` leaves the calibration out:
+        what a distilled student records of its teacher, whose calibration it does not learn."""
         h = hashlib.sha256(json.dumps(config_record(self.config), sort_keys=True).encode())
         for name, t in self.state_dict().items():
             h.update(f"{name}:{t.dtype}".encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        h.update(json.dumps(self.calibration, sort_keys=True).encode())
+        if calibration:
+            h.update(json.dumps(self.calibration, sort_keys=True).encode())
         if "region" in self.card:
             h.update(json.dumps(self.card["region"], sort_keys=True).encode())
         return h.hexdigest()

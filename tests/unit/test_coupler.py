@@ -297,6 +297,31 @@ def test_replay_store_segments_are_rve_data_sets(tmp_path):
     assert ReplayStore.segments(tmp_path) == []
 
 
+def test_replayed_solves_keep_each_cells_kind_for_a_group_wise_recalibration(tmp_path):
+    """The retrainer merges a cell seen in several segments into one image: each sample still
+    carries its own cell's kind (the group a group-wise recalibration puts it in)."""
+    from mpi4py import MPI
+
+    from neuroscale_couple.evaluation import sample_labels
+    from neuroscale_couple.retraining import RetrainConfig, Retrainer
+    from neuroscale_couple.solvers.microstructure import fibre_chain, random_fibres
+
+    replay = tmp_path / "replay"
+    store = ReplayStore(replay, rank=0, config={"law": "neo_hookean"}, image_resolution=16)
+    cells = [random_fibres(0.3, 2, 0), fibre_chain(0.3, 2, 1)]
+    for step, order in enumerate(([1, 0], [0, 1])):  # stored chain first, replayed by point id
+        for k in order:
+            store.append(cells[k], k, np.eye(2) * (1 + 0.05 * (step + 1)), np.zeros((2, 2)),
+                         np.zeros((2, 2, 2, 2)), step=step, evaluation=0, model_version=0,
+                         time_s=0.1)
+        store.flush(step)
+    retrainer = Retrainer(RetrainConfig(), MPI.COMM_SELF, replay_dir=replay, model_path=None)
+    data, ids = retrainer.replay_data(16, up_to_step=1)
+    assert len(data.images) == 2 and ids.tolist() == [0, 1, 0, 1]
+    kinds = {0: "random_fibres", 1: "fibre_chain"}
+    assert sample_labels(data, (0.5,)).tolist() == [f"{kinds[i]}|0" for i in ids]
+
+
 def test_replay_store_keeps_measured_noise_for_retraining(tmp_path):
     from neuroscale_couple.solvers.cauchy_born import Crystal
     from neuroscale_couple.training import TrainingData
@@ -472,7 +497,8 @@ def test_a_group_wise_calibration_bounds_each_point_by_its_kind_and_load_band():
     from neuroscale_couple.solvers.microstructure import fibre_chain, random_fibres
 
     model = load_operator("examples/models/fe2_composite.pt")
-    base = Calibration.from_dict(model.calibration)
+    shipped = Calibration.from_dict(model.calibration)
+    base = Calibration(shipped.scale, shipped.quantiles, shipped.norm_quantiles, 100)
     factors = {"fibre_chain|0": 1.0, "fibre_chain|1": 2.0, "random_fibres|0": 3.0}
     groups = {label: Calibration(base.scale * f, dict(base.quantiles),
                                  dict(base.norm_quantiles), 100)

@@ -132,10 +132,11 @@ def test_a_student_config_refuses_channels_the_resolution_does_not_divide():
 
 def test_the_shipped_student_is_of_the_shipped_teacher_and_answers_as_it_does(teacher):
     """examples/models/fe2_composite_fast.pt (`make fast-model`): distilled from this very
-    teacher file, calibrated, and on fresh cells within a few per cent of its teacher."""
+    teacher's weights (its calibration may be redone), calibrated, and on fresh cells within a
+    few per cent of its teacher."""
     student = load_operator(MODELS / "fe2_composite_fast.pt")
     assert isinstance(student, DistilledSANO) and student.calibration
-    assert student.card["distilled_from"]["digest"] == teacher.weights_digest()
+    assert student.card["distilled_from"]["digest"] == teacher.weights_digest(calibration=False)
     assert student.card["region"] == teacher.card["region"]
     cells, shells = distillation_cells(teacher, 24, seed=123)  # not the distillation's cells
     F = draw_loads(torch.as_tensor(shells, dtype=torch.float32), 4,
