@@ -35,8 +35,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import platform
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +128,10 @@ def main(example: str, name: str, title: str, description: str, *, mesh_size: st
     ref, op = s["reference"], s["operator"]
     newton_ref = ref["newton_iterations"]
     record = {
-        "name": args.name, "example_flags": args.example_flags,
+        "name": args.name, "command": shlex.join(["python", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {args.np} ranks ({os.cpu_count()} shared cores)",
+        "example_flags": args.example_flags,
         "ranks": args.np, "mesh_size": args.mesh_size, "steps": args.steps,
         "stretch": args.stretch, "rtol": args.rtol, "atol": op["atol"],
         "atol_given": args.atol is not None,

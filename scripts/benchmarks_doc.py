@@ -59,10 +59,7 @@ COUPLED_INTRO = {
         "The default FE² problem at a strict tolerance, rtol 0.02 with atol 0.001 GPa, and "
         "with an audit run: what the bound's false-negative rate costs in speed."),
     "fe2_speedup_412": (
-        "A bigger FE² macro problem (finer macro mesh). When this record was made, classic FE² "
-        "kept at most 128 live RVEs per rank (MPICH's communicator limit, see "
-        "Troubleshooting) and rebuilt the others, so its reference is slower per point than "
-        "the 202-point one."),
+        "A bigger FE² macro problem (finer macro mesh)."),
     "hmm_speedup": (
         "HMM of the copper plate with a hole (`examples/hmm_atomistic.py`): a Cauchy–Born "
         "crystal (EMT Cu, 31 atoms, relaxed) at every quadrature point, 0 K."),
@@ -93,19 +90,23 @@ COUPLED_NOTES = {
         "(imports of torch and DOLFINx, building the macro problem) plus loading the model, so "
         "the total speed-up stays well below the micro one. With fallback, the micro part is "
         "the one-off encoding and the RVE solves of the few fallback points; a point's first "
-        "solve (meshing, building the RVE, Newton from w = 0) costs several warm ones. No step "
-        "sent the 5 % of the points that make a retraining due, so the four fallback modes did "
-        "the same work and their spread is timing noise."),
+        "solve (meshing, building the RVE, Newton from w = 0) costs several warm ones. The "
+        "fallback points of the first step are cells of high fibre fraction with several "
+        "fibres, the operator's least certain; from the next step on their cell fits serve "
+        "them. Where a step sent 5 % of the points to the fine solver a retraining followed; "
+        "the fallback modes then differ in when it ran."),
     "fe2_speedup_beyond": (
-        "The hole points leave the training loads and fall back, step by step; the operator "
-        "alone stays within the error targets but the bound sends them to the RVE solver."),
+        "The first step's fallback is the default loading's; in the last steps the hole "
+        "points leave the training loads and fall back; the operator alone stays within the "
+        "error targets but the bound sends them to the RVE solver."),
     "fe2_speedup_rtol002": (
         "At this tolerance the network's bound exceeds the tolerance everywhere at the first "
         "step (the stresses are small, so 0.001 GPa + 2 % of ‖P̄‖ is tiny): every point falls "
-        "back, and at the next step again, for the census of their cell fits. From step 2 on "
-        "each point is served by its own cell fit, whose audited bound covered the true "
-        "error at 95.9 % of the operator point-steps. On this 5-step run the two steps in "
-        "which every point is solved cap the gain."),
+        "back. The census at that step's end scores the cell fits at the next step's "
+        "extrapolated loads, so from the next step on each point is served by its own cell "
+        "fit until its bound exceeds the tolerance (the audit line gives how often the bound "
+        "covered the true error). On this 5-step run the step in which every point is solved "
+        "caps the gain."),
     "fe2_speedup_412": (
         "Encoding is paid once per run (counted as micro time, as an RVE build is in classic "
         "FE²), so the micro ratio grows with the load steps and Newton iterations the latents "
@@ -930,6 +931,8 @@ def calibration_groups_section(record: dict, path: Path) -> list[str]:
                f"; and contrast band, edges {contrast} in E_f/E_m" if contrast else "") +
            ")" + (", and as shipped (calibrated on its own calibration set)"
                   if "as shipped" in record["runs"] else "") +
+           (f" (the model is shipped with the {record['shipped_as']} calibration)"
+            if record.get("shipped_as") else "") +
            f", each evaluated on `{record['test_data']}`: coverage of the policy's 95 % "
            "bound and the ECE of the per-component intervals, per group. Intervals: the "
            "conformal factors t_p of the calibration, and, for comparison, the Gaussian "
