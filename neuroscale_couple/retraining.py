@@ -351,7 +351,12 @@ class Retrainer:
             for p in frozen:
                 p.requires_grad_(True)
         if calibration is not None:
-            calibrate_model(model, calibration)
+            # a family operator keeps its groups (its error grows with the contrast); a model of
+            # one material recalibrates globally: the anchor cells fill its groups in the
+            # training mix's proportions, and after fine-tuning on the run's solves they had
+            # widened the bound of the run's group so much that a retraining no longer paid
+            calibrate_model(model, calibration,
+                            bands="as before" if model.takes_material else None)
         # the bound is now earned on the online solves too: the region grows to cover them
         regions = [r for r in (model.region, data.region,
                                None if calibration is None else calibration.region)
