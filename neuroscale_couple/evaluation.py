@@ -66,7 +66,7 @@ def calibrate_model(model: CoarseGrainingOperator, data: TrainingData, levels=LE
     ``bands``: load band edges of a group-wise calibration (per structure kind and band; with
     ``contrast_bands``, edges in E_f/E_m, per contrast band of a family operator too), None for
     a global one, "as before" to keep the model's current choice, contrast bands included
-    (global if it has none: what a retraining's recalibration does)."""
+    (global if it has none: what a family operator's retraining does)."""
     if isinstance(bands, str):
         old = Calibration.from_dict(model.calibration) if model.calibration else None
         bands = old.bands if old is not None else None

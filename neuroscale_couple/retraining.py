@@ -57,8 +57,8 @@ class RetrainConfig:
     training and calibration data (default: ``<model>.anchor.h5`` and
     ``<model>.anchor_calibration.h5`` next to the model file): up to ``anchor_micro``
     microstructures of the first are mixed into the training data so the operator does not
-    forget its training range, and all of the second into the recalibration (its groups, for
-    a group-wise calibration, need their points).
+    forget its training range, and all of the second into the recalibration (never trained
+    on, so every one of its points sharpens the conformal quantiles).
     Retraining runs after a step in which at least ``min_fallback_fraction`` of all points fell
     back (evidence that the loading left the operator's range; scattered in-range fallbacks do
     not pay for a retraining) and at least ``min_new`` fine solves arrived since the last one;
