@@ -311,7 +311,26 @@ def load_rve_dataset(path: str | Path) -> dict[str, np.ndarray]:
         for key, arr in list(out.items()):
             if key.startswith("samples/") and len(arr) == len(done):
                 out[key] = arr[~failed]
+    if "micro/kind" not in out:  # written before the kinds were stored
+        out["micro/kind"] = _drawn_kinds(out, path)
     return out
+
+
+def _drawn_kinds(d: dict, path: Path) -> np.ndarray:
+    """Each structure's kind (M,), bytes as stored, of a data set ``d`` that does not store them:
+    as its generate config draws its structures. Raises :class:`InputError` for a subset of a
+    data set of several kinds (which of them it kept is not recorded)."""
+    from neuroscale_couple.datagen import plan
+
+    n = max((len(v) for k, v in d.items() if k.startswith("micro/")), default=0)
+    config = {k: v for k, v in d["config"].items() if k != "subset"}
+    kinds = [s.kind for s in plan(config)[0]]
+    if len(set(kinds)) == 1 or ("subset" not in d["config"] and len(kinds) == n):
+        return np.array(kinds[:1] * n if len(set(kinds)) == 1 else kinds, dtype=bytes)
+    raise InputError(f"{path} does not record its structures' kinds (micro/kind; it was written "
+                     f"before they were stored) and its config draws {len(kinds)} structures of "
+                     f"kinds {sorted(set(kinds))} for its {n}: make it again with `neuroscale "
+                     "generate` (or `neuroscale subset` of a data set that records them)")
 
 
 def write_dataset(path: str | Path, config: dict, micro: dict[str, np.ndarray],

@@ -1,15 +1,19 @@
-"""Atomic writes, round-robin work distribution, rank → device (threads on the CPU), and the
-agreement of failures over the ranks."""
+"""Atomic writes, data sets written before they stored their cells' kinds, round-robin work
+distribution, rank → device (threads on the CPU), and the agreement of failures over the
+ranks."""
 
 import os
 
 from mpi4py import MPI
 
+import numpy as np
 import pytest
 
+from neuroscale_couple.datagen import plan
 from neuroscale_couple.errors import InputError, RetrainError
 from neuroscale_couple.parallel import agree, device_for_rank, round_robin, together
-from neuroscale_couple.store import atomic_write
+from neuroscale_couple.store import atomic_write, load_rve_dataset, subset_dataset, write_dataset
+from neuroscale_couple.structures import stored_arrays
 
 
 def test_atomic_write_replaces_or_keeps_the_old_file(tmp_path):
@@ -25,6 +29,45 @@ def test_atomic_write_replaces_or_keeps_the_old_file(tmp_path):
         atomic_write(target, broken)
     assert target.read_text() == "first"
     assert [f.name for f in tmp_path.iterdir()] == ["ckpt.txt"]
+
+
+OLD_CONFIG = {"microstructure": [
+    {"kind": "random_fibres", "volume_fraction": [0.2, 0.4], "n_fibres": [2, 4], "count": 3},
+    {"kind": "fibre_chain", "volume_fraction": [0.22, 0.36], "n_fibres": 2, "count": 2}],
+    "loads": {"per_microstructure": 1, "radius": 0.1, "seed": 3},
+    "law": "neo_hookean", "matrix": {"E": 3.0, "nu": 0.35}, "fibre": {"E": 70.0, "nu": 0.2}}
+
+
+def write_without_kinds(path, config: dict, keep: list[int]) -> None:
+    """A data set of the cells ``keep`` of ``config`` as versions before micro/kind wrote it."""
+    structures, F = plan({k: v for k, v in config.items() if k != "subset"})
+    micro = {k: v[keep] for k, v in stored_arrays(structures, 16).items() if k != "kind"}
+    n = len(keep)
+    write_dataset(path, config, micro, {"micro_index": np.arange(n), "F": F[keep],
+                                        "P": np.zeros((n, 2, 2)), "A": np.zeros((n, 2, 2, 2, 2))})
+
+
+def test_a_data_set_without_kinds_takes_those_its_config_draws(tmp_path):
+    write_without_kinds(tmp_path / "old.h5", OLD_CONFIG, [0, 1, 2, 3, 4])
+    old = load_rve_dataset(tmp_path / "old.h5")
+    assert old["micro/kind"].tolist() == [b"random_fibres"] * 3 + [b"fibre_chain"] * 2
+    # a subset cut from it records the kinds of the cells it keeps (told apart by their fraction)
+    subset_dataset(tmp_path / "old.h5", tmp_path / "part.h5", n_micro=3, seed=1)
+    part = load_rve_dataset(tmp_path / "part.h5")
+    kind_of = dict(zip(old["micro/volume_fraction"].tolist(), old["micro/kind"], strict=True))
+    assert [kind_of[v] for v in part["micro/volume_fraction"].tolist()] == part[
+        "micro/kind"].tolist()
+
+
+def test_a_subset_without_kinds_of_a_mixed_data_set_is_refused_and_of_one_kind_read(tmp_path):
+    mixed = dict(OLD_CONFIG, subset={"source": "old.h5", "n_micro": 2, "seed": 0})
+    write_without_kinds(tmp_path / "mixed.h5", mixed, [1, 3])
+    with pytest.raises(InputError, match=r"micro/kind.*neuroscale generate"):
+        load_rve_dataset(tmp_path / "mixed.h5")
+    single = dict(mixed, microstructure=OLD_CONFIG["microstructure"][:1])
+    write_without_kinds(tmp_path / "single.h5", single, [0, 2])
+    assert load_rve_dataset(tmp_path / "single.h5")["micro/kind"].tolist() == [
+        b"random_fibres"] * 2
 
 
 class FakeComm:
