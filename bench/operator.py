@@ -18,27 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from model_data import MODELS, ROOT, ensure_data
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "examples" / "models"
 RESULTS = ROOT / "bench" / "results"
-
-
-def ensure_data(name: str, out_dir: Path) -> Path:
-    """``out_dir/name.h5`` from ``examples/models/fe2_composite.<name>.yaml`` (made if missing)."""
-    path = out_dir / f"{name}.h5"
-    if not path.exists():
-        mpiexec = Path(sys.executable).parent / "mpiexec"
-        subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-m", "neuroscale_couple.cli",
-                        "generate", str(MODELS / f"fe2_composite.{name}.yaml"), "--out",
-                        str(path)], check=True)
-    return path
 
 
 def best_time(fn, repeat: int = 3) -> float:

@@ -70,23 +70,26 @@ OFFSET = 1e-3
 residual at its solves, not the distance, sets the error."""
 
 
-def basis_responses(F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def basis_responses(F: np.ndarray, n_weights: int = N_WEIGHTS) -> tuple[np.ndarray, np.ndarray]:
     """Stress and tangent of each basis energy Ψ_k at F̄ (n, 2, 2): (n, K, 2, 2) and
-    (n, K, 2, 2, 2, 2) — P̄ and A of weights w are Σ_k w_k times them."""
-    eye = torch.eye(N_WEIGHTS, dtype=torch.float64)[None]
+    (n, K, 2, 2, 2, 2) — P̄ and A of weights w are Σ_k w_k times them. ``n_weights``: K, that
+    of the plane-strain basis with (17) or without (14) the quartic terms."""
+    eye = torch.eye(n_weights, dtype=torch.float64)[None]
     r = mixture_response(eye, torch.as_tensor(F, dtype=torch.float64)[:, None])
     return r["stress"].numpy(), r["tangent"].numpy()
 
 
-def fit_weights(F: np.ndarray, P: np.ndarray, A: np.ndarray) -> np.ndarray:
+def fit_weights(F: np.ndarray, P: np.ndarray, A: np.ndarray, n_weights: int = N_WEIGHTS
+                ) -> np.ndarray:
     """Weights w (K,) of the basis mixture closest to the solves at F̄ (m, 2, 2) with stresses
     P̄ (m, 2, 2) and tangents A (m, 2, 2, 2, 2), in least squares (tangent rows weighted by
     :data:`TANGENT_WEIGHT`; columns equilibrated; the least-norm weights where the solves do
-    not determine them all, as one solve does not: its 20 equations have rank < K)."""
-    G, T = basis_responses(F)
-    m = len(F)
-    M = np.concatenate([G.reshape(m, N_WEIGHTS, -1), TANGENT_WEIGHT * T.reshape(m, N_WEIGHTS, -1)],
-                       axis=2).transpose(0, 2, 1).reshape(-1, N_WEIGHTS)
+    not determine them all, as one solve does not: its 20 equations have rank < K).
+    ``n_weights``: K (:func:`basis_responses`)."""
+    G, T = basis_responses(F, n_weights)
+    m, K = len(F), n_weights
+    M = np.concatenate([G.reshape(m, K, -1), TANGENT_WEIGHT * T.reshape(m, K, -1)],
+                       axis=2).transpose(0, 2, 1).reshape(-1, K)
     b = np.concatenate([P.reshape(m, -1), TANGENT_WEIGHT * A.reshape(m, -1)], axis=1).ravel()
     s = np.linalg.norm(M, axis=0) + 1e-300
     return np.linalg.lstsq(M / s, b, rcond=1e-12)[0] / s

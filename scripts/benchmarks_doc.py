@@ -955,6 +955,47 @@ def calibration_groups_section(record: dict, path: Path) -> list[str]:
     return out
 
 
+def error_budget_section(record: dict, path: Path) -> list[str]:
+    """bench/error_budget.py: the operator's P̄ error on the cells it was trained on, its
+    validation cells and held-out test cells, against the floor of its energy basis."""
+    sets = record["sets"]
+    bands = [b["fraction"] for b in sets["test"]["by_fraction"]]
+    trained, test = sets["trained"]["rel_l2_stress"], sets["test"]["rel_l2_stress"]
+    out = ["## Where the operator's error comes from", "",
+           f"The relative L2 error of P̄ of `{record['model']}` on the cells it was trained on, "
+           "on its validation cells (the split its training made) and on held-out test cells, "
+           "overall and per fibre-fraction band; and the **basis floor**: each cell's own "
+           f"least-squares fit of the {record['basis_weights']}-term energy basis the head "
+           "predicts, to that cell's solves — the error no encoder reaches below with this "
+           "head.", ""]
+    out += provenance(record, path, "the fields below", None)
+    out += table(("cells", "cells (n)", "operator", *(f"v {a}–{b}" for a, b in bands),
+                  "basis floor"),
+                 [(name, str(s["n_cells"]), pct(s["rel_l2_stress"]),
+                   *(pct(b["rel_l2_stress"]) if b["rel_l2_stress"] is not None else "–"
+                     for b in s["by_fraction"]), pct(s["basis_floor"]))
+                  for name, s in sets.items()])
+    out += [f"On the cells it was trained on the operator is off by {pct(trained)}, on "
+            f"held-out cells by {pct(test)} ({test / trained:.2f} times that); the basis "
+            f"floor is {pct(sets['test']['basis_floor'])}. Where the first two are close, "
+            "more cells of the same kinds lower the error little: it is the operator's fit "
+            "to its own data (its capacity and training) that stands above the floor.", ""]
+    probes = record.get("head_probe") or []
+    if probes:
+        out += ["Fresh heads (hidden × depth) trained on the frozen latents of the trained "
+                "cells, scored on the three sets — does a larger head on the same latents "
+                "lower the held-out error?", ""]
+        out += table(("head", *sets), [(f"{h['hidden']} × {h['depth']}",
+                                        *(pct(h[k]) for k in sets)) for h in probes])
+        best = min(probes, key=lambda h: h["trained"])
+        out += [f"The head that fits the trained cells best ({best['hidden']} × "
+                f"{best['depth']}: {pct(best['trained'])}) is off by {pct(best['test'])} on "
+                "held-out cells" + (": what the latents of an unseen cell say limits the "
+                                    "error, not the head that reads them."
+                                    if best["test"] >= 0.9 * test else "."), ""]
+    return out
+
+
 def _calibration_group_table(runs: dict) -> list[str]:
     """Rows: all samples, then each group; columns: each calibration's coverage (with its 95 %
     interval over the group's cells, where recorded) / ECE."""
@@ -1323,7 +1364,8 @@ def copy_images(docs: Path) -> dict[str, tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------- page
-ORDER = ("rve_solve", "rve_solve_3d", "rve_live", "operator", "baselines", "ablations",
+ORDER = ("rve_solve", "rve_solve_3d", "rve_live", "operator", "error_budget", "baselines",
+         "ablations",
          "calibration_groups", "calibration_groups_family", "run_calibration",
          "uncertainty_options", "encode", "memory", "region", "transfer", "transfer_laminate",
          "fe2_speedup", "fe2_speedup_rtol002", "fe2_speedup_beyond", "fe2_speedup_412",
@@ -1377,6 +1419,8 @@ def page(docs: Path) -> str:
             lines += uncertainty_options_section(record, path)
         elif name == "run_calibration":
             lines += run_calibration_section(record, path)
+        elif name == "error_budget":
+            lines += error_budget_section(record, path)
         elif name == "baselines":
             lines += baselines_section(record, path, images)
         elif name == "ablations":

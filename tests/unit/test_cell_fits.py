@@ -63,6 +63,20 @@ def test_two_solves_of_a_neo_hookean_cell_give_its_law_everywhere():
     assert np.abs(fits.predict(np.array([7]), np.eye(2)[None])["stress"]).max() < 1e-9
 
 
+def test_a_fit_of_the_quartic_basis_recovers_a_mixture_of_it():
+    """The 17-term basis of a SANO head with ``quartic_basis`` (bench/error_budget.py's floor)."""
+    from neuroscale_couple.cell_fits import basis_responses
+
+    w = np.random.default_rng(3).uniform(0.1, 2.0, 17)
+    F = loads(6, 0.15)
+    G, T = basis_responses(F, 17)
+    P, A = np.einsum("k,nkij->nij", w, G), np.einsum("k,nkijlm->nijlm", w, T)
+    np.testing.assert_allclose(fit_weights(F, P, A, 17), w, rtol=1e-6)
+    # the 14 terms without the quartic ones leave an error
+    assert np.abs(fit_weights(F, P, A) @ basis_responses(F)[0].reshape(6, 14, 4)
+                  - P.reshape(6, 4)).max() > 1e-3 * np.abs(P).max()
+
+
 def test_conformal_quantile_needs_enough_scores():
     scores = np.arange(1.0, 20.0)  # 19 scores: the 95 % quantile is the largest
     assert conformal_quantile(scores, 0.95) == 19.0
