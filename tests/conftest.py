@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from mpi4py import MPI
 import pytest
 
 HAS_DOLFINX = importlib.util.find_spec("dolfinx") is not None
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,6 +26,15 @@ def pytest_collection_modifyitems(config, items):
         if "parallel_only" in item.keywords and MPI.COMM_WORLD.size == 1:
             item.add_marker(pytest.mark.skip(
                 reason="compares a run on all ranks with a serial one: run under mpiexec -n 2"))
+
+
+@pytest.fixture(scope="module")
+def bench_scripts():
+    """bench/ on ``sys.path`` for a test module's tests: its scripts import as modules (and
+    their sibling helpers, e.g. ``model_data``, with them)."""
+    sys.path.insert(0, str(BENCH))
+    yield BENCH
+    sys.path.remove(str(BENCH))
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ only where its difference paired by seed keeps one sign beyond the noise."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +12,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import ablations
-        yield ablations
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+def bench(bench_scripts):
+    import ablations
+
+    return ablations
 
 
 def runs_of(errors: dict[str, list[float]]) -> dict:

@@ -4,7 +4,6 @@ the basis floor of a cell whose response lies in the basis is nil."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,10 @@ pytestmark = pytest.mark.skip_in_parallel
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import error_budget
-        yield error_budget
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+def bench(bench_scripts):
+    import error_budget
+
+    return error_budget
 
 
 def cells(weights: np.ndarray, per_cell: int = 5) -> TrainingData:
