@@ -3,12 +3,8 @@ only where its difference paired by seed keeps one sign beyond the noise."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
