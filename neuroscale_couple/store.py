@@ -311,8 +311,8 @@ def load_rve_dataset(path: str | Path) -> dict[str, np.ndarray]:
         for key, arr in list(out.items()):
             if key.startswith("samples/") and len(arr) == len(done):
                 out[key] = arr[~failed]
-    if "micro/kind" not in out:  # written before the kinds were stored
-        out["micro/kind"] = _drawn_kinds(out, path)
+    if "micro/kind" not in out and "loads" in out["config"]:  # a generate config's data set
+        out["micro/kind"] = _drawn_kinds(out, path)  # written before the kinds were stored
     return out
 
 

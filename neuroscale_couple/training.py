@@ -181,7 +181,7 @@ class TrainingData:
              if w is not None and w.shape[1] == resolution else None)
         noise = d.get("samples/stress_stderr")
         noise = None if noise is None else noise * scale[:, None, None]
-        # arrays made elsewhere without kinds (files fill theirs in: load_rve_dataset)
+        # older replay segments (data sets fill theirs in as drawn: load_rve_dataset)
         kinds = micro.get("kind", np.array([family.kinds[0]] * len(inputs)))
         region = TrainingRegion.from_data(d["samples/F"], kinds, micro)
         return cls(inputs, index, F_, P_, A_, w, d["config"],

@@ -2,10 +2,12 @@
 distribution, rank → device (threads on the CPU), and the agreement of failures over the
 ranks."""
 
+import json
 import os
 
 from mpi4py import MPI
 
+import h5py
 import numpy as np
 import pytest
 
@@ -68,6 +70,12 @@ def test_a_subset_without_kinds_of_a_mixed_data_set_is_refused_and_of_one_kind_r
     write_without_kinds(tmp_path / "single.h5", single, [0, 2])
     assert load_rve_dataset(tmp_path / "single.h5")["micro/kind"].tolist() == [
         b"random_fibres"] * 2
+    # an older replay segment (a coupler's config, no generate config to draw from) is read
+    # as before
+    write_without_kinds(tmp_path / "segment.h5", OLD_CONFIG, [0, 3])
+    with h5py.File(tmp_path / "segment.h5", "r+") as h5:
+        h5.attrs["config"] = json.dumps({"model": "none", "fine": {"kind": "rve"}})
+    assert "micro/kind" not in load_rve_dataset(tmp_path / "segment.h5")
 
 
 class FakeComm:
